@@ -1,0 +1,7 @@
+//! Plans and builds Btrfs "system layout" raw disk images.
+//!
+//! Planning (`fstab`, `plan`, `extlinux`) is pure and tested with snapshots;
+//! doing (`build` and the modules it drives) touches disks, mounts and loop
+//! devices and always cleans up after itself.
+
+pub mod manifest;

@@ -1,0 +1,52 @@
+//! `strata`: build Btrfs system-layout images and prove them in QEMU.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "strata", version, about)]
+struct Cli {
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deploy a rootfs into a bootable Btrfs system-layout image.
+    Build(cli::build::BuildArgs),
+    /// Boot an image in QEMU and check the layout from inside the guest.
+    Test(cli::test::TestArgs),
+    /// Build a guest root filesystem fixture.
+    Fixture(cli::fixture::FixtureArgs),
+    /// Show an image's layout without booting it; --lint finds hidden files.
+    Inspect(cli::inspect::InspectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match cli.command {
+        Command::Build(a) => cli::build::run(a),
+        Command::Test(a) => cli::test::run(a),
+        Command::Fixture(a) => cli::fixture::run(a),
+        Command::Inspect(a) => cli::inspect::run(a),
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,1 @@
+//! Boots strata images in QEMU and checks the layout from inside the guest.
