@@ -4,4 +4,8 @@
 //! doing (`build` and the modules it drives) touches disks, mounts and loop
 //! devices and always cleans up after itself.
 
+pub mod cmd;
+pub mod fstab;
+pub mod loopdev;
 pub mod manifest;
+pub mod mount;
