@@ -9,3 +9,6 @@ pub mod fstab;
 pub mod loopdev;
 pub mod manifest;
 pub mod mount;
+pub mod extlinux;
+pub mod plan;
+pub mod size;

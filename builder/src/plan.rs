@@ -1,0 +1,230 @@
+//! The pure half of a build: from the rootfs's fstab and the options, decide
+//! the root device, which state directories get subvolumes, and the exact
+//! bytes of the completed fstab. Nothing here touches the disk.
+
+use crate::fstab::{self, Entry};
+use serde::Serialize;
+
+/// The comment line that precedes every line strata adds to fstab.
+pub const FSTAB_MARKER: &str = "# Added by strata build: system layout state subvolumes";
+
+pub const DEFAULT_STATE_DIRS: [&str; 5] = ["home", "root", "opt", "srv", "var"];
+pub const DEFAULT_LABEL: &str = "factory";
+
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub label: String,
+    pub state_dirs: Vec<String>,
+    /// Set explicitly by the user (`--root-device`, ROOT_DEVICE).
+    pub root_device: Option<String>,
+    pub fs_uuid: String,
+    /// Whether the system being deployed has an initramfs.
+    pub has_initramfs: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootOrigin {
+    /// The rootfs's fstab already mounts `/` from this source.
+    FstabEntry,
+    /// Given by the user.
+    Explicit,
+    /// The new filesystem's UUID.
+    FsUuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum StateDirAction {
+    /// A `state/<name>` subvolume, an fstab line, and the data moved into it.
+    Create { fstab_line: String },
+    /// The rootfs fstab already mounts something there; left alone.
+    Skip { fstab_entry: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StateDirPlan {
+    pub name: String,
+    #[serde(flatten)]
+    pub action: StateDirAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "change", rename_all = "kebab-case")]
+pub enum FstabChange {
+    Unchanged,
+    /// Write these bytes; `created` when the rootfs had no fstab.
+    Write {
+        #[serde(skip)]
+        contents: Vec<u8>,
+        created: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub label: String,
+    pub root_device: String,
+    pub root_origin: RootOrigin,
+    pub state_dirs: Vec<StateDirPlan>,
+    /// Lines appended to fstab, without the marker comment.
+    pub fstab_lines_added: Vec<String>,
+    pub fstab: FstabChange,
+}
+
+impl Plan {
+    pub fn created_state_dirs(&self) -> impl Iterator<Item = &str> {
+        self.state_dirs.iter().filter_map(|d| match d.action {
+            StateDirAction::Create { .. } => Some(d.name.as_str()),
+            StateDirAction::Skip { .. } => None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("invalid version label {0:?}: use letters, digits, '.', '_' or '-' (it becomes a directory name and a boot menu label)")]
+    Label(String),
+    #[error("invalid state directory {0:?}: expected a single directory name such as \"var\"")]
+    StateDir(String),
+    #[error("state directory {0:?} is listed twice")]
+    DuplicateStateDir(String),
+    #[error("invalid root device {0:?}: it must be one word (e.g. /dev/vda or UUID=...)")]
+    RootDevice(String),
+    #[error("etc/fstab mounts / from {fstab} but the root device was given as {explicit}: remove one of them")]
+    RootConflict { fstab: String, explicit: String },
+    #[error("root device {0} needs an initramfs to be found at boot, and the rootfs has none: give an explicit device with --root-device (e.g. /dev/vda)")]
+    NeedsInitramfs(String),
+}
+
+pub fn validate_label(label: &str) -> Result<(), PlanError> {
+    let ok = !label.is_empty()
+        && label != "."
+        && label != ".."
+        && label.len() <= 64
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(PlanError::Label(label.to_owned()))
+    }
+}
+
+pub fn validate_state_dir(name: &str) -> Result<(), PlanError> {
+    // One path component: state/<name> is a subvolume directly under
+    // state/, and /<name> a mount point directly under /.
+    let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(PlanError::StateDir(name.to_owned()))
+    }
+}
+
+/// Kernels resolve only device paths and PARTUUID=/PARTLABEL= themselves;
+/// UUID= and LABEL= are looked up by udev/blkid in the initramfs.
+fn needs_initramfs(device: &str) -> bool {
+    device.starts_with("UUID=") || device.starts_with("LABEL=")
+}
+
+/// Decides everything about the fstab and state directories. `fstab` is the
+/// rootfs's etc/fstab, or None when it has none.
+pub fn plan(fstab: Option<&[u8]>, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    validate_label(&opts.label)?;
+    for (i, d) in opts.state_dirs.iter().enumerate() {
+        validate_state_dir(d)?;
+        if opts.state_dirs[..i].contains(d) {
+            return Err(PlanError::DuplicateStateDir(d.clone()));
+        }
+    }
+    if let Some(r) = &opts.root_device {
+        if r.is_empty() || r.chars().any(char::is_whitespace) {
+            return Err(PlanError::RootDevice(r.clone()));
+        }
+    }
+
+    let entries = fstab.map(fstab::parse).unwrap_or_default();
+    let root_entry = fstab::find_target(&entries, "/");
+    let (root_device, root_origin) = match (root_entry, &opts.root_device) {
+        (Some(e), Some(explicit)) if &e.source != explicit => {
+            return Err(PlanError::RootConflict {
+                fstab: e.source.clone(),
+                explicit: explicit.clone(),
+            })
+        }
+        (Some(e), _) => (e.source.clone(), RootOrigin::FstabEntry),
+        (None, Some(explicit)) => (explicit.clone(), RootOrigin::Explicit),
+        (None, None) => (format!("UUID={}", opts.fs_uuid), RootOrigin::FsUuid),
+    };
+    if root_origin != RootOrigin::Explicit && !opts.has_initramfs && needs_initramfs(&root_device)
+    {
+        return Err(PlanError::NeedsInitramfs(root_device));
+    }
+
+    let mut added = Vec::new();
+    if root_entry.is_none() {
+        added.push(format!("{root_device} / btrfs defaults,rw,noatime 0 1"));
+    }
+    let state_dirs: Vec<StateDirPlan> = opts
+        .state_dirs
+        .iter()
+        .map(|name| {
+            let action = match fstab::find_target(&entries, &format!("/{name}")) {
+                Some(Entry { raw, .. }) => StateDirAction::Skip {
+                    fstab_entry: raw.clone(),
+                },
+                None => {
+                    let line = format!(
+                        "{root_device} /{name} btrfs subvol=/state/{name},defaults,rw,noatime 0 2"
+                    );
+                    added.push(line.clone());
+                    StateDirAction::Create { fstab_line: line }
+                }
+            };
+            StateDirPlan {
+                name: name.clone(),
+                action,
+            }
+        })
+        .collect();
+
+    let change = if added.is_empty() {
+        FstabChange::Unchanged
+    } else {
+        FstabChange::Write {
+            contents: completed_fstab(fstab.unwrap_or_default(), &added),
+            created: fstab.is_none(),
+        }
+    };
+    Ok(Plan {
+        label: opts.label.clone(),
+        root_device,
+        root_origin,
+        state_dirs,
+        fstab_lines_added: added,
+        fstab: change,
+    })
+}
+
+/// Every existing byte, in order, then (after a newline if the file lacked
+/// one) the marker and the added lines.
+fn completed_fstab(existing: &[u8], added: &[String]) -> Vec<u8> {
+    let mut out = existing.to_vec();
+    if !out.is_empty() && !out.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    out.extend_from_slice(FSTAB_MARKER.as_bytes());
+    out.push(b'\n');
+    for line in added {
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
