@@ -4,11 +4,21 @@
 //! doing (`build` and the modules it drives) touches disks, mounts and loop
 //! devices and always cleans up after itself.
 
+pub mod btrfs;
+pub mod build;
 pub mod cmd;
+pub mod copy;
+pub mod error;
+pub mod etcfile;
+pub mod extlinux;
 pub mod fstab;
+pub mod interrupt;
+pub mod kernel;
 pub mod loopdev;
 pub mod manifest;
+pub mod migrate;
 pub mod mount;
-pub mod extlinux;
 pub mod plan;
+pub mod progress;
+pub mod rootfs;
 pub mod size;

@@ -163,8 +163,7 @@ pub fn plan(fstab: Option<&[u8]>, opts: &PlanOptions) -> Result<Plan, PlanError>
         (None, Some(explicit)) => (explicit.clone(), RootOrigin::Explicit),
         (None, None) => (format!("UUID={}", opts.fs_uuid), RootOrigin::FsUuid),
     };
-    if root_origin != RootOrigin::Explicit && !opts.has_initramfs && needs_initramfs(&root_device)
-    {
+    if root_origin != RootOrigin::Explicit && !opts.has_initramfs && needs_initramfs(&root_device) {
         return Err(PlanError::NeedsInitramfs(root_device));
     }
 

@@ -15,7 +15,11 @@ fn corpus() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "fstab"))
         .collect();
     files.sort();
-    assert!(files.len() >= 10, "fstab corpus missing in {}", dir.display());
+    assert!(
+        files.len() >= 10,
+        "fstab corpus missing in {}",
+        dir.display()
+    );
     files
 }
 
@@ -126,12 +130,18 @@ fn bad_labels_and_state_dirs_are_named() {
     for bad in ["", "a/b", "..", "has space", "x\ny"] {
         let mut o = options();
         o.label = bad.into();
-        assert!(plan(None, &o).unwrap_err().to_string().contains(&format!("{bad:?}")));
+        assert!(plan(None, &o)
+            .unwrap_err()
+            .to_string()
+            .contains(&format!("{bad:?}")));
     }
     for bad in ["", "var/lib", "..", "/var"] {
         let mut o = options();
         o.state_dirs = vec![bad.into()];
-        assert!(plan(None, &o).unwrap_err().to_string().contains(&format!("{bad:?}")));
+        assert!(plan(None, &o)
+            .unwrap_err()
+            .to_string()
+            .contains(&format!("{bad:?}")));
     }
     let mut o = options();
     o.state_dirs = vec!["var".into(), "var".into()];

@@ -1,8 +1,192 @@
-//! `strata build`.
+//! `strata build`: argument parsing and the progress display.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+use strata_builder::build::{self, BuildOptions};
+use strata_builder::error::BuildError;
+use strata_builder::interrupt::Interrupt;
+use strata_builder::manifest::Manifest;
+use strata_builder::migrate::Migration;
+use strata_builder::plan::{DEFAULT_LABEL, DEFAULT_STATE_DIRS};
+use strata_builder::progress::Event;
+use strata_builder::size::parse_size;
 
 #[derive(clap::Args)]
-pub struct BuildArgs {}
+pub struct BuildArgs {
+    /// The root filesystem to deploy (a directory).
+    #[arg(long)]
+    rootfs: PathBuf,
+    /// The raw image to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// Image size: bytes, or with a K/M/G/T suffix (powers of 1024).
+    #[arg(long, env = "DISK_SIZE")]
+    size: Option<String>,
+    /// Version label: the system lives in systems/<LABEL>/.
+    #[arg(long, env = "VERSION_LABEL", default_value = DEFAULT_LABEL)]
+    label: String,
+    /// State directories that get shared subvolumes, in order.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_STATE_DIRS.map(String::from))]
+    state_dirs: Vec<String>,
+    /// Root device for fstab and the kernel (default: UUID=<filesystem uuid>).
+    #[arg(long, env = "ROOT_DEVICE")]
+    root_device: Option<String>,
+    /// A kernel on the host instead of the one in the rootfs.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// An initramfs on the host instead of the one in the rootfs.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Extra kernel command line arguments.
+    #[arg(long, env = "KERNEL_ARGS", default_value = "")]
+    kernel_args: String,
+    /// `move` (default) empties the mountpoints; `copy` leaves the data under
+    /// them too, reproducing the "mountpoint not empty" boot warnings.
+    #[arg(long, value_enum, default_value_t = MigrationArg::Move)]
+    state_migration: MigrationArg,
+    /// Where to write the build manifest (default: OUTPUT.manifest.json).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Filesystem UUID, for reproducible output (default: random).
+    #[arg(long)]
+    fs_uuid: Option<String>,
+    /// Replace an existing output image and manifest.
+    #[arg(long)]
+    force: bool,
+}
 
-pub fn run(_args: BuildArgs) -> u8 {
-    super::fail(2, &anyhow::anyhow!("strata build: not implemented yet"))
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MigrationArg {
+    Move,
+    Copy,
+}
+
+pub fn run(args: BuildArgs) -> u8 {
+    let size = match args.size.as_deref() {
+        None => return fail_input("no disk size: give --size SIZE or set DISK_SIZE (e.g. 4G)"),
+        Some(s) => match parse_size(s) {
+            Ok(n) => n,
+            Err(e) => return fail_input(&format!("--size/DISK_SIZE: {e}")),
+        },
+    };
+    let manifest = args
+        .manifest
+        .unwrap_or_else(|| Manifest::default_path(&args.output));
+    let opts = BuildOptions {
+        rootfs: args.rootfs,
+        output: args.output,
+        size,
+        label: args.label,
+        state_dirs: args.state_dirs,
+        root_device: args.root_device.filter(|d| !d.is_empty()),
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        kernel_args: args.kernel_args,
+        migration: match args.state_migration {
+            MigrationArg::Move => Migration::Move,
+            MigrationArg::Copy => Migration::Copy,
+        },
+        manifest,
+        force: args.force,
+        fs_uuid: args.fs_uuid,
+    };
+    let interrupt = match Interrupt::on_signals() {
+        Ok(i) => i,
+        Err(e) => return super::fail(1, &anyhow::anyhow!("installing signal handlers: {e}")),
+    };
+    let mut ui = Progress::new();
+    let result = build::build(&opts, &interrupt, &mut |e| ui.event(e));
+    ui.finish();
+    match result {
+        Ok(m) => {
+            println!(
+                "built {} (label {}, root {}, {} state subvolumes, {} entries moved); manifest {}",
+                opts.output.display(),
+                m.label,
+                m.root_device,
+                m.state_dirs.created.len(),
+                m.moved_files.len(),
+                opts.manifest.display()
+            );
+            0
+        }
+        Err(e) => {
+            let code = match e {
+                BuildError::Input(_) => 2,
+                BuildError::Interrupted => 130,
+                BuildError::Step { .. } => 1,
+            };
+            super::fail(code, &anyhow::Error::new(e))
+        }
+    }
+}
+
+fn fail_input(msg: &str) -> u8 {
+    super::fail(2, &anyhow::anyhow!("{msg}"))
+}
+
+/// One line per step; a bar while the rootfs is copied. Plain lines when
+/// stderr is not a terminal (CI logs).
+struct Progress {
+    bar: Option<ProgressBar>,
+    tty: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            bar: None,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::StepStarted(step) => {
+                if self.tty {
+                    let bar = ProgressBar::new_spinner().with_message(step.describe());
+                    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("style"));
+                    bar.enable_steady_tick(Duration::from_millis(120));
+                    self.bar = Some(bar);
+                }
+            }
+            Event::StepFinished(step, took) => {
+                let line = format!("✓ {} ({:.1}s)", step.describe(), took.as_secs_f64());
+                match self.bar.take() {
+                    Some(bar) => {
+                        bar.set_style(ProgressStyle::with_template("{msg}").expect("style"));
+                        bar.finish_with_message(line);
+                    }
+                    None => eprintln!("{line}"),
+                }
+            }
+            Event::CopyProgress { done, total } => {
+                if let Some(bar) = &self.bar {
+                    if bar.length().is_none() {
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "{spinner} {msg} [{bar:30}] {pos}/{len} entries",
+                            )
+                            .expect("style")
+                            .progress_chars("=> "),
+                        );
+                    }
+                    bar.set_length(total.max(done));
+                    bar.set_position(done);
+                }
+            }
+            Event::Note(n) => match &self.bar {
+                Some(bar) => bar.println(n),
+                None => eprintln!("{n}"),
+            },
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
 }

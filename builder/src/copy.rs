@@ -1,0 +1,118 @@
+//! Copying the rootfs into `orig` with GNU cp: it already preserves every
+//! attribute the contract lists (owner, mode, timestamps, xattrs and ACLs,
+//! hardlinks, symlinks, device nodes, fifos, holes) and is the floor the
+//! benchmark measures against.
+
+use crate::cmd::{self, CmdError};
+use crate::interrupt::Interrupt;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    pub entries: u64,
+    /// Allocated bytes (holes excluded), what the copy will need on disk.
+    pub allocated: u64,
+}
+
+/// Counts a tree without following symlinks or crossing into other
+/// filesystems, the same walk `cp --one-file-system` makes.
+pub fn measure(root: &Path) -> std::io::Result<TreeSize> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::symlink_metadata(root)?.dev();
+    let mut size = TreeSize::default();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            size.entries += 1;
+            size.allocated += meta.blocks() * 512;
+            if meta.is_dir() && meta.dev() == dev {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(size)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    #[error("no space left on the image")]
+    NoSpace,
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// `cp -a src/. dest/`, reporting each copied entry to `progress`.
+///
+/// `reflink_only` makes cp clone extents instead of copying bytes (both
+/// ends on one btrfs), so moving state costs metadata only.
+pub fn copy_tree(
+    src: &Path,
+    dest: &Path,
+    reflink_only: bool,
+    interrupt: &Interrupt,
+    mut progress: impl FnMut(u64),
+) -> Result<(), CopyError> {
+    let mut c = Command::new("cp");
+    // An explicit --preserve=xattr makes a lost xattr an error (plain -a
+    // ignores it).
+    c.args([
+        "--archive",
+        "--preserve=xattr",
+        "--one-file-system",
+        "--verbose",
+    ]);
+    if reflink_only {
+        c.arg("--reflink=always");
+    }
+    c.arg(src.join(".")).arg(dest);
+    let command = cmd::describe(&c);
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| cmd::spawn_error("cp".into(), e))?;
+    let stderr = child.stderr.take().expect("piped");
+    let stderr_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+        s
+    });
+    let mut done = 0;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        if interrupt.raised() {
+            let _ = child.kill();
+            break;
+        }
+        if line.map(|l| l.contains("' -> '")).unwrap_or(false) {
+            done += 1;
+            if done % 64 == 0 {
+                progress(done);
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| cmd::spawn_error("cp".into(), e))?;
+    let stderr = stderr_reader.join().unwrap_or_default();
+    if interrupt.raised() {
+        return Err(CopyError::Interrupted);
+    }
+    progress(done);
+    if status.success() {
+        return Ok(());
+    }
+    if stderr.contains("No space left on device") {
+        return Err(CopyError::NoSpace);
+    }
+    Err(CmdError::Failed {
+        command,
+        status: status.to_string(),
+        stderr: stderr.lines().take(5).collect::<Vec<_>>().join("; "),
+    }
+    .into())
+}

@@ -1,0 +1,251 @@
+//! Moving a state directory's contents from `orig/<D>` into the `state/<D>`
+//! subvolume (layout.md §2).
+//!
+//! A rename cannot cross btrfs subvolumes (EXDEV), so entries are reflinked
+//! (`cp --reflink=always`: metadata only, no data bytes copied), the copy is
+//! verified entry by entry against the original, and only then are the
+//! originals removed. A failure before that point leaves `orig/<D>` intact.
+
+use crate::copy::{copy_tree, CopyError};
+use crate::interrupt::Interrupt;
+use crate::manifest::{FileType, MovedFile};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{self, Metadata};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migration {
+    /// Move: the mountpoint is left empty (the default, and the only way to
+    /// get a boot without "not empty" warnings).
+    Move,
+    /// Copy: the data stays under the mountpoint too. Reproduces the 2014
+    /// deployments' warnings on purpose.
+    Copy,
+}
+
+impl Migration {
+    pub fn name(self) -> &'static str {
+        match self {
+            Migration::Move => "move",
+            Migration::Copy => "copy",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("verifying {path}: {what} differs after the copy; originals left in place")]
+    Mismatch { path: String, what: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
+    move |source| MigrateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Moves (or copies) every entry of `from` into `to` (an empty subvolume),
+/// giving `to` the attributes of `from`. Returns what now lives in `to`, with
+/// paths as the booted system sees them under `/<name>`.
+pub fn migrate(
+    from: &Path,
+    to: &Path,
+    name: &str,
+    how: Migration,
+    interrupt: &Interrupt,
+) -> Result<Vec<MovedFile>, MigrateError> {
+    copy_tree(from, to, true, interrupt, |_| {})?;
+    let moved = verify(from, to, &format!("/{name}"))?;
+    if how == Migration::Move {
+        empty_dir(from)?;
+    }
+    Ok(moved)
+}
+
+/// Removes every entry of `dir`, keeping `dir` itself with its mode, owner
+/// and timestamps (it is the mountpoint).
+fn empty_dir(dir: &Path) -> Result<(), MigrateError> {
+    let meta = fs::symlink_metadata(dir).map_err(io(dir))?;
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        // file_type() of a DirEntry does not follow symlinks, and
+        // remove_dir_all never follows them either.
+        let is_dir = fs::symlink_metadata(&path).map_err(io(&path))?.is_dir();
+        if is_dir {
+            fs::remove_dir_all(&path).map_err(io(&path))?;
+        } else {
+            fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    let times = fs::FileTimes::new()
+        .set_accessed(meta.accessed().map_err(io(dir))?)
+        .set_modified(meta.modified().map_err(io(dir))?);
+    fs::File::open(dir)
+        .and_then(|f| f.set_times(times))
+        .map_err(io(dir))
+}
+
+/// Compares the two trees entry by entry and describes what is in `to`.
+fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, MigrateError> {
+    compare(from, to, shown_as, false)?;
+    let mut moved = Vec::new();
+    let mut links: HashMap<(u64, u64), u64> = HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = from.join(&rel);
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io(&dir))?;
+        names.sort();
+        for name in names {
+            let rel = rel.join(&name);
+            let shown = format!("{shown_as}/{}", rel.display());
+            let (a, b) = (from.join(&rel), to.join(&rel));
+            let (entry, ma, mb) = compare(&a, &b, &shown, true)?;
+            if ma.nlink() > 1 && !ma.is_dir() {
+                let first = *links.entry((ma.dev(), ma.ino())).or_insert(mb.ino());
+                if first != mb.ino() {
+                    return Err(mismatch(&shown, "hardlink structure"));
+                }
+            }
+            if ma.is_dir() {
+                stack.push(rel);
+            }
+            moved.extend(entry);
+        }
+    }
+    moved.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(moved)
+}
+
+fn mismatch(path: &str, what: &str) -> MigrateError {
+    MigrateError::Mismatch {
+        path: path.to_owned(),
+        what: what.to_owned(),
+    }
+}
+
+/// Checks one entry's copy; returns its manifest record (None for the root).
+fn compare(
+    a: &Path,
+    b: &Path,
+    shown: &str,
+    record: bool,
+) -> Result<(Option<MovedFile>, Metadata, Metadata), MigrateError> {
+    let ma = fs::symlink_metadata(a).map_err(io(a))?;
+    let mb = fs::symlink_metadata(b).map_err(io(b))?;
+    let ty = file_type(&ma);
+    let same = |what: &str, eq: bool| {
+        if eq {
+            Ok(())
+        } else {
+            Err(mismatch(shown, what))
+        }
+    };
+    same("type", ty == file_type(&mb))?;
+    same("mode", ma.mode() == mb.mode())?;
+    same("owner", ma.uid() == mb.uid() && ma.gid() == mb.gid())?;
+    same("xattrs", xattrs(a)? == xattrs(b)?)?;
+    if !ma.is_dir() {
+        same("size", ma.size() == mb.size())?;
+        same(
+            "modification time",
+            ma.mtime() == mb.mtime() && ma.mtime_nsec() == mb.mtime_nsec(),
+        )?;
+    }
+    same("device number", ma.rdev() == mb.rdev())?;
+    let mut sha256 = None;
+    let mut target = None;
+    match ty {
+        FileType::File => {
+            let h = hash(a)?;
+            same("content", h == hash(b)?)?;
+            sha256 = Some(h);
+        }
+        FileType::Symlink => {
+            let t = fs::read_link(a).map_err(io(a))?;
+            same("symlink target", t == fs::read_link(b).map_err(io(b))?)?;
+            target = Some(t.to_string_lossy().into_owned());
+        }
+        _ => {}
+    }
+    let entry = record.then(|| MovedFile {
+        path: shown.to_owned(),
+        file_type: ty,
+        sha256,
+        mode: ma.permissions().mode() & 0o7777,
+        uid: ma.uid(),
+        gid: ma.gid(),
+        size: if ty == FileType::Dir { 0 } else { ma.size() },
+        target,
+    });
+    Ok((entry, ma, mb))
+}
+
+pub fn file_type(m: &Metadata) -> FileType {
+    let t = m.file_type();
+    if t.is_symlink() {
+        FileType::Symlink
+    } else if t.is_dir() {
+        FileType::Dir
+    } else if t.is_char_device() {
+        FileType::Char
+    } else if t.is_block_device() {
+        FileType::Block
+    } else if t.is_fifo() {
+        FileType::Fifo
+    } else if t.is_socket() {
+        FileType::Socket
+    } else {
+        FileType::File
+    }
+}
+
+fn hash(path: &Path) -> Result<String, MigrateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(io(path))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(io(path))?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// (name, value) pairs.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Extended attributes (incl. ACLs and security.*) of `path` itself, sorted.
+pub fn xattrs(path: &Path) -> Result<Xattrs, MigrateError> {
+    let err = |e: rustix::io::Errno| MigrateError::Io {
+        path: path.to_owned(),
+        source: e.into(),
+    };
+    let len = rustix::fs::llistxattr_query(path).map_err(err)?;
+    let mut names = vec![0u8; len];
+    let n = rustix::fs::llistxattr(path, &mut names[..]).map_err(err)?;
+    let mut out = Vec::new();
+    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = std::ffi::CString::new(name).expect("split on NUL");
+        let vlen = rustix::fs::lgetxattr_query(path, &name).map_err(err)?;
+        let mut value = vec![0u8; vlen];
+        let n = rustix::fs::lgetxattr(path, &name, &mut value[..]).map_err(err)?;
+        value.truncate(n);
+        out.push((name.into_bytes(), value));
+    }
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,73 @@
+//! What a build reports while it runs. The engine never prints: the CLI turns
+//! these events into progress lines and bars.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    CreateImage,
+    Mkfs,
+    Mount,
+    CreateOrig,
+    CopyRootfs,
+    CompleteFstab,
+    MigrateState,
+    CheckMountpoints,
+    Snapshot,
+    InstallKernel,
+    WriteBootConfig,
+    InstallBootloader,
+    Finish,
+}
+
+impl Step {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Step::CreateImage => "creating sparse image",
+            Step::Mkfs => "making btrfs filesystem",
+            Step::Mount => "attaching and mounting image",
+            Step::CreateOrig => "creating subvolume for the system",
+            Step::CopyRootfs => "copying rootfs into orig",
+            Step::CompleteFstab => "completing etc/fstab",
+            Step::MigrateState => "moving state into state subvolumes",
+            Step::CheckMountpoints => "checking mountpoints are empty",
+            Step::Snapshot => "snapshotting orig as run",
+            Step::InstallKernel => "installing kernel and initramfs",
+            Step::WriteBootConfig => "writing extlinux.conf",
+            Step::InstallBootloader => "installing extlinux",
+            Step::Finish => "syncing, unmounting, detaching",
+        }
+    }
+
+    /// Stable name used in the manifest's timings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::CreateImage => "create-image",
+            Step::Mkfs => "mkfs",
+            Step::Mount => "mount",
+            Step::CreateOrig => "create-orig",
+            Step::CopyRootfs => "copy-rootfs",
+            Step::CompleteFstab => "complete-fstab",
+            Step::MigrateState => "migrate-state",
+            Step::CheckMountpoints => "check-mountpoints",
+            Step::Snapshot => "snapshot",
+            Step::InstallKernel => "install-kernel",
+            Step::WriteBootConfig => "write-boot-config",
+            Step::InstallBootloader => "install-bootloader",
+            Step::Finish => "finish",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    StepStarted(Step),
+    StepFinished(Step, Duration),
+    /// Entries copied so far out of the total counted beforehand.
+    CopyProgress {
+        done: u64,
+        total: u64,
+    },
+    /// Something the user should know that does not stop the build.
+    Note(String),
+}

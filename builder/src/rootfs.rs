@@ -1,0 +1,126 @@
+//! Paths inside an untrusted root filesystem.
+//!
+//! Every lookup goes through openat2(RESOLVE_IN_ROOT): `..` stops at the
+//! rootfs top and absolute symlinks are taken relative to it, exactly as they
+//! would be for a process chrooted there. So `etc/fstab -> /etc/fstab` means
+//! the rootfs's own file, never the host's.
+
+use rustix::fs::{openat2, statat, AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub struct RootDir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path} in rootfs {root}: {source}")]
+pub struct RootfsError {
+    pub root: String,
+    pub path: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl RootDir {
+    pub fn open(path: &Path) -> std::io::Result<RootDir> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(RootDir {
+            fd,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, path: &str, source: impl Into<std::io::Error>) -> RootfsError {
+        RootfsError {
+            root: self.path.display().to_string(),
+            path: path.to_owned(),
+            source: source.into(),
+        }
+    }
+
+    fn resolve(&self, path: &str, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+        openat2(
+            &self.fd,
+            path,
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        )
+    }
+
+    /// Opens a regular file for reading; Ok(None) when nothing is there.
+    pub fn open_file(&self, path: &str) -> Result<Option<File>, RootfsError> {
+        let fd = match self.resolve(path, OFlags::RDONLY) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(self.err(path, e)),
+        };
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(|e| self.err(path, e))?;
+        if !meta.is_file() {
+            return Err(self.err(path, std::io::Error::other("not a regular file")));
+        }
+        Ok(Some(file))
+    }
+
+    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, RootfsError> {
+        let Some(mut f) = self.open_file(path)? else {
+            return Ok(None);
+        };
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).map_err(|e| self.err(path, e))?;
+        Ok(Some(buf))
+    }
+
+    /// Opens a directory inside the rootfs (following links within it);
+    /// Ok(None) when there is no directory at `path`.
+    pub fn open_dir(&self, path: &str) -> Result<Option<OwnedFd>, RootfsError> {
+        match self.resolve(path, OFlags::RDONLY | OFlags::DIRECTORY) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(self.err(path, e)),
+        }
+    }
+
+    /// Names in a directory inside the rootfs.
+    pub fn list_dir(&self, path: &str) -> Result<Vec<String>, RootfsError> {
+        let Some(fd) = self.open_dir(path)? else {
+            return Ok(Vec::new());
+        };
+        let dir = rustix::fs::Dir::read_from(&fd).map_err(|e| self.err(path, e))?;
+        let mut names = Vec::new();
+        for entry in dir {
+            let entry = entry.map_err(|e| self.err(path, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// The type of a top-level entry (`name` is one component), without
+    /// following it if it is a symlink.
+    pub fn top_level_type(&self, name: &str) -> Result<Option<FileType>, RootfsError> {
+        debug_assert!(!name.contains('/'));
+        match statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(FileType::from_raw_mode(st.st_mode))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+}
