@@ -1,0 +1,432 @@
+//! A small machine API so scenarios read like stories: start, succeed,
+//! wait_for_unit, reboot, power_cut, shutdown. Every way out of a `Machine`
+//! (drop included) kills QEMU.
+
+use crate::agent::{Agent, AgentError, ExecOutput};
+use crate::qemu::QemuCommand;
+use crate::qmp::{EventLog, Qmp, QmpError, QmpEvent};
+use crate::serial::SerialWatch;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::process::Child;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("starting QEMU ({binary}): {source}")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("QEMU exited ({status}): {stderr}")]
+    Exited { status: String, stderr: String },
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("guest console: \"{line}\"")]
+    GuestFatal { line: String },
+    #[error("guest panicked (QMP GUEST_PANICKED)")]
+    Panicked,
+    #[error("guest powered off unexpectedly (QMP SHUTDOWN, reason {reason})")]
+    UnexpectedShutdown { reason: String },
+    #[error("{what} did not happen within {seconds:.0} s")]
+    Timeout { what: String, seconds: f64 },
+    #[error("guest command `{command}` failed (exit {code}): {stderr}")]
+    CommandFailed {
+        command: String,
+        code: String,
+        stderr: String,
+    },
+}
+
+pub struct Machine {
+    cmd: QemuCommand,
+    child: Child,
+    qmp: Qmp,
+    pub agent: Agent,
+    serial: SerialWatch,
+    stderr: Arc<Mutex<String>>,
+    /// Host instant the CPUs were started (`cont`).
+    started: Instant,
+    pub command_timeout: Duration,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // kill_on_drop also covers this; being explicit keeps the intent local.
+        let _ = self.child.start_kill();
+    }
+}
+
+impl Machine {
+    /// Spawns QEMU paused, attaches QMP, then lets the CPUs run.
+    pub async fn start(cmd: QemuCommand, events: EventLog) -> Result<Machine, MachineError> {
+        let serial_offset = std::fs::metadata(&cmd.serial_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        // The chardev appends; start from what the previous boot left.
+        let mut child = cmd
+            .to_command()
+            .spawn()
+            .map_err(|source| MachineError::Spawn {
+                binary: cmd.binary.display().to_string(),
+                source,
+            })?;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(mut pipe) = child.stderr.take() {
+            let sink = stderr.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .expect("stderr poisoned")
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let serial = SerialWatch::follow(cmd.serial_log.clone(), serial_offset);
+        let qmp = tokio::select! {
+            r = Qmp::connect(&cmd.qmp_socket, Duration::from_secs(10), events) => r,
+            status = child.wait() => {
+                // Give the stderr reader a moment to collect QEMU's last words.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(MachineError::Exited {
+                    status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                    stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+                });
+            }
+        };
+        let qmp = match qmp {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.start_kill();
+                return Err(e.into());
+            }
+        };
+        let agent = Agent::new(&cmd.qga_socket);
+        let mut m = Machine {
+            cmd,
+            child,
+            qmp,
+            agent,
+            serial,
+            stderr,
+            started: Instant::now(),
+            command_timeout: Duration::from_secs(60),
+        };
+        if m.cmd.start_paused {
+            m.qmp.cont().await?;
+        }
+        m.started = Instant::now();
+        Ok(m)
+    }
+
+    pub fn command(&self) -> &QemuCommand {
+        &self.cmd
+    }
+
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+
+    pub fn serial(&self) -> &SerialWatch {
+        &self.serial
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr
+            .lock()
+            .expect("stderr poisoned")
+            .trim()
+            .to_owned()
+    }
+
+    /// Fails if QEMU died, the guest panicked or powered off, or its console
+    /// shows that it cannot come up.
+    pub fn check_alive(&mut self) -> Result<(), MachineError> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(MachineError::Exited {
+                status: status.to_string(),
+                stderr: self.stderr_text(),
+            });
+        }
+        for ev in self.qmp.drain_events() {
+            match ev.event.as_str() {
+                "GUEST_PANICKED" => return Err(MachineError::Panicked),
+                "SHUTDOWN" => {
+                    return Err(MachineError::UnexpectedShutdown {
+                        reason: ev.data["reason"].as_str().unwrap_or("?").to_owned(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        if let Some(line) = self.serial.snapshot().fatal {
+            return Err(MachineError::GuestFatal { line });
+        }
+        Ok(())
+    }
+
+    /// Waits until the kernel prints timestamped console lines: the first
+    /// sign that the guest CPU really runs.
+    pub async fn wait_for_kernel(&mut self, within: Duration) -> Result<Instant, MachineError> {
+        let deadline = Instant::now() + within;
+        loop {
+            self.check_alive()?;
+            if let Some(t) = self.serial.snapshot().kernel_start {
+                return Ok(t);
+            }
+            if Instant::now() >= deadline {
+                return Err(MachineError::Timeout {
+                    what: "kernel console output".into(),
+                    seconds: within.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for the agent, then for systemd to finish starting up
+    /// (`running` or `degraded`: failed units are a check's business).
+    pub async fn wait_booted(&mut self, within: Duration) -> Result<String, MachineError> {
+        let deadline = Instant::now() + within;
+        {
+            let Machine {
+                agent,
+                child,
+                qmp,
+                serial,
+                stderr,
+                ..
+            } = self;
+            let sync = agent.sync(within);
+            tokio::pin!(sync);
+            loop {
+                tokio::select! {
+                    r = &mut sync => { r?; break; }
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            return Err(MachineError::Exited {
+                                status: status.to_string(),
+                                stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+                            });
+                        }
+                        if let Some(line) = serial.snapshot().fatal {
+                            return Err(MachineError::GuestFatal { line });
+                        }
+                        for ev in qmp.drain_events() {
+                            match ev.event.as_str() {
+                                "GUEST_PANICKED" => return Err(MachineError::Panicked),
+                                "SHUTDOWN" => return Err(MachineError::UnexpectedShutdown {
+                                    reason: ev.data["reason"].as_str().unwrap_or("?").to_owned(),
+                                }),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let out = self
+            .exec_within(
+                &["systemctl", "is-system-running", "--wait"],
+                None,
+                remaining.max(Duration::from_secs(5)),
+            )
+            .await?;
+        let state = out.stdout_str().trim().to_owned();
+        match state.as_str() {
+            "running" | "degraded" => Ok(state),
+            _ => Err(MachineError::CommandFailed {
+                command: "systemctl is-system-running --wait".into(),
+                code: format!("{:?}", out.exit_code),
+                stderr: format!("system state {state:?}"),
+            }),
+        }
+    }
+
+    async fn exec_within(
+        &mut self,
+        argv: &[&str],
+        stdin: Option<&[u8]>,
+        within: Duration,
+    ) -> Result<ExecOutput, MachineError> {
+        let Machine {
+            agent,
+            child,
+            stderr,
+            ..
+        } = self;
+        let fut = agent.exec(argv, stdin, within);
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => return r.map_err(Into::into),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(MachineError::Exited {
+                            status: status.to_string(),
+                            stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a shell script in the guest; returns its output whatever the exit code.
+    pub async fn exec(&mut self, script: &str) -> Result<ExecOutput, MachineError> {
+        let t = self.command_timeout;
+        self.exec_within(&["/bin/sh", "-c", script], None, t).await
+    }
+
+    /// Like `exec`, feeding `stdin` to the script.
+    pub async fn exec_stdin(
+        &mut self,
+        script: &str,
+        stdin: &[u8],
+    ) -> Result<ExecOutput, MachineError> {
+        let t = self.command_timeout;
+        self.exec_within(&["/bin/sh", "-c", script], Some(stdin), t)
+            .await
+    }
+
+    /// Runs a shell script that must succeed; returns its stdout.
+    pub async fn succeed(&mut self, script: &str) -> Result<String, MachineError> {
+        let out = self.exec(script).await?;
+        if out.success() {
+            Ok(out.stdout_str())
+        } else {
+            Err(MachineError::CommandFailed {
+                command: script.to_owned(),
+                code: out
+                    .exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| format!("signal {:?}", out.signal)),
+                stderr: out.stderr_str().trim().to_owned(),
+            })
+        }
+    }
+
+    pub async fn wait_for_unit(
+        &mut self,
+        unit: &str,
+        within: Duration,
+    ) -> Result<(), MachineError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self
+                .exec_within(&["systemctl", "is-active", unit], None, within)
+                .await?;
+            match out.stdout_str().trim() {
+                "active" => return Ok(()),
+                "failed" => {
+                    return Err(MachineError::CommandFailed {
+                        command: format!("systemctl is-active {unit}"),
+                        code: "failed".into(),
+                        stderr: format!("unit {unit} failed"),
+                    })
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(MachineError::Timeout {
+                        what: format!("unit {unit} active"),
+                        seconds: within.as_secs_f64(),
+                    })
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    /// A clean reboot from inside the guest; returns when the guest has booted again.
+    pub async fn reboot(&mut self, within: Duration) -> Result<String, MachineError> {
+        let _ = self.qmp.drain_events();
+        self.agent.spawn(&["systemctl", "reboot"]).await?;
+        let reset = self
+            .qmp
+            .wait_event(within, |e| e.event == "RESET" || e.event == "SHUTDOWN")
+            .await;
+        match reset {
+            Some(ev) if ev.event == "RESET" => {}
+            Some(ev) => {
+                return Err(MachineError::UnexpectedShutdown {
+                    reason: ev.data["reason"].as_str().unwrap_or("?").to_owned(),
+                })
+            }
+            None => {
+                return Err(MachineError::Timeout {
+                    what: "guest reset after `systemctl reboot`".into(),
+                    seconds: within.as_secs_f64(),
+                })
+            }
+        }
+        self.agent.disconnect();
+        self.serial.new_boot();
+        self.started = Instant::now();
+        self.wait_booted(within).await
+    }
+
+    /// Flushes the guest's page cache, then pulls the plug (QMP `quit`).
+    pub async fn power_cut(mut self) -> Result<ExitStatus, MachineError> {
+        self.succeed("sync").await?;
+        self.qmp.quit().await?;
+        self.wait_exit(Duration::from_secs(10)).await
+    }
+
+    /// Powers off from inside the guest and waits for QEMU to exit.
+    pub async fn shutdown(mut self, within: Duration) -> Result<ExitStatus, MachineError> {
+        self.agent.spawn(&["systemctl", "poweroff"]).await?;
+        let ev = self
+            .qmp
+            .wait_event(within, QmpEvent::is_guest_shutdown)
+            .await;
+        if ev.is_none() {
+            return Err(MachineError::Timeout {
+                what: "guest poweroff".into(),
+                seconds: within.as_secs_f64(),
+            });
+        }
+        self.wait_exit(Duration::from_secs(10)).await
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus, MachineError> {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(e)) => Err(MachineError::Exited {
+                status: e.to_string(),
+                stderr: self.stderr_text(),
+            }),
+            Err(_) => {
+                self.kill().await;
+                Err(MachineError::Timeout {
+                    what: "QEMU exit".into(),
+                    seconds: within.as_secs_f64(),
+                })
+            }
+        }
+    }
+
+    /// Kills QEMU and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+
+    pub async fn screendump(&self, png: &std::path::Path) -> Result<(), MachineError> {
+        Ok(self.qmp.screendump(png).await?)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}

@@ -1,0 +1,527 @@
+//! The verdict and its renderings: a table for people, JSON for tools,
+//! JUnit XML for CI servers. Rendering is pure so it can be snapshot-tested.
+
+use crate::journal::WarningKind;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Fail,
+    Skip,
+}
+
+impl Status {
+    fn label(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::Skip => "SKIP",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub status: Status,
+    /// One line: what was proven, or what is wrong.
+    pub detail: String,
+    /// The observations behind the verdict, one per line.
+    pub evidence: Vec<String>,
+    pub seconds: f64,
+}
+
+impl CheckResult {
+    pub fn new(
+        name: &str,
+        status: Status,
+        detail: impl Into<String>,
+        evidence: Vec<String>,
+    ) -> Self {
+        CheckResult {
+            name: name.to_owned(),
+            status,
+            detail: detail.into(),
+            evidence,
+            seconds: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Warning {
+    pub kind: WarningKind,
+    pub mountpoint: Option<String>,
+    pub message: String,
+    /// Paths hidden under the mountpoint, as they would appear without the mount.
+    pub shadowed: Vec<String>,
+    pub shadowed_count: usize,
+    pub shadowed_bytes: u64,
+    pub unit: Option<String>,
+}
+
+/// Seconds. Guest-side numbers come from systemd's own boot timestamps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// KVM probing that was abandoned before the real boot (0 if none).
+    pub accel_probe: f64,
+    /// Power-on to the kernel's first instruction: SeaBIOS + extlinux
+    /// loading kernel and initramfs (or QEMU's loader with --boot direct).
+    pub firmware: Option<f64>,
+    /// Kernel start to the initramfs handing over (includes the initramfs).
+    pub kernel: Option<f64>,
+    pub userspace: Option<f64>,
+    /// Host-measured power-on to "systemctl is-system-running" settling.
+    pub boot: f64,
+    pub checks: f64,
+    /// Clean reboot and power cut with their boots.
+    pub persistence: f64,
+    /// Whole run, overlay creation to verdict.
+    pub total: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub verdict: Verdict,
+    pub accel: crate::qemu::Accel,
+    pub accel_requested: crate::accel::AccelChoice,
+    pub accel_reason: String,
+    /// "extlinux" or "direct".
+    pub boot: String,
+    pub disk_bus: crate::qemu::DiskBus,
+    pub image: String,
+    pub label: String,
+    pub checks: Vec<CheckResult>,
+    pub warnings: Vec<Warning>,
+    pub timings: Timings,
+    pub artifacts: Option<String>,
+    /// Set when the run could not finish (exit 3); the checks that did not
+    /// run are marked skip.
+    pub error: Option<String>,
+}
+
+impl Report {
+    pub fn verdict_of(checks: &[CheckResult], error: Option<&str>) -> Verdict {
+        if error.is_some() || checks.iter().any(|c| c.status == Status::Fail) {
+            Verdict::Fail
+        } else {
+            Verdict::Pass
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serialises") + "\n"
+    }
+
+    /// The human report: a table, the evidence for failures, and a
+    /// plain-language explanation of every mount warning.
+    pub fn to_table(&self) -> String {
+        let mut o = String::new();
+        let name_w = self
+            .checks
+            .iter()
+            .map(|c| c.name.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let _ = writeln!(
+            o,
+            "strata test {}: boot {} on {}, {} ({})",
+            self.image, self.boot, self.disk_bus, self.accel, self.accel_reason
+        );
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "  {:<name_w$}  {:<6} {:>6}  DETAIL",
+            "CHECK", "RESULT", "TIME"
+        );
+        for c in &self.checks {
+            let _ = writeln!(
+                o,
+                "  {:<name_w$}  {:<6} {:>5.1}s  {}",
+                c.name,
+                c.status.label(),
+                c.seconds,
+                c.detail
+            );
+        }
+        for c in self.checks.iter().filter(|c| c.status == Status::Fail) {
+            let _ = writeln!(o, "\n{} failed:", c.name);
+            for e in c.evidence.iter().take(30) {
+                let _ = writeln!(o, "  - {e}");
+            }
+            if c.evidence.len() > 30 {
+                let _ = writeln!(o, "  ... and {} more (see --json)", c.evidence.len() - 30);
+            }
+        }
+        if !self.warnings.is_empty() {
+            let _ = writeln!(o, "\nWarnings from the guest journal:");
+            for w in &self.warnings {
+                o.push_str(&explain(w));
+            }
+        }
+        let t = &self.timings;
+        let opt = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.1}s"));
+        let _ = writeln!(
+            o,
+            "\nTimings: firmware {} + kernel {} + userspace {} (boot {:.1}s), checks {:.1}s, persistence {:.1}s, total {:.1}s{}",
+            opt(t.firmware),
+            opt(t.kernel),
+            opt(t.userspace),
+            t.boot,
+            t.checks,
+            t.persistence,
+            t.total,
+            if t.accel_probe > 0.0 {
+                format!(" (incl. {:.1}s KVM probe)", t.accel_probe)
+            } else {
+                String::new()
+            }
+        );
+        if let Some(a) = &self.artifacts {
+            let _ = writeln!(o, "Artifacts: {a}");
+        }
+        if let Some(e) = &self.error {
+            let _ = writeln!(o, "\nERROR: {e}");
+        }
+        let passed = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Pass)
+            .count();
+        let failed = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .count();
+        let skipped = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Skip)
+            .count();
+        let _ = writeln!(
+            o,
+            "\nVerdict: {} ({passed} passed, {failed} failed, {skipped} skipped)",
+            match self.verdict {
+                Verdict::Pass => "PASS",
+                Verdict::Fail => "FAIL",
+            }
+        );
+        o
+    }
+
+    pub fn to_junit(&self) -> String {
+        let failures = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .count();
+        let skipped = self
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Skip)
+            .count();
+        let errors = usize::from(self.error.is_some());
+        let mut o = String::new();
+        let _ = writeln!(o, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
+        let _ = writeln!(
+            o,
+            r#"<testsuites name="strata test" tests="{}" failures="{failures}" errors="{errors}" skipped="{skipped}" time="{:.3}">"#,
+            self.checks.len(),
+            self.timings.total
+        );
+        let suite = format!("strata.{}.{}.{}", self.boot, self.disk_bus, self.accel);
+        let _ = writeln!(
+            o,
+            r#"  <testsuite name="{}" tests="{}" failures="{failures}" errors="{errors}" skipped="{skipped}" time="{:.3}">"#,
+            xml(&suite),
+            self.checks.len(),
+            self.timings.total
+        );
+        let _ = writeln!(o, "    <properties>");
+        for (k, v) in [
+            ("image", self.image.as_str()),
+            ("label", self.label.as_str()),
+            ("accel_reason", self.accel_reason.as_str()),
+        ] {
+            let _ = writeln!(o, r#"      <property name="{k}" value="{}"/>"#, xml(v));
+        }
+        let _ = writeln!(o, "    </properties>");
+        for c in &self.checks {
+            let _ = write!(
+                o,
+                r#"    <testcase classname="{}" name="{}" time="{:.3}""#,
+                xml(&suite),
+                xml(&c.name),
+                c.seconds
+            );
+            match c.status {
+                Status::Pass => {
+                    let _ = writeln!(o, "/>");
+                }
+                Status::Fail => {
+                    let _ = writeln!(o, ">");
+                    let _ = writeln!(
+                        o,
+                        r#"      <failure message="{}">{}</failure>"#,
+                        xml(&c.detail),
+                        xml(&c.evidence.join("\n"))
+                    );
+                    let _ = writeln!(o, "    </testcase>");
+                }
+                Status::Skip => {
+                    let _ = writeln!(o, ">");
+                    let _ = writeln!(o, r#"      <skipped message="{}"/>"#, xml(&c.detail));
+                    let _ = writeln!(o, "    </testcase>");
+                }
+            }
+        }
+        if let Some(e) = &self.error {
+            let _ = writeln!(
+                o,
+                r#"    <testcase classname="{}" name="boot"><error message="{}"/></testcase>"#,
+                xml(&suite),
+                xml(e)
+            );
+        }
+        if !self.warnings.is_empty() {
+            let text: String = self.warnings.iter().map(explain).collect();
+            let _ = writeln!(o, "    <system-out>{}</system-out>", xml(&text));
+        }
+        let _ = writeln!(o, "  </testsuite>");
+        let _ = writeln!(o, "</testsuites>");
+        o
+    }
+}
+
+/// What a warning means, for someone who has never heard of overmounting.
+pub fn explain(w: &Warning) -> String {
+    let mut o = String::new();
+    let mp = w.mountpoint.as_deref().unwrap_or("(unknown mountpoint)");
+    match w.kind {
+        WarningKind::Overmount => {
+            let _ = writeln!(
+                o,
+                "\n  {mp}: the directory was not empty when its state subvolume was mounted over it."
+            );
+            let _ = writeln!(o, "    systemd: \"{}\"", w.message);
+            let _ = writeln!(
+                o,
+                "    {} hidden entr{} ({}) under {mp} in the system subvolume are invisible while the \
+                 subvolume is mounted: the running system reads and writes the subvolume's copy, \
+                 so these files are stale duplicates that waste space and reappear if the mount fails.",
+                w.shadowed_count,
+                if w.shadowed_count == 1 { "y" } else { "ies" },
+                human_bytes(w.shadowed_bytes)
+            );
+            for p in w.shadowed.iter().take(10) {
+                let _ = writeln!(o, "      {p}");
+            }
+            if w.shadowed.len() > 10 {
+                let _ = writeln!(o, "      ... and {} more", w.shadowed.len() - 10);
+            }
+            let _ = writeln!(
+                o,
+                "    Fix: rebuild the image with the default `strata build --state-migration move`, \
+                 which moves the data into the subvolume and leaves {mp} empty in the system."
+            );
+        }
+        WarningKind::FailedMount => {
+            let _ = writeln!(o, "\n  {mp}: a mount failed at boot.");
+            let _ = writeln!(o, "    systemd: \"{}\"", w.message);
+            if let Some(u) = &w.unit {
+                let _ = writeln!(o, "    See `journalctl -u {u}` in the exported journal.");
+            }
+        }
+        WarningKind::BtrfsError => {
+            let _ = writeln!(
+                o,
+                "\n  The kernel reported a Btrfs error: \"{}\"",
+                w.message
+            );
+        }
+    }
+    o
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if b < 1024 {
+        return format!("{b} bytes");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn xml(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&apos;"),
+            // XML 1.0 forbids most control characters even when escaped.
+            c if (c as u32) < 0x20 && !matches!(c, '\n' | '\t' | '\r') => o.push('\u{fffd}'),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accel::AccelChoice;
+    use crate::qemu::{Accel, DiskBus};
+
+    fn sample(failing: bool) -> Report {
+        let mut checks = vec![
+            CheckResult::new(
+                "root",
+                Status::Pass,
+                "/ is btrfs 3f1c… at /systems/factory/run",
+                vec![],
+            ),
+            CheckResult::new(
+                "state-mounts",
+                Status::Pass,
+                "5 state subvolumes mounted",
+                vec!["/var: btrfs, fsroot /state/var".into()],
+            ),
+            CheckResult::new(
+                "fstab",
+                Status::Pass,
+                "findmnt --verify clean; 6 entries mounted; no failed units",
+                vec![],
+            ),
+            CheckResult::new(
+                "moved-files",
+                if failing { Status::Fail } else { Status::Pass },
+                if failing {
+                    "1 of 745 moved files differ"
+                } else {
+                    "745 moved files intact"
+                },
+                if failing {
+                    vec!["/root/.ssh/authorized_keys: mode 0644, expected 0600".into()]
+                } else {
+                    vec![]
+                },
+            ),
+            CheckResult::new(
+                "overmount",
+                if failing { Status::Fail } else { Status::Pass },
+                if failing {
+                    "1 mountpoint had files under it: /var"
+                } else {
+                    "no overmount entries in the journal"
+                },
+                vec![],
+            ),
+            CheckResult::new(
+                "persistence",
+                Status::Skip,
+                "not requested (--checks)",
+                vec![],
+            ),
+        ];
+        for (i, c) in checks.iter_mut().enumerate() {
+            c.seconds = 0.5 * i as f64;
+        }
+        let warnings = if failing {
+            vec![Warning {
+                kind: WarningKind::Overmount,
+                mountpoint: Some("/var".into()),
+                message: "Directory /var to mount over is not empty, mounting anyway.".into(),
+                shadowed: vec!["/var/left-behind.txt".into(), "/var/lib/x <&>".into()],
+                shadowed_count: 2,
+                shadowed_bytes: 5000,
+                unit: Some("var.mount".into()),
+            }]
+        } else {
+            vec![]
+        };
+        Report {
+            verdict: Report::verdict_of(&checks, None),
+            accel: Accel::Tcg,
+            accel_requested: AccelChoice::Auto,
+            accel_reason: "KVM unusable, fell back to TCG: /dev/kvm: No such file or directory"
+                .into(),
+            boot: "extlinux".into(),
+            disk_bus: DiskBus::VirtioBlk,
+            image: "/images/debian.img".into(),
+            label: "factory".into(),
+            checks,
+            warnings,
+            timings: Timings {
+                accel_probe: 6.2,
+                firmware: Some(1.9),
+                kernel: Some(7.7),
+                userspace: Some(13.6),
+                boot: 23.4,
+                checks: 3.1,
+                persistence: 0.0,
+                total: 33.0,
+            },
+            artifacts: Some("/tmp/artifacts".into()),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn table_pass() {
+        insta::assert_snapshot!(sample(false).to_table());
+    }
+
+    #[test]
+    fn table_fail_with_overmount_explanation() {
+        insta::assert_snapshot!(sample(true).to_table());
+    }
+
+    #[test]
+    fn json_fail() {
+        let r = sample(true);
+        assert_eq!(r.verdict, Verdict::Fail);
+        insta::assert_snapshot!(r.to_json());
+    }
+
+    #[test]
+    fn junit_fail() {
+        insta::assert_snapshot!(sample(true).to_junit());
+    }
+
+    #[test]
+    fn infrastructure_error_is_a_failed_verdict() {
+        let mut r = sample(false);
+        r.error = Some("guest console: \"Kernel panic\"".into());
+        r.verdict = Report::verdict_of(&r.checks, r.error.as_deref());
+        assert_eq!(r.verdict, Verdict::Fail);
+        assert!(r
+            .to_junit()
+            .contains("<error message=\"guest console: &quot;Kernel panic&quot;\"/>"));
+    }
+
+    #[test]
+    fn bytes_for_people() {
+        assert_eq!(human_bytes(5), "5 bytes");
+        assert_eq!(human_bytes(5000), "4.9 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}

@@ -1,0 +1,210 @@
+//! Watches the serial console log QEMU writes: when the kernel started (for
+//! the firmware/kernel split and for telling a stuck KVM guest from a slow
+//! one) and whether the guest printed something that means it will never
+//! come up, so a dead boot fails in seconds instead of at the timeout.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// Console lines after which the guest cannot reach multi-user on its own.
+const FATAL: &[&str] = &[
+    "Kernel panic - not syncing",
+    "Gave up waiting for root file system device",
+    "ALERT! ",
+    "Dropping to a shell!",
+    "Could not find kernel image",
+    "Invalid or corrupt kernel image",
+    "No DEFAULT or UI configuration directive found",
+    "Failed to load ldlinux.c32",
+    "You are in emergency mode",
+    "-- System halted",
+];
+
+#[derive(Debug, Default, Clone)]
+pub struct SerialState {
+    pub bytes: u64,
+    /// Host instant at which the kernel's clock read zero, estimated from the
+    /// printk timestamps seen so far (the tightest bound wins).
+    pub kernel_start: Option<Instant>,
+    /// The first fatal console line of the current boot.
+    pub fatal: Option<String>,
+    /// Byte offset where the current boot's output starts.
+    boot_offset: u64,
+    partial: String,
+}
+
+#[derive(Clone)]
+pub struct SerialWatch {
+    path: PathBuf,
+    state: Arc<Mutex<SerialState>>,
+    task: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SerialWatch {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.task) == 1 {
+            self.task.abort();
+        }
+    }
+}
+
+impl SerialWatch {
+    /// Follows `path` (QEMU may not have created it yet) from byte `offset`.
+    pub fn follow(path: PathBuf, offset: u64) -> SerialWatch {
+        let state = Arc::new(Mutex::new(SerialState {
+            bytes: offset,
+            boot_offset: offset,
+            ..Default::default()
+        }));
+        let task = tokio::spawn(poll(path.clone(), state.clone()));
+        SerialWatch {
+            path,
+            state,
+            task: Arc::new(task),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn snapshot(&self) -> SerialState {
+        self.state.lock().expect("serial state poisoned").clone()
+    }
+
+    /// Forgets fatal lines and kernel timing from the previous boot.
+    pub fn new_boot(&self) {
+        let mut s = self.state.lock().expect("serial state poisoned");
+        s.boot_offset = s.bytes;
+        s.kernel_start = None;
+        s.fatal = None;
+    }
+
+    /// The last `n` lines of the current boot's console output.
+    pub fn tail(&self, n: usize) -> String {
+        let from = self.snapshot().boot_offset;
+        let data = std::fs::read(&self.path).unwrap_or_default();
+        let text = String::from_utf8_lossy(data.get(from as usize..).unwrap_or_default());
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+async fn poll(path: PathBuf, state: Arc<Mutex<SerialState>>) {
+    let mut file = None;
+    let mut buf = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if file.is_none() {
+            file = tokio::fs::File::open(&path).await.ok();
+        }
+        let Some(f) = file.as_mut() else { continue };
+        let offset = state.lock().expect("serial state poisoned").bytes;
+        if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+            continue;
+        }
+        buf.clear();
+        if f.read_to_end(&mut buf).await.is_err() || buf.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        let mut s = state.lock().expect("serial state poisoned");
+        s.bytes += buf.len() as u64;
+        let mut text = std::mem::take(&mut s.partial);
+        text.push_str(&String::from_utf8_lossy(&buf));
+        let complete = match text.rfind('\n') {
+            Some(i) => {
+                s.partial = text[i + 1..].to_owned();
+                &text[..i]
+            }
+            None => {
+                s.partial = text.clone();
+                ""
+            }
+        };
+        let mut newest: Option<f64> = None;
+        for line in complete.lines() {
+            if let Some(t) = printk_time(line) {
+                newest = Some(newest.map_or(t, |n: f64| n.max(t)));
+            }
+            if s.fatal.is_none() && is_fatal(line) {
+                s.fatal = Some(line.trim().to_owned());
+            }
+        }
+        // A line stamped t was printed no later than now, so now - t bounds
+        // the kernel's start from above; keep the tightest bound.
+        if let Some(t) = newest {
+            if let Some(start) = now.checked_sub(Duration::from_secs_f64(t)) {
+                s.kernel_start = Some(s.kernel_start.map_or(start, |k| k.min(start)));
+            }
+        }
+    }
+}
+
+fn is_fatal(line: &str) -> bool {
+    FATAL.iter().any(|p| line.contains(p))
+}
+
+/// The printk timestamp of a console line: `[    1.234567] ...`.
+pub fn printk_time(line: &str) -> Option<f64> {
+    let rest = line
+        .trim_start_matches(|c: char| c.is_control())
+        .strip_prefix('[')?;
+    let (num, _) = rest.split_once(']')?;
+    num.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printk_timestamps() {
+        assert_eq!(
+            printk_time("[    1.234567] Linux version 6.1"),
+            Some(1.234567)
+        );
+        assert_eq!(printk_time("[  OK  ] Started foo"), None);
+        assert_eq!(printk_time("plain text"), None);
+    }
+
+    #[test]
+    fn fatal_lines() {
+        assert!(is_fatal(
+            "[    2.1] Kernel panic - not syncing: VFS: Unable to mount root"
+        ));
+        assert!(is_fatal(
+            "ALERT!  UUID=1234 does not exist.  Dropping to a shell!"
+        ));
+        assert!(!is_fatal("[  OK  ] Reached target multi-user.target"));
+    }
+
+    #[tokio::test]
+    async fn follows_a_growing_log_and_spots_fatal_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let watch = SerialWatch::follow(path.clone(), 0);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        std::fs::write(&path, "SYSLINUX 6.04\r\n[    0.500000] Linux version\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let s = watch.snapshot();
+        assert!(s.kernel_start.is_some());
+        assert!(s.fatal.is_none());
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"Gave up waiting for root file system device.\n")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            watch.snapshot().fatal.as_deref(),
+            Some("Gave up waiting for root file system device.")
+        );
+        watch.new_boot();
+        assert!(watch.snapshot().fatal.is_none());
+        assert_eq!(watch.tail(5), "");
+    }
+}
