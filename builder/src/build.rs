@@ -28,6 +28,9 @@ use std::time::Instant;
 /// The filesystem label of every strata image.
 pub const FS_LABEL: &str = "strata";
 
+/// mkfs.btrfs refuses much less than this with default (DUP metadata) profiles.
+pub const MIN_IMAGE_SIZE: u64 = 128 << 20;
+
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     pub rootfs: PathBuf,
@@ -175,6 +178,13 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
         }
     }
 
+    if opts.size < MIN_IMAGE_SIZE {
+        return Err(input(format!(
+            "image size {} is too small: a btrfs image needs at least {}",
+            human(opts.size),
+            human(MIN_IMAGE_SIZE)
+        )));
+    }
     let tree = copy::measure(rootfs)
         .map_err(|e| input(format!("reading rootfs {}: {e}", rootfs.display())))?;
     if tree.allocated >= opts.size {

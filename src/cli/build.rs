@@ -145,7 +145,9 @@ impl Progress {
     fn event(&mut self, e: Event) {
         match e {
             Event::StepStarted(step) => {
-                if self.tty {
+                if !self.tty {
+                    eprintln!("→ {}", step.describe());
+                } else {
                     let bar = ProgressBar::new_spinner().with_message(step.describe());
                     bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("style"));
                     bar.enable_steady_tick(Duration::from_millis(120));

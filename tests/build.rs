@@ -1,0 +1,731 @@
+//! `strata build` end to end with real mkfs.btrfs, loop devices, mounts and
+//! extlinux, on small synthetic rootfs trees made here. Needs root and the
+//! packages `ci/setup` installs.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use strata_builder::manifest::Manifest;
+use strata_builder::migrate::xattrs;
+
+const FS_UUID: &str = "0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40";
+
+fn strata() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    // Env fallbacks must not leak in from the caller's environment.
+    for v in ["DISK_SIZE", "VERSION_LABEL", "ROOT_DEVICE", "KERNEL_ARGS"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-ec", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A rootfs with the kinds of thing configure steps leave in state dirs.
+fn make_rootfs(root: &Path) {
+    for d in [
+        "etc",
+        "boot",
+        "home/alice/.config",
+        "opt/app/bin",
+        "srv/www",
+        "var/lib/db",
+        "var/spool",
+        "tmp",
+        "usr/bin",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::write(
+        root.join("etc/fstab"),
+        b"# configured by hand\ntmpfs\t/tmp\ttmpfs\tdefaults 0 0",
+    )
+    .unwrap();
+    fs::write(root.join("boot/vmlinuz-1.2.3"), b"not really a kernel").unwrap();
+    fs::write(root.join("boot/vmlinuz-1.10.0"), b"the newest fake kernel").unwrap();
+    fs::write(root.join("boot/initrd.img-1.10.0"), b"fake initramfs").unwrap();
+    fs::write(root.join("usr/bin/tool"), b"#!/bin/sh\n").unwrap();
+    // /root/.ssh as configure steps write it: 0700 dir, 0600 key.
+    fs::create_dir_all(root.join("root/.ssh")).unwrap();
+    fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(root.join("root/.ssh"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(
+        root.join("root/.ssh/authorized_keys"),
+        b"ssh-ed25519 AAAA test@strata\n",
+    )
+    .unwrap();
+    fs::set_permissions(
+        root.join("root/.ssh/authorized_keys"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    fs::write(root.join("home/alice/.config/notes"), b"alice's notes\n").unwrap();
+    sh(&format!(
+        "cd '{}' && chown -R 1000:1000 home/alice && setfattr -n user.origin -v configure home/alice/.config/notes \
+         && setfacl -m u:1234:r home/alice/.config/notes \
+         && printf x > opt/app/bin/suid && chmod 4755 opt/app/bin/suid \
+         && truncate -s 64M opt/app/sparse && printf data | dd of=opt/app/sparse bs=1 seek=1048576 conv=notrunc status=none \
+         && printf 'big' > var/lib/db/data && ln var/lib/db/data var/lib/db/hardlink \
+         && mkfifo var/spool/fifo && mknod var/spool/null c 1 3 \
+         && ln -s ../www srv/www/self && ln -s /etc/passwd srv/abs-link \
+         && touch -d '2001-02-03 04:05:06' srv/www && echo '<h1>' > srv/www/index.html && touch -h -d '2002-01-01' srv/abs-link",
+        root.display()
+    ));
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    /// Unique per test: btrfs must never see two mounted filesystems with
+    /// one UUID (tests run in parallel).
+    fs_uuid: String,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-build-test-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        make_rootfs(&dir.path().join("rootfs"));
+        let fs_uuid = fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .unwrap()
+            .trim()
+            .to_owned();
+        Fixture { dir, fs_uuid }
+    }
+    fn rootfs(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("out.img")
+    }
+    fn build(&self, extra: &[&str]) -> Output {
+        strata()
+            .args(["build", "--rootfs"])
+            .arg(self.rootfs())
+            .arg("--output")
+            .arg(self.image())
+            .args(if extra.contains(&"--fs-uuid") {
+                vec![]
+            } else {
+                vec!["--fs-uuid", &self.fs_uuid]
+            })
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+    /// Everything in the test dir except the rootfs: a failed build must add nothing.
+    fn outputs(&self) -> Vec<String> {
+        fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "rootfs")
+            .collect()
+    }
+    /// Loop devices backed by a file in this test's dir, and mounts of them.
+    fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let prefix = self.dir.path().to_string_lossy().into_owned();
+        for entry in fs::read_dir("/sys/block").unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            let backing = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+                .unwrap_or_default();
+            if backing.starts_with(&prefix) {
+                found.push(format!("/dev/{name} -> {}", backing.trim()));
+                let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+                found.extend(
+                    mounts
+                        .lines()
+                        .filter(|l| l.starts_with(&format!("/dev/{name} ")))
+                        .map(str::to_owned),
+                );
+            }
+        }
+        found
+    }
+    fn assert_nothing_left(&self) {
+        assert_eq!(
+            self.leftovers(),
+            Vec::<String>::new(),
+            "loop devices or mounts left behind"
+        );
+    }
+}
+
+/// A read-only mount of a built image for inspection.
+struct Inspect {
+    mnt: tempfile::TempDir,
+    loopdev: String,
+}
+
+impl Inspect {
+    fn new(image: &Path) -> Inspect {
+        let loopdev = sh(&format!(
+            "losetup --find --show --read-only '{}'",
+            image.display()
+        ))
+        .trim()
+        .to_owned();
+        let mnt = tempfile::tempdir().unwrap();
+        sh(&format!(
+            "mount -o ro '{loopdev}' '{}'",
+            mnt.path().display()
+        ));
+        Inspect { mnt, loopdev }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.mnt.path().join(p)
+    }
+}
+
+impl Drop for Inspect {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.mnt.path()).status();
+        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn subvolume_field(path: &Path, field: &str) -> String {
+    sh(&format!("btrfs subvolume show '{}'", path.display()))
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(field).map(|v| v.trim().to_owned()))
+        .unwrap()
+}
+
+fn assert_same_entry(src: &Path, dst: &Path) {
+    let (a, b) = (
+        fs::symlink_metadata(src).unwrap(),
+        fs::symlink_metadata(dst).unwrap(),
+    );
+    let what = dst.display();
+    assert_eq!(a.mode(), b.mode(), "mode of {what}");
+    assert_eq!((a.uid(), a.gid()), (b.uid(), b.gid()), "owner of {what}");
+    assert_eq!(a.rdev(), b.rdev(), "device number of {what}");
+    assert_eq!(
+        xattrs(src).unwrap(),
+        xattrs(dst).unwrap(),
+        "xattrs of {what}"
+    );
+    if !a.is_dir() {
+        assert_eq!(a.size(), b.size(), "size of {what}");
+        assert_eq!(
+            (a.mtime(), a.mtime_nsec()),
+            (b.mtime(), b.mtime_nsec()),
+            "mtime of {what}"
+        );
+    }
+    if a.is_file() {
+        assert_eq!(
+            fs::read(src).unwrap(),
+            fs::read(dst).unwrap(),
+            "bytes of {what}"
+        );
+        // Holes stay holes.
+        assert!(b.blocks() <= a.blocks() + 8, "{what} lost its holes");
+    }
+    if a.file_type().is_symlink() {
+        assert_eq!(fs::read_link(src).unwrap(), fs::read_link(dst).unwrap());
+    }
+}
+
+fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(root.join(rel)).unwrap() {
+        let rel = rel.join(e.unwrap().file_name());
+        out.push(rel.clone());
+        if fs::symlink_metadata(root.join(&rel)).unwrap().is_dir() {
+            walk(root, &rel, out);
+        }
+    }
+}
+
+#[test]
+fn builds_the_system_layout() {
+    let mut fx = Fixture::new();
+    // Fixed so the extlinux.conf snapshot is stable; used by this test only.
+    fx.fs_uuid = FS_UUID.into();
+    let out = fx.build(&["--size", "300M", "--kernel-args", "quiet"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fx.assert_nothing_left();
+
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    assert_eq!(m.fs_uuid, FS_UUID);
+    assert_eq!(m.root_device, format!("UUID={FS_UUID}"));
+    assert_eq!(m.state_dirs.created, ["home", "root", "opt", "srv", "var"]);
+    assert_eq!(m.kernel_source, "/boot/vmlinuz-1.10.0");
+    let key = m
+        .moved_files
+        .iter()
+        .find(|f| f.path == "/root/.ssh/authorized_keys")
+        .unwrap();
+    assert_eq!((key.mode, key.uid, key.gid), (0o600, 0, 0));
+    assert_eq!(
+        key.sha256.as_deref(),
+        Some(
+            sh(&format!(
+                "sha256sum '{}'",
+                fx.rootfs().join("root/.ssh/authorized_keys").display()
+            ))
+            .split(' ')
+            .next()
+            .unwrap()
+        )
+    );
+
+    let img = Inspect::new(&fx.image());
+    let list = sh(&format!(
+        "btrfs subvolume list '{}'",
+        img.mnt.path().display()
+    ));
+    for sv in [
+        "systems/factory/orig",
+        "systems/factory/run",
+        "state/home",
+        "state/root",
+        "state/opt",
+        "state/srv",
+        "state/var",
+    ] {
+        assert!(
+            list.lines().any(|l| l.ends_with(&format!("path {sv}"))),
+            "no subvolume {sv} in\n{list}"
+        );
+    }
+    let orig_uuid = subvolume_field(&img.path("systems/factory/orig"), "UUID:");
+    assert_eq!(
+        subvolume_field(&img.path("systems/factory/run"), "Parent UUID:"),
+        orig_uuid
+    );
+    assert_eq!(
+        fs::read_link(img.path("systems/default")).unwrap(),
+        Path::new("factory")
+    );
+    assert!(img.path("ldlinux.c32").is_file());
+    assert_eq!(
+        fs::read(img.path("systems/factory/kernel")).unwrap(),
+        b"the newest fake kernel"
+    );
+    assert_eq!(
+        fs::read(img.path("systems/factory/initramfs")).unwrap(),
+        b"fake initramfs"
+    );
+    insta::assert_snapshot!(
+        "extlinux.conf",
+        fs::read_to_string(img.path("extlinux/extlinux.conf")).unwrap()
+    );
+    assert_eq!(
+        fs::read_link(img.path("extlinux.conf")).unwrap(),
+        Path::new("extlinux/extlinux.conf")
+    );
+
+    let fstab = fs::read(img.path("systems/factory/run/etc/fstab")).unwrap();
+    let mut expected = b"# configured by hand\ntmpfs\t/tmp\ttmpfs\tdefaults 0 0\n".to_vec();
+    expected.extend(strata_builder::plan::FSTAB_MARKER.bytes());
+    expected.push(b'\n');
+    for l in &m.fstab_lines_added {
+        expected.extend(l.bytes());
+        expected.push(b'\n');
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&fstab),
+        String::from_utf8_lossy(&expected)
+    );
+    assert_eq!(
+        fs::metadata(img.path("systems/factory/orig/etc/fstab"))
+            .unwrap()
+            .mode()
+            & 0o7777,
+        0o644
+    );
+
+    for dir in ["home", "root", "opt", "srv", "var"] {
+        let src = fx.rootfs().join(dir);
+        for sys in ["orig", "run"] {
+            let mp = img.path(&format!("systems/factory/{sys}/{dir}"));
+            assert_eq!(
+                fs::read_dir(&mp).unwrap().count(),
+                0,
+                "{} not empty",
+                mp.display()
+            );
+            // The mountpoint keeps the original directory's mode and owner.
+            let (a, b) = (fs::metadata(&src).unwrap(), fs::metadata(&mp).unwrap());
+            assert_eq!(
+                (a.mode(), a.uid(), a.gid()),
+                (b.mode(), b.uid(), b.gid()),
+                "{}",
+                mp.display()
+            );
+        }
+        let state = img.path(&format!("state/{dir}"));
+        assert_same_entry(&src, &state);
+        let mut entries = Vec::new();
+        walk(&src, Path::new(""), &mut entries);
+        for rel in &entries {
+            assert_same_entry(&src.join(rel), &state.join(rel));
+            let shown = format!("/{dir}/{}", rel.display());
+            assert!(
+                m.moved_files.iter().any(|f| f.path == shown),
+                "{shown} missing from manifest"
+            );
+        }
+    }
+    assert_eq!(
+        fs::metadata(img.path("state/root")).unwrap().mode() & 0o777,
+        0o700
+    );
+    let (a, b) = (
+        fs::metadata(img.path("state/var/lib/db/data")).unwrap(),
+        fs::metadata(img.path("state/var/lib/db/hardlink")).unwrap(),
+    );
+    assert_eq!(a.ino(), b.ino(), "hardlink became two files");
+    // Moved by reflink: state shares its extents with nothing copied twice.
+    let du = sh(&format!(
+        "btrfs filesystem du -s --raw '{}'",
+        img.path("state/opt").display()
+    ));
+    assert!(du.lines().nth(1).is_some(), "{du}");
+}
+
+#[test]
+fn copy_migration_leaves_data_under_the_mountpoints() {
+    let fx = Fixture::new();
+    let out = fx.build(&[
+        "--size",
+        "300M",
+        "--state-migration",
+        "copy",
+        "--state-dirs",
+        "srv,var",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let img = Inspect::new(&fx.image());
+    assert!(img.path("systems/factory/run/srv/www/index.html").is_file());
+    assert!(img.path("state/srv/www/index.html").is_file());
+    assert!(!img.path("state/home").exists(), "home was not asked for");
+    assert!(img.path("systems/factory/run/home/alice").is_dir());
+}
+
+#[test]
+fn existing_fstab_entries_skip_their_state_dirs() {
+    let fx = Fixture::new();
+    // /home on its own partition, as a configure step would set it up; the
+    // rootfs must then have nothing under /home.
+    fs::remove_dir_all(fx.rootfs().join("home/alice")).unwrap();
+    fs::write(
+        fx.rootfs().join("etc/fstab"),
+        "/dev/vda / btrfs defaults 0 1\nLABEL=home /home/ ext4 defaults 0 2\n",
+    )
+    .unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    assert_eq!(m.root_device, "/dev/vda");
+    assert_eq!(m.state_dirs.created, ["root", "opt", "srv", "var"]);
+    assert_eq!(m.state_dirs.skipped[0].dir, "home");
+    assert_eq!(
+        m.state_dirs.skipped[0].fstab_entry,
+        "LABEL=home /home/ ext4 defaults 0 2"
+    );
+    let img = Inspect::new(&fx.image());
+    assert!(!img.path("state/home").exists());
+    let conf = fs::read_to_string(img.path("extlinux/extlinux.conf")).unwrap();
+    assert!(
+        conf.contains("append root=/dev/vda rootfstype=btrfs"),
+        "{conf}"
+    );
+}
+
+#[test]
+fn data_under_another_mountpoint_is_refused() {
+    let fx = Fixture::new();
+    fs::write(fx.rootfs().join("tmp/leftover"), b"x").unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("/tmp is a mount point") && e.contains("/tmp/leftover"),
+        "{e}"
+    );
+    assert_eq!(fx.outputs(), Vec::<String>::new());
+    fx.assert_nothing_left();
+}
+
+/// Each bad input: exit 2, one line naming the input, nothing created.
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let fx = Fixture::new();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec![], "no disk size"),
+        (vec!["--size", "4X"], "invalid size \"4X\""),
+        (vec!["--size", "1M"], "image size 1.0 MiB is too small"),
+        (
+            vec!["--size", "300M", "--label", "a/b"],
+            "invalid version label \"a/b\"",
+        ),
+        (
+            vec!["--size", "300M", "--state-dirs", "var/lib"],
+            "invalid state directory \"var/lib\"",
+        ),
+        (
+            vec!["--size", "300M", "--fs-uuid", "nope"],
+            "invalid --fs-uuid \"nope\"",
+        ),
+        (
+            vec!["--size", "300M", "--kernel", "/nonexistent/vmlinuz"],
+            "kernel /nonexistent/vmlinuz",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = fx.build(&args);
+        let e = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains(want), "{args:?}: expected {want:?} in {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{args:?}: not one line: {e}");
+        assert_eq!(fx.outputs(), Vec::<String>::new(), "{args:?} left files");
+    }
+    let out = strata()
+        .args(["build", "--rootfs", "/nonexistent/rootfs", "--output"])
+        .arg(fx.image())
+        .args(["--size", "300M"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("rootfs /nonexistent/rootfs"),
+        "{}",
+        stderr(&out)
+    );
+
+    let empty = fx.dir.path().join("rootfs-noetc");
+    fs::create_dir(&empty).unwrap();
+    let out = strata()
+        .args(["build", "--rootfs"])
+        .arg(&empty)
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--size", "300M"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("has no etc/ directory"),
+        "{}",
+        stderr(&out)
+    );
+    fs::remove_dir(&empty).unwrap();
+
+    for k in ["boot/vmlinuz-1.2.3", "boot/vmlinuz-1.10.0"] {
+        fs::remove_file(fx.rootfs().join(k)).unwrap();
+    }
+    let out = fx.build(&["--size", "300M"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no kernel found in rootfs"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fx.outputs(), Vec::<String>::new());
+    fx.assert_nothing_left();
+}
+
+#[test]
+fn env_fallbacks_work_like_morph() {
+    let fx = Fixture::new();
+    let out = fx.build(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = strata()
+        .env("DISK_SIZE", "300M")
+        .env("VERSION_LABEL", "v2")
+        .env("ROOT_DEVICE", "/dev/vda")
+        .env("KERNEL_ARGS", "quiet")
+        .args(["build", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    assert_eq!(m.label, "v2");
+    assert_eq!(m.root_device, "/dev/vda");
+    assert_eq!(m.image_size, 300 << 20);
+    assert!(m.kernel_args.ends_with(" quiet"));
+}
+
+#[test]
+fn existing_output_is_kept_without_force() {
+    let fx = Fixture::new();
+    fs::write(fx.image(), b"precious").unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("already exists (use --force"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read(fx.image()).unwrap(), b"precious");
+    let out = fx.build(&["--size", "300M", "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fs::metadata(fx.image()).unwrap().len(), 300 << 20);
+}
+
+#[test]
+fn no_space_mid_copy_fails_cleanly() {
+    let fx = Fixture::new();
+    // Random data does not compress or dedupe: 150 MiB of it cannot fit a
+    // 160 MiB btrfs with its metadata and system chunks.
+    sh(&format!(
+        "head -c 150M /dev/urandom > '{}'",
+        fx.rootfs().join("usr/bin/big").display()
+    ));
+    let out = fx.build(&["--size", "160M"]);
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("no space left while copying") && e.contains("160.0 MiB"),
+        "{e}"
+    );
+    assert_eq!(fx.outputs(), Vec::<String>::new());
+    fx.assert_nothing_left();
+}
+
+#[test]
+fn not_root_is_refused() {
+    let fx = Fixture::new();
+    sh(&format!("chmod 0755 '{}'", fx.dir.path().display()));
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_strata"),
+            "build",
+            "--rootfs",
+        ])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--size", "300M"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("must run as root"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fx.outputs(), Vec::<String>::new());
+}
+
+#[test]
+fn sigterm_mid_copy_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    let fx = Fixture::new();
+    // Enough small files that the copy is still running when the signal lands.
+    sh(&format!(
+        "cd '{}' && mkdir -p usr/share/many && cd usr/share/many && seq 1 20000 | xargs touch",
+        fx.rootfs().display()
+    ));
+    let mut child = strata()
+        .args(["build", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--size", "300M"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("copying rootfs") {
+            break;
+        }
+    }
+    sh(&format!("kill -TERM {}", child.id()));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
+    assert_eq!(fx.outputs(), Vec::<String>::new());
+    fx.assert_nothing_left();
+}
+
+fn sha(path: &str) -> String {
+    sh(&format!("sha256sum {path}"))
+}
+
+/// The rootfs is untrusted: links inside it resolve inside it.
+#[test]
+fn symlinks_in_the_rootfs_never_reach_the_host() {
+    let host_fstab = sha("/etc/fstab");
+    let host_passwd = sha("/etc/passwd");
+
+    // etc/fstab -> /etc/fstab points at itself inside the rootfs: a loop,
+    // refused by name; the host's /etc/fstab is never read or written.
+    let fx = Fixture::new();
+    fs::remove_file(fx.rootfs().join("etc/fstab")).unwrap();
+    symlink("/etc/fstab", fx.rootfs().join("etc/fstab")).unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("etc/fstab"), "{}", stderr(&out));
+    assert_eq!(fx.outputs(), Vec::<String>::new());
+
+    // root -> / would make the move empty the host's root directory.
+    fs::remove_file(fx.rootfs().join("etc/fstab")).unwrap();
+    fs::remove_dir_all(fx.rootfs().join("root")).unwrap();
+    symlink("/", fx.rootfs().join("root")).unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/root is a symlink"),
+        "{}",
+        stderr(&out)
+    );
+    fs::remove_file(fx.rootfs().join("root")).unwrap();
+    fs::create_dir(fx.rootfs().join("root")).unwrap();
+
+    // Absolute and ../ links that stay meaningful inside the rootfs are
+    // followed there: fstab and kernel come from the rootfs, not the host.
+    fs::write(fx.rootfs().join("etc/fstab.real"), b"# the rootfs's own\n").unwrap();
+    symlink(
+        "../../../../../etc/fstab.real",
+        fx.rootfs().join("etc/fstab"),
+    )
+    .unwrap();
+    for k in [
+        "boot/vmlinuz-1.2.3",
+        "boot/vmlinuz-1.10.0",
+        "boot/initrd.img-1.10.0",
+    ] {
+        fs::remove_file(fx.rootfs().join(k)).unwrap();
+    }
+    fs::write(fx.rootfs().join("boot/kernel-real"), b"rootfs kernel").unwrap();
+    symlink("/boot/kernel-real", fx.rootfs().join("vmlinuz")).unwrap();
+    let out = fx.build(&["--size", "300M", "--root-device", "/dev/vda"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let img = Inspect::new(&fx.image());
+    let fstab = fs::read_to_string(img.path("systems/factory/run/etc/fstab")).unwrap();
+    assert!(fstab.starts_with("# the rootfs's own\n"), "{fstab}");
+    assert_eq!(
+        fs::read(img.path("systems/factory/kernel")).unwrap(),
+        b"rootfs kernel"
+    );
+    drop(img);
+
+    assert_eq!(sha("/etc/fstab"), host_fstab);
+    assert_eq!(sha("/etc/passwd"), host_passwd);
+    assert!(Path::new("/root").is_dir());
+}
