@@ -22,7 +22,10 @@ pub(crate) fn random_u64() -> u64 {
     h.finish()
 }
 pub mod accel;
+pub mod artifacts;
 pub mod bootfiles;
+pub mod checks;
 pub mod machine;
 pub mod report;
+pub mod run;
 pub mod serial;

@@ -104,6 +104,17 @@ impl Machine {
         let qmp = match qmp {
             Ok(q) => q,
             Err(e) => {
+                // QEMU creates the QMP socket before it parses -device options:
+                // a QMP failure is often QEMU exiting with a better message.
+                if let Ok(Ok(status)) =
+                    tokio::time::timeout(Duration::from_secs(2), child.wait()).await
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Err(MachineError::Exited {
+                        status: status.to_string(),
+                        stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+                    });
+                }
                 let _ = child.start_kill();
                 return Err(e.into());
             }

@@ -109,7 +109,7 @@ impl QemuCommand {
         push("pvpanic");
         push("-chardev");
         push(&format!(
-            "file,id=serial0,path={}",
+            "file,id=serial0,path={},append=on",
             path_arg(&self.serial_log)
         ));
         push("-serial");
@@ -135,16 +135,22 @@ impl QemuCommand {
             "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
             path_arg(&self.disk)
         ));
+        // -kernel claims boot index 0 for its loader ROM; only firmware boot
+        // needs the disk first in line.
+        let bootindex = match self.boot {
+            KernelBoot::Firmware => ",bootindex=0",
+            KernelBoot::Direct { .. } => "",
+        };
         match self.disk_bus {
             DiskBus::VirtioBlk => {
                 push("-device");
-                push("virtio-blk-pci,drive=disk0,bootindex=0");
+                push(&format!("virtio-blk-pci,drive=disk0{bootindex}"));
             }
             DiskBus::VirtioScsi => {
                 push("-device");
                 push("virtio-scsi-pci,id=scsi0");
                 push("-device");
-                push("scsi-hd,bus=scsi0.0,drive=disk0,bootindex=0");
+                push(&format!("scsi-hd,bus=scsi0.0,drive=disk0{bootindex}"));
             }
         }
         if let KernelBoot::Direct {

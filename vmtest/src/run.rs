@@ -1,0 +1,679 @@
+//! One `strata test` run as a story: prepare an overlay, pick the
+//! accelerator and boot, prove the layout, reboot cleanly, cut the power,
+//! prove persistence, and write down what happened. The engine never
+//! prints: it reports `Progress` and returns a `Report` or a `RunError`.
+
+use crate::accel::{self, AccelChoice, AccelDecision};
+use crate::artifacts::{self, Artifacts};
+use crate::bootfiles;
+use crate::checks;
+use crate::machine::{Machine, MachineError};
+use crate::qemu::{DiskBus, KernelBoot, QemuCommand};
+use crate::qmp::EventLog;
+use crate::report::{CheckResult, Report, Status, Timings, Warning};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use strata_builder::manifest::Manifest;
+use tokio::sync::mpsc::UnboundedSender;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMode {
+    Extlinux,
+    Direct,
+}
+
+impl BootMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BootMode::Extlinux => "extlinux",
+            BootMode::Direct => "direct",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    pub image: PathBuf,
+    /// Defaults to IMG.manifest.json.
+    pub manifest: Option<PathBuf>,
+    pub artifacts: Option<PathBuf>,
+    pub accel: AccelChoice,
+    pub disk_bus: DiskBus,
+    pub boot: BootMode,
+    /// Whole run, first QEMU start to verdict.
+    pub timeout: Duration,
+    /// Subset of `checks::ALL` to run; the rest are reported as skipped.
+    pub checks: Vec<String>,
+    pub qemu_binary: PathBuf,
+    pub memory_mib: u32,
+}
+
+impl TestConfig {
+    pub fn new(image: PathBuf) -> TestConfig {
+        TestConfig {
+            image,
+            manifest: None,
+            artifacts: None,
+            accel: AccelChoice::Auto,
+            disk_bus: DiskBus::VirtioBlk,
+            boot: BootMode::Extlinux,
+            timeout: Duration::from_secs(600),
+            checks: checks::ALL.iter().map(|s| (*s).to_owned()).collect(),
+            qemu_binary: "qemu-system-x86_64".into(),
+            memory_mib: 1024,
+        }
+    }
+}
+
+/// What the engine is doing, for the CLI to show.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Artifacts(PathBuf),
+    QemuCommand(String),
+    Accel(AccelDecision),
+    Booting {
+        boot: u32,
+        why: &'static str,
+    },
+    Booted {
+        boot: u32,
+        seconds: f64,
+        state: String,
+    },
+    CheckStarted(String),
+    CheckFinished(CheckResult),
+    Step(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad usage or input: exit 2.
+    #[error("{0}")]
+    Input(String),
+    /// QEMU, the agent, a timeout or an image that does not boot: exit 3.
+    /// The report (when there is one) has what was proven before it happened.
+    #[error("{message}")]
+    Infra {
+        message: String,
+        report: Option<Box<Report>>,
+    },
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Input(_) => 2,
+            RunError::Infra { .. } => 3,
+        }
+    }
+}
+
+/// 0 all checks pass, 1 a check failed.
+pub fn exit_code(report: &Report) -> u8 {
+    match report.verdict {
+        crate::report::Verdict::Pass => 0,
+        crate::report::Verdict::Fail => 1,
+    }
+}
+
+const MAX_BOOT: Duration = Duration::from_secs(240);
+
+struct Session {
+    cfg: TestConfig,
+    manifest: Manifest,
+    artifacts: Artifacts,
+    workdir: tempfile::TempDir,
+    progress: UnboundedSender<Progress>,
+    events: EventLog,
+    started: Instant,
+    checks: Vec<CheckResult>,
+    warnings: Vec<Warning>,
+    timings: Timings,
+    accel: Option<AccelDecision>,
+    template: Option<QemuCommand>,
+    boots: u32,
+}
+
+impl Session {
+    fn emit(&self, p: Progress) {
+        let _ = self.progress.send(p);
+    }
+
+    fn wanted(&self, name: &str) -> bool {
+        self.cfg.checks.iter().any(|c| c == name)
+    }
+
+    fn remaining(&self) -> Duration {
+        self.cfg.timeout.saturating_sub(self.started.elapsed())
+    }
+
+    fn boot_budget(&self) -> Duration {
+        self.remaining().min(MAX_BOOT)
+    }
+
+    fn overlay(&self) -> PathBuf {
+        self.workdir.path().join("overlay.qcow2")
+    }
+
+    /// A fresh qcow2 overlay backed by the image: the image is only read.
+    fn create_overlay(&self) -> Result<(), String> {
+        let overlay = self.overlay();
+        let _ = std::fs::remove_file(&overlay);
+        let backing = std::path::absolute(&self.cfg.image).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&backing)
+            .arg(&overlay)
+            .output()
+            .map_err(|e| format!("running qemu-img: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img create: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, mut c: CheckResult, t: Instant) {
+        c.seconds = t.elapsed().as_secs_f64();
+        self.emit(Progress::CheckFinished(c.clone()));
+        self.checks.push(c);
+    }
+
+    fn report(&self, error: Option<String>) -> Report {
+        let mut checks = Vec::new();
+        for name in checks::ALL {
+            match self.checks.iter().find(|c| c.name == name) {
+                Some(c) => checks.push(c.clone()),
+                None if !self.wanted(name) => checks.push(CheckResult::new(
+                    name,
+                    Status::Skip,
+                    "not requested (--checks)",
+                    vec![],
+                )),
+                None => checks.push(CheckResult::new(
+                    name,
+                    Status::Skip,
+                    "not run: the run stopped before it",
+                    vec![],
+                )),
+            }
+        }
+        let mut timings = self.timings.clone();
+        timings.total = self.started.elapsed().as_secs_f64();
+        let accel = self.accel.clone();
+        Report {
+            verdict: Report::verdict_of(&checks, error.as_deref()),
+            accel: accel
+                .as_ref()
+                .map(|a| a.used)
+                .unwrap_or(crate::qemu::Accel::Tcg),
+            accel_requested: self.cfg.accel,
+            accel_reason: accel
+                .map(|a| a.reason)
+                .unwrap_or_else(|| "not decided: the run stopped before QEMU started".into()),
+            boot: self.cfg.boot.name().into(),
+            disk_bus: self.cfg.disk_bus,
+            image: self.cfg.image.display().to_string(),
+            label: self.manifest.label.clone(),
+            checks,
+            warnings: self.warnings.clone(),
+            timings,
+            artifacts: Some(self.artifacts.dir().display().to_string()),
+            error,
+        }
+    }
+
+    fn save_event_log(&self) {
+        let events = self.events.lock().expect("event log poisoned").clone();
+        if let Ok(json) = serde_json::to_string_pretty(&events) {
+            let _ = self.artifacts.write(artifacts::QMP_EVENTS, json + "\n");
+        }
+    }
+}
+
+/// Loads and validates the inputs; errors here are the user's (exit 2).
+fn prepare(cfg: &TestConfig) -> Result<Manifest, RunError> {
+    let meta = std::fs::metadata(&cfg.image)
+        .map_err(|e| RunError::Input(format!("image {}: {e}", cfg.image.display())))?;
+    if !meta.is_file() {
+        return Err(RunError::Input(format!(
+            "image {} is not a regular file",
+            cfg.image.display()
+        )));
+    }
+    let manifest_path = cfg
+        .manifest
+        .clone()
+        .unwrap_or_else(|| Manifest::default_path(&cfg.image));
+    let manifest = Manifest::load(&manifest_path).map_err(|e| RunError::Input(e.to_string()))?;
+    for c in &cfg.checks {
+        if !checks::ALL.contains(&c.as_str()) {
+            return Err(RunError::Input(format!(
+                "unknown check {c:?} (known: {})",
+                checks::ALL.join(", ")
+            )));
+        }
+    }
+    Ok(manifest)
+}
+
+/// Runs the whole test. Dropping the future (timeout, Ctrl-C) kills QEMU:
+/// every `Machine` owns its process with kill-on-drop.
+pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result<Report, RunError> {
+    let manifest = prepare(&cfg)?;
+    let artifacts = Artifacts::open(cfg.artifacts.as_deref())
+        .map_err(|e| RunError::Input(format!("artifacts dir: {e}")))?;
+    let workdir = tempfile::Builder::new()
+        .prefix("strata-vm.")
+        .tempdir()
+        .map_err(|e| infra(format!("private temp dir: {e}")))?;
+    let mut s = Session {
+        cfg,
+        manifest,
+        artifacts,
+        workdir,
+        progress,
+        events: EventLog::default(),
+        started: Instant::now(),
+        checks: Vec::new(),
+        warnings: Vec::new(),
+        timings: Timings::default(),
+        accel: None,
+        template: None,
+        boots: 0,
+    };
+    s.emit(Progress::Artifacts(s.artifacts.dir().to_owned()));
+    let mut machine: Option<Machine> = None;
+    let budget = s.remaining();
+    let outcome = tokio::time::timeout(budget, story(&mut s, &mut machine)).await;
+    let error = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(format!(
+            "timed out after {} s (--timeout)",
+            s.cfg.timeout.as_secs()
+        )),
+    };
+    let failed = error.is_some() || s.checks.iter().any(|c| c.status == Status::Fail);
+    if let Some(m) = machine.as_mut() {
+        if failed {
+            let png = s.artifacts.path(artifacts::SCREENDUMP);
+            let _ = tokio::time::timeout(Duration::from_secs(5), m.screendump(&png)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), m.qmp().quit()).await;
+        m.kill().await;
+    }
+    drop(machine);
+    s.save_event_log();
+    let report = s.report(error.clone().map(|e| {
+        let tail = tail_of(&s.artifacts.path(artifacts::SERIAL_LOG), 15);
+        if tail.is_empty() {
+            e
+        } else {
+            format!(
+                "{e}\nlast console lines ({}):\n{tail}",
+                artifacts::SERIAL_LOG
+            )
+        }
+    }));
+    let _ = s.artifacts.write(artifacts::REPORT_JSON, report.to_json());
+    match error {
+        None => Ok(report),
+        Some(_) => Err(RunError::Infra {
+            message: report.error.clone().unwrap_or_default(),
+            report: Some(Box::new(report)),
+        }),
+    }
+}
+
+fn infra(message: String) -> RunError {
+    RunError::Infra {
+        message,
+        report: None,
+    }
+}
+
+fn tail_of(path: &Path, n: usize) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&data);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn me(e: MachineError) -> String {
+    e.to_string()
+}
+
+async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String> {
+    s.create_overlay()?;
+    let serial = s
+        .artifacts
+        .reset_serial_log()
+        .map_err(|e| format!("artifacts: {e}"))?;
+    let mut template = QemuCommand::new(
+        s.cfg.qemu_binary.clone(),
+        crate::qemu::Accel::Tcg,
+        s.overlay(),
+        s.workdir.path(),
+    );
+    template.serial_log = serial;
+    template.memory_mib = s.cfg.memory_mib;
+    template.disk_bus = s.cfg.disk_bus;
+    if s.cfg.boot == BootMode::Direct {
+        s.emit(Progress::Step(
+            "extracting kernel and initramfs from the image".into(),
+        ));
+        let files = bootfiles::extract(&s.cfg.image, &s.workdir.path().join("boot"))
+            .map_err(|e| format!("--boot direct: {e}"))?;
+        template.boot = KernelBoot::Direct {
+            kernel: files.kernel,
+            initrd: files.initrd,
+            append: files.entry.append,
+        };
+    }
+    s.template = Some(template.clone());
+
+    // Boot 1: accelerator choice and the layout checks.
+    s.boots = 1;
+    s.emit(Progress::Booting {
+        boot: 1,
+        why: "first boot",
+    });
+    let overlay_for_retry = {
+        let overlay = s.overlay();
+        let image = s.cfg.image.clone();
+        move || recreate_overlay(&image, &overlay)
+    };
+    let (m, decision) = accel::start(s.cfg.accel, &template, s.events.clone(), &overlay_for_retry)
+        .await
+        .map_err(me)?;
+    s.emit(Progress::Accel(decision.clone()));
+    s.timings.accel_probe = decision.probe_seconds;
+    s.accel = Some(decision);
+    let cmd_line = m.command().to_string();
+    let _ = s
+        .artifacts
+        .write(artifacts::QEMU_COMMAND, format!("{cmd_line}\n"));
+    s.emit(Progress::QemuCommand(cmd_line));
+    *slot = Some(m);
+    let m = slot.as_mut().expect("just set");
+    let state = m.wait_booted(s.boot_budget()).await.map_err(me)?;
+    s.timings.boot = m.started().elapsed().as_secs_f64();
+    s.emit(Progress::Booted {
+        boot: 1,
+        seconds: s.timings.boot,
+        state,
+    });
+    if let Some(k) = m.serial().snapshot().kernel_start {
+        s.timings.firmware = Some(k.saturating_duration_since(m.started()).as_secs_f64());
+    }
+    if let Ok(out) = m
+        .succeed("systemctl show -p InitRDTimestampMonotonic -p UserspaceTimestampMonotonic -p FinishTimestampMonotonic")
+        .await
+    {
+        let (kernel, userspace) = systemd_split(&out);
+        s.timings.kernel = kernel;
+        s.timings.userspace = userspace;
+    }
+
+    let t_checks = Instant::now();
+    let table = checks::mount_table(m).await.map_err(me)?;
+    if s.wanted("root") {
+        let t = Instant::now();
+        s.emit(Progress::CheckStarted("root".into()));
+        let c = checks::judge_root(&table, &s.manifest);
+        s.record(c, t);
+    }
+    if s.wanted("state-mounts") {
+        let t = Instant::now();
+        s.emit(Progress::CheckStarted("state-mounts".into()));
+        let c = checks::judge_state_mounts(&table, &s.manifest);
+        s.record(c, t);
+    }
+    if s.wanted("fstab") {
+        let t = Instant::now();
+        s.emit(Progress::CheckStarted("fstab".into()));
+        let obs = checks::observe_fstab(m).await.map_err(me)?;
+        let c = checks::judge_fstab(&obs, &table);
+        s.record(c, t);
+    }
+    if s.wanted("moved-files") {
+        let t = Instant::now();
+        s.emit(Progress::CheckStarted("moved-files".into()));
+        let obs = checks::observe_moved(m, &s.manifest).await.map_err(me)?;
+        let c = checks::judge_moved(&obs, &s.manifest);
+        s.record(c, t);
+    }
+    // The journal is exported whether or not overmount is checked: it is
+    // the first thing anyone reads after a failure.
+    let t = Instant::now();
+    let journal = checks::export_journal(m).await.map_err(me)?;
+    let _ = s.artifacts.write(&artifacts::journal(1), &journal);
+    if s.wanted("overmount") {
+        s.emit(Progress::CheckStarted("overmount".into()));
+        let (c, warnings) = checks::overmount(m, &journal).await.map_err(me)?;
+        s.warnings = warnings;
+        s.record(c, t);
+    } else {
+        s.warnings = crate::journal::mount_warnings(&journal)
+            .iter()
+            .map(|j| checks::to_warning(j, None))
+            .collect();
+    }
+    s.timings.checks = t_checks.elapsed().as_secs_f64();
+
+    if s.wanted("persistence") {
+        let t = Instant::now();
+        s.emit(Progress::CheckStarted("persistence".into()));
+        let c = persistence(s, slot).await?;
+        s.timings.persistence = t.elapsed().as_secs_f64();
+        s.record(c, t);
+    }
+    Ok(())
+}
+
+fn recreate_overlay(image: &Path, overlay: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_file(overlay);
+    let backing = std::path::absolute(image).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&backing)
+        .arg(overlay)
+        .output()
+        .map_err(|e| format!("running qemu-img: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img create: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Tokens in every state dir must survive a clean reboot and a power cut.
+async fn persistence(s: &mut Session, slot: &mut Option<Machine>) -> Result<CheckResult, String> {
+    let dirs = s.manifest.state_dirs.created.clone();
+    let mut evidence = Vec::new();
+    let mut problems = Vec::new();
+    let m = slot.as_mut().expect("machine running");
+    let before_reboot = checks::write_tokens(m, &dirs, "reboot").await.map_err(me)?;
+    s.emit(Progress::Booting {
+        boot: 2,
+        why: "clean reboot (systemctl reboot)",
+    });
+    let t = Instant::now();
+    let state = m.reboot(s.boot_budget()).await.map_err(me)?;
+    s.boots = 2;
+    s.emit(Progress::Booted {
+        boot: 2,
+        seconds: t.elapsed().as_secs_f64(),
+        state,
+    });
+    let p = checks::verify_tokens(m, &before_reboot, "reboot")
+        .await
+        .map_err(me)?;
+    evidence.push(format!(
+        "clean reboot: {} of {} tokens intact ({})",
+        dirs.len() - p.len(),
+        dirs.len(),
+        dirs.iter()
+            .map(|d| format!("/{d}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    problems.extend(p.iter().map(|p| format!("after clean reboot: {p}")));
+    if let Ok(j) = checks::export_journal(m).await {
+        let _ = s.artifacts.write(&artifacts::journal(2), j);
+    }
+
+    let before_cut = checks::write_tokens(m, &dirs, "powercut")
+        .await
+        .map_err(me)?;
+    s.emit(Progress::Step("sync, then power cut (QMP quit)".into()));
+    let m = slot.take().expect("machine running");
+    m.power_cut().await.map_err(me)?;
+    s.emit(Progress::Booting {
+        boot: 3,
+        why: "fresh start after the power cut",
+    });
+    let t = Instant::now();
+    let template = s.template.clone().expect("template set");
+    let cmd = QemuCommand {
+        accel: s.accel.as_ref().map(|a| a.used).unwrap_or(template.accel),
+        ..template
+    };
+    *slot = Some(Machine::start(cmd, s.events.clone()).await.map_err(me)?);
+    let m = slot.as_mut().expect("just set");
+    let state = m.wait_booted(s.boot_budget()).await.map_err(me)?;
+    s.boots = 3;
+    s.emit(Progress::Booted {
+        boot: 3,
+        seconds: t.elapsed().as_secs_f64(),
+        state,
+    });
+    let p1 = checks::verify_tokens(m, &before_reboot, "reboot")
+        .await
+        .map_err(me)?;
+    let p2 = checks::verify_tokens(m, &before_cut, "powercut")
+        .await
+        .map_err(me)?;
+    evidence.push(format!(
+        "power cut: {} of {} tokens written before the cut intact, {} of {} from before the reboot",
+        dirs.len() - p2.len(),
+        dirs.len(),
+        dirs.len() - p1.len(),
+        dirs.len()
+    ));
+    problems.extend(
+        p1.iter()
+            .chain(&p2)
+            .map(|p| format!("after power cut: {p}")),
+    );
+    if let Ok(j) = checks::export_journal(m).await {
+        let _ = s.artifacts.write(&artifacts::journal(3), j);
+    }
+    Ok(if problems.is_empty() {
+        CheckResult::new(
+            "persistence",
+            Status::Pass,
+            format!(
+                "tokens in {} state dirs survived a clean reboot and a power cut",
+                dirs.len()
+            ),
+            evidence,
+        )
+    } else {
+        evidence.extend(problems.iter().cloned());
+        CheckResult::new(
+            "persistence",
+            Status::Fail,
+            format!("{} token(s) lost or misplaced", problems.len()),
+            evidence,
+        )
+    })
+}
+
+/// (kernel incl. initramfs, userspace) in seconds from systemd's monotonic
+/// boot timestamps (µs since the kernel started), as systemd-analyze does.
+pub fn systemd_split(show: &str) -> (Option<f64>, Option<f64>) {
+    let get = |key: &str| -> Option<f64> {
+        show.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+    };
+    let userspace_start = get("UserspaceTimestampMonotonic");
+    let finish = get("FinishTimestampMonotonic");
+    let kernel = userspace_start.map(|u| u / 1e6);
+    let userspace = match (userspace_start, finish) {
+        (Some(u), Some(f)) => Some((f - u) / 1e6),
+        _ => None,
+    };
+    (kernel, userspace)
+}
+
+/// A blocking entry point for the CLI: builds the runtime, and turns SIGINT
+/// and SIGTERM into an orderly stop (QEMU killed, artifacts kept).
+pub fn run_blocking(
+    cfg: TestConfig,
+    mut on_progress: impl FnMut(Progress),
+) -> Result<Report, RunError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| infra(format!("tokio runtime: {e}")))?;
+    rt.block_on(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| infra(format!("SIGTERM handler: {e}")))?;
+        let fut = run(cfg, tx);
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                r = &mut fut => {
+                    while let Ok(p) = rx.try_recv() { on_progress(p); }
+                    return r;
+                }
+                Some(p) = rx.recv() => on_progress(p),
+                _ = tokio::signal::ctrl_c() => return Err(infra("interrupted (SIGINT); QEMU killed".into())),
+                _ = sigterm.recv() => return Err(infra("terminated (SIGTERM); QEMU killed".into())),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_timestamps_split() {
+        let show = "InitRDTimestampMonotonic=1900000\nUserspaceTimestampMonotonic=7700000\nFinishTimestampMonotonic=21300000\n";
+        assert_eq!(systemd_split(show), (Some(7.7), Some(13.6)));
+        assert_eq!(systemd_split("FinishTimestampMonotonic=0\n"), (None, None));
+    }
+
+    #[test]
+    fn bad_inputs_are_exit_2() {
+        let err = prepare(&TestConfig::new("/nonexistent/x.img".into())).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("x.img");
+        std::fs::write(&img, b"").unwrap();
+        std::fs::write(dir.path().join("x.img.manifest.json"), b"{not json").unwrap();
+        let err = prepare(&TestConfig::new(img)).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("not a strata build manifest"),
+            "{err}"
+        );
+    }
+}
