@@ -393,6 +393,11 @@ impl<'a> Builder<'a> {
             Ok(())
         })?;
 
+        self.step(Step::HashMoved, |_| {
+            migrate::hash_moved(&mut moved, &top.join("state"))
+                .context(Step::HashMoved, || "hashing moved files".into())
+        })?;
+
         self.step(Step::CheckMountpoints, |_| {
             check_mountpoints(&orig_root, &prep.plan, opts.migration)
         })?;

@@ -10,6 +10,7 @@ pub mod cmd;
 pub mod copy;
 pub mod error;
 pub mod etcfile;
+pub mod extents;
 pub mod extlinux;
 pub mod fstab;
 pub mod interrupt;
