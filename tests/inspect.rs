@@ -1,0 +1,406 @@
+//! `strata inspect` and `strata inspect --lint` on real Btrfs images made
+//! here with mkfs.btrfs, losetup and `btrfs subvolume` (not with the
+//! builder), plus the prototype image when it is around. Needs root.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn strata(args: &[&str], image: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .arg(image)
+        .output()
+        .unwrap()
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn is_root() -> bool {
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    if !root {
+        eprintln!("skipped: needs root (loop devices, mounts)");
+    }
+    root
+}
+
+/// A read-write mount of a test image, undone on drop (also on panic).
+struct Mounted {
+    dir: tempfile::TempDir,
+    device: String,
+}
+
+impl Mounted {
+    fn new(image: &Path) -> Mounted {
+        let device = sh("losetup", &["--find", "--show", image.to_str().unwrap()]);
+        let dir = tempfile::tempdir().unwrap();
+        sh("mount", &[&device, dir.path().to_str().unwrap()]);
+        Mounted { dir, device }
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+fn subvolume(m: &Mounted, rel: &str) {
+    sh(
+        "btrfs",
+        &["-q", "subvolume", "create", m.path(rel).to_str().unwrap()],
+    );
+}
+
+/// The contract layout in miniature: one version, state home and srv,
+/// fstab with strata's lines, run a snapshot of orig, a boot menu.
+fn make_image(dir: &Path, leave: &[&str]) -> PathBuf {
+    let img = dir.join("test.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    sh(
+        "mkfs.btrfs",
+        &["-q", "-L", "strata-test", img.to_str().unwrap()],
+    );
+    let m = Mounted::new(&img);
+    std::fs::create_dir_all(m.path("systems/factory")).unwrap();
+    std::fs::create_dir_all(m.path("state")).unwrap();
+    subvolume(&m, "systems/factory/orig");
+    for d in ["home", "srv"] {
+        subvolume(&m, &format!("state/{d}"));
+    }
+    let orig = m.path("systems/factory/orig");
+    for d in ["etc", "home", "srv", "usr/bin"] {
+        std::fs::create_dir_all(orig.join(d)).unwrap();
+    }
+    std::fs::write(orig.join("usr/bin/tool"), "not state").unwrap();
+    std::fs::write(
+        orig.join("etc/fstab"),
+        "# /etc/fstab: static file system information.\n\
+         # Added by strata\n\
+         /dev/vda /home btrfs subvol=/state/home,defaults,rw,noatime 0 2\n\
+         /dev/vda /srv btrfs subvol=state/srv,defaults,rw,noatime 0 2\n\
+         /dev/vda / btrfs defaults,rw,noatime 0 1\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(m.path("state/home/alice")).unwrap();
+    std::fs::write(m.path("state/home/alice/notes.txt"), "moved\n").unwrap();
+    sh(
+        "btrfs",
+        &[
+            "-q",
+            "subvolume",
+            "snapshot",
+            orig.to_str().unwrap(),
+            m.path("systems/factory/run").to_str().unwrap(),
+        ],
+    );
+    std::os::unix::fs::symlink("factory", m.path("systems/default")).unwrap();
+    std::fs::write(m.path("systems/factory/kernel"), "kernel").unwrap();
+    std::fs::create_dir_all(m.path("extlinux")).unwrap();
+    std::fs::write(
+        m.path("extlinux/extlinux.conf"),
+        "default factory\ntimeout 10\nlabel factory\n  kernel /systems/factory/kernel\n  append root=/dev/vda rootflags=subvol=systems/factory/run rw\n",
+    )
+    .unwrap();
+    for rel in leave {
+        let p = m.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, "left under a mountpoint\n").unwrap();
+    }
+    drop(m);
+    img
+}
+
+fn no_loop_left(img: &Path) {
+    let left = sh("losetup", &["-j", img.to_str().unwrap()]);
+    assert!(left.is_empty(), "loop device left behind: {left}");
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+#[test]
+fn clean_image_lints_clean_and_shows_its_layout() {
+    if !is_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = make_image(d.path(), &[]);
+
+    let o = strata(&["inspect", "--lint"], &img);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("Clean"), "{text}");
+    assert!(
+        text.contains("checked 4 mountpoints in factory/orig, factory/run"),
+        "{text}"
+    );
+
+    let o = strata(&["inspect"], &img);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for want in [
+        "label \"strata-test\"",
+        "default -> factory",
+        "factory  (default)",
+        "snapshot of orig",
+        "systems/factory/orig/etc/fstab",
+        "  3 + /dev/vda /home btrfs",
+        "  2   # Added by strata",
+        "state/home",
+        "kernel /systems/factory/kernel",
+        "Problems\n  - systems/factory/initramfs",
+    ] {
+        // initramfs is optional in the contract: not a problem.
+        if want.starts_with("Problems") {
+            assert!(!text.contains(want), "{text}");
+            continue;
+        }
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+
+    let v = json(&strata(&["inspect", "--json"], &img));
+    assert_eq!(v["default"]["version"], "factory");
+    assert_eq!(v["versions"][0]["run_is_snapshot_of_orig"], true);
+    let subvols: Vec<&str> = v["subvolumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        subvols,
+        [
+            "systems/factory/orig",
+            "state/home",
+            "state/srv",
+            "systems/factory/run"
+        ]
+    );
+    let run = &v["subvolumes"][3];
+    assert_eq!(run["parent_uuid"], v["subvolumes"][0]["uuid"]);
+    assert_eq!(v["problems"], serde_json::json!([]));
+    let added: Vec<bool> = v["versions"][0]["fstab"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["added"].as_bool().unwrap())
+        .collect();
+    assert_eq!(added, [false, false, true, true, true]);
+    no_loop_left(&img);
+}
+
+#[test]
+fn lint_names_the_mountpoint_and_the_hidden_file() {
+    if !is_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = make_image(
+        d.path(),
+        &[
+            "systems/factory/run/srv/stale.html",
+            "systems/factory/orig/home/bob/.profile",
+        ],
+    );
+    let o = strata(&["inspect", "--lint"], &img);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("factory/run: /srv is not empty"), "{text}");
+    assert!(text.contains("/srv/stale.html"), "{text}");
+    assert!(text.contains("factory/orig: /home is not empty"), "{text}");
+    assert!(text.contains("/home/bob/.profile"), "{text}");
+    assert!(
+        text.contains("Found 3 entries hidden under 2 mountpoints"),
+        "{text}"
+    );
+
+    let o = strata(&["inspect", "--lint", "--json"], &img);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json(&o);
+    assert_eq!(v["clean"], false);
+    let bad: Vec<(String, String, Vec<String>)> = v["mountpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["status"] == "not-empty")
+        .map(|m| {
+            (
+                format!(
+                    "{}/{}",
+                    m["version"].as_str().unwrap(),
+                    m["tree"].as_str().unwrap()
+                ),
+                m["mountpoint"].as_str().unwrap().to_owned(),
+                m["files"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "{} {} {}",
+                            f["path"].as_str().unwrap(),
+                            f["type"],
+                            f["size"]
+                        )
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        bad,
+        [
+            (
+                "factory/orig".to_owned(),
+                "/home".to_owned(),
+                vec![
+                    "/home/bob \"dir\" 0".to_owned(),
+                    "/home/bob/.profile \"file\" 24".to_owned()
+                ]
+            ),
+            (
+                "factory/run".to_owned(),
+                "/srv".to_owned(),
+                vec!["/srv/stale.html \"file\" 24".to_owned()]
+            ),
+        ]
+    );
+    no_loop_left(&img);
+}
+
+#[test]
+fn bad_input_exits_2() {
+    if !is_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("missing.img");
+    let o = strata(&["inspect", "--lint"], &missing);
+    assert_eq!(o.status.code(), Some(2));
+
+    let zeros = d.path().join("zeros.img");
+    std::fs::File::create(&zeros)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    for args in [&["inspect"][..], &["inspect", "--lint"]] {
+        let o = strata(args, &zeros);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not a Btrfs filesystem"));
+    }
+
+    // Btrfs, but not a system layout.
+    let plain = d.path().join("plain.img");
+    std::fs::File::create(&plain)
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    sh("mkfs.btrfs", &["-q", plain.to_str().unwrap()]);
+    let o = strata(&["inspect", "--lint"], &plain);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a strata system layout"));
+    let o = strata(&["inspect"], &plain);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no systems/ directory"));
+    no_loop_left(&plain);
+}
+
+/// The prototype image from the contract work (/var/tmp/strata-dev, or
+/// STRATA_PROTO_IMG): clean as built; a copy with a file dropped into
+/// run/srv is caught. Skipped when the image is not on this machine.
+#[test]
+fn prototype_image_clean_and_broken_copy() {
+    if !is_root() {
+        return;
+    }
+    let proto = std::env::var_os("STRATA_PROTO_IMG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/strata-dev/proto.img"));
+    if !proto.is_file() {
+        eprintln!("skipped: {} not found", proto.display());
+        return;
+    }
+    // Read-only all the way down: the image itself is safe to inspect.
+    let before = std::fs::metadata(&proto).unwrap().modified().unwrap();
+    let o = strata(&["inspect", "--lint"], &proto);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(
+        std::fs::metadata(&proto).unwrap().modified().unwrap(),
+        before
+    );
+    no_loop_left(&proto);
+
+    let d = tempfile::Builder::new()
+        .prefix("strata-inspect-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let copy = d.path().join("broken.img");
+    sh(
+        "cp",
+        &[
+            "--sparse=always",
+            proto.to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ],
+    );
+    {
+        let m = Mounted::new(&copy);
+        std::fs::write(m.path("systems/factory/run/srv/dropped.txt"), "oops\n").unwrap();
+    }
+    let o = strata(&["inspect", "--lint"], &copy);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("factory/run: /srv is not empty"), "{text}");
+    assert!(text.contains("/srv/dropped.txt"), "{text}");
+    no_loop_left(&copy);
+}
