@@ -135,7 +135,7 @@ fn fixture(recipe: &Recipe, args: &FixtureArgs) -> Result<PathBuf> {
         ));
         std::fs::rename(&entry, &old)
             .with_context(|| format!("moving {} aside", entry.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        remove_tree(&old)?;
     }
     if rootfs.is_dir() {
         eprintln!(
@@ -204,11 +204,40 @@ fn remove_stale_builds(fixtures: &Path) {
         let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
         if !alive {
             tracing::info!("removing an interrupted build: {}", e.path().display());
-            if let Err(err) = std::fs::remove_dir_all(e.path()) {
-                tracing::warn!("removing {}: {err}", e.path().display());
+            if let Err(err) = remove_tree(&e.path()) {
+                eprintln!("strata: warning: {err:#}");
             }
         }
     }
+}
+
+/// Mount points at or under `dir`, from /proc/self/mountinfo. mmdebstrap
+/// bind-mounts /dev, /proc and /sys into the chroot; a build killed hard may
+/// leave them, and deleting through them would delete the host's files.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let Ok(canon) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let prefix = canon.to_string_lossy().into_owned();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(strata_builder::fstab::unescape)
+        .filter(|m| *m == prefix || m.starts_with(&format!("{prefix}/")))
+        .collect()
+}
+
+/// `remove_dir_all`, refusing when anything is mounted inside.
+fn remove_tree(dir: &Path) -> Result<()> {
+    let mounted = mounts_under(dir);
+    if !mounted.is_empty() {
+        bail!(
+            "not removing {}: still mounted inside it: {} (unmount them first)",
+            dir.display(),
+            mounted.join(", ")
+        );
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
 fn shell_quote(s: &str) -> String {
@@ -224,22 +253,21 @@ fn build(recipe: &Recipe, key: &str, fixtures: &Path, entry: &Path) -> Result<()
         std::process::id()
     ));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+        remove_tree(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
     let result = build_in(recipe, key, &tmp, started).and_then(|()| {
         match std::fs::rename(&tmp, entry) {
             Ok(()) => Ok(()),
             // Another run finished the same recipe first: use theirs.
-            Err(_) if entry.join("rootfs").is_dir() => {
-                std::fs::remove_dir_all(&tmp)?;
-                Ok(())
-            }
+            Err(_) if entry.join("rootfs").is_dir() => remove_tree(&tmp),
             Err(e) => Err(e).with_context(|| format!("renaming the build to {}", entry.display())),
         }
     });
     if result.is_err() && tmp.exists() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        if let Err(e) = remove_tree(&tmp) {
+            eprintln!("strata: warning: {e:#}");
+        }
     }
     result?;
     eprintln!(
@@ -281,6 +309,11 @@ fn build_in(recipe: &Recipe, key: &str, tmp: &Path, started: Instant) -> Result<
             anyhow::Error::new(e).context("starting mmdebstrap")
         }
     })?;
+    // Ctrl-C reaches mmdebstrap too (same process group): let it clean up
+    // its chroot mounts and exit, then fail and remove the partial build,
+    // rather than dying first and leaving both behind.
+    // SAFETY: installing SIG_IGN has no preconditions; restored below.
+    let previous = unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
 
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let mut readers = Vec::new();
@@ -346,7 +379,10 @@ fn build_in(recipe: &Recipe, key: &str, tmp: &Path, started: Instant) -> Result<
     for r in readers {
         let _ = r.join();
     }
-    let status = child.wait().context("waiting for mmdebstrap")?;
+    let status = child.wait();
+    // SAFETY: restores the disposition saved above.
+    unsafe { libc::signal(libc::SIGINT, previous) };
+    let status = status.context("waiting for mmdebstrap")?;
     bar.finish_and_clear();
     if !status.success() {
         bail!(
@@ -397,7 +433,7 @@ fn copy_out(rootfs: &Path, out: &Path) -> Result<()> {
         .into_owned();
     let tmp = parent.join(format!(".{name}.strata-tmp-{}", std::process::id()));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+        remove_tree(&tmp)?;
     }
     let out_cp = Command::new("cp")
         .args(["-a", "--reflink=auto", "--"])
@@ -407,7 +443,7 @@ fn copy_out(rootfs: &Path, out: &Path) -> Result<()> {
         .output()
         .context("running cp")?;
     if !out_cp.status.success() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = remove_tree(&tmp);
         bail!(
             "copying {} to {} failed: {}",
             rootfs.display(),
@@ -421,7 +457,7 @@ fn copy_out(rootfs: &Path, out: &Path) -> Result<()> {
             .with_context(|| format!("moving the old {} aside", out.display()))?;
         std::fs::rename(&tmp, &out_abs)
             .with_context(|| format!("renaming the copy to {}", out.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        remove_tree(&old)?;
     } else {
         std::fs::rename(&tmp, &out_abs)
             .with_context(|| format!("renaming the copy to {}", out.display()))?;
@@ -436,6 +472,16 @@ mod tests {
     #[test]
     fn quotes_hook_paths() {
         assert_eq!(shell_quote("/a b/c'd"), r"'/a b/c'\''d'");
+    }
+
+    #[test]
+    fn finds_mounts_under_a_directory() {
+        assert!(mounts_under(Path::new("/proc")).contains(&"/proc".to_owned()));
+        let d = tempfile::tempdir().unwrap();
+        assert!(mounts_under(d.path()).is_empty());
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        remove_tree(&d.path().join("a")).unwrap();
+        assert!(!d.path().join("a").exists());
     }
 
     #[test]
