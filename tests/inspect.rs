@@ -404,3 +404,81 @@ fn prototype_image_clean_and_broken_copy() {
     assert!(text.contains("/srv/dropped.txt"), "{text}");
     no_loop_left(&copy);
 }
+
+/// `strata build --state-migration copy` of the Debian fixture leaves the
+/// data under all five mountpoints; the default build leaves none. Needs
+/// mmdebstrap for the fixture (cached: shared with ci/demo and ci/test).
+#[test]
+fn builder_copy_migration_is_caught_for_all_five_state_dirs() {
+    if !is_root()
+        || Command::new("mmdebstrap")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        return;
+    }
+    let fx = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["fixture", "debian"])
+        .output()
+        .unwrap();
+    assert!(
+        fx.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fx.stderr)
+    );
+    let rootfs = String::from_utf8_lossy(&fx.stdout).trim().to_owned();
+    let d = tempfile::Builder::new()
+        .prefix("strata-inspect-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    for (migration, want) in [("move", 0), ("copy", 1)] {
+        let img = d.path().join(format!("{migration}.img"));
+        let b = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args([
+                "build",
+                "--size",
+                "3G",
+                "--state-migration",
+                migration,
+                "--rootfs",
+            ])
+            .arg(&rootfs)
+            .arg("--output")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+        let o = strata(&["inspect", "--lint", "--json"], &img);
+        assert_eq!(o.status.code(), Some(want), "{migration}");
+        let v = json(&o);
+        let mut bad: Vec<String> = v["mountpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["status"] == "not-empty" && m["tree"] == "run")
+            .map(|m| m["mountpoint"].as_str().unwrap().to_owned())
+            .collect();
+        bad.sort();
+        if migration == "move" {
+            assert!(bad.is_empty(), "{bad:?}");
+            continue;
+        }
+        assert_eq!(bad, ["/home", "/opt", "/root", "/srv", "/var"]);
+        let root = v["mountpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["tree"] == "run" && m["mountpoint"] == "/root")
+            .unwrap();
+        assert!(
+            root["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["path"] == "/root/.ssh/authorized_keys"),
+            "{root}"
+        );
+        no_loop_left(&img);
+    }
+}

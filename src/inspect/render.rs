@@ -304,7 +304,8 @@ pub fn lint(l: &Lint, all: bool) -> String {
          systemd logs \"Directory … to mount over is not empty, mounting \
          anyway.\" for each. Fix: move them into the state subvolume (or \
          delete them) so the directory is empty, or rebuild the image with \
-         `strata build`, which moves state data instead of copying it."
+         `strata build`: its default `--state-migration move` leaves every \
+         mountpoint empty."
     );
     o
 }
