@@ -329,6 +329,28 @@ fn bad_input_exits_2() {
         assert!(String::from_utf8_lossy(&o.stderr).contains("not a Btrfs filesystem"));
     }
 
+    // Not root: refused with a clear message (after the superblock check).
+    let img = make_image(d.path(), &[]);
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_strata"))
+        .args(["inspect", "--lint"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("must run as root"));
+
     // Btrfs, but not a system layout.
     let plain = d.path().join("plain.img");
     std::fs::File::create(&plain)

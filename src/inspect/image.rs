@@ -114,6 +114,14 @@ impl Drop for Opened {
 
 pub fn open(image: &Path) -> Result<Opened, OpenError> {
     let filesystem = read_superblock(image)?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(OpenError::BadInput(format!(
+            "strata inspect must run as root (uid {euid}): it attaches a read-only \
+             loop device and mounts the image read-only"
+        )));
+    }
     let infra = |e: anyhow::Error| OpenError::Infra(e);
     let is_block = std::fs::metadata(image)
         .map(|m| m.file_type().is_block_device())
