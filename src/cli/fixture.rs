@@ -346,13 +346,13 @@ fn build_in(recipe: &Recipe, key: &str, tmp: &Path, started: Instant) -> Result<
 
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
-        let b = ProgressBar::new_spinner();
-        b.set_style(
-            ProgressStyle::with_template("{spinner} fixture {prefix}: {msg} [{elapsed}]")
-                .expect("valid template"),
-        );
-        b.set_prefix(recipe.name.to_owned());
-        b.set_message("starting mmdebstrap");
+        let b = ProgressBar::new_spinner()
+            .with_style(
+                ProgressStyle::with_template("{spinner} fixture {prefix}: {msg} [{elapsed}]")
+                    .expect("valid template"),
+            )
+            .with_prefix(recipe.name)
+            .with_message("starting mmdebstrap");
         b.enable_steady_tick(Duration::from_millis(120));
         b
     } else {
