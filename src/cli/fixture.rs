@@ -125,6 +125,12 @@ fn fixture(recipe: &Recipe, args: &FixtureArgs) -> Result<PathBuf> {
 
     std::fs::create_dir_all(&fixtures)
         .with_context(|| format!("creating the cache directory {}", fixtures.display()))?;
+    // One build per recipe at a time (parallel tests, CI jobs): the others
+    // wait here and then find the entry. Released when `_lock` drops.
+    let _lock = lock(
+        &fixtures.join(format!(".lock-{}-{short}", recipe.name)),
+        recipe.name,
+    )?;
     remove_stale_builds(&fixtures);
 
     if args.rebuild && entry.exists() {
@@ -160,6 +166,29 @@ fn fixture(recipe: &Recipe, args: &FixtureArgs) -> Result<PathBuf> {
         started.elapsed().as_secs_f64()
     );
     Ok(out.clone())
+}
+
+/// An exclusive `flock` on `path`, waiting (and saying so) while another
+/// strata holds it. The lock goes with the returned file.
+fn lock(path: &Path, name: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(f);
+    }
+    eprintln!("strata: fixture {name}: waiting for another strata building it");
+    // SAFETY: as above; blocks until the holder exits or unlocks.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(f)
 }
 
 /// `out` may be missing, an empty directory, or an earlier fixture output.
