@@ -6,11 +6,8 @@
 //! (missing image, not Btrfs, not a strata layout for --lint), 3 the tools
 //! failed (losetup, mount, btrfs).
 
-// The engine lives in src/inspect/ (declared here, not in main.rs).
-#[path = "../inspect/mod.rs"]
-pub mod engine;
 
-use engine::{image, render, scan};
+use crate::inspect::{image, render, scan};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

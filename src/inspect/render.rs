@@ -315,7 +315,7 @@ mod tests {
     use super::*;
 
     fn fstab(path: &str, text: &str) -> Fstab {
-        crate::cli::inspect::engine::scan::read_fstab(path, text.as_bytes())
+        crate::inspect::scan::read_fstab(path, text.as_bytes())
     }
 
     fn sample_layout() -> Layout {
