@@ -6,7 +6,6 @@
 //! (missing image, not Btrfs, not a strata layout for --lint), 3 the tools
 //! failed (losetup, mount, btrfs).
 
-
 use crate::inspect::{image, render, scan};
 use std::path::PathBuf;
 
