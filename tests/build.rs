@@ -109,9 +109,12 @@ impl Fixture {
         self.dir.path().join("out.img")
     }
     fn build(&self, extra: &[&str]) -> Output {
+        self.build_from(&self.rootfs(), extra)
+    }
+    fn build_from(&self, rootfs: &Path, extra: &[&str]) -> Output {
         strata()
             .args(["build", "--rootfs"])
-            .arg(self.rootfs())
+            .arg(rootfs)
             .arg("--output")
             .arg(self.image())
             .args(if extra.contains(&"--fs-uuid") {
@@ -152,6 +155,22 @@ impl Fixture {
         }
         found
     }
+    /// A refused build: exit 2, one error line naming every `want`, no
+    /// file, loop device or mount left behind.
+    fn assert_refused(&self, out: &Output, want: &[&str]) {
+        let e = stderr(out);
+        assert_eq!(out.status.code(), Some(2), "{e}");
+        // Progress lines may come first; the error is the one last line.
+        let last = e.trim().lines().last().unwrap_or_default();
+        assert!(last.starts_with("strata: error: "), "{e}");
+        assert_eq!(e.matches("strata: error").count(), 1, "{e}");
+        for w in want {
+            assert!(last.contains(w), "expected {w:?} in {e}");
+        }
+        assert_eq!(self.outputs(), Vec::<String>::new(), "files left: {e}");
+        self.assert_nothing_left();
+    }
+
     fn assert_nothing_left(&self) {
         assert_eq!(
             self.leftovers(),
@@ -453,14 +472,7 @@ fn data_under_another_mountpoint_is_refused() {
     let fx = Fixture::new();
     fs::write(fx.rootfs().join("tmp/leftover"), b"x").unwrap();
     let out = fx.build(&["--size", "300M"]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    let e = stderr(&out);
-    assert!(
-        e.contains("/tmp is a mount point") && e.contains("/tmp/leftover"),
-        "{e}"
-    );
-    assert_eq!(fx.outputs(), Vec::<String>::new());
-    fx.assert_nothing_left();
+    fx.assert_refused(&out, &["/tmp is a mount point", "/tmp/leftover"]);
 }
 
 /// Each bad input: exit 2, one line naming the input, nothing created.
@@ -489,63 +501,27 @@ fn bad_inputs_fail_cleanly() {
         ),
     ];
     for (args, want) in cases {
-        let out = fx.build(&args);
-        let e = stderr(&out);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
-        assert!(e.contains(want), "{args:?}: expected {want:?} in {e}");
-        assert_eq!(e.trim().lines().count(), 1, "{args:?}: not one line: {e}");
-        assert_eq!(fx.outputs(), Vec::<String>::new(), "{args:?} left files");
+        fx.assert_refused(&fx.build(&args), &[want]);
     }
-    let out = strata()
-        .args(["build", "--rootfs", "/nonexistent/rootfs", "--output"])
-        .arg(fx.image())
-        .args(["--size", "300M"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("rootfs /nonexistent/rootfs"),
-        "{}",
-        stderr(&out)
-    );
+    let out = fx.build_from(Path::new("/nonexistent/rootfs"), &["--size", "300M"]);
+    fx.assert_refused(&out, &["rootfs /nonexistent/rootfs"]);
 
-    let empty = fx.dir.path().join("rootfs-noetc");
-    fs::create_dir(&empty).unwrap();
-    let out = strata()
-        .args(["build", "--rootfs"])
-        .arg(&empty)
-        .arg("--output")
-        .arg(fx.image())
-        .args(["--size", "300M"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("has no etc/ directory"),
-        "{}",
-        stderr(&out)
-    );
-    fs::remove_dir(&empty).unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let out = fx.build_from(empty.path(), &["--size", "300M"]);
+    fx.assert_refused(&out, &["has no etc/ directory"]);
 
     for k in ["boot/vmlinuz-1.2.3", "boot/vmlinuz-1.10.0"] {
         fs::remove_file(fx.rootfs().join(k)).unwrap();
     }
-    let out = fx.build(&["--size", "300M"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("no kernel found in rootfs"),
-        "{}",
-        stderr(&out)
+    fx.assert_refused(
+        &fx.build(&["--size", "300M"]),
+        &["no kernel found in rootfs"],
     );
-    assert_eq!(fx.outputs(), Vec::<String>::new());
-    fx.assert_nothing_left();
 }
 
 #[test]
 fn env_fallbacks_work_like_morph() {
     let fx = Fixture::new();
-    let out = fx.build(&[]);
-    assert_eq!(out.status.code(), Some(2));
     let out = strata()
         .env("DISK_SIZE", "300M")
         .env("VERSION_LABEL", "v2")
@@ -592,14 +568,7 @@ fn no_space_mid_copy_fails_cleanly() {
         fx.rootfs().join("usr/bin/big").display()
     ));
     let out = fx.build(&["--size", "160M"]);
-    let e = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{e}");
-    assert!(
-        e.contains("no space left while copying") && e.contains("160.0 MiB"),
-        "{e}"
-    );
-    assert_eq!(fx.outputs(), Vec::<String>::new());
-    fx.assert_nothing_left();
+    fx.assert_refused(&out, &["no space left while copying", "160.0 MiB"]);
 }
 
 #[test]
@@ -678,22 +647,13 @@ fn symlinks_in_the_rootfs_never_reach_the_host() {
     let fx = Fixture::new();
     fs::remove_file(fx.rootfs().join("etc/fstab")).unwrap();
     symlink("/etc/fstab", fx.rootfs().join("etc/fstab")).unwrap();
-    let out = fx.build(&["--size", "300M"]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("etc/fstab"), "{}", stderr(&out));
-    assert_eq!(fx.outputs(), Vec::<String>::new());
+    fx.assert_refused(&fx.build(&["--size", "300M"]), &["etc/fstab"]);
 
     // root -> / would make the move empty the host's root directory.
     fs::remove_file(fx.rootfs().join("etc/fstab")).unwrap();
     fs::remove_dir_all(fx.rootfs().join("root")).unwrap();
     symlink("/", fx.rootfs().join("root")).unwrap();
-    let out = fx.build(&["--size", "300M"]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("/root is a symlink"),
-        "{}",
-        stderr(&out)
-    );
+    fx.assert_refused(&fx.build(&["--size", "300M"]), &["/root is a symlink"]);
     fs::remove_file(fx.rootfs().join("root")).unwrap();
     fs::create_dir(fx.rootfs().join("root")).unwrap();
 

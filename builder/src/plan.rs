@@ -97,35 +97,29 @@ pub enum PlanError {
     NeedsInitramfs(String),
 }
 
-pub fn validate_label(label: &str) -> Result<(), PlanError> {
-    let ok = !label.is_empty()
-        && label != "."
-        && label != ".."
-        && label.len() <= 64
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(PlanError::Label(label.to_owned()))
-    }
+/// A name that is safe as one path component, a boot menu label and an
+/// fstab field: letters, digits, '.', '_' or '-', and not "." or "..".
+fn is_simple_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+pub fn validate_label(label: &str) -> Result<(), PlanError> {
+    is_simple_name(label)
+        .then_some(())
+        .ok_or_else(|| PlanError::Label(label.to_owned()))
+}
+
+/// One component: `state/<name>` is a subvolume directly under state/ and
+/// `/<name>` a mount point directly under /.
 pub fn validate_state_dir(name: &str) -> Result<(), PlanError> {
-    // One path component: state/<name> is a subvolume directly under
-    // state/, and /<name> a mount point directly under /.
-    let ok = !name.is_empty()
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(PlanError::StateDir(name.to_owned()))
-    }
+    is_simple_name(name)
+        .then_some(())
+        .ok_or_else(|| PlanError::StateDir(name.to_owned()))
 }
 
 /// Kernels resolve only device paths and PARTUUID=/PARTLABEL= themselves;
