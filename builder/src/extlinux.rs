@@ -39,3 +39,119 @@ pub fn render(default_label: &str, entries: &[BootEntry]) -> String {
     }
     s
 }
+
+/// An extlinux.conf read back, from any image (not only strata's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    pub default: Option<String>,
+    pub timeout: Option<String>,
+    pub entries: Vec<ConfigEntry>,
+}
+
+/// One `label` stanza.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigEntry {
+    pub label: String,
+    pub kernel: Option<String>,
+    /// From an `initrd` line, or syslinux's `initrd=` inside `append`.
+    pub initrd: Option<String>,
+    /// The `append` line as written.
+    pub append: Option<String>,
+}
+
+impl ConfigEntry {
+    /// The kernel command line: `append` without syslinux's own `initrd=`.
+    pub fn cmdline(&self) -> String {
+        self.append
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter(|w| !w.starts_with("initrd="))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl Config {
+    /// The entry syslinux boots: the one named by `default`, else the first.
+    pub fn default_entry(&self) -> Option<&ConfigEntry> {
+        self.default
+            .as_deref()
+            .and_then(|d| self.entries.iter().find(|e| e.label == d))
+            .or_else(|| self.entries.first())
+    }
+}
+
+/// Parses the subset of syslinux's config language a boot menu like ours
+/// uses: global `default`/`timeout`, `label` stanzas with `kernel`/`linux`,
+/// `initrd` and `append`. Keywords are case-insensitive, as in syslinux.
+pub fn parse(text: &str) -> Config {
+    let mut config = Config::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = match line.split_once([' ', '\t']) {
+            Some((k, v)) => (k.to_ascii_lowercase(), v.trim().to_owned()),
+            None => (line.to_ascii_lowercase(), String::new()),
+        };
+        match (key.as_str(), config.entries.last_mut()) {
+            ("default", _) => config.default = Some(value),
+            ("timeout", _) => config.timeout = Some(value),
+            ("label", _) => config.entries.push(ConfigEntry {
+                label: value,
+                kernel: None,
+                initrd: None,
+                append: None,
+            }),
+            ("kernel" | "linux", Some(e)) => e.kernel = Some(value),
+            ("initrd", Some(e)) => e.initrd = Some(value),
+            ("append", Some(e)) => {
+                if e.initrd.is_none() {
+                    e.initrd = value
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("initrd="))
+                        .map(str::to_owned);
+                }
+                e.append = Some(value);
+            }
+            _ => {}
+        }
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_we_render_parses_back() {
+        let entry = BootEntry {
+            label: "factory".into(),
+            root_device: "UUID=x".into(),
+            has_initramfs: true,
+            kernel_args: "quiet".into(),
+        };
+        let c = parse(&render("factory", std::slice::from_ref(&entry)));
+        assert_eq!(c.timeout.as_deref(), Some("10"));
+        let d = c.default_entry().unwrap();
+        assert_eq!(d.kernel.as_deref(), Some("/systems/factory/kernel"));
+        assert_eq!(d.initrd.as_deref(), Some("/systems/factory/initramfs"));
+        assert_eq!(d.cmdline(), entry.append());
+    }
+
+    #[test]
+    fn syslinux_spellings() {
+        let c = parse(
+            "DEFAULT b\nLABEL a\n  LINUX /a\nlabel b\n\tkernel /b\n\tappend initrd=/b.img root=/dev/vda rw\n",
+        );
+        let d = c.default_entry().unwrap();
+        assert_eq!(d.label, "b");
+        assert_eq!(d.initrd.as_deref(), Some("/b.img"));
+        assert_eq!(d.cmdline(), "root=/dev/vda rw");
+        assert_eq!(c.entries[0].kernel.as_deref(), Some("/a"));
+        assert_eq!(parse("label x\n").default_entry().unwrap().label, "x");
+    }
+}

@@ -97,41 +97,6 @@ pub fn read_fstab(path_in_image: &str, bytes: &[u8]) -> Fstab {
     }
 }
 
-/// Parses extlinux.conf: global `default`/`timeout`, and `label` blocks
-/// with `kernel`/`linux`, `initrd`, `append`. Keywords are case-insensitive.
-pub fn parse_extlinux(text: &str) -> (Option<String>, Option<String>, Vec<BootEntry>) {
-    let mut default = None;
-    let mut timeout = None;
-    let mut entries: Vec<BootEntry> = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (key, value) = match line.split_once([' ', '\t']) {
-            Some((k, v)) => (k.to_ascii_lowercase(), v.trim().to_owned()),
-            None => (line.to_ascii_lowercase(), String::new()),
-        };
-        match (key.as_str(), entries.last_mut()) {
-            ("default", _) => default = Some(value),
-            ("timeout", _) => timeout = Some(value),
-            ("label", _) => entries.push(BootEntry {
-                label: value,
-                kernel: None,
-                initrd: None,
-                append: None,
-                kernel_present: false,
-                initrd_present: None,
-            }),
-            ("kernel" | "linux", Some(e)) => e.kernel = Some(value),
-            ("initrd", Some(e)) => e.initrd = Some(value),
-            ("append", Some(e)) => e.append = Some(value),
-            _ => {}
-        }
-    }
-    (default, timeout, entries)
-}
-
 /// The subvolume path an fstab entry mounts from this filesystem
 /// (`subvol=/state/srv` → `state/srv`; `subvolid=260` → its path), if any.
 fn mounted_subvolume(m: &FstabMount, subvols: &[Subvolume]) -> Option<String> {
@@ -252,7 +217,20 @@ const BOOT_CONFIGS: &[&str] = &[
 fn read_boot(top: &Path) -> Option<Boot> {
     let path = BOOT_CONFIGS.iter().find(|p| top.join(p).is_file())?;
     let text = std::fs::read_to_string(top.join(path)).ok()?;
-    let (default, timeout, mut entries) = parse_extlinux(&text);
+    let config = strata_builder::extlinux::parse(&text);
+    let mut entries: Vec<BootEntry> = config
+        .entries
+        .into_iter()
+        .map(|e| BootEntry {
+            label: e.label,
+            kernel: e.kernel,
+            initrd: e.initrd,
+            append: e.append,
+            kernel_present: false,
+            initrd_present: None,
+        })
+        .collect();
+    let (default, timeout) = (config.default, config.timeout);
     let config_dir = Path::new(path).parent().unwrap_or(Path::new(""));
     let resolve = |p: &str| -> PathBuf {
         match p.strip_prefix('/') {
@@ -661,19 +639,6 @@ ID 262 gen 9 parent 5 top level 5 parent_uuid f0aaf0cf-5cde-8c48-b38b-4ce6f75294
         assert!(f.lines[3].added);
         assert_eq!(f.lines[3].mount.as_ref().unwrap().target, "/srv");
         assert_eq!(f.lines.len(), 4);
-    }
-
-    #[test]
-    fn extlinux_entries() {
-        let (d, t, e) = parse_extlinux(
-            "serial 0 115200\nDEFAULT factory\ntimeout 10\nlabel factory\n  kernel /systems/factory/kernel\n  initrd /systems/factory/initramfs\n  append root=/dev/vda rw\nlabel next\n  LINUX /systems/next/kernel\n",
-        );
-        assert_eq!(d.as_deref(), Some("factory"));
-        assert_eq!(t.as_deref(), Some("10"));
-        assert_eq!(e.len(), 2);
-        assert_eq!(e[0].append.as_deref(), Some("root=/dev/vda rw"));
-        assert_eq!(e[1].kernel.as_deref(), Some("/systems/next/kernel"));
-        assert_eq!(e[1].initrd, None);
     }
 
     fn tree(top: &Path) {
