@@ -1,9 +1,24 @@
 //! Boots strata images in QEMU and checks the layout from inside the guest.
+//!
+//! `run` tells the story (boot, check, reboot, power cut); `machine` is the
+//! small API it is told with, over `qemu` (the typed command line), `qmp`,
+//! `agent` (qemu-guest-agent) and `serial`. `accel` picks KVM or TCG,
+//! `bootfiles` extracts what `--boot direct` needs, `checks` holds the
+//! layout.md §5 checks, `journal` reads mount warnings out of the guest
+//! journal, `report` renders the verdict and `artifacts` keeps the evidence.
 
+pub mod accel;
 pub mod agent;
+pub mod artifacts;
+pub mod bootfiles;
+pub mod checks;
 pub mod journal;
+pub mod machine;
 pub mod qemu;
 pub mod qmp;
+pub mod report;
+pub mod run;
+pub mod serial;
 
 /// Non-cryptographic randomness for guest-sync ids and persistence tokens:
 /// they must differ between runs and calls, not resist an attacker.
@@ -21,11 +36,3 @@ pub(crate) fn random_u64() -> u64 {
     );
     h.finish()
 }
-pub mod accel;
-pub mod artifacts;
-pub mod bootfiles;
-pub mod checks;
-pub mod machine;
-pub mod report;
-pub mod run;
-pub mod serial;

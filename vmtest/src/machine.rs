@@ -31,6 +31,8 @@ pub enum MachineError {
     Panicked,
     #[error("guest powered off unexpectedly (QMP SHUTDOWN, reason {reason})")]
     UnexpectedShutdown { reason: String },
+    #[error("boot loop: the guest reset {resets} times without coming up")]
+    BootLoop { resets: u32 },
     #[error("{what} did not happen within {seconds:.0} s")]
     Timeout { what: String, seconds: f64 },
     #[error("guest command `{command}` failed (exit {code}): {stderr}")]
@@ -40,6 +42,9 @@ pub enum MachineError {
         stderr: String,
     },
 }
+
+/// Guest-initiated resets while waiting for one boot that count as a loop.
+const BOOT_LOOP_RESETS: u32 = 3;
 
 pub struct Machine {
     cmd: QemuCommand,
@@ -221,9 +226,19 @@ impl Machine {
             } = self;
             let sync = agent.sync(within);
             tokio::pin!(sync);
+            let mut resets = 0;
             loop {
                 tokio::select! {
-                    r = &mut sync => { r?; break; }
+                    r = &mut sync => match r {
+                        Ok(()) => break,
+                        Err(AgentError::NoAgent { seconds, last }) => {
+                            return Err(MachineError::Timeout {
+                                what: format!("the guest coming up (qemu-guest-agent silent; last attempt: {last})"),
+                                seconds,
+                            })
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
                         if let Ok(Some(status)) = child.try_wait() {
                             return Err(MachineError::Exited {
@@ -240,6 +255,15 @@ impl Machine {
                                 "SHUTDOWN" => return Err(MachineError::UnexpectedShutdown {
                                     reason: ev.data["reason"].as_str().unwrap_or("?").to_owned(),
                                 }),
+                                // A kernel that cannot start (corrupt image,
+                                // triple fault) makes the firmware boot it
+                                // again and again: no need to wait for the timeout.
+                                "RESET" => {
+                                    resets += 1;
+                                    if resets >= BOOT_LOOP_RESETS {
+                                        return Err(MachineError::BootLoop { resets });
+                                    }
+                                }
                                 _ => {}
                             }
                         }

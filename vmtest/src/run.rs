@@ -157,22 +157,7 @@ impl Session {
 
     /// A fresh qcow2 overlay backed by the image: the image is only read.
     fn create_overlay(&self) -> Result<(), String> {
-        let overlay = self.overlay();
-        let _ = std::fs::remove_file(&overlay);
-        let backing = std::path::absolute(&self.cfg.image).map_err(|e| e.to_string())?;
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&backing)
-            .arg(&overlay)
-            .output()
-            .map_err(|e| format!("running qemu-img: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "qemu-img create: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(())
+        recreate_overlay(&self.cfg.image, &self.overlay())
     }
 
     fn record(&mut self, mut c: CheckResult, t: Instant) {

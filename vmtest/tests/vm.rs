@@ -1,0 +1,601 @@
+//! Real-VM scenarios for `strata test`. They boot the image named by
+//! STRATA_TEST_IMAGE (its manifest next to it, IMG.manifest.json); `ci/test`
+//! builds the Debian fixture image and sets it. Without it these tests FAIL:
+//! a silently skipped VM test proves nothing.
+//!
+//! Broken variants are made per test from a sparse/reflinked copy edited
+//! through a loop mount (root needed, as in CI). At most two VMs run at once
+//! (this machine has two cores), and scenarios that do not need the reboot
+//! and power cut leave out `persistence` to keep the suite within budget.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+use strata_builder::manifest::Manifest;
+use strata_vmtest::accel::AccelChoice;
+use strata_vmtest::qemu::{Accel, DiskBus};
+use strata_vmtest::report::{Report, Status};
+use strata_vmtest::run::{self, BootMode, RunError, TestConfig};
+
+// ------------------------------------------------------------ fixtures
+
+fn fixture() -> (PathBuf, PathBuf, Manifest) {
+    let image = std::env::var_os("STRATA_TEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "STRATA_TEST_IMAGE is not set: these tests boot a real image. Run ci/test, \
+             or build one (strata fixture debian --output R && strata build --rootfs R \
+             --output IMG --size 4G) and export STRATA_TEST_IMAGE=IMG"
+            )
+        });
+    assert!(
+        image.is_file(),
+        "STRATA_TEST_IMAGE={} does not exist",
+        image.display()
+    );
+    let manifest_path = Manifest::default_path(&image);
+    let manifest = Manifest::load(&manifest_path)
+        .unwrap_or_else(|e| panic!("STRATA_TEST_IMAGE's manifest: {e}"));
+    (image, manifest_path, manifest)
+}
+
+/// Two VMs at a time, whatever the test harness's thread count.
+struct VmSlots {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+static SLOTS: VmSlots = VmSlots {
+    free: Mutex::new(2),
+    cv: Condvar::new(),
+};
+
+struct Slot;
+
+impl Slot {
+    fn take() -> Slot {
+        let mut free = SLOTS.free.lock().unwrap();
+        while *free == 0 {
+            free = SLOTS.cv.wait(free).unwrap();
+        }
+        *free -= 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *SLOTS.free.lock().unwrap() += 1;
+        SLOTS.cv.notify_one();
+    }
+}
+
+/// Copies of one image share its filesystem UUID; this kernel refuses to
+/// mount two of them at once, so edits take turns.
+static MOUNT_LOCK: Mutex<()> = Mutex::new(());
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A copy of the fixture image in a temp dir, for breaking.
+struct Broken {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+}
+
+impl Broken {
+    fn new(name: &str) -> Broken {
+        let (src, _, _) = fixture();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("strata-vmtest-{name}."))
+            .tempdir()
+            .unwrap();
+        let image = dir.path().join(format!("{name}.img"));
+        sh(
+            "cp",
+            &[
+                "--reflink=auto",
+                "--sparse=always",
+                src.to_str().unwrap(),
+                image.to_str().unwrap(),
+            ],
+        );
+        Broken { dir, image }
+    }
+
+    /// Runs `edit` with the image's top-level subvolume mounted at the path
+    /// it is given; unmounts and detaches the loop device on every path out.
+    fn edit(&self, edit: impl FnOnce(&Path)) {
+        let _turn = MOUNT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let mnt = self.dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let loopdev = sh(
+            "losetup",
+            &["--find", "--show", self.image.to_str().unwrap()],
+        );
+        struct Guard<'a> {
+            mnt: &'a Path,
+            loopdev: String,
+            mounted: bool,
+        }
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                if self.mounted {
+                    let _ = Command::new("umount").arg(self.mnt).status();
+                }
+                let _ = Command::new("btrfs")
+                    .args(["device", "scan", "--forget", &self.loopdev])
+                    .status();
+                let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+            }
+        }
+        let mut g = Guard {
+            mnt: &mnt,
+            loopdev: loopdev.clone(),
+            mounted: false,
+        };
+        sh(
+            "mount",
+            &["-o", "subvolid=5", &loopdev, mnt.to_str().unwrap()],
+        );
+        g.mounted = true;
+        edit(&mnt);
+        sh("sync", &[]);
+    }
+}
+
+fn config(image: &Path, manifest: &Path) -> TestConfig {
+    let mut cfg = TestConfig::new(image.to_owned());
+    cfg.manifest = Some(manifest.to_owned());
+    cfg.accel = AccelChoice::Tcg;
+    cfg.timeout = Duration::from_secs(420);
+    cfg
+}
+
+fn without_persistence(cfg: &mut TestConfig) {
+    cfg.checks.retain(|c| c != "persistence");
+}
+
+struct Outcome {
+    result: Result<Report, RunError>,
+    seconds: f64,
+    _artifacts: tempfile::TempDir,
+    artifacts: PathBuf,
+}
+
+fn boot(mut cfg: TestConfig) -> Outcome {
+    let artifacts = tempfile::Builder::new()
+        .prefix("strata-vmtest-artifacts.")
+        .tempdir()
+        .unwrap();
+    cfg.artifacts = Some(artifacts.path().to_owned());
+    let _slot = Slot::take();
+    let t = Instant::now();
+    let result = run::run_blocking(cfg, |p| eprintln!("  {p:?}"));
+    Outcome {
+        result,
+        seconds: t.elapsed().as_secs_f64(),
+        artifacts: artifacts.path().to_owned(),
+        _artifacts: artifacts,
+    }
+}
+
+fn report(o: &Outcome) -> &Report {
+    match &o.result {
+        Ok(r) => {
+            eprintln!("{}", r.to_table());
+            r
+        }
+        Err(e) => panic!(
+            "expected a verdict, got an infrastructure failure: {e}\n(artifacts {})",
+            o.artifacts.display()
+        ),
+    }
+}
+
+fn failing(r: &Report) -> Vec<&str> {
+    r.checks
+        .iter()
+        .filter(|c| c.status == Status::Fail)
+        .map(|c| c.name.as_str())
+        .collect()
+}
+
+fn check<'a>(r: &'a Report, name: &str) -> &'a strata_vmtest::report::CheckResult {
+    r.checks.iter().find(|c| c.name == name).unwrap()
+}
+
+fn evidence_has(r: &Report, name: &str, needle: &str) -> bool {
+    let c = check(r, name);
+    c.detail.contains(needle) || c.evidence.iter().any(|e| e.contains(needle))
+}
+
+// ------------------------------------------------------- the good image
+
+#[test]
+fn fixture_passes_every_check_via_extlinux_on_virtio_blk_with_auto_accel() {
+    let (image, manifest, _) = fixture();
+    let mut cfg = config(&image, &manifest);
+    cfg.accel = AccelChoice::Auto;
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), Vec::<&str>::new());
+    assert!(r.checks.iter().all(|c| c.status == Status::Pass));
+    assert_eq!(run::exit_code(r), 0);
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert!(!r.accel_reason.is_empty());
+    if r.accel == Accel::Tcg && std::path::Path::new("/dev/kvm").exists() {
+        // On a host whose KVM hangs guests, auto must give up on it quickly.
+        assert!(
+            r.timings.accel_probe < 15.0,
+            "KVM probe took {}",
+            r.timings.accel_probe
+        );
+    }
+    let t = &r.timings;
+    assert!(
+        t.firmware.is_some() && t.kernel.is_some() && t.userspace.is_some(),
+        "{t:?}"
+    );
+    for f in [
+        "serial.log",
+        "journal-boot1.json",
+        "journal-boot2.json",
+        "journal-boot3.json",
+        "qmp-events.json",
+        "qemu-command.txt",
+        "report.json",
+    ] {
+        let p = o.artifacts.join(f);
+        assert!(
+            p.metadata().map(|m| m.len() > 0).unwrap_or(false),
+            "artifact {f}"
+        );
+    }
+    let events = std::fs::read_to_string(o.artifacts.join("qmp-events.json")).unwrap();
+    assert!(
+        events.contains("\"RESET\""),
+        "the clean reboot is in the event log"
+    );
+    assert!(
+        events.contains("host-qmp-quit"),
+        "the power cut is in the event log"
+    );
+    // The image under test is never written.
+    assert_image_untouched(&image);
+}
+
+#[test]
+fn fixture_passes_every_check_via_direct_boot_on_virtio_scsi() {
+    let (image, manifest, _) = fixture();
+    let mut cfg = config(&image, &manifest);
+    cfg.boot = BootMode::Direct;
+    cfg.disk_bus = DiskBus::VirtioScsi;
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), Vec::<&str>::new());
+    assert!(r.checks.iter().all(|c| c.status == Status::Pass));
+    // Under virtio-scsi the guest sees /dev/sda: the UUID root still boots.
+    assert!(
+        evidence_has(r, "root", "/dev/sda"),
+        "{:?}",
+        check(r, "root")
+    );
+    let cmd = std::fs::read_to_string(o.artifacts.join("qemu-command.txt")).unwrap();
+    assert!(
+        cmd.contains(" -kernel ") && cmd.contains("scsi-hd"),
+        "{cmd}"
+    );
+}
+
+fn assert_image_untouched(image: &Path) {
+    // qemu-img refuses to open an image another process holds a write lock on;
+    // beyond that, the overlay design means QEMU never opened it writable.
+    // What we can check cheaply: it is still a raw file with its size.
+    let (src, _, m) = fixture();
+    assert_eq!(src, image);
+    assert_eq!(std::fs::metadata(image).unwrap().len(), m.image_size);
+}
+
+// ---------------------------------------------------- broken variants
+
+#[test]
+fn state_line_removed_from_fstab_fails_state_mounts() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("no-srv-line");
+    b.edit(|top| {
+        let fstab = top.join(format!("systems/{}/run/etc/fstab", m.label));
+        let text = std::fs::read_to_string(&fstab).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !(l.contains("subvol=/state/srv") && !l.trim_start().starts_with('#')))
+            .collect();
+        assert_eq!(
+            kept.len() + 1,
+            text.lines().count(),
+            "exactly one /srv line"
+        );
+        std::fs::write(&fstab, kept.join("\n") + "\n").unwrap();
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let r = report(&o);
+    // /srv's moved files are invisible without the mount: both checks say so.
+    assert_eq!(failing(r), ["state-mounts", "moved-files"]);
+    assert_eq!(
+        check(r, "state-mounts").detail,
+        "not mounted as expected: /srv"
+    );
+    assert!(
+        evidence_has(r, "moved-files", "/srv/"),
+        "{:?}",
+        check(r, "moved-files")
+    );
+    assert_eq!(run::exit_code(r), 1);
+}
+
+#[test]
+fn moved_file_mode_changed_in_state_fails_moved_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_, manifest_path, _) = fixture();
+    let b = Broken::new("mode");
+    b.edit(|top| {
+        let keys = top.join("state/root/.ssh/authorized_keys");
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), ["moved-files"]);
+    assert!(
+        evidence_has(
+            r,
+            "moved-files",
+            "/root/.ssh/authorized_keys: mode 0644, expected 0600"
+        ),
+        "{:?}",
+        check(r, "moved-files")
+    );
+    assert_eq!(run::exit_code(r), 1);
+}
+
+#[test]
+fn files_left_under_run_var_and_srv_fail_overmount_and_are_listed() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("leftover");
+    b.edit(|top| {
+        let run = top.join(format!("systems/{}/run", m.label));
+        std::fs::write(run.join("var/left-behind.txt"), "stale copy\n").unwrap();
+        std::fs::create_dir_all(run.join("srv/www")).unwrap();
+        std::fs::write(run.join("srv/www/dropped.html"), "<p>hidden</p>\n").unwrap();
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let r = report(&o);
+    // moved-files also proves run/D is empty in the top-level view.
+    assert_eq!(failing(r), ["moved-files", "overmount"]);
+    assert!(evidence_has(r, "moved-files", "run/var has 1 entries"));
+    let mps: Vec<&str> = r
+        .warnings
+        .iter()
+        .filter(|w| w.kind == strata_vmtest::journal::WarningKind::Overmount)
+        .filter_map(|w| w.mountpoint.as_deref())
+        .collect();
+    assert_eq!(mps, ["/srv", "/var"], "{:?}", r.warnings);
+    let var = r
+        .warnings
+        .iter()
+        .find(|w| w.mountpoint.as_deref() == Some("/var"))
+        .unwrap();
+    assert_eq!(var.shadowed, ["/var/left-behind.txt"]);
+    assert_eq!(var.shadowed_bytes, 11);
+    let srv = r
+        .warnings
+        .iter()
+        .find(|w| w.mountpoint.as_deref() == Some("/srv"))
+        .unwrap();
+    assert_eq!(srv.shadowed, ["/srv/www", "/srv/www/dropped.html"]);
+    let table = r.to_table();
+    assert!(
+        table.contains("invisible while the subvolume is mounted"),
+        "{table}"
+    );
+    assert!(table.contains("--state-migration move"), "{table}");
+}
+
+#[test]
+fn booting_the_pristine_subvolume_fails_root() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("wrong-root");
+    b.edit(|top| {
+        let conf = top.join("extlinux/extlinux.conf");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        let want = format!("rootflags=subvol=systems/{}/run", m.label);
+        assert!(text.contains(&want), "{text}");
+        std::fs::write(
+            &conf,
+            text.replace(&want, &format!("rootflags=subvol=systems/{}/orig", m.label)),
+        )
+        .unwrap();
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), ["root"]);
+    assert!(
+        evidence_has(
+            r,
+            "root",
+            &format!(
+                "fsroot /systems/{0}/orig, expected /systems/{0}/run",
+                m.label
+            )
+        ),
+        "{:?}",
+        check(r, "root")
+    );
+}
+
+#[test]
+fn copy_migration_overmounts_every_filled_state_dir() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("copy");
+    // What `--state-migration copy` leaves behind: the state data in the
+    // subvolumes and a copy under each mountpoint of orig and run.
+    b.edit(|top| {
+        for d in &m.state_dirs.created {
+            for side in ["orig", "run"] {
+                let from = top.join(format!("state/{d}/."));
+                let to = top.join(format!("systems/{}/{side}/{d}/", m.label));
+                sh(
+                    "cp",
+                    &[
+                        "-a",
+                        "--reflink=auto",
+                        from.to_str().unwrap(),
+                        to.to_str().unwrap(),
+                    ],
+                );
+            }
+        }
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    cfg.checks = vec!["overmount".into()];
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), ["overmount"]);
+    assert_eq!(run::exit_code(r), 1);
+    let mut mps: Vec<String> = r
+        .warnings
+        .iter()
+        .filter(|w| w.kind == strata_vmtest::journal::WarningKind::Overmount)
+        .filter_map(|w| w.mountpoint.clone())
+        .collect();
+    mps.sort();
+    let mut want: Vec<String> = m
+        .state_dirs
+        .created
+        .iter()
+        .map(|d| format!("/{d}"))
+        .collect();
+    want.sort();
+    assert_eq!(mps, want, "exactly the filled state dirs");
+    let root = r
+        .warnings
+        .iter()
+        .find(|w| w.mountpoint.as_deref() == Some("/root"))
+        .unwrap();
+    assert!(
+        root.shadowed
+            .iter()
+            .any(|p| p == "/root/.ssh/authorized_keys"),
+        "{:?}",
+        root.shadowed
+    );
+    // Normalised: counts and sizes depend on the fixture's exact contents.
+    let normalised: Vec<String> = r
+        .warnings
+        .iter()
+        .map(|w| {
+            format!(
+                "{:?} {} | {} | hidden: {} | authorized_keys listed: {}",
+                w.kind,
+                w.mountpoint.as_deref().unwrap_or("?"),
+                w.message,
+                if w.shadowed_count > 0 { "some" } else { "none" },
+                w.shadowed
+                    .iter()
+                    .any(|p| p.ends_with("/.ssh/authorized_keys"))
+            )
+        })
+        .collect();
+    insta::assert_snapshot!(normalised.join("\n"));
+}
+
+// ------------------------------------------------------ images that do not boot
+
+#[test]
+fn truncated_kernel_is_an_infrastructure_failure_with_serial_log() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("truncated-kernel");
+    b.edit(|top| {
+        let k = std::fs::OpenOptions::new()
+            .write(true)
+            .open(top.join(format!("systems/{}/kernel", m.label)))
+            .unwrap();
+        k.set_len(64 * 1024).unwrap();
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    cfg.timeout = Duration::from_secs(90);
+    let o = boot(cfg);
+    not_booting(&o, 90.0);
+}
+
+#[test]
+fn missing_root_device_is_an_infrastructure_failure_with_serial_log() {
+    let (_, manifest_path, _) = fixture();
+    let b = Broken::new("wrong-root-device");
+    b.edit(|top| {
+        let conf = top.join("extlinux/extlinux.conf");
+        let text = std::fs::read_to_string(&conf).unwrap();
+        let re = text
+            .split_whitespace()
+            .find(|w| w.starts_with("root="))
+            .unwrap()
+            .to_owned();
+        // The 2014 layout's assumption, wrong under virtio.
+        std::fs::write(&conf, text.replace(&re, "root=/dev/sda")).unwrap();
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    cfg.timeout = Duration::from_secs(150);
+    let o = boot(cfg);
+    not_booting(&o, 150.0);
+    let Err(RunError::Infra { message, .. }) = &o.result else {
+        unreachable!()
+    };
+    assert!(message.contains("/dev/sda"), "{message}");
+}
+
+fn not_booting(o: &Outcome, timeout: f64) {
+    let err = match &o.result {
+        Ok(r) => panic!("a broken image gave a verdict:\n{}", r.to_table()),
+        Err(e) => e,
+    };
+    eprintln!("{err}");
+    assert_eq!(err.exit_code(), 3);
+    assert!(
+        o.seconds < timeout + 15.0,
+        "no hang: took {:.0} s",
+        o.seconds
+    );
+    let serial = std::fs::read(o.artifacts.join("serial.log")).unwrap();
+    assert!(!serial.is_empty(), "serial log kept");
+    let RunError::Infra {
+        report: Some(r), ..
+    } = err
+    else {
+        panic!("an infrastructure failure still carries a report")
+    };
+    assert!(r.checks.iter().all(|c| c.status == Status::Skip));
+    assert!(o.artifacts.join("qmp-events.json").is_file());
+    assert!(
+        o.artifacts.join("screen.png").is_file(),
+        "screendump on failure"
+    );
+}
