@@ -87,15 +87,9 @@ pub async fn start(
         },
     };
     if choice == AccelChoice::Kvm {
-        return Err(MachineError::Timeout {
-            what: format!("usable KVM (--accel kvm): {why_not}"),
-            seconds: t0.elapsed().as_secs_f64(),
-        });
+        return Err(MachineError::NoKvm(why_not));
     }
-    fresh_disk().map_err(|e| MachineError::Exited {
-        status: "overlay".into(),
-        stderr: e,
-    })?;
+    fresh_disk().map_err(MachineError::Setup)?;
     note_in_serial_log(&template.serial_log, &why_not);
     let probe_seconds = t0.elapsed().as_secs_f64();
     let m = Machine::start(with(Accel::Tcg), events).await?;

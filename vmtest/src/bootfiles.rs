@@ -33,74 +33,28 @@ pub struct BootEntry {
     pub append: String,
 }
 
-/// The entry named by `default` (else the first one).
+/// The entry extlinux boots, read with the builder's parser (one parser
+/// for every reader of boot menus). Stricter than syslinux on one point: a
+/// `default` naming no label is an error rather than a guess.
 pub fn default_entry(conf: &str) -> Result<BootEntry, String> {
-    let mut default = None;
-    let mut entries: Vec<BootEntry> = Vec::new();
-    for raw in conf.lines() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (key, value) = match line.split_once(char::is_whitespace) {
-            Some((k, v)) => (k.to_ascii_lowercase(), v.trim().to_owned()),
-            None => (line.to_ascii_lowercase(), String::new()),
-        };
-        match key.as_str() {
-            "default" => default = Some(value),
-            "label" => entries.push(BootEntry {
-                label: value,
-                kernel: String::new(),
-                initrd: None,
-                append: String::new(),
-            }),
-            "kernel" | "linux" => {
-                if let Some(e) = entries.last_mut() {
-                    e.kernel = value;
-                }
-            }
-            "initrd" => {
-                if let Some(e) = entries.last_mut() {
-                    e.initrd = Some(value);
-                }
-            }
-            "append" => {
-                if let Some(e) = entries.last_mut() {
-                    // syslinux also accepts initrd=... inside append.
-                    let mut kept = Vec::new();
-                    for word in value.split_whitespace() {
-                        match word.strip_prefix("initrd=") {
-                            Some(i) if e.initrd.is_none() => e.initrd = Some(i.to_owned()),
-                            _ => kept.push(word),
-                        }
-                    }
-                    e.append = kept.join(" ");
-                }
-            }
-            _ => {}
+    let config = strata_builder::extlinux::parse(conf);
+    if let Some(d) = &config.default {
+        if !config.entries.iter().any(|e| &e.label == d) {
+            let labels: Vec<&str> = config.entries.iter().map(|e| e.label.as_str()).collect();
+            return Err(format!("default {d:?} names no label (labels: {labels:?})"));
         }
     }
-    let entry = match &default {
-        Some(d) => entries
-            .iter()
-            .find(|e| &e.label == d)
-            .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "default {d:?} names no label (labels: {:?})",
-                    labels(&entries)
-                )
-            })?,
-        None => entries.first().cloned().ok_or("no label entries")?,
-    };
-    if entry.kernel.is_empty() {
-        return Err(format!("label {:?} has no kernel line", entry.label));
-    }
-    Ok(entry)
-}
-
-fn labels(entries: &[BootEntry]) -> Vec<&str> {
-    entries.iter().map(|e| e.label.as_str()).collect()
+    let e = config.default_entry().ok_or("no label entries")?;
+    let kernel = e
+        .kernel
+        .clone()
+        .ok_or_else(|| format!("label {:?} has no kernel line", e.label))?;
+    Ok(BootEntry {
+        label: e.label.clone(),
+        kernel,
+        initrd: e.initrd.clone(),
+        append: e.cmdline(),
+    })
 }
 
 /// Files extracted into a directory the caller owns.

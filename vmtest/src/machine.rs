@@ -31,6 +31,10 @@ pub enum MachineError {
     Panicked,
     #[error("guest powered off unexpectedly (QMP SHUTDOWN, reason {reason})")]
     UnexpectedShutdown { reason: String },
+    #[error("--accel kvm: KVM is not usable here: {0}")]
+    NoKvm(String),
+    #[error("{0}")]
+    Setup(String),
     #[error("boot loop: the guest reset {resets} times without coming up")]
     BootLoop { resets: u32 },
     #[error("{what} did not happen within {seconds:.0} s")]
