@@ -599,3 +599,55 @@ fn not_booting(o: &Outcome, timeout: f64) {
         "screendump on failure"
     );
 }
+
+// ------------------------------------------------------ the machine API
+
+/// The story-level API on its own: start, wait for a unit, run commands,
+/// and a clean guest poweroff (the path `strata test` itself never takes,
+/// since it ends runs with a power cut or a kill).
+#[test]
+fn machine_api_starts_runs_commands_and_shuts_down_cleanly() {
+    use strata_vmtest::machine::Machine;
+    use strata_vmtest::qemu::QemuCommand;
+    let (image, _, _) = fixture();
+    let _slot = Slot::take();
+    let dir = tempfile::tempdir().unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            image.to_str().unwrap(),
+            overlay.to_str().unwrap(),
+        ],
+    );
+    let cmd = QemuCommand::new("qemu-system-x86_64".into(), Accel::Tcg, overlay, dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let events = strata_vmtest::qmp::EventLog::default();
+        let mut m = Machine::start(cmd, events.clone()).await.unwrap();
+        let state = m.wait_booted(Duration::from_secs(240)).await.unwrap();
+        assert!(state == "running" || state == "degraded", "{state}");
+        m.wait_for_unit("qemu-guest-agent.service", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(m.succeed("printf '%s' hello").await.unwrap(), "hello");
+        let out = m.exec("echo oops >&2; exit 7").await.unwrap();
+        assert_eq!((out.exit_code, out.stderr_str().trim()), (Some(7), "oops"));
+        let err = m.succeed("false").await.unwrap_err();
+        assert!(err.to_string().contains("exit 1"), "{err}");
+        let status = m.shutdown(Duration::from_secs(120)).await.unwrap();
+        assert!(
+            status.success(),
+            "QEMU exit status after poweroff: {status}"
+        );
+        let log = events.lock().unwrap();
+        assert!(log.iter().any(|e| e.is_guest_shutdown()), "{log:?}");
+    });
+}
