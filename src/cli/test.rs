@@ -41,6 +41,9 @@ pub struct TestArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     memory: u32,
+    /// Guest vCPUs (TCG runs one host thread per vCPU).
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
     /// The QEMU binary.
     #[arg(long, env = "STRATA_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
@@ -87,6 +90,7 @@ pub fn run(args: TestArgs) -> u8 {
         cfg.checks = c.clone();
     }
     cfg.memory_mib = args.memory;
+    cfg.cpus = args.cpus;
     cfg.qemu_binary = args.qemu.clone();
 
     let started = std::time::Instant::now();

@@ -206,7 +206,9 @@ impl Agent {
             )
             .await?;
         let deadline = Instant::now() + within;
-        let mut pause = Duration::from_millis(20);
+        // Most guest commands finish in tens of milliseconds; a short poll
+        // interval keeps the checks close to the time the guest really needs.
+        let mut pause = Duration::from_millis(5);
         loop {
             let st = self
                 .call(
@@ -230,7 +232,7 @@ impl Agent {
                 });
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 

@@ -46,6 +46,7 @@ pub struct TestConfig {
     pub checks: Vec<String>,
     pub qemu_binary: PathBuf,
     pub memory_mib: u32,
+    pub cpus: u32,
 }
 
 impl TestConfig {
@@ -61,6 +62,7 @@ impl TestConfig {
             checks: checks::ALL.iter().map(|s| (*s).to_owned()).collect(),
             qemu_binary: "qemu-system-x86_64".into(),
             memory_mib: 1024,
+            cpus: 2,
         }
     }
 }
@@ -349,6 +351,7 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
     );
     template.serial_log = serial;
     template.memory_mib = s.cfg.memory_mib;
+    template.cpus = s.cfg.cpus;
     template.disk_bus = s.cfg.disk_bus;
     if s.cfg.boot == BootMode::Direct {
         s.emit(Progress::Step(

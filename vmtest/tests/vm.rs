@@ -161,6 +161,8 @@ fn config(image: &Path, manifest: &Path) -> TestConfig {
     cfg.manifest = Some(manifest.to_owned());
     cfg.accel = AccelChoice::Tcg;
     cfg.timeout = Duration::from_secs(420);
+    // Two VMs run at once on this two-core machine: one vCPU each.
+    cfg.cpus = 1;
     cfg
 }
 
