@@ -173,27 +173,14 @@ impl Machine {
     /// Fails if QEMU died, the guest panicked or powered off, or its console
     /// shows that it cannot come up.
     pub fn check_alive(&mut self) -> Result<(), MachineError> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Err(MachineError::Exited {
-                status: status.to_string(),
-                stderr: self.stderr_text(),
-            });
-        }
-        for ev in self.qmp.drain_events() {
-            match ev.event.as_str() {
-                "GUEST_PANICKED" => return Err(MachineError::Panicked),
-                "SHUTDOWN" => {
-                    return Err(MachineError::UnexpectedShutdown {
-                        reason: ev.data["reason"].as_str().unwrap_or("?").to_owned(),
-                    })
-                }
-                _ => {}
-            }
-        }
-        if let Some(line) = self.serial.snapshot().fatal {
-            return Err(MachineError::GuestFatal { line });
-        }
-        Ok(())
+        let mut ignore_resets = BootWatch::default();
+        health(
+            &mut self.child,
+            &self.stderr,
+            &mut self.qmp,
+            &self.serial,
+            &mut ignore_resets,
+        )
     }
 
     /// Waits until the kernel prints timestamped console lines: the first
@@ -230,7 +217,7 @@ impl Machine {
             } = self;
             let sync = agent.sync(within);
             tokio::pin!(sync);
-            let mut resets = 0;
+            let mut watch = BootWatch::default();
             loop {
                 tokio::select! {
                     r = &mut sync => match r {
@@ -244,33 +231,7 @@ impl Machine {
                         Err(e) => return Err(e.into()),
                     },
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                        if let Ok(Some(status)) = child.try_wait() {
-                            return Err(MachineError::Exited {
-                                status: status.to_string(),
-                                stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
-                            });
-                        }
-                        if let Some(line) = serial.snapshot().fatal {
-                            return Err(MachineError::GuestFatal { line });
-                        }
-                        for ev in qmp.drain_events() {
-                            match ev.event.as_str() {
-                                "GUEST_PANICKED" => return Err(MachineError::Panicked),
-                                "SHUTDOWN" => return Err(MachineError::UnexpectedShutdown {
-                                    reason: ev.data["reason"].as_str().unwrap_or("?").to_owned(),
-                                }),
-                                // A kernel that cannot start (corrupt image,
-                                // triple fault) makes the firmware boot it
-                                // again and again: no need to wait for the timeout.
-                                "RESET" => {
-                                    resets += 1;
-                                    if resets >= BOOT_LOOP_RESETS {
-                                        return Err(MachineError::BootLoop { resets });
-                                    }
-                                }
-                                _ => {}
-                            }
-                        }
+                        health(child, stderr, qmp, serial, &mut watch)?;
                     }
                 }
             }
@@ -467,5 +428,76 @@ impl Machine {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+}
+
+/// Guest resets seen while waiting for one boot. QEMU reports one reset as
+/// a burst of RESET events, so events close together count once.
+#[derive(Default)]
+struct BootWatch {
+    resets: u32,
+    last_reset: f64,
+}
+
+impl BootWatch {
+    /// True when the guest keeps resetting: a kernel that cannot start
+    /// (corrupt image, triple fault) is booted again and again by the
+    /// firmware, and there is no need to wait for the timeout.
+    fn reset_at(&mut self, timestamp: f64) -> bool {
+        if timestamp - self.last_reset > 0.5 {
+            self.resets += 1;
+        }
+        self.last_reset = timestamp;
+        self.resets >= BOOT_LOOP_RESETS
+    }
+}
+
+fn health(
+    child: &mut Child,
+    stderr: &Mutex<String>,
+    qmp: &mut Qmp,
+    serial: &SerialWatch,
+    watch: &mut BootWatch,
+) -> Result<(), MachineError> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Err(MachineError::Exited {
+            status: status.to_string(),
+            stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+        });
+    }
+    for ev in qmp.drain_events() {
+        match ev.event.as_str() {
+            "GUEST_PANICKED" => return Err(MachineError::Panicked),
+            "SHUTDOWN" => {
+                return Err(MachineError::UnexpectedShutdown {
+                    reason: ev.data["reason"].as_str().unwrap_or("?").to_owned(),
+                })
+            }
+            "RESET" if watch.reset_at(ev.timestamp) => {
+                return Err(MachineError::BootLoop {
+                    resets: watch.resets,
+                })
+            }
+            _ => {}
+        }
+    }
+    if let Some(line) = serial.snapshot().fatal {
+        return Err(MachineError::GuestFatal { line });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BootWatch;
+
+    #[test]
+    fn a_burst_of_reset_events_is_one_reset() {
+        let mut w = BootWatch::default();
+        // What QEMU sent for a kernel that triple-faults at once.
+        let bursts = [1.26, 1.33, 2.16, 2.21, 3.0, 3.04];
+        let looped: Vec<bool> = bursts.iter().map(|t| w.reset_at(*t)).collect();
+        assert_eq!(looped, [false, false, false, false, true, true]);
+        assert_eq!(w.resets, 3);
     }
 }
