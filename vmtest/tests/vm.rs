@@ -302,6 +302,42 @@ fn fixture_passes_every_check_via_direct_boot_on_virtio_scsi() {
     );
 }
 
+/// The other two boot/bus combinations, without the two extra boots of
+/// persistence (proven above on both buses): SeaBIOS must boot extlinux from
+/// virtio-scsi, and the direct-boot command line must work on virtio-blk.
+#[test]
+fn fixture_passes_via_extlinux_on_virtio_scsi() {
+    let (image, manifest, _) = fixture();
+    let mut cfg = config(&image, &manifest);
+    cfg.disk_bus = DiskBus::VirtioScsi;
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), Vec::<&str>::new());
+    assert_eq!(check(r, "persistence").status, Status::Skip);
+    assert!(
+        evidence_has(r, "root", "/dev/sda"),
+        "{:?}",
+        check(r, "root")
+    );
+}
+
+#[test]
+fn fixture_passes_via_direct_boot_on_virtio_blk() {
+    let (image, manifest, _) = fixture();
+    let mut cfg = config(&image, &manifest);
+    cfg.boot = BootMode::Direct;
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), Vec::<&str>::new());
+    assert!(
+        evidence_has(r, "root", "/dev/vda"),
+        "{:?}",
+        check(r, "root")
+    );
+}
+
 fn assert_image_untouched(image: &Path) {
     // qemu-img refuses to open an image another process holds a write lock on;
     // beyond that, the overlay design means QEMU never opened it writable.
