@@ -99,6 +99,9 @@ pub struct Report {
     /// "extlinux" or "direct".
     pub boot: String,
     pub disk_bus: crate::qemu::DiskBus,
+    /// Guest boots this run performed (persistence adds a reboot and a
+    /// fresh start after the power cut).
+    pub boots: u32,
     pub image: String,
     pub label: String,
     pub checks: Vec<CheckResult>,
@@ -466,6 +469,7 @@ mod tests {
                 .into(),
             boot: "extlinux".into(),
             disk_bus: DiskBus::VirtioBlk,
+            boots: 1,
             image: "/images/debian.img".into(),
             label: "factory".into(),
             checks,

@@ -202,6 +202,7 @@ impl Session {
                 .unwrap_or_else(|| "not decided: the run stopped before QEMU started".into()),
             boot: self.cfg.boot.name().into(),
             disk_bus: self.cfg.disk_bus,
+            boots: self.boots,
             image: self.cfg.image.display().to_string(),
             label: self.manifest.label.clone(),
             checks,
