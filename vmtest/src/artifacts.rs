@@ -48,14 +48,46 @@ impl Artifacts {
         Ok(p)
     }
 
-    /// QEMU appends to its serial chardev file; a rerun into the same
-    /// directory must not mix two runs.
-    pub fn reset_serial_log(&self) -> std::io::Result<PathBuf> {
-        let p = self.path(SERIAL_LOG);
-        match std::fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+    /// Removes what an earlier run left under our names: QEMU appends to
+    /// the serial log, and a stale screendump or journal would be mistaken
+    /// for this run's. Returns the serial log's path.
+    pub fn clear_previous(&self) -> std::io::Result<PathBuf> {
+        let mut names: Vec<String> = [
+            SERIAL_LOG,
+            QMP_EVENTS,
+            SCREENDUMP,
+            QEMU_COMMAND,
+            REPORT_JSON,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        names.extend((1..=3).map(journal));
+        for name in names {
+            match std::fs::remove_file(self.path(&name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
-        Ok(p)
+        Ok(self.path(SERIAL_LOG))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rerun_starts_from_a_clean_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Artifacts::open(Some(dir.path())).unwrap();
+        for name in [SERIAL_LOG, SCREENDUMP, &journal(3), "notes.txt"] {
+            a.write(name, "old").unwrap();
+        }
+        assert_eq!(a.clear_previous().unwrap(), dir.path().join(SERIAL_LOG));
+        assert!(!a.path(SERIAL_LOG).exists());
+        assert!(!a.path(SCREENDUMP).exists());
+        assert!(!a.path(&journal(3)).exists());
+        assert!(a.path("notes.txt").exists(), "files that are not ours stay");
     }
 }

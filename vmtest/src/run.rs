@@ -339,11 +339,11 @@ fn me(e: MachineError) -> String {
 }
 
 async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String> {
-    s.create_overlay()?;
     let serial = s
         .artifacts
-        .reset_serial_log()
+        .clear_previous()
         .map_err(|e| format!("artifacts: {e}"))?;
+    s.create_overlay()?;
     let mut template = QemuCommand::new(
         s.cfg.qemu_binary.clone(),
         crate::qemu::Accel::Tcg,
