@@ -172,3 +172,85 @@ fn show(p: &Progress, started: std::time::Instant) {
     };
     eprintln!("[{t:6.1}s] {line}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TestArgs,
+    }
+
+    fn run_with(argv: &[&str]) -> u8 {
+        let mut full = vec!["strata-test"];
+        full.extend_from_slice(argv);
+        run(Cli::try_parse_from(full).expect("arguments parse").args)
+    }
+
+    /// A manifest that loads; its contents do not matter before a boot.
+    fn manifest_json() -> String {
+        serde_json::json!({
+            "manifest_version": 1, "label": "factory",
+            "fs_uuid": "3f1c0000-0000-4000-8000-000000000001",
+            "root_device": "UUID=3f1c0000-0000-4000-8000-000000000001",
+            "state_dirs": {"created": ["var"], "skipped": []},
+            "fstab_lines_added": [], "state_migration": "move", "moved_files": [],
+            "kernel": "systems/factory/kernel", "initramfs": null,
+            "kernel_source": "boot/vmlinuz", "initramfs_source": null,
+            "kernel_args": "", "image_size": 0, "timings": []
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn bad_input_is_exit_2() {
+        assert_eq!(run_with(&["/nonexistent/strata.img"]), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, b"").unwrap();
+        // No IMG.manifest.json next to it.
+        assert_eq!(run_with(&[img.to_str().unwrap()]), 2);
+        std::fs::write(dir.path().join("a.img.manifest.json"), manifest_json()).unwrap();
+        assert_eq!(
+            run_with(&[img.to_str().unwrap(), "--checks", "root,bogus"]),
+            2
+        );
+    }
+
+    #[test]
+    fn infrastructure_failure_is_exit_3_and_still_writes_the_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(dir.path().join("a.img.manifest.json"), manifest_json()).unwrap();
+        let json = dir.path().join("report.json");
+        let junit = dir.path().join("report.xml");
+        let code = run_with(&[
+            img.to_str().unwrap(),
+            "--accel",
+            "tcg",
+            "--qemu",
+            "/nonexistent/qemu-system-x86_64",
+            "--artifacts",
+            dir.path().join("art").to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 3);
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(report["verdict"], "fail");
+        assert!(
+            report["error"].as_str().unwrap().contains("starting QEMU"),
+            "{report}"
+        );
+        assert!(std::fs::read_to_string(&junit)
+            .unwrap()
+            .contains("<error message="));
+    }
+}
