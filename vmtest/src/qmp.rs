@@ -194,7 +194,11 @@ impl Qmp {
     pub async fn quit(&self) -> Result<(), QmpError> {
         match self.call("quit", qapi::qmp::quit {}).await {
             // QEMU may close the socket before its reply gets through.
-            Err(QmpError::Command { message, .. }) if message.contains("disconnected") => Ok(()),
+            Err(QmpError::Command { message, .. })
+                if message.contains("disconnected") || message.contains("EOF") =>
+            {
+                Ok(())
+            }
             other => other.map(|_| ()),
         }
     }
