@@ -279,3 +279,83 @@ pub fn now_epoch() -> f64 {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    /// A fake QEMU: greets, accepts qmp_capabilities, and before answering
+    /// each later command sends events that qapi's generated types cannot
+    /// parse (an event and a SHUTDOWN reason newer than its schema).
+    async fn fake_qemu(listener: UnixListener) {
+        let (sock, _) = listener.accept().await.unwrap();
+        let (r, mut w) = sock.into_split();
+        let mut lines = BufReader::new(r).lines();
+        let greeting = json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10},
+            "package": ""}, "capabilities": ["oob"]}});
+        w.write_all(format!("{greeting}\n").as_bytes())
+            .await
+            .unwrap();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let req: Value = serde_json::from_str(&line).unwrap();
+            let id = req.get("id").cloned();
+            let reply = match req["execute"].as_str().unwrap() {
+                "qmp_capabilities" => json!({"return": {}}),
+                "query-kvm" => {
+                    for ev in [
+                        json!({"event": "FROM_THE_FUTURE", "data": {"x": [1, 2]},
+                               "timestamp": {"seconds": 100, "microseconds": 500000}}),
+                        json!({"event": "SHUTDOWN", "data": {"guest": true, "reason": "some-new-reason"},
+                               "timestamp": {"seconds": 101, "microseconds": 0}}),
+                    ] {
+                        w.write_all(format!("{ev}\n").as_bytes()).await.unwrap();
+                    }
+                    json!({"return": {"enabled": false, "present": true}})
+                }
+                "query-status" => {
+                    // Never answered: the caller's timeout must fire.
+                    continue;
+                }
+                other => panic!("unexpected {other}"),
+            };
+            let mut reply = reply;
+            if let Some(id) = id {
+                reply["id"] = id;
+            }
+            w.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_events_are_logged_and_do_not_break_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(fake_qemu(listener));
+        let log = EventLog::default();
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(2), log.clone())
+            .await
+            .unwrap();
+        assert_eq!(qmp.query_kvm().await.unwrap(), (true, false));
+        let shutdown = qmp
+            .wait_event(Duration::from_secs(2), QmpEvent::is_guest_shutdown)
+            .await
+            .expect("SHUTDOWN delivered");
+        assert_eq!(shutdown.data["reason"], "some-new-reason");
+        let logged: Vec<String> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.event.clone())
+            .collect();
+        assert_eq!(logged, ["FROM_THE_FUTURE", "SHUTDOWN"]);
+        assert_eq!(log.lock().unwrap()[0].timestamp, 100.5);
+
+        qmp.call_timeout = Duration::from_millis(200);
+        let err = qmp.status().await.unwrap_err();
+        assert!(matches!(err, QmpError::Timeout { .. }), "{err}");
+    }
+}
