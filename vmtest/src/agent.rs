@@ -47,6 +47,14 @@ impl ExecOutput {
     }
 }
 
+/// A guest command started with `Agent::start`.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pid: i64,
+    label: String,
+    started: Instant,
+}
+
 struct Conn {
     service: Service,
     driver: tokio::task::JoinHandle<()>,
@@ -192,6 +200,17 @@ impl Agent {
         stdin: Option<&[u8]>,
         within: Duration,
     ) -> Result<ExecOutput, AgentError> {
+        let running = self.start(argv, stdin).await?;
+        self.wait(&running, within).await
+    }
+
+    /// Starts `argv` with its output captured; `wait` collects it. Guest
+    /// commands started this way run concurrently inside the guest.
+    pub async fn start(
+        &mut self,
+        argv: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<Running, AgentError> {
         let (path, args) = argv.split_first().expect("exec needs a program");
         let started = self
             .call(
@@ -205,7 +224,22 @@ impl Agent {
                 },
             )
             .await?;
-        let deadline = Instant::now() + within;
+        Ok(Running {
+            pid: started.pid,
+            label: argv.join(" "),
+            started: Instant::now(),
+        })
+    }
+
+    /// Polls a started command until it exits or `within` has passed since
+    /// it started. The agent keeps an exited command's status until it is
+    /// read, so this also works across a reconnect.
+    pub async fn wait(
+        &mut self,
+        running: &Running,
+        within: Duration,
+    ) -> Result<ExecOutput, AgentError> {
+        let deadline = running.started + within;
         // Most guest commands finish in tens of milliseconds; a short poll
         // interval keeps the checks close to the time the guest really needs.
         let mut pause = Duration::from_millis(5);
@@ -213,10 +247,16 @@ impl Agent {
             let st = self
                 .call(
                     "guest-exec-status",
-                    qapi::qga::guest_exec_status { pid: started.pid },
+                    qapi::qga::guest_exec_status { pid: running.pid },
                 )
                 .await?;
             if st.exited {
+                tracing::debug!(
+                    command = %running.label,
+                    exit = ?st.exitcode,
+                    seconds = running.started.elapsed().as_secs_f64(),
+                    "guest command"
+                );
                 return Ok(ExecOutput {
                     exit_code: st.exitcode,
                     signal: st.signal,
@@ -227,7 +267,7 @@ impl Agent {
             }
             if Instant::now() >= deadline {
                 return Err(AgentError::Timeout {
-                    command: argv.join(" "),
+                    command: running.label.clone(),
                     seconds: within.as_secs_f64(),
                 });
             }

@@ -2,6 +2,7 @@
 //! guest, then hands it to a pure `judge_*` function that turns observations
 //! into a verdict with evidence (unit-tested without a VM).
 
+use crate::agent::Running;
 use crate::journal::{self, JournalWarning, WarningKind};
 use crate::machine::{Machine, MachineError};
 use crate::report::{CheckResult, Status, Warning};
@@ -328,10 +329,10 @@ pub async fn observe_moved(
             files.push(0);
         }
     }
+    // Hashing is the slow part: let it run while the rest is gathered.
+    let hashing = m.start_script(SHA_SCRIPT, Some(&files)).await?;
     let out = m.exec_stdin(STAT_SCRIPT, &paths).await?;
     let stats = parse_stats(&out.stdout);
-    let out = m.exec_stdin(SHA_SCRIPT, &files).await?;
-    let sha256 = parse_sha256sum(&out.stdout_str());
     let mut body = String::new();
     for d in &manifest.state_dirs.created {
         for side in ["orig", "run"] {
@@ -350,6 +351,7 @@ pub async fn observe_moved(
         })
         .collect();
     let btime = m.succeed("awk '/^btime /{print $2}' /proc/stat").await?;
+    let sha256 = parse_sha256sum(&m.finish(&hashing).await?.stdout_str());
     Ok(MovedObservation {
         stats,
         sha256,
@@ -601,7 +603,21 @@ pub fn parse_hidden(mountpoint: &str, raw: &[u8]) -> Hidden {
 
 /// The boot journal as JSON lines.
 pub async fn export_journal(m: &mut Machine) -> Result<String, MachineError> {
-    let out = m.exec("journalctl -b -o json --no-pager").await?;
+    let running = start_journal_export(m).await?;
+    finish_journal_export(m, &running).await
+}
+
+/// Starts `journalctl -b -o json` so it can run while other checks do.
+pub async fn start_journal_export(m: &mut Machine) -> Result<Running, MachineError> {
+    m.start_script("journalctl -b -o json --no-pager", None)
+        .await
+}
+
+pub async fn finish_journal_export(
+    m: &mut Machine,
+    running: &Running,
+) -> Result<String, MachineError> {
+    let out = m.finish(running).await?;
     if !out.success() || out.truncated {
         return Err(MachineError::CommandFailed {
             command: "journalctl -b -o json".into(),

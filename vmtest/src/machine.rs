@@ -2,7 +2,7 @@
 //! wait_for_unit, reboot, power_cut, shutdown. Every way out of a `Machine`
 //! (drop included) kills QEMU.
 
-use crate::agent::{Agent, AgentError, ExecOutput};
+use crate::agent::{Agent, AgentError, ExecOutput, Running};
 use crate::qemu::QemuCommand;
 use crate::qmp::{EventLog, Qmp, QmpError, QmpEvent};
 use crate::serial::SerialWatch;
@@ -267,21 +267,39 @@ impl Machine {
             stderr,
             ..
         } = self;
-        let fut = agent.exec(argv, stdin, within);
-        tokio::pin!(fut);
-        loop {
-            tokio::select! {
-                r = &mut fut => return r.map_err(Into::into),
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if let Ok(Some(status)) = child.try_wait() {
-                        return Err(MachineError::Exited {
-                            status: status.to_string(),
-                            stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
-                        });
-                    }
-                }
-            }
-        }
+        unless_exited(child, stderr, agent.exec(argv, stdin, within)).await
+    }
+
+    /// Starts a shell script in the guest and returns at once; `finish`
+    /// collects it. Lets independent observations overlap.
+    pub async fn start_script(
+        &mut self,
+        script: &str,
+        stdin: Option<&[u8]>,
+    ) -> Result<Running, MachineError> {
+        let Machine {
+            agent,
+            child,
+            stderr,
+            ..
+        } = self;
+        unless_exited(
+            child,
+            stderr,
+            agent.start(&["/bin/sh", "-c", script], stdin),
+        )
+        .await
+    }
+
+    pub async fn finish(&mut self, running: &Running) -> Result<ExecOutput, MachineError> {
+        let t = self.command_timeout;
+        let Machine {
+            agent,
+            child,
+            stderr,
+            ..
+        } = self;
+        unless_exited(child, stderr, agent.wait(running, t)).await
     }
 
     /// Runs a shell script in the guest; returns its output whatever the exit code.
@@ -428,6 +446,28 @@ impl Machine {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+}
+
+/// Runs an agent request, giving up early if QEMU dies under it.
+async fn unless_exited<T>(
+    child: &mut Child,
+    stderr: &Mutex<String>,
+    fut: impl std::future::Future<Output = Result<T, AgentError>>,
+) -> Result<T, MachineError> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            r = &mut fut => return r.map_err(Into::into),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(MachineError::Exited {
+                        status: status.to_string(),
+                        stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+                    });
+                }
+            }
+        }
     }
 }
 

@@ -412,6 +412,8 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
     }
 
     let t_checks = Instant::now();
+    // The journal export is the slowest guest command; it overlaps the checks.
+    let journal_export = checks::start_journal_export(m).await.map_err(me)?;
     // root and state-mounts judge one findmnt snapshot; root's time includes taking it.
     let t_table = Instant::now();
     let table = checks::mount_table(m).await.map_err(me)?;
@@ -444,7 +446,9 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
     // The journal is exported whether or not overmount is checked: it is
     // the first thing anyone reads after a failure.
     let t = Instant::now();
-    let journal = checks::export_journal(m).await.map_err(me)?;
+    let journal = checks::finish_journal_export(m, &journal_export)
+        .await
+        .map_err(me)?;
     let _ = s.artifacts.write(&artifacts::journal(1), &journal);
     if s.wanted("overmount") {
         s.emit(Progress::CheckStarted("overmount".into()));
