@@ -26,16 +26,30 @@ build_strata() {
     fi
 }
 
-# fixture_image STRATA NAME [build args...]: builds the Debian fixture (cached)
-# and an image of it at $STRATA_WORK/NAME.img; prints the image path.
-fixture_image() {
-    local strata=$1 name=$2
-    shift 2
+# fixture_rootfs STRATA: the Debian fixture (built once, then cached) copied
+# to $STRATA_WORK/debian-rootfs; prints that path.
+fixture_rootfs() {
     mkdir -p "$STRATA_WORK"
     local rootfs="$STRATA_WORK/debian-rootfs"
     rm -rf "$rootfs"
-    "$strata" fixture debian --output "$rootfs" >&2
+    "$1" fixture debian --output "$rootfs" >&2
+    echo "$rootfs"
+}
+
+# build_image STRATA ROOTFS NAME [build args...]: $STRATA_WORK/NAME.img with
+# its manifest next to it; prints the image path.
+build_image() {
+    local strata=$1 rootfs=$2 name=$3
+    shift 3
     "$strata" build --rootfs "$rootfs" --output "$STRATA_WORK/$name.img" --size 4G --force "$@" >&2
-    rm -rf "$rootfs"
     echo "$STRATA_WORK/$name.img"
+}
+
+# fixture_image STRATA NAME [build args...]: both of the above.
+fixture_image() {
+    local strata=$1 name=$2 rootfs
+    shift 2
+    rootfs=$(fixture_rootfs "$strata")
+    build_image "$strata" "$rootfs" "$name" "$@"
+    rm -rf "$rootfs"
 }
