@@ -1,7 +1,9 @@
 //! `strata test`: arguments, progress lines on stderr, the report on stdout.
 
-use std::path::PathBuf;
+use crate::inspect;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::qemu::DiskBus;
 use strata_vmtest::report::{Report, Status};
@@ -93,6 +95,22 @@ pub fn run(args: TestArgs) -> u8 {
     cfg.cpus = args.cpus;
     cfg.qemu_binary = args.qemu.clone();
 
+    // An image built by someone else has no manifest: read what to expect
+    // off the image itself. Kept alive until the run is over.
+    let mut _derived = None;
+    if args.manifest.is_none()
+        && args.image.is_file()
+        && !Manifest::default_path(&args.image).exists()
+    {
+        match derive_manifest(&args.image) {
+            Ok(file) => {
+                cfg.manifest = Some(file.path().to_owned());
+                _derived = Some(file);
+            }
+            Err(code) => return code,
+        }
+    }
+
     let started = std::time::Instant::now();
     let result = run::run_blocking(cfg, |p| show(&p, started));
     match result {
@@ -123,6 +141,49 @@ pub fn run(args: TestArgs) -> u8 {
             super::fail(code, &anyhow::anyhow!("infrastructure failure: {msg}"))
         }
     }
+}
+
+/// Mounts the image read-only, reads its layout and writes the expectations
+/// to a temporary manifest.
+fn derive_manifest(image: &Path) -> Result<tempfile::NamedTempFile, u8> {
+    let opened = match inspect::image::open(image) {
+        Ok(o) => o,
+        Err(inspect::image::OpenError::BadInput(m)) => {
+            return Err(super::fail(2, &anyhow::anyhow!(m)))
+        }
+        Err(inspect::image::OpenError::Infra(e)) => return Err(super::fail(3, &e)),
+    };
+    let layout = inspect::scan::read_layout(
+        opened.top(),
+        &image.display().to_string(),
+        opened.filesystem.clone(),
+        opened.subvolumes.clone(),
+    );
+    if let Err(e) = opened.close() {
+        return Err(super::fail(
+            3,
+            &e.context("cleaning up the read-only mount"),
+        ));
+    }
+    let size = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
+    let manifest = inspect::expect::manifest_from_layout(&layout, size)
+        .map_err(|m| super::fail(2, &anyhow::anyhow!(m)))?;
+    eprintln!(
+        "no build manifest next to {}: expecting what the image itself says (version {}, root {}, state dirs {}); moved-files can only check that mountpoints are empty",
+        image.display(),
+        manifest.label,
+        manifest.root_device,
+        manifest.state_dirs.created.join(",")
+    );
+    let write = || -> std::io::Result<tempfile::NamedTempFile> {
+        let mut f = tempfile::Builder::new()
+            .prefix("strata-derived-manifest-")
+            .suffix(".json")
+            .tempfile()?;
+        serde_json::to_writer_pretty(&mut f, &manifest)?;
+        Ok(f)
+    };
+    write().map_err(|e| super::fail(3, &anyhow::anyhow!("writing the derived manifest: {e}")))
 }
 
 fn write_outputs(args: &TestArgs, report: &Report) -> Result<(), u8> {

@@ -6,6 +6,7 @@
 //! - `model`: the data, serialised as the `--json` output.
 //! - `render`: the human output (pure, snapshot-tested).
 
+pub mod expect;
 pub mod image;
 pub mod model;
 pub mod render;
