@@ -385,6 +385,74 @@ fn state_line_removed_from_fstab_fails_state_mounts() {
     assert_eq!(run::exit_code(r), 1);
 }
 
+/// Replaces `systems/<label>/run/etc/fstab` through `change(text)`.
+fn edit_run_fstab(b: &Broken, label: &str, change: impl FnOnce(&str) -> String) {
+    b.edit(|top| {
+        let fstab = top.join(format!("systems/{label}/run/etc/fstab"));
+        let text = std::fs::read_to_string(&fstab).unwrap();
+        std::fs::write(&fstab, change(&text)).unwrap();
+    });
+}
+
+#[test]
+fn an_fstab_entry_that_cannot_mount_fails_fstab() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("bad-entry");
+    // nofail: the boot goes on (no emergency mode), the mount unit fails.
+    let line = format!(
+        "UUID={} /mnt/broken btrfs subvol=/state/does-not-exist,nofail 0 2\n",
+        m.fs_uuid
+    );
+    edit_run_fstab(&b, &m.label, |t| format!("{t}{line}"));
+    let mut cfg = config(&b.image, &manifest_path);
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), ["fstab"]);
+    assert!(
+        evidence_has(r, "fstab", "/mnt/broken"),
+        "{:?}",
+        check(r, "fstab")
+    );
+    assert_eq!(run::exit_code(r), 1);
+}
+
+#[test]
+fn tmpfs_over_a_state_dir_loses_the_token_and_fails_persistence() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("tmpfs-srv");
+    edit_run_fstab(&b, &m.label, |t| {
+        t.lines()
+            .map(|l| {
+                if l.contains("subvol=/state/srv") {
+                    "tmpfs /srv tmpfs defaults 0 0"
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    cfg.checks = vec!["state-mounts".into(), "persistence".into()];
+    let o = boot(cfg);
+    let r = report(&o);
+    // /srv is not the state subvolume, and what is written there is gone
+    // after a reboot: exactly what persistence exists to catch.
+    assert_eq!(failing(r), ["state-mounts", "persistence"]);
+    assert!(
+        evidence_has(r, "persistence", "/srv"),
+        "{:?}",
+        check(r, "persistence")
+    );
+    assert!(
+        !evidence_has(r, "persistence", "/var:"),
+        "only /srv lost its token: {:?}",
+        check(r, "persistence")
+    );
+}
+
 #[test]
 fn moved_file_mode_changed_in_state_fails_moved_files() {
     use std::os::unix::fs::PermissionsExt;
