@@ -125,21 +125,10 @@ fn is_state_subvolume(path: &str) -> bool {
         .is_some_and(|d| !d.is_empty() && !d.contains('/'))
 }
 
-/// Version labels: the directories under systems/ (not the `default` link).
-fn version_labels(top: &Path) -> Vec<String> {
-    let mut labels: Vec<String> = std::fs::read_dir(top.join("systems"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    labels.sort();
-    labels
-}
-
-fn state_names(top: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(top.join("state"))
+/// Names of the directories in `dir` (not symlinks such as systems/default),
+/// sorted; none when `dir` is missing.
+fn subdirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -148,6 +137,15 @@ fn state_names(top: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Version labels: the directories under systems/.
+fn version_labels(top: &Path) -> Vec<String> {
+    subdirs(&top.join("systems"))
+}
+
+fn state_names(top: &Path) -> Vec<String> {
+    subdirs(&top.join("state"))
 }
 
 fn read_default(top: &Path, labels: &[String]) -> (DefaultLink, Vec<String>) {

@@ -197,21 +197,9 @@ impl Report {
         if let Some(e) = &self.error {
             let _ = writeln!(o, "\nERROR: {e}");
         }
-        let passed = self
-            .checks
-            .iter()
-            .filter(|c| c.status == Status::Pass)
-            .count();
-        let failed = self
-            .checks
-            .iter()
-            .filter(|c| c.status == Status::Fail)
-            .count();
-        let skipped = self
-            .checks
-            .iter()
-            .filter(|c| c.status == Status::Skip)
-            .count();
+        let passed = self.count(Status::Pass);
+        let failed = self.count(Status::Fail);
+        let skipped = self.count(Status::Skip);
         let _ = writeln!(
             o,
             "\nVerdict: {} ({passed} passed, {failed} failed, {skipped} skipped)",
@@ -223,17 +211,13 @@ impl Report {
         o
     }
 
+    fn count(&self, status: Status) -> usize {
+        self.checks.iter().filter(|c| c.status == status).count()
+    }
+
     pub fn to_junit(&self) -> String {
-        let failures = self
-            .checks
-            .iter()
-            .filter(|c| c.status == Status::Fail)
-            .count();
-        let skipped = self
-            .checks
-            .iter()
-            .filter(|c| c.status == Status::Skip)
-            .count();
+        let failures = self.count(Status::Fail);
+        let skipped = self.count(Status::Skip);
         let errors = usize::from(self.error.is_some());
         let mut o = String::new();
         let _ = writeln!(o, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
