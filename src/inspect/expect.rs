@@ -5,7 +5,7 @@
 
 use super::model::Layout;
 use strata_builder::manifest::{Manifest, StateDirs, MANIFEST_VERSION};
-use strata_builder::plan::DEFAULT_STATE_DIRS;
+use strata_builder::plan::{validate_label, validate_state_dir, DEFAULT_STATE_DIRS};
 
 /// The `state_migration` of a manifest derived from an image.
 pub const UNKNOWN_MIGRATION: &str = "unknown (no build manifest: read from the image)";
@@ -17,6 +17,12 @@ pub fn manifest_from_layout(layout: &Layout, image_size: u64) -> Result<Manifest
             layout.image
         )
     })?;
+    // The names end up in guest shell scripts and paths: hold them to the
+    // same rules strata builds with.
+    validate_label(&label).map_err(|e| format!("{}: systems/default: {e}", layout.image))?;
+    for d in layout.state_dirs.iter().filter(|d| d.subvolume.is_some()) {
+        validate_state_dir(&d.name).map_err(|e| format!("{}: state/: {e}", layout.image))?;
+    }
     // Every state subvolume present is expected to be mounted, whatever the
     // (possibly broken) fstab says: that is what the checks are for.
     let mut created: Vec<String> = layout
@@ -123,5 +129,16 @@ mod tests {
         assert_eq!(m.state_dirs.created, ["home", "var"]);
         assert!(m.moved_files.is_empty());
         assert_eq!(m.initramfs, None);
+
+        std::fs::remove_file(top.join("systems/default")).unwrap();
+        std::fs::create_dir_all(top.join("systems/v1;reboot")).unwrap();
+        std::os::unix::fs::symlink("v1;reboot", top.join("systems/default")).unwrap();
+        let fs = Filesystem {
+            uuid: "abcd".into(),
+            label: None,
+        };
+        let layout = read_layout(top, "their.img", fs, vec![]);
+        let e = manifest_from_layout(&layout, 42).unwrap_err();
+        assert!(e.contains("invalid version label \"v1;reboot\""), "{e}");
     }
 }
