@@ -97,10 +97,21 @@ impl Manifest {
             path: path.to_owned(),
             source,
         })?;
-        serde_json::from_slice(&bytes).map_err(|source| ManifestError::Parse {
+        let m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| ManifestError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        // Names end up in paths and guest commands: the builder's rules hold.
+        let invalid = |e: crate::plan::PlanError| ManifestError::Invalid {
             path: path.to_owned(),
-            source,
-        })
+            reason: e.to_string(),
+        };
+        crate::plan::validate_label(&m.label).map_err(invalid)?;
+        for d in &m.state_dirs.created {
+            crate::plan::validate_state_dir(d).map_err(invalid)?;
+        }
+        Ok(m)
     }
 
     /// Moved files grouped by state dir name ("root" -> entries under /root).
@@ -127,9 +138,48 @@ pub enum ManifestError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("manifest {}: {reason}", path.display())]
+    Invalid {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("manifest {} is not a strata build manifest: {source}", path.display())]
     Parse {
         path: std::path::PathBuf,
         source: serde_json::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_escape_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        let m = Manifest {
+            manifest_version: MANIFEST_VERSION,
+            label: "factory".into(),
+            fs_uuid: "u".into(),
+            root_device: "/dev/vda".into(),
+            state_dirs: StateDirs {
+                created: vec!["var".into(), "x';reboot;'".into()],
+                skipped: vec![],
+            },
+            fstab_lines_added: vec![],
+            state_migration: "move".into(),
+            moved_files: vec![],
+            kernel: String::new(),
+            initramfs: None,
+            kernel_source: String::new(),
+            initramfs_source: None,
+            kernel_args: String::new(),
+            image_size: 0,
+            timings: vec![],
+        };
+        std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        let e = Manifest::load(&path).unwrap_err().to_string();
+        assert!(e.contains("invalid state directory"), "{e}");
+    }
 }
