@@ -19,6 +19,7 @@ use crate::mount::Mount;
 use crate::plan::{self, FstabChange, Plan, PlanOptions, StateDirAction};
 use crate::progress::{Event, Step};
 use crate::rootfs::RootDir;
+use crate::size::human;
 use rustix::fs::FileType;
 use std::fs;
 use std::io::Write;
@@ -238,21 +239,6 @@ fn host_file(path: &Path, what: &str) -> Result<PathBuf, BuildError> {
             path.display()
         ))),
         Err(e) => Err(input(format!("{what} {}: {e}", path.display()))),
-    }
-}
-
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -30,6 +30,22 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     Ok(bytes)
 }
 
+/// Sizes for people, in powers of 1024: "18 B", "1.5 KiB", "7.9 MiB".
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -341,18 +341,13 @@ pub fn explain(w: &Warning) -> String {
     o
 }
 
+/// Like the builder's sizes, but small ones spelled out ("5 bytes").
 pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
     if b < 1024 {
-        return format!("{b} bytes");
+        format!("{b} bytes")
+    } else {
+        strata_builder::size::human(b)
     }
-    let mut v = b as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
 }
 
 fn xml(s: &str) -> String {
