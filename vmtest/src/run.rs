@@ -141,6 +141,23 @@ impl Session {
         let _ = self.progress.send(p);
     }
 
+    /// Counts a boot as it starts (so `boots` includes one that fails).
+    fn begin_boot(&mut self, why: &'static str) {
+        self.boots += 1;
+        self.emit(Progress::Booting {
+            boot: self.boots,
+            why,
+        });
+    }
+
+    fn booted(&self, seconds: f64, state: String) {
+        self.emit(Progress::Booted {
+            boot: self.boots,
+            seconds,
+            state,
+        });
+    }
+
     fn wanted(&self, name: &str) -> bool {
         self.cfg.checks.iter().any(|c| c == name)
     }
@@ -369,11 +386,7 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
     s.template = Some(template.clone());
 
     // Boot 1: accelerator choice and the layout checks.
-    s.boots = 1;
-    s.emit(Progress::Booting {
-        boot: 1,
-        why: "first boot",
-    });
+    s.begin_boot("first boot");
     let overlay_for_retry = {
         let overlay = s.overlay();
         let image = s.cfg.image.clone();
@@ -394,11 +407,7 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
     let m = slot.as_mut().expect("just set");
     let state = m.wait_booted(s.boot_budget()).await.map_err(me)?;
     s.timings.boot = m.started().elapsed().as_secs_f64();
-    s.emit(Progress::Booted {
-        boot: 1,
-        seconds: s.timings.boot,
-        state,
-    });
+    s.booted(s.timings.boot, state);
     if let Some(k) = m.serial().snapshot().kernel_start {
         s.timings.firmware = Some(k.saturating_duration_since(m.started()).as_secs_f64());
     }
@@ -499,18 +508,10 @@ async fn persistence(s: &mut Session, slot: &mut Option<Machine>) -> Result<Chec
     let mut problems = Vec::new();
     let m = slot.as_mut().expect("machine running");
     let before_reboot = checks::write_tokens(m, &dirs, "reboot").await.map_err(me)?;
-    s.emit(Progress::Booting {
-        boot: 2,
-        why: "clean reboot (systemctl reboot)",
-    });
+    s.begin_boot("clean reboot (systemctl reboot)");
     let t = Instant::now();
     let state = m.reboot(s.boot_budget()).await.map_err(me)?;
-    s.boots = 2;
-    s.emit(Progress::Booted {
-        boot: 2,
-        seconds: t.elapsed().as_secs_f64(),
-        state,
-    });
+    s.booted(t.elapsed().as_secs_f64(), state);
     let p = checks::verify_tokens(m, &before_reboot, "reboot")
         .await
         .map_err(me)?;
@@ -534,10 +535,7 @@ async fn persistence(s: &mut Session, slot: &mut Option<Machine>) -> Result<Chec
     s.emit(Progress::Step("sync, then power cut (QMP quit)".into()));
     let m = slot.take().expect("machine running");
     m.power_cut().await.map_err(me)?;
-    s.emit(Progress::Booting {
-        boot: 3,
-        why: "fresh start after the power cut",
-    });
+    s.begin_boot("fresh start after the power cut");
     let t = Instant::now();
     let template = s.template.clone().expect("template set");
     let cmd = QemuCommand {
@@ -547,12 +545,7 @@ async fn persistence(s: &mut Session, slot: &mut Option<Machine>) -> Result<Chec
     *slot = Some(Machine::start(cmd, s.events.clone()).await.map_err(me)?);
     let m = slot.as_mut().expect("just set");
     let state = m.wait_booted(s.boot_budget()).await.map_err(me)?;
-    s.boots = 3;
-    s.emit(Progress::Booted {
-        boot: 3,
-        seconds: t.elapsed().as_secs_f64(),
-        state,
-    });
+    s.booted(t.elapsed().as_secs_f64(), state);
     let p1 = checks::verify_tokens(m, &before_reboot, "reboot")
         .await
         .map_err(me)?;
