@@ -351,7 +351,7 @@ fn builds_the_system_layout() {
 
     let fstab = fs::read(img.path("systems/factory/run/etc/fstab")).unwrap();
     let mut expected = b"# configured by hand\ntmpfs\t/tmp\ttmpfs\tdefaults 0 0\n".to_vec();
-    expected.extend(strata_builder::plan::FSTAB_MARKER.bytes());
+    expected.extend(strata_builder::layout::FSTAB_MARKER.bytes());
     expected.push(b'\n');
     for l in &m.fstab_lines_added {
         expected.extend(l.bytes());

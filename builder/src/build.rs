@@ -26,9 +26,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The filesystem label of every strata image.
-pub const FS_LABEL: &str = "strata";
-
 /// mkfs.btrfs refuses much less than this with default (DUP metadata) profiles.
 pub const MIN_IMAGE_SIZE: u64 = 128 << 20;
 
@@ -294,7 +291,7 @@ impl<'a> Builder<'a> {
         // then the loop device, then (on failure) the partial image.
         let image = self.step(Step::CreateImage, |_| create_image(opts))?;
         self.step(Step::Mkfs, |_| {
-            btrfs::mkfs(image.path(), FS_LABEL, &prep.fs_uuid)
+            btrfs::mkfs(image.path(), crate::layout::FS_LABEL, &prep.fs_uuid)
                 .context(Step::Mkfs, || "making the btrfs filesystem".into())
         })?;
         let (loopdev, mount) = self.step(Step::Mount, |_| {
@@ -569,11 +566,9 @@ fn check_mountpoints(orig: &RootDir, plan: &Plan, how: Migration) -> Result<(), 
         .read("etc/fstab")
         .context(Step::CheckMountpoints, || "reading orig/etc/fstab".into())?
         .unwrap_or_default();
-    for entry in fstab::parse(&text) {
+    let entries = fstab::parse(&text);
+    for entry in fstab::mounts_over_root(&entries) {
         let target = entry.target.trim_start_matches('/');
-        if !entry.target.starts_with('/') || target.is_empty() || entry.fstype == "swap" {
-            continue;
-        }
         let is_state = plan.created_state_dirs().any(|d| d == target);
         if is_state && how == Migration::Copy {
             continue;

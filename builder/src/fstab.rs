@@ -93,8 +93,45 @@ pub fn find_target<'a>(entries: &'a [Entry], target: &str) -> Option<&'a Entry> 
     entries.iter().rev().find(|e| e.target == target)
 }
 
+/// Whether systemd mounts an fstab entry at boot: the one rule the build's
+/// mountpoint check, `strata inspect --lint` and the guest's `fstab` check
+/// share. Swap is not a mount; `noauto` entries wait to be asked for; a
+/// target that is not an absolute path (`none`) is not a mount point.
+pub fn is_boot_mount(target: &str, fstype: &str, options: &str) -> bool {
+    target.starts_with('/') && fstype != "swap" && !options.split(',').any(|o| o == "noauto")
+}
+
+/// The entries mounted at boot, `/` included, in file order.
+pub fn boot_mounts(entries: &[Entry]) -> impl Iterator<Item = &Entry> {
+    entries
+        .iter()
+        .filter(|e| is_boot_mount(&e.target, &e.fstype, &e.options))
+}
+
+/// The boot mounts other than `/`: the directories of the root tree that a
+/// mount covers, where data would be hidden.
+pub fn mounts_over_root(entries: &[Entry]) -> impl Iterator<Item = &Entry> {
+    boot_mounts(entries).filter(|e| e.target != "/")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn boot_mounts_skip_swap_noauto_and_non_paths() {
+        let e = parse(
+            b"/dev/vda / btrfs defaults 0 1
+/dev/vdb none swap sw 0 0
+/dev/vdc /swapfile swap sw
+/dev/vdd /mnt ext4 noauto,ro
+/dev/vde /data ext4 ro,noautox
+",
+        );
+        let boot: Vec<&str> = boot_mounts(&e).map(|e| e.target.as_str()).collect();
+        assert_eq!(boot, ["/", "/data"]);
+        let over: Vec<&str> = mounts_over_root(&e).map(|e| e.target.as_str()).collect();
+        assert_eq!(over, ["/data"]);
+    }
+
     use super::*;
 
     #[test]

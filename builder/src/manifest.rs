@@ -103,13 +103,13 @@ impl Manifest {
                 source,
             })?;
         // Names end up in paths and guest commands: the builder's rules hold.
-        let invalid = |e: crate::plan::PlanError| ManifestError::Invalid {
+        let invalid = |e: crate::layout::NameError| ManifestError::Invalid {
             path: path.to_owned(),
             reason: e.to_string(),
         };
-        crate::plan::validate_label(&m.label).map_err(invalid)?;
+        crate::layout::validate_label(&m.label).map_err(invalid)?;
         for d in &m.state_dirs.created {
-            crate::plan::validate_state_dir(d).map_err(invalid)?;
+            crate::layout::validate_state_dir(d).map_err(invalid)?;
         }
         Ok(m)
     }

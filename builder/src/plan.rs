@@ -3,13 +3,8 @@
 //! bytes of the completed fstab. Nothing here touches the disk.
 
 use crate::fstab::{self, Entry};
+use crate::layout::{self, validate_label, validate_state_dir, NameError, FSTAB_MARKER};
 use serde::Serialize;
-
-/// The comment line that precedes every line strata adds to fstab.
-pub const FSTAB_MARKER: &str = "# Added by strata build: system layout state subvolumes";
-
-pub const DEFAULT_STATE_DIRS: [&str; 5] = ["home", "root", "opt", "srv", "var"];
-pub const DEFAULT_LABEL: &str = "factory";
 
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
@@ -83,10 +78,8 @@ impl Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("invalid version label {0:?}: use letters, digits, '.', '_' or '-' (it becomes a directory name and a boot menu label)")]
-    Label(String),
-    #[error("invalid state directory {0:?}: expected a single directory name such as \"var\"")]
-    StateDir(String),
+    #[error(transparent)]
+    Name(#[from] NameError),
     #[error("state directory {0:?} is listed twice")]
     DuplicateStateDir(String),
     #[error("invalid root device {0:?}: it must be one word (e.g. /dev/vda or UUID=...)")]
@@ -95,31 +88,6 @@ pub enum PlanError {
     RootConflict { fstab: String, explicit: String },
     #[error("root device {0} needs an initramfs to be found at boot, and the rootfs has none: give an explicit device with --root-device (e.g. /dev/vda)")]
     NeedsInitramfs(String),
-}
-
-/// A name that is safe as one path component, a boot menu label and an
-/// fstab field: letters, digits, '.', '_' or '-', and not "." or "..".
-fn is_simple_name(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-pub fn validate_label(label: &str) -> Result<(), PlanError> {
-    is_simple_name(label)
-        .then_some(())
-        .ok_or_else(|| PlanError::Label(label.to_owned()))
-}
-
-/// One component: `state/<name>` is a subvolume directly under state/ and
-/// `/<name>` a mount point directly under /.
-pub fn validate_state_dir(name: &str) -> Result<(), PlanError> {
-    is_simple_name(name)
-        .then_some(())
-        .ok_or_else(|| PlanError::StateDir(name.to_owned()))
 }
 
 /// Kernels resolve only device paths and PARTUUID=/PARTLABEL= themselves;
@@ -169,13 +137,15 @@ pub fn plan(fstab: Option<&[u8]>, opts: &PlanOptions) -> Result<Plan, PlanError>
         .state_dirs
         .iter()
         .map(|name| {
-            let action = match fstab::find_target(&entries, &format!("/{name}")) {
+            let action = match fstab::find_target(&entries, &layout::state_mountpoint(name)) {
                 Some(Entry { raw, .. }) => StateDirAction::Skip {
                     fstab_entry: raw.clone(),
                 },
                 None => {
                     let line = format!(
-                        "{root_device} /{name} btrfs subvol=/state/{name},defaults,rw,noatime 0 2"
+                        "{root_device} {} btrfs subvol={},defaults,rw,noatime 0 2",
+                        layout::state_mountpoint(name),
+                        layout::fsroot(&layout::state(name))
                     );
                     added.push(line.clone());
                     StateDirAction::Create { fstab_line: line }

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use strata_builder::fstab;
-use strata_builder::plan::{plan, FstabChange, PlanOptions, DEFAULT_STATE_DIRS};
+use strata_builder::layout::DEFAULT_STATE_DIRS;
+use strata_builder::plan::{plan, FstabChange, PlanOptions};
 
 const FS_UUID: &str = "5e1f0c2a-7d4b-4c3e-8f9a-0b1c2d3e4f50";
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 use strata_builder::build::{self, BuildOptions};
 use strata_builder::error::BuildError;
 use strata_builder::interrupt::Interrupt;
+use strata_builder::layout::{DEFAULT_LABEL, DEFAULT_STATE_DIRS};
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::Migration;
-use strata_builder::plan::{DEFAULT_LABEL, DEFAULT_STATE_DIRS};
 use strata_builder::progress::Event;
 use strata_builder::size::parse_size;
 

@@ -1,8 +1,9 @@
 //! `strata test`: arguments, progress lines on stderr, the report on stdout.
 
 use crate::inspect;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
+use strata_builder::expect::Expectations;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::qemu::DiskBus;
@@ -71,8 +72,11 @@ enum BootArg {
 }
 
 pub fn run(args: TestArgs) -> u8 {
-    let mut cfg = TestConfig::new(args.image.clone());
-    cfg.manifest = args.manifest.clone();
+    let expect = match expectations(&args) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let mut cfg = TestConfig::new(args.image.clone(), expect);
     cfg.artifacts = args.artifacts.clone();
     cfg.accel = match args.accel {
         AccelArg::Auto => AccelChoice::Auto,
@@ -94,22 +98,6 @@ pub fn run(args: TestArgs) -> u8 {
     cfg.memory_mib = args.memory;
     cfg.cpus = args.cpus;
     cfg.qemu_binary = args.qemu.clone();
-
-    // An image built by someone else has no manifest: read what to expect
-    // off the image itself. Kept alive until the run is over.
-    let mut _derived = None;
-    if args.manifest.is_none()
-        && args.image.is_file()
-        && !Manifest::default_path(&args.image).exists()
-    {
-        match derive_manifest(&args.image) {
-            Ok(file) => {
-                cfg.manifest = Some(file.path().to_owned());
-                _derived = Some(file);
-            }
-            Err(code) => return code,
-        }
-    }
 
     let started = std::time::Instant::now();
     let result = run::run_blocking(cfg, |p| show(&p, started));
@@ -143,14 +131,24 @@ pub fn run(args: TestArgs) -> u8 {
     }
 }
 
-/// Mounts the image read-only, reads its layout and writes the expectations
-/// to a temporary manifest.
-fn derive_manifest(image: &Path) -> Result<tempfile::NamedTempFile, u8> {
+/// What the booted image must show: from the build manifest (given, or
+/// IMG.manifest.json), or — for an image built by someone else, with no
+/// manifest — read off the image through a read-only mount.
+fn expectations(args: &TestArgs) -> Result<Expectations, u8> {
+    let bad = |m: String| super::fail(2, &anyhow::anyhow!(m));
+    let path = args
+        .manifest
+        .clone()
+        .unwrap_or_else(|| Manifest::default_path(&args.image));
+    if args.manifest.is_some() || path.exists() || !args.image.is_file() {
+        let m = Manifest::load(&path).map_err(|e| bad(e.to_string()))?;
+        return Expectations::from_manifest(&m, path.clone())
+            .map_err(|e| bad(format!("{}: {e}", path.display())));
+    }
+    let image = &args.image;
     let opened = match inspect::image::open(image) {
         Ok(o) => o,
-        Err(inspect::image::OpenError::BadInput(m)) => {
-            return Err(super::fail(2, &anyhow::anyhow!(m)))
-        }
+        Err(inspect::image::OpenError::BadInput(m)) => return Err(bad(m)),
         Err(inspect::image::OpenError::Infra(e)) => return Err(super::fail(3, &e)),
     };
     let layout = inspect::scan::read_layout(
@@ -165,25 +163,15 @@ fn derive_manifest(image: &Path) -> Result<tempfile::NamedTempFile, u8> {
             &e.context("cleaning up the read-only mount"),
         ));
     }
-    let size = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
-    let manifest = inspect::expect::manifest_from_layout(&layout, size)
-        .map_err(|m| super::fail(2, &anyhow::anyhow!(m)))?;
+    let expect = Expectations::from_layout(&layout).map_err(bad)?;
     eprintln!(
         "no build manifest next to {}: expecting what the image itself says (version {}, root {}, state dirs {}); moved-files can only check that mountpoints are empty",
         image.display(),
-        manifest.label,
-        manifest.root_device,
-        manifest.state_dirs.created.join(",")
+        expect.version,
+        expect.root_device,
+        expect.state_dirs.join(",")
     );
-    let write = || -> std::io::Result<tempfile::NamedTempFile> {
-        let mut f = tempfile::Builder::new()
-            .prefix("strata-derived-manifest-")
-            .suffix(".json")
-            .tempfile()?;
-        serde_json::to_writer_pretty(&mut f, &manifest)?;
-        Ok(f)
-    };
-    write().map_err(|e| super::fail(3, &anyhow::anyhow!("writing the derived manifest: {e}")))
+    Ok(expect)
 }
 
 fn write_outputs(args: &TestArgs, report: &Report) -> Result<(), u8> {

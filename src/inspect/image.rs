@@ -2,11 +2,11 @@
 //! read-only loop device and a read-only mount of the top-level subvolume
 //! (subvolid=5, whatever the default subvolume is). Both are undone on drop.
 
-use super::model::{Filesystem, Subvolume};
 use super::scan;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+use strata_builder::image::model::{Filesystem, Subvolume};
 use strata_builder::{cmd, loopdev::LoopDevice, mount::Mount};
 
 /// The primary superblock's offset and the fields read from it.

@@ -3,11 +3,9 @@
 //!
 //! - `image`: superblock check, read-only loop device and mount (RAII).
 //! - `scan`: reads a mounted top level (or any directory shaped like one).
-//! - `model`: the data, serialised as the `--json` output.
+//! - the data, serialised as the `--json` output, is `strata_builder::image::model`.
 //! - `render`: the human output (pure, snapshot-tested).
 
-pub mod expect;
 pub mod image;
-pub mod model;
 pub mod render;
 pub mod scan;

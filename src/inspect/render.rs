@@ -1,8 +1,8 @@
 //! Human-readable output of `strata inspect` and `strata inspect --lint`.
 //! Pure functions over the model: snapshot-tested without any image.
 
-use super::model::*;
 use std::fmt::Write;
+use strata_builder::image::model::*;
 
 pub use strata_builder::size::human as bytes;
 

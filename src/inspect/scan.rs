@@ -1,11 +1,11 @@
 //! Reading a layout from a mounted top-level subvolume (or any directory
 //! shaped like one: the tests use plain temp dirs). Never writes.
 
-use super::model::*;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use strata_builder::fstab;
+use strata_builder::image::model::*;
 
 /// The comment line that precedes the fstab lines strata adds.
 pub const ADDED_MARKER: &str = "# Added by strata";
@@ -429,10 +429,7 @@ fn planned_mounts(fstab: Option<&Fstab>, subvols: &[Subvolume], states: &[String
     let mut out = Vec::new();
     for line in fstab.iter().flat_map(|f| &f.lines) {
         let Some(m) = &line.mount else { continue };
-        if !m.target.starts_with('/') || m.target == "/" || m.fstype == "swap" {
-            continue;
-        }
-        if m.options.split(',').any(|o| o == "noauto") {
+        if m.target == "/" || !fstab::is_boot_mount(&m.target, &m.fstype, &m.options) {
             continue;
         }
         let subvolume = mounted_subvolume(m, subvols);

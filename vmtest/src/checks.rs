@@ -8,7 +8,9 @@ use crate::machine::{Machine, MachineError};
 use crate::report::{CheckResult, Status, Warning};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
-use strata_builder::manifest::{FileType, Manifest};
+use strata_builder::expect::Expectations;
+use strata_builder::layout::{self, Tree};
+use strata_builder::manifest::FileType;
 
 pub const ALL: [&str; 6] = [
     "root",
@@ -62,8 +64,8 @@ fn mounted_at<'a>(table: &'a [Mount], target: &str) -> Option<&'a Mount> {
 
 // ---------------------------------------------------------------- root
 
-pub fn judge_root(table: &[Mount], manifest: &Manifest) -> CheckResult {
-    let want_root = format!("/systems/{}/run", manifest.label);
+pub fn judge_root(table: &[Mount], expect: &Expectations) -> CheckResult {
+    let want_root = layout::fsroot(&expect.version.run());
     let Some(root) = mounted_at(table, "/") else {
         return CheckResult::new("root", Status::Fail, "nothing is mounted at /", vec![]);
     };
@@ -79,10 +81,10 @@ pub fn judge_root(table: &[Mount], manifest: &Manifest) -> CheckResult {
     if fstype != "btrfs" {
         wrong.push(format!("fstype {fstype}, expected btrfs"));
     }
-    if !uuid.eq_ignore_ascii_case(&manifest.fs_uuid) {
+    if !uuid.eq_ignore_ascii_case(&expect.fs_uuid) {
         wrong.push(format!(
             "filesystem UUID {uuid}, expected the image's {}",
-            manifest.fs_uuid
+            expect.fs_uuid
         ));
     }
     if fsroot != want_root {
@@ -92,7 +94,7 @@ pub fn judge_root(table: &[Mount], manifest: &Manifest) -> CheckResult {
         CheckResult::new(
             "root",
             Status::Pass,
-            format!("/ is btrfs {} at {want_root}", manifest.fs_uuid),
+            format!("/ is btrfs {} at {want_root}", expect.fs_uuid),
             evidence,
         )
     } else {
@@ -107,13 +109,13 @@ pub fn judge_root(table: &[Mount], manifest: &Manifest) -> CheckResult {
 
 // -------------------------------------------------------- state-mounts
 
-pub fn judge_state_mounts(table: &[Mount], manifest: &Manifest) -> CheckResult {
+pub fn judge_state_mounts(table: &[Mount], expect: &Expectations) -> CheckResult {
     let root_uuid = mounted_at(table, "/").and_then(|m| m.uuid.clone());
     let mut evidence = Vec::new();
     let mut bad = Vec::new();
-    for d in &manifest.state_dirs.created {
-        let target = format!("/{d}");
-        let want_root = format!("/state/{d}");
+    for d in &expect.state_dirs {
+        let target = layout::state_mountpoint(d);
+        let want_root = layout::fsroot(&layout::state(d));
         match mounted_at(table, &target) {
             None => {
                 bad.push(target.clone());
@@ -153,12 +155,11 @@ pub fn judge_state_mounts(table: &[Mount], manifest: &Manifest) -> CheckResult {
             Status::Pass,
             format!(
                 "{} state subvolumes mounted: {}",
-                manifest.state_dirs.created.len(),
-                manifest
+                expect.state_dirs.len(),
+                expect
                     .state_dirs
-                    .created
                     .iter()
-                    .map(|d| format!("/{d}"))
+                    .map(|d| layout::state_mountpoint(d))
                     .collect::<Vec<_>>()
                     .join(" ")
             ),
@@ -314,14 +315,15 @@ mount -o subvolid=5 "$dev" "$top" || exit 97
 
 pub async fn observe_moved(
     m: &mut Machine,
-    manifest: &Manifest,
+    expect: &Expectations,
 ) -> Result<MovedObservation, MachineError> {
     let mut paths: Vec<u8> = Vec::new();
-    for d in &manifest.state_dirs.created {
-        paths.extend_from_slice(format!("/{d}\0").as_bytes());
+    for d in &expect.state_dirs {
+        paths.extend_from_slice(layout::state_mountpoint(d).as_bytes());
+        paths.push(0);
     }
     let mut files: Vec<u8> = Vec::new();
-    for f in &manifest.moved_files {
+    for f in &expect.moved_files {
         paths.extend_from_slice(f.path.as_bytes());
         paths.push(0);
         if f.file_type == FileType::File {
@@ -334,11 +336,12 @@ pub async fn observe_moved(
     let out = m.exec_stdin(STAT_SCRIPT, &paths).await?;
     let stats = parse_stats(&out.stdout);
     let mut body = String::new();
-    for d in &manifest.state_dirs.created {
-        for side in ["orig", "run"] {
+    for d in &expect.state_dirs {
+        for tree in Tree::BOTH {
+            let side = tree.name();
             body.push_str(&format!(
-                "p=\"$top/systems/{label}/{side}/{d}\"; if [ -d \"$p\" ]; then printf '{side}/{d} %s\\n' \"$(ls -A \"$p\" | wc -l)\"; else echo '{side}/{d} missing'; fi\n",
-                label = manifest.label
+                "p=\"$top/{dir}/{d}\"; if [ -d \"$p\" ]; then printf '{side}/{d} %s\\n' \"$(ls -A \"$p\" | wc -l)\"; else echo '{side}/{d} missing'; fi\n",
+                dir = expect.version.tree(tree)
             ));
         }
     }
@@ -417,11 +420,11 @@ fn kind_char(t: FileType) -> char {
     }
 }
 
-pub fn judge_moved(obs: &MovedObservation, manifest: &Manifest) -> CheckResult {
+pub fn judge_moved(obs: &MovedObservation, expect: &Expectations) -> CheckResult {
     let mut evidence = Vec::new();
     let mut bad = 0usize;
     let mut changed_since_boot: Vec<String> = Vec::new();
-    for f in &manifest.moved_files {
+    for f in &expect.moved_files {
         let dir = f
             .path
             .trim_start_matches('/')
@@ -507,8 +510,8 @@ pub fn judge_moved(obs: &MovedObservation, manifest: &Manifest) -> CheckResult {
     }
     if !nonempty.is_empty() {
         evidence.push(format!(
-            "top-level view of systems/{}: {} (state data left in the system subvolume)",
-            manifest.label,
+            "top-level view of {}: {} (state data left in the system subvolume)",
+            expect.version.dir(),
             nonempty.join(", ")
         ));
     }
@@ -524,7 +527,7 @@ pub fn judge_moved(obs: &MovedObservation, manifest: &Manifest) -> CheckResult {
                 .join(", ")
         ));
     }
-    let total = manifest.moved_files.len();
+    let total = expect.moved_files.len();
     if bad == 0 && nonempty.is_empty() {
         CheckResult::new(
             "moved-files",
@@ -765,7 +768,11 @@ pub async fn verify_tokens(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_builder::manifest::{MovedFile, StateDirs};
+    use strata_builder::manifest::{Manifest, MovedFile, StateDirs};
+
+    fn expectations() -> Expectations {
+        Expectations::from_manifest(&manifest(), "x.img.manifest.json".into()).unwrap()
+    }
 
     fn manifest() -> Manifest {
         Manifest {
@@ -828,15 +835,15 @@ mod tests {
     #[test]
     fn root_and_state_mounts_pass_on_the_expected_table() {
         let t = table("/state/var");
-        assert_eq!(judge_root(&t, &manifest()).status, Status::Pass);
-        let s = judge_state_mounts(&t, &manifest());
+        assert_eq!(judge_root(&t, &expectations()).status, Status::Pass);
+        let s = judge_state_mounts(&t, &expectations());
         assert_eq!(s.status, Status::Pass, "{s:?}");
     }
 
     #[test]
     fn wrong_subvolume_is_named() {
         let t = table("/systems/factory/run/var");
-        let s = judge_state_mounts(&t, &manifest());
+        let s = judge_state_mounts(&t, &expectations());
         assert_eq!(s.status, Status::Fail);
         assert!(s
             .evidence
@@ -844,7 +851,7 @@ mod tests {
             .any(|e| e.contains("/var: fsroot /systems/factory/run/var, expected /state/var")));
         let mut t = table("/state/var");
         t[0].fsroot = Some("/systems/factory/orig".into());
-        let r = judge_root(&t, &manifest());
+        let r = judge_root(&t, &expectations());
         assert_eq!(r.status, Status::Fail);
         assert!(r
             .detail
@@ -857,7 +864,7 @@ mod tests {
             .into_iter()
             .filter(|m| m.target != "/var")
             .collect();
-        let s = judge_state_mounts(&t, &manifest());
+        let s = judge_state_mounts(&t, &expectations());
         assert_eq!(s.status, Status::Fail);
         assert_eq!(s.detail, "not mounted as expected: /var");
     }
@@ -951,7 +958,7 @@ mod tests {
 
     #[test]
     fn moved_files_tolerate_changes_made_by_the_running_system() {
-        let r = judge_moved(&moved_obs(), &manifest());
+        let r = judge_moved(&moved_obs(), &expectations());
         assert_eq!(r.status, Status::Pass, "{r:?}");
         assert!(r.evidence[0].contains("changed by the running system after boot"));
     }
@@ -965,7 +972,7 @@ mod tests {
             .mode = 0o644;
         obs.stats.get_mut("/root/.ssh/authorized_keys").unwrap().dev = 7;
         obs.toplevel_entries.insert("run/var".into(), Some(1));
-        let r = judge_moved(&obs, &manifest());
+        let r = judge_moved(&obs, &expectations());
         assert_eq!(r.status, Status::Fail);
         assert!(r.evidence[0].starts_with("/root/.ssh/authorized_keys: mode 0644, expected 0600; on device 7 but /root is device 40"), "{:?}", r.evidence);
         assert!(r.detail.contains("run/var has 1 entries"));

@@ -13,7 +13,7 @@ use crate::qmp::EventLog;
 use crate::report::{CheckResult, Report, Status, Timings, Warning};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use strata_builder::manifest::Manifest;
+use strata_builder::expect::Expectations;
 use tokio::sync::mpsc::UnboundedSender;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,8 +34,8 @@ impl BootMode {
 #[derive(Debug, Clone)]
 pub struct TestConfig {
     pub image: PathBuf,
-    /// Defaults to IMG.manifest.json.
-    pub manifest: Option<PathBuf>,
+    /// What the booted image must show.
+    pub expect: Expectations,
     pub artifacts: Option<PathBuf>,
     pub accel: AccelChoice,
     pub disk_bus: DiskBus,
@@ -50,10 +50,10 @@ pub struct TestConfig {
 }
 
 impl TestConfig {
-    pub fn new(image: PathBuf) -> TestConfig {
+    pub fn new(image: PathBuf, expect: Expectations) -> TestConfig {
         TestConfig {
             image,
-            manifest: None,
+            expect,
             artifacts: None,
             accel: AccelChoice::Auto,
             disk_bus: DiskBus::VirtioBlk,
@@ -122,7 +122,6 @@ const MAX_BOOT: Duration = Duration::from_secs(240);
 
 struct Session {
     cfg: TestConfig,
-    manifest: Manifest,
     artifacts: Artifacts,
     workdir: tempfile::TempDir,
     progress: UnboundedSender<Progress>,
@@ -221,7 +220,7 @@ impl Session {
             disk_bus: self.cfg.disk_bus,
             boots: self.boots,
             image: self.cfg.image.display().to_string(),
-            label: self.manifest.label.clone(),
+            label: self.cfg.expect.version.label().to_owned(),
             checks,
             warnings: self.warnings.clone(),
             timings,
@@ -238,8 +237,8 @@ impl Session {
     }
 }
 
-/// Loads and validates the inputs; errors here are the user's (exit 2).
-fn prepare(cfg: &TestConfig) -> Result<Manifest, RunError> {
+/// Validates the inputs; errors here are the user's (exit 2).
+fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
     let meta = std::fs::metadata(&cfg.image)
         .map_err(|e| RunError::Input(format!("image {}: {e}", cfg.image.display())))?;
     if !meta.is_file() {
@@ -248,11 +247,6 @@ fn prepare(cfg: &TestConfig) -> Result<Manifest, RunError> {
             cfg.image.display()
         )));
     }
-    let manifest_path = cfg
-        .manifest
-        .clone()
-        .unwrap_or_else(|| Manifest::default_path(&cfg.image));
-    let manifest = Manifest::load(&manifest_path).map_err(|e| RunError::Input(e.to_string()))?;
     for c in &cfg.checks {
         if !checks::ALL.contains(&c.as_str()) {
             return Err(RunError::Input(format!(
@@ -261,13 +255,13 @@ fn prepare(cfg: &TestConfig) -> Result<Manifest, RunError> {
             )));
         }
     }
-    Ok(manifest)
+    Ok(())
 }
 
 /// Runs the whole test. Dropping the future (timeout, Ctrl-C) kills QEMU:
 /// every `Machine` owns its process with kill-on-drop.
 pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result<Report, RunError> {
-    let manifest = prepare(&cfg)?;
+    prepare(&cfg)?;
     let artifacts = Artifacts::open(cfg.artifacts.as_deref())
         .map_err(|e| RunError::Input(format!("artifacts dir: {e}")))?;
     let workdir = tempfile::Builder::new()
@@ -276,7 +270,6 @@ pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result
         .map_err(|e| infra(format!("private temp dir: {e}")))?;
     let mut s = Session {
         cfg,
-        manifest,
         artifacts,
         workdir,
         progress,
@@ -429,13 +422,13 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
     if s.wanted("root") {
         let t = t_table;
         s.emit(Progress::CheckStarted("root".into()));
-        let c = checks::judge_root(&table, &s.manifest);
+        let c = checks::judge_root(&table, &s.cfg.expect);
         s.record(c, t);
     }
     if s.wanted("state-mounts") {
         let t = Instant::now();
         s.emit(Progress::CheckStarted("state-mounts".into()));
-        let c = checks::judge_state_mounts(&table, &s.manifest);
+        let c = checks::judge_state_mounts(&table, &s.cfg.expect);
         s.record(c, t);
     }
     if s.wanted("fstab") {
@@ -448,8 +441,8 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
     if s.wanted("moved-files") {
         let t = Instant::now();
         s.emit(Progress::CheckStarted("moved-files".into()));
-        let obs = checks::observe_moved(m, &s.manifest).await.map_err(me)?;
-        let c = checks::judge_moved(&obs, &s.manifest);
+        let obs = checks::observe_moved(m, &s.cfg.expect).await.map_err(me)?;
+        let c = checks::judge_moved(&obs, &s.cfg.expect);
         s.record(c, t);
     }
     // The journal is exported whether or not overmount is checked: it is
@@ -503,7 +496,7 @@ fn recreate_overlay(image: &Path, overlay: &Path) -> Result<(), String> {
 
 /// Tokens in every state dir must survive a clean reboot and a power cut.
 async fn persistence(s: &mut Session, slot: &mut Option<Machine>) -> Result<CheckResult, String> {
-    let dirs = s.manifest.state_dirs.created.clone();
+    let dirs = s.cfg.expect.state_dirs.clone();
     let mut evidence = Vec::new();
     let mut problems = Vec::new();
     let m = slot.as_mut().expect("machine running");
@@ -649,19 +642,34 @@ mod tests {
         assert_eq!(systemd_split("FinishTimestampMonotonic=0\n"), (None, None));
     }
 
+    fn expectations() -> Expectations {
+        let m: strata_builder::manifest::Manifest = serde_json::from_value(serde_json::json!({
+            "manifest_version": 1, "label": "factory",
+            "fs_uuid": "3f1c0000-0000-4000-8000-000000000001",
+            "root_device": "/dev/vda",
+            "state_dirs": {"created": ["var"], "skipped": []},
+            "fstab_lines_added": [], "state_migration": "move", "moved_files": [],
+            "kernel": "systems/factory/kernel", "initramfs": null,
+            "kernel_source": "boot/vmlinuz", "initramfs_source": null,
+            "kernel_args": "", "image_size": 0, "timings": []
+        }))
+        .unwrap();
+        Expectations::from_manifest(&m, "x.img.manifest.json".into()).unwrap()
+    }
+
     #[test]
     fn bad_inputs_are_exit_2() {
-        let err = prepare(&TestConfig::new("/nonexistent/x.img".into())).unwrap_err();
-        assert_eq!(err.exit_code(), 2);
+        let cfg = TestConfig::new("/nonexistent/x.img".into(), expectations());
+        assert_eq!(prepare(&cfg).unwrap_err().exit_code(), 2);
         let dir = tempfile::tempdir().unwrap();
+        let mut cfg = TestConfig::new(dir.path().to_owned(), expectations());
+        assert_eq!(prepare(&cfg).unwrap_err().exit_code(), 2);
         let img = dir.path().join("x.img");
         std::fs::write(&img, b"").unwrap();
-        std::fs::write(dir.path().join("x.img.manifest.json"), b"{not json").unwrap();
-        let err = prepare(&TestConfig::new(img)).unwrap_err();
+        cfg.image = img;
+        cfg.checks = vec!["root".into(), "bogus".into()];
+        let err = prepare(&cfg).unwrap_err();
         assert_eq!(err.exit_code(), 2);
-        assert!(
-            err.to_string().contains("not a strata build manifest"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unknown check \"bogus\""), "{err}");
     }
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+use strata_builder::expect::Expectations;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::qemu::{Accel, DiskBus};
@@ -157,8 +158,9 @@ impl Broken {
 }
 
 fn config(image: &Path, manifest: &Path) -> TestConfig {
-    let mut cfg = TestConfig::new(image.to_owned());
-    cfg.manifest = Some(manifest.to_owned());
+    let m = Manifest::load(manifest).unwrap_or_else(|e| panic!("{e}"));
+    let expect = Expectations::from_manifest(&m, manifest.to_owned()).unwrap();
+    let mut cfg = TestConfig::new(image.to_owned(), expect);
     cfg.accel = AccelChoice::Tcg;
     cfg.timeout = Duration::from_secs(420);
     // Two VMs run at once on this two-core machine: one vCPU each.

@@ -1,0 +1,181 @@
+//! What a booted image must show — the one input of the VM checks. Built
+//! from a build manifest (everything the build did, moved files included)
+//! or read off an image that has none (an image built by someone else: the
+//! default version, its state subvolumes, the root device of its boot
+//! entry; no list of moved files).
+
+use crate::image::model::Layout;
+use crate::layout::{self, NameError, Version};
+use crate::manifest::{Manifest, MovedFile};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectations {
+    /// The version that must be booted (`/` is its `run`).
+    pub version: Version,
+    pub fs_uuid: String,
+    /// As on the kernel command line and in fstab.
+    pub root_device: String,
+    /// Names of the state dirs that must be mounted, in order.
+    pub state_dirs: Vec<String>,
+    /// Every file the build moved into state, as the booted system sees it.
+    /// Empty when the source is the image itself.
+    pub moved_files: Vec<MovedFile>,
+    pub source: Source,
+}
+
+/// Where the expectations come from: the report says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Manifest(PathBuf),
+    /// No build manifest: read off the image.
+    Image,
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Manifest(p) => format!("build manifest {}", p.display()),
+            Source::Image => "read off the image (no build manifest)".to_owned(),
+        }
+    }
+
+    /// Whether the list of moved files is known.
+    pub fn knows_moved_files(&self) -> bool {
+        matches!(self, Source::Manifest(_))
+    }
+}
+
+impl Expectations {
+    /// From a build manifest already loaded (and so validated) from `path`.
+    pub fn from_manifest(m: &Manifest, path: PathBuf) -> Result<Expectations, NameError> {
+        for d in &m.state_dirs.created {
+            layout::validate_state_dir(d)?;
+        }
+        Ok(Expectations {
+            version: Version::new(&m.label)?,
+            fs_uuid: m.fs_uuid.clone(),
+            root_device: m.root_device.clone(),
+            state_dirs: m.state_dirs.created.clone(),
+            moved_files: m.moved_files.clone(),
+            source: Source::Manifest(path),
+        })
+    }
+
+    /// From an image's layout as the image reader found it.
+    pub fn from_layout(layout: &Layout) -> Result<Expectations, String> {
+        let label = layout.default.version.clone().ok_or_else(|| {
+            format!(
+                "{}: no build manifest, and no {} pointing at a version to read expectations from",
+                layout.image,
+                layout::DEFAULT_LINK
+            )
+        })?;
+        // The names end up in guest shell scripts and paths: hold them to
+        // the rules strata builds with.
+        let version = Version::new(&label)
+            .map_err(|e| format!("{}: {}: {e}", layout.image, layout::DEFAULT_LINK))?;
+        // Every state subvolume present is expected to be mounted, whatever
+        // the (possibly broken) fstab says: that is what the checks are for.
+        let mut state_dirs = Vec::new();
+        for d in layout.state_dirs.iter().filter(|d| d.subvolume.is_some()) {
+            layout::validate_state_dir(&d.name)
+                .map_err(|e| format!("{}: {}/: {e}", layout.image, layout::STATE_DIR))?;
+            state_dirs.push(d.name.clone());
+        }
+        let rank = |n: &String| {
+            layout::DEFAULT_STATE_DIRS
+                .iter()
+                .position(|d| d == n)
+                .unwrap_or(layout::DEFAULT_STATE_DIRS.len())
+        };
+        state_dirs.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+        let root_device = layout
+            .boot
+            .as_ref()
+            .and_then(|b| b.entries.iter().find(|e| e.label == label))
+            .and_then(|e| e.append.as_deref())
+            .and_then(|a| {
+                a.split_whitespace()
+                    .find_map(|w| w.strip_prefix("root="))
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| format!("UUID={}", layout.filesystem.uuid));
+        Ok(Expectations {
+            version,
+            fs_uuid: layout.filesystem.uuid.clone(),
+            root_device,
+            state_dirs,
+            moved_files: Vec::new(),
+            source: Source::Image,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::model::{Boot, BootEntry, DefaultLink, Filesystem, StateDir};
+
+    fn layout(default: &str, states: &[(&str, bool)]) -> Layout {
+        Layout {
+            image: "their.img".into(),
+            filesystem: Filesystem {
+                uuid: "abcd".into(),
+                label: None,
+            },
+            default: DefaultLink {
+                link: Some(default.into()),
+                version: Some(default.into()),
+            },
+            versions: vec![],
+            state_dirs: states
+                .iter()
+                .enumerate()
+                .map(|(i, (n, sv))| StateDir {
+                    name: (*n).into(),
+                    subvolume: sv.then_some(256 + i as u64),
+                    mounted_by: vec![],
+                })
+                .collect(),
+            subvolumes: vec![],
+            boot: Some(Boot {
+                path: layout::BOOT_MENU.into(),
+                default: Some("v1".into()),
+                timeout: None,
+                entries: vec![BootEntry {
+                    label: "v1".into(),
+                    kernel: Some("/systems/v1/kernel".into()),
+                    initrd: None,
+                    append: Some("root=/dev/vda rw".into()),
+                    kernel_present: true,
+                    initrd_present: None,
+                }],
+            }),
+            problems: vec![],
+        }
+    }
+
+    #[test]
+    fn expectations_come_from_the_image() {
+        let e = Expectations::from_layout(&layout(
+            "v1",
+            &[("var", true), ("home", true), ("extra", false)],
+        ))
+        .unwrap();
+        assert_eq!(e.version.label(), "v1");
+        assert_eq!(e.root_device, "/dev/vda");
+        // Plain directories under state/ are not subvolumes to mount.
+        assert_eq!(e.state_dirs, ["home", "var"]);
+        assert!(e.moved_files.is_empty());
+        assert!(!e.source.knows_moved_files());
+    }
+
+    #[test]
+    fn names_from_a_foreign_image_follow_the_builders_rules() {
+        let e = Expectations::from_layout(&layout("v1;reboot", &[])).unwrap_err();
+        assert!(e.contains("invalid version label \"v1;reboot\""), "{e}");
+        let e = Expectations::from_layout(&layout("v1", &[("a b", true)])).unwrap_err();
+        assert!(e.contains("invalid state directory"), "{e}");
+    }
+}

@@ -1,0 +1,3 @@
+//! Reading an image back: its layout as data (`model`).
+
+pub mod model;

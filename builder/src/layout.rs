@@ -1,0 +1,300 @@
+//! The on-disk layout of a strata image (`docs/layout.md` §1, §4, §6): every
+//! path and name, defined once. Everything else — the builder, the image
+//! reader, the VM checks — asks this module instead of spelling a path.
+//!
+//! Paths are relative to the top-level subvolume (id 5) and have no leading
+//! slash (`systems/factory/run`); `fsroot()` gives the form the kernel and
+//! `findmnt` show for a mounted subvolume (`/systems/factory/run`).
+
+/// The directory that holds one directory per version, and the default link.
+pub const SYSTEMS_DIR: &str = "systems";
+/// The directory that holds the shared state subvolumes.
+pub const STATE_DIR: &str = "state";
+/// `systems/default`: a relative symlink naming the default version's label.
+pub const DEFAULT_LINK: &str = "systems/default";
+/// The label a build uses when none is given.
+pub const DEFAULT_LABEL: &str = "factory";
+/// The state directories a build creates when none are given, in order.
+pub const DEFAULT_STATE_DIRS: [&str; 5] = ["home", "root", "opt", "srv", "var"];
+/// The filesystem label of every image strata makes.
+pub const FS_LABEL: &str = "strata";
+
+/// The boot menu strata writes.
+pub const BOOT_MENU: &str = "extlinux/extlinux.conf";
+/// The top-level name syslinux 6.04 looks for (measured: it does not search
+/// `extlinux/` on its own). strata makes it a relative symlink to
+/// `BOOT_MENU`; the 2014 layout kept the menu itself there.
+pub const BOOT_MENU_LINK: &str = "extlinux.conf";
+/// What the top-level link points at (relative to the top level).
+pub const BOOT_MENU_LINK_TARGET: &str = BOOT_MENU;
+/// Every place a boot menu of this layout may live, in the order readers
+/// look: strata's own, the 2014 top-level file, and the two locations other
+/// syslinux installers use.
+pub const BOOT_CONFIGS: [&str; 4] = [
+    BOOT_MENU,
+    BOOT_MENU_LINK,
+    "boot/extlinux/extlinux.conf",
+    "syslinux/syslinux.cfg",
+];
+
+/// The comment line that precedes every line strata adds to an fstab.
+pub const FSTAB_MARKER: &str = "# Added by strata build: system layout state subvolumes";
+/// What readers match: any comment starting like this marks strata's lines
+/// (older builds wrote shorter markers).
+pub const FSTAB_MARKER_PREFIX: &str = "# Added by strata";
+
+/// A version's two subvolumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tree {
+    /// The deployed rootfs, pristine.
+    Orig,
+    /// The writable snapshot of `orig` that boots as `/`.
+    Run,
+}
+
+impl Tree {
+    pub const BOTH: [Tree; 2] = [Tree::Orig, Tree::Run];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Orig => "orig",
+            Tree::Run => "run",
+        }
+    }
+}
+
+/// A name the layout accepts is unsafe nowhere it ends up: one path
+/// component, a boot menu label, an fstab field, a guest shell word.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("invalid version label {0:?}: use letters, digits, '.', '_' or '-' (it becomes a directory name and a boot menu label)")]
+    Label(String),
+    #[error("invalid state directory {0:?}: expected a single directory name such as \"var\"")]
+    StateDir(String),
+}
+
+/// Letters, digits, '.', '_' or '-', at most 64 bytes, and not "." or "..".
+fn is_simple_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s != "default"
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The rule for version labels. `default` is refused: `systems/default` is
+/// the link.
+pub fn validate_label(label: &str) -> Result<(), NameError> {
+    is_simple_name(label)
+        .then_some(())
+        .ok_or_else(|| NameError::Label(label.to_owned()))
+}
+
+/// The rule for state directory names: `state/<name>` is a subvolume directly
+/// under `state/` and `/<name>` a mount point directly under `/`.
+pub fn validate_state_dir(name: &str) -> Result<(), NameError> {
+    // "default" is a fine state dir name; only labels collide with the link.
+    let ok = name == "default" || is_simple_name(name);
+    ok.then_some(())
+        .ok_or_else(|| NameError::StateDir(name.to_owned()))
+}
+
+/// One deployed version: `systems/<label>/`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Version {
+    label: String,
+}
+
+impl Version {
+    /// A version with a checked label.
+    pub fn new(label: &str) -> Result<Version, NameError> {
+        validate_label(label)?;
+        Ok(Version {
+            label: label.to_owned(),
+        })
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// `systems/<label>`
+    pub fn dir(&self) -> String {
+        format!("{SYSTEMS_DIR}/{}", self.label)
+    }
+
+    /// `systems/<label>/orig` or `…/run`
+    pub fn tree(&self, tree: Tree) -> String {
+        format!("{}/{}", self.dir(), tree.name())
+    }
+
+    pub fn orig(&self) -> String {
+        self.tree(Tree::Orig)
+    }
+
+    pub fn run(&self) -> String {
+        self.tree(Tree::Run)
+    }
+
+    /// `systems/<label>/kernel`: outside orig/run, because syslinux cannot
+    /// enter subvolumes.
+    pub fn kernel(&self) -> String {
+        format!("{}/kernel", self.dir())
+    }
+
+    pub fn initramfs(&self) -> String {
+        format!("{}/initramfs", self.dir())
+    }
+
+    /// `systems/<label>/<tree>/etc/fstab`
+    pub fn fstab(&self, tree: Tree) -> String {
+        format!("{}/etc/fstab", self.tree(tree))
+    }
+
+    /// What `systems/default` stores to name this version: the bare label,
+    /// relative, so it resolves the same inside and outside the image.
+    pub fn default_link_target(&self) -> &str {
+        &self.label
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+/// `state/<dir>`
+pub fn state(dir: &str) -> String {
+    format!("{STATE_DIR}/{dir}")
+}
+
+/// `/<dir>`: where a state subvolume is mounted in the booted system.
+pub fn state_mountpoint(dir: &str) -> String {
+    format!("/{dir}")
+}
+
+/// The state dir a subvolume path names (`state/var` → `var`), if it is one.
+pub fn state_dir_of(subvolume: &str) -> Option<&str> {
+    subvolume
+        .strip_prefix(STATE_DIR)?
+        .strip_prefix('/')
+        .filter(|d| !d.is_empty() && !d.contains('/'))
+}
+
+/// The form a mounted subvolume's path takes in `findmnt`'s FSROOT and in
+/// `subvol=` options: `/` + the image-relative path.
+pub fn fsroot(path: &str) -> String {
+    format!("/{path}")
+}
+
+/// The label `systems/default` names, from its stored target. Accepts the
+/// forms people write (`factory`, `./factory`, `systems/factory`,
+/// `../systems/factory`); absolute targets name nothing (they resolve
+/// differently inside the booted system).
+pub fn label_of_default_target(target: &std::path::Path) -> Option<String> {
+    if target.is_absolute() {
+        return None;
+    }
+    let parts: Vec<String> = target
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect();
+    match parts.as_slice() {
+        [one] => Some(one.clone()),
+        [sys, one] if sys == SYSTEMS_DIR => Some(one.clone()),
+        _ => None,
+    }
+}
+
+/// The stanza paths of a boot entry for `version`, as the menu spells them
+/// (absolute from the top level, which is the root syslinux sees).
+pub fn boot_kernel_path(version: &Version) -> String {
+    fsroot(&version.kernel())
+}
+
+pub fn boot_initramfs_path(version: &Version) -> String {
+    fsroot(&version.initramfs())
+}
+
+/// `rootflags=subvol=…` value for a version: its `run`, without a leading
+/// slash (as the 2014 layout wrote it; the kernel accepts both).
+pub fn rootflags_subvol(version: &Version) -> String {
+    version.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn version_paths() {
+        let v = Version::new("factory").unwrap();
+        assert_eq!(v.dir(), "systems/factory");
+        assert_eq!(v.orig(), "systems/factory/orig");
+        assert_eq!(v.run(), "systems/factory/run");
+        assert_eq!(v.kernel(), "systems/factory/kernel");
+        assert_eq!(v.initramfs(), "systems/factory/initramfs");
+        assert_eq!(v.fstab(Tree::Run), "systems/factory/run/etc/fstab");
+        assert_eq!(fsroot(&v.run()), "/systems/factory/run");
+        assert_eq!(boot_kernel_path(&v), "/systems/factory/kernel");
+        assert_eq!(state("var"), "state/var");
+        assert_eq!(state_mountpoint("var"), "/var");
+    }
+
+    #[test]
+    fn name_rules() {
+        for ok in ["factory", "v2", "2026.11-1_a"] {
+            assert!(validate_label(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a b",
+            "v1;reboot",
+            "default",
+            &"x".repeat(65),
+        ] {
+            assert!(validate_label(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_state_dir("var").is_ok());
+        assert!(validate_state_dir("default").is_ok());
+        assert!(validate_state_dir("var/lib").is_err());
+        assert!(validate_state_dir("").is_err());
+    }
+
+    #[test]
+    fn state_dirs_of_subvolumes() {
+        assert_eq!(state_dir_of("state/var"), Some("var"));
+        assert_eq!(state_dir_of("state/var/lib"), None);
+        assert_eq!(state_dir_of("state/"), None);
+        assert_eq!(state_dir_of("statex/var"), None);
+        assert_eq!(state_dir_of("systems/v1/run"), None);
+    }
+
+    #[test]
+    fn default_link_targets() {
+        for (t, want) in [
+            ("factory", Some("factory")),
+            ("./factory", Some("factory")),
+            ("systems/factory", Some("factory")),
+            ("../systems/factory", Some("factory")),
+            ("/systems/factory", None),
+            ("a/b/c", None),
+        ] {
+            assert_eq!(
+                label_of_default_target(Path::new(t)).as_deref(),
+                want,
+                "{t}"
+            );
+        }
+    }
+}
