@@ -76,3 +76,75 @@ where
 {
     run(Command::new(program).args(args))
 }
+
+/// How many of a streaming command's last output lines its error keeps.
+const TAIL_LINES: usize = 40;
+
+/// Runs to completion, handing each line of stdout and stderr (interleaved
+/// as they arrive) to `on_line`; on failure the error carries the command
+/// and its last lines. For long-running tools whose progress is worth
+/// showing (mmdebstrap).
+pub fn run_streaming(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<(), CmdError> {
+    use std::io::{BufRead, BufReader, Read};
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    tracing::debug!(command = %describe(cmd), "run (streaming)");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| spawn_error(program.clone(), source))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let streams: [Option<Box<dyn Read + Send>>; 2] = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ];
+    let readers: Vec<_> = streams
+        .into_iter()
+        .flatten()
+        .map(|stream| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                    if tx
+                        .send(String::from_utf8_lossy(&line).into_owned())
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut tail = std::collections::VecDeque::new();
+    for line in rx {
+        on_line(&line);
+        tail.push_back(line);
+        if tail.len() > TAIL_LINES {
+            tail.pop_front();
+        }
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    let status = child.wait().map_err(|source| CmdError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CmdError::Failed {
+            command: describe(cmd),
+            status: status.to_string(),
+            stderr: format!("last output:\n{}", Vec::from(tail).join("\n")),
+        })
+    }
+}

@@ -13,6 +13,7 @@ pub mod etcfile;
 pub mod expect;
 pub mod extents;
 pub mod extlinux;
+pub mod fixture;
 pub mod fstab;
 pub mod image;
 pub mod interrupt;
