@@ -27,10 +27,14 @@ impl LoopDevice {
         &self.path
     }
 
-    /// Detaches now, reporting failure (Drop can only log it).
+    /// Detaches now, reporting failure. The guard stays armed until the
+    /// detach succeeded, so Drop tries again. (A device still in use — a
+    /// lazily detached mount — is only marked autoclear by the kernel: it
+    /// goes away when its last user does.)
     pub fn detach(mut self) -> Result<(), CmdError> {
+        detach(&self.path)?;
         self.attached = false;
-        detach(&self.path)
+        Ok(())
     }
 }
 

@@ -1,14 +1,29 @@
 //! A mount on a private temporary directory, unmounted when dropped.
+//!
+//! The guard stays armed until the unmount has succeeded: a busy mount
+//! (another process's cwd or open file inside it) is retried, then detached
+//! lazily so nothing new can enter it, and the caller is told. The
+//! directory is removed with rmdir(2) only, never recursively: a removal
+//! that walks into a still-mounted filesystem would delete the image's
+//! files.
 
 use crate::cmd::{self, CmdError};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
+
+/// Mount directories are `<tmp>/strata-mnt.<pid>.<random>`: the pid lets the
+/// next run tell a dead run's debris from a live run's mount (`debris`).
+pub const MOUNT_DIR_PREFIX: &str = "strata-mnt.";
+
+/// How often a busy unmount is retried, and how long apart.
+const BUSY_RETRIES: u32 = 10;
+const BUSY_PAUSE: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub struct Mount {
-    // Declared before `dir` so the directory outlives the mount on drop.
     mounted: bool,
-    dir: tempfile::TempDir,
+    dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +32,14 @@ pub enum MountError {
     TempDir(#[source] std::io::Error),
     #[error(transparent)]
     Cmd(#[from] CmdError),
+    /// The unmount kept failing (usually "target is busy").
+    #[error("{} stayed in use after {BUSY_RETRIES} tries ({source}); {}", path.display(), if *lazily_detached { "detached it lazily: the filesystem goes away when its last user lets go" } else { "it is still mounted" })]
+    Busy {
+        path: PathBuf,
+        #[source]
+        source: CmdError,
+        lazily_detached: bool,
+    },
 }
 
 impl Mount {
@@ -24,42 +47,158 @@ impl Mount {
     /// on a new directory under the system temp dir.
     pub fn btrfs(device: &Path, options: &str) -> Result<Mount, MountError> {
         let dir = tempfile::Builder::new()
-            .prefix("strata-mnt-")
+            .prefix(&format!("{MOUNT_DIR_PREFIX}{}.", std::process::id()))
             .tempdir()
-            .map_err(MountError::TempDir)?;
+            .map_err(MountError::TempDir)?
+            .keep();
+        let mut guard = Mount {
+            mounted: false,
+            dir,
+        };
         cmd::run(
             Command::new("mount")
                 .args(["-t", "btrfs", "-o", options])
                 .arg(device)
-                .arg(dir.path()),
+                .arg(&guard.dir),
         )?;
-        Ok(Mount { mounted: true, dir })
+        guard.mounted = true;
+        Ok(guard)
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
-    /// Unmounts now, reporting failure (Drop can only log it).
-    pub fn unmount(mut self) -> Result<(), CmdError> {
-        self.mounted = false;
-        umount(self.dir.path())
+    /// Unmounts now (retrying while busy), reporting failure. On failure the
+    /// mount has been detached lazily if at all possible.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), MountError> {
+        if !self.mounted {
+            return Ok(());
+        }
+        let mut last = None;
+        for attempt in 0..BUSY_RETRIES {
+            match umount(&self.dir, false) {
+                Ok(()) => {
+                    self.mounted = false;
+                    self.remove_dir();
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            if attempt + 1 < BUSY_RETRIES {
+                std::thread::sleep(BUSY_PAUSE);
+            }
+        }
+        let lazily_detached = umount(&self.dir, true).is_ok();
+        if lazily_detached {
+            self.mounted = false;
+            self.remove_dir();
+        }
+        Err(MountError::Busy {
+            path: self.dir.clone(),
+            source: last.expect("at least one attempt"),
+            lazily_detached,
+        })
+    }
+
+    /// rmdir only: an unexpected entry means something is wrong, and a
+    /// leftover empty directory in /tmp costs nothing.
+    fn remove_dir(&self) {
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            tracing::warn!("leaving mount point {}: {e}", self.dir.display());
+        }
     }
 }
 
-fn umount(path: &Path) -> Result<(), CmdError> {
-    cmd::run(Command::new("umount").arg(path)).map(drop)
+fn umount(path: &Path, lazy: bool) -> Result<(), CmdError> {
+    let mut c = Command::new("umount");
+    if lazy {
+        c.arg("--lazy");
+    }
+    cmd::run(c.arg(path)).map(drop)
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if self.mounted {
-            if let Err(e) = umount(self.dir.path()) {
-                // A busy mount must still go: detach it lazily rather than
-                // leave it (and the loop device under it) behind.
-                tracing::error!("cleanup: unmounting {}: {e}", self.dir.path().display());
-                let _ = cmd::run(Command::new("umount").arg("--lazy").arg(self.dir.path()));
-            }
+        if let Err(e) = self.release() {
+            tracing::error!("cleanup: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loopdev::LoopDevice;
+
+    fn mounted(dir: &Path) -> bool {
+        let me = dir.to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .any(|m| m == me)
+    }
+
+    /// A process whose cwd is inside the mount makes umount fail with
+    /// "target is busy": the guard must not give up (leaking the mount and
+    /// the loop device), and nothing may be deleted through the mount.
+    #[test]
+    fn busy_unmount_is_retried_then_detached_lazily_and_reported() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test mounts a loop device: run it as root (ci/test does)"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("busy.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(128 << 20)
+            .unwrap();
+        crate::btrfs::mkfs(&img, "busy", "6f1d3c9e-0000-4000-8000-00000000b005").unwrap();
+        let dev = LoopDevice::attach(&img, false).unwrap();
+        let m = Mount::btrfs(dev.path(), "noatime").unwrap();
+        let dir = m.path().to_owned();
+        assert!(dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(&format!("{MOUNT_DIR_PREFIX}{}.", std::process::id())));
+        std::fs::write(dir.join("keep-me"), "data").unwrap();
+        let mut squatter = Command::new("sleep")
+            .arg("30")
+            .current_dir(&dir)
+            .spawn()
+            .unwrap();
+        let err = m.unmount().unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                err,
+                MountError::Busy {
+                    lazily_detached: true,
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("detached it lazily"), "{msg}");
+        assert!(!mounted(&dir), "the mount is gone from the namespace");
+        squatter.kill().unwrap();
+        squatter.wait().unwrap();
+        dev.detach().unwrap();
+        // The file lives on in the image: nothing was removed through the mount.
+        let dev = LoopDevice::attach(&img, true).unwrap();
+        let m = Mount::btrfs(dev.path(), "ro").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(m.path().join("keep-me")).unwrap(),
+            "data"
+        );
+        m.unmount().unwrap();
+        dev.detach().unwrap();
     }
 }
