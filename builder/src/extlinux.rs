@@ -152,6 +152,51 @@ mod tests {
         assert_eq!(d.cmdline(), entry.append());
     }
 
+    fn entry(label: &str, root: &str, initramfs: bool, args: &str) -> BootEntry {
+        BootEntry {
+            version: Version::new(label).unwrap(),
+            root_device: root.into(),
+            has_initramfs: initramfs,
+            kernel_args: args.into(),
+        }
+    }
+
+    /// One version: byte for byte what every build so far has written
+    /// (tests/snapshots/build__extlinux.conf.snap).
+    #[test]
+    fn one_version_menu_is_unchanged() {
+        let e = entry(
+            "factory",
+            "UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40",
+            true,
+            "quiet",
+        );
+        assert_eq!(
+            render(&e.version, std::slice::from_ref(&e)),
+            "serial 0 115200\n\
+             default factory\n\
+             timeout 10\n\
+             label factory\n\
+             \x20 kernel /systems/factory/kernel\n\
+             \x20 initrd /systems/factory/initramfs\n\
+             \x20 append root=UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40 rootfstype=btrfs rootflags=subvol=systems/factory/run init=/sbin/init rw console=tty0 console=ttyS0,115200 quiet\n"
+        );
+    }
+
+    /// Two versions after an upgrade: one stanza each, in the order given,
+    /// the default named by `default`.
+    #[test]
+    fn two_version_menu() {
+        let factory = entry(
+            "factory",
+            "UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40",
+            true,
+            "",
+        );
+        let v2 = entry("v2", "/dev/vda", false, "quiet loglevel=3");
+        insta::assert_snapshot!(render(&v2.version, &[factory, v2.clone()]));
+    }
+
     #[test]
     fn syslinux_spellings() {
         let c = parse(
