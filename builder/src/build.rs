@@ -1,30 +1,37 @@
-//! `strata build`: rootfs → image, as a sequence of named steps over typed
-//! state. Everything that can be checked without side effects is checked in
-//! `prepare` first; `run` then creates the image, and every resource it makes
-//! (temp image, loop device, mount) is a guard that undoes itself on any
-//! error or interruption.
+//! `strata build`: rootfs → image. Everything that can be checked without
+//! side effects is checked in `prepare` first; `run` then
+//!
+//! ```text
+//! create the image (temp file, mkfs, loop, mount)   NewImage
+//! deploy one version into it                         deploy::deploy
+//! boot menu, default link, bootloader                boot
+//! sync, unmount, detach; rename into place           NewImage::close, persist
+//! ```
+//!
+//! Every resource the image needs (temp file, loop device, mount) is a guard
+//! that undoes itself on any error or interruption.
 
+use crate::boot;
 use crate::btrfs;
-use crate::copy::{self, CopyError, TreeSize};
-use crate::error::{BuildError, Context};
-use crate::etcfile;
-use crate::extlinux::{self, BootEntry};
-use crate::fstab;
+use crate::copy;
+use crate::deploy::{self, BootSource, DeployOptions, Deployed, Rootfs};
+use crate::error::{BuildError, Context, StepError};
 use crate::interrupt::Interrupt;
 use crate::kernel::{self, BootFiles};
+use crate::layout::{self, Version};
 use crate::loopdev::LoopDevice;
-use crate::manifest::{Manifest, SkippedStateDir, StateDirs, StepTiming, MANIFEST_VERSION};
-use crate::migrate::{self, Migration};
+use crate::manifest::{Manifest, SkippedStateDir, StateDirs, MANIFEST_VERSION};
+use crate::migrate::Migration;
 use crate::mount::Mount;
-use crate::plan::{self, FstabChange, Plan, PlanOptions, StateDirAction};
+use crate::plan::{self, Plan, PlanOptions, StateDirAction};
 use crate::progress::{Event, Step};
 use crate::rootfs::RootDir;
 use crate::size::human;
+use crate::steps::Steps;
 use rustix::fs::FileType;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// mkfs.btrfs refuses much less than this with default (DUP metadata) profiles.
 pub const MIN_IMAGE_SIZE: u64 = 128 << 20;
@@ -47,31 +54,13 @@ pub struct BuildOptions {
     pub fs_uuid: Option<String>,
 }
 
-/// Where a boot file comes from: inside the rootfs, or given on the host.
-#[derive(Debug, Clone)]
-enum BootSource {
-    Rootfs(String),
-    Host(PathBuf),
-}
-
-impl BootSource {
-    fn describe(&self) -> String {
-        match self {
-            BootSource::Rootfs(p) => format!("/{p}"),
-            BootSource::Host(p) => p.display().to_string(),
-        }
-    }
-}
-
 /// Everything decided before the first byte is written.
 #[derive(Debug)]
 pub struct Prepared {
-    source: RootDir,
-    kernel: BootSource,
-    initramfs: Option<BootSource>,
+    rootfs: Rootfs,
+    version: Version,
     plan: Plan,
     fs_uuid: String,
-    tree: TreeSize,
 }
 
 impl Prepared {
@@ -193,13 +182,18 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
             human(tree.allocated)
         )));
     }
+    let version = Version::new(&plan.label).map_err(|e| input(e.to_string()))?;
     Ok(Prepared {
-        source,
-        kernel,
-        initramfs,
+        rootfs: Rootfs {
+            path: rootfs.clone(),
+            dir: source,
+            kernel,
+            initramfs,
+            size: tree,
+        },
+        version,
         plan,
         fs_uuid,
-        tree,
     })
 }
 
@@ -242,9 +236,7 @@ fn host_file(path: &Path, what: &str) -> Result<PathBuf, BuildError> {
 /// Runs the steps, reporting progress through `on_event`.
 pub struct Builder<'a> {
     opts: &'a BuildOptions,
-    interrupt: &'a Interrupt,
-    on_event: &'a mut dyn FnMut(Event),
-    timings: Vec<StepTiming>,
+    steps: Steps<'a>,
 }
 
 impl<'a> Builder<'a> {
@@ -255,243 +247,98 @@ impl<'a> Builder<'a> {
     ) -> Self {
         Builder {
             opts,
-            interrupt,
-            on_event,
-            timings: Vec::new(),
+            steps: Steps::new(interrupt, on_event),
         }
-    }
-
-    fn step<T>(
-        &mut self,
-        step: Step,
-        f: impl FnOnce(&mut Self) -> Result<T, BuildError>,
-    ) -> Result<T, BuildError> {
-        if self.interrupt.raised() {
-            return Err(BuildError::Interrupted);
-        }
-        (self.on_event)(Event::StepStarted(step));
-        let start = Instant::now();
-        let out = f(self)?;
-        let took = start.elapsed();
-        self.timings.push(StepTiming {
-            step: step.name().to_owned(),
-            seconds: (took.as_secs_f64() * 1000.0).round() / 1000.0,
-        });
-        (self.on_event)(Event::StepFinished(step, took));
-        if self.interrupt.raised() {
-            return Err(BuildError::Interrupted);
-        }
-        Ok(out)
     }
 
     pub fn run(mut self, prep: Prepared) -> Result<Manifest, BuildError> {
-        let opts = self.opts;
-        let label = prep.plan.label.clone();
-        // Declaration order is drop order reversed: the mount goes first,
-        // then the loop device, then (on failure) the partial image.
-        let image = self.step(Step::CreateImage, |_| create_image(opts))?;
-        self.step(Step::Mkfs, |_| {
-            btrfs::mkfs(image.path(), crate::layout::FS_LABEL, &prep.fs_uuid)
-                .context(Step::Mkfs, || "making the btrfs filesystem".into())
-        })?;
-        let (loopdev, mount) = self.step(Step::Mount, |_| {
-            let l = LoopDevice::attach(image.path(), false).context(Step::Mount, || {
-                format!("attaching {}", image.path().display())
-            })?;
-            let m = Mount::btrfs(l.path(), "noatime")
-                .context(Step::Mount, || format!("mounting {}", l.path().display()))?;
-            Ok((l, m))
-        })?;
-        let top = mount.path().to_owned();
-        let system = top.join("systems").join(&label);
-        let orig = system.join("orig");
+        let (opts, steps) = (self.opts, &mut self.steps);
+        let image = NewImage::create(opts, &prep.fs_uuid, steps)?;
+        let top = image.top();
 
-        self.step(Step::CreateOrig, |_| {
-            fs::create_dir_all(&system)
-                .context(Step::CreateOrig, || format!("creating systems/{label}"))?;
-            btrfs::subvolume_create(&orig).context(Step::CreateOrig, || {
-                format!("creating subvolume systems/{label}/orig")
-            })
-        })?;
-
-        let total = prep.tree.entries;
-        self.step(Step::CopyRootfs, |b| {
-            let (interrupt, on_event) = (b.interrupt, &mut b.on_event);
-            copy::copy_tree(&opts.rootfs, &orig, false, interrupt, |done| {
-                on_event(Event::CopyProgress { done, total })
-            })
-            .map_err(|e| match e {
-                CopyError::NoSpace => input(format!(
-                    "image size {} is too small for rootfs {} ({} allocated, plus btrfs metadata): no space left while copying; give a larger --size",
-                    human(opts.size),
-                    opts.rootfs.display(),
-                    human(prep.tree.allocated)
-                )),
-                CopyError::Interrupted => BuildError::Interrupted,
-                e => BuildError::Step {
-                    step: Step::CopyRootfs,
-                    context: format!("copying rootfs {} into orig", opts.rootfs.display()),
-                    source: e.into(),
-                },
-            })
-        })?;
-
-        let orig_root =
-            RootDir::open(&orig).context(Step::CompleteFstab, || "opening orig".into())?;
-        self.step(Step::CompleteFstab, |_| match &prep.plan.fstab {
-            FstabChange::Unchanged => Ok(()),
-            FstabChange::Write { contents, .. } => etcfile::replace(&orig_root, "fstab", contents)
-                .context(Step::CompleteFstab, || "writing orig/etc/fstab".into()),
-        })?;
-
-        let mut moved = Vec::new();
-        self.step(Step::MigrateState, |b| {
-            let state = top.join("state");
-            fs::create_dir_all(&state).context(Step::MigrateState, || "creating state/".into())?;
-            for dir in prep.plan.created_state_dirs() {
-                if b.interrupt.raised() {
-                    return Err(BuildError::Interrupted);
-                }
-                let target = state.join(dir);
-                btrfs::subvolume_create(&target).context(Step::MigrateState, || {
-                    format!("creating subvolume state/{dir}")
-                })?;
-                let from = orig.join(dir);
-                if orig_root
-                    .top_level_type(dir)
-                    .context(Step::MigrateState, || format!("checking /{dir}"))?
-                    .is_none()
-                {
-                    // No data to move, but the mountpoint must exist.
-                    fs::create_dir(&from)
-                        .context(Step::MigrateState, || format!("creating mountpoint /{dir}"))?;
-                    continue;
-                }
-                let files = migrate::migrate(&from, &target, dir, opts.migration, b.interrupt)
-                    .context(Step::MigrateState, || {
-                        format!("moving /{dir} into state/{dir}")
-                    })?;
-                moved.extend(files);
-            }
-            Ok(())
-        })?;
-
-        self.step(Step::HashMoved, |_| {
-            migrate::hash_moved(&mut moved, &top.join("state"))
-                .context(Step::HashMoved, || "hashing moved files".into())
-        })?;
-
-        self.step(Step::CheckMountpoints, |_| {
-            check_mountpoints(&orig_root, &prep.plan, opts.migration)
-        })?;
-
-        self.step(Step::Snapshot, |_| {
-            btrfs::snapshot(&orig, &system.join("run")).context(Step::Snapshot, || {
-                format!("snapshotting systems/{label}/orig as run")
-            })?;
-            let default = top.join("systems/default");
-            std::os::unix::fs::symlink(&label, &default)
-                .context(Step::Snapshot, || "linking systems/default".into())
-        })?;
-
-        self.step(Step::InstallKernel, |_| {
-            install_boot_file(&prep.source, &prep.kernel, &system.join("kernel"))?;
-            if let Some(i) = &prep.initramfs {
-                install_boot_file(&prep.source, i, &system.join("initramfs"))?;
-            }
-            Ok(())
-        })?;
-
-        let entry = BootEntry {
-            label: label.clone(),
-            root_device: prep.plan.root_device.clone(),
-            has_initramfs: prep.initramfs.is_some(),
-            kernel_args: opts.kernel_args.clone(),
-        };
-        self.step(Step::WriteBootConfig, |_| {
-            let dir = top.join("extlinux");
-            fs::create_dir_all(&dir)
-                .context(Step::WriteBootConfig, || "creating extlinux/".into())?;
-            fs::write(
-                dir.join("extlinux.conf"),
-                extlinux::render(&label, std::slice::from_ref(&entry)),
-            )
-            .context(Step::WriteBootConfig, || {
-                "writing extlinux/extlinux.conf".into()
-            })?;
-            // syslinux 6.04 does not search extlinux/ on its own (measured:
-            // "No configuration file found"); it follows this link.
-            std::os::unix::fs::symlink("extlinux/extlinux.conf", top.join("extlinux.conf"))
-                .context(Step::WriteBootConfig, || "linking extlinux.conf".into())
-        })?;
-
-        self.step(Step::InstallBootloader, |_| {
-            // Whole-disk btrfs: extlinux's boot sector is sector 0. Writing
-            // syslinux's mbr.bin there would make the image unbootable.
-            crate::cmd::run(
-                std::process::Command::new("extlinux")
-                    .arg("--install")
-                    .arg(&top),
-            )
-            .context(Step::InstallBootloader, || "installing extlinux".into())
-        })?;
-
-        let manifest = Manifest {
-            manifest_version: MANIFEST_VERSION,
-            label: label.clone(),
-            fs_uuid: prep.fs_uuid.clone(),
-            root_device: prep.plan.root_device.clone(),
-            state_dirs: StateDirs {
-                created: prep.plan.created_state_dirs().map(str::to_owned).collect(),
-                skipped: prep
-                    .plan
-                    .state_dirs
-                    .iter()
-                    .filter_map(|d| match &d.action {
-                        StateDirAction::Skip { fstab_entry } => Some(SkippedStateDir {
-                            dir: d.name.clone(),
-                            fstab_entry: fstab_entry.clone(),
-                        }),
-                        StateDirAction::Create { .. } => None,
-                    })
-                    .collect(),
+        let deployed = deploy::deploy(
+            top,
+            &prep.version,
+            &prep.rootfs,
+            &prep.plan,
+            &DeployOptions {
+                migration: opts.migration,
+                kernel_args: opts.kernel_args.clone(),
+                image_size: opts.size,
             },
-            fstab_lines_added: prep.plan.fstab_lines_added.clone(),
-            state_migration: opts.migration.name().to_owned(),
-            moved_files: moved,
-            kernel: format!("systems/{label}/kernel"),
-            initramfs: prep
-                .initramfs
-                .as_ref()
-                .map(|_| format!("systems/{label}/initramfs")),
-            kernel_source: prep.kernel.describe(),
-            initramfs_source: prep.initramfs.as_ref().map(BootSource::describe),
-            kernel_args: entry.append(),
-            image_size: opts.size,
-            timings: Vec::new(),
-        };
-
-        self.step(Step::Finish, |_| {
-            btrfs::sync(&top).context(Step::Finish, || "syncing the filesystem".into())?;
-            drop(orig_root);
-            mount
-                .unmount()
-                .context(Step::Finish, || "unmounting the image".into())?;
-            loopdev
-                .detach()
-                .context(Step::Finish, || "detaching the loop device".into())
+            steps,
+        )?;
+        let version = &deployed.version;
+        // The menu first, the default last: the order an upgrade needs too.
+        steps.run(Step::WriteBootConfig, |_| {
+            boot::write_menu(top, version, std::slice::from_ref(&deployed.boot))
         })?;
+        steps.run(Step::SetDefault, |_| boot::set_default(top, version))?;
+        steps.run(Step::InstallBootloader, |_| boot::install_bootloader(top))?;
 
-        let mut manifest = manifest;
-        manifest.timings = std::mem::take(&mut self.timings);
-        persist(image, &manifest, opts)?;
+        let mut manifest = manifest(opts, &prep, deployed);
+        let file = steps.run(Step::Finish, |_| image.close())?;
+        manifest.timings = self.steps.into_timings();
+        // After the timings are complete; a failure here is still the
+        // finishing step's.
+        persist(file, &manifest, opts).map_err(|e| e.in_step(Step::Finish))?;
         Ok(manifest)
+    }
+}
+
+/// The image being made: a temp file next to the output, with a new btrfs,
+/// attached and mounted at its top level. Field order is drop order: on an
+/// error the mount goes first, then the loop device, then the file.
+struct NewImage {
+    mount: Mount,
+    loopdev: LoopDevice,
+    file: tempfile::NamedTempFile,
+}
+
+impl NewImage {
+    fn create(opts: &BuildOptions, fs_uuid: &str, steps: &mut Steps) -> Result<Self, BuildError> {
+        let file = steps.run(Step::CreateImage, |_| create_file(opts))?;
+        steps.run(Step::Mkfs, |_| {
+            btrfs::mkfs(file.path(), layout::FS_LABEL, fs_uuid)
+                .context(|| "making the btrfs filesystem".into())
+        })?;
+        steps.run(Step::Mount, |_| {
+            let loopdev = LoopDevice::attach(file.path(), false)
+                .context(|| format!("attaching {}", file.path().display()))?;
+            let mount = Mount::btrfs(loopdev.path(), "noatime")
+                .context(|| format!("mounting {}", loopdev.path().display()))?;
+            Ok(NewImage {
+                mount,
+                loopdev,
+                file,
+            })
+        })
+    }
+
+    /// Where the top-level subvolume (id 5) is mounted.
+    fn top(&self) -> &Path {
+        self.mount.path()
+    }
+
+    /// Syncs, unmounts and detaches; the file is left to be renamed into place.
+    fn close(self) -> Result<tempfile::NamedTempFile, StepError> {
+        let NewImage {
+            mount,
+            loopdev,
+            file,
+        } = self;
+        btrfs::sync(mount.path()).context(|| "syncing the filesystem".into())?;
+        mount.unmount().context(|| "unmounting the image".into())?;
+        loopdev
+            .detach()
+            .context(|| "detaching the loop device".into())?;
+        Ok(file)
     }
 }
 
 /// A sparse file next to the output, renamed into place only on success and
 /// deleted on any failure.
-fn create_image(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, BuildError> {
+fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError> {
     let dir = parent_dir(&opts.output);
     let name = opts
         .output
@@ -501,98 +348,73 @@ fn create_image(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, BuildErr
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.strata-partial-"))
         .tempfile_in(dir)
-        .context(Step::CreateImage, || {
-            format!("creating an image in {}", dir.display())
-        })?;
+        .context(|| format!("creating an image in {}", dir.display()))?;
     tmp.as_file()
         .set_len(opts.size)
-        .context(Step::CreateImage, || {
-            format!("sizing the image to {}", human(opts.size))
-        })?;
+        .context(|| format!("sizing the image to {}", human(opts.size)))?;
     Ok(tmp)
+}
+
+fn manifest(opts: &BuildOptions, prep: &Prepared, deployed: Deployed) -> Manifest {
+    let plan = &prep.plan;
+    Manifest {
+        manifest_version: MANIFEST_VERSION,
+        label: deployed.version.label().to_owned(),
+        fs_uuid: prep.fs_uuid.clone(),
+        root_device: plan.root_device.clone(),
+        state_dirs: StateDirs {
+            created: plan.created_state_dirs().map(str::to_owned).collect(),
+            skipped: plan
+                .state_dirs
+                .iter()
+                .filter_map(|d| match &d.action {
+                    StateDirAction::Skip { fstab_entry } => Some(SkippedStateDir {
+                        dir: d.name.clone(),
+                        fstab_entry: fstab_entry.clone(),
+                    }),
+                    StateDirAction::Create { .. } => None,
+                })
+                .collect(),
+        },
+        fstab_lines_added: plan.fstab_lines_added.clone(),
+        state_migration: opts.migration.name().to_owned(),
+        kernel_args: deployed.boot.append(),
+        moved_files: deployed.moved_files,
+        kernel: deployed.kernel,
+        initramfs: deployed.initramfs,
+        kernel_source: deployed.kernel_source,
+        initramfs_source: deployed.initramfs_source,
+        image_size: opts.size,
+        timings: Vec::new(),
+    }
 }
 
 fn persist(
     image: tempfile::NamedTempFile,
     manifest: &Manifest,
     opts: &BuildOptions,
-) -> Result<(), BuildError> {
-    let ctx = || format!("writing manifest {}", opts.manifest.display());
+) -> Result<(), StepError> {
+    let what = || format!("writing manifest {}", opts.manifest.display());
     let mut m = tempfile::Builder::new()
         .prefix(".strata-manifest-")
         .tempfile_in(parent_dir(&opts.manifest))
-        .context(Step::Finish, ctx)?;
+        .context(what)?;
     let mut json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
     json.push(b'\n');
-    m.write_all(&json).context(Step::Finish, ctx)?;
+    m.write_all(&json).context(what)?;
     // Keep the 0644 a user expects of both files (tempfile makes 0600).
     for f in [m.as_file(), image.as_file()] {
         use std::os::unix::fs::PermissionsExt;
         f.set_permissions(fs::Permissions::from_mode(0o644))
-            .context(Step::Finish, ctx)?;
+            .context(what)?;
     }
     image
         .persist(&opts.output)
         .map_err(|e| e.error)
-        .context(Step::Finish, || {
-            format!("moving the image to {}", opts.output.display())
-        })?;
+        .context(|| format!("moving the image to {}", opts.output.display()))?;
     m.persist(&opts.manifest)
         .map_err(|e| e.error)
-        .context(Step::Finish, ctx)?;
-    Ok(())
-}
-
-fn install_boot_file(source: &RootDir, from: &BootSource, to: &Path) -> Result<(), BuildError> {
-    let ctx = || format!("installing {} as {}", from.describe(), to.display());
-    let mut reader = match from {
-        BootSource::Rootfs(p) => source
-            .open_file(p)
-            .context(Step::InstallKernel, ctx)?
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
-            .context(Step::InstallKernel, ctx)?,
-        BootSource::Host(p) => fs::File::open(p).context(Step::InstallKernel, ctx)?,
-    };
-    let mut out = fs::File::create(to).context(Step::InstallKernel, ctx)?;
-    std::io::copy(&mut reader, &mut out).context(Step::InstallKernel, ctx)?;
-    Ok(())
-}
-
-/// No fstab mount point may hide data in the system: systemd would log
-/// "Directory … to mount over is not empty" and the files would vanish from
-/// view. Only `--state-migration copy` may leave state dirs filled.
-fn check_mountpoints(orig: &RootDir, plan: &Plan, how: Migration) -> Result<(), BuildError> {
-    let text = orig
-        .read("etc/fstab")
-        .context(Step::CheckMountpoints, || "reading orig/etc/fstab".into())?
-        .unwrap_or_default();
-    let entries = fstab::parse(&text);
-    for entry in fstab::mounts_over_root(&entries) {
-        let target = entry.target.trim_start_matches('/');
-        let is_state = plan.created_state_dirs().any(|d| d == target);
-        if is_state && how == Migration::Copy {
-            continue;
-        }
-        let names = orig.list_dir(target).context(Step::CheckMountpoints, || {
-            format!("listing {}", entry.target)
-        })?;
-        if !names.is_empty() {
-            let shown: Vec<String> = names
-                .iter()
-                .take(5)
-                .map(|n| format!("{}/{n}", entry.target))
-                .collect();
-            return Err(input(format!(
-                "{} is a mount point (etc/fstab line {}: {}) but the rootfs has {} entries under it ({}{}): they would be hidden at boot; move them onto that filesystem or remove them",
-                entry.target,
-                entry.line,
-                entry.raw.trim(),
-                names.len(),
-                shown.join(", "),
-                if names.len() > 5 { ", …" } else { "" }
-            )));
-        }
-    }
+        .context(what)?;
     Ok(())
 }
 

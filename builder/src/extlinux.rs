@@ -1,9 +1,11 @@
 //! extlinux.conf, byte for byte as layout.md §4 gives it.
 
+use crate::layout::{self, Version};
+
 /// One boot menu entry: one deployed system version.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootEntry {
-    pub label: String,
+    pub version: Version,
     pub root_device: String,
     pub has_initramfs: bool,
     pub kernel_args: String,
@@ -13,8 +15,9 @@ impl BootEntry {
     /// The kernel command line; `strata test --boot direct` uses the same.
     pub fn append(&self) -> String {
         let mut s = format!(
-            "root={} rootfstype=btrfs rootflags=subvol=systems/{}/run init=/sbin/init rw console=tty0 console=ttyS0,115200",
-            self.root_device, self.label
+            "root={} rootfstype=btrfs rootflags=subvol={} init=/sbin/init rw console=tty0 console=ttyS0,115200",
+            self.root_device,
+            layout::rootflags_subvol(&self.version)
         );
         let extra = self.kernel_args.trim();
         if !extra.is_empty() {
@@ -25,15 +28,21 @@ impl BootEntry {
     }
 }
 
-pub fn render(default_label: &str, entries: &[BootEntry]) -> String {
-    let mut s = format!("serial 0 115200\ndefault {default_label}\ntimeout 10\n");
+/// The whole menu: `default` names `default`; one stanza per entry, in the
+/// order given.
+pub fn render(default: &Version, entries: &[BootEntry]) -> String {
+    let mut s = format!("serial 0 115200\ndefault {default}\ntimeout 10\n");
     for e in entries {
         s.push_str(&format!(
-            "label {label}\n  kernel /systems/{label}/kernel\n",
-            label = e.label
+            "label {}\n  kernel {}\n",
+            e.version,
+            layout::boot_kernel_path(&e.version)
         ));
         if e.has_initramfs {
-            s.push_str(&format!("  initrd /systems/{}/initramfs\n", e.label));
+            s.push_str(&format!(
+                "  initrd {}\n",
+                layout::boot_initramfs_path(&e.version)
+            ));
         }
         s.push_str(&format!("  append {}\n", e.append()));
     }
@@ -128,18 +137,64 @@ mod tests {
 
     #[test]
     fn what_we_render_parses_back() {
+        let factory = Version::new("factory").unwrap();
         let entry = BootEntry {
-            label: "factory".into(),
+            version: factory.clone(),
             root_device: "UUID=x".into(),
             has_initramfs: true,
             kernel_args: "quiet".into(),
         };
-        let c = parse(&render("factory", std::slice::from_ref(&entry)));
+        let c = parse(&render(&factory, std::slice::from_ref(&entry)));
         assert_eq!(c.timeout.as_deref(), Some("10"));
         let d = c.default_entry().unwrap();
         assert_eq!(d.kernel.as_deref(), Some("/systems/factory/kernel"));
         assert_eq!(d.initrd.as_deref(), Some("/systems/factory/initramfs"));
         assert_eq!(d.cmdline(), entry.append());
+    }
+
+    fn entry(label: &str, root: &str, initramfs: bool, args: &str) -> BootEntry {
+        BootEntry {
+            version: Version::new(label).unwrap(),
+            root_device: root.into(),
+            has_initramfs: initramfs,
+            kernel_args: args.into(),
+        }
+    }
+
+    /// One version: byte for byte what every build so far has written
+    /// (tests/snapshots/build__extlinux.conf.snap).
+    #[test]
+    fn one_version_menu_is_unchanged() {
+        let e = entry(
+            "factory",
+            "UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40",
+            true,
+            "quiet",
+        );
+        assert_eq!(
+            render(&e.version, std::slice::from_ref(&e)),
+            "serial 0 115200\n\
+             default factory\n\
+             timeout 10\n\
+             label factory\n\
+             \x20 kernel /systems/factory/kernel\n\
+             \x20 initrd /systems/factory/initramfs\n\
+             \x20 append root=UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40 rootfstype=btrfs rootflags=subvol=systems/factory/run init=/sbin/init rw console=tty0 console=ttyS0,115200 quiet\n"
+        );
+    }
+
+    /// Two versions after an upgrade: one stanza each, in the order given,
+    /// the default named by `default`.
+    #[test]
+    fn two_version_menu() {
+        let factory = entry(
+            "factory",
+            "UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40",
+            true,
+            "",
+        );
+        let v2 = entry("v2", "/dev/vda", false, "quiet loglevel=3");
+        insta::assert_snapshot!(render(&v2.version, &[factory, v2.clone()]));
     }
 
     #[test]

@@ -37,6 +37,18 @@ pub const BOOT_CONFIGS: [&str; 4] = [
     "syslinux/syslinux.cfg",
 ];
 
+/// The prefix of the temporary name strata gives a file it is about to
+/// rename into place (the boot menu, in `extlinux/`; the default link, in
+/// `systems/`). A crash can leave one behind: it is strata's own debris,
+/// never a version or a menu, and the next writer of that directory may
+/// remove it.
+pub const TEMP_PREFIX: &str = ".strata-tmp-";
+
+/// Whether a name in `systems/` or `extlinux/` is strata's temporary debris.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
 /// The comment line that precedes every line strata adds to an fstab.
 pub const FSTAB_MARKER: &str = "# Added by strata build: system layout state subvolumes";
 /// What readers match: any comment starting like this marks strata's lines

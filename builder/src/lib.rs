@@ -4,10 +4,12 @@
 //! doing (`build` and the modules it drives) touches disks, mounts and loop
 //! devices and always cleans up after itself.
 
+pub mod boot;
 pub mod btrfs;
 pub mod build;
 pub mod cmd;
 pub mod copy;
+pub mod deploy;
 pub mod error;
 pub mod etcfile;
 pub mod expect;
@@ -27,3 +29,4 @@ pub mod plan;
 pub mod progress;
 pub mod rootfs;
 pub mod size;
+pub mod steps;

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+/// The steps of a build, in the order they run. Deploying one version is
+/// `CreateOrig` through `InstallKernel` (`deploy`); the boot menu and the
+/// default flip come after it (`boot`), the flip last of the two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     CreateImage,
@@ -17,6 +20,7 @@ pub enum Step {
     Snapshot,
     InstallKernel,
     WriteBootConfig,
+    SetDefault,
     InstallBootloader,
     Finish,
 }
@@ -36,6 +40,7 @@ impl Step {
             Step::Snapshot => "snapshotting orig as run",
             Step::InstallKernel => "installing kernel and initramfs",
             Step::WriteBootConfig => "writing extlinux.conf",
+            Step::SetDefault => "setting the default version",
             Step::InstallBootloader => "installing extlinux",
             Step::Finish => "syncing, unmounting, detaching",
         }
@@ -56,6 +61,7 @@ impl Step {
             Step::Snapshot => "snapshot",
             Step::InstallKernel => "install-kernel",
             Step::WriteBootConfig => "write-boot-config",
+            Step::SetDefault => "set-default",
             Step::InstallBootloader => "install-bootloader",
             Step::Finish => "finish",
         }

@@ -1,0 +1,322 @@
+//! Deploying ONE version into an image whose top level (subvolid=5) is
+//! mounted at `top`, as the named steps of layout.md §1–4 and §6: orig, copy,
+//! fstab, state, hash, mountpoint check, run snapshot, kernel. The result is
+//! `systems/<label>/{orig,run,kernel,initramfs}` and its state subvolumes.
+//!
+//! It knows nothing of how the image was made or opened (mkfs, loop device,
+//! temp file) and does not touch what makes a version boot: the caller
+//! writes the boot menu and flips the default afterwards (`boot`). `build`
+//! calls it on a fresh image; an upgrade calls it on an open one.
+
+use crate::btrfs;
+use crate::copy::{self, CopyError, TreeSize};
+use crate::error::{BuildError, Context, StepError};
+use crate::etcfile;
+use crate::extlinux::BootEntry;
+use crate::fstab;
+use crate::layout::{self, Version};
+use crate::manifest::MovedFile;
+use crate::migrate::{self, MigrateError, Migration};
+use crate::plan::{FstabChange, Plan};
+use crate::progress::{Event, Step};
+use crate::rootfs::RootDir;
+use crate::size::human;
+use crate::steps::Steps;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Where a boot file comes from: inside the rootfs, or given on the host.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A path inside the rootfs, without a leading slash.
+    Rootfs(String),
+    Host(PathBuf),
+}
+
+impl BootSource {
+    /// As the manifest records it (`kernel_source`).
+    pub fn describe(&self) -> String {
+        match self {
+            BootSource::Rootfs(p) => format!("/{p}"),
+            BootSource::Host(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// A rootfs ready to deploy: opened (every path in it resolves inside it),
+/// measured, its boot files chosen.
+#[derive(Debug)]
+pub struct Rootfs {
+    pub path: PathBuf,
+    pub dir: RootDir,
+    pub kernel: BootSource,
+    pub initramfs: Option<BootSource>,
+    pub size: TreeSize,
+}
+
+/// How to deploy it.
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    pub migration: Migration,
+    /// Extra kernel arguments for this version's boot entry.
+    pub kernel_args: String,
+    /// The image's size, named when the copy runs out of space.
+    pub image_size: u64,
+}
+
+/// What the manifest records about the deployed version, and its boot entry.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    pub version: Version,
+    pub boot: BootEntry,
+    /// Every entry moved into a state subvolume, hashed.
+    pub moved_files: Vec<MovedFile>,
+    /// Layout paths (`systems/<label>/kernel`).
+    pub kernel: String,
+    pub initramfs: Option<String>,
+    /// Where they came from (`BootSource::describe`).
+    pub kernel_source: String,
+    pub initramfs_source: Option<String>,
+}
+
+/// Deploys `rootfs` as `version` following `plan`. Refuses a version that is
+/// already there. On failure the version is left half made: the caller
+/// undoes it (a new image is deleted whole).
+pub fn deploy(
+    top: &Path,
+    version: &Version,
+    rootfs: &Rootfs,
+    plan: &Plan,
+    opts: &DeployOptions,
+    steps: &mut Steps,
+) -> Result<Deployed, BuildError> {
+    let orig = steps.run(Step::CreateOrig, |_| create_orig(top, version))?;
+    steps.run(Step::CopyRootfs, |s| {
+        copy_rootfs(rootfs, &orig, version, opts, s)
+    })?;
+    // Open once the copy is complete: every later look inside orig resolves
+    // inside it. Dropped when this returns, before the caller unmounts.
+    let orig_root = steps.run(Step::CompleteFstab, |_| {
+        complete_fstab(&orig, version, plan)
+    })?;
+    let mut moved = steps.run(Step::MigrateState, |s| {
+        move_state(top, &orig_root, plan, opts.migration, s)
+    })?;
+    steps.run(Step::HashMoved, |_| hash_moved(top, &mut moved))?;
+    steps.run(Step::CheckMountpoints, |_| {
+        check_mountpoints(&orig_root, plan, opts.migration)
+    })?;
+    steps.run(Step::Snapshot, |_| snapshot_run(top, version))?;
+    steps.run(Step::InstallKernel, |_| {
+        install_kernel(top, version, rootfs)
+    })?;
+
+    Ok(Deployed {
+        version: version.clone(),
+        boot: BootEntry {
+            version: version.clone(),
+            root_device: plan.root_device.clone(),
+            has_initramfs: rootfs.initramfs.is_some(),
+            kernel_args: opts.kernel_args.clone(),
+        },
+        moved_files: moved,
+        kernel: version.kernel(),
+        initramfs: rootfs.initramfs.as_ref().map(|_| version.initramfs()),
+        kernel_source: rootfs.kernel.describe(),
+        initramfs_source: rootfs.initramfs.as_ref().map(BootSource::describe),
+    })
+}
+
+/// `systems/<label>/` (new: never over an existing version) and its `orig`
+/// subvolume.
+fn create_orig(top: &Path, version: &Version) -> Result<PathBuf, StepError> {
+    fs::create_dir_all(top.join(layout::SYSTEMS_DIR))
+        .context(|| format!("creating {}", layout::SYSTEMS_DIR))?;
+    fs::create_dir(top.join(version.dir())).context(|| format!("creating {}", version.dir()))?;
+    let orig = top.join(version.orig());
+    btrfs::subvolume_create(&orig).context(|| format!("creating subvolume {}", version.orig()))?;
+    Ok(orig)
+}
+
+fn copy_rootfs(
+    rootfs: &Rootfs,
+    orig: &Path,
+    version: &Version,
+    opts: &DeployOptions,
+    steps: &mut Steps,
+) -> Result<(), StepError> {
+    let (interrupt, total) = (steps.interrupt(), rootfs.size.entries);
+    let copied = copy::copy_tree(&rootfs.path, orig, false, interrupt, |done| {
+        steps.emit(Event::CopyProgress { done, total })
+    });
+    match copied {
+        Err(CopyError::NoSpace) => Err(StepError::input(format!(
+            "image size {} is too small for rootfs {} ({} allocated, plus btrfs metadata): no space left while copying; give a larger --size",
+            human(opts.image_size),
+            rootfs.path.display(),
+            human(rootfs.size.allocated)
+        ))),
+        Err(CopyError::Interrupted) => Err(StepError::Interrupted),
+        r => r.context(|| {
+            format!(
+                "copying rootfs {} into {}",
+                rootfs.path.display(),
+                version.orig()
+            )
+        }),
+    }
+}
+
+/// Writes the fstab the plan completed (layout.md §3) into `orig`.
+fn complete_fstab(orig: &Path, version: &Version, plan: &Plan) -> Result<RootDir, StepError> {
+    let root = RootDir::open(orig).context(|| format!("opening {}", version.orig()))?;
+    if let FstabChange::Write { contents, .. } = &plan.fstab {
+        etcfile::replace(&root, "fstab", contents)
+            .context(|| format!("writing {}", version.fstab(layout::Tree::Orig)))?;
+    }
+    Ok(root)
+}
+
+/// For each state dir the plan creates: the `state/<dir>` subvolume (unless
+/// the image already has it) and `orig/<dir>`'s data moved into it
+/// (layout.md §2), leaving `orig/<dir>` as an empty mountpoint.
+fn move_state(
+    top: &Path,
+    orig: &RootDir,
+    plan: &Plan,
+    how: Migration,
+    steps: &mut Steps,
+) -> Result<Vec<MovedFile>, StepError> {
+    fs::create_dir_all(top.join(layout::STATE_DIR))
+        .context(|| format!("creating {}", layout::STATE_DIR))?;
+    let mut moved = Vec::new();
+    for dir in plan.created_state_dirs() {
+        if steps.interrupt().raised() {
+            return Err(StepError::Interrupted);
+        }
+        let (state, mountpoint) = (layout::state(dir), layout::state_mountpoint(dir));
+        let target = top.join(&state);
+        let existed = match target.symlink_metadata() {
+            Ok(m) if m.is_dir() => true,
+            Ok(_) => {
+                return Err(format!("{state} exists and is not a directory"))
+                    .context(|| format!("creating subvolume {state}"))
+            }
+            Err(_) => {
+                btrfs::subvolume_create(&target)
+                    .context(|| format!("creating subvolume {state}"))?;
+                false
+            }
+        };
+        let from = orig.path().join(dir);
+        if orig
+            .top_level_type(dir)
+            .context(|| format!("checking {mountpoint}"))?
+            .is_none()
+        {
+            // No data to move, but the mountpoint must exist.
+            fs::create_dir(&from).context(|| format!("creating mountpoint {mountpoint}"))?;
+            continue;
+        }
+        // The image's state holds the machine's live data, shared by every
+        // version: what to do with a new rootfs's data for it (leave it out,
+        // merge where absent) is the upgrade's policy, not a silent merge.
+        if existed
+            && !orig
+                .list_dir(dir)
+                .context(|| format!("listing {mountpoint}"))?
+                .is_empty()
+        {
+            return Err(format!(
+                "{state} already holds the image's live data and the rootfs has data under {mountpoint}: no policy to combine them"
+            ))
+            .context(|| format!("moving {mountpoint} into {state}"));
+        }
+        match migrate::migrate(&from, &target, dir, how, steps.interrupt()) {
+            Ok(files) => moved.extend(files),
+            Err(MigrateError::Copy(CopyError::Interrupted)) => return Err(StepError::Interrupted),
+            Err(e) => return Err(e).context(|| format!("moving {mountpoint} into {state}")),
+        }
+    }
+    Ok(moved)
+}
+
+fn hash_moved(top: &Path, moved: &mut [MovedFile]) -> Result<(), StepError> {
+    migrate::hash_moved(moved, &top.join(layout::STATE_DIR))
+        .context(|| "hashing moved files".into())
+}
+
+/// No fstab mount point may hide data in the system: systemd would log
+/// "Directory … to mount over is not empty" and the files would vanish from
+/// view. Only `--state-migration copy` may leave state dirs filled.
+fn check_mountpoints(orig: &RootDir, plan: &Plan, how: Migration) -> Result<(), StepError> {
+    let text = orig
+        .read("etc/fstab")
+        .context(|| "checking mount points".into())?
+        .unwrap_or_default();
+    let entries = fstab::parse(&text);
+    for entry in fstab::mounts_over_root(&entries) {
+        let target = entry.target.trim_start_matches('/');
+        let is_state = plan.created_state_dirs().any(|d| d == target);
+        if is_state && how == Migration::Copy {
+            continue;
+        }
+        let names = orig
+            .list_dir(target)
+            .context(|| format!("checking mount point {}", entry.target))?;
+        if !names.is_empty() {
+            let shown: Vec<String> = names
+                .iter()
+                .take(5)
+                .map(|n| format!("{}/{n}", entry.target))
+                .collect();
+            return Err(StepError::input(format!(
+                "{} is a mount point (etc/fstab line {}: {}) but the rootfs has {} entries under it ({}{}): they would be hidden at boot; move them onto that filesystem or remove them",
+                entry.target,
+                entry.line,
+                entry.raw.trim(),
+                names.len(),
+                shown.join(", "),
+                if names.len() > 5 { ", …" } else { "" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `run`: a writable snapshot of the finished `orig` (fstab completed, state
+/// moved out), so it costs ~0 bytes and its parent is `orig`.
+fn snapshot_run(top: &Path, version: &Version) -> Result<(), StepError> {
+    btrfs::snapshot(&top.join(version.orig()), &top.join(version.run()))
+        .context(|| format!("snapshotting {} as {}", version.orig(), version.run()))
+}
+
+/// The kernel and initramfs beside the subvolumes (syslinux cannot enter
+/// subvolumes).
+fn install_kernel(top: &Path, version: &Version, rootfs: &Rootfs) -> Result<(), StepError> {
+    install_boot_file(top, &rootfs.dir, &rootfs.kernel, &version.kernel())?;
+    if let Some(i) = &rootfs.initramfs {
+        install_boot_file(top, &rootfs.dir, i, &version.initramfs())?;
+    }
+    Ok(())
+}
+
+fn install_boot_file(
+    top: &Path,
+    source: &RootDir,
+    from: &BootSource,
+    to: &str,
+) -> Result<(), StepError> {
+    let what = || format!("installing {} as {to}", from.describe());
+    let mut reader = match from {
+        BootSource::Rootfs(p) => source
+            .open_file(p)
+            .context(what)?
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+            .context(what)?,
+        BootSource::Host(p) => fs::File::open(p).context(what)?,
+    };
+    let mut out = fs::File::create(top.join(to)).context(what)?;
+    std::io::copy(&mut reader, &mut out).context(what)?;
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The step runner: every named step of a build (or, later, an upgrade) runs
+//! through `Steps::run`, which reports it, times it, stops between steps on
+//! an interrupt, and tags a failure with the step it happened in.
+
+use crate::error::{BuildError, StepError};
+use crate::interrupt::Interrupt;
+use crate::manifest::StepTiming;
+use crate::progress::{Event, Step};
+use std::time::Instant;
+
+pub struct Steps<'a> {
+    interrupt: &'a Interrupt,
+    on_event: &'a mut dyn FnMut(Event),
+    timings: Vec<StepTiming>,
+}
+
+impl<'a> Steps<'a> {
+    pub fn new(interrupt: &'a Interrupt, on_event: &'a mut dyn FnMut(Event)) -> Self {
+        Steps {
+            interrupt,
+            on_event,
+            timings: Vec::new(),
+        }
+    }
+
+    /// Runs `step`. `f` says what it was doing when it fails; the error the
+    /// caller gets names `step` too.
+    pub fn run<T>(
+        &mut self,
+        step: Step,
+        f: impl FnOnce(&mut Self) -> Result<T, StepError>,
+    ) -> Result<T, BuildError> {
+        if self.interrupt.raised() {
+            return Err(BuildError::Interrupted);
+        }
+        (self.on_event)(Event::StepStarted(step));
+        let start = Instant::now();
+        let out = f(self).map_err(|e| e.in_step(step))?;
+        let took = start.elapsed();
+        self.timings.push(StepTiming {
+            step: step.name().to_owned(),
+            seconds: (took.as_secs_f64() * 1000.0).round() / 1000.0,
+        });
+        (self.on_event)(Event::StepFinished(step, took));
+        if self.interrupt.raised() {
+            return Err(BuildError::Interrupted);
+        }
+        Ok(out)
+    }
+
+    /// The flag long steps poll. Borrowed for as long as the runner lives,
+    /// not from `self`, so a step can poll it while it emits events.
+    pub fn interrupt(&self) -> &'a Interrupt {
+        self.interrupt
+    }
+
+    pub fn emit(&mut self, event: Event) {
+        (self.on_event)(event)
+    }
+
+    /// Step name → seconds, in the order the steps ran.
+    pub fn into_timings(self) -> Vec<StepTiming> {
+        self.timings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_step_is_named_once_and_not_timed() {
+        let interrupt = Interrupt::default();
+        let mut events = Vec::new();
+        let mut sink = |e: Event| events.push(format!("{e:?}"));
+        let mut steps = Steps::new(&interrupt, &mut sink);
+        steps.run(Step::Mkfs, |_| Ok(())).unwrap();
+        let e = steps
+            .run(Step::Mount, |_| {
+                Err::<(), _>(StepError::Failed {
+                    what: "mounting /dev/loop9".into(),
+                    cause: "boom".into(),
+                })
+            })
+            .unwrap_err();
+        assert_eq!(e.step(), Some(Step::Mount));
+        assert_eq!(e.to_string(), "mounting /dev/loop9: boom");
+        let timings = steps.into_timings();
+        assert_eq!(timings.len(), 1);
+        assert_eq!(timings[0].step, "mkfs");
+        assert_eq!(events.len(), 3, "{events:?}");
+    }
+
+    #[test]
+    fn an_interrupt_stops_before_the_next_step() {
+        let interrupt = Interrupt::default();
+        let mut sink = |_: Event| {};
+        let mut steps = Steps::new(&interrupt, &mut sink);
+        let e = steps
+            .run(Step::Mkfs, |s| {
+                s.interrupt().raise();
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(matches!(e, BuildError::Interrupted));
+        let mut ran = false;
+        let e = steps.run(Step::Mount, |_| {
+            ran = true;
+            Ok(())
+        });
+        assert!(matches!(e, Err(BuildError::Interrupted)) && !ran);
+    }
+}
