@@ -6,6 +6,7 @@ use std::time::Duration;
 use strata_builder::expect::Expectations;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
+use strata_vmtest::checks::CheckId;
 use strata_vmtest::qemu::DiskBus;
 use strata_vmtest::report::{Report, Status};
 use strata_vmtest::run::{self, BootMode, Progress, RunError, TestConfig};
@@ -72,6 +73,14 @@ enum BootArg {
 }
 
 pub fn run(args: TestArgs) -> u8 {
+    // Names first: a typo should not wait for an image to be read.
+    let checks: Option<Vec<CheckId>> = match &args.checks {
+        None => None,
+        Some(names) => match names.iter().map(|n| n.parse()).collect() {
+            Ok(ids) => Some(ids),
+            Err(e) => return super::fail(2, &anyhow::Error::new(e)),
+        },
+    };
     let expect = match expectations(&args) {
         Ok(e) => e,
         Err(code) => return code,
@@ -92,8 +101,8 @@ pub fn run(args: TestArgs) -> u8 {
         BootArg::Direct => BootMode::Direct,
     };
     cfg.timeout = Duration::from_secs(args.timeout);
-    if let Some(c) = &args.checks {
-        cfg.checks = c.clone();
+    if let Some(c) = checks {
+        cfg.checks = c;
     }
     cfg.memory_mib = args.memory;
     cfg.cpus = args.cpus;
