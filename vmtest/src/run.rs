@@ -14,7 +14,9 @@ use crate::qmp::EventLog;
 use crate::report::{CheckResult, Report, Status, Timings, Warning};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use strata_builder::cmd;
 use strata_builder::expect::Expectations;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -533,23 +535,19 @@ impl Vm for Session {
     }
 }
 
+/// A fresh qcow2 overlay backed by the image (the image is only read).
 fn recreate_overlay(image: &Path, overlay: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(overlay);
-    let backing = std::path::absolute(image).map_err(|e| e.to_string())?;
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&backing)
-        .arg(overlay)
-        .output()
-        .map_err(|e| format!("running qemu-img: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "qemu-img create: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let backing =
+        std::path::absolute(image).map_err(|e| format!("image {}: {e}", image.display()))?;
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&backing)
+            .arg(overlay),
+    )
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 /// (kernel incl. initramfs, userspace) in seconds from systemd's monotonic
@@ -626,6 +624,22 @@ mod tests {
         }))
         .unwrap();
         Expectations::from_manifest(&m, "x.img.manifest.json".into()).unwrap()
+    }
+
+    #[test]
+    fn overlay_errors_carry_the_command_and_its_complaint() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = recreate_overlay(
+            &dir.path().join("missing.img"),
+            &dir.path().join("overlay.qcow2"),
+        )
+        .unwrap_err();
+        // Without qemu-img installed the runner says so instead.
+        assert!(
+            err.contains("qemu-img create -q -f qcow2 -F raw -b") && err.contains("missing.img")
+                || err.contains("qemu-img not found"),
+            "{err}"
+        );
     }
 
     #[test]
