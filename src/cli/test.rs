@@ -1,11 +1,12 @@
 //! `strata test`: arguments, progress lines on stderr, the report on stdout.
 
 use crate::inspect;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use strata_builder::expect::Expectations;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
+use strata_vmtest::checks::CheckId;
 use strata_vmtest::qemu::DiskBus;
 use strata_vmtest::report::{Report, Status};
 use strata_vmtest::run::{self, BootMode, Progress, RunError, TestConfig};
@@ -13,7 +14,11 @@ use strata_vmtest::run::{self, BootMode, Progress, RunError, TestConfig};
 #[derive(clap::Args)]
 pub struct TestArgs {
     /// The raw image to boot (never modified: QEMU writes to a qcow2 overlay).
-    image: PathBuf,
+    #[arg(required_unless_present = "list_checks")]
+    image: Option<PathBuf>,
+    /// Print each check's name and a one-line description, then exit.
+    #[arg(long)]
+    list_checks: bool,
     /// The build manifest (default: IMAGE.manifest.json).
     #[arg(long)]
     manifest: Option<PathBuf>,
@@ -72,11 +77,26 @@ enum BootArg {
 }
 
 pub fn run(args: TestArgs) -> u8 {
-    let expect = match expectations(&args) {
+    if args.list_checks {
+        print!("{}", check_list());
+        return 0;
+    }
+    let Some(image) = args.image.clone() else {
+        return super::fail(2, &anyhow::anyhow!("an IMAGE to test is required"));
+    };
+    // Names first: a typo should not wait for an image to be read.
+    let checks: Option<Vec<CheckId>> = match &args.checks {
+        None => None,
+        Some(names) => match names.iter().map(|n| n.parse()).collect() {
+            Ok(ids) => Some(ids),
+            Err(e) => return super::fail(2, &anyhow::Error::new(e)),
+        },
+    };
+    let expect = match expectations(&args, &image) {
         Ok(e) => e,
         Err(code) => return code,
     };
-    let mut cfg = TestConfig::new(args.image.clone(), expect);
+    let mut cfg = TestConfig::new(image, expect);
     cfg.artifacts = args.artifacts.clone();
     cfg.accel = match args.accel {
         AccelArg::Auto => AccelChoice::Auto,
@@ -92,8 +112,8 @@ pub fn run(args: TestArgs) -> u8 {
         BootArg::Direct => BootMode::Direct,
     };
     cfg.timeout = Duration::from_secs(args.timeout);
-    if let Some(c) = &args.checks {
-        cfg.checks = c.clone();
+    if let Some(c) = checks {
+        cfg.checks = c;
     }
     cfg.memory_mib = args.memory;
     cfg.cpus = args.cpus;
@@ -134,18 +154,17 @@ pub fn run(args: TestArgs) -> u8 {
 /// What the booted image must show: from the build manifest (given, or
 /// IMG.manifest.json), or — for an image built by someone else, with no
 /// manifest — read off the image through a read-only mount.
-fn expectations(args: &TestArgs) -> Result<Expectations, u8> {
+fn expectations(args: &TestArgs, image: &Path) -> Result<Expectations, u8> {
     let bad = |m: String| super::fail(2, &anyhow::anyhow!(m));
     let path = args
         .manifest
         .clone()
-        .unwrap_or_else(|| Manifest::default_path(&args.image));
-    if args.manifest.is_some() || path.exists() || !args.image.is_file() {
+        .unwrap_or_else(|| Manifest::default_path(image));
+    if args.manifest.is_some() || path.exists() || !image.is_file() {
         let m = Manifest::load(&path).map_err(|e| bad(e.to_string()))?;
         return Expectations::from_manifest(&m, path.clone())
             .map_err(|e| bad(format!("{}: {e}", path.display())));
     }
-    let image = &args.image;
     let opened = match inspect::image::open(image) {
         Ok(o) => o,
         Err(inspect::image::OpenError::BadInput(m)) => return Err(bad(m)),
@@ -172,6 +191,19 @@ fn expectations(args: &TestArgs) -> Result<Expectations, u8> {
         expect.state_dirs.join(",")
     );
     Ok(expect)
+}
+
+/// `--list-checks`: one check a line, in report order, names aligned.
+fn check_list() -> String {
+    let width = CheckId::ALL
+        .map(|c| c.name().len())
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    CheckId::ALL
+        .iter()
+        .map(|c| format!("{:<width$}  {}\n", c.name(), c.description()))
+        .collect()
 }
 
 fn write_outputs(args: &TestArgs, report: &Report) -> Result<(), u8> {
@@ -267,6 +299,32 @@ mod tests {
             run_with(&[img.to_str().unwrap(), "--checks", "root,bogus"]),
             2
         );
+    }
+
+    #[test]
+    fn list_checks_needs_no_image_and_names_every_check() {
+        assert_eq!(run_with(&["--list-checks"]), 0);
+        let list = check_list();
+        let names: Vec<&str> = list
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "root",
+                "state-mounts",
+                "fstab",
+                "moved-files",
+                "overmount",
+                "persistence"
+            ]
+        );
+        for (line, id) in list.lines().zip(CheckId::ALL) {
+            assert!(line.ends_with(id.description()), "{line}");
+        }
+        // Without --list-checks an IMAGE is still required.
+        assert!(Cli::try_parse_from(["strata-test"]).is_err());
     }
 
     #[test]

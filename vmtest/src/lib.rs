@@ -4,8 +4,9 @@
 //! small API it is told with, over `qemu` (the typed command line), `qmp`,
 //! `agent` (qemu-guest-agent) and `serial`. `accel` picks KVM or TCG,
 //! `bootfiles` extracts what `--boot direct` needs, `checks` holds the
-//! layout.md §5 checks, `journal` reads mount warnings out of the guest
-//! journal, `report` renders the verdict and `artifacts` keeps the evidence.
+//! layout.md §5 checks (one module each, `CheckId` the registry), `journal`
+//! reads mount warnings out of the guest journal, `report` renders the
+//! verdict and `artifacts` keeps the evidence.
 
 pub mod accel;
 pub mod agent;

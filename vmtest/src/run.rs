@@ -4,15 +4,19 @@
 //! prints: it reports `Progress` and returns a `Report` or a `RunError`.
 
 use crate::accel::{self, AccelChoice, AccelDecision};
+use crate::agent::Running;
 use crate::artifacts::{self, Artifacts};
 use crate::bootfiles;
-use crate::checks;
+use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
 use crate::machine::{Machine, MachineError};
 use crate::qemu::{DiskBus, KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
 use crate::report::{CheckResult, Report, Status, Timings, Warning};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
+use strata_builder::cmd;
 use strata_builder::expect::Expectations;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -42,8 +46,8 @@ pub struct TestConfig {
     pub boot: BootMode,
     /// Whole run, first QEMU start to verdict.
     pub timeout: Duration,
-    /// Subset of `checks::ALL` to run; the rest are reported as skipped.
-    pub checks: Vec<String>,
+    /// The checks to run; the rest are reported as skipped.
+    pub checks: Vec<CheckId>,
     pub qemu_binary: PathBuf,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -59,7 +63,7 @@ impl TestConfig {
             disk_bus: DiskBus::VirtioBlk,
             boot: BootMode::Extlinux,
             timeout: Duration::from_secs(600),
-            checks: checks::ALL.iter().map(|s| (*s).to_owned()).collect(),
+            checks: CheckId::ALL.to_vec(),
             qemu_binary: "qemu-system-x86_64".into(),
             memory_mib: 1024,
             cpus: 2,
@@ -82,7 +86,7 @@ pub enum Progress {
         seconds: f64,
         state: String,
     },
-    CheckStarted(String),
+    CheckStarted(CheckId),
     CheckFinished(CheckResult),
     Step(String),
 }
@@ -127,12 +131,26 @@ struct Session {
     progress: UnboundedSender<Progress>,
     events: EventLog,
     started: Instant,
-    checks: Vec<CheckResult>,
-    warnings: Vec<Warning>,
+    checks: BTreeMap<CheckId, CheckResult>,
+    /// The journal's mount warnings, once the first boot's are known.
+    warnings: Option<Vec<Warning>>,
     timings: Timings,
     accel: Option<AccelDecision>,
     template: Option<QemuCommand>,
+    /// The running QEMU; kept here so that a run stopped by the timeout
+    /// can still take a screendump and quit it.
+    machine: Option<Machine>,
+    /// What the current boot has shown so far.
+    seen: Seen,
     boots: u32,
+}
+
+/// Observations of one boot that several checks judge, taken once.
+#[derive(Default)]
+struct Seen {
+    table: Option<Vec<Mount>>,
+    journal_export: Option<Running>,
+    journal: Option<String>,
 }
 
 impl Session {
@@ -140,9 +158,11 @@ impl Session {
         let _ = self.progress.send(p);
     }
 
-    /// Counts a boot as it starts (so `boots` includes one that fails).
+    /// Counts a boot as it starts (so `boots` includes one that fails);
+    /// what the previous boot showed no longer holds.
     fn begin_boot(&mut self, why: &'static str) {
         self.boots += 1;
+        self.seen = Seen::default();
         self.emit(Progress::Booting {
             boot: self.boots,
             why,
@@ -157,8 +177,8 @@ impl Session {
         });
     }
 
-    fn wanted(&self, name: &str) -> bool {
-        self.cfg.checks.iter().any(|c| c == name)
+    fn wanted(&self, id: CheckId) -> bool {
+        self.cfg.checks.contains(&id)
     }
 
     fn remaining(&self) -> Duration {
@@ -178,18 +198,39 @@ impl Session {
         recreate_overlay(&self.cfg.image, &self.overlay())
     }
 
-    fn record(&mut self, mut c: CheckResult, t: Instant) {
+    /// Runs the requested checks of one phase in registry order; returns
+    /// how many ran. `expect` is the config's, lent separately because the
+    /// session itself is lent to the checks as the machine.
+    async fn run_checks(&mut self, phase: Phase, expect: &Expectations) -> Result<usize, String> {
+        let ids: Vec<CheckId> = CheckId::ALL
+            .into_iter()
+            .filter(|id| id.phase() == phase && self.wanted(*id))
+            .collect();
+        for &id in &ids {
+            let t = Instant::now();
+            self.emit(Progress::CheckStarted(id));
+            let outcome = id.run(self, expect).await.map_err(me)?;
+            if let Some(w) = outcome.warnings {
+                self.warnings = Some(w);
+            }
+            self.record(id, outcome.result, t);
+        }
+        Ok(ids.len())
+    }
+
+    fn record(&mut self, id: CheckId, mut c: CheckResult, t: Instant) {
         c.seconds = t.elapsed().as_secs_f64();
         self.emit(Progress::CheckFinished(c.clone()));
-        self.checks.push(c);
+        self.checks.insert(id, c);
     }
 
     fn report(&self, error: Option<String>) -> Report {
         let mut checks = Vec::new();
-        for name in checks::ALL {
-            match self.checks.iter().find(|c| c.name == name) {
+        for id in CheckId::ALL {
+            let name = id.name();
+            match self.checks.get(&id) {
                 Some(c) => checks.push(c.clone()),
-                None if !self.wanted(name) => checks.push(CheckResult::new(
+                None if !self.wanted(id) => checks.push(CheckResult::new(
                     name,
                     Status::Skip,
                     "not requested (--checks)",
@@ -222,7 +263,7 @@ impl Session {
             image: self.cfg.image.display().to_string(),
             label: self.cfg.expect.version.label().to_owned(),
             checks,
-            warnings: self.warnings.clone(),
+            warnings: self.warnings.clone().unwrap_or_default(),
             timings,
             artifacts: Some(self.artifacts.dir().display().to_string()),
             error,
@@ -247,14 +288,6 @@ fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
             cfg.image.display()
         )));
     }
-    for c in &cfg.checks {
-        if !checks::ALL.contains(&c.as_str()) {
-            return Err(RunError::Input(format!(
-                "unknown check {c:?} (known: {})",
-                checks::ALL.join(", ")
-            )));
-        }
-    }
     Ok(())
 }
 
@@ -275,17 +308,18 @@ pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result
         progress,
         events: EventLog::default(),
         started: Instant::now(),
-        checks: Vec::new(),
-        warnings: Vec::new(),
+        checks: BTreeMap::new(),
+        warnings: None,
         timings: Timings::default(),
         accel: None,
         template: None,
+        machine: None,
+        seen: Seen::default(),
         boots: 0,
     };
     s.emit(Progress::Artifacts(s.artifacts.dir().to_owned()));
-    let mut machine: Option<Machine> = None;
     let budget = s.remaining();
-    let outcome = tokio::time::timeout(budget, story(&mut s, &mut machine)).await;
+    let outcome = tokio::time::timeout(budget, story(&mut s)).await;
     let error = match outcome {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e),
@@ -294,8 +328,8 @@ pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result
             s.cfg.timeout.as_secs()
         )),
     };
-    let failed = error.is_some() || s.checks.iter().any(|c| c.status == Status::Fail);
-    if let Some(m) = machine.as_mut() {
+    let failed = error.is_some() || s.checks.values().any(|c| c.status == Status::Fail);
+    if let Some(m) = s.machine.as_mut() {
         if failed {
             let png = s.artifacts.path(artifacts::SCREENDUMP);
             let _ = tokio::time::timeout(Duration::from_secs(5), m.screendump(&png)).await;
@@ -303,7 +337,7 @@ pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result
         let _ = tokio::time::timeout(Duration::from_secs(5), m.qmp().quit()).await;
         m.kill().await;
     }
-    drop(machine);
+    s.machine = None;
     s.save_event_log();
     let report = s.report(error.clone().map(|e| {
         let tail = tail_of(&s.artifacts.path(artifacts::SERIAL_LOG), 15);
@@ -348,7 +382,7 @@ fn me(e: MachineError) -> String {
     e.to_string()
 }
 
-async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String> {
+async fn story(s: &mut Session) -> Result<(), String> {
     let serial = s
         .artifacts
         .clear_previous()
@@ -396,15 +430,18 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
         .artifacts
         .write(artifacts::QEMU_COMMAND, format!("{cmd_line}\n"));
     s.emit(Progress::QemuCommand(cmd_line));
-    *slot = Some(m);
-    let m = slot.as_mut().expect("just set");
-    let state = m.wait_booted(s.boot_budget()).await.map_err(me)?;
-    s.timings.boot = m.started().elapsed().as_secs_f64();
+    s.machine = Some(m);
+    let budget = s.boot_budget();
+    let state = s.machine().wait_booted(budget).await.map_err(me)?;
+    let powered_on = s.machine().started();
+    s.timings.boot = powered_on.elapsed().as_secs_f64();
     s.booted(s.timings.boot, state);
-    if let Some(k) = m.serial().snapshot().kernel_start {
-        s.timings.firmware = Some(k.saturating_duration_since(m.started()).as_secs_f64());
+    let kernel_start = s.machine().serial().snapshot().kernel_start;
+    if let Some(k) = kernel_start {
+        s.timings.firmware = Some(k.saturating_duration_since(powered_on).as_secs_f64());
     }
-    if let Ok(out) = m
+    if let Ok(out) = s
+        .machine()
         .succeed("systemctl show -p InitRDTimestampMonotonic -p UserspaceTimestampMonotonic -p FinishTimestampMonotonic")
         .await
     {
@@ -413,172 +450,104 @@ async fn story(s: &mut Session, slot: &mut Option<Machine>) -> Result<(), String
         s.timings.userspace = userspace;
     }
 
+    let expect = s.cfg.expect.clone();
     let t_checks = Instant::now();
     // The journal export is the slowest guest command; it overlaps the checks.
-    let journal_export = checks::start_journal_export(m).await.map_err(me)?;
-    // root and state-mounts judge one findmnt snapshot; root's time includes taking it.
-    let t_table = Instant::now();
-    let table = checks::mount_table(m).await.map_err(me)?;
-    if s.wanted("root") {
-        let t = t_table;
-        s.emit(Progress::CheckStarted("root".into()));
-        let c = checks::judge_root(&table, &s.cfg.expect);
-        s.record(c, t);
-    }
-    if s.wanted("state-mounts") {
-        let t = Instant::now();
-        s.emit(Progress::CheckStarted("state-mounts".into()));
-        let c = checks::judge_state_mounts(&table, &s.cfg.expect);
-        s.record(c, t);
-    }
-    if s.wanted("fstab") {
-        let t = Instant::now();
-        s.emit(Progress::CheckStarted("fstab".into()));
-        let obs = checks::observe_fstab(m).await.map_err(me)?;
-        let c = checks::judge_fstab(&obs, &table);
-        s.record(c, t);
-    }
-    if s.wanted("moved-files") {
-        let t = Instant::now();
-        s.emit(Progress::CheckStarted("moved-files".into()));
-        let obs = checks::observe_moved(m, &s.cfg.expect).await.map_err(me)?;
-        let c = checks::judge_moved(&obs, &s.cfg.expect);
-        s.record(c, t);
-    }
+    let export = guest::start_journal_export(s.machine()).await.map_err(me)?;
+    s.seen.journal_export = Some(export);
+    s.run_checks(Phase::FirstBoot, &expect).await?;
     // The journal is exported whether or not overmount is checked: it is
-    // the first thing anyone reads after a failure.
-    let t = Instant::now();
-    let journal = checks::finish_journal_export(m, &journal_export)
-        .await
-        .map_err(me)?;
-    let _ = s.artifacts.write(&artifacts::journal(1), &journal);
-    if s.wanted("overmount") {
-        s.emit(Progress::CheckStarted("overmount".into()));
-        let (c, warnings) = checks::overmount(m, &journal).await.map_err(me)?;
-        s.warnings = warnings;
-        s.record(c, t);
-    } else {
-        s.warnings = crate::journal::mount_warnings(&journal)
-            .iter()
-            .map(|j| checks::to_warning(j, None))
-            .collect();
-    }
+    // the first thing anyone reads after a failure. Its mount warnings are
+    // reported either way; overmount adds what each one hides.
+    let journal = s.journal().await.map_err(me)?;
+    let warnings = checks::overmount::unexamined(journal);
+    s.warnings.get_or_insert(warnings);
     s.timings.checks = t_checks.elapsed().as_secs_f64();
 
-    if s.wanted("persistence") {
-        let t = Instant::now();
-        s.emit(Progress::CheckStarted("persistence".into()));
-        let c = persistence(s, slot).await?;
+    // Boots 2 and 3: a clean reboot and a power cut, driven by the checks
+    // that need them.
+    let t = Instant::now();
+    if s.run_checks(Phase::Reboots, &expect).await? > 0 {
         s.timings.persistence = t.elapsed().as_secs_f64();
-        s.record(c, t);
     }
     Ok(())
 }
 
-fn recreate_overlay(image: &Path, overlay: &Path) -> Result<(), String> {
-    let _ = std::fs::remove_file(overlay);
-    let backing = std::path::absolute(image).map_err(|e| e.to_string())?;
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&backing)
-        .arg(overlay)
-        .output()
-        .map_err(|e| format!("running qemu-img: {e}"))?;
-    if out.status.success() {
+/// The machine as the checks drive it: the current boot's shared
+/// observations, taken once, and the reboot and crash of the story.
+impl Vm for Session {
+    fn machine(&mut self) -> &mut Machine {
+        self.machine.as_mut().expect("the machine is running")
+    }
+
+    async fn mount_table(&mut self) -> Result<&[Mount], MachineError> {
+        if self.seen.table.is_none() {
+            let table = guest::mount_table(self.machine()).await?;
+            self.seen.table = Some(table);
+        }
+        Ok(self.seen.table.as_deref().unwrap_or_default())
+    }
+
+    async fn journal(&mut self) -> Result<&str, MachineError> {
+        if self.seen.journal.is_none() {
+            let running = match self.seen.journal_export.take() {
+                Some(r) => r,
+                None => guest::start_journal_export(self.machine()).await?,
+            };
+            let journal = guest::finish_journal_export(self.machine(), &running).await?;
+            let _ = self
+                .artifacts
+                .write(&artifacts::journal(self.boots), &journal);
+            self.seen.journal = Some(journal);
+        }
+        Ok(self.seen.journal.as_deref().unwrap_or_default())
+    }
+
+    async fn reboot(&mut self) -> Result<(), MachineError> {
+        self.begin_boot("clean reboot (systemctl reboot)");
+        let t = Instant::now();
+        let budget = self.boot_budget();
+        let state = self.machine().reboot(budget).await?;
+        self.booted(t.elapsed().as_secs_f64(), state);
         Ok(())
-    } else {
-        Err(format!(
-            "qemu-img create: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+    }
+
+    async fn crash(&mut self) -> Result<(), MachineError> {
+        self.emit(Progress::Step("sync, then power cut (QMP quit)".into()));
+        let m = self.machine.take().expect("the machine is running");
+        m.power_cut().await?;
+        self.begin_boot("fresh start after the power cut");
+        let t = Instant::now();
+        let template = self.template.clone().expect("template set");
+        let cmd = QemuCommand {
+            accel: self
+                .accel
+                .as_ref()
+                .map(|a| a.used)
+                .unwrap_or(template.accel),
+            ..template
+        };
+        self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
+        let budget = self.boot_budget();
+        let state = self.machine().wait_booted(budget).await?;
+        self.booted(t.elapsed().as_secs_f64(), state);
+        Ok(())
     }
 }
 
-/// Tokens in every state dir must survive a clean reboot and a power cut.
-async fn persistence(s: &mut Session, slot: &mut Option<Machine>) -> Result<CheckResult, String> {
-    let dirs = s.cfg.expect.state_dirs.clone();
-    let mut evidence = Vec::new();
-    let mut problems = Vec::new();
-    let m = slot.as_mut().expect("machine running");
-    let before_reboot = checks::write_tokens(m, &dirs, "reboot").await.map_err(me)?;
-    s.begin_boot("clean reboot (systemctl reboot)");
-    let t = Instant::now();
-    let state = m.reboot(s.boot_budget()).await.map_err(me)?;
-    s.booted(t.elapsed().as_secs_f64(), state);
-    let p = checks::verify_tokens(m, &before_reboot, "reboot")
-        .await
-        .map_err(me)?;
-    evidence.push(format!(
-        "clean reboot: {} of {} tokens intact ({})",
-        dirs.len() - p.len(),
-        dirs.len(),
-        dirs.iter()
-            .map(|d| format!("/{d}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    ));
-    problems.extend(p.iter().map(|p| format!("after clean reboot: {p}")));
-    if let Ok(j) = checks::export_journal(m).await {
-        let _ = s.artifacts.write(&artifacts::journal(2), j);
-    }
-
-    let before_cut = checks::write_tokens(m, &dirs, "powercut")
-        .await
-        .map_err(me)?;
-    s.emit(Progress::Step("sync, then power cut (QMP quit)".into()));
-    let m = slot.take().expect("machine running");
-    m.power_cut().await.map_err(me)?;
-    s.begin_boot("fresh start after the power cut");
-    let t = Instant::now();
-    let template = s.template.clone().expect("template set");
-    let cmd = QemuCommand {
-        accel: s.accel.as_ref().map(|a| a.used).unwrap_or(template.accel),
-        ..template
-    };
-    *slot = Some(Machine::start(cmd, s.events.clone()).await.map_err(me)?);
-    let m = slot.as_mut().expect("just set");
-    let state = m.wait_booted(s.boot_budget()).await.map_err(me)?;
-    s.booted(t.elapsed().as_secs_f64(), state);
-    let p1 = checks::verify_tokens(m, &before_reboot, "reboot")
-        .await
-        .map_err(me)?;
-    let p2 = checks::verify_tokens(m, &before_cut, "powercut")
-        .await
-        .map_err(me)?;
-    evidence.push(format!(
-        "power cut: {} of {} tokens written before the cut intact, {} of {} from before the reboot",
-        dirs.len() - p2.len(),
-        dirs.len(),
-        dirs.len() - p1.len(),
-        dirs.len()
-    ));
-    problems.extend(
-        p1.iter()
-            .chain(&p2)
-            .map(|p| format!("after power cut: {p}")),
-    );
-    if let Ok(j) = checks::export_journal(m).await {
-        let _ = s.artifacts.write(&artifacts::journal(3), j);
-    }
-    Ok(if problems.is_empty() {
-        CheckResult::new(
-            "persistence",
-            Status::Pass,
-            format!(
-                "tokens in {} state dirs survived a clean reboot and a power cut",
-                dirs.len()
-            ),
-            evidence,
-        )
-    } else {
-        evidence.extend(problems.iter().cloned());
-        CheckResult::new(
-            "persistence",
-            Status::Fail,
-            format!("{} token(s) lost or misplaced", problems.len()),
-            evidence,
-        )
-    })
+/// A fresh qcow2 overlay backed by the image (the image is only read).
+fn recreate_overlay(image: &Path, overlay: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_file(overlay);
+    let backing =
+        std::path::absolute(image).map_err(|e| format!("image {}: {e}", image.display()))?;
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&backing)
+            .arg(overlay),
+    )
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 /// (kernel incl. initramfs, userspace) in seconds from systemd's monotonic
@@ -658,6 +627,22 @@ mod tests {
     }
 
     #[test]
+    fn overlay_errors_carry_the_command_and_its_complaint() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = recreate_overlay(
+            &dir.path().join("missing.img"),
+            &dir.path().join("overlay.qcow2"),
+        )
+        .unwrap_err();
+        // Without qemu-img installed the runner says so instead.
+        assert!(
+            err.contains("qemu-img create -q -f qcow2 -F raw -b") && err.contains("missing.img")
+                || err.contains("qemu-img not found"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_inputs_are_exit_2() {
         let cfg = TestConfig::new("/nonexistent/x.img".into(), expectations());
         assert_eq!(prepare(&cfg).unwrap_err().exit_code(), 2);
@@ -667,9 +652,6 @@ mod tests {
         let img = dir.path().join("x.img");
         std::fs::write(&img, b"").unwrap();
         cfg.image = img;
-        cfg.checks = vec!["root".into(), "bogus".into()];
-        let err = prepare(&cfg).unwrap_err();
-        assert_eq!(err.exit_code(), 2);
-        assert!(err.to_string().contains("unknown check \"bogus\""), "{err}");
+        assert!(prepare(&cfg).is_ok());
     }
 }

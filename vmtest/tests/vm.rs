@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use strata_builder::expect::Expectations;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
+use strata_vmtest::checks::CheckId;
 use strata_vmtest::qemu::{Accel, DiskBus};
 use strata_vmtest::report::{Report, Status};
 use strata_vmtest::run::{self, BootMode, RunError, TestConfig};
@@ -169,7 +170,7 @@ fn config(image: &Path, manifest: &Path) -> TestConfig {
 }
 
 fn without_persistence(cfg: &mut TestConfig) {
-    cfg.checks.retain(|c| c != "persistence");
+    cfg.checks.retain(|c| *c != CheckId::Persistence);
 }
 
 struct Outcome {
@@ -437,7 +438,7 @@ fn tmpfs_over_a_state_dir_loses_the_token_and_fails_persistence() {
             + "\n"
     });
     let mut cfg = config(&b.image, &manifest_path);
-    cfg.checks = vec!["state-mounts".into(), "persistence".into()];
+    cfg.checks = vec![CheckId::StateMounts, CheckId::Persistence];
     let o = boot(cfg);
     let r = report(&o);
     // /srv is not the state subvolume, and what is written there is gone
@@ -576,7 +577,7 @@ fn copy_migration_overmounts_every_filled_state_dir() {
     let m = Manifest::load(&manifest_path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(m.state_migration, "copy");
     let mut cfg = config(&image, &manifest_path);
-    cfg.checks = vec!["overmount".into()];
+    cfg.checks = vec![CheckId::Overmount];
     let o = boot(cfg);
     let r = report(&o);
     assert_eq!(failing(r), ["overmount"]);

@@ -1,0 +1,244 @@
+//! The checks of layout.md §5, one module each. A check observes the guest
+//! through [`Vm`] and hands what it saw to a pure `judge` function that
+//! turns observations into a verdict with evidence (unit-tested without a
+//! VM). [`CheckId`] is the registry: the report lists the checks in its
+//! order, `run` dispatches on it, `--checks` and `--list-checks` read its
+//! names. A new check is a module here and an arm in each `CheckId` match.
+
+pub mod fstab;
+pub mod guest;
+pub mod moved_files;
+pub mod overmount;
+pub mod persistence;
+pub mod root;
+pub mod state_mounts;
+
+#[cfg(test)]
+mod testdata;
+
+pub use guest::Mount;
+
+use crate::machine::{Machine, MachineError};
+use crate::report::{CheckResult, Warning};
+use std::future::Future;
+use strata_builder::expect::Expectations;
+
+/// One check. The order of the variants is the order of the report and of
+/// the run (`ALL` ascends by phase; a unit test holds it to that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CheckId {
+    Root,
+    StateMounts,
+    Fstab,
+    MovedFiles,
+    Overmount,
+    Persistence,
+}
+
+/// When a check runs in the story of a test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// On the system as it first came up; the check changes nothing.
+    FirstBoot,
+    /// The check reboots the machine and cuts its power (boots 2 and 3).
+    Reboots,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::FirstBoot => "first boot",
+            Phase::Reboots => "reboot and power cut",
+        }
+    }
+}
+
+impl CheckId {
+    pub const ALL: [CheckId; 6] = [
+        CheckId::Root,
+        CheckId::StateMounts,
+        CheckId::Fstab,
+        CheckId::MovedFiles,
+        CheckId::Overmount,
+        CheckId::Persistence,
+    ];
+
+    /// The name in `--checks`, the report and JUnit.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckId::Root => "root",
+            CheckId::StateMounts => "state-mounts",
+            CheckId::Fstab => "fstab",
+            CheckId::MovedFiles => "moved-files",
+            CheckId::Overmount => "overmount",
+            CheckId::Persistence => "persistence",
+        }
+    }
+
+    /// One line for `strata test --list-checks`.
+    pub fn description(self) -> &'static str {
+        match self {
+            CheckId::Root => {
+                "/ is the expected version's run subvolume on the image's btrfs filesystem"
+            }
+            CheckId::StateMounts => {
+                "every state dir is mounted from its own state subvolume of the same filesystem"
+            }
+            CheckId::Fstab => {
+                "findmnt --verify is clean, every fstab entry mounted at boot is mounted, no unit failed"
+            }
+            CheckId::MovedFiles => {
+                "files moved into state keep type, mode, owner and contents; the mountpoints under them are empty"
+            }
+            CheckId::Overmount => {
+                "the journal reports no mount over a non-empty directory (and lists what it would hide)"
+            }
+            CheckId::Persistence => {
+                "a token written to each state dir survives a clean reboot and a power cut"
+            }
+        }
+    }
+
+    pub fn phase(self) -> Phase {
+        match self {
+            CheckId::Root
+            | CheckId::StateMounts
+            | CheckId::Fstab
+            | CheckId::MovedFiles
+            | CheckId::Overmount => Phase::FirstBoot,
+            CheckId::Persistence => Phase::Reboots,
+        }
+    }
+
+    /// Observes and judges. Fails only when the machine does (exit 3); a
+    /// layout that is wrong is a `CheckResult` that says so.
+    pub async fn run(
+        self,
+        vm: &mut impl Vm,
+        expect: &Expectations,
+    ) -> Result<Outcome, MachineError> {
+        let result = match self {
+            CheckId::Root => root::run(vm, expect).await?,
+            CheckId::StateMounts => state_mounts::run(vm, expect).await?,
+            CheckId::Fstab => fstab::run(vm).await?,
+            CheckId::MovedFiles => moved_files::run(vm, expect).await?,
+            CheckId::Overmount => {
+                let (result, warnings) = overmount::run(vm).await?;
+                return Ok(Outcome {
+                    result,
+                    warnings: Some(warnings),
+                });
+            }
+            CheckId::Persistence => persistence::run(vm, expect).await?,
+        };
+        Ok(Outcome {
+            result,
+            warnings: None,
+        })
+    }
+}
+
+impl std::fmt::Display for CheckId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown check {name:?} (known: {})", known())]
+pub struct UnknownCheck {
+    pub name: String,
+}
+
+fn known() -> String {
+    CheckId::ALL.map(CheckId::name).join(", ")
+}
+
+impl std::str::FromStr for CheckId {
+    type Err = UnknownCheck;
+
+    fn from_str(s: &str) -> Result<CheckId, UnknownCheck> {
+        CheckId::ALL
+            .into_iter()
+            .find(|id| id.name() == s)
+            .ok_or_else(|| UnknownCheck { name: s.to_owned() })
+    }
+}
+
+/// What running one check gives the report.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub result: CheckResult,
+    /// The journal's mount warnings with what each one hides, when the check
+    /// examined them (overmount).
+    pub warnings: Option<Vec<Warning>>,
+}
+
+/// The machine under test as a check sees it: a guest to run commands in,
+/// what the current boot has shown (taken once per boot and shared by the
+/// checks that judge it), and the two disruptive verbs of the story.
+/// `run::Session` is the implementation; checks never start QEMU.
+pub trait Vm {
+    /// The running guest.
+    fn machine(&mut self) -> &mut Machine;
+
+    /// This boot's mount table (`findmnt`), taken on first use.
+    fn mount_table(&mut self) -> impl Future<Output = Result<&[Mount], MachineError>>;
+
+    /// This boot's journal (JSON lines), exported once and kept as an artifact.
+    fn journal(&mut self) -> impl Future<Output = Result<&str, MachineError>>;
+
+    /// `systemctl reboot`, then waits for the new boot to settle.
+    fn reboot(&mut self) -> impl Future<Output = Result<(), MachineError>>;
+
+    /// Syncs, cuts the power, starts the machine again from the same disk
+    /// and waits for the boot to settle.
+    fn crash(&mut self) -> impl Future<Output = Result<(), MachineError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_are_unique() {
+        for id in CheckId::ALL {
+            assert_eq!(id.name().parse::<CheckId>(), Ok(id));
+            assert!(!id.description().is_empty() && !id.description().contains('\n'));
+        }
+        let mut names = CheckId::ALL.map(CheckId::name).to_vec();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), CheckId::ALL.len());
+    }
+
+    #[test]
+    fn registry_order_is_report_order_and_run_order() {
+        assert_eq!(
+            CheckId::ALL.map(CheckId::name),
+            [
+                "root",
+                "state-mounts",
+                "fstab",
+                "moved-files",
+                "overmount",
+                "persistence"
+            ]
+        );
+        let mut sorted = CheckId::ALL;
+        sorted.sort();
+        assert_eq!(sorted, CheckId::ALL, "ALL is in declaration order");
+        assert!(CheckId::ALL
+            .windows(2)
+            .all(|w| w[0].phase() <= w[1].phase()));
+    }
+
+    #[test]
+    fn unknown_names_list_the_known_ones() {
+        let err = "bogus".parse::<CheckId>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown check \"bogus\" (known: root, state-mounts, fstab, moved-files, overmount, persistence)"
+        );
+    }
+}

@@ -1,0 +1,280 @@
+//! `persistence`: a token written into each state dir survives a clean
+//! reboot and a power cut, on the state subvolume. The check tells its own
+//! story (write, reboot, read, write, crash, read) through `Vm`; the
+//! session only knows how to reboot and crash the machine.
+
+use super::{CheckId, Vm};
+use crate::machine::{Machine, MachineError};
+use crate::report::{CheckResult, Status};
+use strata_builder::expect::Expectations;
+use strata_builder::layout;
+
+const ID: CheckId = CheckId::Persistence;
+
+/// Dot-file a token is written to, suffixed with the token's phase.
+pub const TOKEN_FILE: &str = ".strata-persistence-token";
+
+/// One token as written: the state dir, when it was written, its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    pub dir: String,
+    /// `reboot` or `powercut`: names the file and the evidence.
+    pub phase: &'static str,
+    pub value: String,
+}
+
+/// What the guest shows of one token after a boot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenSeen {
+    pub token: Token,
+    /// The file's first line (or cat's complaint).
+    pub found: String,
+    /// FSROOT of the mount at the state dir's mountpoint.
+    pub fsroot: String,
+}
+
+/// Everything the verdict rests on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    /// The reboot tokens after the clean reboot.
+    pub after_reboot: Vec<TokenSeen>,
+    /// The reboot tokens again, after the power cut.
+    pub reboot_tokens_after_cut: Vec<TokenSeen>,
+    /// The tokens written just before the power cut.
+    pub after_cut: Vec<TokenSeen>,
+}
+
+pub async fn run(vm: &mut impl Vm, expect: &Expectations) -> Result<CheckResult, MachineError> {
+    let dirs = &expect.state_dirs;
+    let before_reboot = write_tokens(vm.machine(), dirs, "reboot").await?;
+    vm.reboot().await?;
+    let after_reboot = read_tokens(vm.machine(), &before_reboot).await?;
+    keep_journal(vm).await;
+
+    let before_cut = write_tokens(vm.machine(), dirs, "powercut").await?;
+    vm.crash().await?;
+    let reboot_tokens_after_cut = read_tokens(vm.machine(), &before_reboot).await?;
+    let after_cut = read_tokens(vm.machine(), &before_cut).await?;
+    keep_journal(vm).await;
+
+    Ok(judge(
+        &Observation {
+            after_reboot,
+            reboot_tokens_after_cut,
+            after_cut,
+        },
+        dirs,
+    ))
+}
+
+/// Exporting the journal keeps it as an artifact; the verdict does not
+/// depend on it, so a failed export is no reason to stop.
+async fn keep_journal(vm: &mut impl Vm) {
+    let _ = vm.journal().await;
+}
+
+/// Writes a distinct token into each state dir.
+pub async fn write_tokens(
+    m: &mut Machine,
+    dirs: &[String],
+    phase: &'static str,
+) -> Result<Vec<Token>, MachineError> {
+    let mut tokens = Vec::new();
+    let mut script = String::from("set -e\n");
+    for d in dirs {
+        let token = Token {
+            dir: d.clone(),
+            phase,
+            value: format!("{phase}-{:016x}", crate::random_u64()),
+        };
+        script.push_str(&format!(
+            "printf '%s\\n' '{}' > '{}'\n",
+            token.value,
+            token_path(&token)
+        ));
+        tokens.push(token);
+    }
+    m.succeed(&script).await?;
+    Ok(tokens)
+}
+
+/// `/<dir>/.strata-persistence-token.<phase>` in the booted system. State
+/// dir names follow the builder's rules, so single quotes are enough.
+fn token_path(t: &Token) -> String {
+    format!(
+        "{}/{TOKEN_FILE}.{}",
+        layout::state_mountpoint(&t.dir),
+        t.phase
+    )
+}
+
+/// Reads the tokens back, with the subvolume each one sits on.
+pub async fn read_tokens(
+    m: &mut Machine,
+    tokens: &[Token],
+) -> Result<Vec<TokenSeen>, MachineError> {
+    let mut seen = Vec::new();
+    for t in tokens {
+        let script = format!(
+            "cat '{}' 2>&1; echo; findmnt -n -o FSROOT --mountpoint '{}' || echo '(not a mountpoint)'",
+            token_path(t),
+            layout::state_mountpoint(&t.dir)
+        );
+        let out = m.exec(&script).await?.stdout_str();
+        let mut lines = out.lines();
+        let found = lines.next().unwrap_or("").trim().to_owned();
+        let _blank = lines.next();
+        let fsroot = lines.next().unwrap_or("").trim().to_owned();
+        seen.push(TokenSeen {
+            token: t.clone(),
+            found,
+            fsroot,
+        });
+    }
+    Ok(seen)
+}
+
+/// One line per token that is lost or not on its state subvolume.
+pub fn problems(seen: &[TokenSeen]) -> Vec<String> {
+    seen.iter()
+        .filter_map(|s| {
+            let Token { dir, phase, value } = &s.token;
+            let mountpoint = layout::state_mountpoint(dir);
+            let subvolume = layout::fsroot(&layout::state(dir));
+            if s.found != *value {
+                Some(format!(
+                    "{mountpoint}: token {phase} lost (found {:?})",
+                    s.found
+                ))
+            } else if s.fsroot != subvolume {
+                Some(format!(
+                    "{mountpoint}: token {phase} survived, but on {:?}, not the {subvolume} subvolume",
+                    s.fsroot
+                ))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// `dirs` are the state dirs a token was written to.
+pub fn judge(obs: &Observation, dirs: &[String]) -> CheckResult {
+    let n = dirs.len();
+    let mut evidence = Vec::new();
+    let mut lost = Vec::new();
+    let p = problems(&obs.after_reboot);
+    evidence.push(format!(
+        "clean reboot: {} of {n} tokens intact ({})",
+        n - p.len(),
+        dirs.iter()
+            .map(|d| layout::state_mountpoint(d))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    lost.extend(p.iter().map(|p| format!("after clean reboot: {p}")));
+    let p1 = problems(&obs.reboot_tokens_after_cut);
+    let p2 = problems(&obs.after_cut);
+    evidence.push(format!(
+        "power cut: {} of {n} tokens written before the cut intact, {} of {n} from before the reboot",
+        n - p2.len(),
+        n - p1.len(),
+    ));
+    lost.extend(
+        p1.iter()
+            .chain(&p2)
+            .map(|p| format!("after power cut: {p}")),
+    );
+    if lost.is_empty() {
+        CheckResult::new(
+            ID.name(),
+            Status::Pass,
+            format!("tokens in {n} state dirs survived a clean reboot and a power cut"),
+            evidence,
+        )
+    } else {
+        evidence.extend(lost.iter().cloned());
+        CheckResult::new(
+            ID.name(),
+            Status::Fail,
+            format!("{} token(s) lost or misplaced", lost.len()),
+            evidence,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs() -> Vec<String> {
+        vec!["root".into(), "var".into()]
+    }
+
+    /// Every token of `phase` read back intact from its state subvolume.
+    fn intact(phase: &'static str) -> Vec<TokenSeen> {
+        dirs()
+            .into_iter()
+            .map(|dir| TokenSeen {
+                fsroot: format!("/state/{dir}"),
+                found: format!("{phase}-{dir}"),
+                token: Token {
+                    value: format!("{phase}-{dir}"),
+                    dir,
+                    phase,
+                },
+            })
+            .collect()
+    }
+
+    fn obs() -> Observation {
+        Observation {
+            after_reboot: intact("reboot"),
+            reboot_tokens_after_cut: intact("reboot"),
+            after_cut: intact("powercut"),
+        }
+    }
+
+    #[test]
+    fn passes_when_every_token_survives_on_its_subvolume() {
+        let r = judge(&obs(), &dirs());
+        assert_eq!(r.status, Status::Pass, "{r:?}");
+        assert_eq!(
+            r.detail,
+            "tokens in 2 state dirs survived a clean reboot and a power cut"
+        );
+        assert_eq!(
+            r.evidence,
+            [
+                "clean reboot: 2 of 2 tokens intact (/root /var)",
+                "power cut: 2 of 2 tokens written before the cut intact, 2 of 2 from before the reboot"
+            ]
+        );
+    }
+
+    #[test]
+    fn lost_and_misplaced_tokens_are_named() {
+        let mut o = obs();
+        // /var is a tmpfs: the reboot token is gone after the reboot...
+        o.after_reboot[1].found =
+            "cat: /var/.strata-persistence-token.reboot: No such file or directory".into();
+        o.reboot_tokens_after_cut[1].found = o.after_reboot[1].found.clone();
+        // ...and the power cut token was written to the wrong subvolume.
+        o.after_cut[0].fsroot = "/systems/factory/run/root".into();
+        let r = judge(&o, &dirs());
+        assert_eq!(r.status, Status::Fail);
+        assert_eq!(r.detail, "3 token(s) lost or misplaced");
+        assert_eq!(
+            r.evidence[1],
+            "power cut: 1 of 2 tokens written before the cut intact, 1 of 2 from before the reboot"
+        );
+        assert_eq!(
+            r.evidence[2],
+            "after clean reboot: /var: token reboot lost (found \"cat: /var/.strata-persistence-token.reboot: No such file or directory\")"
+        );
+        assert_eq!(
+            r.evidence[4],
+            "after power cut: /root: token powercut survived, but on \"/systems/factory/run/root\", not the /state/root subvolume"
+        );
+    }
+}
