@@ -632,6 +632,64 @@ fn sigterm_mid_copy_cleans_up() {
     fx.assert_nothing_left();
 }
 
+/// SIGKILL cannot be caught: the mount, loop device and partial image stay.
+/// They carry the dead run's pid, and the next build finds and cleans them,
+/// saying what it did.
+#[test]
+fn debris_of_a_sigkilled_build_is_cleaned_by_the_next_run() {
+    use std::io::{BufRead, BufReader};
+    let fx = Fixture::new();
+    sh(&format!(
+        "cd '{}' && mkdir -p usr/share/many && cd usr/share/many && seq 1 20000 | xargs touch",
+        fx.rootfs().display()
+    ));
+    let mut child = strata()
+        .args(["build", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--size", "300M"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("copying rootfs") {
+            break;
+        }
+    }
+    sh(&format!("kill -KILL {}", child.id()));
+    child.wait().unwrap();
+    assert!(
+        !fx.leftovers().is_empty(),
+        "a SIGKILLed build leaves its loop device and mount"
+    );
+    let partials: Vec<String> = fx
+        .outputs()
+        .into_iter()
+        .filter(|n| n.contains(".strata-partial."))
+        .collect();
+    assert_eq!(partials.len(), 1, "{:?}", fx.outputs());
+
+    let o = strata()
+        .args(["build", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--size", "300M"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    for said in ["removed partial image", "unmounted /dev/loop", "detached loop device"] {
+        assert!(err.contains(said), "{said:?} not in:\n{err}");
+    }
+    let mut outputs = fx.outputs();
+    outputs.sort();
+    assert_eq!(outputs, ["out.img", "out.img.manifest.json"]);
+    fx.assert_nothing_left();
+}
+
 fn sha(path: &str) -> String {
     sh(&format!("sha256sum {path}"))
 }

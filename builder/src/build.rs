@@ -14,6 +14,7 @@
 use crate::boot;
 use crate::btrfs;
 use crate::copy;
+use crate::debris;
 use crate::deploy::{self, BootSource, DeployOptions, Deployed, Rootfs};
 use crate::error::{BuildError, Context, StepError};
 use crate::interrupt::Interrupt;
@@ -253,6 +254,11 @@ impl<'a> Builder<'a> {
 
     pub fn run(mut self, prep: Prepared) -> Result<Manifest, BuildError> {
         let (opts, steps) = (self.opts, &mut self.steps);
+        // A build killed with SIGKILL could not clean up: its mount, loop
+        // device and partial image carry its pid; clean them now.
+        for c in debris::clean(&debris::find(Some(parent_dir(&opts.output)))) {
+            steps.emit(Event::Note(c.to_string()));
+        }
         let image = NewImage::create(opts, &prep.fs_uuid, steps)?;
         let top = image.top();
 
@@ -346,7 +352,11 @@ fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.strata-partial-"))
+        .prefix(&format!(
+            ".{name}{}{}.",
+            debris::PARTIAL_MARKER,
+            std::process::id()
+        ))
         .tempfile_in(dir)
         .context(|| format!("creating an image in {}", dir.display()))?;
     tmp.as_file()

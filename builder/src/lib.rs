@@ -9,6 +9,7 @@ pub mod btrfs;
 pub mod build;
 pub mod cmd;
 pub mod copy;
+pub mod debris;
 pub mod deploy;
 pub mod error;
 pub mod etcfile;

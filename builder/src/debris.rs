@@ -1,0 +1,283 @@
+//! What a strata killed with SIGKILL leaves behind, found and cleaned by the
+//! next run. Guards undo everything on errors and signals that can be
+//! caught; SIGKILL cannot be, so every resource strata makes carries the
+//! pid of the run that made it:
+//!
+//! - mounts on `<tmp>/strata-mnt.<pid>.<random>` (`mount::MOUNT_DIR_PREFIX`),
+//!   and the loop devices mounted there;
+//! - partial images `.<name>.strata-partial.<pid>.<random>` next to the
+//!   output (`PARTIAL_MARKER`).
+//!
+//! Only resources whose pid is gone are touched. A loop device that is not
+//! mounted carries no pid: it is reported (with the command to detach it)
+//! when it backs an image strata is about to open, never detached blindly.
+
+use crate::cmd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The part of a partial image's name after `.<output name>`.
+pub const PARTIAL_MARKER: &str = ".strata-partial.";
+
+/// A resource left by a dead run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leftover {
+    /// A mount on a strata mount dir of a dead pid; `device` is what is
+    /// mounted (a loop device, usually).
+    Mount { dir: PathBuf, device: String },
+    /// A partial image of a dead build.
+    Partial(PathBuf),
+}
+
+/// What cleaning did, for the caller to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cleaned {
+    Unmounted {
+        dir: PathBuf,
+        device: String,
+    },
+    Detached(String),
+    Removed(PathBuf),
+    /// Could not be cleaned: what failed and the command that would do it.
+    Failed {
+        what: String,
+        command: String,
+    },
+}
+
+impl std::fmt::Display for Cleaned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cleaned::Unmounted { dir, device } => write!(
+                f,
+                "unmounted {device} from {} (left by a killed strata)",
+                dir.display()
+            ),
+            Cleaned::Detached(dev) => {
+                write!(f, "detached loop device {dev} (left by a killed strata)")
+            }
+            Cleaned::Removed(p) => write!(
+                f,
+                "removed partial image {} (left by a killed strata)",
+                p.display()
+            ),
+            Cleaned::Failed { what, command } => {
+                write!(f, "could not clean {what}: run `{command}`")
+            }
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid in a name `<prefix><pid>.<rest>`, if it has that shape.
+fn pid_after(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?;
+    let (pid, tail) = rest.split_once('.')?;
+    if tail.is_empty() {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Mounts on strata mount dirs whose run is gone, from `mountinfo` text.
+pub fn dead_mounts(mountinfo: &str, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dir) = fields.get(4).map(|d| crate::fstab::unescape(d)) else {
+            continue;
+        };
+        let name = Path::new(&dir)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some(pid) = pid_after(&name, crate::mount::MOUNT_DIR_PREFIX) else {
+            continue;
+        };
+        if alive(pid) {
+            continue;
+        }
+        // The mount source comes after the " - " separator: fstype, source.
+        let device = fields
+            .iter()
+            .position(|f| *f == "-")
+            .and_then(|i| fields.get(i + 2))
+            .map(|s| crate::fstab::unescape(s))
+            .unwrap_or_default();
+        out.push(Leftover::Mount {
+            dir: PathBuf::from(dir),
+            device,
+        });
+    }
+    out
+}
+
+/// Partial images of dead builds in `dir`.
+pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(at) = name.find(PARTIAL_MARKER) else {
+            continue;
+        };
+        if !name.starts_with('.') {
+            continue;
+        }
+        let Some(pid) = pid_after(&name[at..], PARTIAL_MARKER) else {
+            continue;
+        };
+        if !alive(pid) && e.file_type().is_ok_and(|t| t.is_file()) {
+            out.push(Leftover::Partial(e.path()));
+        }
+    }
+    out
+}
+
+/// Everything a dead run left: its mounts anywhere, its partial images in
+/// `image_dir` (the directory of the image or output being worked on).
+pub fn find(image_dir: Option<&Path>) -> Vec<Leftover> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out = dead_mounts(&info, pid_alive);
+    if let Some(d) = image_dir {
+        out.extend(dead_partials(d, pid_alive));
+    }
+    out
+}
+
+/// Cleans what `find` found: unmount (lazily if busy) and rmdir, detach the
+/// loop device that was mounted, remove partial images no loop device uses.
+pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
+    let mut done = Vec::new();
+    for l in leftovers {
+        match l {
+            Leftover::Mount { dir, device } => {
+                let unmounted = cmd::run(Command::new("umount").arg(dir))
+                    .or_else(|_| cmd::run(Command::new("umount").arg("--lazy").arg(dir)));
+                if unmounted.is_err() {
+                    done.push(Cleaned::Failed {
+                        what: format!("mount {}", dir.display()),
+                        command: format!("umount --lazy {}", dir.display()),
+                    });
+                    continue;
+                }
+                let _ = std::fs::remove_dir(dir);
+                done.push(Cleaned::Unmounted {
+                    dir: dir.clone(),
+                    device: device.clone(),
+                });
+                if device.starts_with("/dev/loop") {
+                    match cmd::run(Command::new("losetup").arg("-d").arg(device)) {
+                        Ok(_) => done.push(Cleaned::Detached(device.clone())),
+                        Err(_) => done.push(Cleaned::Failed {
+                            what: format!("loop device {device}"),
+                            command: format!("losetup -d {device}"),
+                        }),
+                    }
+                }
+            }
+            Leftover::Partial(path) => {
+                let users = loops_backing(path);
+                for dev in &users {
+                    let _ = cmd::run(Command::new("losetup").arg("-d").arg(dev));
+                }
+                match std::fs::remove_file(path) {
+                    Ok(()) => done.push(Cleaned::Removed(path.clone())),
+                    Err(_) => done.push(Cleaned::Failed {
+                        what: format!("partial image {}", path.display()),
+                        command: format!("rm {}", path.display()),
+                    }),
+                }
+            }
+        }
+    }
+    done
+}
+
+/// Loop devices whose backing file is `file` (`losetup -j`).
+pub fn loops_backing(file: &Path) -> Vec<String> {
+    let Ok(out) = cmd::run(Command::new("losetup").arg("-j").arg(file)) else {
+        return Vec::new();
+    };
+    parse_losetup_j(&out)
+}
+
+/// `/dev/loop3: []: (/var/tmp/x.img)` → `/dev/loop3`.
+pub fn parse_losetup_j(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split_once(':').map(|(d, _)| d.trim().to_owned()))
+        .filter(|d| d.starts_with("/dev/"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = "\
+36 25 0:32 / /tmp/strata-mnt.999999.AbC rw,relatime shared:1 - btrfs /dev/loop7 rw,space_cache=v2,subvolid=5,subvol=/
+37 25 0:33 / /tmp/strata-mnt.1.XyZ rw,relatime shared:2 - btrfs /dev/loop8 rw
+38 25 0:34 / /tmp/my\\040dir/strata-mnt.424242.q rw - btrfs /dev/loop9 rw
+39 25 0:35 / /mnt/strata-mnt.x rw - ext4 /dev/vdb rw
+40 25 0:36 / /proc rw - proc proc rw
+";
+
+    #[test]
+    fn dead_mounts_are_strata_dirs_of_gone_pids() {
+        let found = dead_mounts(INFO, |pid| pid == 1);
+        assert_eq!(
+            found,
+            [
+                Leftover::Mount {
+                    dir: "/tmp/strata-mnt.999999.AbC".into(),
+                    device: "/dev/loop7".into()
+                },
+                Leftover::Mount {
+                    dir: "/tmp/my dir/strata-mnt.424242.q".into(),
+                    device: "/dev/loop9".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn partials_of_dead_builds_only() {
+        let d = tempfile::tempdir().unwrap();
+        for n in [
+            ".sys.img.strata-partial.999999.aB3",
+            ".sys.img.strata-partial.1.live",
+            "sys.img",
+            ".sys.img.strata-partial.notapid.x",
+        ] {
+            std::fs::write(d.path().join(n), "").unwrap();
+        }
+        let found = dead_partials(d.path(), |pid| pid == 1);
+        assert_eq!(
+            found,
+            [Leftover::Partial(
+                d.path().join(".sys.img.strata-partial.999999.aB3")
+            )]
+        );
+        let cleaned = clean(&found);
+        assert_eq!(
+            cleaned,
+            [Cleaned::Removed(
+                d.path().join(".sys.img.strata-partial.999999.aB3")
+            )]
+        );
+        assert!(d.path().join(".sys.img.strata-partial.1.live").exists());
+    }
+
+    #[test]
+    fn losetup_j_lines() {
+        assert_eq!(
+            parse_losetup_j(
+                "/dev/loop3: []: (/var/tmp/x.img)\n/dev/loop4: [2049]:12 (/var/tmp/x.img)\n"
+            ),
+            ["/dev/loop3", "/dev/loop4"]
+        );
+        assert!(parse_losetup_j("").is_empty());
+    }
+}
