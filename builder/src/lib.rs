@@ -8,6 +8,7 @@ pub mod btrfs;
 pub mod build;
 pub mod cmd;
 pub mod copy;
+pub mod du;
 pub mod error;
 pub mod etcfile;
 pub mod expect;
