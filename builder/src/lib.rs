@@ -28,3 +28,4 @@ pub mod plan;
 pub mod progress;
 pub mod rootfs;
 pub mod size;
+pub mod sync;
