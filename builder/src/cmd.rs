@@ -19,6 +19,10 @@ pub enum CmdError {
         status: String,
         stderr: String,
     },
+    /// The interrupt flag was raised; the command was stopped (see
+    /// `run_interruptible`).
+    #[error("{program} stopped: interrupted")]
+    Interrupted { program: String },
 }
 
 impl CmdError {
@@ -146,5 +150,216 @@ pub fn run_streaming(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result
             status: status.to_string(),
             stderr: format!("last output:\n{}", Vec::from(tail).join("\n")),
         })
+    }
+}
+
+/// How many of an interruptible command's first stderr lines its error
+/// keeps (besides the last `TAIL_LINES`).
+const HEAD_LINES: usize = 10;
+/// How often `run_interruptible` looks at the interrupt flag while the
+/// command is silent.
+const POLL: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long a stopped command gets to clean up after SIGTERM before SIGKILL.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs to completion, handing each stdout line (raw bytes, without the
+/// newline: tools print file names, which need not be UTF-8) to `on_line`;
+/// on failure the error carries the command and its last stderr lines.
+///
+/// For long-running tools that write into the image (rsync): when
+/// `interrupt` is raised the command's whole process group gets SIGTERM (so
+/// it can remove its temporary files), SIGKILL after a grace period, and the
+/// result is `CmdError::Interrupted`. The command runs in its own process
+/// group (a terminal's Ctrl-C reaches only us; we decide) and is sent
+/// SIGTERM if this thread dies first (even by SIGKILL), so it never keeps
+/// writing into an image nobody is watching.
+pub fn run_interruptible(
+    cmd: &mut Command,
+    interrupt: &crate::interrupt::Interrupt,
+    on_line: &mut dyn FnMut(&[u8]),
+) -> Result<(), CmdError> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc::RecvTimeoutError;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    if interrupt.raised() {
+        return Err(CmdError::Interrupted { program });
+    }
+    tracing::debug!(command = %describe(cmd), "run (interruptible)");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes one prctl(2) call, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| spawn_error(program.clone(), source))?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let stdout_reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The first lines name the cause (ENOSPC, a refused option), the last
+    // ones how it ended: keep both, not everything.
+    let stderr_reader = std::thread::spawn(move || {
+        let mut head = Vec::new();
+        let mut tail = std::collections::VecDeque::new();
+        let mut skipped = 0usize;
+        for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line).into_owned();
+            if head.len() < HEAD_LINES {
+                head.push(line);
+                continue;
+            }
+            tail.push_back(line);
+            if tail.len() > TAIL_LINES {
+                tail.pop_front();
+                skipped += 1;
+            }
+        }
+        if skipped > 0 {
+            head.push(format!("[{skipped} lines]"));
+        }
+        head.extend(tail);
+        head.join("\n")
+    });
+    let mut stopped = false;
+    loop {
+        if interrupt.raised() {
+            stop(&mut child);
+            stopped = true;
+            break;
+        }
+        match rx.recv_timeout(POLL) {
+            Ok(line) => on_line(&line),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    // stdout is closed (or the child stopped); wait for the exit while
+    // still honouring the flag.
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|source| CmdError::Spawn {
+            program: program.clone(),
+            source,
+        })? {
+            break status;
+        }
+        if interrupt.raised() && !stopped {
+            stop(&mut child);
+            stopped = true;
+        }
+        std::thread::sleep(POLL);
+    };
+    if stopped {
+        // Not joining the readers: a straggler that ignored SIGTERM may
+        // still hold the pipes; the threads end when it does.
+        return Err(CmdError::Interrupted { program });
+    }
+    let _ = stdout_reader.join();
+    let stderr = stderr_reader.join().unwrap_or_default();
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CmdError::Failed {
+            command: describe(cmd),
+            status: status.to_string(),
+            stderr: stderr.trim().to_owned(),
+        })
+    }
+}
+
+/// SIGTERM to the child's process group, then SIGKILL if it has not exited
+/// within `GRACE`. Returns once the child has exited.
+fn stop(child: &mut std::process::Child) {
+    use rustix::process::{kill_process_group, Pid, Signal};
+    let Some(pgid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    };
+    let _ = kill_process_group(pgid, Signal::TERM);
+    let deadline = std::time::Instant::now() + GRACE;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(POLL);
+    }
+    let _ = kill_process_group(pgid, Signal::KILL);
+    let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::Interrupt;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn interruptible_hands_over_raw_lines_and_reports_failure() {
+        let mut lines = Vec::new();
+        run_interruptible(
+            Command::new("printf").arg("a\\377\\nb c\\n"),
+            &Interrupt::default(),
+            &mut |l| lines.push(l.to_vec()),
+        )
+        .unwrap();
+        assert_eq!(lines, [b"a\xff".to_vec(), b"b c".to_vec()]);
+
+        let e = run_interruptible(
+            Command::new("sh").args([
+                "-c",
+                "echo first >&2; i=0; while [ $i -lt 100 ]; do echo $i >&2; i=$((i+1)); done; exit 3",
+            ]),
+            &Interrupt::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        let stderr = e.stderr();
+        assert!(stderr.starts_with("first\n0\n"), "{stderr}");
+        assert!(stderr.contains("[51 lines]"), "{stderr}");
+        assert!(stderr.ends_with("\n99"), "{stderr}");
+        assert!(e.to_string().contains("exit status: 3"), "{e}");
+    }
+
+    #[test]
+    fn interruptible_stops_the_whole_process_group() {
+        let interrupt = Interrupt::default();
+        let raiser = interrupt.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            raiser.raise();
+        });
+        let start = Instant::now();
+        // The grandchild `sleep` keeps stdout open: only a group kill ends
+        // it.
+        let e = run_interruptible(
+            Command::new("sh").args(["-c", "sleep 60 & sleep 60; wait"]),
+            &interrupt,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, CmdError::Interrupted { .. }), "{e}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        // Raised before the start: nothing runs.
+        let e = run_interruptible(&mut Command::new("true"), &interrupt, &mut |_| {}).unwrap_err();
+        assert!(matches!(e, CmdError::Interrupted { .. }));
     }
 }
