@@ -281,10 +281,14 @@ fn builds_the_system_layout() {
 
     let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
     assert_eq!(m.fs_uuid, FS_UUID);
-    assert_eq!(m.root_device, format!("UUID={FS_UUID}"));
-    assert_eq!(m.state_dirs.created, ["home", "root", "opt", "srv", "var"]);
-    assert_eq!(m.kernel_source, "/boot/vmlinuz-1.10.0");
+    assert_eq!(m.default_version().root_device, format!("UUID={FS_UUID}"));
+    assert_eq!(
+        m.default_version().state_dirs.created,
+        ["home", "root", "opt", "srv", "var"]
+    );
+    assert_eq!(m.default_version().kernel_source, "/boot/vmlinuz-1.10.0");
     let key = m
+        .default_version()
         .moved_files
         .iter()
         .find(|f| f.path == "/root/.ssh/authorized_keys")
@@ -353,7 +357,7 @@ fn builds_the_system_layout() {
     let mut expected = b"# configured by hand\ntmpfs\t/tmp\ttmpfs\tdefaults 0 0\n".to_vec();
     expected.extend(strata_builder::layout::FSTAB_MARKER.bytes());
     expected.push(b'\n');
-    for l in &m.fstab_lines_added {
+    for l in &m.default_version().fstab_lines_added {
         expected.extend(l.bytes());
         expected.push(b'\n');
     }
@@ -396,7 +400,10 @@ fn builds_the_system_layout() {
             assert_same_entry(&src.join(rel), &state.join(rel));
             let shown = format!("/{dir}/{}", rel.display());
             assert!(
-                m.moved_files.iter().any(|f| f.path == shown),
+                m.default_version()
+                    .moved_files
+                    .iter()
+                    .any(|f| f.path == shown),
                 "{shown} missing from manifest"
             );
         }
@@ -451,11 +458,14 @@ fn existing_fstab_entries_skip_their_state_dirs() {
     let out = fx.build(&["--size", "300M"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
-    assert_eq!(m.root_device, "/dev/vda");
-    assert_eq!(m.state_dirs.created, ["root", "opt", "srv", "var"]);
-    assert_eq!(m.state_dirs.skipped[0].dir, "home");
+    assert_eq!(m.default_version().root_device, "/dev/vda");
     assert_eq!(
-        m.state_dirs.skipped[0].fstab_entry,
+        m.default_version().state_dirs.created,
+        ["root", "opt", "srv", "var"]
+    );
+    assert_eq!(m.default_version().state_dirs.skipped[0].dir, "home");
+    assert_eq!(
+        m.default_version().state_dirs.skipped[0].fstab_entry,
         "LABEL=home /home/ ext4 defaults 0 2"
     );
     let img = Inspect::new(&fx.image());
@@ -535,10 +545,10 @@ fn env_fallbacks_work_like_morph() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
-    assert_eq!(m.label, "v2");
-    assert_eq!(m.root_device, "/dev/vda");
+    assert_eq!(m.default, "v2");
+    assert_eq!(m.default_version().root_device, "/dev/vda");
     assert_eq!(m.image_size, 300 << 20);
-    assert!(m.kernel_args.ends_with(" quiet"));
+    assert!(m.default_version().kernel_args.ends_with(" quiet"));
 }
 
 #[test]
@@ -681,7 +691,11 @@ fn debris_of_a_sigkilled_build_is_cleaned_by_the_next_run() {
         .unwrap();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
-    for said in ["removed partial image", "unmounted /dev/loop", "detached loop device"] {
+    for said in [
+        "removed partial image",
+        "unmounted /dev/loop",
+        "detached loop device",
+    ] {
         assert!(err.contains(said), "{said:?} not in:\n{err}");
     }
     let mut outputs = fx.outputs();

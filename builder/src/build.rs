@@ -21,7 +21,9 @@ use crate::interrupt::Interrupt;
 use crate::kernel::{self, BootFiles};
 use crate::layout::{self, Version};
 use crate::loopdev::LoopDevice;
-use crate::manifest::{Manifest, SkippedStateDir, StateDirs, MANIFEST_VERSION};
+use crate::manifest::{
+    Deployment, Manifest, SkippedStateDir, StateDirs, VersionRecord, MANIFEST_VERSION,
+};
 use crate::migrate::Migration;
 use crate::mount::Mount;
 use crate::plan::{self, Plan, PlanOptions, StateDirAction};
@@ -284,7 +286,7 @@ impl<'a> Builder<'a> {
 
         let mut manifest = manifest(opts, &prep, deployed);
         let file = steps.run(Step::Finish, |_| image.close())?;
-        manifest.timings = self.steps.into_timings();
+        manifest.versions[0].timings = self.steps.into_timings();
         // After the timings are complete; a failure here is still the
         // finishing step's.
         persist(file, &manifest, opts).map_err(|e| e.in_step(Step::Finish))?;
@@ -366,11 +368,36 @@ fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError
 }
 
 fn manifest(opts: &BuildOptions, prep: &Prepared, deployed: Deployed) -> Manifest {
-    let plan = &prep.plan;
+    let version = deployed.version.label().to_owned();
     Manifest {
         manifest_version: MANIFEST_VERSION,
-        label: deployed.version.label().to_owned(),
         fs_uuid: prep.fs_uuid.clone(),
+        image_size: opts.size,
+        default: version,
+        versions: vec![version_record(
+            &prep.plan,
+            opts.migration,
+            deployed,
+            Deployment::Build,
+        )],
+    }
+}
+
+/// The manifest's record of one deployed version.
+pub fn version_record(
+    plan: &Plan,
+    migration: Migration,
+    deployed: Deployed,
+    how: Deployment,
+) -> VersionRecord {
+    VersionRecord {
+        label: deployed.version.label().to_owned(),
+        deployed_by: how,
+        based_on: None,
+        deployed_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         root_device: plan.root_device.clone(),
         state_dirs: StateDirs {
             created: plan.created_state_dirs().map(str::to_owned).collect(),
@@ -387,14 +414,14 @@ fn manifest(opts: &BuildOptions, prep: &Prepared, deployed: Deployed) -> Manifes
                 .collect(),
         },
         fstab_lines_added: plan.fstab_lines_added.clone(),
-        state_migration: opts.migration.name().to_owned(),
+        state_migration: migration.name().to_owned(),
+        state_data: None,
         kernel_args: deployed.boot.append(),
         moved_files: deployed.moved_files,
         kernel: deployed.kernel,
         initramfs: deployed.initramfs,
         kernel_source: deployed.kernel_source,
         initramfs_source: deployed.initramfs_source,
-        image_size: opts.size,
         timings: Vec::new(),
     }
 }

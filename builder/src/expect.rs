@@ -47,17 +47,37 @@ impl Source {
 }
 
 impl Expectations {
-    /// From a build manifest already loaded (and so validated) from `path`.
-    pub fn from_manifest(m: &Manifest, path: PathBuf) -> Result<Expectations, NameError> {
-        for d in &m.state_dirs.created {
-            layout::validate_state_dir(d)?;
+    /// From a manifest already loaded (and so validated) from `path`: the
+    /// version `label` names, or the manifest's default.
+    pub fn from_manifest(
+        m: &Manifest,
+        path: PathBuf,
+        label: Option<&str>,
+    ) -> Result<Expectations, String> {
+        let v = match label {
+            None => m.default_version(),
+            Some(l) => m.version(l).ok_or_else(|| {
+                format!(
+                    "{}: no version {l:?} (it has {})",
+                    path.display(),
+                    m.versions
+                        .iter()
+                        .map(|v| v.label.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?,
+        };
+        let name_error = |e: NameError| format!("{}: {e}", path.display());
+        for d in &v.state_dirs.created {
+            layout::validate_state_dir(d).map_err(name_error)?;
         }
         Ok(Expectations {
-            version: Version::new(&m.label)?,
+            version: Version::new(&v.label).map_err(name_error)?,
             fs_uuid: m.fs_uuid.clone(),
-            root_device: m.root_device.clone(),
-            state_dirs: m.state_dirs.created.clone(),
-            moved_files: m.moved_files.clone(),
+            root_device: v.root_device.clone(),
+            state_dirs: v.state_dirs.created.clone(),
+            moved_files: v.moved_files.clone(),
             source: Source::Manifest(path),
         })
     }

@@ -101,13 +101,14 @@ pub fn run(args: BuildArgs) -> u8 {
     ui.finish();
     match result {
         Ok(m) => {
+            let v = m.default_version();
             println!(
                 "built {} (label {}, root {}, {} state subvolumes, {} entries moved); manifest {}",
                 opts.output.display(),
-                m.label,
-                m.root_device,
-                m.state_dirs.created.len(),
-                m.moved_files.len(),
+                v.label,
+                v.root_device,
+                v.state_dirs.created.len(),
+                v.moved_files.len(),
                 opts.manifest.display()
             );
             0

@@ -19,9 +19,13 @@ pub struct TestArgs {
     /// Print each check's name and a one-line description, then exit.
     #[arg(long)]
     list_checks: bool,
-    /// The build manifest (default: IMAGE.manifest.json).
+    /// The image manifest (default: IMAGE.manifest.json).
     #[arg(long)]
     manifest: Option<PathBuf>,
+    /// Check this version instead of the default one (it must be the one
+    /// that boots: `strata set-default` first).
+    #[arg(long, value_name = "LABEL")]
+    label: Option<String>,
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -162,8 +166,7 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<Expectations, u8> {
         .unwrap_or_else(|| Manifest::default_path(image));
     if args.manifest.is_some() || path.exists() || !image.is_file() {
         let m = Manifest::load(&path).map_err(|e| bad(e.to_string()))?;
-        return Expectations::from_manifest(&m, path.clone())
-            .map_err(|e| bad(format!("{}: {e}", path.display())));
+        return Expectations::from_manifest(&m, path.clone(), args.label.as_deref()).map_err(bad);
     }
     let opened = match inspect::image::open(image) {
         Ok(o) => o,

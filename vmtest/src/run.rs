@@ -612,18 +612,7 @@ mod tests {
     }
 
     fn expectations() -> Expectations {
-        let m: strata_builder::manifest::Manifest = serde_json::from_value(serde_json::json!({
-            "manifest_version": 1, "label": "factory",
-            "fs_uuid": "3f1c0000-0000-4000-8000-000000000001",
-            "root_device": "/dev/vda",
-            "state_dirs": {"created": ["var"], "skipped": []},
-            "fstab_lines_added": [], "state_migration": "move", "moved_files": [],
-            "kernel": "systems/factory/kernel", "initramfs": null,
-            "kernel_source": "boot/vmlinuz", "initramfs_source": null,
-            "kernel_args": "", "image_size": 0, "timings": []
-        }))
-        .unwrap();
-        Expectations::from_manifest(&m, "x.img.manifest.json".into()).unwrap()
+        crate::checks::testdata::expectations()
     }
 
     #[test]

@@ -160,7 +160,7 @@ impl Broken {
 
 fn config(image: &Path, manifest: &Path) -> TestConfig {
     let m = Manifest::load(manifest).unwrap_or_else(|e| panic!("{e}"));
-    let expect = Expectations::from_manifest(&m, manifest.to_owned()).unwrap();
+    let expect = Expectations::from_manifest(&m, manifest.to_owned(), None).unwrap();
     let mut cfg = TestConfig::new(image.to_owned(), expect);
     cfg.accel = AccelChoice::Tcg;
     cfg.timeout = Duration::from_secs(420);
@@ -357,7 +357,7 @@ fn state_line_removed_from_fstab_fails_state_mounts() {
     let (_, manifest_path, m) = fixture();
     let b = Broken::new("no-srv-line");
     b.edit(|top| {
-        let fstab = top.join(format!("systems/{}/run/etc/fstab", m.label));
+        let fstab = top.join(format!("systems/{}/run/etc/fstab", m.default));
         let text = std::fs::read_to_string(&fstab).unwrap();
         let kept: Vec<&str> = text
             .lines()
@@ -406,7 +406,7 @@ fn an_fstab_entry_that_cannot_mount_fails_fstab() {
         "UUID={} /mnt/broken btrfs subvol=/state/does-not-exist,nofail 0 2\n",
         m.fs_uuid
     );
-    edit_run_fstab(&b, &m.label, |t| format!("{t}{line}"));
+    edit_run_fstab(&b, &m.default, |t| format!("{t}{line}"));
     let mut cfg = config(&b.image, &manifest_path);
     without_persistence(&mut cfg);
     let o = boot(cfg);
@@ -424,7 +424,7 @@ fn an_fstab_entry_that_cannot_mount_fails_fstab() {
 fn tmpfs_over_a_state_dir_loses_the_token_and_fails_persistence() {
     let (_, manifest_path, m) = fixture();
     let b = Broken::new("tmpfs-srv");
-    edit_run_fstab(&b, &m.label, |t| {
+    edit_run_fstab(&b, &m.default, |t| {
         t.lines()
             .map(|l| {
                 if l.contains("subvol=/state/srv") {
@@ -487,7 +487,7 @@ fn files_left_under_run_var_and_srv_fail_overmount_and_are_listed() {
     let (_, manifest_path, m) = fixture();
     let b = Broken::new("leftover");
     b.edit(|top| {
-        let run = top.join(format!("systems/{}/run", m.label));
+        let run = top.join(format!("systems/{}/run", m.default));
         std::fs::write(run.join("var/left-behind.txt"), "stale copy\n").unwrap();
         std::fs::create_dir_all(run.join("srv/www")).unwrap();
         std::fs::write(run.join("srv/www/dropped.html"), "<p>hidden</p>\n").unwrap();
@@ -534,11 +534,14 @@ fn booting_the_pristine_subvolume_fails_root() {
     b.edit(|top| {
         let conf = top.join("extlinux/extlinux.conf");
         let text = std::fs::read_to_string(&conf).unwrap();
-        let want = format!("rootflags=subvol=systems/{}/run", m.label);
+        let want = format!("rootflags=subvol=systems/{}/run", m.default);
         assert!(text.contains(&want), "{text}");
         std::fs::write(
             &conf,
-            text.replace(&want, &format!("rootflags=subvol=systems/{}/orig", m.label)),
+            text.replace(
+                &want,
+                &format!("rootflags=subvol=systems/{}/orig", m.default),
+            ),
         )
         .unwrap();
     });
@@ -553,7 +556,7 @@ fn booting_the_pristine_subvolume_fails_root() {
             "root",
             &format!(
                 "fsroot /systems/{0}/orig, expected /systems/{0}/run",
-                m.label
+                m.default
             )
         ),
         "{:?}",
@@ -575,7 +578,7 @@ fn copy_migration_overmounts_every_filled_state_dir() {
         });
     let manifest_path = Manifest::default_path(&image);
     let m = Manifest::load(&manifest_path).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(m.state_migration, "copy");
+    assert_eq!(m.default_version().state_migration, "copy");
     let mut cfg = config(&image, &manifest_path);
     cfg.checks = vec![CheckId::Overmount];
     let o = boot(cfg);
@@ -636,7 +639,7 @@ fn truncated_kernel_is_an_infrastructure_failure_with_serial_log() {
     b.edit(|top| {
         let k = std::fs::OpenOptions::new()
             .write(true)
-            .open(top.join(format!("systems/{}/kernel", m.label)))
+            .open(top.join(format!("systems/{}/kernel", m.default)))
             .unwrap();
         k.set_len(64 * 1024).unwrap();
     });

@@ -14,7 +14,7 @@ pub mod root;
 pub mod state_mounts;
 
 #[cfg(test)]
-mod testdata;
+pub(crate) mod testdata;
 
 pub use guest::Mount;
 

@@ -1,28 +1,19 @@
 //! Expectations and a mount table the checks' unit tests share.
 
 use super::guest::{parse_findmnt, Mount};
-use strata_builder::expect::Expectations;
-use strata_builder::manifest::{FileType, Manifest, MovedFile, StateDirs};
+use strata_builder::expect::{Expectations, Source};
+use strata_builder::layout::Version;
+use strata_builder::manifest::{FileType, MovedFile};
 
 pub const UUID: &str = "3f1c0000-0000-4000-8000-000000000001";
 
 /// Version `factory`, state dirs root and var, two moved files.
 pub fn expectations() -> Expectations {
-    Expectations::from_manifest(&manifest(), "x.img.manifest.json".into()).unwrap()
-}
-
-fn manifest() -> Manifest {
-    Manifest {
-        manifest_version: 1,
-        label: "factory".into(),
+    Expectations {
+        version: Version::new("factory").unwrap(),
         fs_uuid: UUID.into(),
         root_device: format!("UUID={UUID}"),
-        state_dirs: StateDirs {
-            created: vec!["root".into(), "var".into()],
-            skipped: vec![],
-        },
-        fstab_lines_added: vec![],
-        state_migration: "move".into(),
+        state_dirs: vec!["root".into(), "var".into()],
         moved_files: vec![
             MovedFile {
                 path: "/root/.ssh/authorized_keys".into(),
@@ -45,13 +36,7 @@ fn manifest() -> Manifest {
                 target: None,
             },
         ],
-        kernel: "systems/factory/kernel".into(),
-        initramfs: None,
-        kernel_source: "boot/vmlinuz".into(),
-        initramfs_source: None,
-        kernel_args: String::new(),
-        image_size: 1 << 30,
-        timings: vec![],
+        source: Source::Manifest("x.img.manifest.json".into()),
     }
 }
 
