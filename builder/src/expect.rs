@@ -4,7 +4,8 @@
 //! default version, its state subvolumes, the root device of its boot
 //! entry; no list of moved files).
 
-use crate::image::model::Layout;
+use crate::image::boot_entry;
+use crate::image::model::{BootEntry, ImageLayout};
 use crate::layout::{self, NameError, Version};
 use crate::manifest::{Manifest, MovedFile};
 use std::path::PathBuf;
@@ -63,7 +64,7 @@ impl Expectations {
     }
 
     /// From an image's layout as the image reader found it.
-    pub fn from_layout(layout: &Layout) -> Result<Expectations, String> {
+    pub fn from_layout(layout: &ImageLayout) -> Result<Expectations, String> {
         let label = layout.default.version.clone().ok_or_else(|| {
             format!(
                 "{}: no build manifest, and no {} pointing at a version to read expectations from",
@@ -90,10 +91,18 @@ impl Expectations {
                 .unwrap_or(layout::DEFAULT_STATE_DIRS.len())
         };
         state_dirs.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+        // The entry for the version: by its label, else the one that boots
+        // it (a 2014-style `label default` entry going through the link).
+        let boots_it = |e: &&BootEntry| {
+            boot_entry::version_booted(e.append.as_deref(), Some(&label)).as_ref() == Some(&label)
+        };
         let root_device = layout
             .boot
             .as_ref()
-            .and_then(|b| b.entries.iter().find(|e| e.label == label))
+            .and_then(|b| {
+                (b.entries.iter().find(|e| e.label == label))
+                    .or_else(|| b.entries.iter().find(boots_it))
+            })
             .and_then(|e| e.append.as_deref())
             .and_then(|a| {
                 a.split_whitespace()
@@ -115,10 +124,10 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::model::{Boot, BootEntry, DefaultLink, Filesystem, StateDir};
+    use crate::image::model::{Boot, DefaultLink, Filesystem, StateDir};
 
-    fn layout(default: &str, states: &[(&str, bool)]) -> Layout {
-        Layout {
+    fn layout(default: &str, states: &[(&str, bool)]) -> ImageLayout {
+        ImageLayout {
             image: "their.img".into(),
             filesystem: Filesystem {
                 uuid: "abcd".into(),
@@ -169,6 +178,16 @@ mod tests {
         assert_eq!(e.state_dirs, ["home", "var"]);
         assert!(e.moved_files.is_empty());
         assert!(!e.source.knows_moved_files());
+    }
+
+    #[test]
+    fn root_device_from_an_entry_booting_through_the_default_link() {
+        let mut l = layout("v1", &[]);
+        let e = &mut l.boot.as_mut().unwrap().entries[0];
+        e.label = "default".into();
+        e.append = Some("root=LABEL=strata rootflags=subvol=systems/default/run rw".into());
+        let e = Expectations::from_layout(&l).unwrap();
+        assert_eq!(e.root_device, "LABEL=strata");
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! `strata test`: arguments, progress lines on stderr, the report on stdout.
 
-use crate::inspect;
 use std::path::PathBuf;
 use std::time::Duration;
 use strata_builder::expect::Expectations;
+use strata_builder::image;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::qemu::DiskBus;
@@ -145,28 +145,14 @@ fn expectations(args: &TestArgs) -> Result<Expectations, u8> {
         return Expectations::from_manifest(&m, path.clone())
             .map_err(|e| bad(format!("{}: {e}", path.display())));
     }
-    let image = &args.image;
-    let opened = match inspect::image::open(image) {
-        Ok(o) => o,
-        Err(inspect::image::OpenError::BadInput(m)) => return Err(bad(m)),
-        Err(inspect::image::OpenError::Infra(e)) => return Err(super::fail(3, &e)),
-    };
-    let layout = inspect::scan::read_layout(
-        opened.top(),
-        &image.display().to_string(),
-        opened.filesystem.clone(),
-        opened.subvolumes.clone(),
-    );
-    if let Err(e) = opened.close() {
-        return Err(super::fail(
-            3,
-            &e.context("cleaning up the read-only mount"),
-        ));
-    }
+    let layout = image::read(&args.image).map_err(|e| {
+        let code = if e.is_input() { 2 } else { 3 };
+        super::fail(code, &anyhow::Error::new(e))
+    })?;
     let expect = Expectations::from_layout(&layout).map_err(bad)?;
     eprintln!(
         "no build manifest next to {}: expecting what the image itself says (version {}, root {}, state dirs {}); moved-files can only check that mountpoints are empty",
-        image.display(),
+        args.image.display(),
         expect.version,
         expect.root_device,
         expect.state_dirs.join(",")
