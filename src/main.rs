@@ -1,7 +1,6 @@
 //! `strata`: build Btrfs system-layout images and prove them in QEMU.
 
 mod cli;
-mod inspect;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

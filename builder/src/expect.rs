@@ -4,7 +4,8 @@
 //! default version, its state subvolumes, the root device of its boot
 //! entry; no list of moved files).
 
-use crate::image::model::Layout;
+use crate::image::boot_entry;
+use crate::image::model::{BootEntry, ImageLayout};
 use crate::layout::{self, NameError, Version};
 use crate::manifest::{Manifest, MovedFile};
 use std::path::PathBuf;
@@ -83,14 +84,31 @@ impl Expectations {
     }
 
     /// From an image's layout as the image reader found it.
-    pub fn from_layout(layout: &Layout) -> Result<Expectations, String> {
-        let label = layout.default.version.clone().ok_or_else(|| {
-            format!(
-                "{}: no build manifest, and no {} pointing at a version to read expectations from",
-                layout.image,
-                layout::DEFAULT_LINK
-            )
-        })?;
+    /// From an image's layout as the image reader found it: the version
+    /// `label` names, or the one `systems/default` names.
+    pub fn from_layout(layout: &ImageLayout, label: Option<&str>) -> Result<Expectations, String> {
+        let label = match label {
+            Some(l) if layout.versions.iter().any(|v| v.label == l) => l.to_owned(),
+            Some(l) => {
+                return Err(format!(
+                    "{}: no version {l:?} (it has {})",
+                    layout.image,
+                    layout
+                        .versions
+                        .iter()
+                        .map(|v| v.label.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+            None => layout.default.version.clone().ok_or_else(|| {
+                format!(
+                    "{}: no build manifest, and no {} pointing at a version to read expectations from",
+                    layout.image,
+                    layout::DEFAULT_LINK
+                )
+            })?,
+        };
         // The names end up in guest shell scripts and paths: hold them to
         // the rules strata builds with.
         let version = Version::new(&label)
@@ -110,10 +128,18 @@ impl Expectations {
                 .unwrap_or(layout::DEFAULT_STATE_DIRS.len())
         };
         state_dirs.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+        // The entry for the version: by its label, else the one that boots
+        // it (a 2014-style `label default` entry going through the link).
+        let boots_it = |e: &&BootEntry| {
+            boot_entry::version_booted(e.append.as_deref(), Some(&label)).as_ref() == Some(&label)
+        };
         let root_device = layout
             .boot
             .as_ref()
-            .and_then(|b| b.entries.iter().find(|e| e.label == label))
+            .and_then(|b| {
+                (b.entries.iter().find(|e| e.label == label))
+                    .or_else(|| b.entries.iter().find(boots_it))
+            })
             .and_then(|e| e.append.as_deref())
             .and_then(|a| {
                 a.split_whitespace()
@@ -135,10 +161,10 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::model::{Boot, BootEntry, DefaultLink, Filesystem, StateDir};
+    use crate::image::model::{Boot, DefaultLink, Filesystem, StateDir};
 
-    fn layout(default: &str, states: &[(&str, bool)]) -> Layout {
-        Layout {
+    fn layout(default: &str, states: &[(&str, bool)]) -> ImageLayout {
+        ImageLayout {
             image: "their.img".into(),
             filesystem: Filesystem {
                 uuid: "abcd".into(),
@@ -178,10 +204,10 @@ mod tests {
 
     #[test]
     fn expectations_come_from_the_image() {
-        let e = Expectations::from_layout(&layout(
-            "v1",
-            &[("var", true), ("home", true), ("extra", false)],
-        ))
+        let e = Expectations::from_layout(
+            &layout("v1", &[("var", true), ("home", true), ("extra", false)]),
+            None,
+        )
         .unwrap();
         assert_eq!(e.version.label(), "v1");
         assert_eq!(e.root_device, "/dev/vda");
@@ -192,10 +218,20 @@ mod tests {
     }
 
     #[test]
+    fn root_device_from_an_entry_booting_through_the_default_link() {
+        let mut l = layout("v1", &[]);
+        let e = &mut l.boot.as_mut().unwrap().entries[0];
+        e.label = "default".into();
+        e.append = Some("root=LABEL=strata rootflags=subvol=systems/default/run rw".into());
+        let e = Expectations::from_layout(&l, None).unwrap();
+        assert_eq!(e.root_device, "LABEL=strata");
+    }
+
+    #[test]
     fn names_from_a_foreign_image_follow_the_builders_rules() {
-        let e = Expectations::from_layout(&layout("v1;reboot", &[])).unwrap_err();
+        let e = Expectations::from_layout(&layout("v1;reboot", &[]), None).unwrap_err();
         assert!(e.contains("invalid version label \"v1;reboot\""), "{e}");
-        let e = Expectations::from_layout(&layout("v1", &[("a b", true)])).unwrap_err();
+        let e = Expectations::from_layout(&layout("v1", &[("a b", true)]), None).unwrap_err();
         assert!(e.contains("invalid state directory"), "{e}");
     }
 }

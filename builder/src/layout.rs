@@ -128,6 +128,16 @@ impl Version {
         })
     }
 
+    /// A version found on an image, its label taken as it is: an image built
+    /// by someone else may use names `new` refuses. For building the paths
+    /// a reader looks at only; a label that reaches a guest command or a
+    /// new image must come through `new`.
+    pub fn found(label: &str) -> Version {
+        Version {
+            label: label.to_owned(),
+        }
+    }
+
     pub fn label(&self) -> &str {
         &self.label
     }
@@ -224,6 +234,29 @@ pub fn label_of_default_target(target: &std::path::Path) -> Option<String> {
     }
 }
 
+/// `path` with a leading `systems/default` resolved to the directory of the
+/// version the link names (`systems/default/kernel` → `systems/v2/kernel`):
+/// boot entries may go through the link (§6). None when the path goes
+/// through the link and it names no version; other paths come back as they
+/// are.
+pub fn resolve_default_link(path: &str, default_label: Option<&str>) -> Option<String> {
+    match path.strip_prefix(DEFAULT_LINK) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+            default_label.map(|l| format!("{}{rest}", Version::found(l).dir()))
+        }
+        _ => Some(path.to_owned()),
+    }
+}
+
+/// The version a path lies in and the path below its directory
+/// (`systems/v2/run` → `("v2", "run")`, `systems/v2` → `("v2", "")`); None
+/// for paths outside `systems/<label>`. `systems/default` is not resolved.
+pub fn split_version_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix(SYSTEMS_DIR)?.strip_prefix('/')?;
+    let (label, below) = rest.split_once('/').unwrap_or((rest, ""));
+    (!label.is_empty()).then_some((label, below))
+}
+
 /// The stanza paths of a boot entry for `version`, as the menu spells them
 /// (absolute from the top level, which is the root syslinux sees).
 pub fn boot_kernel_path(version: &Version) -> String {
@@ -290,6 +323,34 @@ mod tests {
         assert_eq!(state_dir_of("state/"), None);
         assert_eq!(state_dir_of("statex/var"), None);
         assert_eq!(state_dir_of("systems/v1/run"), None);
+    }
+
+    #[test]
+    fn paths_through_the_default_link() {
+        assert_eq!(
+            resolve_default_link("systems/default/kernel", Some("v2")).as_deref(),
+            Some("systems/v2/kernel")
+        );
+        assert_eq!(
+            resolve_default_link("systems/default", Some("v2")).as_deref(),
+            Some("systems/v2")
+        );
+        assert_eq!(resolve_default_link("systems/default/run", None), None);
+        for unchanged in ["systems/defaultx/kernel", "systems/v1/kernel", "vmlinuz"] {
+            assert_eq!(
+                resolve_default_link(unchanged, None).as_deref(),
+                Some(unchanged)
+            );
+        }
+        assert_eq!(split_version_path("systems/v2/run"), Some(("v2", "run")));
+        assert_eq!(
+            split_version_path("systems/v2/run/etc/fstab"),
+            Some(("v2", "run/etc/fstab"))
+        );
+        assert_eq!(split_version_path("systems/v2"), Some(("v2", "")));
+        assert_eq!(split_version_path("systems/"), None);
+        assert_eq!(split_version_path("systemsx/v2/run"), None);
+        assert_eq!(split_version_path("state/var"), None);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! (missing image, not Btrfs, not a strata layout for --lint), 3 the tools
 //! failed (losetup, mount, btrfs).
 
-use crate::inspect::{image, render, scan};
+mod render;
+
 use std::path::PathBuf;
+use strata_builder::image::{self, ImageError};
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
@@ -26,47 +28,30 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> u8 {
-    let opened = match image::open(&args.image) {
-        Ok(o) => o,
-        Err(image::OpenError::BadInput(m)) => return super::fail(2, &anyhow::anyhow!(m)),
-        Err(image::OpenError::Infra(e)) => return super::fail(3, &e),
-    };
-    let shown = args.image.display().to_string();
-    let top = opened.top().to_path_buf();
-    let (code, out) = if args.lint {
-        if !top.join("systems").is_dir() {
-            drop(opened);
-            return super::fail(
-                2,
-                &anyhow::anyhow!(
-                    "{shown}: no systems/ directory at the top level: not a strata system layout"
-                ),
-            );
+    let finish = |r: Result<(u8, String), ImageError>| match r {
+        Ok((code, out)) => {
+            print!("{out}");
+            code
         }
-        let lint = scan::lint(&top, &shown, &opened.subvolumes);
-        let out = if args.json {
-            serde_json::to_string_pretty(&lint).expect("serialisable") + "\n"
-        } else {
-            render::lint(&lint, args.all)
-        };
-        (u8::from(!lint.clean), out)
-    } else {
-        let layout = scan::read_layout(
-            &top,
-            &shown,
-            opened.filesystem.clone(),
-            opened.subvolumes.clone(),
-        );
-        let out = if args.json {
-            serde_json::to_string_pretty(&layout).expect("serialisable") + "\n"
-        } else {
-            render::layout(&layout)
-        };
-        (0, out)
+        Err(e) => super::fail(if e.is_input() { 2 } else { 3 }, &anyhow::Error::new(e)),
     };
-    if let Err(e) = opened.close() {
-        return super::fail(3, &e.context("cleaning up the read-only mount"));
+    if args.lint {
+        finish(image::lint(&args.image).map(|lint| {
+            let out = if args.json {
+                serde_json::to_string_pretty(&lint).expect("serialisable") + "\n"
+            } else {
+                render::lint(&lint, args.all)
+            };
+            (u8::from(!lint.clean), out)
+        }))
+    } else {
+        finish(image::read(&args.image).map(|layout| {
+            let out = if args.json {
+                serde_json::to_string_pretty(&layout).expect("serialisable") + "\n"
+            } else {
+                render::layout(&layout)
+            };
+            (0, out)
+        }))
     }
-    print!("{out}");
-    code
 }

@@ -1,9 +1,9 @@
 //! `strata test`: arguments, progress lines on stderr, the report on stdout.
 
-use crate::inspect;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use strata_builder::expect::Expectations;
+use strata_builder::image;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::checks::CheckId;
@@ -168,24 +168,11 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<Expectations, u8> {
         let m = Manifest::load(&path).map_err(|e| bad(e.to_string()))?;
         return Expectations::from_manifest(&m, path.clone(), args.label.as_deref()).map_err(bad);
     }
-    let opened = match inspect::image::open(image) {
-        Ok(o) => o,
-        Err(inspect::image::OpenError::BadInput(m)) => return Err(bad(m)),
-        Err(inspect::image::OpenError::Infra(e)) => return Err(super::fail(3, &e)),
-    };
-    let layout = inspect::scan::read_layout(
-        opened.top(),
-        &image.display().to_string(),
-        opened.filesystem.clone(),
-        opened.subvolumes.clone(),
-    );
-    if let Err(e) = opened.close() {
-        return Err(super::fail(
-            3,
-            &e.context("cleaning up the read-only mount"),
-        ));
-    }
-    let expect = Expectations::from_layout(&layout).map_err(bad)?;
+    let layout = image::read(image).map_err(|e| {
+        let code = if e.is_input() { 2 } else { 3 };
+        super::fail(code, &anyhow::Error::new(e))
+    })?;
+    let expect = Expectations::from_layout(&layout, args.label.as_deref()).map_err(bad)?;
     eprintln!(
         "no build manifest next to {}: expecting what the image itself says (version {}, root {}, state dirs {}); moved-files can only check that mountpoints are empty",
         image.display(),

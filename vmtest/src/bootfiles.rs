@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use strata_builder::image::boot_entry;
+use strata_builder::layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootFilesError {
@@ -16,7 +18,7 @@ pub enum BootFilesError {
         wanted: String,
         stderr: String,
     },
-    #[error("the image has no extlinux/extlinux.conf (or /extlinux.conf)")]
+    #[error("the image has no boot menu (looked for {})", layout::BOOT_CONFIGS.join(", "))]
     NoConfig,
     #[error("extlinux.conf: {0}")]
     Config(String),
@@ -66,31 +68,51 @@ pub struct DirectBootFiles {
 }
 
 pub fn extract(image: &Path, into: &Path) -> Result<DirectBootFiles, BootFilesError> {
+    // Every place a menu may live, and the default link its entries may go
+    // through; symlinks restored as links (-S), not followed.
     let conf_dir = into.join("conf");
+    let mut wanted: Vec<String> = layout::BOOT_CONFIGS
+        .iter()
+        .map(|p| layout::fsroot(p))
+        .collect();
+    wanted.push(layout::fsroot(layout::DEFAULT_LINK));
     restore(
         image,
         &conf_dir,
-        r"^/(|extlinux(|/extlinux\.conf)|extlinux\.conf)$",
-        "extlinux.conf",
+        &path_regex(&wanted),
+        "the boot menu",
+        true,
     )?;
-    let conf = [
-        conf_dir.join("extlinux/extlinux.conf"),
-        conf_dir.join("extlinux.conf"),
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok())
-    .ok_or(BootFilesError::NoConfig)?;
+    // Regular files only, as before -S: strata's top-level extlinux.conf is
+    // a link to the menu, which comes first in the list anyway.
+    let (config_path, conf) = layout::BOOT_CONFIGS
+        .iter()
+        .filter(|p| {
+            std::fs::symlink_metadata(conf_dir.join(p)).is_ok_and(|m| m.file_type().is_file())
+        })
+        .find_map(|p| Some((*p, std::fs::read_to_string(conf_dir.join(p)).ok()?)))
+        .ok_or(BootFilesError::NoConfig)?;
     let entry = default_entry(&conf).map_err(BootFilesError::Config)?;
+    let default_label = std::fs::read_link(conf_dir.join(layout::DEFAULT_LINK))
+        .ok()
+        .and_then(|t| boot_entry::default_label(&t));
+    let (kernel_at, initrd_at) = locate(config_path, &entry, default_label.as_deref())?;
     let files_dir = into.join("files");
-    let mut wanted = vec![entry.kernel.clone()];
-    wanted.extend(entry.initrd.clone());
-    restore(image, &files_dir, &path_regex(&wanted), &wanted.join(", "))?;
+    let mut wanted = vec![kernel_at.clone()];
+    wanted.extend(initrd_at.clone());
+    restore(
+        image,
+        &files_dir,
+        &path_regex(&wanted),
+        &wanted.join(", "),
+        false,
+    )?;
     let local = |p: &str| files_dir.join(p.trim_start_matches('/'));
-    let kernel = local(&entry.kernel);
+    let kernel = local(&kernel_at);
     if !kernel.is_file() {
-        return Err(BootFilesError::Missing(entry.kernel.clone()));
+        return Err(BootFilesError::Missing(kernel_at));
     }
-    let initrd = match &entry.initrd {
+    let initrd = match &initrd_at {
         Some(i) if local(i).is_file() => Some(local(i)),
         Some(i) => return Err(BootFilesError::Missing(i.clone())),
         None => None,
@@ -100,6 +122,25 @@ pub fn extract(image: &Path, into: &Path) -> Result<DirectBootFiles, BootFilesEr
         kernel,
         initrd,
     })
+}
+
+/// Where the entry's kernel and initrd are in the image (`/systems/v1/kernel`),
+/// resolved as the boot loader does: relative paths from the menu's
+/// directory, `systems/default` through the link.
+fn locate(
+    config_path: &str,
+    entry: &BootEntry,
+    default_label: Option<&str>,
+) -> Result<(String, Option<String>), BootFilesError> {
+    let at = |p: &str| {
+        boot_entry::resolve(config_path, p, default_label)
+            .map(|rel| layout::fsroot(&rel))
+            .ok_or_else(|| BootFilesError::Missing(p.to_owned()))
+    };
+    Ok((
+        at(&entry.kernel)?,
+        entry.initrd.as_deref().map(at).transpose()?,
+    ))
 }
 
 /// `btrfs restore` matches every directory on the way down, so each wanted
@@ -150,10 +191,17 @@ pub fn path_regex(paths: &[String]) -> String {
     format!("^/(|{})$", group(&split, 0).join("|"))
 }
 
-fn restore(image: &Path, into: &Path, regex: &str, wanted: &str) -> Result<(), BootFilesError> {
+fn restore(
+    image: &Path,
+    into: &Path,
+    regex: &str,
+    wanted: &str,
+    symlinks: bool,
+) -> Result<(), BootFilesError> {
     std::fs::create_dir_all(into).map_err(BootFilesError::Spawn)?;
     let out = Command::new("btrfs")
         .args(["restore", "-i", "--path-regex", regex])
+        .args(symlinks.then_some("-S"))
         .arg(image)
         .arg(into)
         .output()
@@ -194,6 +242,40 @@ mod tests {
         assert!(default_entry("default b\nlabel a\n kernel /k\n")
             .unwrap_err()
             .contains("names no label"));
+    }
+
+    #[test]
+    fn entry_paths_resolve_like_the_boot_loader() {
+        let e = default_entry(
+            "label default\n kernel /systems/default/kernel\n initrd ../systems/default/initramfs\n",
+        )
+        .unwrap();
+        let (k, i) = locate(layout::BOOT_MENU, &e, Some("v2")).unwrap();
+        assert_eq!(k, "/systems/v2/kernel");
+        assert_eq!(i.as_deref(), Some("/systems/v2/initramfs"));
+        assert!(matches!(
+            locate(layout::BOOT_MENU, &e, None),
+            Err(BootFilesError::Missing(p)) if p == "/systems/default/kernel"
+        ));
+        // Relative to the menu's directory.
+        let e = default_entry("label a\n kernel vmlinuz\n").unwrap();
+        let (k, i) = locate(layout::BOOT_MENU, &e, None).unwrap();
+        assert_eq!((k.as_str(), i), ("/extlinux/vmlinuz", None));
+        let (k, _) = locate(layout::BOOT_MENU_LINK, &e, None).unwrap();
+        assert_eq!(k, "/vmlinuz");
+    }
+
+    #[test]
+    fn the_menu_and_the_default_link_in_one_restore() {
+        let mut wanted: Vec<String> = layout::BOOT_CONFIGS
+            .iter()
+            .map(|p| layout::fsroot(p))
+            .collect();
+        wanted.push(layout::fsroot(layout::DEFAULT_LINK));
+        assert_eq!(
+            path_regex(&wanted),
+            r"^/(|extlinux(|/extlinux\.conf)|extlinux\.conf|boot(|/extlinux(|/extlinux\.conf))|syslinux(|/syslinux\.cfg)|systems(|/default))$"
+        );
     }
 
     #[test]

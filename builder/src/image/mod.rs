@@ -1,3 +1,43 @@
-//! Reading an image back: its layout as data (`model`).
+//! An existing image: opened read-only or read-write (`open`: superblock
+//! check, loop device and mount, undone on drop), its layout read back
+//! (versions, default, subvolumes, state dirs, boot entries) and its
+//! mountpoints linted for hidden files. The data is `model`, serialised as
+//! `strata inspect --json`; rendering it is the CLI's business.
+//!
+//! - `open`: superblock, `Mode`, the `OpenImage` guard.
+//! - `read`: the layout of a mounted top level; `lint`: hidden files.
+//! - `subvolumes`: `btrfs subvolume list` and what an fstab entry mounts.
+//! - `boot_entry`: where a boot entry's paths point, which version it boots.
+//!
+//! Every path comes from `crate::layout`.
 
+pub mod boot_entry;
+mod error;
+mod lint;
 pub mod model;
+mod open;
+mod read;
+mod subvolumes;
+
+pub use error::ImageError;
+pub use open::{open, read_superblock, Mode, OpenImage};
+pub use read::fstab as read_fstab;
+
+use model::{ImageLayout, Lint};
+use std::path::Path;
+
+/// The layout of the image at `path`, read through a read-only mount.
+pub fn read(path: &Path) -> Result<ImageLayout, ImageError> {
+    let image = open(path, Mode::ReadOnly)?;
+    let layout = image.layout();
+    image.close()?;
+    Ok(layout)
+}
+
+/// The mountpoint lint of the image at `path`, through a read-only mount.
+pub fn lint(path: &Path) -> Result<Lint, ImageError> {
+    let image = open(path, Mode::ReadOnly)?;
+    let lint = image.lint()?;
+    image.close()?;
+    Ok(lint)
+}

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 /// The layout of one image, read from its top-level subvolume.
 #[derive(Debug, Clone, Serialize)]
-pub struct Layout {
+pub struct ImageLayout {
     pub image: String,
     pub filesystem: Filesystem,
     /// `systems/default`: its raw link target and the version it names.

@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 use strata_builder::image::model::*;
+use strata_builder::layout;
 
 pub use strata_builder::size::human as bytes;
 
@@ -10,7 +11,7 @@ fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-pub fn layout(l: &Layout) -> String {
+pub fn layout(l: &ImageLayout) -> String {
     let mut o = String::new();
     let label = l
         .filesystem
@@ -21,7 +22,7 @@ pub fn layout(l: &Layout) -> String {
     let _ = writeln!(o, "Image {}", l.image);
     let _ = writeln!(o, "  btrfs, UUID {}{label}", l.filesystem.uuid);
 
-    let _ = writeln!(o, "\nVersions (systems/)");
+    let _ = writeln!(o, "\nVersions ({}/)", layout::SYSTEMS_DIR);
     match (&l.default.link, &l.default.version) {
         (Some(link), Some(_)) => {
             let _ = writeln!(o, "  default -> {link}");
@@ -30,7 +31,7 @@ pub fn layout(l: &Layout) -> String {
             let _ = writeln!(o, "  default -> {link}  (names no version)");
         }
         (None, _) => {
-            let _ = writeln!(o, "  default: (no systems/default link)");
+            let _ = writeln!(o, "  default: (no {} link)", layout::DEFAULT_LINK);
         }
     }
     if l.versions.is_empty() {
@@ -95,7 +96,7 @@ pub fn layout(l: &Layout) -> String {
         }
     }
 
-    let _ = writeln!(o, "\nState directories (state/)");
+    let _ = writeln!(o, "\nState directories ({}/)", layout::STATE_DIR);
     if l.state_dirs.is_empty() {
         let _ = writeln!(o, "  (none)");
     }
@@ -128,7 +129,8 @@ pub fn layout(l: &Layout) -> String {
             }
         }
         if v.fstab.is_none() {
-            let _ = writeln!(o, "\nsystems/{}/orig/etc/fstab: missing", v.label);
+            let path = layout::Version::found(&v.label).fstab(layout::Tree::Orig);
+            let _ = writeln!(o, "\n{path}: missing");
         }
     }
     if l.versions.iter().any(|v| v.fstab.is_some()) {
@@ -302,10 +304,10 @@ mod tests {
     use super::*;
 
     fn fstab(path: &str, text: &str) -> Fstab {
-        crate::inspect::scan::read_fstab(path, text.as_bytes())
+        strata_builder::image::read_fstab(path, text.as_bytes())
     }
 
-    fn sample_layout() -> Layout {
+    fn sample_layout() -> ImageLayout {
         let uuid = "7e8fa80d-1bbb-4e94-bb4e-c06a903df589";
         let sv = |id, path: &str, uuid: &str, parent: Option<&str>| Subvolume {
             id,
@@ -321,7 +323,7 @@ mod tests {
         let text = format!(
             "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n# Added by strata\nUUID={uuid} /home btrfs subvol=/state/home,defaults,rw,noatime 0 2\nUUID={uuid} /srv btrfs subvol=/state/srv,defaults,rw,noatime 0 2\nUUID={uuid} / btrfs defaults,rw,noatime 0 1\n"
         );
-        Layout {
+        ImageLayout {
             image: "/images/deb.img".into(),
             filesystem: Filesystem {
                 uuid: uuid.into(),

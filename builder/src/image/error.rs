@@ -1,0 +1,29 @@
+//! What can go wrong opening or reading an image: the user's input (exit 2)
+//! or the tools under it (exit 3).
+
+use crate::error::BoxError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Something the user can fix: a missing file, not Btrfs, not root,
+    /// not a strata layout.
+    #[error("{0}")]
+    Input(String),
+    /// losetup, mount or btrfs failed. The message names what was being
+    /// done and carries the tool's own words.
+    #[error("{context}: {error}")]
+    Tool { context: String, error: BoxError },
+}
+
+impl ImageError {
+    pub fn is_input(&self) -> bool {
+        matches!(self, ImageError::Input(_))
+    }
+
+    pub(crate) fn tool(context: impl Into<String>, error: impl Into<BoxError>) -> ImageError {
+        ImageError::Tool {
+            context: context.into(),
+            error: error.into(),
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! `strata inspect --lint`: the files hidden under the mountpoints of every
+//! version's orig and run, read from a mounted top level (or a directory
+//! shaped like one). Never writes.
+
+use super::model::*;
+use super::read::{state_names, tree_fstab, versions};
+use super::subvolumes;
+use crate::fstab;
+use crate::layout::{self, Tree};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+/// A mount a tree's fstab makes at boot.
+struct Planned {
+    target: String,
+    /// Subvolume path on this image, or None for another device.
+    subvolume: Option<String>,
+    mounted: String,
+    basis: String,
+}
+
+fn is_under(path: &str, ancestor: &str) -> bool {
+    ancestor == "/"
+        || path
+            .strip_prefix(ancestor)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The mounts over the tree's root: its fstab's boot mounts, or, when none
+/// of them mounts a state subvolume, every state dir at its usual place.
+fn planned_mounts(fstab: Option<&Fstab>, subvols: &[Subvolume], states: &[String]) -> Vec<Planned> {
+    let mut out = Vec::new();
+    for line in fstab.iter().flat_map(|f| &f.lines) {
+        let Some(m) = &line.mount else { continue };
+        if m.target == "/" || !fstab::is_boot_mount(&m.target, &m.fstype, &m.options) {
+            continue;
+        }
+        let subvolume = subvolumes::mounted_by(m, subvols);
+        let mounted = match &subvolume {
+            Some(s) => s.clone(),
+            None => format!("{} ({})", m.source, m.fstype),
+        };
+        out.push(Planned {
+            target: m.target.clone(),
+            subvolume,
+            mounted,
+            basis: format!("fstab line {}", line.number),
+        });
+    }
+    let any_state = out.iter().any(|p| {
+        p.subvolume
+            .as_deref()
+            .and_then(layout::state_dir_of)
+            .is_some()
+    });
+    if !any_state {
+        for name in states {
+            out.push(Planned {
+                target: layout::state_mountpoint(name),
+                subvolume: Some(layout::state(name)),
+                mounted: layout::state(name),
+                basis: "state dir (no fstab entry mounts it)".to_owned(),
+            });
+        }
+    }
+    out
+}
+
+/// Checks every mountpoint of every version's orig and run.
+pub fn mountpoints(top: &Path, image: &str, subvols: &[Subvolume]) -> Lint {
+    let states = state_names(top);
+    let mut mountpoints = Vec::new();
+    let mut trees = Vec::new();
+    for version in versions(top) {
+        let label = version.label();
+        for tree in Tree::BOTH {
+            let root_rel = version.tree(tree);
+            if !top.join(&root_rel).is_dir() {
+                continue;
+            }
+            trees.push(format!("{label}/{}", tree.name()));
+            let fstab = tree_fstab(top, &version, tree);
+            let planned = planned_mounts(fstab.as_ref(), subvols, &states);
+            for p in &planned {
+                // The innermost other mount containing this mountpoint
+                // decides where the directory really is.
+                let outer = planned
+                    .iter()
+                    .filter(|o| o.target != p.target && is_under(&p.target, &o.target))
+                    .max_by_key(|o| o.target.len());
+                let dir_rel: Option<String> = match outer {
+                    None => Some(format!("{root_rel}{}", p.target)),
+                    Some(o) => o
+                        .subvolume
+                        .as_ref()
+                        .map(|sv| format!("{sv}{}", &p.target[o.target.len()..])),
+                };
+                mountpoints.push(check_mountpoint(top, label, tree.name(), p, dir_rel));
+            }
+        }
+    }
+    // orig and run may both mount over one directory of a state subvolume:
+    // count each directory once.
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&MountpointCheck> = mountpoints
+        .iter()
+        .filter(|m| m.dir.as_ref().is_none_or(|d| seen.insert(d.clone())))
+        .collect();
+    let hidden_files = unique.iter().map(|m| m.file_count).sum();
+    let hidden_bytes = unique.iter().map(|m| m.total_bytes).sum();
+    Lint {
+        image: image.to_owned(),
+        clean: mountpoints
+            .iter()
+            .all(|m| m.status != MountpointStatus::NotEmpty),
+        hidden_files,
+        hidden_bytes,
+        mountpoints,
+        trees,
+    }
+}
+
+fn check_mountpoint(
+    top: &Path,
+    label: &str,
+    tree: &str,
+    p: &Planned,
+    dir_rel: Option<String>,
+) -> MountpointCheck {
+    let mut check = MountpointCheck {
+        version: label.to_owned(),
+        tree: tree.to_owned(),
+        mountpoint: p.target.clone(),
+        dir: dir_rel.clone(),
+        mounted: p.mounted.clone(),
+        basis: p.basis.clone(),
+        status: MountpointStatus::NotOnImage,
+        file_count: 0,
+        total_bytes: 0,
+        files: Vec::new(),
+    };
+    let Some(dir_rel) = dir_rel else {
+        return check;
+    };
+    let dir = top.join(&dir_rel);
+    check.status = match std::fs::symlink_metadata(&dir) {
+        Err(_) => MountpointStatus::Missing,
+        Ok(md) if !md.is_dir() => MountpointStatus::NotADirectory,
+        Ok(md) => {
+            walk(&dir, md.dev(), &p.target, &mut check.files);
+            check.files.sort_by(|a, b| a.path.cmp(&b.path));
+            if check.files.is_empty() {
+                MountpointStatus::Empty
+            } else {
+                MountpointStatus::NotEmpty
+            }
+        }
+    };
+    check.file_count = check.files.len() as u64;
+    check.total_bytes = check.files.iter().map(|f| f.size).sum();
+    check
+}
+
+/// Lists everything under `dir` (not following symlinks) as `shown/…`.
+fn walk(dir: &Path, dev: u64, shown: &str, out: &mut Vec<HiddenFile>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = format!("{}/{name}", shown.trim_end_matches('/'));
+        let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        let t = md.file_type();
+        let (kind, size) = if t.is_dir() {
+            (
+                if md.dev() != dev {
+                    FileKind::Subvolume
+                } else {
+                    FileKind::Dir
+                },
+                0,
+            )
+        } else if t.is_symlink() {
+            (FileKind::Symlink, md.len())
+        } else if t.is_fifo() {
+            (FileKind::Fifo, 0)
+        } else if t.is_socket() {
+            (FileKind::Socket, 0)
+        } else if t.is_char_device() {
+            (FileKind::CharDevice, 0)
+        } else if t.is_block_device() {
+            (FileKind::BlockDevice, 0)
+        } else {
+            (FileKind::File, md.len())
+        };
+        out.push(HiddenFile {
+            path: path.clone(),
+            kind,
+            size,
+        });
+        if t.is_dir() {
+            walk(&e.path(), md.dev(), &path, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(top: &Path) {
+        for d in [
+            "systems/factory/orig/etc",
+            "systems/factory/orig/srv",
+            "systems/factory/orig/var",
+            "systems/factory/run/etc",
+            "systems/factory/run/srv",
+            "systems/factory/run/var",
+            "state/srv",
+            "state/var/lib",
+        ] {
+            std::fs::create_dir_all(top.join(d)).unwrap();
+        }
+        let fstab = "# Added by strata\n/dev/vda /srv btrfs subvol=/state/srv 0 2\n/dev/vda /var btrfs subvol=state/var 0 2\n/dev/vda /var/lib/x btrfs subvol=/state/x 0 2\n/dev/vdb /mnt/data ext4 defaults 0 2\n/dev/vdb /mnt/data/sub ext4 defaults 0 2\n/dev/vda /mnt/later btrfs noauto 0 0\n";
+        for t in ["orig", "run"] {
+            std::fs::write(top.join(format!("systems/factory/{t}/etc/fstab")), fstab).unwrap();
+        }
+    }
+
+    #[test]
+    fn lint_finds_files_under_mountpoints_only() {
+        let d = tempfile::tempdir().unwrap();
+        tree(d.path());
+        let clean = mountpoints(d.path(), "img", &[]);
+        assert!(clean.clean, "{clean:#?}");
+        assert_eq!(clean.trees, ["factory/orig", "factory/run"]);
+
+        std::fs::write(
+            d.path().join("systems/factory/run/srv/stale.html"),
+            "hidden\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(d.path().join("state/var/lib/x/deep")).unwrap();
+        std::fs::write(d.path().join("state/var/lib/x/deep/f"), "12345").unwrap();
+        std::os::unix::fs::symlink("/etc", d.path().join("systems/factory/orig/var/link")).unwrap();
+        let l = mountpoints(d.path(), "img", &[]);
+        assert!(!l.clean);
+        let bad: Vec<(String, String, Vec<String>)> = l
+            .mountpoints
+            .iter()
+            .filter(|m| m.status == MountpointStatus::NotEmpty)
+            .map(|m| {
+                (
+                    format!("{}/{}", m.version, m.tree),
+                    m.mountpoint.clone(),
+                    m.files.iter().map(|f| f.path.clone()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            bad,
+            [
+                (
+                    "factory/orig".into(),
+                    "/var".into(),
+                    vec!["/var/link".to_owned()]
+                ),
+                (
+                    "factory/orig".into(),
+                    "/var/lib/x".into(),
+                    vec!["/var/lib/x/deep".to_owned(), "/var/lib/x/deep/f".to_owned()]
+                ),
+                (
+                    "factory/run".into(),
+                    "/srv".into(),
+                    vec!["/srv/stale.html".to_owned()]
+                ),
+                (
+                    "factory/run".into(),
+                    "/var/lib/x".into(),
+                    vec!["/var/lib/x/deep".to_owned(), "/var/lib/x/deep/f".to_owned()]
+                ),
+            ]
+        );
+        // /var/lib/x lives in state/var, /mnt/data/sub on another disk.
+        let x = l
+            .mountpoints
+            .iter()
+            .find(|m| m.mountpoint == "/var/lib/x")
+            .unwrap();
+        assert_eq!(x.dir.as_deref(), Some("state/var/lib/x"));
+        let sub = l
+            .mountpoints
+            .iter()
+            .find(|m| m.mountpoint == "/mnt/data/sub")
+            .unwrap();
+        assert_eq!(sub.status, MountpointStatus::NotOnImage);
+        let data = l
+            .mountpoints
+            .iter()
+            .find(|m| m.mountpoint == "/mnt/data")
+            .unwrap();
+        assert_eq!(data.status, MountpointStatus::Missing);
+        assert!(l.mountpoints.iter().all(|m| m.mountpoint != "/mnt/later"));
+        assert_eq!(l.hidden_bytes, 7 + 5 + 4);
+    }
+
+    #[test]
+    fn lint_falls_back_to_state_dirs_without_fstab() {
+        let d = tempfile::tempdir().unwrap();
+        for p in ["systems/v1/run/home/alice", "systems/v1/orig", "state/home"] {
+            std::fs::create_dir_all(d.path().join(p)).unwrap();
+        }
+        let l = mountpoints(d.path(), "img", &[]);
+        assert!(!l.clean);
+        let m = &l.mountpoints.iter().find(|m| m.tree == "run").unwrap();
+        assert_eq!(m.mountpoint, "/home");
+        assert!(m.basis.contains("no fstab entry"));
+        assert_eq!(m.files[0].path, "/home/alice");
+    }
+}

@@ -1,0 +1,251 @@
+//! Opening an image: superblock check without any tool, then a loop device
+//! and a mount of the top-level subvolume (subvolid=5, whatever the default
+//! subvolume is). Both are undone on drop, the mount first.
+//!
+//! Read-only is for looking (`strata inspect`, expectations of a foreign
+//! image); read-write is for changing an image in place (an upgrade).
+
+use super::model::{Filesystem, ImageLayout, Lint, Subvolume};
+use super::{lint, read, subvolumes, ImageError};
+use crate::{loopdev::LoopDevice, mount::Mount};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+/// The primary superblock's offset and the fields read from it.
+const SUPERBLOCK: u64 = 0x10000;
+const MAGIC: &[u8; 8] = b"_BHRfS_M";
+const MAGIC_AT: usize = 0x40;
+const FSID_AT: usize = 0x20;
+const LABEL_AT: usize = 0x12b;
+const LABEL_LEN: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Read-only loop device and mount: the image is not written, not even
+    /// by log replay.
+    ReadOnly,
+    /// Writable loop device and mount, for changes in place.
+    ReadWrite,
+}
+
+/// Reads the btrfs superblock of an image file or block device.
+pub fn read_superblock(image: &Path) -> Result<Filesystem, ImageError> {
+    let bad = |m: String| ImageError::Input(m);
+    let mut f = std::fs::File::open(image).map_err(|e| bad(format!("{}: {e}", image.display())))?;
+    let md = f
+        .metadata()
+        .map_err(|e| bad(format!("{}: {e}", image.display())))?;
+    if !(md.is_file() || md.file_type().is_block_device()) {
+        return Err(bad(format!(
+            "{}: not an image file or block device",
+            image.display()
+        )));
+    }
+    let mut sb = vec![0u8; LABEL_AT + LABEL_LEN];
+    let read = f
+        .seek(SeekFrom::Start(SUPERBLOCK))
+        .and_then(|_| f.read_exact(&mut sb));
+    if read.is_err() || &sb[MAGIC_AT..MAGIC_AT + 8] != MAGIC {
+        return Err(bad(format!(
+            "{}: not a Btrfs filesystem (no superblock magic at 64 KiB; \
+             a partitioned disk is not a strata whole-disk image)",
+            image.display()
+        )));
+    }
+    let id = &sb[FSID_AT..FSID_AT + 16];
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
+    let label_bytes = &sb[LABEL_AT..LABEL_AT + LABEL_LEN];
+    let end = label_bytes
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(LABEL_LEN);
+    let label = String::from_utf8_lossy(&label_bytes[..end]).into_owned();
+    Ok(Filesystem {
+        uuid,
+        label: (!label.is_empty()).then_some(label),
+    })
+}
+
+/// A mounted image; unmounted and detached when dropped (mount first).
+pub struct OpenImage {
+    pub filesystem: Filesystem,
+    /// As listed when the image was opened.
+    pub subvolumes: Vec<Subvolume>,
+    path: PathBuf,
+    mode: Mode,
+    mount: Option<Mount>,
+    device: Option<LoopDevice>,
+}
+
+impl OpenImage {
+    /// The mounted top-level subvolume.
+    pub fn top(&self) -> &Path {
+        self.mount.as_ref().expect("mounted until closed").path()
+    }
+
+    /// The image as given to `open`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The image's layout as it is now.
+    pub fn layout(&self) -> ImageLayout {
+        read::layout(
+            self.top(),
+            &self.path.display().to_string(),
+            self.filesystem.clone(),
+            self.subvolumes.clone(),
+        )
+    }
+
+    /// Every mountpoint of every version's orig and run checked for hidden
+    /// files. Refused on an image without the layout: there is nothing to
+    /// check, and "clean" would be a lie.
+    pub fn lint(&self) -> Result<Lint, ImageError> {
+        let shown = self.path.display().to_string();
+        if !self.top().join(crate::layout::SYSTEMS_DIR).is_dir() {
+            return Err(ImageError::Input(format!(
+                "{shown}: no {}/ directory at the top level: not a strata system layout",
+                crate::layout::SYSTEMS_DIR
+            )));
+        }
+        Ok(lint::mountpoints(self.top(), &shown, &self.subvolumes))
+    }
+
+    /// Unmounts and detaches now, reporting failures (drop can only log
+    /// them).
+    pub fn close(mut self) -> Result<(), ImageError> {
+        let what = match self.mode {
+            Mode::ReadOnly => "cleaning up the read-only mount",
+            Mode::ReadWrite => "cleaning up the mount",
+        };
+        if let Some(m) = self.mount.take() {
+            m.unmount().map_err(|e| ImageError::tool(what, e))?;
+        }
+        if let Some(d) = self.device.take() {
+            d.detach().map_err(|e| ImageError::tool(what, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OpenImage {
+    fn drop(&mut self) {
+        // Order matters: the mount goes before its loop device.
+        drop(self.mount.take());
+        drop(self.device.take());
+    }
+}
+
+/// Opens an image file or block device: checks it is Btrfs, attaches a
+/// loop device (files only) and mounts the top-level subvolume.
+pub fn open(image: &Path, mode: Mode) -> Result<OpenImage, ImageError> {
+    let filesystem = read_superblock(image)?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(ImageError::Input(format!(
+            "strata must run as root (uid {euid}) to open an image: it attaches a {} \
+             loop device and mounts the image {}",
+            rw_words(mode).0,
+            rw_words(mode).1,
+        )));
+    }
+    let is_block = std::fs::metadata(image)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let device = if is_block {
+        None
+    } else {
+        let read_only = mode == Mode::ReadOnly;
+        Some(LoopDevice::attach(image, read_only).map_err(|e| {
+            ImageError::tool(format!("attaching a {} loop device", rw_words(mode).0), e)
+        })?)
+    };
+    let dev_path = device
+        .as_ref()
+        .map(|d| d.path().to_path_buf())
+        .unwrap_or_else(|| image.to_path_buf());
+    let mounting = |e| {
+        ImageError::tool(
+            format!("mounting {} {}", image.display(), rw_words(mode).1),
+            e,
+        )
+    };
+    let mount = match mode {
+        // A filesystem with a dirty log tree cannot be mounted from a
+        // read-only device without skipping log replay.
+        Mode::ReadOnly => match Mount::btrfs(&dev_path, "ro,subvolid=5") {
+            Ok(m) => m,
+            Err(first) => Mount::btrfs(&dev_path, "ro,subvolid=5,rescue=nologreplay")
+                .map_err(|_| mounting(first))?,
+        },
+        // Writing: the log is replayed as the kernel always does; skipping
+        // it would lose the last fsynced writes.
+        Mode::ReadWrite => Mount::btrfs(&dev_path, "subvolid=5").map_err(mounting)?,
+    };
+    let mut opened = OpenImage {
+        filesystem,
+        subvolumes: Vec::new(),
+        path: image.to_path_buf(),
+        mode,
+        mount: Some(mount),
+        device,
+    };
+    opened.subvolumes = subvolumes::list(opened.top())?;
+    Ok(opened)
+}
+
+/// How the loop device and the mount are described in messages.
+fn rw_words(mode: Mode) -> (&'static str, &'static str) {
+    match mode {
+        Mode::ReadOnly => ("read-only", "read-only"),
+        Mode::ReadWrite => ("writable", "read-write"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblock_fields() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("x.img");
+        let mut data = vec![0u8; 0x10000 + 4096];
+        data[0x10000 + MAGIC_AT..0x10000 + MAGIC_AT + 8].copy_from_slice(MAGIC);
+        data[0x10000 + FSID_AT..0x10000 + FSID_AT + 16].copy_from_slice(&[
+            0x7e, 0x8f, 0xa8, 0x0d, 0x1b, 0xbb, 0x4e, 0x94, 0xbb, 0x4e, 0xc0, 0x6a, 0x90, 0x3d,
+            0xf5, 0x89,
+        ]);
+        data[0x10000 + LABEL_AT..0x10000 + LABEL_AT + 6].copy_from_slice(b"strata");
+        std::fs::write(&img, &data).unwrap();
+        let fs = read_superblock(&img).unwrap();
+        assert_eq!(fs.uuid, "7e8fa80d-1bbb-4e94-bb4e-c06a903df589");
+        assert_eq!(fs.label.as_deref(), Some("strata"));
+
+        std::fs::write(&img, vec![0u8; 100]).unwrap();
+        assert!(matches!(read_superblock(&img), Err(ImageError::Input(_))));
+        assert!(matches!(
+            read_superblock(&d.path().join("missing")),
+            Err(ImageError::Input(_))
+        ));
+        assert!(matches!(
+            read_superblock(d.path()),
+            Err(ImageError::Input(_))
+        ));
+    }
+}

@@ -1,0 +1,441 @@
+//! Reading a layout from a mounted top-level subvolume (or any directory
+//! shaped like one: the tests use plain temp dirs). Never writes.
+
+use super::boot_entry;
+use super::model::{self, *};
+use super::subvolumes;
+use crate::layout::{self, Tree, Version};
+use crate::{extlinux, fstab};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Splits an fstab into lines, marking those after strata's marker comment.
+pub fn fstab(path_in_image: &str, bytes: &[u8]) -> Fstab {
+    let entries: BTreeMap<usize, fstab::Entry> = fstab::parse(bytes)
+        .into_iter()
+        .map(|e| (e.line, e))
+        .collect();
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines = Vec::new();
+    let mut marker_line = None;
+    let mut pieces: Vec<&str> = text.split('\n').collect();
+    if pieces.last() == Some(&"") {
+        pieces.pop();
+    }
+    for (i, raw) in pieces.into_iter().enumerate() {
+        let number = i + 1;
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
+        let added = marker_line.is_some();
+        if marker_line.is_none() && raw.trim_start().starts_with(layout::FSTAB_MARKER_PREFIX) {
+            marker_line = Some(number);
+        }
+        lines.push(FstabLine {
+            number,
+            text: raw.to_owned(),
+            added,
+            mount: entries.get(&number).map(|e| FstabMount {
+                source: e.source.clone(),
+                target: e.target.clone(),
+                fstype: e.fstype.clone(),
+                options: e.options.clone(),
+            }),
+        });
+    }
+    Fstab {
+        path: path_in_image.to_owned(),
+        marker_line,
+        lines,
+    }
+}
+
+/// A tree's fstab, None when it has none.
+pub(super) fn tree_fstab(top: &Path, version: &Version, tree: Tree) -> Option<Fstab> {
+    let rel = version.fstab(tree);
+    std::fs::read(top.join(&rel)).ok().map(|b| fstab(&rel, &b))
+}
+
+/// Names of the directories in `dir` (not symlinks such as systems/default),
+/// sorted; none when `dir` is missing.
+fn subdirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The versions: the directories under systems/.
+pub(super) fn versions(top: &Path) -> Vec<Version> {
+    subdirs(&top.join(layout::SYSTEMS_DIR))
+        .iter()
+        .map(|l| Version::found(l))
+        .collect()
+}
+
+/// The state dir names: the directories under state/.
+pub(super) fn state_names(top: &Path) -> Vec<String> {
+    subdirs(&top.join(layout::STATE_DIR))
+}
+
+fn read_default(top: &Path, labels: &[String]) -> (DefaultLink, Vec<String>) {
+    let mut problems = Vec::new();
+    let at = top.join(layout::DEFAULT_LINK);
+    let link = match std::fs::read_link(&at) {
+        Ok(t) => t,
+        Err(_) => {
+            if at.exists() {
+                problems.push(format!("{} is not a symlink", layout::DEFAULT_LINK));
+            } else if !labels.is_empty() {
+                problems.push(format!("{} is missing", layout::DEFAULT_LINK));
+            }
+            return (DefaultLink::default(), problems);
+        }
+    };
+    let text = link.to_string_lossy().into_owned();
+    if link.is_absolute() {
+        problems.push(format!(
+            "{} -> {text} is an absolute symlink: it must be relative \
+             (it resolves differently inside the booted system)",
+            layout::DEFAULT_LINK
+        ));
+    }
+    let named = boot_entry::default_label(&link);
+    let version = labels.iter().find(|l| named.as_ref() == Some(*l)).cloned();
+    if version.is_none() && !link.is_absolute() {
+        problems.push(format!(
+            "{} -> {text} names no version",
+            layout::DEFAULT_LINK
+        ));
+    }
+    (
+        DefaultLink {
+            link: Some(text),
+            version,
+        },
+        problems,
+    )
+}
+
+fn file_size(p: &Path) -> Option<u64> {
+    std::fs::metadata(p)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+}
+
+/// The first boot menu found, its entries' files checked where the boot
+/// loader would look (through `systems/default` to `default_label`).
+fn read_boot(top: &Path, default_label: Option<&str>) -> Option<Boot> {
+    let path = layout::BOOT_CONFIGS
+        .iter()
+        .find(|p| top.join(p).is_file())?;
+    let text = std::fs::read_to_string(top.join(path)).ok()?;
+    let config = extlinux::parse(&text);
+    let present = |p: &str| {
+        boot_entry::resolve(path, p, default_label).is_some_and(|rel| top.join(rel).is_file())
+    };
+    let entries = config
+        .entries
+        .into_iter()
+        .map(|e| BootEntry {
+            kernel_present: e.kernel.as_deref().is_some_and(present),
+            initrd_present: e
+                .initrd
+                .as_deref()
+                .map(|i| i.split(',').all(|one| present(one.trim()))),
+            label: e.label,
+            kernel: e.kernel,
+            initrd: e.initrd,
+            append: e.append,
+        })
+        .collect();
+    Some(Boot {
+        path: path.to_string(),
+        default: config.default,
+        timeout: config.timeout,
+        entries,
+    })
+}
+
+/// What is wrong with the boot menu, given the versions and the default.
+fn boot_problems(b: &Boot, labels: &[String], default: &DefaultLink) -> Vec<String> {
+    let mut problems = Vec::new();
+    let boots =
+        |e: &BootEntry| boot_entry::version_booted(e.append.as_deref(), default.version.as_deref());
+    for e in &b.entries {
+        if !e.kernel_present {
+            problems.push(format!(
+                "boot entry {}: kernel {} is missing",
+                e.label,
+                e.kernel.as_deref().unwrap_or("(none)")
+            ));
+        }
+        if e.initrd_present == Some(false) {
+            problems.push(format!(
+                "boot entry {}: initrd {} is missing",
+                e.label,
+                e.initrd.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    for l in labels {
+        // An entry boots a version by its label, or by its root (a menu
+        // whose default entry goes through systems/default).
+        if !b
+            .entries
+            .iter()
+            .any(|e| &e.label == l || boots(e).as_ref() == Some(l))
+        {
+            problems.push(format!("version {l} has no boot entry"));
+        }
+    }
+    if let (Some(d), Some(v)) = (&b.default, &default.version) {
+        let booted = b
+            .entries
+            .iter()
+            .find(|e| &e.label == d)
+            .and_then(boots)
+            .unwrap_or_else(|| d.clone());
+        if &booted != v {
+            problems.push(if &booted == d {
+                format!(
+                    "boot menu default {d} differs from {} ({v})",
+                    layout::DEFAULT_LINK
+                )
+            } else {
+                format!(
+                    "boot menu default {d} boots {booted}, not {} ({v})",
+                    layout::DEFAULT_LINK
+                )
+            });
+        }
+    }
+    problems
+}
+
+/// Reads the whole layout. `subvols` is `btrfs subvolume list` of the
+/// filesystem (empty for a plain directory).
+pub fn layout(
+    top: &Path,
+    image: &str,
+    filesystem: Filesystem,
+    subvols: Vec<Subvolume>,
+) -> ImageLayout {
+    let mut problems = Vec::new();
+    let systems = layout::SYSTEMS_DIR;
+    if !top.join(systems).is_dir() {
+        problems.push(format!(
+            "no {systems}/ directory: not a strata system layout"
+        ));
+    }
+    let found = versions(top);
+    let labels: Vec<String> = found.iter().map(|v| v.label().to_owned()).collect();
+    let (default, p) = read_default(top, &labels);
+    problems.extend(p);
+    let by_path: HashMap<&str, &Subvolume> = subvols.iter().map(|s| (s.path.as_str(), s)).collect();
+
+    let mut versions = Vec::new();
+    let mut mounted_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for version in &found {
+        let label = version.label();
+        let orig = by_path.get(version.orig().as_str()).copied();
+        let run = by_path.get(version.run().as_str()).copied();
+        for (tree, sv) in [(Tree::Orig, orig), (Tree::Run, run)] {
+            if sv.is_none() {
+                let rel = version.tree(tree);
+                problems.push(if top.join(&rel).exists() {
+                    format!("{rel} is not a subvolume")
+                } else {
+                    format!("{rel} is missing")
+                });
+            }
+        }
+        let snapshot = match (orig, run) {
+            (Some(o), Some(r)) => r.parent_uuid.as_deref() == Some(o.uuid.as_str()),
+            _ => false,
+        };
+        if orig.is_some() && run.is_some() && !snapshot {
+            problems.push(format!(
+                "{} is not a snapshot of {}",
+                version.run(),
+                version.orig()
+            ));
+        }
+        let kernel_size = file_size(&top.join(version.kernel()));
+        if kernel_size.is_none() {
+            problems.push(format!("{} is missing", version.kernel()));
+        }
+        let fstab = tree_fstab(top, version, Tree::Orig);
+        let run_fstab = tree_fstab(top, version, Tree::Run);
+        for (tree, f) in [(Tree::Orig, &fstab), (Tree::Run, &run_fstab)] {
+            for m in f
+                .iter()
+                .flat_map(|f| &f.lines)
+                .filter_map(|l| l.mount.as_ref())
+            {
+                let sv = subvolumes::mounted_by(m, &subvols);
+                if let Some(dir) = sv.as_deref().and_then(layout::state_dir_of) {
+                    mounted_by.entry(dir.to_owned()).or_default().push(format!(
+                        "{label}/{}: {}",
+                        tree.name(),
+                        m.target
+                    ));
+                }
+            }
+        }
+        let run_differs = match (&fstab, &run_fstab) {
+            (Some(a), Some(b)) => a.lines != b.lines,
+            (None, None) => false,
+            _ => true,
+        };
+        versions.push(model::Version {
+            label: label.to_owned(),
+            default: default.version.as_deref() == Some(label),
+            orig: orig.map(|s| s.id),
+            run: run.map(|s| s.id),
+            run_is_snapshot_of_orig: snapshot,
+            kernel_size,
+            initramfs_size: file_size(&top.join(version.initramfs())),
+            fstab,
+            run_fstab: if run_differs { run_fstab } else { None },
+        });
+    }
+    if labels.is_empty() && top.join(systems).is_dir() {
+        problems.push(format!("{systems}/ has no versions"));
+    }
+
+    let state_dirs: Vec<StateDir> = state_names(top)
+        .into_iter()
+        .map(|name| {
+            let sv = by_path.get(layout::state(&name).as_str()).map(|s| s.id);
+            if sv.is_none() {
+                problems.push(format!("{} is not a subvolume", layout::state(&name)));
+            }
+            StateDir {
+                mounted_by: mounted_by.remove(&name).unwrap_or_default(),
+                subvolume: sv,
+                name,
+            }
+        })
+        .collect();
+    for (name, by) in mounted_by {
+        problems.push(format!(
+            "fstab mounts {} ({}) but the image has no such subvolume",
+            layout::state(&name),
+            by.join(", ")
+        ));
+    }
+
+    let boot = read_boot(top, default.version.as_deref());
+    match &boot {
+        None if !labels.is_empty() => {
+            problems.push(format!("no boot menu ({} not found)", layout::BOOT_MENU))
+        }
+        None => {}
+        Some(b) => problems.extend(boot_problems(b, &labels, &default)),
+    }
+
+    ImageLayout {
+        image: image.to_owned(),
+        filesystem,
+        default,
+        versions,
+        state_dirs,
+        subvolumes: subvols,
+        boot,
+        problems,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_added_lines() {
+        let f = fstab(
+            "x/etc/fstab",
+            b"# comment\nLABEL=a /data ext4 defaults 0 2\n# Added by strata\nUUID=u /srv btrfs subvol=/state/srv 0 2",
+        );
+        assert_eq!(f.marker_line, Some(3));
+        assert!(!f.lines[1].added);
+        assert!(!f.lines[2].added);
+        assert!(f.lines[3].added);
+        assert_eq!(f.lines[3].mount.as_ref().unwrap().target, "/srv");
+        assert_eq!(f.lines.len(), 4);
+    }
+
+    fn read(top: &Path) -> ImageLayout {
+        let fs = Filesystem {
+            uuid: "abcd".into(),
+            label: None,
+        };
+        layout(top, "img", fs, vec![])
+    }
+
+    /// One version `v1`, its kernel and initramfs, `systems/default` as
+    /// `link` and the menu `menu` at extlinux/extlinux.conf.
+    fn image_with_menu(link: &str, menu: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path();
+        for p in ["systems/v1/orig", "systems/v1/run", "extlinux"] {
+            std::fs::create_dir_all(top.join(p)).unwrap();
+        }
+        std::fs::write(top.join("systems/v1/kernel"), "k").unwrap();
+        std::fs::write(top.join("systems/v1/initramfs"), "i").unwrap();
+        std::os::unix::fs::symlink(link, top.join("systems/default")).unwrap();
+        std::fs::write(top.join("extlinux/extlinux.conf"), menu).unwrap();
+        d
+    }
+
+    const MENU_THROUGH_THE_LINK: &str = "default default\n\
+        label default\n  kernel /systems/default/kernel\n  initrd ../systems/default/initramfs\n  \
+        append root=/dev/vda rootflags=subvol=systems/default/run rw\n";
+
+    #[test]
+    fn boot_entries_through_systems_default_are_resolved() {
+        let d = image_with_menu("v1", MENU_THROUGH_THE_LINK);
+        let l = read(d.path());
+        assert_eq!(l.default.version.as_deref(), Some("v1"));
+        let e = &l.boot.as_ref().unwrap().entries[0];
+        assert!(e.kernel_present);
+        assert_eq!(e.initrd_present, Some(true));
+        // The `default` entry boots v1: no missing entry, no disagreement
+        // between the menu's default and the link.
+        let boot_problems: Vec<&String> =
+            l.problems.iter().filter(|p| p.contains("boot")).collect();
+        assert!(boot_problems.is_empty(), "{:#?}", l.problems);
+    }
+
+    #[test]
+    fn a_link_naming_no_version_leaves_its_entries_without_a_kernel() {
+        let d = image_with_menu("gone", MENU_THROUGH_THE_LINK);
+        let l = read(d.path());
+        assert_eq!(l.default.version, None);
+        let e = &l.boot.as_ref().unwrap().entries[0];
+        assert!(!e.kernel_present);
+        assert_eq!(e.initrd_present, Some(false));
+        assert!(l
+            .problems
+            .contains(&"version v1 has no boot entry".to_owned()));
+    }
+
+    #[test]
+    fn a_menu_default_booting_another_version_is_a_problem() {
+        let d = image_with_menu(
+            "v1",
+            "default v1\nlabel v1\n  kernel /systems/v1/kernel\n  append rootflags=subvol=systems/v2/run\n",
+        );
+        let l = read(d.path());
+        assert!(
+            l.problems
+                .contains(&"boot menu default v1 boots v2, not systems/default (v1)".to_owned()),
+            "{:#?}",
+            l.problems
+        );
+    }
+}
