@@ -8,6 +8,68 @@
 
 use crate::progress::Step;
 
+/// How a failure ends a command. Every error type of strata says which kind
+/// it is; the CLI maps kinds to exit codes in one place (`src/cli/exit.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Bad usage or input the user can fix; nothing was changed.
+    Input,
+    /// What was asked for was done and found wanting, or a step failed: a
+    /// check failed, a build step failed, lint found hidden files.
+    Failed,
+    /// The machinery under strata failed: QEMU, the guest agent, a tool,
+    /// a timeout, an image that does not boot.
+    Infrastructure,
+    /// Stopped by SIGINT or SIGTERM, after cleaning up.
+    Interrupted,
+}
+
+/// An error that knows its `FailureKind`.
+pub trait Failure: std::error::Error {
+    fn kind(&self) -> FailureKind;
+}
+
+impl Failure for BuildError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            BuildError::Input(_) => FailureKind::Input,
+            BuildError::Step { .. } => FailureKind::Failed,
+            BuildError::Interrupted => FailureKind::Interrupted,
+        }
+    }
+}
+
+impl Failure for crate::cmd::CmdError {
+    fn kind(&self) -> FailureKind {
+        FailureKind::Infrastructure
+    }
+}
+
+impl Failure for crate::image::ImageError {
+    fn kind(&self) -> FailureKind {
+        if self.is_input() {
+            FailureKind::Input
+        } else {
+            FailureKind::Infrastructure
+        }
+    }
+}
+
+impl Failure for crate::fixture::FixtureError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            crate::fixture::FixtureError::Input(_) => FailureKind::Input,
+            _ => FailureKind::Infrastructure,
+        }
+    }
+}
+
+impl Failure for crate::manifest::ManifestError {
+    fn kind(&self) -> FailureKind {
+        FailureKind::Input
+    }
+}
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,12 @@
 //! `strata build`: argument parsing and the progress display.
 
+use super::exit;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 use strata_builder::build::{self, BuildOptions};
-use strata_builder::error::BuildError;
+use strata_builder::error::FailureKind;
 use strata_builder::interrupt::Interrupt;
 use strata_builder::layout::{DEFAULT_LABEL, DEFAULT_STATE_DIRS};
 use strata_builder::manifest::Manifest;
@@ -65,10 +66,10 @@ enum MigrationArg {
 
 pub fn run(args: BuildArgs) -> u8 {
     let size = match args.size.as_deref() {
-        None => return fail_input("no disk size: give --size SIZE or set DISK_SIZE (e.g. 4G)"),
+        None => return exit::input("no disk size: give --size SIZE or set DISK_SIZE (e.g. 4G)"),
         Some(s) => match parse_size(s) {
             Ok(n) => n,
-            Err(e) => return fail_input(&format!("--size/DISK_SIZE: {e}")),
+            Err(e) => return exit::input(format!("--size/DISK_SIZE: {e}")),
         },
     };
     let manifest = args
@@ -94,7 +95,12 @@ pub fn run(args: BuildArgs) -> u8 {
     };
     let interrupt = match Interrupt::on_signals() {
         Ok(i) => i,
-        Err(e) => return super::fail(1, &anyhow::anyhow!("installing signal handlers: {e}")),
+        Err(e) => {
+            return exit::fail_with(
+                FailureKind::Infrastructure,
+                &anyhow::anyhow!("installing signal handlers: {e}"),
+            )
+        }
     };
     let mut ui = Progress::new();
     let result = build::build(&opts, &interrupt, &mut |e| ui.event(e));
@@ -113,19 +119,8 @@ pub fn run(args: BuildArgs) -> u8 {
             );
             0
         }
-        Err(e) => {
-            let code = match e {
-                BuildError::Input(_) => 2,
-                BuildError::Interrupted => 130,
-                BuildError::Step { .. } => 1,
-            };
-            super::fail(code, &anyhow::Error::new(e))
-        }
+        Err(e) => exit::fail(e),
     }
-}
-
-fn fail_input(msg: &str) -> u8 {
-    super::fail(2, &anyhow::anyhow!("{msg}"))
 }
 
 /// One line per step; a bar while the rootfs is copied. Plain lines when

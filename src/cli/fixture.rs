@@ -2,11 +2,12 @@
 //! arguments and the terminal UI of `strata_builder::fixture` (the engine:
 //! mmdebstrap, the cache, the copy). stdout: the rootfs path, nothing else.
 
+use super::exit;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
-use strata_builder::fixture::{self, recipe, Event, FixtureError, FixtureOptions};
+use strata_builder::fixture::{self, recipe, Event, FixtureOptions};
 
 #[derive(clap::Args)]
 pub struct FixtureArgs {
@@ -49,13 +50,7 @@ pub fn run(args: FixtureArgs) -> u8 {
             println!("{}", path.display());
             0
         }
-        Err(e) => {
-            let code = match e {
-                FixtureError::Input(_) => 2,
-                _ => 3,
-            };
-            super::fail(code, &anyhow::Error::new(e))
-        }
+        Err(e) => exit::fail(e),
     }
 }
 

@@ -8,7 +8,9 @@
 
 mod render;
 
+use super::exit;
 use std::path::PathBuf;
+use strata_builder::error::FailureKind;
 use strata_builder::image::{self, ImageError};
 
 #[derive(clap::Args)]
@@ -33,7 +35,7 @@ pub fn run(args: InspectArgs) -> u8 {
             print!("{out}");
             code
         }
-        Err(e) => super::fail(if e.is_input() { 2 } else { 3 }, &anyhow::Error::new(e)),
+        Err(e) => exit::fail(e),
     };
     if args.lint {
         finish(image::lint(&args.image).map(|lint| {
@@ -42,7 +44,7 @@ pub fn run(args: InspectArgs) -> u8 {
             } else {
                 render::lint(&lint, args.all)
             };
-            (u8::from(!lint.clean), out)
+            (exit::of((!lint.clean).then_some(FailureKind::Failed)), out)
         }))
     } else {
         finish(image::read(&args.image).map(|layout| {
@@ -51,7 +53,7 @@ pub fn run(args: InspectArgs) -> u8 {
             } else {
                 render::layout(&layout)
             };
-            (0, out)
+            (exit::SUCCESS, out)
         }))
     }
 }

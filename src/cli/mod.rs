@@ -2,12 +2,7 @@
 //! engines in the library crates never print; they report events.
 
 pub mod build;
+pub mod exit;
 pub mod fixture;
 pub mod inspect;
 pub mod test;
-
-/// Prints an error chain on one line and returns the exit code.
-pub fn fail(code: u8, err: &anyhow::Error) -> u8 {
-    eprintln!("strata: error: {err:#}");
-    code
-}

@@ -1,7 +1,9 @@
 //! `strata test`: arguments, progress lines on stderr, the report on stdout.
 
+use super::exit;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
 use strata_builder::image;
 use strata_builder::manifest::Manifest;
@@ -83,17 +85,17 @@ enum BootArg {
 pub fn run(args: TestArgs) -> u8 {
     if args.list_checks {
         print!("{}", check_list());
-        return 0;
+        return exit::SUCCESS;
     }
     let Some(image) = args.image.clone() else {
-        return super::fail(2, &anyhow::anyhow!("an IMAGE to test is required"));
+        return exit::input("an IMAGE to test is required");
     };
     // Names first: a typo should not wait for an image to be read.
     let checks: Option<Vec<CheckId>> = match &args.checks {
         None => None,
         Some(names) => match names.iter().map(|n| n.parse()).collect() {
             Ok(ids) => Some(ids),
-            Err(e) => return super::fail(2, &anyhow::Error::new(e)),
+            Err(e) => return exit::input(e),
         },
     };
     let expect = match expectations(&args, &image) {
@@ -131,11 +133,10 @@ pub fn run(args: TestArgs) -> u8 {
             if let Err(code) = write_outputs(&args, &report) {
                 return code;
             }
-            run::exit_code(&report)
+            exit::of(run::failure(&report))
         }
-        Err(RunError::Input(msg)) => super::fail(2, &anyhow::anyhow!(msg)),
+        Err(e @ (RunError::Input(_) | RunError::Interrupted(_))) => exit::fail(e),
         Err(e @ RunError::Infra { .. }) => {
-            let code = e.exit_code();
             if let RunError::Infra {
                 report: Some(report),
                 ..
@@ -150,7 +151,7 @@ pub fn run(args: TestArgs) -> u8 {
                 RunError::Infra { message, .. } => message.lines().next().unwrap_or("").to_owned(),
                 other => other.to_string(),
             };
-            super::fail(code, &anyhow::anyhow!("infrastructure failure: {msg}"))
+            exit::fail_with(e.kind(), &anyhow::anyhow!("infrastructure failure: {msg}"))
         }
     }
 }
@@ -159,19 +160,16 @@ pub fn run(args: TestArgs) -> u8 {
 /// IMG.manifest.json), or — for an image built by someone else, with no
 /// manifest — read off the image through a read-only mount.
 fn expectations(args: &TestArgs, image: &Path) -> Result<Expectations, u8> {
-    let bad = |m: String| super::fail(2, &anyhow::anyhow!(m));
+    let bad = exit::input;
     let path = args
         .manifest
         .clone()
         .unwrap_or_else(|| Manifest::default_path(image));
     if args.manifest.is_some() || path.exists() || !image.is_file() {
-        let m = Manifest::load(&path).map_err(|e| bad(e.to_string()))?;
+        let m = Manifest::load(&path).map_err(exit::fail)?;
         return Expectations::from_manifest(&m, path.clone(), args.label.as_deref()).map_err(bad);
     }
-    let layout = image::read(image).map_err(|e| {
-        let code = if e.is_input() { 2 } else { 3 };
-        super::fail(code, &anyhow::Error::new(e))
-    })?;
+    let layout = image::read(image).map_err(exit::fail)?;
     let expect = Expectations::from_layout(&layout, args.label.as_deref()).map_err(bad)?;
     eprintln!(
         "no build manifest next to {}: expecting what the image itself says (version {}, root {}, state dirs {}); moved-files can only check that mountpoints are empty",
@@ -199,8 +197,8 @@ fn check_list() -> String {
 fn write_outputs(args: &TestArgs, report: &Report) -> Result<(), u8> {
     let write = |path: &PathBuf, text: String, what: &str| {
         std::fs::write(path, text).map_err(|e| {
-            super::fail(
-                3,
+            exit::fail_with(
+                FailureKind::Infrastructure,
                 &anyhow::anyhow!("writing {what} report {}: {e}", path.display()),
             )
         })

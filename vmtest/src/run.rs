@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use strata_builder::cmd;
+use strata_builder::error::FailureKind;
 use strata_builder::expect::Expectations;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -103,22 +104,26 @@ pub enum RunError {
         message: String,
         report: Option<Box<Report>>,
     },
+    /// SIGINT or SIGTERM: QEMU was killed (exit 130).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
-impl RunError {
-    pub fn exit_code(&self) -> u8 {
+impl strata_builder::error::Failure for RunError {
+    fn kind(&self) -> FailureKind {
         match self {
-            RunError::Input(_) => 2,
-            RunError::Infra { .. } => 3,
+            RunError::Input(_) => FailureKind::Input,
+            RunError::Infra { .. } => FailureKind::Infrastructure,
+            RunError::Interrupted(_) => FailureKind::Interrupted,
         }
     }
 }
 
-/// 0 all checks pass, 1 a check failed.
-pub fn exit_code(report: &Report) -> u8 {
+/// How a finished run ended: None when every check passed.
+pub fn failure(report: &Report) -> Option<FailureKind> {
     match report.verdict {
-        crate::report::Verdict::Pass => 0,
-        crate::report::Verdict::Fail => 1,
+        crate::report::Verdict::Pass => None,
+        crate::report::Verdict::Fail => Some(FailureKind::Failed),
     }
 }
 
@@ -593,8 +598,8 @@ pub fn run_blocking(
                     return r;
                 }
                 Some(p) = rx.recv() => on_progress(p),
-                _ = tokio::signal::ctrl_c() => return Err(infra("interrupted (SIGINT); QEMU killed".into())),
-                _ = sigterm.recv() => return Err(infra("terminated (SIGTERM); QEMU killed".into())),
+                _ = tokio::signal::ctrl_c() => return Err(RunError::Interrupted("interrupted (SIGINT); QEMU killed".into())),
+                _ = sigterm.recv() => return Err(RunError::Interrupted("terminated (SIGTERM); QEMU killed".into())),
             }
         }
     })
@@ -603,6 +608,7 @@ pub fn run_blocking(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use strata_builder::error::Failure;
 
     #[test]
     fn systemd_timestamps_split() {
@@ -634,10 +640,10 @@ mod tests {
     #[test]
     fn bad_inputs_are_exit_2() {
         let cfg = TestConfig::new("/nonexistent/x.img".into(), expectations());
-        assert_eq!(prepare(&cfg).unwrap_err().exit_code(), 2);
+        assert_eq!(prepare(&cfg).unwrap_err().kind(), FailureKind::Input);
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = TestConfig::new(dir.path().to_owned(), expectations());
-        assert_eq!(prepare(&cfg).unwrap_err().exit_code(), 2);
+        assert_eq!(prepare(&cfg).unwrap_err().kind(), FailureKind::Input);
         let img = dir.path().join("x.img");
         std::fs::write(&img, b"").unwrap();
         cfg.image = img;

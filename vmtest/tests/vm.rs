@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
@@ -238,7 +239,7 @@ fn fixture_passes_every_check_via_extlinux_on_virtio_blk_with_auto_accel() {
     let r = report(&o);
     assert_eq!(failing(r), Vec::<&str>::new());
     assert!(r.checks.iter().all(|c| c.status == Status::Pass));
-    assert_eq!(run::exit_code(r), 0);
+    assert_eq!(run::failure(r), None);
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     assert!(!r.accel_reason.is_empty());
     if r.accel == Accel::Tcg && std::path::Path::new("/dev/kvm").exists() {
@@ -385,7 +386,7 @@ fn state_line_removed_from_fstab_fails_state_mounts() {
         "{:?}",
         check(r, "moved-files")
     );
-    assert_eq!(run::exit_code(r), 1);
+    assert_eq!(run::failure(r), Some(FailureKind::Failed));
 }
 
 /// Replaces `systems/<label>/run/etc/fstab` through `change(text)`.
@@ -417,7 +418,7 @@ fn an_fstab_entry_that_cannot_mount_fails_fstab() {
         "{:?}",
         check(r, "fstab")
     );
-    assert_eq!(run::exit_code(r), 1);
+    assert_eq!(run::failure(r), Some(FailureKind::Failed));
 }
 
 #[test]
@@ -479,7 +480,7 @@ fn moved_file_mode_changed_in_state_fails_moved_files() {
         "{:?}",
         check(r, "moved-files")
     );
-    assert_eq!(run::exit_code(r), 1);
+    assert_eq!(run::failure(r), Some(FailureKind::Failed));
 }
 
 #[test]
@@ -584,7 +585,7 @@ fn copy_migration_overmounts_every_filled_state_dir() {
     let o = boot(cfg);
     let r = report(&o);
     assert_eq!(failing(r), ["overmount"]);
-    assert_eq!(run::exit_code(r), 1);
+    assert_eq!(run::failure(r), Some(FailureKind::Failed));
     let mut mps: Vec<String> = r
         .warnings
         .iter()
@@ -680,7 +681,7 @@ fn not_booting(o: &Outcome, timeout: f64) {
         Err(e) => e,
     };
     eprintln!("{err}");
-    assert_eq!(err.exit_code(), 3);
+    assert_eq!(err.kind(), FailureKind::Infrastructure);
     assert!(
         o.seconds < timeout + 15.0,
         "no hang: took {:.0} s",
