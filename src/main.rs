@@ -25,6 +25,10 @@ enum Command {
     Fixture(cli::fixture::FixtureArgs),
     /// Show an image's layout without booting it; --lint finds hidden files.
     Inspect(cli::inspect::InspectArgs),
+    /// Print a shell completion script (bash, zsh, fish, …) to stdout.
+    Completions(cli::completions::CompletionsArgs),
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,8 @@ fn main() -> ExitCode {
         Command::Test(a) => cli::test::run(a),
         Command::Fixture(a) => cli::fixture::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Completions(a) => cli::completions::completions(a),
+        Command::Man => cli::completions::man(),
     };
     ExitCode::from(code)
 }

@@ -2,6 +2,7 @@
 //! engines in the library crates never print; they report events.
 
 pub mod build;
+pub mod completions;
 pub mod exit;
 pub mod fixture;
 pub mod inspect;
