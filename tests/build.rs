@@ -14,7 +14,13 @@ const FS_UUID: &str = "0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40";
 fn strata() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
     // Env fallbacks must not leak in from the caller's environment.
-    for v in ["DISK_SIZE", "VERSION_LABEL", "ROOT_DEVICE", "KERNEL_ARGS"] {
+    for v in [
+        "DISK_SIZE",
+        "VERSION_LABEL",
+        "ROOT_DEVICE",
+        "KERNEL_ARGS",
+        "INITRAMFS_PATH",
+    ] {
         c.env_remove(v);
     }
     c
@@ -549,6 +555,89 @@ fn env_fallbacks_work_like_morph() {
     assert_eq!(m.default_version().root_device, "/dev/vda");
     assert_eq!(m.image_size, 300 << 20);
     assert!(m.default_version().kernel_args.ends_with(" quiet"));
+}
+
+/// morph passed the initramfs as a path inside the rootfs.
+#[test]
+fn initramfs_path_names_the_rootfs_initramfs() {
+    let fx = Fixture::new();
+    fs::write(fx.rootfs().join("boot/custom-initrd"), b"the custom one").unwrap();
+    let out = strata()
+        .env("INITRAMFS_PATH", "/boot/custom-initrd")
+        .args(["build", "--size", "300M", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    let v = m.default_version();
+    assert_eq!(v.initramfs_source.as_deref(), Some("/boot/custom-initrd"));
+    assert_eq!(v.kernel_source, "/boot/vmlinuz-1.10.0");
+    let i = Inspect::new(&fx.image());
+    assert_eq!(
+        fs::read(i.path("systems/factory/initramfs")).unwrap(),
+        b"the custom one"
+    );
+    drop(i);
+
+    fs::remove_file(fx.image()).unwrap();
+    let out = strata()
+        .env("INITRAMFS_PATH", "/boot/missing")
+        .args(["build", "--size", "300M", "--force", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("INITRAMFS_PATH /boot/missing: no such file in rootfs"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!fx.image().exists());
+}
+
+/// A fifo where strata reads a file (etc/fstab, the kernel, the initramfs)
+/// would block `open` forever: refused at once, exit 2, nothing created.
+#[test]
+fn fifos_where_strata_reads_are_refused_not_opened() {
+    for target in ["etc/fstab", "boot/initrd.img-1.10.0"] {
+        let fx = Fixture::new();
+        let p = fx.rootfs().join(target);
+        let _ = fs::remove_file(&p);
+        sh(&format!("mkfifo '{}'", p.display()));
+        let mut child = strata()
+            .args(["build", "--size", "300M", "--rootfs"])
+            .arg(fx.rootfs())
+            .arg("--output")
+            .arg(fx.image())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(60) {
+                child.kill().unwrap();
+                panic!("strata build blocked on a fifo at {target}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(2), "{target}: {err}");
+        assert!(
+            err.contains(target) && err.contains("a fifo"),
+            "{target}: {err}"
+        );
+        assert!(!fx.image().exists());
+        fx.assert_nothing_left();
+    }
 }
 
 #[test]

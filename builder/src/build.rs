@@ -50,6 +50,9 @@ pub struct BuildOptions {
     /// Host paths that override the kernel/initramfs found in the rootfs.
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
+    /// An initramfs inside the rootfs (morph's `INITRAMFS_PATH`), used when
+    /// no host `initramfs` is given.
+    pub initramfs_in_rootfs: Option<String>,
     pub kernel_args: String,
     pub migration: Migration,
     pub manifest: PathBuf,
@@ -122,13 +125,25 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
             )))
         }
     };
-    let initramfs = match &opts.initramfs {
-        Some(i) => Some(BootSource::Host(host_file(i, "initramfs")?)),
+    let initramfs = match (&opts.initramfs, &opts.initramfs_in_rootfs) {
+        (Some(i), _) => Some(BootSource::Host(host_file(i, "initramfs")?)),
+        (None, Some(p)) => Some(BootSource::Rootfs(rootfs_file(
+            &source,
+            p,
+            "INITRAMFS_PATH",
+        )?)),
         // An explicit kernel gets only an explicit initramfs: one found in
         // the rootfs belongs to the rootfs's own kernel.
-        None if opts.kernel.is_some() => None,
-        None => found_initramfs.map(BootSource::Rootfs),
+        (None, None) if opts.kernel.is_some() => None,
+        (None, None) => found_initramfs.map(BootSource::Rootfs),
     };
+    // Look at what will be copied now, before anything is created: a fifo
+    // or device node named like a kernel is refused here, not mid-build.
+    for (what, src) in [("kernel", Some(&kernel)), ("initramfs", initramfs.as_ref())] {
+        if let Some(BootSource::Rootfs(p)) = src {
+            rootfs_file(&source, p, what)?;
+        }
+    }
 
     let fstab_bytes = source.read("etc/fstab").map_err(|e| input(e.to_string()))?;
     let fs_uuid = match &opts.fs_uuid {
@@ -222,6 +237,23 @@ fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+/// A regular file inside the rootfs named by the user (`what` says how),
+/// as a path relative to the rootfs top.
+fn rootfs_file(source: &RootDir, path: &str, what: &str) -> Result<String, BuildError> {
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() {
+        return Err(input(format!("{what} {path:?} names no file")));
+    }
+    match source.open_file(rel) {
+        Ok(Some(_)) => Ok(rel.to_owned()),
+        Ok(None) => Err(input(format!(
+            "{what} {path}: no such file in rootfs {}",
+            source.path().display()
+        ))),
+        Err(e) => Err(input(format!("{what}: {e}"))),
     }
 }
 

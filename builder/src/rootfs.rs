@@ -8,7 +8,7 @@
 use rustix::fs::{openat2, statat, AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug)]
@@ -62,18 +62,37 @@ impl RootDir {
     }
 
     /// Opens a regular file for reading; Ok(None) when nothing is there.
+    ///
+    /// The file is looked at before it is opened: resolved with O_PATH
+    /// (which opens nothing), checked to be a regular file, and only then
+    /// reopened for reading through `/proc/self/fd`, so the reopen reaches
+    /// the very inode that was checked. A fifo would block an open forever
+    /// and a device node would reach the host's hardware: both are refused,
+    /// never opened.
     pub fn open_file(&self, path: &str) -> Result<Option<File>, RootfsError> {
-        let fd = match self.resolve(path, OFlags::RDONLY) {
+        let fd = match self.resolve(path, OFlags::PATH) {
             Ok(fd) => fd,
             Err(rustix::io::Errno::NOENT) => return Ok(None),
             Err(e) => return Err(self.err(path, e)),
         };
-        let file = File::from(fd);
-        let meta = file.metadata().map_err(|e| self.err(path, e))?;
-        if !meta.is_file() {
-            return Err(self.err(path, std::io::Error::other("not a regular file")));
+        let st = rustix::fs::fstat(&fd).map_err(|e| self.err(path, e))?;
+        let kind = FileType::from_raw_mode(st.st_mode);
+        if kind != FileType::RegularFile {
+            return Err(self.err(
+                path,
+                std::io::Error::other(format!(
+                    "not a regular file ({}): refusing to open it",
+                    describe_type(kind)
+                )),
+            ));
         }
-        Ok(Some(file))
+        let reopened = rustix::fs::open(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.err(path, e))?;
+        Ok(Some(File::from(reopened)))
     }
 
     pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, RootfsError> {
@@ -122,5 +141,56 @@ impl RootDir {
             Err(rustix::io::Errno::NOENT) => Ok(None),
             Err(e) => Err(self.err(name, e)),
         }
+    }
+}
+
+fn describe_type(t: FileType) -> &'static str {
+    match t {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symlink",
+        FileType::Fifo => "a fifo",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Unknown => "of unknown type",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fifo where strata reads a file would block `open` forever; it must
+    /// be refused at once, and named.
+    #[test]
+    fn fifos_and_devices_are_refused_without_being_opened() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("etc")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            d.path().join("etc/fstab"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        std::fs::write(d.path().join("etc/hostname"), "box\n").unwrap();
+        let root = RootDir::open(d.path()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = root
+                .read("etc/fstab")
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let ok = root.read("etc/hostname").unwrap();
+            tx.send((r, ok)).unwrap();
+        });
+        let (fifo, hostname) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a fifo in the rootfs must not block");
+        let e = fifo.unwrap_err();
+        assert!(e.contains("etc/fstab") && e.contains("a fifo"), "{e}");
+        assert_eq!(hostname.as_deref(), Some(&b"box\n"[..]));
     }
 }

@@ -37,7 +37,9 @@ pub struct BuildArgs {
     /// A kernel on the host instead of the one in the rootfs.
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// An initramfs on the host instead of the one in the rootfs.
+    /// An initramfs on the host instead of the one in the rootfs. Without
+    /// it, `INITRAMFS_PATH` (a path inside the rootfs, as morph passed it)
+    /// names the rootfs's initramfs.
     #[arg(long)]
     initramfs: Option<PathBuf>,
     /// Extra kernel command line arguments.
@@ -83,6 +85,11 @@ pub fn run(args: BuildArgs) -> u8 {
         state_dirs: args.state_dirs,
         root_device: args.root_device.filter(|d| !d.is_empty()),
         kernel: args.kernel,
+        // morph's variable: a path inside the rootfs, so it cannot be the
+        // env fallback clap would give --initramfs (a host path).
+        initramfs_in_rootfs: std::env::var("INITRAMFS_PATH")
+            .ok()
+            .filter(|p| !p.is_empty() && args.initramfs.is_none()),
         initramfs: args.initramfs,
         kernel_args: args.kernel_args,
         migration: match args.state_migration {
