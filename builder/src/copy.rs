@@ -5,9 +5,8 @@
 
 use crate::cmd::{self, CmdError};
 use crate::interrupt::Interrupt;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TreeSize {
@@ -50,7 +49,9 @@ pub enum CopyError {
 /// `cp -a src/. dest/`, reporting each copied entry to `progress`.
 ///
 /// `reflink_only` makes cp clone extents instead of copying bytes (both
-/// ends on one btrfs), so moving state costs metadata only.
+/// ends on one btrfs), so moving state costs metadata only. Runs through
+/// the command runner's interruptible mode: a signal stops cp (its whole
+/// process group) and cp dies with strata.
 pub fn copy_tree(
     src: &Path,
     dest: &Path,
@@ -71,48 +72,23 @@ pub fn copy_tree(
         c.arg("--reflink=always");
     }
     c.arg(src.join(".")).arg(dest);
-    let command = cmd::describe(&c);
-    let mut child = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| cmd::spawn_error("cp".into(), e))?;
-    let stderr = child.stderr.take().expect("piped");
-    let stderr_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
-        s
-    });
     let mut done = 0;
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        if interrupt.raised() {
-            let _ = child.kill();
-            break;
-        }
-        if line.map(|l| l.contains("' -> '")).unwrap_or(false) {
+    let result = cmd::run_interruptible(&mut c, interrupt, &mut |line| {
+        // `--verbose` prints `'a' -> 'b'` per entry.
+        if line.windows(5).any(|w| w == b"' -> '") {
             done += 1;
             if done % 64 == 0 {
                 progress(done);
             }
         }
+    });
+    match result {
+        Ok(()) => {
+            progress(done);
+            Ok(())
+        }
+        Err(CmdError::Interrupted { .. }) => Err(CopyError::Interrupted),
+        Err(e) if e.stderr().contains("No space left on device") => Err(CopyError::NoSpace),
+        Err(e) => Err(e.into()),
     }
-    let status = child.wait().map_err(|e| cmd::spawn_error("cp".into(), e))?;
-    let stderr = stderr_reader.join().unwrap_or_default();
-    if interrupt.raised() {
-        return Err(CopyError::Interrupted);
-    }
-    progress(done);
-    if status.success() {
-        return Ok(());
-    }
-    if stderr.contains("No space left on device") {
-        return Err(CopyError::NoSpace);
-    }
-    Err(CmdError::Failed {
-        command,
-        status: status.to_string(),
-        stderr: stderr.lines().take(5).collect::<Vec<_>>().join("; "),
-    }
-    .into())
 }

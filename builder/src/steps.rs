@@ -35,7 +35,16 @@ impl<'a> Steps<'a> {
         }
         (self.on_event)(Event::StepStarted(step));
         let start = Instant::now();
-        let out = f(self).map_err(|e| e.in_step(step))?;
+        let out = f(self).map_err(|e| {
+            // A terminal's Ctrl-C reaches the whole process group: mkfs or
+            // mount die of it and fail the step. With the flag raised the
+            // failure is the interruption, not a failed step (exit 130).
+            if self.interrupt.raised() {
+                BuildError::Interrupted
+            } else {
+                e.in_step(step)
+            }
+        })?;
         let took = start.elapsed();
         self.timings.push(StepTiming {
             step: step.name().to_owned(),
@@ -67,6 +76,25 @@ impl<'a> Steps<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SIGINT to the process group kills the tool a step runs: that step
+    /// fails, but the run was interrupted, and says so.
+    #[test]
+    fn a_step_failing_under_a_raised_interrupt_is_an_interruption() {
+        let interrupt = Interrupt::default();
+        let mut sink = |_: Event| {};
+        let mut steps = Steps::new(&interrupt, &mut sink);
+        let e = steps
+            .run(Step::Mkfs, |s| {
+                s.interrupt().raise();
+                Err::<(), _>(StepError::Failed {
+                    what: "making the btrfs filesystem".into(),
+                    cause: "mkfs.btrfs killed by signal 2".into(),
+                })
+            })
+            .unwrap_err();
+        assert!(matches!(e, BuildError::Interrupted), "{e:?}");
+    }
 
     #[test]
     fn a_failing_step_is_named_once_and_not_timed() {

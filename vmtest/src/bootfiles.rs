@@ -12,11 +12,11 @@ use strata_builder::layout;
 pub enum BootFilesError {
     #[error("running btrfs restore: {0}")]
     Spawn(std::io::Error),
-    #[error("btrfs restore could not read {wanted} from {image}: {stderr}")]
+    #[error("btrfs restore could not read {wanted} from {image}: {error}")]
     Restore {
         image: String,
         wanted: String,
-        stderr: String,
+        error: strata_builder::cmd::CmdError,
     },
     #[error("the image has no boot menu (looked for {})", layout::BOOT_CONFIGS.join(", "))]
     NoConfig,
@@ -199,20 +199,18 @@ fn restore(
     symlinks: bool,
 ) -> Result<(), BootFilesError> {
     std::fs::create_dir_all(into).map_err(BootFilesError::Spawn)?;
-    let out = Command::new("btrfs")
-        .args(["restore", "-i", "--path-regex", regex])
-        .args(symlinks.then_some("-S"))
-        .arg(image)
-        .arg(into)
-        .output()
-        .map_err(BootFilesError::Spawn)?;
-    if !out.status.success() {
-        return Err(BootFilesError::Restore {
-            image: image.display().to_string(),
-            wanted: wanted.to_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    strata_builder::cmd::run(
+        Command::new("btrfs")
+            .args(["restore", "-i", "--path-regex", regex])
+            .args(symlinks.then_some("-S"))
+            .arg(image)
+            .arg(into),
+    )
+    .map_err(|error| BootFilesError::Restore {
+        image: image.display().to_string(),
+        wanted: wanted.to_owned(),
+        error,
+    })?;
     Ok(())
 }
 
