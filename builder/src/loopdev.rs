@@ -38,8 +38,33 @@ impl LoopDevice {
     }
 }
 
+/// `losetup -d`, then waits for the device to let go of its file. When the
+/// last user (a filesystem just unmounted) has not closed the device yet,
+/// the kernel only marks it autoclear and `losetup -d` returns at once; the
+/// device goes a moment later. Callers (and the next run's checks) expect
+/// it gone, so wait a little, and ask again once.
 fn detach(path: &Path) -> Result<(), CmdError> {
-    cmd::run(std::process::Command::new("losetup").arg("-d").arg(path)).map(drop)
+    cmd::run(std::process::Command::new("losetup").arg("-d").arg(path))?;
+    let backing = path
+        .file_name()
+        .map(|n| Path::new("/sys/block").join(n).join("loop/backing_file"));
+    let Some(backing) = backing else {
+        return Ok(());
+    };
+    for attempt in 0..40 {
+        if !backing.exists() {
+            return Ok(());
+        }
+        if attempt == 20 {
+            let _ = cmd::run(std::process::Command::new("losetup").arg("-d").arg(path));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    tracing::warn!(
+        "{} still has a backing file after detaching: the kernel frees it when its last user closes it",
+        path.display()
+    );
+    Ok(())
 }
 
 impl Drop for LoopDevice {
