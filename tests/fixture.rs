@@ -5,21 +5,22 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
 fn strata() -> Command {
     Command::new(env!("CARGO_BIN_EXE_strata"))
 }
 
-fn can_build() -> bool {
+/// These tests build a real fixture: without root and mmdebstrap they
+/// cannot, and a skipped test proves nothing, so they fail and say why.
+fn require_root_and_mmdebstrap() {
     let root = std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false);
     let mm = Command::new("mmdebstrap").arg("--version").output().is_ok();
-    if !(root && mm) {
-        eprintln!("skipped: needs root and mmdebstrap (run ci/setup)");
-    }
-    root && mm
+    assert!(
+        root && mm,
+        "needs root and mmdebstrap (run ci/setup vm, then the tests as root)"
+    );
 }
 
 fn mode(p: &Path) -> u32 {
@@ -31,9 +32,7 @@ fn mode(p: &Path) -> u32 {
 
 #[test]
 fn debian_fixture_has_what_configure_steps_add() {
-    if !can_build() {
-        return;
-    }
+    require_root_and_mmdebstrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("rootfs");
     let o = strata()
@@ -88,21 +87,25 @@ fn debian_fixture_has_what_configure_steps_add() {
         );
     }
 
-    // Warm cache: seconds, and the earlier output is replaced in place.
+    // Warm cache: no rebuild, and the earlier output is replaced in place.
     std::fs::write(out.join("srv/scratch"), "changed by a test").unwrap();
-    let t = Instant::now();
     let o = strata()
         .args(["fixture", "debian", "--output"])
         .arg(&out)
         .output()
         .unwrap();
-    let warm = t.elapsed();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
         !out.join("srv/scratch").exists(),
         "output replaced by the cached tree"
     );
-    assert!(warm.as_secs() < 30, "warm run took {warm:?}");
+    // Warm means served from the cache, not rebuilt: judged by what it
+    // says it did, not by a clock (speed is ci/bench's business).
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains(": cached (") && !said.contains("built in"),
+        "the second run rebuilt instead of using the cache:\n{said}"
+    );
 
     // Without --output: the cache path, instantly.
     let o = strata().args(["fixture", "debian"]).output().unwrap();
