@@ -34,3 +34,4 @@ pub mod size;
 pub mod steps;
 pub mod sync;
 pub mod unshared;
+pub mod versions;
