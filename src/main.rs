@@ -25,6 +25,12 @@ enum Command {
     Fixture(cli::fixture::FixtureArgs),
     /// Show an image's layout without booting it; --lint finds hidden files.
     Inspect(cli::inspect::InspectArgs),
+    /// List an image's versions: default, kernel, bytes held alone, deployed at.
+    Versions(cli::versions::VersionsArgs),
+    /// Make a version the default (rollback, roll-forward).
+    SetDefault(cli::versions::SetDefaultArgs),
+    /// Delete a version that is not the default.
+    Remove(cli::versions::RemoveArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +53,9 @@ fn main() -> ExitCode {
         Command::Test(a) => cli::test::run(a),
         Command::Fixture(a) => cli::fixture::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Versions(a) => cli::versions::list(a),
+        Command::SetDefault(a) => cli::versions::set_default(a),
+        Command::Remove(a) => cli::versions::remove(a),
     };
     ExitCode::from(code)
 }

@@ -5,6 +5,7 @@ pub mod build;
 pub mod fixture;
 pub mod inspect;
 pub mod test;
+pub mod versions;
 
 /// Prints an error chain on one line and returns the exit code.
 pub fn fail(code: u8, err: &anyhow::Error) -> u8 {
