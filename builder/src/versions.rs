@@ -123,7 +123,39 @@ pub fn set_default(image: &Path, label: &str, manifest: Option<&Path>) -> Result
     let version = Version::new(label).map_err(|e| ImageError::Input(e.to_string()))?;
     let fs = image::read_superblock(image)?;
     let mut manifest = load_manifest(image, manifest, &fs.uuid)?;
-    if let Some((path, m)) = &manifest {
+    let record = manifest.as_ref();
+    decide_then_act(
+        image,
+        |img| entries_for_default(img, label, record),
+        |img, entries| {
+            boot::write_menu(img.top(), &version, &entries).map_err(step)?;
+            boot::set_default(img.top(), &version).map_err(step)
+        },
+    )?;
+    if let Some((path, m)) = &mut manifest {
+        m.default = label.to_owned();
+        save(m, path)?;
+    }
+    Ok(())
+}
+
+/// The menu entries with `label` as the new default, or why not.
+fn entries_for_default(
+    img: &OpenImage,
+    label: &str,
+    manifest: Option<&(PathBuf, Manifest)>,
+) -> Result<Vec<BootEntry>, ImageError> {
+    let shown = img.path().display().to_string();
+    let layout = img.layout();
+    let versions = examine(img.top(), &layout, manifest.map(|m| &m.1));
+    let info = known(&shown, &versions, label)?;
+    if info.status == Status::Partial {
+        return Err(ImageError::Input(format!(
+            "{shown}: version {label} is partial ({}): it cannot boot; not made the default",
+            info.problems.join("; ")
+        )));
+    }
+    if let Some((path, m)) = manifest {
         if m.version(label).is_none() {
             return Err(ImageError::Input(format!(
                 "manifest {} has no version {label:?} (it has {}): it does not describe this image's versions; give --manifest",
@@ -132,32 +164,7 @@ pub fn set_default(image: &Path, label: &str, manifest: Option<&Path>) -> Result
             )));
         }
     }
-    let img = image::open(image, Mode::ReadWrite)?;
-    let layout = img.layout();
-    let versions = examine(img.top(), &layout, manifest.as_ref().map(|m| &m.1));
-    let info = known(&img.path().display().to_string(), &versions, label)?;
-    if info.status == Status::Partial {
-        return Err(ImageError::Input(format!(
-            "{}: version {label} is partial ({}): it cannot boot; not made the default",
-            img.path().display(),
-            info.problems.join("; ")
-        )));
-    }
-    let entries = menu_entries(
-        &img.path().display().to_string(),
-        &layout,
-        &versions,
-        manifest.as_ref().map(|m| &m.1),
-        None,
-    )?;
-    boot::write_menu(img.top(), &version, &entries).map_err(step)?;
-    boot::set_default(img.top(), &version).map_err(step)?;
-    img.close()?;
-    if let Some((path, m)) = &mut manifest {
-        m.default = label.to_owned();
-        save(m, path)?;
-    }
-    Ok(())
+    menu_entries(&shown, &layout, &versions, manifest.map(|m| &m.1), None)
 }
 
 /// Removes version `label`: the menu without it first, then its
@@ -169,28 +176,54 @@ pub fn remove(image: &Path, label: &str, manifest: Option<&Path>) -> Result<(), 
     let version = Version::new(label).map_err(|e| ImageError::Input(e.to_string()))?;
     let fs = image::read_superblock(image)?;
     let mut manifest = load_manifest(image, manifest, &fs.uuid)?;
-    let img = image::open(image, Mode::ReadWrite)?;
+    let record = manifest.as_ref();
+    let mut default = None;
+    decide_then_act(
+        image,
+        |img| entries_without(img, label, record),
+        |img, (d, entries)| {
+            boot::write_menu(img.top(), &d, &entries).map_err(step)?;
+            delete_version(img, &version)?;
+            default = Some(d);
+            Ok(())
+        },
+    )?;
+    if let (Some((path, m)), Some(default)) = (&mut manifest, default) {
+        m.versions.retain(|v| v.label != label);
+        if m.default == label {
+            m.default = default.label().to_owned();
+        }
+        save(m, path)?;
+    }
+    Ok(())
+}
+
+/// The default and the menu entries once `label` is gone, or why it may
+/// not go.
+fn entries_without(
+    img: &OpenImage,
+    label: &str,
+    manifest: Option<&(PathBuf, Manifest)>,
+) -> Result<(Version, Vec<BootEntry>), ImageError> {
+    let shown = img.path().display().to_string();
     let layout = img.layout();
-    let versions = examine(img.top(), &layout, manifest.as_ref().map(|m| &m.1));
-    known(&img.path().display().to_string(), &versions, label)?;
+    let versions = examine(img.top(), &layout, manifest.map(|m| &m.1));
+    known(&shown, &versions, label)?;
     let default = match versions.default.as_deref() {
         Some(d) if d == label => {
             return Err(ImageError::Input(format!(
-                "{}: {label} is the default version: make another version the default first (strata set-default {} OTHER)",
-                img.path().display(),
-                img.path().display()
+                "{shown}: {label} is the default version: make another version the default first (strata set-default {shown} OTHER)"
             )))
         }
         Some(d) => Version::new(d).map_err(|e| ImageError::Input(e.to_string()))?,
         None => {
             return Err(ImageError::Input(format!(
-                "{}: {} names no version: set a default first (strata set-default)",
-                img.path().display(),
+                "{shown}: {} names no version: set a default first (strata set-default)",
                 layout::DEFAULT_LINK
             )))
         }
     };
-    if let Some((path, m)) = &manifest {
+    if let Some((path, m)) = manifest {
         if m.default == label && m.version(default.label()).is_none() {
             return Err(ImageError::Input(format!(
                 "manifest {}: its default is {label} and it has no record of {default}, the image's default: it does not describe this image",
@@ -199,23 +232,31 @@ pub fn remove(image: &Path, label: &str, manifest: Option<&Path>) -> Result<(), 
         }
     }
     let entries = menu_entries(
-        &img.path().display().to_string(),
+        &shown,
         &layout,
         &versions,
-        manifest.as_ref().map(|m| &m.1),
+        manifest.map(|m| &m.1),
         Some(label),
     )?;
-    boot::write_menu(img.top(), &default, &entries).map_err(step)?;
-    delete_version(&img, &version)?;
+    Ok((default, entries))
+}
+
+/// Decides on a read-only mount first, so that a refusal leaves the image
+/// byte for byte as it was (a read-write mount alone writes to it); then
+/// decides again on the read-write mount `act` changes the image through.
+fn decide_then_act<T>(
+    image: &Path,
+    decide: impl Fn(&OpenImage) -> Result<T, ImageError>,
+    act: impl FnOnce(&OpenImage, T) -> Result<(), ImageError>,
+) -> Result<(), ImageError> {
+    let img = image::open(image, Mode::ReadOnly)?;
+    let decided = decide(&img);
     img.close()?;
-    if let Some((path, m)) = &mut manifest {
-        m.versions.retain(|v| v.label != label);
-        if m.default == label {
-            m.default = default.label().to_owned();
-        }
-        save(m, path)?;
-    }
-    Ok(())
+    decided?;
+    let img = image::open(image, Mode::ReadWrite)?;
+    let decided = decide(&img)?;
+    act(&img, decided)?;
+    img.close()
 }
 
 /// The boot entries of the whole versions of an open image, for a menu:
