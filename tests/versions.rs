@@ -578,3 +578,42 @@ fn manifests_of_other_images_are_refused() {
     assert!(!fx.manifest_path().exists());
     fx.assert_nothing_left();
 }
+
+/// Not an image, not Btrfs, not this layout: exit 2, nothing changed.
+#[test]
+fn what_is_not_a_strata_image_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("missing.img").display().to_string();
+    let zeros = d.path().join("zeros.img");
+    fs::File::create(&zeros).unwrap().set_len(1 << 20).unwrap();
+    let plain = d.path().join("plain.img");
+    fs::File::create(&plain).unwrap().set_len(SIZE).unwrap();
+    sh(&format!("mkfs.btrfs -q '{}'", plain.display()));
+    let (zeros, plain) = (zeros.display().to_string(), plain.display().to_string());
+    for (img, want) in [
+        (&missing, "missing.img"),
+        (&zeros, "not a Btrfs filesystem"),
+        (&plain, "not a strata system layout"),
+    ] {
+        let sum = || {
+            Path::new(img)
+                .exists()
+                .then(|| sh(&format!("sha256sum '{img}'")))
+        };
+        let before = sum();
+        let out = strata(&["versions", img]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(text(&out).contains(want), "{}", text(&out));
+        for cmd in ["set-default", "remove"] {
+            let out = strata(&[cmd, img, "factory"]);
+            assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        }
+        assert_eq!(sum(), before, "{img} changed");
+    }
+    let out = strata(&["set-default", &plain, "factory"]);
+    assert!(
+        text(&out).contains("no version \"factory\" (it has none)"),
+        "{}",
+        text(&out)
+    );
+}

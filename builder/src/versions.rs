@@ -106,6 +106,13 @@ pub fn list_all(image: &Path) -> Result<Versions, ImageError> {
         .ok()
         .filter(|m| m.fs_uuid == fs.uuid);
     let img = image::open(image, Mode::ReadOnly)?;
+    if !img.top().join(layout::SYSTEMS_DIR).is_dir() {
+        return Err(ImageError::Input(format!(
+            "{}: no {}/ directory at the top level: not a strata system layout",
+            image.display(),
+            layout::SYSTEMS_DIR
+        )));
+    }
     let layout = img.layout();
     let mut versions = examine(img.top(), &layout, manifest.as_ref());
     measure(img.top(), &mut versions)?;
