@@ -2,20 +2,24 @@
 //! the default flip (`strata set-default`: rollback and roll-forward) and
 //! removal (`strata remove`).
 //!
-//! Changes are ordered so that a crash at any point leaves a default that
-//! boots and a menu whose every entry boots:
+//! Changes are ordered so that a crash at any point leaves a menu whose
+//! every per-version entry boots, and a `systems/default` naming a whole
+//! version:
 //!
 //! - set-default: the menu (temp file + rename) first, the flip of
 //!   `systems/default` (one rename) last, the manifest after. When the
 //!   versions agree on root device, arguments and initramfs, the menu does
-//!   not change and the flip is the only change; otherwise a crash between
+//!   not change and the flip is the only change. Otherwise a crash between
 //!   the two leaves the `default` entry with the new version's command line
-//!   and the old version's kernel (`extlinux` says what that means), and
-//!   running the command again completes it.
+//!   and the old version's kernel (see `extlinux`): each version's own entry
+//!   still boots it, and running the command again completes the change.
 //! - remove: the menu without the version first, then its subvolumes
 //!   (nested ones first), then its directory (kernel, initramfs), then the
-//!   manifest. Killed half way, the version is listed as partial and
-//!   `remove` again finishes it.
+//!   manifest. Killed half way, the version is still listed (partial once
+//!   its subvolumes started to go) and `remove` again finishes it.
+//!
+//! Both decide on a read-only mount before changing anything, so a refusal
+//! leaves the image byte for byte as it was.
 //!
 //! A version is whole when its `orig` and `run` are subvolumes and its
 //! kernel (and the initramfs its entry or record names) is there; anything
