@@ -29,6 +29,12 @@ enum Command {
     Completions(cli::completions::CompletionsArgs),
     /// Print the man page (roff) to stdout.
     Man,
+    /// List an image's versions: default, kernel, bytes held alone, deployed at.
+    Versions(cli::versions::VersionsArgs),
+    /// Make a version the default (rollback, roll-forward).
+    SetDefault(cli::versions::SetDefaultArgs),
+    /// Delete a version that is not the default.
+    Remove(cli::versions::RemoveArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +59,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Completions(a) => cli::completions::completions(a),
         Command::Man => cli::completions::man(),
+        Command::Versions(a) => cli::versions::list(a),
+        Command::SetDefault(a) => cli::versions::set_default(a),
+        Command::Remove(a) => cli::versions::remove(a),
     };
     ExitCode::from(code)
 }

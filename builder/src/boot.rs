@@ -4,7 +4,10 @@
 //! Both writes are crash-safe on their own (layout.md §6): the menu is a temp
 //! file renamed over the old one, the default link one rename(2) of a fresh
 //! symlink over `systems/default`. A caller adding a version writes the menu
-//! first and flips the default last.
+//! first and flips the default last. The menu's default entry boots through
+//! the link (`extlinux::render`), so the flip is the commit point: when the
+//! versions agree on root device, arguments and initramfs, the menu written
+//! before the flip is the menu that was already there.
 
 use crate::cmd;
 use crate::error::{Context, StepError};

@@ -35,16 +35,37 @@ pub fn snapshot(source: &Path, dest: &Path) -> Result<(), CmdError> {
     .map(drop)
 }
 
+/// Deletes subvolumes in the order given (a nested one before the one that
+/// holds it), and waits for the transaction to reach the disk: without the
+/// commit, a crash may bring them back.
+pub fn subvolume_delete(paths: &[&Path]) -> Result<(), CmdError> {
+    cmd::run(
+        Command::new("btrfs")
+            .args(["-q", "subvolume", "delete", "--commit-after"])
+            .args(paths),
+    )
+    .map(drop)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubvolumeInfo {
     pub uuid: String,
     /// "-" when the subvolume is not a snapshot.
     pub parent_uuid: String,
     pub id: u64,
+    /// When it was created, RFC 3339 in UTC (`2026-11-27T01:30:15Z`).
+    pub created: Option<String>,
 }
 
 pub fn subvolume_show(path: &Path) -> Result<SubvolumeInfo, CmdError> {
-    let out = cmd::run(Command::new("btrfs").args(["subvolume", "show"]).arg(path))?;
+    // btrfs prints local time with its offset: in UTC, whatever the host's
+    // zone (the offset is still honoured below).
+    let out = cmd::run(
+        Command::new("btrfs")
+            .env("TZ", "UTC")
+            .args(["subvolume", "show"])
+            .arg(path),
+    )?;
     let field = |name: &str| {
         out.lines()
             .filter_map(|l| l.trim().strip_prefix(name))
@@ -56,9 +77,89 @@ pub fn subvolume_show(path: &Path) -> Result<SubvolumeInfo, CmdError> {
         uuid: field("UUID:"),
         parent_uuid: field("Parent UUID:"),
         id: field("Subvolume ID:").parse().unwrap_or(0),
+        created: rfc3339_utc(&field("Creation time:")),
     })
+}
+
+/// `2026-11-27 07:00:15 +0530` (as `btrfs subvolume show` prints it) as
+/// `2026-11-27T01:30:15Z`. None for anything else (`-`, an old kernel's
+/// missing otime).
+pub fn rfc3339_utc(shown: &str) -> Option<String> {
+    let mut parts = shown.split_whitespace();
+    let (date, time, zone) = (parts.next()?, parts.next()?, parts.next()?);
+    let nums =
+        |s: &str, sep: char| -> Option<Vec<i64>> { s.split(sep).map(|n| n.parse().ok()).collect() };
+    let (d, t) = (nums(date, '-')?, nums(time, ':')?);
+    let ([y, mo, day], [h, mi, sec]) = (d.as_slice(), t.as_slice()) else {
+        return None;
+    };
+    let (sign, hhmm) = match zone.split_at_checked(1)? {
+        ("+", z) => (1, z),
+        ("-", z) => (-1, z),
+        _ => return None,
+    };
+    let (zh, zm): (i64, i64) = (hhmm.get(..2)?.parse().ok()?, hhmm.get(2..)?.parse().ok()?);
+    let valid = (1..=12).contains(mo) && (1..=31).contains(day) && *h < 24 && *mi < 60 && *sec < 61;
+    if !valid {
+        return None;
+    }
+    let local = days_from_civil(*y, *mo, *day) * 86400 + h * 3600 + mi * 60 + sec;
+    let utc = local - sign * (zh * 3600 + zm * 60);
+    let (days, secs) = (utc.div_euclid(86400), utc.rem_euclid(86400));
+    let (y, mo, d) = civil_from_days(days);
+    Some(format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    ))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 pub fn sync(path: &Path) -> Result<(), CmdError> {
     cmd::run(Command::new("btrfs").args(["filesystem", "sync"]).arg(path)).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creation_times_in_utc() {
+        for (shown, want) in [
+            ("2026-11-27 01:30:15 +0000", Some("2026-11-27T01:30:15Z")),
+            ("2026-11-27 07:00:15 +0530", Some("2026-11-27T01:30:15Z")),
+            ("2026-12-31 22:00:00 -0300", Some("2027-01-01T01:00:00Z")),
+            ("2024-03-01 00:10:00 +0100", Some("2024-02-29T23:10:00Z")),
+            ("1970-01-01 00:00:00 +0000", Some("1970-01-01T00:00:00Z")),
+            ("-", None),
+            ("", None),
+            ("2026-13-01 00:00:00 +0000", None),
+            ("2026-11-27 01:30:15", None),
+        ] {
+            assert_eq!(rfc3339_utc(shown).as_deref(), want, "{shown}");
+        }
+    }
 }

@@ -1,4 +1,21 @@
-//! extlinux.conf, byte for byte as layout.md §4 gives it.
+//! extlinux.conf, byte for byte as layout.md §4 and §6 give it.
+//!
+//! The menu's default entry boots THROUGH `systems/default` (kernel, initrd
+//! and `rootflags=subvol=` all spelled `systems/default/…`), followed by one
+//! entry per version for manual choice. So the commit point of an upgrade,
+//! a rollback or a roll-forward is the one rename(2) that flips the link
+//! (`boot::set_default`): syslinux and the kernel both follow it (measured,
+//! layout.md §6).
+//!
+//! The `default` entry carries the default version's root device, extra
+//! arguments and whether it has an initramfs. When every version agrees on
+//! those, the menu text does not change on a flip. When they differ, the
+//! menu must be rewritten too; the caller writes it first and flips last
+//! (`versions::set_default`). A crash between the two leaves the `default`
+//! entry booting the old version's kernel with the new version's root
+//! device and arguments (and initrd line): the per-version entries stay
+//! right, so the old version can be picked by hand, and re-running the
+//! command completes the change.
 
 use crate::layout::{self, Version};
 
@@ -26,25 +43,70 @@ impl BootEntry {
         }
         s
     }
-}
 
-/// The whole menu: `default` names `default`; one stanza per entry, in the
-/// order given.
-pub fn render(default: &Version, entries: &[BootEntry]) -> String {
-    let mut s = format!("serial 0 115200\ndefault {default}\ntimeout 10\n");
-    for e in entries {
+    /// The entry `append` made for `version`, read back from its command
+    /// line: the root device and the extra arguments. None when the line
+    /// is not one `append` makes for `version` (another tool's menu, an
+    /// entry booting another version).
+    pub fn from_append(version: &Version, append: &str, has_initramfs: bool) -> Option<BootEntry> {
+        let words: Vec<&str> = append.split_whitespace().collect();
+        let root_device = words.first()?.strip_prefix("root=")?.to_owned();
+        let mut entry = BootEntry {
+            version: version.clone(),
+            root_device,
+            has_initramfs,
+            kernel_args: String::new(),
+        };
+        let fixed = entry.append();
+        let fixed: Vec<&str> = fixed.split_whitespace().collect();
+        if !words.starts_with(&fixed) {
+            return None;
+        }
+        entry.kernel_args = words[fixed.len()..].join(" ");
+        Some(entry)
+    }
+
+    /// The same entry booting through `systems/default`.
+    fn via_default_link(&self) -> BootEntry {
+        BootEntry {
+            version: layout::via_default_link(),
+            ..self.clone()
+        }
+    }
+
+    fn stanza(&self, label: &str, s: &mut String) {
         s.push_str(&format!(
-            "label {}\n  kernel {}\n",
-            e.version,
-            layout::boot_kernel_path(&e.version)
+            "label {label}\n  kernel {}\n",
+            layout::boot_kernel_path(&self.version)
         ));
-        if e.has_initramfs {
+        if self.has_initramfs {
             s.push_str(&format!(
                 "  initrd {}\n",
-                layout::boot_initramfs_path(&e.version)
+                layout::boot_initramfs_path(&self.version)
             ));
         }
-        s.push_str(&format!("  append {}\n", e.append()));
+        s.push_str(&format!("  append {}\n", self.append()));
+    }
+}
+
+/// The whole menu: `default default`, the `default` entry booting through
+/// `systems/default` with `default`'s root device, arguments and initramfs,
+/// then one entry per version, in the order given. `default` must have an
+/// entry (`boot::write_menu` refuses otherwise); without one the menu has no
+/// `default` entry and syslinux boots the first.
+pub fn render(default: &Version, entries: &[BootEntry]) -> String {
+    let through_link = entries.iter().find(|e| &e.version == default);
+    let mut s = String::from("serial 0 115200\n");
+    if through_link.is_some() {
+        s.push_str(&format!("default {}\n", layout::DEFAULT_ENTRY_LABEL));
+    }
+    s.push_str("timeout 10\n");
+    if let Some(e) = through_link {
+        e.via_default_link()
+            .stanza(layout::DEFAULT_ENTRY_LABEL, &mut s);
+    }
+    for e in entries {
+        e.stanza(e.version.label(), &mut s);
     }
     s
 }
@@ -135,23 +197,6 @@ pub fn parse(text: &str) -> Config {
 mod tests {
     use super::*;
 
-    #[test]
-    fn what_we_render_parses_back() {
-        let factory = Version::new("factory").unwrap();
-        let entry = BootEntry {
-            version: factory.clone(),
-            root_device: "UUID=x".into(),
-            has_initramfs: true,
-            kernel_args: "quiet".into(),
-        };
-        let c = parse(&render(&factory, std::slice::from_ref(&entry)));
-        assert_eq!(c.timeout.as_deref(), Some("10"));
-        let d = c.default_entry().unwrap();
-        assert_eq!(d.kernel.as_deref(), Some("/systems/factory/kernel"));
-        assert_eq!(d.initrd.as_deref(), Some("/systems/factory/initramfs"));
-        assert_eq!(d.cmdline(), entry.append());
-    }
-
     fn entry(label: &str, root: &str, initramfs: bool, args: &str) -> BootEntry {
         BootEntry {
             version: Version::new(label).unwrap(),
@@ -161,10 +206,31 @@ mod tests {
         }
     }
 
-    /// One version: byte for byte what every build so far has written
+    #[test]
+    fn what_we_render_parses_back() {
+        let factory = entry("factory", "UUID=x", true, "quiet");
+        let c = parse(&render(&factory.version, std::slice::from_ref(&factory)));
+        assert_eq!(c.timeout.as_deref(), Some("10"));
+        // syslinux boots the entry going through the link...
+        let d = c.default_entry().unwrap();
+        assert_eq!(d.label, "default");
+        assert_eq!(d.kernel.as_deref(), Some("/systems/default/kernel"));
+        assert_eq!(d.initrd.as_deref(), Some("/systems/default/initramfs"));
+        assert_eq!(d.cmdline(), factory.via_default_link().append());
+        assert!(d
+            .cmdline()
+            .contains("rootflags=subvol=systems/default/run "));
+        // ...and the version's own entry is there to pick by hand.
+        let own = &c.entries[1];
+        assert_eq!(own.label, "factory");
+        assert_eq!(own.kernel.as_deref(), Some("/systems/factory/kernel"));
+        assert_eq!(own.cmdline(), factory.append());
+    }
+
+    /// One version: byte for byte what every build writes
     /// (tests/snapshots/build__extlinux.conf.snap).
     #[test]
-    fn one_version_menu_is_unchanged() {
+    fn one_version_menu() {
         let e = entry(
             "factory",
             "UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40",
@@ -174,8 +240,12 @@ mod tests {
         assert_eq!(
             render(&e.version, std::slice::from_ref(&e)),
             "serial 0 115200\n\
-             default factory\n\
+             default default\n\
              timeout 10\n\
+             label default\n\
+             \x20 kernel /systems/default/kernel\n\
+             \x20 initrd /systems/default/initramfs\n\
+             \x20 append root=UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40 rootfstype=btrfs rootflags=subvol=systems/default/run init=/sbin/init rw console=tty0 console=ttyS0,115200 quiet\n\
              label factory\n\
              \x20 kernel /systems/factory/kernel\n\
              \x20 initrd /systems/factory/initramfs\n\
@@ -183,8 +253,9 @@ mod tests {
         );
     }
 
-    /// Two versions after an upgrade: one stanza each, in the order given,
-    /// the default named by `default`.
+    /// Two versions after an upgrade: the `default` entry with v2's root
+    /// device, arguments and (no) initramfs, then one stanza each, in the
+    /// order given.
     #[test]
     fn two_version_menu() {
         let factory = entry(
@@ -195,6 +266,45 @@ mod tests {
         );
         let v2 = entry("v2", "/dev/vda", false, "quiet loglevel=3");
         insta::assert_snapshot!(render(&v2.version, &[factory, v2.clone()]));
+    }
+
+    /// The commit point: versions that agree on root device, arguments and
+    /// initramfs give one menu whichever is the default, so flipping
+    /// `systems/default` is the whole change.
+    #[test]
+    fn a_flip_between_alike_versions_leaves_the_menu_as_it_is() {
+        let a = entry("factory", "UUID=u", true, "quiet");
+        let b = entry("v2", "UUID=u", true, "quiet");
+        let both = [a.clone(), b.clone()];
+        assert_eq!(render(&a.version, &both), render(&b.version, &both));
+        // Different arguments: the `default` entry follows the default.
+        let c = entry("v3", "UUID=u", true, "quiet debug");
+        let all = [a.clone(), c.clone()];
+        assert_ne!(render(&a.version, &all), render(&c.version, &all));
+    }
+
+    #[test]
+    fn entries_read_back_from_their_command_line() {
+        for e in [
+            entry("factory", "UUID=u", true, ""),
+            entry("v2", "/dev/vda", false, "quiet  loglevel=3"),
+        ] {
+            let back = BootEntry::from_append(&e.version, &e.append(), e.has_initramfs).unwrap();
+            let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert_eq!(back.root_device, e.root_device);
+            assert_eq!(back.kernel_args, words(&e.kernel_args));
+            assert_eq!(back.append(), words(&e.append()));
+        }
+        let v1 = Version::new("v1").unwrap();
+        // Another version's line, another tool's line, no root.
+        let other = entry("v2", "/dev/vda", true, "");
+        assert_eq!(BootEntry::from_append(&v1, &other.append(), true), None);
+        assert_eq!(
+            BootEntry::from_append(&v1, "root=/dev/sda1 ro quiet", true),
+            None
+        );
+        assert_eq!(BootEntry::from_append(&v1, "quiet", true), None);
+        assert_eq!(BootEntry::from_append(&v1, "", true), None);
     }
 
     #[test]

@@ -49,6 +49,17 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
+/// What every name strata gives its own work in progress starts with: the
+/// temp names above, and whatever an interrupted run leaves in `systems/`
+/// (a version deployed under a partial name). Such an entry is strata's
+/// debris, never a version; labels may not start with it.
+pub const RESERVED_PREFIX: &str = ".strata-";
+
+/// Whether a name in `systems/` is strata's debris rather than a version.
+pub fn is_debris_name(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}
+
 /// The comment line that precedes every line strata adds to an fstab.
 pub const FSTAB_MARKER: &str = "# Added by strata build: system layout state subvolumes";
 /// What readers match: any comment starting like this marks strata's lines
@@ -79,7 +90,7 @@ impl Tree {
 /// component, a boot menu label, an fstab field, a guest shell word.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
-    #[error("invalid version label {0:?}: use letters, digits, '.', '_' or '-' (it becomes a directory name and a boot menu label)")]
+    #[error("invalid version label {0:?}: use letters, digits, '.', '_' or '-' (it becomes a directory name and a boot menu label; \"default\" and names starting with \".strata-\" are reserved)")]
     Label(String),
     #[error("invalid state directory {0:?}: expected a single directory name such as \"var\"")]
     StateDir(String),
@@ -97,9 +108,9 @@ fn is_simple_name(s: &str) -> bool {
 }
 
 /// The rule for version labels. `default` is refused: `systems/default` is
-/// the link.
+/// the link; so is `RESERVED_PREFIX…`: strata's debris.
 pub fn validate_label(label: &str) -> Result<(), NameError> {
-    is_simple_name(label)
+    (is_simple_name(label) && !is_debris_name(label))
         .then_some(())
         .ok_or_else(|| NameError::Label(label.to_owned()))
 }
@@ -257,6 +268,22 @@ pub fn split_version_path(path: &str) -> Option<(&str, &str)> {
     (!label.is_empty()).then_some((label, below))
 }
 
+/// The boot menu label of the entry that boots whatever `systems/default`
+/// names, through the link. Never a version label (`validate_label` refuses
+/// it: `systems/default` is the link).
+pub const DEFAULT_ENTRY_LABEL: &str = "default";
+
+/// The version `systems/default` names, its paths spelled through the link
+/// (`systems/default/kernel`, `systems/default/run`): what the menu's
+/// `default` entry boots (§6), so that flipping the link alone changes what
+/// boots. For writing boot entries; a reader resolves such paths with
+/// `resolve_default_link`.
+pub fn via_default_link() -> Version {
+    Version {
+        label: DEFAULT_ENTRY_LABEL.to_owned(),
+    }
+}
+
 /// The stanza paths of a boot entry for `version`, as the menu spells them
 /// (absolute from the top level, which is the root syslinux sees).
 pub fn boot_kernel_path(version: &Version) -> String {
@@ -294,6 +321,16 @@ mod tests {
     }
 
     #[test]
+    fn paths_through_the_link() {
+        let d = via_default_link();
+        assert_eq!(d.dir(), DEFAULT_LINK);
+        assert_eq!(boot_kernel_path(&d), "/systems/default/kernel");
+        assert_eq!(boot_initramfs_path(&d), "/systems/default/initramfs");
+        assert_eq!(rootflags_subvol(&d), "systems/default/run");
+        assert!(validate_label(DEFAULT_ENTRY_LABEL).is_err());
+    }
+
+    #[test]
     fn name_rules() {
         for ok in ["factory", "v2", "2026.11-1_a"] {
             assert!(validate_label(ok).is_ok(), "{ok}");
@@ -306,6 +343,7 @@ mod tests {
             "a b",
             "v1;reboot",
             "default",
+            ".strata-partial-v2",
             &"x".repeat(65),
         ] {
             assert!(validate_label(bad).is_err(), "{bad:?}");

@@ -33,3 +33,5 @@ pub mod rootfs;
 pub mod size;
 pub mod steps;
 pub mod sync;
+pub mod unshared;
+pub mod versions;

@@ -7,3 +7,4 @@ pub mod exit;
 pub mod fixture;
 pub mod inspect;
 pub mod test;
+pub mod versions;

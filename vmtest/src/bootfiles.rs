@@ -263,6 +263,39 @@ mod tests {
         assert_eq!(k, "/vmlinuz");
     }
 
+    /// The menu strata writes: `--boot direct` takes its `default` entry,
+    /// which goes through `systems/default`, and finds the files of the
+    /// version the link names.
+    #[test]
+    fn stratas_menu_boots_the_version_the_link_names() {
+        use strata_builder::extlinux::{render, BootEntry as Entry};
+        use strata_builder::layout::Version;
+        let entry = |label: &str, initramfs: bool| Entry {
+            version: Version::new(label).unwrap(),
+            root_device: "UUID=abc".into(),
+            has_initramfs: initramfs,
+            kernel_args: "quiet".into(),
+        };
+        let (factory, v2) = (entry("factory", true), entry("v2", false));
+        let menu = render(&v2.version, &[factory.clone(), v2.clone()]);
+        let e = default_entry(&menu).unwrap();
+        assert_eq!(e.label, "default");
+        assert_eq!(e.initrd, None, "v2 has no initramfs");
+        assert_eq!(
+            e.append,
+            "root=UUID=abc rootfstype=btrfs rootflags=subvol=systems/default/run \
+             init=/sbin/init rw console=tty0 console=ttyS0,115200 quiet"
+        );
+        let (k, i) = locate(layout::BOOT_MENU, &e, Some("v2")).unwrap();
+        assert_eq!((k.as_str(), i), ("/systems/v2/kernel", None));
+
+        let menu = render(&factory.version, &[factory.clone(), v2]);
+        let e = default_entry(&menu).unwrap();
+        let (k, i) = locate(layout::BOOT_MENU, &e, Some("factory")).unwrap();
+        assert_eq!(k, "/systems/factory/kernel");
+        assert_eq!(i.as_deref(), Some("/systems/factory/initramfs"));
+    }
+
     #[test]
     fn the_menu_and_the_default_link_in_one_restore() {
         let mut wanted: Vec<String> = layout::BOOT_CONFIGS

@@ -22,6 +22,10 @@ mod subvolumes;
 pub use error::ImageError;
 pub use open::{open, read_superblock, Mode, OpenImage};
 pub use read::fstab as read_fstab;
+/// The reader over a plain directory shaped like a top level, for tests of
+/// what is built on it.
+#[cfg(test)]
+pub(crate) use read::layout as read_dir_layout;
 
 use model::{ImageLayout, Lint};
 use std::path::Path;

@@ -411,6 +411,66 @@ mod tests {
         assert!(boot_problems.is_empty(), "{:#?}", l.problems);
     }
 
+    /// The menu strata writes (a `default` entry through the link, one
+    /// entry per version), read back with the reader: no problem before or
+    /// after a flip, and the default entry boots the version the link names.
+    #[test]
+    fn the_menu_strata_writes_reads_clean_before_and_after_a_flip() {
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path();
+        let mut subvols = Vec::new();
+        let mut entries = Vec::new();
+        for (i, (label, initramfs)) in [("factory", true), ("v2", false)].into_iter().enumerate() {
+            let v = Version::new(label).unwrap();
+            for (j, tree) in Tree::BOTH.into_iter().enumerate() {
+                std::fs::create_dir_all(top.join(v.tree(tree))).unwrap();
+                subvols.push(Subvolume {
+                    id: 256 + 2 * i as u64 + j as u64,
+                    generation: 1,
+                    parent_id: 5,
+                    top_level: 5,
+                    path: v.tree(tree),
+                    uuid: format!("{label}-{}", tree.name()),
+                    parent_uuid: (tree == Tree::Run).then(|| format!("{label}-orig")),
+                    readonly: false,
+                });
+            }
+            std::fs::write(top.join(v.kernel()), "k").unwrap();
+            if initramfs {
+                std::fs::write(top.join(v.initramfs()), "i").unwrap();
+            }
+            entries.push(extlinux::BootEntry {
+                version: v,
+                root_device: "UUID=abcd".into(),
+                has_initramfs: initramfs,
+                kernel_args: "quiet".into(),
+            });
+        }
+        for default in [&entries[0].version, &entries[1].version] {
+            crate::boot::write_menu(top, default, &entries).unwrap();
+            crate::boot::set_default(top, default).unwrap();
+            let fs = Filesystem {
+                uuid: "abcd".into(),
+                label: None,
+            };
+            let l = layout(top, "img", fs, subvols.clone());
+            assert_eq!(l.problems, Vec::<String>::new(), "default {default}");
+            assert_eq!(l.default.version.as_deref(), Some(default.label()));
+            let boot = l.boot.as_ref().unwrap();
+            assert_eq!(boot.default.as_deref(), Some("default"));
+            let first = &boot.entries[0];
+            assert_eq!(
+                boot_entry::version_booted(first.append.as_deref(), Some(default.label()))
+                    .as_deref(),
+                Some(default.label())
+            );
+            assert!(first.kernel_present);
+            // v2 has no initramfs: the `default` entry has no initrd line.
+            let has_initrd = default.label() == "factory";
+            assert_eq!(first.initrd_present, has_initrd.then_some(true));
+        }
+    }
+
     #[test]
     fn a_link_naming_no_version_leaves_its_entries_without_a_kernel() {
         let d = image_with_menu("gone", MENU_THROUGH_THE_LINK);

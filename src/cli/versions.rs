@@ -1,0 +1,208 @@
+//! `strata versions IMG [--json]`, `strata set-default IMG LABEL` and
+//! `strata remove IMG LABEL`: the versions of an image (layout.md §6).
+//!
+//! Exit codes: 0 done, 2 refused or bad input (nothing changed: unknown
+//! label, the default version for remove, a partial version for
+//! set-default, not a strata image, a manifest of another image), 3 the
+//! tools failed (losetup, mount, btrfs).
+
+use super::exit;
+use std::fmt::Write;
+use std::path::PathBuf;
+use strata_builder::image::ImageError;
+use strata_builder::size::human;
+use strata_builder::versions::{self, Status, Versions};
+
+#[derive(clap::Args)]
+pub struct VersionsArgs {
+    /// The image (a raw whole-disk Btrfs file, or a block device).
+    image: PathBuf,
+    /// Print JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct SetDefaultArgs {
+    /// The image.
+    image: PathBuf,
+    /// The version to boot from now on (rollback or roll-forward).
+    label: String,
+    /// The manifest to update (default: IMAGE.manifest.json, when it exists).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct RemoveArgs {
+    /// The image.
+    image: PathBuf,
+    /// The version to delete (not the default one).
+    label: String,
+    /// The manifest to update (default: IMAGE.manifest.json, when it exists).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+}
+
+fn finish(r: Result<String, ImageError>) -> u8 {
+    match r {
+        Ok(out) => {
+            print!("{out}");
+            exit::SUCCESS
+        }
+        Err(e) => exit::fail(e),
+    }
+}
+
+pub fn list(args: VersionsArgs) -> u8 {
+    finish(versions::list_all(&args.image).map(|v| {
+        if args.json {
+            serde_json::to_string_pretty(&v).expect("serialisable") + "\n"
+        } else {
+            table(&v)
+        }
+    }))
+}
+
+pub fn set_default(args: SetDefaultArgs) -> u8 {
+    finish(
+        versions::set_default(&args.image, &args.label, args.manifest.as_deref())
+            .map(|()| format!("default version: {}\n", args.label)),
+    )
+}
+
+pub fn remove(args: RemoveArgs) -> u8 {
+    finish(
+        versions::remove(&args.image, &args.label, args.manifest.as_deref())
+            .map(|()| format!("removed version {}\n", args.label)),
+    )
+}
+
+/// The table `strata versions` prints.
+pub fn table(v: &Versions) -> String {
+    let mut rows = vec![[
+        "LABEL".to_owned(),
+        "DEFAULT".to_owned(),
+        "KERNEL".to_owned(),
+        "UNSHARED".to_owned(),
+        "DEPLOYED".to_owned(),
+        "STATUS".to_owned(),
+    ]];
+    for i in &v.versions {
+        let kernel = match (&i.kernel.version, i.kernel.bytes) {
+            (Some(name), Some(b)) => format!("{name} ({})", human(b)),
+            (None, Some(b)) => format!("? ({})", human(b)),
+            (_, None) => "missing".to_owned(),
+        };
+        rows.push([
+            i.label.clone(),
+            if i.default { "*" } else { "" }.to_owned(),
+            kernel,
+            i.unshared_bytes.map(human).unwrap_or_else(|| "-".into()),
+            i.deployed_at.clone().unwrap_or_else(|| "-".into()),
+            match i.status {
+                Status::Whole => "whole",
+                Status::Partial => "PARTIAL",
+            }
+            .to_owned(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut o = String::new();
+    if v.versions.is_empty() {
+        let _ = writeln!(o, "no versions");
+    } else {
+        for r in &rows {
+            let line: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            let _ = writeln!(o, "{}", line.join("  ").trim_end());
+        }
+    }
+    for i in v.versions.iter().filter(|i| !i.problems.is_empty()) {
+        let _ = writeln!(o, "\n{} is partial (strata remove deletes it):", i.label);
+        for p in &i.problems {
+            let _ = writeln!(o, "  - {p}");
+        }
+    }
+    if v.default.is_none() && !v.versions.is_empty() {
+        let _ = writeln!(o, "\nno default version: systems/default names none");
+    }
+    if !v.debris.is_empty() {
+        let _ = writeln!(o, "\nleft by an interrupted strata (not versions):");
+        for d in &v.debris {
+            let _ = writeln!(o, "  {d}");
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_builder::versions::{KernelInfo, VersionInfo};
+
+    fn version(label: &str, default: bool) -> VersionInfo {
+        VersionInfo {
+            label: label.into(),
+            default,
+            kernel: KernelInfo {
+                version: Some("6.1.0-28-amd64".into()),
+                bytes: Some(8_250_000),
+            },
+            unshared_bytes: Some(1_200_000),
+            deployed_at: Some("2026-11-27T01:30:15Z".into()),
+            status: Status::Whole,
+            problems: vec![],
+            initramfs_bytes: Some(30_000_000),
+        }
+    }
+
+    fn two_versions() -> Versions {
+        let mut v2 = version("v2", true);
+        v2.unshared_bytes = Some(3_400_000);
+        v2.deployed_at = Some("2026-11-28T09:02:44Z".into());
+        Versions {
+            default: Some("v2".into()),
+            versions: vec![version("factory", false), v2],
+            debris: vec![],
+        }
+    }
+
+    #[test]
+    fn table_of_two_versions() {
+        insta::assert_snapshot!(table(&two_versions()));
+    }
+
+    #[test]
+    fn table_with_a_partial_version_and_debris() {
+        let mut v = two_versions();
+        v.versions.push(VersionInfo {
+            label: "v3".into(),
+            default: false,
+            kernel: KernelInfo {
+                version: None,
+                bytes: None,
+            },
+            unshared_bytes: Some(0),
+            deployed_at: Some("2026-11-29T10:00:00Z".into()),
+            status: Status::Partial,
+            problems: vec![
+                "systems/v3/run is missing".into(),
+                "systems/v3/kernel is missing".into(),
+            ],
+            initramfs_bytes: None,
+        });
+        v.debris = vec!["systems/.strata-partial-v4".into()];
+        insta::assert_snapshot!(table(&v));
+    }
+
+    #[test]
+    fn json_shape() {
+        insta::assert_json_snapshot!(two_versions());
+    }
+}
