@@ -345,7 +345,9 @@ impl NewImage {
         steps.run(Step::Mount, |_| {
             let loopdev = LoopDevice::attach(file.path(), false)
                 .context(|| format!("attaching {}", file.path().display()))?;
-            let mount = Mount::btrfs(loopdev.path(), "noatime")
+            // nodev/nosuid/noexec: the rootfs's device nodes and setuid
+            // binaries are data here, never usable on the host.
+            let mount = Mount::btrfs_on_own_loop(loopdev.path(), "noatime,nodev,nosuid,noexec")
                 .context(|| format!("mounting {}", loopdev.path().display()))?;
             Ok(NewImage {
                 mount,
@@ -362,10 +364,12 @@ impl NewImage {
 
     /// Syncs, unmounts and detaches; the file is left to be renamed into place.
     fn close(self) -> Result<tempfile::NamedTempFile, StepError> {
+        // Bindings drop in reverse order: on an early return the mount
+        // (bound last) goes first, then the loop device, then the file.
         let NewImage {
-            mount,
-            loopdev,
             file,
+            loopdev,
+            mount,
         } = self;
         btrfs::sync(mount.path()).context(|| "syncing the filesystem".into())?;
         mount.unmount().context(|| "unmounting the image".into())?;

@@ -8,9 +8,11 @@
 //! - partial images `.<name>.strata-partial.<pid>.<random>` next to the
 //!   output (`PARTIAL_MARKER`).
 //!
-//! Only resources whose pid is gone are touched. A loop device that is not
-//! mounted carries no pid: it is reported (with the command to detach it)
-//! when it backs an image strata is about to open, never detached blindly.
+//! Only resources whose pid is gone are touched, and a loop device only when
+//! the dead run attached it itself (its mount dir says so). A loop device
+//! that is not mounted carries no pid: strata never detaches it blindly
+//! (killed between unmount and detach, it is left; `losetup -j IMG` shows
+//! it, `losetup -d` removes it).
 
 use crate::cmd;
 use std::path::{Path, PathBuf};
@@ -23,8 +25,12 @@ pub const PARTIAL_MARKER: &str = ".strata-partial.";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Leftover {
     /// A mount on a strata mount dir of a dead pid; `device` is what is
-    /// mounted (a loop device, usually).
-    Mount { dir: PathBuf, device: String },
+    /// mounted; `own_loop`: a loop device that run attached itself.
+    Mount {
+        dir: PathBuf,
+        device: String,
+        own_loop: bool,
+    },
     /// A partial image of a dead build.
     Partial(PathBuf),
 }
@@ -107,9 +113,14 @@ pub fn dead_mounts(mountinfo: &str, alive: impl Fn(u32) -> bool) -> Vec<Leftover
             .and_then(|i| fields.get(i + 2))
             .map(|s| crate::fstab::unescape(s))
             .unwrap_or_default();
+        let own_loop = name
+            .strip_prefix(crate::mount::MOUNT_DIR_PREFIX)
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(_, after_pid)| after_pid.starts_with(crate::mount::OWN_LOOP_MARK));
         out.push(Leftover::Mount {
             dir: PathBuf::from(dir),
             device,
+            own_loop,
         });
     }
     out
@@ -153,7 +164,11 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
     let mut done = Vec::new();
     for l in leftovers {
         match l {
-            Leftover::Mount { dir, device } => {
+            Leftover::Mount {
+                dir,
+                device,
+                own_loop,
+            } => {
                 let unmounted = cmd::run(Command::new("umount").arg(dir))
                     .or_else(|_| cmd::run(Command::new("umount").arg("--lazy").arg(dir)));
                 if unmounted.is_err() {
@@ -168,7 +183,9 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
                     dir: dir.clone(),
                     device: device.clone(),
                 });
-                if device.starts_with("/dev/loop") {
+                // Only a loop device that run attached: a device the user
+                // gave (`strata inspect /dev/loop5`) stays theirs.
+                if *own_loop {
                     match cmd::run(Command::new("losetup").arg("-d").arg(device)) {
                         Ok(_) => done.push(Cleaned::Detached(device.clone())),
                         Err(_) => done.push(Cleaned::Failed {
@@ -217,7 +234,7 @@ mod tests {
     use super::*;
 
     const INFO: &str = "\
-36 25 0:32 / /tmp/strata-mnt.999999.AbC rw,relatime shared:1 - btrfs /dev/loop7 rw,space_cache=v2,subvolid=5,subvol=/
+36 25 0:32 / /tmp/strata-mnt.999999.loop.AbC rw,relatime shared:1 - btrfs /dev/loop7 rw,space_cache=v2,subvolid=5,subvol=/
 37 25 0:33 / /tmp/strata-mnt.1.XyZ rw,relatime shared:2 - btrfs /dev/loop8 rw
 38 25 0:34 / /tmp/my\\040dir/strata-mnt.424242.q rw - btrfs /dev/loop9 rw
 39 25 0:35 / /mnt/strata-mnt.x rw - ext4 /dev/vdb rw
@@ -231,12 +248,14 @@ mod tests {
             found,
             [
                 Leftover::Mount {
-                    dir: "/tmp/strata-mnt.999999.AbC".into(),
-                    device: "/dev/loop7".into()
+                    dir: "/tmp/strata-mnt.999999.loop.AbC".into(),
+                    device: "/dev/loop7".into(),
+                    own_loop: true,
                 },
                 Leftover::Mount {
                     dir: "/tmp/my dir/strata-mnt.424242.q".into(),
-                    device: "/dev/loop9".into()
+                    device: "/dev/loop9".into(),
+                    own_loop: false,
                 },
             ]
         );

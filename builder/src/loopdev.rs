@@ -42,7 +42,7 @@ impl LoopDevice {
 /// last user (a filesystem just unmounted) has not closed the device yet,
 /// the kernel only marks it autoclear and `losetup -d` returns at once; the
 /// device goes a moment later. Callers (and the next run's checks) expect
-/// it gone, so wait a little, and ask again once.
+/// it gone, so wait a little.
 fn detach(path: &Path) -> Result<(), CmdError> {
     cmd::run(std::process::Command::new("losetup").arg("-d").arg(path))?;
     let backing = path
@@ -51,12 +51,11 @@ fn detach(path: &Path) -> Result<(), CmdError> {
     let Some(backing) = backing else {
         return Ok(());
     };
-    for attempt in 0..40 {
+    // No second `losetup -d`: the device is already marked, and once freed
+    // it may belong to another process's `losetup --find`.
+    for _ in 0..40 {
         if !backing.exists() {
             return Ok(());
-        }
-        if attempt == 20 {
-            let _ = cmd::run(std::process::Command::new("losetup").arg("-d").arg(path));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

@@ -16,6 +16,10 @@ use std::time::Duration;
 /// next run tell a dead run's debris from a live run's mount (`debris`).
 pub const MOUNT_DIR_PREFIX: &str = "strata-mnt.";
 
+/// After the pid in a mount dir's name: the mounted device is a loop device
+/// strata attached (and may detach when cleaning a dead run's debris).
+pub const OWN_LOOP_MARK: &str = "loop.";
+
 /// How often a busy unmount is retried, and how long apart.
 const BUSY_RETRIES: u32 = 10;
 const BUSY_PAUSE: Duration = Duration::from_millis(100);
@@ -46,8 +50,19 @@ impl Mount {
     /// Mounts `device` (a block device or image file) as btrfs with `options`
     /// on a new directory under the system temp dir.
     pub fn btrfs(device: &Path, options: &str) -> Result<Mount, MountError> {
+        Mount::btrfs_named(device, options, "")
+    }
+
+    /// Mounts a loop device strata attached itself. The directory says so
+    /// (`strata-mnt.<pid>.loop.*`): the next run may detach the device if
+    /// this run dies, which it must never do to a device a user gave.
+    pub fn btrfs_on_own_loop(device: &Path, options: &str) -> Result<Mount, MountError> {
+        Mount::btrfs_named(device, options, OWN_LOOP_MARK)
+    }
+
+    fn btrfs_named(device: &Path, options: &str, mark: &str) -> Result<Mount, MountError> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{MOUNT_DIR_PREFIX}{}.", std::process::id()))
+            .prefix(&format!("{MOUNT_DIR_PREFIX}{}.{mark}", std::process::id()))
             .tempdir()
             .map_err(MountError::TempDir)?
             .keep();
@@ -55,6 +70,7 @@ impl Mount {
             mounted: false,
             dir,
         };
+        // On failure the guard drops unmounted and removes its directory.
         cmd::run(
             Command::new("mount")
                 .args(["-t", "btrfs", "-o", options])
@@ -77,6 +93,10 @@ impl Mount {
 
     fn release(&mut self) -> Result<(), MountError> {
         if !self.mounted {
+            // Never mounted (the mount failed), or already released.
+            if self.dir.exists() {
+                self.remove_dir();
+            }
             return Ok(());
         }
         let mut last = None;

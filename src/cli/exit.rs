@@ -39,8 +39,26 @@ pub fn fail_with(kind: FailureKind, err: &anyhow::Error) -> u8 {
 }
 
 fn report(kind: FailureKind, err: &anyhow::Error) -> u8 {
-    eprintln!("strata: error: {err:#}");
+    eprintln!("strata: error: {}", chain(err));
     code(kind)
+}
+
+/// The error and its causes on one line, each said once. Many error types
+/// put their cause into their own message (`reading X: <cause>`) and also
+/// expose it as `source()`; printing both would repeat it ("X: Y: Y").
+pub fn chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Shorthand for bad input found by the CLI.
@@ -51,6 +69,30 @@ pub fn input(msg: impl std::fmt::Display) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading manifest m.json: {source}")]
+    struct SaysItsCause {
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading expectations")]
+    struct Wraps(#[source] SaysItsCause);
+
+    #[test]
+    fn causes_are_said_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(SaysItsCause { source: io() });
+        assert_eq!(chain(&e), format!("reading manifest m.json: {}", io()));
+        let e = anyhow::Error::new(Wraps(SaysItsCause { source: io() }));
+        assert_eq!(
+            chain(&e),
+            format!("loading expectations: reading manifest m.json: {}", io())
+        );
+        let e = anyhow::anyhow!("plain").context("doing it");
+        assert_eq!(chain(&e), "doing it: plain");
+    }
 
     #[test]
     fn one_code_per_kind() {

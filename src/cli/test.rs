@@ -160,12 +160,24 @@ pub fn run(args: TestArgs) -> u8 {
 /// IMG.manifest.json), or — for an image built by someone else, with no
 /// manifest — read off the image through a read-only mount.
 fn expectations(args: &TestArgs, image: &Path) -> Result<Expectations, u8> {
+    // The image first: a missing image is the user's problem to hear about,
+    // not the manifest that would sit next to it.
+    match std::fs::metadata(image) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => {
+            return Err(exit::input(format!(
+                "image {} is not a regular file",
+                image.display()
+            )))
+        }
+        Err(e) => return Err(exit::input(format!("image {}: {e}", image.display()))),
+    }
     let bad = exit::input;
     let path = args
         .manifest
         .clone()
         .unwrap_or_else(|| Manifest::default_path(image));
-    if args.manifest.is_some() || path.exists() || !image.is_file() {
+    if args.manifest.is_some() || path.exists() {
         let m = Manifest::load(&path).map_err(exit::fail)?;
         return Expectations::from_manifest(&m, path.clone(), args.label.as_deref()).map_err(bad);
     }

@@ -185,17 +185,28 @@ pub fn open(image: &Path, mode: Mode) -> Result<OpenImage, ImageError> {
             e,
         )
     };
+    // nodev/nosuid/noexec: the image's device nodes and binaries are data,
+    // never usable on the host through this mount.
+    let mount_with = |opts: &str| {
+        let opts = format!("{opts},nodev,nosuid,noexec");
+        if device.is_some() {
+            Mount::btrfs_on_own_loop(&dev_path, &opts)
+        } else {
+            Mount::btrfs(&dev_path, &opts)
+        }
+    };
     let mount = match mode {
         // A filesystem with a dirty log tree cannot be mounted from a
         // read-only device without skipping log replay.
-        Mode::ReadOnly => match Mount::btrfs(&dev_path, "ro,subvolid=5") {
+        Mode::ReadOnly => match mount_with("ro,subvolid=5") {
             Ok(m) => m,
-            Err(first) => Mount::btrfs(&dev_path, "ro,subvolid=5,rescue=nologreplay")
-                .map_err(|_| mounting(first))?,
+            Err(first) => {
+                mount_with("ro,subvolid=5,rescue=nologreplay").map_err(|_| mounting(first))?
+            }
         },
         // Writing: the log is replayed as the kernel always does; skipping
         // it would lose the last fsynced writes.
-        Mode::ReadWrite => Mount::btrfs(&dev_path, "subvolid=5").map_err(mounting)?,
+        Mode::ReadWrite => mount_with("subvolid=5").map_err(mounting)?,
     };
     let mut opened = OpenImage {
         filesystem,
