@@ -293,6 +293,9 @@ impl<'a> Builder<'a> {
         for c in debris::clean(&debris::find(Some(parent_dir(&opts.output)))) {
             steps.emit(Event::Note(c.to_string()));
         }
+        for r in &prep.plan.fstab_rejected {
+            steps.emit(Event::Note(r.to_string()));
+        }
         let image = NewImage::create(opts, &prep.fs_uuid, steps)?;
         let top = image.top();
 

@@ -2,7 +2,7 @@
 //! the root device, which state directories get subvolumes, and the exact
 //! bytes of the completed fstab. Nothing here touches the disk.
 
-use crate::fstab::{self, Entry};
+use crate::fstab::{self, Entry, Format, Rejected};
 use crate::layout::{self, validate_label, validate_state_dir, NameError, FSTAB_MARKER};
 use serde::Serialize;
 
@@ -64,6 +64,10 @@ pub struct Plan {
     pub state_dirs: Vec<StateDirPlan>,
     /// Lines appended to fstab, without the marker comment.
     pub fstab_lines_added: Vec<String>,
+    /// Lines of the rootfs's fstab that libmount rejects: kept byte for
+    /// byte, never mounted; the build warns about each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fstab_rejected: Vec<Rejected>,
     pub fstab: FstabChange,
 }
 
@@ -86,6 +90,12 @@ pub enum PlanError {
     RootDevice(String),
     #[error("etc/fstab mounts / from {fstab} but the root device was given as {explicit}: remove one of them")]
     RootConflict { fstab: String, explicit: String },
+    #[error("etc/fstab line {line}: {what}, so libmount (which systemd mounts with) reads the whole file as a {table} table: none of its lines would be mounted, not even the ones strata adds; fix or comment out that line")]
+    NotAnFstab {
+        line: usize,
+        what: &'static str,
+        table: &'static str,
+    },
     #[error("root device {0} needs an initramfs to be found at boot, and the rootfs has none: give an explicit device with --root-device (e.g. /dev/vda)")]
     NeedsInitramfs(String),
 }
@@ -112,7 +122,18 @@ pub fn plan(fstab: Option<&[u8]>, opts: &PlanOptions) -> Result<Plan, PlanError>
         }
     }
 
-    let entries = fstab.map(fstab::parse).unwrap_or_default();
+    let parsed = fstab.map(fstab::parse_full);
+    if let Some(p) = &parsed {
+        let not_fstab = match p.format {
+            Format::Fstab => None,
+            Format::Mountinfo => Some(("it starts with two numbers", "mountinfo")),
+            Format::Swaps => Some(("it starts with \"Filename<TAB>\"", "swaps")),
+        };
+        if let (Some((what, table)), Some(line)) = (not_fstab, p.format_line) {
+            return Err(PlanError::NotAnFstab { line, what, table });
+        }
+    }
+    let (entries, rejected) = parsed.map(|p| (p.entries, p.rejected)).unwrap_or_default();
     let root_entry = fstab::find_target(&entries, "/");
     let (root_device, root_origin) = match (root_entry, &opts.root_device) {
         (Some(e), Some(explicit)) if &e.source != explicit => {
@@ -172,6 +193,7 @@ pub fn plan(fstab: Option<&[u8]>, opts: &PlanOptions) -> Result<Plan, PlanError>
         root_origin,
         state_dirs,
         fstab_lines_added: added,
+        fstab_rejected: rejected,
         fstab: change,
     })
 }

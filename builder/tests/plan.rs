@@ -43,7 +43,8 @@ fn render(input: Option<&[u8]>) -> String {
         FstabChange::Write { contents, .. } => {
             // Every input byte must survive, in order, at the start.
             assert!(contents.starts_with(input.unwrap_or_default()));
-            s.push_str(&String::from_utf8_lossy(contents));
+            // CR shown as `\r`: snapshot files normalise line ends.
+            s.push_str(&String::from_utf8_lossy(contents).replace('\r', "\\r"));
         }
     }
     s
@@ -147,4 +148,42 @@ fn bad_labels_and_state_dirs_are_named() {
     let mut o = options();
     o.state_dirs = vec!["var".into(), "var".into()];
     assert!(plan(None, &o).unwrap_err().to_string().contains("twice"));
+}
+
+#[test]
+fn rejected_lines_are_kept_listed_and_not_entries() {
+    let text = b"/dev/vda / btrfs defaults 0 1\n/dev/vdb /var ext4 defaults 0 x\n";
+    let p = plan(Some(text), &options()).unwrap();
+    let rejected: Vec<(usize, &str)> = p
+        .fstab_rejected
+        .iter()
+        .map(|r| (r.line, r.raw.as_str()))
+        .collect();
+    assert_eq!(rejected, [(2, "/dev/vdb /var ext4 defaults 0 x")]);
+    assert!(p.created_state_dirs().any(|d| d == "var"));
+    let FstabChange::Write { contents, .. } = &p.fstab else {
+        panic!("var must be added");
+    };
+    assert!(contents.starts_with(text));
+    assert!(p.fstab_rejected[0].to_string().contains("line 2"));
+}
+
+/// libmount guesses the table format from the first entry line; read as
+/// mountinfo or swaps, no line of the file would be mounted at boot, not
+/// even strata's own.
+#[test]
+fn fstab_libmount_reads_as_another_table_is_refused() {
+    for (text, want) in [
+        (
+            &b"# c\n1 2 ext4 defaults\n/dev/vda / btrfs defaults 0 1\n"[..],
+            "mountinfo",
+        ),
+        (
+            b"\nFilename\tType\n/dev/vda / btrfs defaults 0 1\n",
+            "swaps",
+        ),
+    ] {
+        let e = plan(Some(text), &options()).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains(want), "{e}");
+    }
 }
