@@ -454,10 +454,10 @@ mod tests {
         let (path, seen) = fake_agent(dir.path(), |_, _| Behaviour::Swallow);
         let mut agent = Agent::new(&path);
         quick(&mut agent);
-        let started = std::time::Instant::now();
-        let err = agent.sync(Duration::from_secs(1)).await.unwrap_err();
+        // The budget ends the wait (a hang would never return); a loaded
+        // machine may fit few retries into it, so count, don't time.
+        let err = agent.sync(Duration::from_secs(3)).await.unwrap_err();
         assert!(matches!(err, AgentError::NoAgent { .. }), "{err}");
-        assert!(started.elapsed() < Duration::from_millis(1800));
         assert!(seen.lock().unwrap().connections >= 2, "it kept retrying");
     }
 
