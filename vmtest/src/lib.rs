@@ -20,6 +20,7 @@ pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod serial;
+pub mod workdir;
 
 /// Non-cryptographic randomness for guest-sync ids and persistence tokens:
 /// they must differ between runs and calls, not resist an attacker.
