@@ -201,7 +201,8 @@ fn probe_log(template: &QemuCommand) -> PathBuf {
 }
 
 /// Starts the first machine on the accelerator that works. `fresh_disk` is
-/// called before a fallback start so the TCG boot sees an untouched overlay.
+/// called before a fallback start when a KVM QEMU ran on the overlay, so
+/// the TCG boot sees an untouched one.
 pub async fn start(
     choice: AccelChoice,
     template: &QemuCommand,
@@ -225,33 +226,44 @@ pub async fn start(
             },
         ));
     }
+    // Only a KVM QEMU started on the overlay (the probe passed, the real
+    // start did not) leaves something to undo before the TCG boot.
+    let mut started_on_disk = false;
     let why_not = match kvm_device() {
         Err(e) => e,
         Ok(()) => match probe_kvm(&template.binary, &probe_log(template)).await {
             Err(why) => why,
-            Ok(how) => match Machine::start(with(Accel::Kvm), events.clone()).await {
-                Ok(m) => {
-                    return Ok((
-                        m,
-                        AccelDecision {
-                            requested: choice,
-                            used: Accel::Kvm,
-                            reason: format!("KVM probe: {how}"),
-                            probe_seconds: t0.elapsed().as_secs_f64(),
-                        },
-                    ))
+            Ok(how) => {
+                let probe_seconds = t0.elapsed().as_secs_f64();
+                match Machine::start(with(Accel::Kvm), events.clone()).await {
+                    Ok(m) => {
+                        return Ok((
+                            m,
+                            AccelDecision {
+                                requested: choice,
+                                used: Accel::Kvm,
+                                reason: format!("KVM probe: {how}"),
+                                probe_seconds,
+                            },
+                        ))
+                    }
+                    Err(e) => {
+                        started_on_disk = true;
+                        format!(
+                            "the KVM probe passed ({how}), but QEMU with KVM did not start: {e}"
+                        )
+                    }
                 }
-                Err(e) => {
-                    format!("the KVM probe passed ({how}), but QEMU with KVM did not start: {e}")
-                }
-            },
+            }
         },
     };
     if choice == AccelChoice::Kvm {
         return Err(MachineError::NoKvm(why_not));
     }
-    fresh_disk().map_err(MachineError::Setup)?;
-    note_in_serial_log(&template.serial_log, &why_not);
+    if started_on_disk {
+        fresh_disk().map_err(MachineError::Setup)?;
+        note_in_serial_log(&template.serial_log, &why_not);
+    }
     let probe_seconds = t0.elapsed().as_secs_f64();
     let m = Machine::start(with(Accel::Tcg), events).await?;
     Ok((
