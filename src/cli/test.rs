@@ -135,9 +135,15 @@ pub fn run(args: TestArgs) -> u8 {
             }
             exit::of(run::failure(&report))
         }
-        Err(e @ (RunError::Input(_) | RunError::Interrupted(_))) => exit::fail(e),
-        Err(e @ RunError::Infra { .. }) => {
+        Err(e @ RunError::Input(_)) => exit::fail(e),
+        Err(e @ (RunError::Infra { .. } | RunError::Interrupted { .. })) => {
+            // Stopped by a failure or a signal: the report so far is still
+            // shown and written where it was asked for.
             if let RunError::Infra {
+                report: Some(report),
+                ..
+            }
+            | RunError::Interrupted {
                 report: Some(report),
                 ..
             } = &e
@@ -148,10 +154,13 @@ pub fn run(args: TestArgs) -> u8 {
                 }
             }
             let msg = match &e {
-                RunError::Infra { message, .. } => message.lines().next().unwrap_or("").to_owned(),
+                RunError::Infra { message, .. } => format!(
+                    "infrastructure failure: {}",
+                    message.lines().next().unwrap_or("")
+                ),
                 other => other.to_string(),
             };
-            exit::fail_with(e.kind(), &anyhow::anyhow!("infrastructure failure: {msg}"))
+            exit::fail_with(e.kind(), &anyhow::anyhow!("{msg}"))
         }
     }
 }

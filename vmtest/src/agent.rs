@@ -22,6 +22,18 @@ pub enum AgentError {
     NoAgent { seconds: f64, last: String },
     #[error("guest agent {command} failed: {message}")]
     Command { command: String, message: String },
+    /// The agent passes back at most 16 MiB of a command's output and says
+    /// when it cut some off: what came back cannot be trusted (a listing
+    /// cut short would read as missing files).
+    #[error(
+        "guest command `{command}` printed more than the guest agent passes back \
+         ({stream} cut off after {bytes} bytes): its output cannot be trusted"
+    )]
+    OutputTruncated {
+        command: String,
+        stream: &'static str,
+        bytes: usize,
+    },
 }
 
 /// What a guest command did.
@@ -32,7 +44,6 @@ pub struct ExecOutput {
     pub signal: Option<i64>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
-    pub truncated: bool,
 }
 
 impl ExecOutput {
@@ -257,12 +268,25 @@ impl Agent {
                     seconds = running.started.elapsed().as_secs_f64(),
                     "guest command"
                 );
+                let stdout = st.out_data.unwrap_or_default();
+                let stderr = st.err_data.unwrap_or_default();
+                let cut = match (st.out_truncated, st.err_truncated) {
+                    (Some(true), _) => Some(("stdout", stdout.len())),
+                    (_, Some(true)) => Some(("stderr", stderr.len())),
+                    _ => None,
+                };
+                if let Some((stream, bytes)) = cut {
+                    return Err(AgentError::OutputTruncated {
+                        command: running.label.clone(),
+                        stream,
+                        bytes,
+                    });
+                }
                 return Ok(ExecOutput {
                     exit_code: st.exitcode,
                     signal: st.signal,
-                    stdout: st.out_data.unwrap_or_default(),
-                    stderr: st.err_data.unwrap_or_default(),
-                    truncated: st.out_truncated == Some(true) || st.err_truncated == Some(true),
+                    stdout,
+                    stderr,
                 });
             }
             if Instant::now() >= deadline {
@@ -316,6 +340,8 @@ mod tests {
         Swallow,
         /// Answer with a stale guest-sync reply first, as a late reply would.
         StaleFirst,
+        /// Answer guest-exec-status as for output over the agent's cap.
+        Truncated,
     }
 
     #[derive(Default)]
@@ -360,13 +386,20 @@ mod tests {
                             "guest-ping" => json!({"return": {}}),
                             other => panic!("unexpected {other}"),
                         };
-                        match plan(n, &cmd) {
+                        let behaviour = plan(n, &cmd);
+                        let reply = if behaviour == Behaviour::Truncated {
+                            json!({"return": {"exited": true, "exitcode": 0,
+                                "out-data": "L3Jvb3QvYQAv", "out-truncated": true}})
+                        } else {
+                            reply
+                        };
+                        match behaviour {
                             Behaviour::Swallow => continue,
                             Behaviour::StaleFirst => {
                                 let stale = json!({"return": 7});
                                 w.write_all(format!("{stale}\n").as_bytes()).await.unwrap();
                             }
-                            Behaviour::Answer => {}
+                            Behaviour::Answer | Behaviour::Truncated => {}
                         }
                         if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
                             break;
@@ -401,6 +434,42 @@ mod tests {
             seen.commands,
             ["guest-sync", "guest-exec", "guest-exec-status"]
         );
+    }
+
+    #[tokio::test]
+    async fn output_over_the_agents_cap_is_an_error_not_short_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = fake_agent(dir.path(), |_, cmd| {
+            if cmd == "guest-exec-status" {
+                Behaviour::Truncated
+            } else {
+                Behaviour::Answer
+            }
+        });
+        let mut agent = Agent::new(&path);
+        quick(&mut agent);
+        let err = agent
+            .exec(
+                &["/bin/sh", "-c", "find / -print0"],
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                AgentError::OutputTruncated {
+                    stream: "stdout",
+                    bytes: 9,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("`/bin/sh -c find / -print0`"), "{msg}");
+        assert!(msg.contains("cannot be trusted"), "{msg}");
     }
 
     #[tokio::test]

@@ -1,12 +1,16 @@
 //! The artifacts directory: what a person opens when a run fails.
 
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const SERIAL_LOG: &str = "serial.log";
 pub const QMP_EVENTS: &str = "qmp-events.json";
 pub const SCREENDUMP: &str = "screen.png";
 pub const QEMU_COMMAND: &str = "qemu-command.txt";
 pub const REPORT_JSON: &str = "report.json";
+/// Held (flock) by the run using the directory; says which run that is.
+pub const LOCK: &str = ".strata-test.lock";
 
 pub fn journal(boot: u32) -> String {
     format!("journal-boot{boot}.json")
@@ -15,11 +19,15 @@ pub fn journal(boot: u32) -> String {
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     dir: PathBuf,
+    /// The lock on the directory, held while any clone lives.
+    _lock: Arc<std::fs::File>,
 }
 
 impl Artifacts {
     /// Uses `dir` (created if needed), or a fresh directory under the system
-    /// temp dir that is kept after the run.
+    /// temp dir that is kept after the run. Two runs never share one
+    /// directory: the second is refused (`ErrorKind::WouldBlock`, naming
+    /// the first) instead of interleaving its files with the first's.
     pub fn open(dir: Option<&Path>) -> std::io::Result<Artifacts> {
         let dir = match dir {
             Some(d) => {
@@ -31,7 +39,11 @@ impl Artifacts {
                 .tempdir()?
                 .keep(),
         };
-        Ok(Artifacts { dir })
+        let lock = lock(&dir)?;
+        Ok(Artifacts {
+            dir,
+            _lock: Arc::new(lock),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -73,6 +85,46 @@ impl Artifacts {
     }
 }
 
+/// Takes the directory's lock or says who holds it. The lock file keeps
+/// the holder's pid and start time; flock, not the file, is the lock, so a
+/// run that was killed never blocks the next one.
+fn lock(dir: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{flock, FlockOperation};
+    let path = dir.join(LOCK);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    if flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        let holder = holder.trim();
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "{} is in use by another `strata test` run ({}); give each run its own --artifacts",
+                dir.display(),
+                if holder.is_empty() {
+                    "pid unknown"
+                } else {
+                    holder
+                }
+            ),
+        ));
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    writeln!(
+        f,
+        "pid {}, started {}",
+        std::process::id(),
+        crate::qmp::now_epoch() as u64
+    )?;
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +141,25 @@ mod tests {
         assert!(!a.path(SCREENDUMP).exists());
         assert!(!a.path(&journal(3)).exists());
         assert!(a.path("notes.txt").exists(), "files that are not ours stay");
+    }
+
+    #[test]
+    fn a_second_run_on_the_same_artifacts_dir_is_refused_naming_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Artifacts::open(Some(dir.path())).unwrap();
+        let err = Artifacts::open(Some(dir.path())).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("in use by another `strata test` run"), "{msg}");
+        // A clone is the same run: the lock lasts until the last one goes.
+        let clone = first.clone();
+        drop(first);
+        assert!(Artifacts::open(Some(dir.path())).is_err());
+        drop(clone);
+        Artifacts::open(Some(dir.path())).expect("free again once the run is gone");
     }
 }

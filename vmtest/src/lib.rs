@@ -6,13 +6,16 @@
 //! `bootfiles` extracts what `--boot direct` needs, `checks` holds the
 //! layout.md §5 checks (one module each, `CheckId` the registry), `journal`
 //! reads mount warnings out of the guest journal, `report` renders the
-//! verdict and `artifacts` keeps the evidence.
+//! verdict and `artifacts` keeps the evidence. `workdir` is a run's private
+//! scratch dir (and sweeps up after runs that were killed), `interrupt`
+//! turns SIGINT/SIGTERM into an orderly stop.
 
 pub mod accel;
 pub mod agent;
 pub mod artifacts;
 pub mod bootfiles;
 pub mod checks;
+pub mod interrupt;
 pub mod journal;
 pub mod machine;
 pub mod qemu;
@@ -20,6 +23,7 @@ pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod serial;
+pub mod workdir;
 
 /// Non-cryptographic randomness for guest-sync ids and persistence tokens:
 /// they must differ between runs and calls, not resist an attacker.

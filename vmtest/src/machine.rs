@@ -39,6 +39,12 @@ pub enum MachineError {
     BootLoop { resets: u32 },
     #[error("{what} did not happen within {seconds:.0} s")]
     Timeout { what: String, seconds: f64 },
+    #[error(
+        "the guest came up without a guest agent: the console showed {line:?} {seconds:.0} s ago, \
+         but nothing opened the org.qemu.guest_agent.0 port (QMP VSERPORT_CHANGE); \
+         install and enable qemu-guest-agent in the image"
+    )]
+    NoAgent { line: String, seconds: f64 },
     #[error("guest command `{command}` failed (exit {code}): {stderr}")]
     CommandFailed {
         command: String,
@@ -49,6 +55,29 @@ pub enum MachineError {
 
 /// Guest-initiated resets while waiting for one boot that count as a loop.
 const BOOT_LOOP_RESETS: u32 = 3;
+
+/// How long the agent's port may stay closed after the console showed the
+/// guest up (multi-user reached, or a login prompt) before the guest is
+/// declared to have no agent. qemu-guest-agent starts from udev alongside
+/// the other services, within a few seconds of multi-user even under TCG.
+pub const AGENT_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether a guest that came up has no guest agent: `up` is when (and by
+/// which console line) the guest showed it reached multi-user, `port_open`
+/// whether its agent holds the agent port open now. None: keep waiting.
+pub fn agent_missing(
+    up: Option<&(Instant, String)>,
+    port_open: bool,
+    now: Instant,
+    grace: Duration,
+) -> Option<MachineError> {
+    let (at, line) = up?;
+    let waited = now.saturating_duration_since(*at);
+    (!port_open && waited >= grace).then(|| MachineError::NoAgent {
+        line: line.clone(),
+        seconds: waited.as_secs_f64(),
+    })
+}
 
 pub struct Machine {
     cmd: QemuCommand,
@@ -203,7 +232,10 @@ impl Machine {
     }
 
     /// Waits for the agent, then for systemd to finish starting up
-    /// (`running` or `degraded`: failed units are a check's business).
+    /// (`running` or `degraded`: failed units are a check's business). The
+    /// agent is talked to once its port opens (QMP `VSERPORT_CHANGE`), not
+    /// polled for; a guest that reaches multi-user without ever opening it
+    /// has no agent, said within [`AGENT_GRACE`] rather than at the timeout.
     pub async fn wait_booted(&mut self, within: Duration) -> Result<String, MachineError> {
         let deadline = Instant::now() + within;
         {
@@ -215,7 +247,12 @@ impl Machine {
                 stderr,
                 ..
             } = self;
-            let sync = agent.sync(within);
+            let port_opened = qmp.agent_port_opened();
+            let sync = async {
+                port_opened.await;
+                let left = deadline.saturating_duration_since(Instant::now());
+                agent.sync(left.max(Duration::from_secs(1))).await
+            };
             tokio::pin!(sync);
             let mut watch = BootWatch::default();
             loop {
@@ -232,6 +269,17 @@ impl Machine {
                     },
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
                         health(child, stderr, qmp, serial, &mut watch)?;
+                        let now = Instant::now();
+                        let up = serial.snapshot().up;
+                        if let Some(e) = agent_missing(up.as_ref(), qmp.state().agent_port_open, now, AGENT_GRACE) {
+                            return Err(e);
+                        }
+                        if now >= deadline {
+                            return Err(MachineError::Timeout {
+                                what: "the guest coming up (the guest agent's port never opened)".into(),
+                                seconds: within.as_secs_f64(),
+                            });
+                        }
                     }
                 }
             }
@@ -264,10 +312,11 @@ impl Machine {
         let Machine {
             agent,
             child,
+            qmp,
             stderr,
             ..
         } = self;
-        unless_exited(child, stderr, agent.exec(argv, stdin, within)).await
+        unless_exited(child, stderr, qmp, agent.exec(argv, stdin, within)).await
     }
 
     /// Starts a shell script in the guest and returns at once; `finish`
@@ -280,12 +329,14 @@ impl Machine {
         let Machine {
             agent,
             child,
+            qmp,
             stderr,
             ..
         } = self;
         unless_exited(
             child,
             stderr,
+            qmp,
             agent.start(&["/bin/sh", "-c", script], stdin),
         )
         .await
@@ -296,10 +347,11 @@ impl Machine {
         let Machine {
             agent,
             child,
+            qmp,
             stderr,
             ..
         } = self;
-        unless_exited(child, stderr, agent.wait(running, t)).await
+        unless_exited(child, stderr, qmp, agent.wait(running, t)).await
     }
 
     /// Runs a shell script in the guest; returns its output whatever the exit code.
@@ -373,7 +425,7 @@ impl Machine {
         let reset = self
             .qmp
             .wait_event(within, |e| e.event == "RESET" || e.event == "SHUTDOWN")
-            .await;
+            .await?;
         match reset {
             Some(ev) if ev.event == "RESET" => {}
             Some(ev) => {
@@ -407,7 +459,7 @@ impl Machine {
         let ev = self
             .qmp
             .wait_event(within, QmpEvent::is_guest_shutdown)
-            .await;
+            .await?;
         if ev.is_none() {
             return Err(MachineError::Timeout {
                 what: "guest poweroff".into(),
@@ -449,16 +501,19 @@ impl Machine {
     }
 }
 
-/// Runs an agent request, giving up early if QEMU dies under it.
+/// Runs an agent request, giving up at once if QEMU reports that the VM
+/// cannot go on, and within half a second if QEMU dies under it.
 async fn unless_exited<T>(
     child: &mut Child,
     stderr: &Mutex<String>,
+    qmp: &Qmp,
     fut: impl std::future::Future<Output = Result<T, AgentError>>,
 ) -> Result<T, MachineError> {
-    tokio::pin!(fut);
+    let stopped = unless_stopped(qmp, fut);
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
-            r = &mut fut => return r.map_err(Into::into),
+            r = &mut stopped => return r,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Ok(Some(status)) = child.try_wait() {
                     return Err(MachineError::Exited {
@@ -468,6 +523,19 @@ async fn unless_exited<T>(
                 }
             }
         }
+    }
+}
+
+/// Runs `fut` unless QEMU reports first that the VM cannot go on (`STOP`,
+/// `BLOCK_IO_ERROR`, `GUEST_PANICKED`): a paused guest never answers.
+pub async fn unless_stopped<T, E: Into<MachineError>>(
+    qmp: &Qmp,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, MachineError> {
+    tokio::select! {
+        biased;
+        e = qmp.fatal() => Err(e.into()),
+        r = fut => r.map_err(Into::into),
     }
 }
 
@@ -505,6 +573,9 @@ fn health(
             stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
         });
     }
+    if let Some(e) = qmp.fatal_now() {
+        return Err(e.into());
+    }
     for ev in qmp.drain_events() {
         match ev.event.as_str() {
             "GUEST_PANICKED" => return Err(MachineError::Panicked),
@@ -529,7 +600,28 @@ fn health(
 
 #[cfg(test)]
 mod tests {
-    use super::BootWatch;
+    use super::*;
+
+    #[test]
+    fn a_guest_without_an_agent_is_diagnosed_soon_after_multi_user() {
+        let t0 = Instant::now();
+        let up = (t0, "debian login:".to_owned());
+        let grace = Duration::from_secs(10);
+        // Still booting: nothing to say, however long it takes.
+        assert!(agent_missing(None, false, t0 + Duration::from_secs(200), grace).is_none());
+        // Up, the agent may still be starting.
+        assert!(agent_missing(Some(&up), false, t0 + Duration::from_secs(3), grace).is_none());
+        // Up for the grace period and the port never opened: no agent,
+        // seconds after multi-user instead of at the 240 s boot timeout.
+        let err = agent_missing(Some(&up), false, t0 + Duration::from_secs(10), grace)
+            .expect("diagnosed");
+        let msg = err.to_string();
+        assert!(msg.contains("without a guest agent"), "{msg}");
+        assert!(msg.contains("\"debian login:\""), "{msg}");
+        assert!(msg.contains("org.qemu.guest_agent.0"), "{msg}");
+        // The port is open: the agent is there, however slow its answer.
+        assert!(agent_missing(Some(&up), true, t0 + Duration::from_secs(60), grace).is_none());
+    }
 
     #[test]
     fn a_burst_of_reset_events_is_one_reset() {

@@ -13,6 +13,19 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    /// The CPU model, picked deliberately: under TCG `max` (every feature
+    /// TCG emulates, rather than the 2004-era `qemu64` default); under KVM
+    /// `host` (the real CPU: what the image will meet on hardware, and no
+    /// slow emulated features).
+    pub fn cpu_model(self) -> &'static str {
+        match self {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        }
+    }
+}
+
 impl fmt::Display for Accel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -50,6 +63,11 @@ pub enum KernelBoot {
         append: String,
     },
 }
+
+/// The qdev id of the guest agent's virtio-serial port. QEMU names a port
+/// in `VSERPORT_CHANGE` only when it has an id; the event tells the moment
+/// the guest's qemu-guest-agent opens the port (and when it closes it).
+pub const AGENT_PORT_ID: &str = "qga-port";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuCommand {
@@ -95,12 +113,20 @@ impl QemuCommand {
         push("-no-user-config");
         push("-machine");
         push(&format!("pc,accel={}", self.accel));
+        push("-cpu");
+        push(self.accel.cpu_model());
         push("-m");
         push(&self.memory_mib.to_string());
         push("-smp");
         push(&self.cpus.to_string());
         push("-display");
         push("none");
+        // The guest clock starts from the host's (UTC) and follows it: file
+        // times the guest writes are comparable with the build's, which
+        // moved-files relies on. (QEMU's default; spelled out because the
+        // checks depend on it.)
+        push("-rtc");
+        push("base=utc,clock=host");
         // A VGA device gives QMP screendump something to capture on failure.
         push("-device");
         push("VGA");
@@ -129,7 +155,9 @@ impl QemuCommand {
         push("-device");
         push("virtio-serial-pci,id=vser0");
         push("-device");
-        push("virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0");
+        push(&format!(
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0,id={AGENT_PORT_ID}"
+        ));
         push("-blockdev");
         push(&format!(
             "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
@@ -179,9 +207,38 @@ impl QemuCommand {
         cmd.args(self.args())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(std::process::Stdio::piped());
+        tie_to_us(&mut cmd);
         cmd
+    }
+}
+
+/// Makes a QEMU (or any helper) process die with strata, however strata
+/// ends: killed on drop (an orderly stop), in its own process group (a
+/// terminal's Ctrl-C reaches only strata, which then writes its report and
+/// kills QEMU itself) and with `PR_SET_PDEATHSIG(SIGKILL)`, so that even a
+/// SIGKILLed strata leaves no QEMU behind.
+///
+/// The death signal follows the thread that spawns: QEMU is spawned from
+/// the thread driving the run (the CLI's main thread, or a runtime worker
+/// that lives as long as the runtime), never from a short-lived blocking
+/// thread.
+pub fn tie_to_us(cmd: &mut tokio::process::Command) {
+    let parent = rustix::process::getpid();
+    cmd.kill_on_drop(true).process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only async-signal-safe calls (prctl, getppid, kill).
+    unsafe {
+        cmd.pre_exec(move || {
+            use rustix::process::{getppid, set_parent_process_death_signal, Signal};
+            set_parent_process_death_signal(Some(Signal::KILL)).map_err(std::io::Error::from)?;
+            // strata may have died between fork and prctl: then no signal
+            // will ever come, so do not start at all.
+            if getppid() != Some(parent) {
+                return Err(std::io::Error::other("strata exited while starting QEMU"));
+            }
+            Ok(())
+        });
     }
 }
 
@@ -243,6 +300,32 @@ mod tests {
         };
         q.start_paused = false;
         insta::assert_snapshot!(q.to_string());
+    }
+
+    fn pair(args: &[OsString], flag: &str) -> Option<String> {
+        let i = args.iter().position(|a| a == flag)?;
+        Some(args.get(i + 1)?.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn the_cpu_model_is_max_under_tcg_and_host_under_kvm() {
+        assert_eq!(
+            pair(&base(Accel::Tcg).args(), "-cpu").as_deref(),
+            Some("max")
+        );
+        assert_eq!(
+            pair(&base(Accel::Kvm).args(), "-cpu").as_deref(),
+            Some("host")
+        );
+    }
+
+    #[test]
+    fn the_guest_clock_follows_the_host_and_the_agent_port_has_an_id() {
+        let args = base(Accel::Tcg).args();
+        assert_eq!(pair(&args, "-rtc").as_deref(), Some("base=utc,clock=host"));
+        assert!(args.iter().any(|a| a
+            .to_string_lossy()
+            .ends_with(&format!(",id={AGENT_PORT_ID}"))));
     }
 
     #[test]

@@ -111,6 +111,10 @@ pub struct Report {
     /// Set when the run could not finish (exit 3); the checks that did not
     /// run are marked skip.
     pub error: Option<String>,
+    /// The signal that stopped the run (exit 130), when one did: the report
+    /// holds what was proven before it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
 }
 
 impl Report {
@@ -465,6 +469,7 @@ mod tests {
             },
             artifacts: Some("/tmp/artifacts".into()),
             error: None,
+            interrupted: None,
         }
     }
 
@@ -499,6 +504,24 @@ mod tests {
         assert!(r
             .to_junit()
             .contains("<error message=\"guest console: &quot;Kernel panic&quot;\"/>"));
+    }
+
+    #[test]
+    fn an_interrupted_run_is_marked_in_json_and_junit() {
+        let mut r = sample(false);
+        assert!(
+            !r.to_json().contains("interrupted"),
+            "absent unless interrupted"
+        );
+        r.error = Some("interrupted (SIGINT); QEMU killed".into());
+        r.interrupted = Some("SIGINT".into());
+        r.verdict = Report::verdict_of(&r.checks, r.error.as_deref());
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["interrupted"], "SIGINT");
+        assert_eq!(json["verdict"], "fail");
+        assert!(r
+            .to_junit()
+            .contains(r#"<error message="interrupted (SIGINT); QEMU killed"/>"#));
     }
 
     #[test]

@@ -104,9 +104,13 @@ pub enum RunError {
         message: String,
         report: Option<Box<Report>>,
     },
-    /// SIGINT or SIGTERM: QEMU was killed (exit 130).
-    #[error("{0}")]
-    Interrupted(String),
+    /// SIGINT or SIGTERM: QEMU was killed (exit 130). The report, marked
+    /// interrupted, has what was proven before.
+    #[error("{message}")]
+    Interrupted {
+        message: String,
+        report: Option<Box<Report>>,
+    },
 }
 
 impl strata_builder::error::Failure for RunError {
@@ -114,7 +118,7 @@ impl strata_builder::error::Failure for RunError {
         match self {
             RunError::Input(_) => FailureKind::Input,
             RunError::Infra { .. } => FailureKind::Infrastructure,
-            RunError::Interrupted(_) => FailureKind::Interrupted,
+            RunError::Interrupted { .. } => FailureKind::Interrupted,
         }
     }
 }
@@ -132,7 +136,7 @@ const MAX_BOOT: Duration = Duration::from_secs(240);
 struct Session {
     cfg: TestConfig,
     artifacts: Artifacts,
-    workdir: tempfile::TempDir,
+    workdir: crate::workdir::WorkDir,
     progress: UnboundedSender<Progress>,
     events: EventLog,
     started: Instant,
@@ -272,6 +276,7 @@ impl Session {
             timings,
             artifacts: Some(self.artifacts.dir().display().to_string()),
             error,
+            interrupted: None,
         }
     }
 
@@ -299,13 +304,22 @@ fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
 /// Runs the whole test. Dropping the future (timeout, Ctrl-C) kills QEMU:
 /// every `Machine` owns its process with kill-on-drop.
 pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result<Report, RunError> {
+    run_until(cfg, progress, std::future::pending()).await
+}
+
+/// Like [`run`], but stops when `stop` resolves (to the reason, e.g.
+/// "SIGINT"): QEMU is killed and the report so far is still written,
+/// marked interrupted (`RunError::Interrupted` carries it).
+pub async fn run_until(
+    cfg: TestConfig,
+    progress: UnboundedSender<Progress>,
+    stop: impl std::future::Future<Output = String>,
+) -> Result<Report, RunError> {
     prepare(&cfg)?;
     let artifacts = Artifacts::open(cfg.artifacts.as_deref())
         .map_err(|e| RunError::Input(format!("artifacts dir: {e}")))?;
-    let workdir = tempfile::Builder::new()
-        .prefix("strata-vm.")
-        .tempdir()
-        .map_err(|e| infra(format!("private temp dir: {e}")))?;
+    let workdir =
+        crate::workdir::WorkDir::create().map_err(|e| infra(format!("private temp dir: {e}")))?;
     let mut s = Session {
         cfg,
         artifacts,
@@ -324,18 +338,23 @@ pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result
     };
     s.emit(Progress::Artifacts(s.artifacts.dir().to_owned()));
     let budget = s.remaining();
-    let outcome = tokio::time::timeout(budget, story(&mut s)).await;
+    let (outcome, interrupted) = tokio::select! {
+        o = tokio::time::timeout(budget, story(&mut s)) => (Some(o), None),
+        why = stop => (None, Some(why)),
+    };
     let error = match outcome {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(_) => Some(format!(
+        Some(Ok(Ok(()))) => None,
+        Some(Ok(Err(e))) => Some(e),
+        Some(Err(_)) => Some(format!(
             "timed out after {} s (--timeout)",
             s.cfg.timeout.as_secs()
         )),
+        None => Some(interruption(interrupted.as_deref().unwrap_or("?"))),
     };
     let failed = error.is_some() || s.checks.values().any(|c| c.status == Status::Fail);
     if let Some(m) = s.machine.as_mut() {
-        if failed {
+        // Interrupted: be quick, the user is waiting.
+        if failed && interrupted.is_none() {
             let png = s.artifacts.path(artifacts::SCREENDUMP);
             let _ = tokio::time::timeout(Duration::from_secs(5), m.screendump(&png)).await;
         }
@@ -344,7 +363,7 @@ pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result
     }
     s.machine = None;
     s.save_event_log();
-    let report = s.report(error.clone().map(|e| {
+    let mut report = s.report(error.clone().map(|e| {
         let tail = tail_of(&s.artifacts.path(artifacts::SERIAL_LOG), 15);
         if tail.is_empty() {
             e
@@ -355,14 +374,23 @@ pub async fn run(cfg: TestConfig, progress: UnboundedSender<Progress>) -> Result
             )
         }
     }));
+    report.interrupted = interrupted.clone();
     let _ = s.artifacts.write(artifacts::REPORT_JSON, report.to_json());
-    match error {
-        None => Ok(report),
-        Some(_) => Err(RunError::Infra {
+    match (error, interrupted) {
+        (None, _) => Ok(report),
+        (Some(_), Some(why)) => Err(RunError::Interrupted {
+            message: interruption(&why),
+            report: Some(Box::new(report)),
+        }),
+        (Some(_), None) => Err(RunError::Infra {
             message: report.error.clone().unwrap_or_default(),
             report: Some(Box::new(report)),
         }),
     }
+}
+
+fn interruption(signal: &str) -> String {
+    format!("interrupted ({signal}); QEMU killed")
 }
 
 fn infra(message: String) -> RunError {
@@ -514,7 +542,7 @@ impl Vm for Session {
         let budget = self.boot_budget();
         let state = self.machine().reboot(budget).await?;
         self.booted(t.elapsed().as_secs_f64(), state);
-        Ok(())
+        self.overmount_again().await
     }
 
     async fn crash(&mut self) -> Result<(), MachineError> {
@@ -536,6 +564,29 @@ impl Vm for Session {
         let budget = self.boot_budget();
         let state = self.machine().wait_booted(budget).await?;
         self.booted(t.elapsed().as_secs_f64(), state);
+        self.overmount_again().await
+    }
+}
+
+impl Session {
+    /// overmount judges every boot of the run, not only the first: after a
+    /// later boot it looks again, and its verdict takes this boot in.
+    async fn overmount_again(&mut self) -> Result<(), MachineError> {
+        let Some(earlier) = self.checks.get(&CheckId::Overmount).cloned() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let boot = self.boots;
+        self.emit(Progress::Step(format!(
+            "overmount: looking again in boot {boot}"
+        )));
+        let warnings = self.warnings.take().unwrap_or_default();
+        let (mut result, warnings) =
+            checks::overmount::again(self, boot, earlier, warnings).await?;
+        result.seconds += t.elapsed().as_secs_f64();
+        self.warnings = Some(warnings);
+        self.emit(Progress::CheckFinished(result.clone()));
+        self.checks.insert(CheckId::Overmount, result);
         Ok(())
     }
 }
@@ -587,9 +638,9 @@ pub fn run_blocking(
         .map_err(|e| infra(format!("tokio runtime: {e}")))?;
     rt.block_on(async move {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| infra(format!("SIGTERM handler: {e}")))?;
-        let fut = run(cfg, tx);
+        let signals = crate::interrupt::Signals::install()
+            .map_err(|e| infra(format!("signal handlers: {e}")))?;
+        let fut = run_until(cfg, tx, signals.first());
         tokio::pin!(fut);
         loop {
             tokio::select! {
@@ -598,8 +649,6 @@ pub fn run_blocking(
                     return r;
                 }
                 Some(p) = rx.recv() => on_progress(p),
-                _ = tokio::signal::ctrl_c() => return Err(RunError::Interrupted("interrupted (SIGINT); QEMU killed".into())),
-                _ = sigterm.recv() => return Err(RunError::Interrupted("terminated (SIGTERM); QEMU killed".into())),
             }
         }
     })

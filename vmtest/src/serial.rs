@@ -30,6 +30,9 @@ pub struct SerialState {
     pub kernel_start: Option<Instant>,
     /// The first fatal console line of the current boot.
     pub fatal: Option<String>,
+    /// When the console first showed the guest up this boot (systemd
+    /// reached multi-user, or a getty printed a login prompt), and the line.
+    pub up: Option<(Instant, String)>,
     partial: String,
 }
 
@@ -76,6 +79,7 @@ impl SerialWatch {
         let mut s = self.state.lock().expect("serial state poisoned");
         s.kernel_start = None;
         s.fatal = None;
+        s.up = None;
     }
 }
 
@@ -119,6 +123,13 @@ async fn poll(path: PathBuf, state: Arc<Mutex<SerialState>>) {
             if s.fatal.is_none() && is_fatal(line) {
                 s.fatal = Some(line.trim().to_owned());
             }
+            if s.up.is_none() && shows_guest_up(line) {
+                s.up = Some((now, plain(line).trim().to_owned()));
+            }
+        }
+        // A login prompt waits for input: it never ends its line.
+        if s.up.is_none() && shows_guest_up(&s.partial) {
+            s.up = Some((now, plain(&s.partial).trim().to_owned()));
         }
         // A line stamped t was printed no later than now, so now - t bounds
         // the kernel's start from above; keep the tightest bound.
@@ -132,6 +143,50 @@ async fn poll(path: PathBuf, state: Arc<Mutex<SerialState>>) {
 
 fn is_fatal(line: &str) -> bool {
     FATAL.iter().any(|p| line.contains(p))
+}
+
+/// Whether a console line says the guest reached multi-user: systemd's
+/// status line (unit name since systemd 250, description before) or a
+/// getty's login prompt.
+pub fn shows_guest_up(line: &str) -> bool {
+    let line = plain(line);
+    let line = line.trim();
+    let reached = line.contains("Reached target")
+        && [
+            "multi-user.target",
+            "Multi-User System",
+            "graphical.target",
+            "Graphical Interface",
+        ]
+        .iter()
+        .any(|t| line.contains(t));
+    reached || line.ends_with(" login:")
+}
+
+/// The text of a console line without terminal escape sequences (systemd
+/// colours its status lines: `[\x1b[0;32m  OK  \x1b[0m] Reached target
+/// \x1b[0;1;39mmulti-user.target\x1b[0m …`).
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters, then one final byte in @..~.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        if c != '\r' {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The printk timestamp of a console line: `[    1.234567] ...`.
@@ -166,6 +221,40 @@ mod tests {
             "ALERT!  UUID=1234 does not exist.  Dropping to a shell!"
         ));
         assert!(!is_fatal("[  OK  ] Reached target multi-user.target"));
+    }
+
+    #[test]
+    fn multi_user_and_login_prompts_show_the_guest_up() {
+        // systemd 252 (Debian 12), coloured as on a serial console.
+        assert!(shows_guest_up(
+            "[\x1b[0;32m  OK  \x1b[0m] Reached target \x1b[0;1;39mmulti-user.target\x1b[0m - Multi-User System.\r"
+        ));
+        // systemd 247: the description only.
+        assert!(shows_guest_up("[  OK  ] Reached target Multi-User System."));
+        assert!(shows_guest_up("debian login: "));
+        assert!(!shows_guest_up(
+            "[  OK  ] Reached target local-fs.target - Local File Systems."
+        ));
+        assert!(!shows_guest_up(
+            "[  OK  ] Stopped target multi-user.target - Multi-User System."
+        ));
+        assert!(!shows_guest_up("Last login: Tue Nov 26 on ttyS0"));
+    }
+
+    #[tokio::test]
+    async fn a_login_prompt_without_a_newline_shows_the_guest_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let watch = SerialWatch::follow(path.clone(), 0);
+        std::fs::write(
+            &path,
+            "Debian GNU/Linux 12 debian ttyS0\r\n\r\ndebian login: ",
+        )
+        .unwrap();
+        eventually(&watch, |s| s.up.is_some()).await;
+        assert_eq!(watch.snapshot().up.unwrap().1, "debian login:");
+        watch.new_boot();
+        assert!(watch.snapshot().up.is_none());
     }
 
     /// Polls `cond` until it holds (the watcher polls every 100 ms; a loaded

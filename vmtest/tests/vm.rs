@@ -528,6 +528,91 @@ fn files_left_under_run_var_and_srv_fail_overmount_and_are_listed() {
     assert!(table.contains("--state-migration move"), "{table}");
 }
 
+/// The journal is not the only witness: with journald keeping nothing
+/// below `warning` (systemd's overmount notice is `notice`), files under a
+/// mountpoint still fail overmount, found by looking under the mount.
+#[test]
+fn overmount_is_found_by_looking_when_the_journal_keeps_no_notice() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("journal-blind");
+    b.edit(|top| {
+        let run = top.join(format!("systems/{}/run", m.default));
+        let conf = run.join("etc/systemd/journald.conf.d");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("90-strata-test.conf"),
+            "[Journal]\nMaxLevelStore=warning\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(run.join("srv/www")).unwrap();
+        std::fs::write(run.join("srv/www/dropped.html"), "<p>hidden</p>\n").unwrap();
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let r = report(&o);
+    // The setup holds: the journal of the boot has no overmount entry.
+    let journal = std::fs::read_to_string(o.artifacts.join("journal-boot1.json")).unwrap();
+    assert!(
+        !journal.contains(strata_vmtest::journal::OVERMOUNT_MESSAGE_ID)
+            && !journal.contains("to mount over is not empty"),
+        "journald stored the overmount notice after all: the scenario proves nothing"
+    );
+    assert_eq!(failing(r), ["moved-files", "overmount"]);
+    assert_eq!(check(r, "overmount").detail, "files hidden under /srv");
+    let srv: Vec<_> = r
+        .warnings
+        .iter()
+        .filter(|w| w.mountpoint.as_deref() == Some("/srv"))
+        .collect();
+    assert_eq!(srv.len(), 1, "{:?}", r.warnings);
+    assert_eq!(srv[0].shadowed, ["/srv/www", "/srv/www/dropped.html"]);
+    assert!(
+        srv[0].message.contains("found by looking"),
+        "{}",
+        srv[0].message
+    );
+    assert_eq!(run::failure(r), Some(FailureKind::Failed));
+}
+
+/// An image defect found while checking is a verdict (exit 1) naming the
+/// check, not an infrastructure failure: a state dir mounted read-only
+/// cannot take the persistence token.
+#[test]
+fn a_read_only_state_dir_fails_persistence_not_infrastructure() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("ro-srv");
+    edit_run_fstab(&b, &m.default, |t| {
+        t.lines()
+            .map(|l| {
+                if l.contains("subvol=/state/srv") && !l.trim_start().starts_with('#') {
+                    l.replace(",rw,", ",ro,")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    cfg.checks = vec![CheckId::Persistence];
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(failing(r), ["persistence"]);
+    assert!(
+        evidence_has(r, "persistence", "/srv: token reboot could not be written"),
+        "{:?}",
+        check(r, "persistence")
+    );
+    assert!(
+        evidence_has(r, "persistence", "Read-only file system"),
+        "{:?}",
+        check(r, "persistence")
+    );
+    assert_eq!(run::failure(r), Some(FailureKind::Failed));
+}
+
 #[test]
 fn booting_the_pristine_subvolume_fails_root() {
     let (_, manifest_path, m) = fixture();
@@ -673,6 +758,40 @@ fn missing_root_device_is_an_infrastructure_failure_with_serial_log() {
         unreachable!()
     };
     assert!(message.contains("/dev/sda"), "{message}");
+}
+
+/// A guest without qemu-guest-agent comes up but can never be checked: it
+/// is said within seconds of reaching multi-user, not after the 240 s boot
+/// timeout.
+#[test]
+fn a_guest_without_an_agent_is_diagnosed_soon_after_multi_user() {
+    let (_, manifest_path, m) = fixture();
+    let b = Broken::new("no-agent");
+    b.edit(|top| {
+        let unit = top.join(format!(
+            "systems/{}/run/etc/systemd/system/qemu-guest-agent.service",
+            m.default
+        ));
+        // Masked: the unit is never started, the port never opened.
+        std::os::unix::fs::symlink("/dev/null", unit).unwrap();
+    });
+    let mut cfg = config(&b.image, &manifest_path);
+    without_persistence(&mut cfg);
+    let o = boot(cfg);
+    let err = match &o.result {
+        Ok(r) => panic!("a guest without an agent gave a verdict:\n{}", r.to_table()),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), FailureKind::Infrastructure);
+    let msg = err.to_string();
+    assert!(msg.contains("without a guest agent"), "{msg}");
+    assert!(msg.contains("qemu-guest-agent"), "{msg}");
+    // A TCG boot to multi-user takes 20-60 s here; the agent grace is 10 s.
+    assert!(
+        o.seconds < 150.0,
+        "diagnosed after {:.0} s, not soon after multi-user",
+        o.seconds
+    );
 }
 
 fn not_booting(o: &Outcome, timeout: f64) {

@@ -19,7 +19,7 @@ pub(crate) mod testdata;
 pub use guest::Mount;
 
 use crate::machine::{Machine, MachineError};
-use crate::report::{CheckResult, Warning};
+use crate::report::{CheckResult, Status, Warning};
 use std::future::Future;
 use strata_builder::expect::Expectations;
 
@@ -91,7 +91,7 @@ impl CheckId {
                 "files moved into state keep type, mode, owner and contents; the mountpoints under them are empty"
             }
             CheckId::Overmount => {
-                "the journal reports no mount over a non-empty directory (and lists what it would hide)"
+                "nothing is hidden under any mountpoint, by looking and by the journal, in every boot"
             }
             CheckId::Persistence => {
                 "a token written to each state dir survives a clean reboot and a power cut"
@@ -111,8 +111,24 @@ impl CheckId {
     }
 
     /// Observes and judges. Fails only when the machine does (exit 3); a
-    /// layout that is wrong is a `CheckResult` that says so.
+    /// layout that is wrong is a `CheckResult` that says so, and so is a
+    /// guest command the check needs that fails in the guest (see
+    /// [`verdict_of_failed_command`]).
     pub async fn run(
+        self,
+        vm: &mut impl Vm,
+        expect: &Expectations,
+    ) -> Result<Outcome, MachineError> {
+        match self.observe_and_judge(vm, expect).await {
+            Err(e) => Ok(Outcome {
+                result: verdict_of_failed_command(self, e)?,
+                warnings: None,
+            }),
+            ok => ok,
+        }
+    }
+
+    async fn observe_and_judge(
         self,
         vm: &mut impl Vm,
         expect: &Expectations,
@@ -135,6 +151,45 @@ impl CheckId {
             result,
             warnings: None,
         })
+    }
+}
+
+/// Image defects are verdicts, not infrastructure: a guest command a check
+/// needs that runs and fails in the guest (a state dir that cannot be
+/// written, a mount that fails, a tool the image lacks) fails that check,
+/// naming the command and its complaint (exit 1). What stays an error
+/// (exit 3) is QEMU, the agent, the host and timeouts.
+pub fn verdict_of_failed_command(
+    id: CheckId,
+    e: MachineError,
+) -> Result<CheckResult, MachineError> {
+    match e {
+        MachineError::CommandFailed {
+            command,
+            code,
+            stderr,
+        } => {
+            let first = command.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let first = first.trim();
+            let shown = if command.trim().lines().count() > 1 {
+                format!("{first} …")
+            } else {
+                first.to_owned()
+            };
+            Ok(CheckResult::new(
+                id.name(),
+                Status::Fail,
+                format!(
+                    "a guest command the check needs failed (exit {code}): {}",
+                    stderr.trim()
+                ),
+                vec![
+                    format!("command: {shown}"),
+                    format!("exit {code}; stderr: {}", stderr.trim()),
+                ],
+            ))
+        }
+        other => Err(other),
     }
 }
 
@@ -231,6 +286,34 @@ mod tests {
         assert!(CheckId::ALL
             .windows(2)
             .all(|w| w[0].phase() <= w[1].phase()));
+    }
+
+    #[test]
+    fn a_guest_command_that_fails_is_a_failed_check_not_infrastructure() {
+        let e = MachineError::CommandFailed {
+            command: "set -e\nprintf '%s\\n' 'x' > '/srv/.token'\n".into(),
+            code: "1".into(),
+            stderr: "sh: 2: cannot create /srv/.token: Read-only file system\n".into(),
+        };
+        let r = verdict_of_failed_command(CheckId::Persistence, e).unwrap();
+        assert_eq!(r.name, "persistence");
+        assert_eq!(r.status, Status::Fail);
+        assert_eq!(
+            r.detail,
+            "a guest command the check needs failed (exit 1): sh: 2: cannot create /srv/.token: Read-only file system"
+        );
+        assert_eq!(r.evidence[0], "command: set -e …");
+        // QEMU, the agent and timeouts stay infrastructure.
+        let e = MachineError::Timeout {
+            what: "guest poweroff".into(),
+            seconds: 5.0,
+        };
+        assert!(verdict_of_failed_command(CheckId::Persistence, e).is_err());
+        let e = MachineError::Exited {
+            status: "signal 9".into(),
+            stderr: String::new(),
+        };
+        assert!(verdict_of_failed_command(CheckId::Root, e).is_err());
     }
 
     #[test]

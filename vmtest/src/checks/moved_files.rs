@@ -36,12 +36,72 @@ pub struct Observation {
     pub sha256: HashMap<String, String>,
     /// "orig/var" -> number of entries in the top-level view ("missing" = None).
     pub toplevel_entries: BTreeMap<String, Option<usize>>,
+    /// Why the top-level view could not be seen (its mount failed).
+    pub toplevel_error: Option<String>,
     /// Guest boot time, seconds since the epoch.
     pub boot_epoch: f64,
+    /// The guest's clock when observed, and the host's at the same moment
+    /// (the middle of the round trip), both seconds since the epoch.
+    pub clock: Option<Clock>,
+}
+
+/// One reading of the guest clock against the host's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clock {
+    pub guest: f64,
+    pub host: f64,
+    /// Half the round trip: how far `host` may be from the true moment.
+    pub uncertainty: f64,
+}
+
+/// How far the guest clock may be from the host's for "changed after this
+/// boot" to mean anything. QEMU starts the guest clock from the host's
+/// (`-rtc base=utc,clock=host`), to the second.
+pub const CLOCK_TOLERANCE: f64 = 60.0;
+
+impl Clock {
+    /// Guest minus host, seconds (negative: the guest is behind).
+    pub fn skew(&self) -> f64 {
+        self.guest - self.host
+    }
+
+    pub fn agrees(&self) -> bool {
+        self.skew().abs() <= CLOCK_TOLERANCE + self.uncertainty
+    }
+}
+
+/// Most paths per guest command, and most bytes of paths: a command's
+/// output must stay far below the guest agent's cap (16 MiB), and its input
+/// travels base64 in one JSON request.
+const BATCH_PATHS: usize = 20_000;
+const BATCH_BYTES: usize = 1 << 20;
+
+/// NUL-terminated `paths`, split into batches for separate guest commands.
+fn batches<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut count = 0;
+    for p in paths {
+        let full = match out.last() {
+            None => true,
+            Some(b) => count >= BATCH_PATHS || b.len() + p.len() + 1 > BATCH_BYTES,
+        };
+        if full {
+            out.push(Vec::new());
+            count = 0;
+        }
+        let b = out.last_mut().expect("pushed above");
+        b.extend_from_slice(p.as_bytes());
+        b.push(0);
+        count += 1;
+    }
+    out
 }
 
 const STAT_SCRIPT: &str = r#"xargs -0 -r sh -c 'find "$@" -maxdepth 0 -printf "%y %m %U %G %s %D %C@\0%p\0%l\0" 2>/dev/null; exit 0' sh"#;
 const SHA_SCRIPT: &str = "xargs -0 -r sha256sum -- 2>/dev/null; exit 0";
+
+/// Exit code of [`with_toplevel`] when the mount fails (its stderr says why).
+const TOPLEVEL_MOUNT_FAILED: i64 = 97;
 
 /// Mounts the top-level subvolume (id 5) of /'s filesystem for `body`, which
 /// sees its path as $top. The trap unmounts on every exit.
@@ -51,31 +111,37 @@ fn with_toplevel(body: &str) -> String {
 dev=$(findmnt -n -o SOURCE --nofsroot /)
 top=$(mktemp -d /run/strata-top.XXXXXX)
 trap 'umount "$top" 2>/dev/null; rmdir "$top"' EXIT
-mount -o subvolid=5 "$dev" "$top" || exit 97
+mount -o subvolid=5 "$dev" "$top" || exit {TOPLEVEL_MOUNT_FAILED}
 {body}
 "#
     )
 }
 
 pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observation, MachineError> {
-    let mut paths: Vec<u8> = Vec::new();
-    for d in &expect.state_dirs {
-        paths.extend_from_slice(layout::state_mountpoint(d).as_bytes());
-        paths.push(0);
-    }
-    let mut files: Vec<u8> = Vec::new();
-    for f in &expect.moved_files {
-        paths.extend_from_slice(f.path.as_bytes());
-        paths.push(0);
-        if f.file_type == FileType::File {
-            files.extend_from_slice(f.path.as_bytes());
-            files.push(0);
-        }
-    }
+    let mountpoints: Vec<String> = expect
+        .state_dirs
+        .iter()
+        .map(|d| layout::state_mountpoint(d))
+        .collect();
+    let all = mountpoints
+        .iter()
+        .map(String::as_str)
+        .chain(expect.moved_files.iter().map(|f| f.path.as_str()));
+    let files = expect
+        .moved_files
+        .iter()
+        .filter(|f| f.file_type == FileType::File)
+        .map(|f| f.path.as_str());
     // Hashing is the slow part: let it run while the rest is gathered.
-    let hashing = m.start_script(SHA_SCRIPT, Some(&files)).await?;
-    let out = m.exec_stdin(STAT_SCRIPT, &paths).await?;
-    let stats = parse_stats(&out.stdout);
+    let mut hashing = Vec::new();
+    for batch in batches(files) {
+        hashing.push(m.start_script(SHA_SCRIPT, Some(&batch)).await?);
+    }
+    let mut stats = HashMap::new();
+    for batch in batches(all) {
+        let out = m.exec_stdin(STAT_SCRIPT, &batch).await?;
+        stats.extend(parse_stats(&out.stdout));
+    }
     let mut body = String::new();
     for d in &expect.state_dirs {
         for tree in Tree::BOTH {
@@ -86,22 +152,57 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
             ));
         }
     }
-    let top = m.succeed(&with_toplevel(&body)).await?;
-    let toplevel_entries = top
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.trim().parse().ok()))
-        })
-        .collect();
-    let btime = m.succeed("awk '/^btime /{print $2}' /proc/stat").await?;
-    let sha256 = parse_sha256sum(&m.finish(&hashing).await?.stdout_str());
+    let top = m.exec(&with_toplevel(&body)).await?;
+    let (toplevel_entries, toplevel_error) = match top.exit_code {
+        Some(0) => (parse_toplevel(&top.stdout_str()), None),
+        Some(TOPLEVEL_MOUNT_FAILED) => (
+            BTreeMap::new(),
+            Some(format!(
+                "cannot mount the top-level subvolume (subvolid=5) of /'s filesystem: {}",
+                top.stderr_str().trim()
+            )),
+        ),
+        code => {
+            return Err(MachineError::CommandFailed {
+                command: "list orig/ and run/ mountpoints in the top-level view".into(),
+                code: format!("{code:?}"),
+                stderr: top.stderr_str().trim().to_owned(),
+            })
+        }
+    };
+    let host_before = crate::qmp::now_epoch();
+    let times = m
+        .succeed("awk '/^btime /{print $2}' /proc/stat; date +%s.%N")
+        .await?;
+    let host_after = crate::qmp::now_epoch();
+    let mut times = times.lines().map(|l| l.trim().parse::<f64>().ok());
+    let boot_epoch = times.next().flatten().unwrap_or(0.0);
+    let clock = times.next().flatten().map(|guest| Clock {
+        guest,
+        host: (host_before + host_after) / 2.0,
+        uncertainty: (host_after - host_before) / 2.0,
+    });
+    let mut sha256 = HashMap::new();
+    for running in &hashing {
+        sha256.extend(parse_sha256sum(&m.finish(running).await?.stdout_str()));
+    }
     Ok(Observation {
         stats,
         sha256,
         toplevel_entries,
-        boot_epoch: btime.trim().parse().unwrap_or(0.0),
+        toplevel_error,
+        boot_epoch,
+        clock,
     })
+}
+
+fn parse_toplevel(text: &str) -> BTreeMap<String, Option<usize>> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.trim().parse().ok()))
+        })
+        .collect()
 }
 
 pub fn parse_stats(raw: &[u8]) -> HashMap<String, Stat> {
@@ -161,10 +262,37 @@ fn kind_char(t: FileType) -> char {
     }
 }
 
+/// Why changes made after this boot can be told from the image's: the
+/// guest clock agrees with the host's, so a ctime after the guest's boot
+/// time really is after the boot. None (with the reason in the evidence)
+/// when the clock cannot be trusted: then nothing is excused.
+fn leniency(obs: &Observation) -> Result<String, String> {
+    if obs.boot_epoch <= 0.0 {
+        return Err("the guest's boot time is unknown".into());
+    }
+    let Some(clock) = obs.clock else {
+        return Err("the guest clock could not be read".into());
+    };
+    let skew = clock.skew();
+    if !clock.agrees() {
+        return Err(format!(
+            "the guest clock is {:.0} s {} the host's",
+            skew.abs(),
+            if skew < 0.0 { "behind" } else { "ahead of" }
+        ));
+    }
+    Ok(format!(
+        "guest clock within {:.0} s of the host's",
+        skew.abs().max(1.0)
+    ))
+}
+
 pub fn judge(obs: &Observation, expect: &Expectations) -> CheckResult {
     let mut evidence = Vec::new();
     let mut bad = 0usize;
     let mut changed_since_boot: Vec<String> = Vec::new();
+    let lenient = leniency(obs);
+    let guest_now = obs.clock.map_or(f64::INFINITY, |c| c.guest);
     for f in &expect.moved_files {
         let dir = f
             .path
@@ -219,11 +347,21 @@ pub fn judge(obs: &Observation, expect: &Expectations) -> CheckResult {
         }
         // The running system legitimately rewrites some state (random seed,
         // logs, caches): a change made after this boot started is its doing,
-        // not the image's.
-        let touched_after_boot = obs.boot_epoch > 0.0 && st.ctime >= obs.boot_epoch;
+        // not the image's — provided the guest clock can tell (see
+        // `leniency`), and the change is not from the guest's future.
+        let touched_after_boot = lenient.is_ok()
+            && st.ctime >= obs.boot_epoch
+            && st.ctime <= guest_now + CLOCK_TOLERANCE;
+        let excuse = || {
+            format!(
+                "{} (changed {:.0} s after boot)",
+                f.path,
+                st.ctime - obs.boot_epoch
+            )
+        };
         if content_changed {
             if touched_after_boot {
-                changed_since_boot.push(f.path.clone());
+                changed_since_boot.push(excuse());
             } else {
                 wrong.push("contents differ (sha256)".into());
             }
@@ -235,7 +373,7 @@ pub fn judge(obs: &Observation, expect: &Expectations) -> CheckResult {
                     .iter()
                     .all(|w| w.starts_with("mode") || w.starts_with("owner"))
             {
-                changed_since_boot.push(f.path.clone());
+                changed_since_boot.push(excuse());
                 continue;
             }
             bad += 1;
@@ -243,6 +381,9 @@ pub fn judge(obs: &Observation, expect: &Expectations) -> CheckResult {
         }
     }
     let mut nonempty = Vec::new();
+    if let Some(e) = &obs.toplevel_error {
+        nonempty.push(e.clone());
+    }
     for (k, v) in &obs.toplevel_entries {
         match v {
             Some(0) => {}
@@ -257,17 +398,22 @@ pub fn judge(obs: &Observation, expect: &Expectations) -> CheckResult {
             nonempty.join(", ")
         ));
     }
-    if !changed_since_boot.is_empty() {
-        evidence.push(format!(
-            "{} file(s) changed by the running system after boot (not counted): {}",
+    match &lenient {
+        Ok(why) if !changed_since_boot.is_empty() => evidence.push(format!(
+            "{} file(s) changed by the running system after boot (not counted; {why}, boot at {:.0}): {}",
             changed_since_boot.len(),
+            obs.boot_epoch,
             changed_since_boot
                 .iter()
                 .take(5)
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(", ")
-        ));
+        )),
+        Ok(_) => {}
+        Err(why) => evidence.push(format!(
+            "changes made after boot are not told apart from the image's: {why}"
+        )),
     }
     let total = expect.moved_files.len();
     if bad == 0 && nonempty.is_empty() {
@@ -338,7 +484,13 @@ mod tests {
             stats,
             sha256,
             toplevel_entries,
+            toplevel_error: None,
             boot_epoch: 1000.0,
+            clock: Some(Clock {
+                guest: 2100.0,
+                host: 2100.4,
+                uncertainty: 0.1,
+            }),
         }
     }
 
@@ -346,7 +498,80 @@ mod tests {
     fn tolerate_changes_made_by_the_running_system() {
         let r = judge(&obs(), &expectations());
         assert_eq!(r.status, Status::Pass, "{r:?}");
-        assert!(r.evidence[0].contains("changed by the running system after boot"));
+        assert_eq!(
+            r.evidence[0],
+            "1 file(s) changed by the running system after boot (not counted; guest clock within 1 s of the host's, boot at 1000): /var/lib/systemd/random-seed (changed 1000 s after boot)"
+        );
+    }
+
+    #[test]
+    fn a_guest_clock_behind_the_build_time_excuses_nothing() {
+        // The guest booted at "1000" by its own clock, but the host says it
+        // is 5000: every file of the image (built at 2000, before the run)
+        // would look "changed after boot". Nothing may be excused.
+        let mut o = obs();
+        o.clock = Some(Clock {
+            guest: 1100.0,
+            host: 5000.0,
+            uncertainty: 0.1,
+        });
+        o.stats.get_mut("/root/.ssh/authorized_keys").unwrap().ctime = 2000.0;
+        o.sha256
+            .insert("/root/.ssh/authorized_keys".into(), "00".repeat(32));
+        let r = judge(&o, &expectations());
+        assert_eq!(r.status, Status::Fail, "{r:?}");
+        assert!(r
+            .evidence
+            .iter()
+            .any(|e| e == "/root/.ssh/authorized_keys: contents differ (sha256)"));
+        assert!(r
+            .evidence
+            .iter()
+            .any(|e| e == "/var/lib/systemd/random-seed: contents differ (sha256)"));
+        assert!(
+            r.evidence.contains(
+                &"changes made after boot are not told apart from the image's: the guest clock is 3900 s behind the host's"
+                    .to_owned()
+            ),
+            "{:?}",
+            r.evidence
+        );
+        // Without a clock reading, likewise.
+        let mut o = obs();
+        o.clock = None;
+        assert_eq!(judge(&o, &expectations()).status, Status::Fail);
+    }
+
+    #[test]
+    fn a_top_level_view_that_cannot_be_mounted_fails_the_check_naming_it() {
+        let mut o = obs();
+        o.toplevel_entries.clear();
+        o.toplevel_error = Some(
+            "cannot mount the top-level subvolume (subvolid=5) of /'s filesystem: mount: /run/strata-top.x: unknown filesystem type 'ext4'"
+                .into(),
+        );
+        let r = judge(&o, &expectations());
+        assert_eq!(r.status, Status::Fail);
+        assert!(
+            r.detail.contains("cannot mount the top-level subvolume"),
+            "{}",
+            r.detail
+        );
+    }
+
+    #[test]
+    fn many_paths_are_split_into_batches_below_the_agents_output_cap() {
+        let long = "x".repeat(100);
+        let paths: Vec<String> = (0..30_000).map(|i| format!("/{long}/{i}")).collect();
+        let b = batches(paths.iter().map(String::as_str));
+        assert!(b.len() >= 3, "{}", b.len());
+        assert!(b.iter().all(|b| b.len() <= BATCH_BYTES));
+        let back: usize = b
+            .iter()
+            .map(|b| b.iter().filter(|c| **c == 0).count())
+            .sum();
+        assert_eq!(back, 30_000);
+        assert!(batches(std::iter::empty()).is_empty());
     }
 
     #[test]

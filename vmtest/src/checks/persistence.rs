@@ -34,8 +34,11 @@ pub struct TokenSeen {
 }
 
 /// Everything the verdict rests on.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observation {
+    /// Tokens that could not be written at all (a read-only or full state
+    /// dir: the image's defect), with the shell's complaint.
+    pub unwritable: Vec<(Token, String)>,
     /// The reboot tokens after the clean reboot.
     pub after_reboot: Vec<TokenSeen>,
     /// The reboot tokens again, after the power cut.
@@ -46,12 +49,13 @@ pub struct Observation {
 
 pub async fn run(vm: &mut impl Vm, expect: &Expectations) -> Result<CheckResult, MachineError> {
     let dirs = &expect.state_dirs;
-    let before_reboot = write_tokens(vm.machine(), dirs, "reboot").await?;
+    let (before_reboot, mut unwritable) = write_tokens(vm.machine(), dirs, "reboot").await?;
     vm.reboot().await?;
     let after_reboot = read_tokens(vm.machine(), &before_reboot).await?;
     keep_journal(vm).await;
 
-    let before_cut = write_tokens(vm.machine(), dirs, "powercut").await?;
+    let (before_cut, refused) = write_tokens(vm.machine(), dirs, "powercut").await?;
+    unwritable.extend(refused);
     vm.crash().await?;
     let reboot_tokens_after_cut = read_tokens(vm.machine(), &before_reboot).await?;
     let after_cut = read_tokens(vm.machine(), &before_cut).await?;
@@ -59,6 +63,7 @@ pub async fn run(vm: &mut impl Vm, expect: &Expectations) -> Result<CheckResult,
 
     Ok(judge(
         &Observation {
+            unwritable,
             after_reboot,
             reboot_tokens_after_cut,
             after_cut,
@@ -73,29 +78,51 @@ async fn keep_journal(vm: &mut impl Vm) {
     let _ = vm.journal().await;
 }
 
-/// Writes a distinct token into each state dir.
+/// Writes a distinct token into each state dir. Returns the tokens written
+/// and, apart, those the guest refused (with its complaint): a state dir
+/// that cannot be written is the image's defect, for the verdict to name.
 pub async fn write_tokens(
     m: &mut Machine,
     dirs: &[String],
     phase: &'static str,
-) -> Result<Vec<Token>, MachineError> {
+) -> Result<(Vec<Token>, Vec<(Token, String)>), MachineError> {
     let mut tokens = Vec::new();
-    let mut script = String::from("set -e\n");
+    let mut script = String::new();
     for d in dirs {
         let token = Token {
             dir: d.clone(),
             phase,
             value: format!("{phase}-{:016x}", crate::random_u64()),
         };
+        // One line per token: "ok", or "fail <the shell's complaint>".
         script.push_str(&format!(
-            "printf '%s\\n' '{}' > '{}'\n",
+            "if err=$(printf '%s\\n' '{}' 2>&1 > '{}'); then echo ok; else printf 'fail %s\\n' \"$(printf '%s' \"$err\" | tr '\\n' ' ')\"; fi\n",
             token.value,
             token_path(&token)
         ));
         tokens.push(token);
     }
-    m.succeed(&script).await?;
-    Ok(tokens)
+    let out = m.succeed(&script).await?;
+    Ok(split_written(tokens, &out))
+}
+
+/// Pairs the write script's result lines with the tokens, in order; a
+/// token without a line was not written either.
+pub fn split_written(tokens: Vec<Token>, out: &str) -> (Vec<Token>, Vec<(Token, String)>) {
+    let mut lines = out.lines();
+    let mut written = Vec::new();
+    let mut refused = Vec::new();
+    for t in tokens {
+        match lines.next().map(str::trim) {
+            Some("ok") => written.push(t),
+            Some(l) => {
+                let why = l.strip_prefix("fail").unwrap_or(l).trim().to_owned();
+                refused.push((t, why));
+            }
+            None => refused.push((t, "no result from the guest".into())),
+        }
+    }
+    (written, refused)
 }
 
 /// `/<dir>/.strata-persistence-token.<phase>` in the booted system. State
@@ -162,7 +189,17 @@ pub fn problems(seen: &[TokenSeen]) -> Vec<String> {
 pub fn judge(obs: &Observation, dirs: &[String]) -> CheckResult {
     let n = dirs.len();
     let mut evidence = Vec::new();
-    let mut lost = Vec::new();
+    let mut lost: Vec<String> = obs
+        .unwritable
+        .iter()
+        .map(|(t, why)| {
+            format!(
+                "{}: token {} could not be written: {why}",
+                layout::state_mountpoint(&t.dir),
+                t.phase
+            )
+        })
+        .collect();
     let p = problems(&obs.after_reboot);
     evidence.push(format!(
         "clean reboot: {} of {n} tokens intact ({})",
@@ -229,6 +266,7 @@ mod tests {
 
     fn obs() -> Observation {
         Observation {
+            unwritable: vec![],
             after_reboot: intact("reboot"),
             reboot_tokens_after_cut: intact("reboot"),
             after_cut: intact("powercut"),
@@ -250,6 +288,30 @@ mod tests {
                 "power cut: 2 of 2 tokens written before the cut intact, 2 of 2 from before the reboot"
             ]
         );
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_be_written_fails_the_check_naming_it() {
+        let tokens: Vec<Token> = intact("reboot").into_iter().map(|s| s.token).collect();
+        // What the write script prints when /var is read-only.
+        let out = "ok\nfail sh: 2: cannot create /var/.strata-persistence-token.reboot: Read-only file system\n";
+        let (written, refused) = split_written(tokens, out);
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].dir, "root");
+        let mut o = obs();
+        o.after_reboot.truncate(1);
+        o.reboot_tokens_after_cut.truncate(1);
+        o.unwritable = refused;
+        let r = judge(&o, &dirs());
+        assert_eq!(r.status, Status::Fail);
+        assert_eq!(r.name, "persistence");
+        assert!(
+            r.evidence.contains(&"/var: token reboot could not be written: sh: 2: cannot create /var/.strata-persistence-token.reboot: Read-only file system".to_owned()),
+            "{:?}",
+            r.evidence
+        );
+        // Nothing to read back is not a second loss.
+        assert_eq!(r.detail, "1 token(s) lost or misplaced");
     }
 
     #[test]

@@ -1,0 +1,192 @@
+//! The run's private work dir: the qcow2 overlay, QEMU's sockets, the boot
+//! files of `--boot direct`. It is `strata-vm.<pid>.XXXXXX` under the temp
+//! dir and holds a lock (flock on `.lock`) for as long as the run lives.
+//!
+//! A run killed with SIGKILL cannot remove its own work dir (its QEMU dies
+//! with it: see `qemu::tie_to_us`). The next run therefore removes every
+//! `strata-vm.<pid>.*` dir whose lock nobody holds: the lock, not the pid,
+//! decides, so a reused pid never keeps debris alive and a live run's dir
+//! is never touched. Nothing is killed: a dir whose lock is held belongs to
+//! a live run and stays.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+pub const PREFIX: &str = "strata-vm.";
+const LOCK: &str = ".lock";
+
+/// The work dir of this run; removed on drop.
+pub struct WorkDir {
+    dir: tempfile::TempDir,
+    _lock: File,
+    /// Dead runs' work dirs removed while creating this one.
+    pub removed: Vec<PathBuf>,
+}
+
+impl WorkDir {
+    /// Under the system temp dir.
+    pub fn create() -> io::Result<WorkDir> {
+        WorkDir::create_in(&std::env::temp_dir())
+    }
+
+    /// Under `root`: removes dead runs' dirs there, then makes this run's.
+    pub fn create_in(root: &Path) -> io::Result<WorkDir> {
+        let removed = remove_dead(root);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{PREFIX}{}.", std::process::id()))
+            .tempdir_in(root)?;
+        // Locked before it gets its name: another run's scan never sees an
+        // unlocked `.lock` in a live run's dir.
+        let unnamed = dir.path().join(".lock.new");
+        let lock = File::create(&unnamed)?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+        std::fs::rename(&unnamed, dir.path().join(LOCK))?;
+        Ok(WorkDir {
+            dir,
+            _lock: lock,
+            removed,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The pid in a work dir's name (`strata-vm.<pid>.XXXXXX`), if it is one.
+fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let (pid, random) = rest.split_once('.')?;
+    (!random.is_empty()).then_some(())?;
+    pid.parse().ok()
+}
+
+/// Whether the run that made `dir` is gone: nobody holds its lock (a lock
+/// dies with its process). Without a lock file (killed between mkdir and
+/// lock) the pid decides.
+fn is_dead(dir: &Path, pid: u32) -> bool {
+    match File::open(dir.join(LOCK)) {
+        Ok(f) => {
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            !Path::new("/proc").join(pid.to_string()).exists()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Removes the work dirs of runs that are gone; returns what it removed.
+/// Failures are not this run's problem: what cannot be removed stays.
+pub fn remove_dead(root: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(owner_pid) else {
+            continue;
+        };
+        let path = entry.path();
+        // Only real directories of ours, never through a symlink.
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() {
+            continue;
+        }
+        if pid == std::process::id() || !is_dead(&path, pid) {
+            continue;
+        }
+        match remove_tree_on(&path, meta.dev()) {
+            Ok(()) => {
+                tracing::info!(dir = %path.display(), "removed a dead run's work dir");
+                removed.push(path);
+            }
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), "cannot remove a dead run's work dir: {e}")
+            }
+        }
+    }
+    removed
+}
+
+/// Removes `dir` and everything under it, refusing to descend into another
+/// filesystem (a mount under it would be emptied otherwise).
+fn remove_tree_on(dir: &Path, dev: u64) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.is_dir() {
+            if meta.dev() != dev {
+                return Err(io::Error::other(format!(
+                    "{} is a mountpoint: not removing through it",
+                    path.display()
+                )));
+            }
+            remove_tree_on(&path, dev)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_dirs_carry_the_pid_and_a_lock() {
+        let root = tempfile::tempdir().unwrap();
+        let w = WorkDir::create_in(root.path()).unwrap();
+        let name = w.path().file_name().unwrap().to_str().unwrap().to_owned();
+        assert_eq!(owner_pid(&name), Some(std::process::id()), "{name}");
+        assert!(!is_dead(w.path(), std::process::id()), "our lock is held");
+        let path = w.path().to_owned();
+        drop(w);
+        assert!(!path.exists(), "an orderly run removes its own");
+    }
+
+    #[test]
+    fn the_next_run_removes_dead_runs_work_dirs_and_keeps_live_ones() {
+        let root = tempfile::tempdir().unwrap();
+        // A run that was SIGKILLed: its lock file is there, nobody holds it.
+        let dead = root.path().join(format!("{PREFIX}4194303.AbCdEf"));
+        std::fs::create_dir_all(dead.join("boot")).unwrap();
+        std::fs::write(dead.join(LOCK), "").unwrap();
+        std::fs::write(dead.join("overlay.qcow2"), "x").unwrap();
+        std::fs::write(dead.join("boot/kernel"), "x").unwrap();
+        // A live run (here: this process holds its lock).
+        let live = WorkDir::create_in(root.path()).unwrap();
+        // Not ours by name: left alone whatever it holds.
+        let other = root.path().join("strata-vm.notapid");
+        std::fs::create_dir(&other).unwrap();
+        // Creating the live run's dir already swept the dead one away.
+        assert!(live.removed.contains(&dead), "{:?}", live.removed);
+        assert!(!dead.exists());
+        let again = WorkDir::create_in(root.path()).unwrap();
+        assert!(again.removed.is_empty(), "{:?}", again.removed);
+        assert!(live.path().exists(), "a live run's dir is never touched");
+        assert!(other.exists());
+    }
+
+    #[test]
+    fn a_dead_run_without_a_lock_file_is_judged_by_its_pid() {
+        let root = tempfile::tempdir().unwrap();
+        let mine = root
+            .path()
+            .join(format!("{PREFIX}{}.x", std::process::id()));
+        std::fs::create_dir(&mine).unwrap();
+        // pid_max on Linux is at most 4194304: this pid cannot be alive.
+        let gone = root.path().join(format!("{PREFIX}4194305.y"));
+        std::fs::create_dir(&gone).unwrap();
+        let removed = remove_dead(root.path());
+        assert_eq!(removed, [gone]);
+        assert!(mine.exists(), "our own pid: alive");
+    }
+}
