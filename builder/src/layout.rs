@@ -49,6 +49,18 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
+/// The prefix of the directory in `systems/` where an upgrade assembles a
+/// version (`systems/.strata-partial-<label>/{orig,run,kernel,initramfs}`)
+/// before one rename(2) makes it `systems/<label>`. A dot-name no label can
+/// collide with in a listing: readers never list it as a version, and one
+/// left by a killed upgrade is debris the next upgrade removes.
+pub const PARTIAL_PREFIX: &str = ".strata-partial-";
+
+/// Whether a name in `systems/` is an upgrade's partial version directory.
+pub fn is_partial_name(name: &str) -> bool {
+    name.starts_with(PARTIAL_PREFIX)
+}
+
 /// The comment line that precedes every line strata adds to an fstab.
 pub const FSTAB_MARKER: &str = "# Added by strata build: system layout state subvolumes";
 /// What readers match: any comment starting like this marks strata's lines
@@ -79,7 +91,7 @@ impl Tree {
 /// component, a boot menu label, an fstab field, a guest shell word.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
-    #[error("invalid version label {0:?}: use letters, digits, '.', '_' or '-' (it becomes a directory name and a boot menu label)")]
+    #[error("invalid version label {0:?}: use letters, digits, '.', '_' or '-' (it becomes a directory name and a boot menu label; \"default\" and names starting \".strata-partial-\" are reserved)")]
     Label(String),
     #[error("invalid state directory {0:?}: expected a single directory name such as \"var\"")]
     StateDir(String),
@@ -97,9 +109,10 @@ fn is_simple_name(s: &str) -> bool {
 }
 
 /// The rule for version labels. `default` is refused: `systems/default` is
-/// the link.
+/// the link; so is a name starting with `PARTIAL_PREFIX` (an upgrade's
+/// partial directory, which readers do not list).
 pub fn validate_label(label: &str) -> Result<(), NameError> {
-    is_simple_name(label)
+    (is_simple_name(label) && !is_partial_name(label))
         .then_some(())
         .ok_or_else(|| NameError::Label(label.to_owned()))
 }
@@ -173,6 +186,15 @@ impl Version {
     /// `systems/<label>/<tree>/etc/fstab`
     pub fn fstab(&self, tree: Tree) -> String {
         format!("{}/etc/fstab", self.tree(tree))
+    }
+
+    /// Where an upgrade assembles this version: `systems/.strata-partial-<label>`,
+    /// as a version for its paths (`orig()`, `run()`, `kernel()`…). Never a
+    /// label: it is not listed, booted or linked.
+    pub fn partial(&self) -> Version {
+        Version {
+            label: format!("{PARTIAL_PREFIX}{}", self.label),
+        }
     }
 
     /// What `systems/default` stores to name this version: the bare label,
@@ -291,6 +313,19 @@ mod tests {
         assert_eq!(boot_kernel_path(&v), "/systems/factory/kernel");
         assert_eq!(state("var"), "state/var");
         assert_eq!(state_mountpoint("var"), "/var");
+    }
+
+    #[test]
+    fn partial_version_paths() {
+        let p = Version::new("v2").unwrap().partial();
+        assert_eq!(p.dir(), "systems/.strata-partial-v2");
+        assert_eq!(p.orig(), "systems/.strata-partial-v2/orig");
+        assert_eq!(p.kernel(), "systems/.strata-partial-v2/kernel");
+        assert!(is_partial_name(".strata-partial-v2"));
+        assert!(!is_partial_name("v2"));
+        // No label is a partial name, so no version can hide as one.
+        assert!(validate_label(&p.label).is_err());
+        assert!(validate_label(".v2").is_ok());
     }
 
     #[test]
