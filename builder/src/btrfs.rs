@@ -35,6 +35,17 @@ pub fn snapshot(source: &Path, dest: &Path) -> Result<(), CmdError> {
     .map(drop)
 }
 
+/// Deletes a subvolume (it must hold no other subvolume). Its space is
+/// reclaimed in the background.
+pub fn subvolume_delete(path: &Path) -> Result<(), CmdError> {
+    cmd::run(
+        Command::new("btrfs")
+            .args(["-q", "subvolume", "delete"])
+            .arg(path),
+    )
+    .map(drop)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubvolumeInfo {
     pub uuid: String,
