@@ -33,3 +33,4 @@ pub mod rootfs;
 pub mod size;
 pub mod steps;
 pub mod sync;
+pub mod upgrade;
