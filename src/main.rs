@@ -25,6 +25,8 @@ enum Command {
     Fixture(cli::fixture::FixtureArgs),
     /// Show an image's layout without booting it; --lint finds hidden files.
     Inspect(cli::inspect::InspectArgs),
+    /// Deploy a new rootfs as a new version beside the existing ones.
+    Upgrade(cli::upgrade::UpgradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Test(a) => cli::test::run(a),
         Command::Fixture(a) => cli::fixture::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Upgrade(a) => cli::upgrade::run(a),
     };
     ExitCode::from(code)
 }

@@ -1,0 +1,145 @@
+//! `strata upgrade`: argument parsing, progress and the summary line.
+
+use std::path::PathBuf;
+use strata_builder::error::BuildError;
+use strata_builder::interrupt::Interrupt;
+use strata_builder::migrate::Migration;
+use strata_builder::size::human;
+use strata_builder::sync::StatePolicy;
+use strata_builder::upgrade::{self, UpgradeOptions, UpgradeSummary};
+
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    /// The image to upgrade in place.
+    image: PathBuf,
+    /// The new root filesystem (a directory).
+    #[arg(long)]
+    rootfs: PathBuf,
+    /// The new version's label: it lives in systems/<LABEL>/.
+    #[arg(long)]
+    label: String,
+    /// Extra kernel command line arguments for the new version.
+    #[arg(long, default_value = "")]
+    kernel_args: String,
+    /// `move` (default) leaves the new version's mountpoints empty; `copy`
+    /// leaves the new rootfs's state data under them too, reproducing the
+    /// 2014 upgrades' "mountpoint not empty" boot warnings.
+    #[arg(long, value_enum, default_value_t = MigrationArg::Move)]
+    state_migration: MigrationArg,
+    /// What happens to the new rootfs's data under the state dirs: `merge`
+    /// (default) adds what the live state lacks and overwrites nothing;
+    /// `keep` leaves the state untouched. Either way the state stays
+    /// authoritative and the summary and manifest list what was left out.
+    #[arg(long, value_enum, default_value_t = StateDataArg::Merge)]
+    state_data: StateDataArg,
+    /// Add the version without making it the default.
+    #[arg(long)]
+    no_default: bool,
+    /// The manifest to update (default: IMAGE.manifest.json; started from
+    /// the image's layout when it does not exist).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MigrationArg {
+    Move,
+    Copy,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StateDataArg {
+    Keep,
+    Merge,
+}
+
+pub fn run(args: UpgradeArgs) -> u8 {
+    let opts = UpgradeOptions {
+        rootfs: args.rootfs,
+        label: args.label,
+        kernel_args: args.kernel_args,
+        migration: match args.state_migration {
+            MigrationArg::Move => Migration::Move,
+            MigrationArg::Copy => Migration::Copy,
+        },
+        state_data: match args.state_data {
+            StateDataArg::Keep => StatePolicy::Keep,
+            StateDataArg::Merge => StatePolicy::Merge,
+        },
+        set_default: !args.no_default,
+        manifest: args.manifest,
+    };
+    let interrupt = match Interrupt::on_signals() {
+        Ok(i) => i,
+        Err(e) => return super::fail(1, &anyhow::anyhow!("installing signal handlers: {e}")),
+    };
+    let mut ui = super::progress::Progress::new();
+    let result = upgrade::upgrade(&args.image, &opts, &interrupt, &mut |e| ui.event(e));
+    ui.finish();
+    match result {
+        Ok(s) => {
+            println!("{}", summary(&args.image.display().to_string(), &s));
+            0
+        }
+        Err(e) => {
+            let code = match e {
+                BuildError::Input(_) => 2,
+                BuildError::Interrupted => 130,
+                BuildError::Step { .. } => 1,
+            };
+            super::fail(code, &anyhow::Error::new(e))
+        }
+    }
+}
+
+/// The first few paths of a list, for one line.
+fn first_few(paths: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut s = paths
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if paths.len() > SHOWN {
+        s.push_str(", …");
+    }
+    s
+}
+
+fn count(paths: &[String], what: &str) -> String {
+    if paths.is_empty() {
+        format!("0 {what}")
+    } else {
+        format!("{} {what} ({})", paths.len(), first_few(paths))
+    }
+}
+
+fn summary(image: &str, s: &UpgradeSummary) -> String {
+    let default = if s.is_default {
+        "now the default".to_owned()
+    } else {
+        format!(
+            "not the default (systems/default still names {}; `strata set-default {image} {}` boots it)",
+            s.based_on, s.label
+        )
+    };
+    format!(
+        "upgraded {image}: version {} (from {}) is {default}; {} written ({} new, {} changed, {} removed files); state data ({}): {}, {}; manifest {}{}",
+        s.label,
+        s.based_on,
+        human(s.bytes_written),
+        s.sync.created.len(),
+        s.sync.updated.len(),
+        s.sync.deleted.len(),
+        s.state_data.policy,
+        count(&s.state_data.merged, "merged"),
+        count(&s.state_data.left_out, "left out"),
+        s.manifest.display(),
+        if s.manifest_created {
+            " (new: read off the image)"
+        } else {
+            ""
+        }
+    )
+}
