@@ -4,7 +4,7 @@
 //! every step boundary. Needs root and the packages `ci/setup` installs.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -345,6 +345,16 @@ fn upgrade_adds_a_version_beside_the_old_one() {
         fs::read(m.path(&in_orig(&new, "usr/bin/changed"))).unwrap(),
         fs::read(fx.rootfs2().join("usr/bin/changed")).unwrap()
     );
+    // Reading it (rsync compares contents) did not rewrite its inode: an
+    // atime update would unshare the metadata of the whole tree.
+    let atime = |p: &str| {
+        let md = fs::symlink_metadata(m.path(p)).unwrap();
+        (md.atime(), md.atime_nsec())
+    };
+    assert_eq!(
+        atime(&in_orig(&old, "usr/bin/unchanged")),
+        atime(&in_orig(&new, "usr/bin/unchanged"))
+    );
     assert!(!m.path(&in_orig(&new, "usr/bin/removed")).exists());
     assert!(m.path(&in_orig(&old, "usr/bin/removed")).exists());
     assert_eq!(
@@ -630,15 +640,21 @@ fn kill_after(fx: &Fixture, step: Step, label: &str) {
         .stderr(log)
         .spawn()
         .unwrap();
+    wait_until_stopped(&mut child, &fx.path(&format!("killed-{}.log", step.name())));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Waits until `child` has stopped itself (the stop hook), failing with its
+/// stderr (in `log`) if it ends first.
+fn wait_until_stopped(child: &mut std::process::Child, log: &Path) {
     let stat = format!("/proc/{}/stat", child.id());
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             panic!(
-                "strata upgrade ended ({status}) before stopping after {}: {}",
-                step.name(),
-                fs::read_to_string(fx.path(&format!("killed-{}.log", step.name())))
-                    .unwrap_or_default()
+                "strata upgrade ended ({status}) before it stopped: {}",
+                fs::read_to_string(log).unwrap_or_default()
             );
         }
         let state = fs::read_to_string(&stat).unwrap_or_default();
@@ -649,13 +665,11 @@ fn kill_after(fx: &Fixture, step: Step, label: &str) {
             .map(str::trim_start)
             .is_some_and(|s| s.starts_with('T'))
         {
-            break;
+            return;
         }
         assert!(start.elapsed() < Duration::from_secs(120), "never stopped");
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 /// SIGKILL at every step boundary: the image boots a consistent default
@@ -718,6 +732,37 @@ fn sigkill_at_every_step_boundary_leaves_a_consistent_image() {
         assert_eq!(l.default.version.as_deref(), Some(label), "after {name}");
         assert!(l.problems.is_empty(), "after {name}: {:#?}", l.problems);
     }
+}
+
+/// SIGTERM (or Ctrl-C) stops the upgrade between steps and undoes it: exit
+/// 130, the partial version removed, nothing left attached.
+#[test]
+fn an_interrupt_undoes_the_half_made_version() {
+    let fx = Fixture::new();
+    let log = fx.path("interrupted.log");
+    let mut child = strata()
+        .arg("upgrade")
+        .arg(fx.image())
+        .arg("--rootfs")
+        .arg(fx.rootfs2())
+        .args(["--label", "v2"])
+        .env(STOP_AFTER_STEP_ENV, Step::SyncRootfs.name())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until_stopped(&mut child, &log);
+    let pid = child.id().to_string();
+    sh(&format!("kill -TERM {pid} && kill -CONT {pid}"));
+    let status = child.wait().unwrap();
+    let e = fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(130), "{e}");
+    assert!(e.contains("interrupted"), "{e}");
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+    let l = fx.layout();
+    assert_eq!(whole_versions(&l), ["factory"]);
+    assert!(l.problems.is_empty(), "{:#?}", l.problems);
+    assert_eq!(menu_boots(&l).as_deref(), Some("factory"));
 }
 
 /// Killed mid-way, the next upgrade cleans what the killed one left on

@@ -205,8 +205,10 @@ pub fn open(image: &Path, mode: Mode) -> Result<OpenImage, ImageError> {
                 .map_err(|_| mounting(first))?,
         },
         // Writing: the log is replayed as the kernel always does; skipping
-        // it would lose the last fsynced writes.
-        Mode::ReadWrite => Mount::btrfs(&dev_path, "subvolid=5").map_err(mounting)?,
+        // it would lose the last fsynced writes. noatime: reading a file
+        // (an upgrade compares every file of a snapshot) must not rewrite
+        // its inode, which would unshare the metadata of the whole tree.
+        Mode::ReadWrite => Mount::btrfs(&dev_path, "subvolid=5,noatime").map_err(mounting)?,
     };
     let mut opened = OpenImage {
         filesystem,
