@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use strata_builder::error::BuildError;
 use strata_builder::interrupt::Interrupt;
+use strata_builder::layout::DEFAULT_LINK;
 use strata_builder::migrate::Migration;
 use strata_builder::size::human;
 use strata_builder::sync::StatePolicy;
@@ -120,8 +121,8 @@ fn summary(image: &str, s: &UpgradeSummary) -> String {
         "now the default".to_owned()
     } else {
         format!(
-            "not the default (systems/default still names {}; `strata set-default {image} {}` boots it)",
-            s.based_on, s.label
+            "not the default ({} still names {}; `strata set-default {image} {}` boots it)",
+            DEFAULT_LINK, s.based_on, s.label
         )
     };
     format!(
@@ -142,4 +143,84 @@ fn summary(image: &str, s: &UpgradeSummary) -> String {
             ""
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_builder::manifest::{Deployment, StateData, StateDirs, VersionRecord};
+    use strata_builder::sync::SyncReport;
+
+    fn summary_of(is_default: bool, merged: &[&str], left_out: &[&str]) -> UpgradeSummary {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let state_data = StateData {
+            policy: "merge".into(),
+            merged: strings(merged),
+            left_out: strings(left_out),
+        };
+        UpgradeSummary {
+            label: "v2".into(),
+            based_on: "factory".into(),
+            is_default,
+            sync: SyncReport {
+                created: strings(&["/usr/bin/new-tool"]),
+                updated: strings(&["/etc/fstab", "/usr/bin/changed"]),
+                deleted: strings(&["/usr/bin/removed"]),
+                bytes_written: 1 << 20,
+                ..SyncReport::default()
+            },
+            bytes_written: (1 << 20) + 18,
+            state_data: state_data.clone(),
+            manifest: "/var/tmp/sys.img.manifest.json".into(),
+            manifest_created: !is_default,
+            record: VersionRecord {
+                label: "v2".into(),
+                deployed_by: Deployment::Upgrade,
+                based_on: Some("factory".into()),
+                deployed_at: 0,
+                root_device: "/dev/vda".into(),
+                state_dirs: StateDirs {
+                    created: vec![],
+                    skipped: vec![],
+                },
+                fstab_lines_added: vec![],
+                state_migration: "move".into(),
+                state_data: Some(state_data),
+                moved_files: vec![],
+                kernel: "systems/v2/kernel".into(),
+                initramfs: None,
+                kernel_source: "/boot/vmlinuz".into(),
+                initramfs_source: None,
+                kernel_args: String::new(),
+                timings: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn summary_lines() {
+        insta::assert_snapshot!(
+            "default",
+            summary(
+                "/var/tmp/sys.img",
+                &summary_of(true, &["/var/lib/newpkg", "/var/lib/newpkg/state"], &[])
+            )
+        );
+        insta::assert_snapshot!(
+            "not-default",
+            summary(
+                "/var/tmp/sys.img",
+                &summary_of(
+                    false,
+                    &[],
+                    &[
+                        "/home/alice",
+                        "/home/alice/notes",
+                        "/var/lib/db",
+                        "/var/lib/db/data"
+                    ]
+                )
+            )
+        );
+    }
 }
