@@ -35,6 +35,8 @@ enum Command {
     SetDefault(cli::versions::SetDefaultArgs),
     /// Delete a version that is not the default.
     Remove(cli::versions::RemoveArgs),
+    /// Deploy a new rootfs as a new version beside the existing ones.
+    Upgrade(cli::upgrade::UpgradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Command::Versions(a) => cli::versions::list(a),
         Command::SetDefault(a) => cli::versions::set_default(a),
         Command::Remove(a) => cli::versions::remove(a),
+        Command::Upgrade(a) => cli::upgrade::run(a),
     };
     ExitCode::from(code)
 }

@@ -15,10 +15,9 @@ use crate::boot;
 use crate::btrfs;
 use crate::copy;
 use crate::debris;
-use crate::deploy::{self, BootSource, DeployOptions, Deployed, Rootfs};
+use crate::deploy::{self, DeployOptions, Deployed, Rootfs};
 use crate::error::{BuildError, Context, StepError};
 use crate::interrupt::Interrupt;
-use crate::kernel::{self, BootFiles};
 use crate::layout::{self, Version};
 use crate::loopdev::LoopDevice;
 use crate::manifest::{
@@ -28,10 +27,8 @@ use crate::migrate::Migration;
 use crate::mount::Mount;
 use crate::plan::{self, Plan, PlanOptions, StateDirAction};
 use crate::progress::{Event, Step};
-use crate::rootfs::RootDir;
 use crate::size::human;
 use crate::steps::Steps;
-use rustix::fs::FileType;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,62 +85,16 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
         )));
     }
     let rootfs = &opts.rootfs;
-    let meta =
-        fs::metadata(rootfs).map_err(|e| input(format!("rootfs {}: {e}", rootfs.display())))?;
-    if !meta.is_dir() {
-        return Err(input(format!(
-            "rootfs {} is not a directory",
-            rootfs.display()
-        )));
-    }
-    let source =
-        RootDir::open(rootfs).map_err(|e| input(format!("rootfs {}: {e}", rootfs.display())))?;
-    match source.open_dir("etc") {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return Err(input(format!(
-                "rootfs {} has no etc/ directory: is it a root filesystem?",
-                rootfs.display()
-            )))
-        }
-        Err(e) => return Err(input(e.to_string())),
-    }
+    let source = deploy::open_rootfs(rootfs)?;
     check_output(&opts.output, opts.force, "output image")?;
     check_output(&opts.manifest, opts.force, "manifest")?;
-
-    let found = kernel::find(&source).map_err(|e| input(e.to_string()))?;
-    let (kernel, found_initramfs) = match (&opts.kernel, found) {
-        (Some(k), found) => (
-            BootSource::Host(host_file(k, "kernel")?),
-            found.and_then(|f| f.initramfs),
-        ),
-        (None, Some(BootFiles { kernel, initramfs })) => (BootSource::Rootfs(kernel), initramfs),
-        (None, None) => {
-            return Err(input(format!(
-                "no kernel found in rootfs {} (looked for boot/vmlinuz-<version>, boot/vmlinuz, vmlinuz): give --kernel",
-                rootfs.display()
-            )))
-        }
-    };
-    let initramfs = match (&opts.initramfs, &opts.initramfs_in_rootfs) {
-        (Some(i), _) => Some(BootSource::Host(host_file(i, "initramfs")?)),
-        (None, Some(p)) => Some(BootSource::Rootfs(rootfs_file(
-            &source,
-            p,
-            "INITRAMFS_PATH",
-        )?)),
-        // An explicit kernel gets only an explicit initramfs: one found in
-        // the rootfs belongs to the rootfs's own kernel.
-        (None, None) if opts.kernel.is_some() => None,
-        (None, None) => found_initramfs.map(BootSource::Rootfs),
-    };
-    // Look at what will be copied now, before anything is created: a fifo
-    // or device node named like a kernel is refused here, not mid-build.
-    for (what, src) in [("kernel", Some(&kernel)), ("initramfs", initramfs.as_ref())] {
-        if let Some(BootSource::Rootfs(p)) = src {
-            rootfs_file(&source, p, what)?;
-        }
-    }
+    let (kernel, initramfs) = deploy::boot_sources(
+        &source,
+        rootfs,
+        opts.kernel.as_deref(),
+        opts.initramfs.as_deref(),
+        opts.initramfs_in_rootfs.as_deref(),
+    )?;
 
     let fstab_bytes = source.read("etc/fstab").map_err(|e| input(e.to_string()))?;
     let fs_uuid = match &opts.fs_uuid {
@@ -165,23 +116,7 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
     )
     .map_err(|e| input(e.to_string()))?;
 
-    for dir in plan.created_state_dirs() {
-        match source.top_level_type(dir).map_err(|e| input(e.to_string()))? {
-            None | Some(FileType::Directory) => {}
-            Some(FileType::Symlink) => {
-                return Err(input(format!(
-                    "rootfs {}: /{dir} is a symlink; a state directory must be a real directory (or absent) to be mounted over",
-                    rootfs.display()
-                )))
-            }
-            Some(_) => {
-                return Err(input(format!(
-                    "rootfs {}: /{dir} is not a directory",
-                    rootfs.display()
-                )))
-            }
-        }
-    }
+    deploy::check_state_dirs(&source, rootfs, &plan)?;
 
     if opts.size < MIN_IMAGE_SIZE {
         return Err(input(format!(
@@ -237,34 +172,6 @@ fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    }
-}
-
-/// A regular file inside the rootfs named by the user (`what` says how),
-/// as a path relative to the rootfs top.
-fn rootfs_file(source: &RootDir, path: &str, what: &str) -> Result<String, BuildError> {
-    let rel = path.trim_start_matches('/');
-    if rel.is_empty() {
-        return Err(input(format!("{what} {path:?} names no file")));
-    }
-    match source.open_file(rel) {
-        Ok(Some(_)) => Ok(rel.to_owned()),
-        Ok(None) => Err(input(format!(
-            "{what} {path}: no such file in rootfs {}",
-            source.path().display()
-        ))),
-        Err(e) => Err(input(format!("{what}: {e}"))),
-    }
-}
-
-fn host_file(path: &Path, what: &str) -> Result<PathBuf, BuildError> {
-    match fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(path.to_owned()),
-        Ok(_) => Err(input(format!(
-            "{what} {} is not a regular file",
-            path.display()
-        ))),
-        Err(e) => Err(input(format!("{what} {}: {e}", path.display()))),
     }
 }
 

@@ -158,6 +158,20 @@ pub fn find(image_dir: Option<&Path>) -> Vec<Leftover> {
     out
 }
 
+/// The mounts of dead runs on a loop device backed by `image`: what keeps
+/// the image from being opened again (btrfs refuses a second device of a
+/// filesystem that is still mounted through the first).
+pub fn find_for_image(image: &Path) -> Vec<Leftover> {
+    let backing = loops_backing(image);
+    if backing.is_empty() {
+        return Vec::new();
+    }
+    find(None)
+        .into_iter()
+        .filter(|l| matches!(l, Leftover::Mount { device, .. } if backing.contains(device)))
+        .collect()
+}
+
 /// Cleans what `find` found: unmount (lazily if busy) and rmdir, detach the
 /// loop device that was mounted, remove partial images no loop device uses.
 pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {

@@ -14,6 +14,7 @@ use crate::error::{BuildError, Context, StepError};
 use crate::etcfile;
 use crate::extlinux::BootEntry;
 use crate::fstab;
+use crate::kernel::{self, BootFiles};
 use crate::layout::{self, Version};
 use crate::manifest::MovedFile;
 use crate::migrate::{self, MigrateError, Migration};
@@ -22,6 +23,7 @@ use crate::progress::{Event, Step};
 use crate::rootfs::RootDir;
 use crate::size::human;
 use crate::steps::Steps;
+use rustix::fs::FileType;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -52,6 +54,155 @@ pub struct Rootfs {
     pub kernel: BootSource,
     pub initramfs: Option<BootSource>,
     pub size: TreeSize,
+}
+
+fn input(msg: impl Into<String>) -> BuildError {
+    BuildError::Input(msg.into())
+}
+
+/// Opens the rootfs the user named: a directory (a symlink to one is what
+/// they meant) with an `etc/` inside. Refusals are input errors.
+pub fn open_rootfs(path: &Path) -> Result<RootDir, BuildError> {
+    let meta = fs::metadata(path).map_err(|e| input(format!("rootfs {}: {e}", path.display())))?;
+    if !meta.is_dir() {
+        return Err(input(format!(
+            "rootfs {} is not a directory",
+            path.display()
+        )));
+    }
+    let source =
+        RootDir::open(path).map_err(|e| input(format!("rootfs {}: {e}", path.display())))?;
+    match source.open_dir("etc") {
+        Ok(Some(_)) => Ok(source),
+        Ok(None) => Err(input(format!(
+            "rootfs {} has no etc/ directory: is it a root filesystem?",
+            path.display()
+        ))),
+        Err(e) => Err(input(e.to_string())),
+    }
+}
+
+/// The kernel and initramfs to install (layout.md §4): host files given
+/// explicitly win, else the rootfs's own. An explicit kernel gets only an
+/// explicit initramfs: one found in the rootfs belongs to the rootfs's own
+/// kernel.
+pub fn boot_sources(
+    source: &RootDir,
+    path: &Path,
+    kernel: Option<&Path>,
+    initramfs: Option<&Path>,
+    initramfs_in_rootfs: Option<&str>,
+) -> Result<(BootSource, Option<BootSource>), BuildError> {
+    let found = kernel::find(source).map_err(|e| input(e.to_string()))?;
+    let (kernel_source, found_initramfs) = match (kernel, found) {
+        (Some(k), found) => (
+            BootSource::Host(host_file(k, "kernel")?),
+            found.and_then(|f| f.initramfs),
+        ),
+        (None, Some(BootFiles { kernel, initramfs })) => (BootSource::Rootfs(kernel), initramfs),
+        (None, None) => {
+            return Err(input(format!(
+                "no kernel found in rootfs {} (looked for boot/vmlinuz-<version>, boot/vmlinuz, vmlinuz): give --kernel",
+                path.display()
+            )))
+        }
+    };
+    let initramfs_source = match (initramfs, initramfs_in_rootfs) {
+        (Some(i), _) => Some(BootSource::Host(host_file(i, "initramfs")?)),
+        (None, Some(p)) => Some(BootSource::Rootfs(rootfs_file(
+            source,
+            p,
+            "INITRAMFS_PATH",
+        )?)),
+        // An explicit kernel gets only an explicit initramfs: one found in
+        // the rootfs belongs to the rootfs's own kernel.
+        (None, None) if kernel.is_some() => None,
+        (None, None) => found_initramfs.map(BootSource::Rootfs),
+    };
+    // Look at what will be copied now, before anything is created: a fifo
+    // or device node named like a kernel is refused here, not mid-build.
+    for (what, src) in [
+        ("kernel", Some(&kernel_source)),
+        ("initramfs", initramfs_source.as_ref()),
+    ] {
+        if let Some(BootSource::Rootfs(p)) = src {
+            rootfs_file(source, p, what)?;
+        }
+    }
+    Ok((kernel_source, initramfs_source))
+}
+
+/// A regular file inside the rootfs named by the user (`what` says how),
+/// as a path relative to the rootfs top.
+fn rootfs_file(source: &RootDir, path: &str, what: &str) -> Result<String, BuildError> {
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() {
+        return Err(input(format!("{what} {path:?} names no file")));
+    }
+    match source.open_file(rel) {
+        Ok(Some(_)) => Ok(rel.to_owned()),
+        Ok(None) => Err(input(format!(
+            "{what} {path}: no such file in rootfs {}",
+            source.path().display()
+        ))),
+        Err(e) => Err(input(format!("{what}: {e}"))),
+    }
+}
+
+fn host_file(path: &Path, what: &str) -> Result<PathBuf, BuildError> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(path.to_owned()),
+        Ok(_) => Err(input(format!(
+            "{what} {} is not a regular file",
+            path.display()
+        ))),
+        Err(e) => Err(input(format!("{what} {}: {e}", path.display()))),
+    }
+}
+
+/// `open_rootfs` + `boot_sources` + its size: a rootfs ready to deploy.
+pub fn prepare_rootfs(
+    path: &Path,
+    kernel: Option<&Path>,
+    initramfs: Option<&Path>,
+) -> Result<Rootfs, BuildError> {
+    let dir = open_rootfs(path)?;
+    let (kernel, initramfs) = boot_sources(&dir, path, kernel, initramfs, None)?;
+    let size = copy::measure(path)
+        .map_err(|e| input(format!("reading rootfs {}: {e}", path.display())))?;
+    Ok(Rootfs {
+        path: path.to_owned(),
+        dir,
+        kernel,
+        initramfs,
+        size,
+    })
+}
+
+/// Every state dir the plan mounts must be a real directory in the rootfs,
+/// or absent: a symlink or file there cannot be mounted over.
+pub fn check_state_dirs(source: &RootDir, path: &Path, plan: &Plan) -> Result<(), BuildError> {
+    for dir in plan.created_state_dirs() {
+        match source
+            .top_level_type(dir)
+            .map_err(|e| input(e.to_string()))?
+        {
+            None | Some(FileType::Directory) => {}
+            Some(FileType::Symlink) => {
+                return Err(input(format!(
+                    "rootfs {}: /{dir} is a symlink; a state directory must be a real directory (or absent) to be mounted over",
+                    path.display()
+                )))
+            }
+            Some(_) => {
+                return Err(input(format!(
+                    "rootfs {}: /{dir} is not a directory",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How to deploy it.
@@ -168,7 +319,11 @@ fn copy_rootfs(
 }
 
 /// Writes the fstab the plan completed (layout.md §3) into `orig`.
-fn complete_fstab(orig: &Path, version: &Version, plan: &Plan) -> Result<RootDir, StepError> {
+pub(crate) fn complete_fstab(
+    orig: &Path,
+    version: &Version,
+    plan: &Plan,
+) -> Result<RootDir, StepError> {
     let root = RootDir::open(orig).context(|| format!("opening {}", version.orig()))?;
     if let FstabChange::Write { contents, .. } = &plan.fstab {
         etcfile::replace(&root, "fstab", contents)
@@ -249,7 +404,11 @@ fn hash_moved(top: &Path, moved: &mut [MovedFile]) -> Result<(), StepError> {
 /// No fstab mount point may hide data in the system: systemd would log
 /// "Directory … to mount over is not empty" and the files would vanish from
 /// view. Only `--state-migration copy` may leave state dirs filled.
-fn check_mountpoints(orig: &RootDir, plan: &Plan, how: Migration) -> Result<(), StepError> {
+pub(crate) fn check_mountpoints(
+    orig: &RootDir,
+    plan: &Plan,
+    how: Migration,
+) -> Result<(), StepError> {
     let text = orig
         .read("etc/fstab")
         .context(|| "checking mount points".into())?
@@ -286,7 +445,7 @@ fn check_mountpoints(orig: &RootDir, plan: &Plan, how: Migration) -> Result<(), 
 
 /// `run`: a writable snapshot of the finished `orig` (fstab completed, state
 /// moved out), so it costs ~0 bytes and its parent is `orig`.
-fn snapshot_run(top: &Path, version: &Version) -> Result<(), StepError> {
+pub(crate) fn snapshot_run(top: &Path, version: &Version) -> Result<(), StepError> {
     btrfs::snapshot(&top.join(version.orig()), &top.join(version.run()))
         .context(|| format!("snapshotting {} as {}", version.orig(), version.run()))
 }
@@ -301,7 +460,7 @@ fn install_kernel(top: &Path, version: &Version, rootfs: &Rootfs) -> Result<(), 
     Ok(())
 }
 
-fn install_boot_file(
+pub(crate) fn install_boot_file(
     top: &Path,
     source: &RootDir,
     from: &BootSource,

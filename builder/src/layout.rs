@@ -60,6 +60,18 @@ pub fn is_debris_name(name: &str) -> bool {
     name.starts_with(RESERVED_PREFIX)
 }
 
+/// The prefix (under `RESERVED_PREFIX`) of the directory in `systems/` where an upgrade assembles a
+/// version (`systems/.strata-partial-<label>/{orig,run,kernel,initramfs}`)
+/// before one rename(2) makes it `systems/<label>`. A dot-name no label can
+/// collide with in a listing: readers never list it as a version, and one
+/// left by a killed upgrade is debris the next upgrade removes.
+pub const PARTIAL_PREFIX: &str = ".strata-partial-";
+
+/// Whether a name in `systems/` is an upgrade's partial version directory.
+pub fn is_partial_name(name: &str) -> bool {
+    name.starts_with(PARTIAL_PREFIX)
+}
+
 /// The comment line that precedes every line strata adds to an fstab.
 pub const FSTAB_MARKER: &str = "# Added by strata build: system layout state subvolumes";
 /// What readers match: any comment starting like this marks strata's lines
@@ -184,6 +196,15 @@ impl Version {
     /// `systems/<label>/<tree>/etc/fstab`
     pub fn fstab(&self, tree: Tree) -> String {
         format!("{}/etc/fstab", self.tree(tree))
+    }
+
+    /// Where an upgrade assembles this version: `systems/.strata-partial-<label>`,
+    /// as a version for its paths (`orig()`, `run()`, `kernel()`…). Never a
+    /// label: it is not listed, booted or linked.
+    pub fn partial(&self) -> Version {
+        Version {
+            label: format!("{PARTIAL_PREFIX}{}", self.label),
+        }
     }
 
     /// What `systems/default` stores to name this version: the bare label,
@@ -328,6 +349,19 @@ mod tests {
         assert_eq!(boot_initramfs_path(&d), "/systems/default/initramfs");
         assert_eq!(rootflags_subvol(&d), "systems/default/run");
         assert!(validate_label(DEFAULT_ENTRY_LABEL).is_err());
+    }
+
+    #[test]
+    fn partial_version_paths() {
+        let p = Version::new("v2").unwrap().partial();
+        assert_eq!(p.dir(), "systems/.strata-partial-v2");
+        assert_eq!(p.orig(), "systems/.strata-partial-v2/orig");
+        assert_eq!(p.kernel(), "systems/.strata-partial-v2/kernel");
+        assert!(is_partial_name(".strata-partial-v2"));
+        assert!(!is_partial_name("v2"));
+        // No label is a partial name, so no version can hide as one.
+        assert!(validate_label(&p.label).is_err());
+        assert!(validate_label(".v2").is_ok());
     }
 
     #[test]

@@ -34,4 +34,5 @@ pub mod size;
 pub mod steps;
 pub mod sync;
 pub mod unshared;
+pub mod upgrade;
 pub mod versions;

@@ -75,7 +75,7 @@ pub fn migrate(
 
 /// Removes every entry of `dir`, keeping `dir` itself with its mode, owner
 /// and timestamps (it is the mountpoint).
-fn empty_dir(dir: &Path) -> Result<(), MigrateError> {
+pub(crate) fn empty_dir(dir: &Path) -> Result<(), MigrateError> {
     let meta = fs::symlink_metadata(dir).map_err(io(dir))?;
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
@@ -257,7 +257,7 @@ pub fn hash_moved(files: &mut [MovedFile], state: &Path) -> Result<(), MigrateEr
     Ok(())
 }
 
-fn hash(path: &Path) -> Result<String, MigrateError> {
+pub(crate) fn hash(path: &Path) -> Result<String, MigrateError> {
     let mut f = open_nofollow(path)?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(io(path))?;

@@ -5,9 +5,18 @@ use std::time::Duration;
 
 /// The steps of a build, in the order they run. Deploying one version is
 /// `CreateOrig` through `InstallKernel` (`deploy`); the boot menu and the
-/// default flip come after it (`boot`), the flip last of the two.
+/// default flip come after it (`boot`), the flip last of the two. An
+/// upgrade (`upgrade::STEPS`) shares most of them and adds its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    // Upgrade only.
+    CleanDebris,
+    CheckImage,
+    SnapshotOrig,
+    SyncRootfs,
+    MergeState,
+    CommitVersion,
+    // Build (and, from `Mount` on, upgrade too).
     CreateImage,
     Mkfs,
     Mount,
@@ -28,6 +37,12 @@ pub enum Step {
 impl Step {
     pub fn describe(self) -> &'static str {
         match self {
+            Step::CleanDebris => "cleaning up after killed runs",
+            Step::CheckImage => "checking the image and the new rootfs",
+            Step::SnapshotOrig => "snapshotting the default version's orig",
+            Step::SyncRootfs => "synchronising orig with the new rootfs",
+            Step::MergeState => "applying the state-data policy",
+            Step::CommitVersion => "renaming the new version into place",
             Step::CreateImage => "creating sparse image",
             Step::Mkfs => "making btrfs filesystem",
             Step::Mount => "attaching and mounting image",
@@ -49,6 +64,12 @@ impl Step {
     /// Stable name used in the manifest's timings.
     pub fn name(self) -> &'static str {
         match self {
+            Step::CleanDebris => "clean-debris",
+            Step::CheckImage => "check-image",
+            Step::SnapshotOrig => "snapshot-orig",
+            Step::SyncRootfs => "sync-rootfs",
+            Step::MergeState => "merge-state",
+            Step::CommitVersion => "commit-version",
             Step::CreateImage => "create-image",
             Step::Mkfs => "mkfs",
             Step::Mount => "mount",

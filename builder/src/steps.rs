@@ -1,4 +1,4 @@
-//! The step runner: every named step of a build (or, later, an upgrade) runs
+//! The step runner: every named step of a build or an upgrade runs
 //! through `Steps::run`, which reports it, times it, stops between steps on
 //! an interrupt, and tags a failure with the step it happened in.
 
@@ -8,10 +8,17 @@ use crate::manifest::StepTiming;
 use crate::progress::{Event, Step};
 use std::time::Instant;
 
+/// Test hook, no other effect: with `STRATA_STOP_AFTER_STEP=<step name>`
+/// (a `Step::name`, e.g. `sync-rootfs`) the process stops itself with
+/// SIGSTOP right after that step finished, so a test can SIGKILL it at that
+/// exact step boundary and check what a crash there leaves behind.
+pub const STOP_AFTER_STEP_ENV: &str = "STRATA_STOP_AFTER_STEP";
+
 pub struct Steps<'a> {
     interrupt: &'a Interrupt,
     on_event: &'a mut dyn FnMut(Event),
     timings: Vec<StepTiming>,
+    stop_after: Option<String>,
 }
 
 impl<'a> Steps<'a> {
@@ -20,6 +27,7 @@ impl<'a> Steps<'a> {
             interrupt,
             on_event,
             timings: Vec::new(),
+            stop_after: std::env::var(STOP_AFTER_STEP_ENV).ok(),
         }
     }
 
@@ -51,6 +59,11 @@ impl<'a> Steps<'a> {
             seconds: (took.as_secs_f64() * 1000.0).round() / 1000.0,
         });
         (self.on_event)(Event::StepFinished(step, took));
+        if self.stop_after.as_deref() == Some(step.name()) {
+            // SAFETY: raise has no preconditions; SIGSTOP cannot be caught,
+            // the process simply stops until continued or killed.
+            unsafe { libc::raise(libc::SIGSTOP) };
+        }
         if self.interrupt.raised() {
             return Err(BuildError::Interrupted);
         }

@@ -1,17 +1,13 @@
 //! `strata build`: argument parsing and the progress display.
 
 use super::exit;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
 use strata_builder::build::{self, BuildOptions};
 use strata_builder::error::FailureKind;
 use strata_builder::interrupt::Interrupt;
 use strata_builder::layout::{DEFAULT_LABEL, DEFAULT_STATE_DIRS};
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::Migration;
-use strata_builder::progress::Event;
 use strata_builder::size::parse_size;
 
 #[derive(clap::Args)]
@@ -109,7 +105,7 @@ pub fn run(args: BuildArgs) -> u8 {
             )
         }
     };
-    let mut ui = Progress::new();
+    let mut ui = super::progress::Progress::new();
     let result = build::build(&opts, &interrupt, &mut |e| ui.event(e));
     ui.finish();
     match result {
@@ -127,71 +123,5 @@ pub fn run(args: BuildArgs) -> u8 {
             0
         }
         Err(e) => exit::fail(e),
-    }
-}
-
-/// One line per step; a bar while the rootfs is copied. Plain lines when
-/// stderr is not a terminal (CI logs).
-struct Progress {
-    bar: Option<ProgressBar>,
-    tty: bool,
-}
-
-impl Progress {
-    fn new() -> Self {
-        Progress {
-            bar: None,
-            tty: std::io::stderr().is_terminal(),
-        }
-    }
-
-    fn event(&mut self, e: Event) {
-        match e {
-            Event::StepStarted(step) => {
-                if !self.tty {
-                    eprintln!("→ {}", step.describe());
-                } else {
-                    let bar = ProgressBar::new_spinner().with_message(step.describe());
-                    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("style"));
-                    bar.enable_steady_tick(Duration::from_millis(120));
-                    self.bar = Some(bar);
-                }
-            }
-            Event::StepFinished(step, took) => {
-                let line = format!("✓ {} ({:.1}s)", step.describe(), took.as_secs_f64());
-                match self.bar.take() {
-                    Some(bar) => {
-                        bar.set_style(ProgressStyle::with_template("{msg}").expect("style"));
-                        bar.finish_with_message(line);
-                    }
-                    None => eprintln!("{line}"),
-                }
-            }
-            Event::CopyProgress { done, total } => {
-                if let Some(bar) = &self.bar {
-                    if bar.length().is_none() {
-                        bar.set_style(
-                            ProgressStyle::with_template(
-                                "{spinner} {msg} [{bar:30}] {pos}/{len} entries",
-                            )
-                            .expect("style")
-                            .progress_chars("=> "),
-                        );
-                    }
-                    bar.set_length(total.max(done));
-                    bar.set_position(done);
-                }
-            }
-            Event::Note(n) => match &self.bar {
-                Some(bar) => bar.println(n),
-                None => eprintln!("{n}"),
-            },
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
     }
 }

@@ -6,5 +6,7 @@ pub mod completions;
 pub mod exit;
 pub mod fixture;
 pub mod inspect;
+pub mod progress;
 pub mod test;
+pub mod upgrade;
 pub mod versions;

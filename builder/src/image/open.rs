@@ -78,6 +78,9 @@ pub fn read_superblock(image: &Path) -> Result<Filesystem, ImageError> {
 /// A mounted image; unmounted and detached when dropped (mount first).
 pub struct OpenImage {
     pub filesystem: Filesystem,
+    /// What a killed strata had left mounted on this image, cleaned before
+    /// opening it (for the caller to report).
+    pub cleaned: Vec<crate::debris::Cleaned>,
     /// As listed when the image was opened.
     pub subvolumes: Vec<Subvolume>,
     path: PathBuf,
@@ -167,6 +170,14 @@ pub fn open(image: &Path, mode: Mode) -> Result<OpenImage, ImageError> {
     let is_block = std::fs::metadata(image)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
+    // A strata killed with the image mounted left the mount (its pid is in
+    // the mount dir's name) and its loop device: while they stay, a second
+    // mount of the same filesystem fails. The next command cleans them.
+    let cleaned = if is_block {
+        Vec::new()
+    } else {
+        crate::debris::clean(&crate::debris::find_for_image(image))
+    };
     let device = if is_block {
         None
     } else {
@@ -205,11 +216,14 @@ pub fn open(image: &Path, mode: Mode) -> Result<OpenImage, ImageError> {
             }
         },
         // Writing: the log is replayed as the kernel always does; skipping
-        // it would lose the last fsynced writes.
-        Mode::ReadWrite => mount_with("subvolid=5").map_err(mounting)?,
+        // it would lose the last fsynced writes. noatime: reading a file
+        // (an upgrade compares every file of a snapshot) must not rewrite
+        // its inode, which would unshare the metadata of the whole tree.
+        Mode::ReadWrite => mount_with("subvolid=5,noatime").map_err(mounting)?,
     };
     let mut opened = OpenImage {
         filesystem,
+        cleaned,
         subvolumes: Vec::new(),
         path: image.to_path_buf(),
         mode,

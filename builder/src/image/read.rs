@@ -68,11 +68,21 @@ fn subdirs(dir: &Path) -> Vec<String> {
     names
 }
 
-/// The versions: the directories under systems/.
+/// The versions: the directories under systems/, except an upgrade's
+/// partial directories (never a version, whole or not).
 pub(super) fn versions(top: &Path) -> Vec<Version> {
     subdirs(&top.join(layout::SYSTEMS_DIR))
         .iter()
+        .filter(|l| !layout::is_partial_name(l))
         .map(|l| Version::found(l))
+        .collect()
+}
+
+/// Partial version directories a killed upgrade left in systems/.
+fn partials(top: &Path) -> Vec<String> {
+    subdirs(&top.join(layout::SYSTEMS_DIR))
+        .into_iter()
+        .filter(|l| layout::is_partial_name(l))
         .collect()
 }
 
@@ -307,6 +317,11 @@ pub fn layout(
     if labels.is_empty() && top.join(systems).is_dir() {
         problems.push(format!("{systems}/ has no versions"));
     }
+    for name in partials(top) {
+        problems.push(format!(
+            "{systems}/{name}: debris of a killed `strata upgrade` (a half-made version, not listed; the next upgrade removes it)"
+        ));
+    }
 
     let state_dirs: Vec<StateDir> = state_names(top)
         .into_iter()
@@ -469,6 +484,24 @@ mod tests {
             let has_initrd = default.label() == "factory";
             assert_eq!(first.initrd_present, has_initrd.then_some(true));
         }
+    }
+
+    #[test]
+    fn a_partial_version_is_debris_not_a_version() {
+        let d = image_with_menu("v1", MENU_THROUGH_THE_LINK);
+        let partial = Version::new("v2").unwrap().partial();
+        std::fs::create_dir_all(d.path().join(partial.orig())).unwrap();
+        std::fs::write(d.path().join(partial.kernel()), "k").unwrap();
+        let l = read(d.path());
+        let labels: Vec<&str> = l.versions.iter().map(|v| v.label.as_str()).collect();
+        assert_eq!(labels, ["v1"]);
+        assert!(
+            l.problems
+                .iter()
+                .any(|p| p.starts_with(&partial.dir()) && p.contains("debris")),
+            "{:#?}",
+            l.problems
+        );
     }
 
     #[test]

@@ -1,0 +1,477 @@
+//! `check-image`: everything about the image and the new rootfs decided
+//! through a read-only mount, every refusal (exit 2) before anything is
+//! written.
+
+use super::existing::{existing_entries, menu_entry, record_from_image, root_of};
+use super::{input, UpgradeOptions};
+use crate::copy;
+use crate::debris;
+use crate::deploy::{self, BootSource, Rootfs};
+use crate::error::{BuildError, Context, StepError};
+use crate::extlinux::BootEntry;
+use crate::fstab;
+use crate::image::{self, model, ImageError, Mode, OpenImage};
+use crate::interrupt::Interrupt;
+use crate::layout::{self, Version};
+use crate::manifest::{Manifest, MANIFEST_VERSION};
+use crate::migrate::Migration;
+use crate::plan::{self, FstabChange, Plan, PlanOptions};
+use crate::progress::Event;
+use crate::size::human;
+use crate::steps::Steps;
+use crate::sync::{self, StatePolicy, SyncError};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Space kept free for btrfs metadata (DUP) on top of the data an upgrade
+/// writes: a fixed part plus a part per rootfs entry (inodes, directory
+/// items and the tree nodes copied on write around them).
+const METADATA_MARGIN: u64 = 32 << 20;
+const METADATA_PER_ENTRY: u64 = 2 << 10;
+
+/// Everything decided before the image is opened for writing.
+pub(super) struct Checked {
+    pub(super) rootfs: Rootfs,
+    pub(super) version: Version,
+    /// The current default: the new orig starts as a snapshot of its orig.
+    pub(super) old: Version,
+    pub(super) plan: Plan,
+    /// State dirs of the plan whose subvolume exists: the live data. Their
+    /// contents are excluded from the sync and the policy applies.
+    pub(super) live_state: Vec<String>,
+    /// Menu entries of the versions already on the image, in order.
+    pub(super) entries: Vec<BootEntry>,
+    pub(super) manifest_path: PathBuf,
+    /// Loaded, or started from the image's layout.
+    pub(super) manifest: Manifest,
+    pub(super) manifest_existed: bool,
+}
+
+pub(super) fn image_error(what: impl FnOnce() -> String) -> impl FnOnce(ImageError) -> StepError {
+    move |e| match e {
+        ImageError::Input(msg) => StepError::Input(msg),
+        e => StepError::Failed {
+            what: what(),
+            cause: e.into(),
+        },
+    }
+}
+
+pub(super) fn check(
+    image: &Path,
+    opts: &UpgradeOptions,
+    steps: &mut Steps,
+) -> Result<Checked, StepError> {
+    let version = Version::new(&opts.label).map_err(|e| input(e.to_string()))?;
+    let rootfs = deploy::prepare_rootfs(&opts.rootfs, None, None).map_err(into_step_error)?;
+    let manifest_path = opts
+        .manifest
+        .clone()
+        .unwrap_or_else(|| Manifest::default_path(image));
+    let loaded = match manifest_path.symlink_metadata() {
+        Ok(_) => Some(Manifest::load(&manifest_path).map_err(|e| {
+            input(format!(
+                "{e} (give --manifest PATH for this image's manifest, or move that file away)"
+            ))
+        })?),
+        Err(_) => None,
+    };
+    // Killed runs' mounts were cleaned in the step before (and by open):
+    // a loop device still attached to the image belongs to something
+    // running (a VM, a mount) or carries no pid to tell.
+    if fs::metadata(image).is_ok_and(|m| m.is_file()) {
+        let loops = debris::loops_backing(image);
+        if !loops.is_empty() {
+            return Err(input(format!(
+                "{} is attached to {}: in use (a VM, a mount) or left by a killed run; if nothing uses it, run `losetup -d {}`",
+                image.display(),
+                loops.join(", "),
+                loops.join(" ")
+            )));
+        }
+    }
+
+    let ro = image::open(image, Mode::ReadOnly).map_err(image_error(|| {
+        format!("opening {} read-only", image.display())
+    }))?;
+    for c in &ro.cleaned {
+        steps.emit(Event::Note(c.to_string()));
+    }
+    let checked = check_open(
+        image,
+        &ro,
+        opts,
+        version,
+        rootfs,
+        loaded,
+        manifest_path,
+        steps,
+    )?;
+    ro.close()
+        .map_err(image_error(|| format!("closing {}", image.display())))?;
+    Ok(checked)
+}
+
+fn into_step_error(e: BuildError) -> StepError {
+    match e {
+        BuildError::Input(m) => StepError::Input(m),
+        BuildError::Interrupted => StepError::Interrupted,
+        BuildError::Step { what, cause, .. } => StepError::Failed { what, cause },
+    }
+}
+
+/// A version with both subvolumes and a kernel: bootable, listed.
+pub(super) fn is_whole(v: &model::Version) -> bool {
+    v.orig.is_some() && v.run.is_some() && v.kernel_size.is_some()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_open(
+    image: &Path,
+    ro: &OpenImage,
+    opts: &UpgradeOptions,
+    version: Version,
+    rootfs: Rootfs,
+    loaded: Option<Manifest>,
+    manifest_path: PathBuf,
+    steps: &mut Steps,
+) -> Result<Checked, StepError> {
+    let shown = image.display();
+    let layout = ro.layout();
+    let not_layout = |why: String| {
+        let problems = if layout.problems.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", layout.problems.join("; "))
+        };
+        input(format!(
+            "{shown} is not a strata system layout to upgrade: {why}{problems}"
+        ))
+    };
+    let Some(old_label) = layout.default.version.clone() else {
+        return Err(not_layout(format!(
+            "{} names no version",
+            layout::DEFAULT_LINK
+        )));
+    };
+    let old_info = layout
+        .versions
+        .iter()
+        .find(|v| v.label == old_label)
+        .expect("the default link names a listed version");
+    if !is_whole(old_info) {
+        return Err(not_layout(format!(
+            "the default version {old_label} is not whole (it needs {}, {} and {})",
+            Version::found(&old_label).orig(),
+            Version::found(&old_label).run(),
+            Version::found(&old_label).kernel()
+        )));
+    }
+    let old = Version::new(&old_label).map_err(|e| not_layout(e.to_string()))?;
+    if layout.versions.iter().any(|v| v.label == version.label())
+        || ro.top().join(version.dir()).symlink_metadata().is_ok()
+    {
+        return Err(input(format!(
+            "version {version} already exists in {shown} (versions: {}): choose another --label",
+            layout
+                .versions
+                .iter()
+                .map(|v| v.label.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let fs_uuid = layout.filesystem.uuid.clone();
+    if let Some(m) = &loaded {
+        if m.fs_uuid != fs_uuid {
+            return Err(input(format!(
+                "manifest {} describes filesystem {}, but {shown} is filesystem {fs_uuid}: give --manifest PATH for this image's manifest",
+                manifest_path.display(),
+                m.fs_uuid
+            )));
+        }
+    }
+
+    // The image's root device: as the default version was deployed with,
+    // else as its boot entry says, else the filesystem's UUID.
+    let root_device = loaded
+        .as_ref()
+        .and_then(|m| m.version(&old_label))
+        .map(|r| r.root_device.clone())
+        .or_else(|| menu_entry(&layout, &old_label).and_then(|e| root_of(e.append.as_deref()?)))
+        .unwrap_or_else(|| format!("UUID={fs_uuid}"));
+
+    let state_dirs = state_dir_list(loaded.as_ref(), &old_label, &layout);
+    let fstab_bytes = rootfs
+        .dir
+        .read("etc/fstab")
+        .map_err(|e| input(e.to_string()))?;
+    let new_entries = fstab::parse(fstab_bytes.as_deref().unwrap_or_default());
+    let has_root_entry = fstab::find_target(&new_entries, "/").is_some();
+    if !has_root_entry
+        && rootfs.initramfs.is_none()
+        && (root_device.starts_with("UUID=") || root_device.starts_with("LABEL="))
+    {
+        return Err(input(format!(
+            "the image's root device is {root_device}, which needs an initramfs to be found at boot, and rootfs {} has none",
+            rootfs.path.display()
+        )));
+    }
+    let plan = plan::plan(
+        fstab_bytes.as_deref(),
+        &PlanOptions {
+            label: version.label().to_owned(),
+            state_dirs,
+            // Through the plan's own rule when it is the filesystem's UUID
+            // (the build's default); as given otherwise. A `/` entry in the
+            // new fstab wins either way.
+            root_device: (!has_root_entry && root_device != format!("UUID={fs_uuid}"))
+                .then(|| root_device.clone()),
+            fs_uuid: fs_uuid.clone(),
+            has_initramfs: rootfs.initramfs.is_some(),
+        },
+    )
+    .map_err(|e| input(e.to_string()))?;
+    deploy::check_state_dirs(&rootfs.dir, &rootfs.path, &plan).map_err(into_step_error)?;
+    check_hidden_data(&rootfs, &plan, fstab_bytes.as_deref())?;
+
+    let live_state: Vec<String> = plan
+        .created_state_dirs()
+        .filter(|d| {
+            layout
+                .state_dirs
+                .iter()
+                .any(|s| s.name == *d && s.subvolume.is_some())
+        })
+        .map(str::to_owned)
+        .collect();
+    check_fit(
+        ro.top(),
+        &old,
+        &rootfs,
+        opts,
+        &live_state,
+        steps.interrupt(),
+    )?;
+
+    let entries = existing_entries(&layout, loaded.as_ref(), &root_device)?;
+    let manifest_existed = loaded.is_some();
+    let mut manifest = loaded.unwrap_or_else(|| Manifest {
+        manifest_version: MANIFEST_VERSION,
+        fs_uuid,
+        image_size: fs::metadata(image).map(|m| m.len()).unwrap_or(0),
+        default: old_label.clone(),
+        versions: Vec::new(),
+    });
+    // The manifest describes the image: a whole version it has no record
+    // of (a run killed after the image was complete but before the
+    // manifest was written, a version made by another tool) gets one read
+    // off the image; a record of a version no longer there goes.
+    for e in &entries {
+        if manifest.version(e.version.label()).is_none() {
+            if manifest_existed {
+                steps.emit(Event::Note(format!(
+                    "manifest {}: no record of version {}; adding one read off the image",
+                    manifest_path.display(),
+                    e.version
+                )));
+            }
+            manifest.versions.push(record_from_image(&layout, e));
+        }
+    }
+    manifest.versions.retain(|r| {
+        let there = layout.versions.iter().any(|v| v.label == r.label);
+        if !there {
+            steps.emit(Event::Note(format!(
+                "manifest {}: dropping the record of version {}, which is not on the image",
+                manifest_path.display(),
+                r.label
+            )));
+        }
+        there
+    });
+    manifest.default = old_label;
+    Ok(Checked {
+        rootfs,
+        version,
+        old,
+        plan,
+        live_state,
+        entries,
+        manifest_path,
+        manifest,
+        manifest_existed,
+    })
+}
+
+/// The state dirs the new version mounts: the image's configured list
+/// (the default version's as the manifest records it, created and skipped,
+/// then the other versions'), then every state subvolume on the image (in
+/// the build's default order, then by name).
+fn state_dir_list(
+    manifest: Option<&Manifest>,
+    default: &str,
+    layout: &model::ImageLayout,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |d: &str| {
+        if !out.iter().any(|o| o == d) {
+            out.push(d.to_owned());
+        }
+    };
+    if let Some(m) = manifest {
+        let records = m
+            .version(default)
+            .into_iter()
+            .chain(m.versions.iter().filter(|v| v.label != default));
+        for r in records {
+            for d in &r.state_dirs.created {
+                add(d);
+            }
+            for s in &r.state_dirs.skipped {
+                add(&s.dir);
+            }
+        }
+    }
+    let rank = |n: &str| {
+        layout::DEFAULT_STATE_DIRS
+            .iter()
+            .position(|d| *d == n)
+            .unwrap_or(layout::DEFAULT_STATE_DIRS.len())
+    };
+    let mut on_image: Vec<&str> = layout
+        .state_dirs
+        .iter()
+        .filter(|s| s.subvolume.is_some())
+        .map(|s| s.name.as_str())
+        .collect();
+    on_image.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    for d in on_image {
+        add(d);
+    }
+    out
+}
+
+/// layout.md §3: data under ANY mount point of the completed fstab is
+/// refused before anything is copied. State dirs are the exception: their
+/// data is the state policy's (or, with `Migration::Copy`, deliberately
+/// left under the mountpoint).
+fn check_hidden_data(
+    rootfs: &Rootfs,
+    plan: &Plan,
+    fstab_bytes: Option<&[u8]>,
+) -> Result<(), StepError> {
+    let completed: Vec<u8> = match &plan.fstab {
+        FstabChange::Write { contents, .. } => contents.clone(),
+        FstabChange::Unchanged => fstab_bytes.unwrap_or_default().to_vec(),
+    };
+    for entry in fstab::mounts_over_root(&fstab::parse(&completed)) {
+        let target = entry.target.trim_start_matches('/');
+        if plan.created_state_dirs().any(|d| d == target) {
+            continue;
+        }
+        let names = rootfs
+            .dir
+            .list_dir(target)
+            .map_err(|e| input(e.to_string()))?;
+        if !names.is_empty() {
+            let shown: Vec<String> = names
+                .iter()
+                .take(5)
+                .map(|n| format!("{}/{n}", entry.target))
+                .collect();
+            return Err(input(format!(
+                "{} is a mount point of the new rootfs's fstab (line {}: {}) but rootfs {} has {} entries under it ({}{}): they would be hidden at boot; move them onto that filesystem or remove them",
+                entry.target,
+                entry.line,
+                entry.raw.trim(),
+                rootfs.path.display(),
+                names.len(),
+                shown.join(", "),
+                if names.len() > 5 { ", …" } else { "" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an upgrade that would not fit. The new orig shares the old
+/// one's extents, so only changed and new files need space (deleting
+/// shared files frees nothing), plus state data merged, kernel and
+/// initramfs, and metadata. When even a rewrite of the whole rootfs fits,
+/// the exact figure (rsync's dry run, which reads both trees) is not
+/// needed.
+fn check_fit(
+    top: &Path,
+    old: &Version,
+    rootfs: &Rootfs,
+    opts: &UpgradeOptions,
+    live_state: &[String],
+    interrupt: &Interrupt,
+) -> Result<(), StepError> {
+    let free = {
+        let st = rustix::fs::statvfs(top)
+            .context(|| format!("reading the free space of {}", top.display()))?;
+        st.f_bavail.saturating_mul(st.f_frsize)
+    };
+    let boot_files: u64 = [Some(&rootfs.kernel), rootfs.initramfs.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|b| boot_file_size(rootfs, b))
+        .sum();
+    let margin = METADATA_MARGIN + METADATA_PER_ENTRY * rootfs.size.entries;
+    let fixed = boot_files + margin;
+    if free >= rootfs.size.allocated + fixed {
+        return Ok(());
+    }
+    let excluded: Vec<String> = match opts.migration {
+        Migration::Move => live_state.to_vec(),
+        Migration::Copy => Vec::new(),
+    };
+    let changed =
+        sync::estimate_sync_bytes(&rootfs.path, &top.join(old.orig()), &excluded, interrupt)
+            .map_err(|e| match e {
+                SyncError::Interrupted => StepError::Interrupted,
+                e => StepError::Failed {
+                    what: format!("estimating what rootfs {} changes", rootfs.path.display()),
+                    cause: e.into(),
+                },
+            })?;
+    let merged: u64 = match opts.state_data {
+        StatePolicy::Keep => 0,
+        StatePolicy::Merge => live_state
+            .iter()
+            .filter_map(|d| copy::measure(&rootfs.path.join(d)).ok())
+            .map(|t| t.allocated)
+            .sum(),
+    };
+    let need = changed + merged + fixed;
+    if need > free {
+        return Err(input(format!(
+            "rootfs {} would not fit: the upgrade needs about {} ({} of changed files, up to {} of state data to merge, {} for kernel and initramfs, {} kept for btrfs metadata) and the image has {} free: missing {}; give the image more space or remove an old version",
+            rootfs.path.display(),
+            human(need),
+            human(changed),
+            human(merged),
+            human(boot_files),
+            human(margin),
+            human(free),
+            human(need - free)
+        )));
+    }
+    Ok(())
+}
+
+fn boot_file_size(rootfs: &Rootfs, b: &BootSource) -> u64 {
+    match b {
+        BootSource::Rootfs(p) => rootfs
+            .dir
+            .open_file(p)
+            .ok()
+            .flatten()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .unwrap_or(0),
+        BootSource::Host(p) => fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+    }
+}

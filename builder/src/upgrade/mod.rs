@@ -1,0 +1,312 @@
+//! `strata upgrade`: a new version deployed beside the existing ones, in
+//! place (layout.md §6), as named steps:
+//!
+//! ```text
+//! clean-debris       what killed runs left on the host (mounts, loop devices)
+//! check-image        read-only: every refusal (exit 2) happens here, before
+//!                    the image is opened for writing
+//! mount              read-write; partial versions a killed upgrade left go
+//! snapshot-orig      systems/.strata-partial-L/orig: snapshot of the default's orig
+//! sync-rootfs        made identical to the new rootfs (rsync, contents
+//!                    compared; the live state dirs' contents excluded)
+//! complete-fstab     the NEW rootfs's fstab completed by the build's rules
+//! merge-state        the state-data policy; state subvolumes new in the plan
+//! hash-moved         sha256 of what went into state, for the manifest
+//! check-mountpoints  no mount point of the new version hides data
+//! snapshot           run: a snapshot of the finished orig
+//! install-kernel     kernel and initramfs beside them
+//! commit-version     one rename(2): systems/.strata-partial-L -> systems/L
+//! write-boot-config  one menu entry per version (temp file + rename)
+//! set-default        systems/default -> L (one rename(2)), LAST
+//! finish             sync, unmount, detach
+//! ```
+//!
+//! and then the manifest gets the version's record (atomic rewrite).
+//!
+//! Crash safety (SIGKILL included): until `commit-version` the new version
+//! exists only under a partial name that no reader lists as a version and
+//! the next upgrade removes; the old default, its menu entry and the link
+//! are untouched. After it the new version is whole (listed, bootable from
+//! the menu once written); `systems/default` still names the old one until
+//! the flip. The mount and loop device of a killed run carry its pid
+//! (`debris`): the next strata command that opens the image cleans them.
+//! State data merged before a crash stays in the state subvolumes: they
+//! are files the live state lacked, no existing byte is changed.
+//!
+//! The state subvolumes are the machine's live data and stay
+//! authoritative: what the new rootfs has under a state dir never stays
+//! under the new version's mountpoint; `StatePolicy::Merge` (the default)
+//! adds what the state lacks and overwrites nothing, `Keep` leaves the
+//! state as it is. Both list what was merged and left out. Only
+//! `Migration::Copy` (the 2014 reproduction) leaves the new rootfs's data
+//! under the mountpoints.
+
+mod assemble;
+mod check;
+mod existing;
+mod partial;
+mod state;
+
+use crate::boot;
+use crate::btrfs;
+use crate::build;
+use crate::debris;
+use crate::error::{BuildError, Context, StepError};
+use crate::image::{self, boot_entry, Mode, OpenImage};
+use crate::interrupt::Interrupt;
+use crate::layout;
+use crate::manifest::{Deployment, StateData, VersionRecord};
+use crate::migrate::Migration;
+use crate::progress::{Event, Step};
+use crate::steps::Steps;
+use crate::sync::{StatePolicy, SyncReport};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use assemble::{assemble, Assembled};
+use check::{check, image_error, Checked};
+use partial::{own_subvolumes, partial_dirs, remove_partial};
+
+/// Every step of an upgrade, in order (`set-default` is skipped with
+/// `set_default: false`).
+pub const STEPS: [Step; 15] = [
+    Step::CleanDebris,
+    Step::CheckImage,
+    Step::Mount,
+    Step::SnapshotOrig,
+    Step::SyncRootfs,
+    Step::CompleteFstab,
+    Step::MergeState,
+    Step::HashMoved,
+    Step::CheckMountpoints,
+    Step::Snapshot,
+    Step::InstallKernel,
+    Step::CommitVersion,
+    Step::WriteBootConfig,
+    Step::SetDefault,
+    Step::Finish,
+];
+
+#[derive(Debug, Clone)]
+pub struct UpgradeOptions {
+    /// The new rootfs (a directory).
+    pub rootfs: PathBuf,
+    /// The new version's label: `systems/<label>/`.
+    pub label: String,
+    /// Extra kernel arguments for the new version's boot entry.
+    pub kernel_args: String,
+    /// `Copy` reproduces the 2014 warnings: the new rootfs's data stays
+    /// under the new version's mountpoints.
+    pub migration: Migration,
+    /// What happens to the new rootfs's data under the state dirs.
+    pub state_data: StatePolicy,
+    /// Flip `systems/default` to the new version (the last step).
+    pub set_default: bool,
+    /// The manifest to update; default `IMG.manifest.json`. Started from
+    /// the image's layout when it does not exist.
+    pub manifest: Option<PathBuf>,
+}
+
+/// What an upgrade did, for the CLI's summary.
+#[derive(Debug, Clone)]
+pub struct UpgradeSummary {
+    pub label: String,
+    /// The version whose orig the new one started from (the old default).
+    pub based_on: String,
+    /// The new version is the default now.
+    pub is_default: bool,
+    /// What the sync changed in the new orig.
+    pub sync: SyncReport,
+    /// Data bytes written into the image: changed and new files, state
+    /// data merged, kernel and initramfs unless unchanged (then shared).
+    pub bytes_written: u64,
+    pub state_data: StateData,
+    pub manifest: PathBuf,
+    /// The manifest did not exist and was started from the image's layout.
+    pub manifest_created: bool,
+    pub record: VersionRecord,
+}
+
+fn input(msg: impl Into<String>) -> StepError {
+    StepError::Input(msg.into())
+}
+
+/// Upgrades the image at `image` in place: see the module documentation.
+pub fn upgrade(
+    image: &Path,
+    opts: &UpgradeOptions,
+    interrupt: &Interrupt,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<UpgradeSummary, BuildError> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(BuildError::Input(format!(
+            "strata upgrade must run as root (it attaches a loop device and mounts the image); running as uid {}",
+            rustix::process::geteuid().as_raw()
+        )));
+    }
+    let mut steps = Steps::new(interrupt, on_event);
+    // A run killed with SIGKILL could not clean up: its mounts and loop
+    // devices carry its pid (a mount of this image would keep it from
+    // being opened again).
+    steps.run(Step::CleanDebris, |s| {
+        for c in debris::clean(&debris::find(Some(parent_dir(image)))) {
+            s.emit(Event::Note(c.to_string()));
+        }
+        Ok(())
+    })?;
+    let checked = steps.run(Step::CheckImage, |s| check(image, opts, s))?;
+    let rw = steps.run(Step::Mount, |s| open_rw(image, &checked, s))?;
+    let top = rw.top().to_owned();
+
+    let partial = checked.version.partial();
+    let assembled = match assemble(&top, &checked, opts, &mut steps) {
+        Ok(a) => a,
+        Err(e) => {
+            // The half-made version goes now (after a SIGKILL the next
+            // upgrade removes it); the image is as it was, but for state
+            // data already merged (files the state lacked).
+            if let Err(u) = remove_partial(&top, &partial.dir(), &own_subvolumes(&top, &partial)) {
+                steps.emit(Event::Note(format!(
+                    "could not remove {}: {u}; the next strata upgrade removes it",
+                    partial.dir()
+                )));
+            }
+            drop(rw);
+            return Err(e);
+        }
+    };
+
+    // The new version is whole and named. The menu gets one entry per
+    // version with the old default still the default: a crash before the
+    // flip boots the old version, as the link says.
+    let (version, old) = (&checked.version, &checked.old);
+    let mut entries = checked.entries.clone();
+    entries.push(assembled.deployed.boot.clone());
+    steps.run(Step::WriteBootConfig, |_| {
+        boot::write_menu(&top, old, &entries)
+    })?;
+    if opts.set_default {
+        steps.run(Step::SetDefault, |_| {
+            boot::set_default(&top, version)?;
+            // A menu whose default entry boots through systems/default
+            // (layout.md §6) already boots the new version; one that names
+            // the default by label is rewritten to name it. A crash between
+            // the two boots the old version, whole.
+            boot::write_menu(&top, version, &entries)
+        })?;
+    }
+    // No `extlinux --install`: the boot sector and ldlinux do not depend on
+    // the versions, and the menu is read by path at every boot.
+    steps.run(Step::Finish, |_| {
+        btrfs::sync(&top).context(|| "syncing the filesystem".into())?;
+        rw.close()
+            .context(|| "unmounting and detaching the image".into())
+    })?;
+
+    let Checked {
+        plan,
+        manifest_path,
+        mut manifest,
+        manifest_existed,
+        ..
+    } = checked;
+    let Assembled {
+        deployed,
+        sync,
+        state_data,
+        bytes_written,
+    } = assembled;
+    let mut record = build::version_record(&plan, opts.migration, deployed, Deployment::Upgrade);
+    record.based_on = Some(old.label().to_owned());
+    record.state_data = Some(state_data.clone());
+    record.timings = steps.into_timings();
+    manifest.versions.push(record.clone());
+    if opts.set_default {
+        manifest.default = record.label.clone();
+    }
+    if let Ok(m) = fs::metadata(image) {
+        if m.is_file() {
+            manifest.image_size = m.len();
+        }
+    }
+    // After the image is complete: a crash before this leaves the manifest
+    // one version behind, never ahead of the image.
+    manifest
+        .save(&manifest_path)
+        .context(|| format!("writing manifest {}", manifest_path.display()))
+        .map_err(|e| e.in_step(Step::Finish))?;
+    Ok(UpgradeSummary {
+        label: record.label.clone(),
+        based_on: old.label().to_owned(),
+        is_default: opts.set_default,
+        sync,
+        bytes_written,
+        state_data,
+        manifest: manifest_path,
+        manifest_created: !manifest_existed,
+        record,
+    })
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// mount: read-write, debris inside the image removed.
+
+fn open_rw(image: &Path, checked: &Checked, steps: &mut Steps) -> Result<OpenImage, StepError> {
+    let rw = image::open(image, Mode::ReadWrite).map_err(image_error(|| {
+        format!("opening {} read-write", image.display())
+    }))?;
+    for c in &rw.cleaned {
+        steps.emit(Event::Note(c.to_string()));
+    }
+    let top = rw.top();
+    // What was checked still holds (nothing else writes the image while a
+    // loop device of ours is attached, but the check's mount was closed).
+    let default = fs::read_link(top.join(layout::DEFAULT_LINK))
+        .ok()
+        .and_then(|t| boot_entry::default_label(&t));
+    if default.as_deref() != Some(checked.old.label()) {
+        return Err(input(format!(
+            "{} changed while strata was checking it ({} no longer names {})",
+            image.display(),
+            layout::DEFAULT_LINK,
+            checked.old
+        )));
+    }
+    if top.join(checked.version.dir()).symlink_metadata().is_ok() {
+        return Err(input(format!(
+            "version {} appeared in {} while strata was checking it",
+            checked.version,
+            image.display()
+        )));
+    }
+    let subvolumes: Vec<String> = rw.subvolumes.iter().map(|s| s.path.clone()).collect();
+    for name in partial_dirs(top) {
+        let rel = format!("{}/{name}", layout::SYSTEMS_DIR);
+        remove_partial(top, &rel, &subvolumes)
+            .context(|| format!("removing {rel}, left by a killed strata upgrade"))?;
+        steps.emit(Event::Note(format!(
+            "removed {rel} (a half-made version left by a killed strata upgrade)"
+        )));
+    }
+    Ok(rw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_are_unique() {
+        let mut names: Vec<&str> = STEPS.iter().map(|s| s.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), STEPS.len());
+    }
+}

@@ -1,0 +1,225 @@
+//! `strata upgrade`: argument parsing, progress and the summary line.
+
+use super::exit;
+use std::path::PathBuf;
+use strata_builder::error::FailureKind;
+use strata_builder::interrupt::Interrupt;
+use strata_builder::layout::DEFAULT_LINK;
+use strata_builder::migrate::Migration;
+use strata_builder::size::human;
+use strata_builder::sync::StatePolicy;
+use strata_builder::upgrade::{self, UpgradeOptions, UpgradeSummary};
+
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    /// The image to upgrade in place.
+    image: PathBuf,
+    /// The new root filesystem (a directory).
+    #[arg(long)]
+    rootfs: PathBuf,
+    /// The new version's label: it lives in systems/<LABEL>/.
+    #[arg(long)]
+    label: String,
+    /// Extra kernel command line arguments for the new version.
+    #[arg(long, default_value = "")]
+    kernel_args: String,
+    /// `move` (default) leaves the new version's mountpoints empty; `copy`
+    /// leaves the new rootfs's state data under them too, reproducing the
+    /// 2014 upgrades' "mountpoint not empty" boot warnings.
+    #[arg(long, value_enum, default_value_t = MigrationArg::Move)]
+    state_migration: MigrationArg,
+    /// What happens to the new rootfs's data under the state dirs: `merge`
+    /// (default) adds what the live state lacks and overwrites nothing;
+    /// `keep` leaves the state untouched. Either way the state stays
+    /// authoritative and the summary and manifest list what was left out.
+    #[arg(long, value_enum, default_value_t = StateDataArg::Merge)]
+    state_data: StateDataArg,
+    /// Add the version without making it the default.
+    #[arg(long)]
+    no_default: bool,
+    /// The manifest to update (default: IMAGE.manifest.json; started from
+    /// the image's layout when it does not exist).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MigrationArg {
+    Move,
+    Copy,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StateDataArg {
+    Keep,
+    Merge,
+}
+
+pub fn run(args: UpgradeArgs) -> u8 {
+    let opts = UpgradeOptions {
+        rootfs: args.rootfs,
+        label: args.label,
+        kernel_args: args.kernel_args,
+        migration: match args.state_migration {
+            MigrationArg::Move => Migration::Move,
+            MigrationArg::Copy => Migration::Copy,
+        },
+        state_data: match args.state_data {
+            StateDataArg::Keep => StatePolicy::Keep,
+            StateDataArg::Merge => StatePolicy::Merge,
+        },
+        set_default: !args.no_default,
+        manifest: args.manifest,
+    };
+    let interrupt = match Interrupt::on_signals() {
+        Ok(i) => i,
+        Err(e) => {
+            return exit::fail_with(
+                FailureKind::Infrastructure,
+                &anyhow::anyhow!("installing signal handlers: {e}"),
+            )
+        }
+    };
+    let mut ui = super::progress::Progress::new();
+    let result = upgrade::upgrade(&args.image, &opts, &interrupt, &mut |e| ui.event(e));
+    ui.finish();
+    match result {
+        Ok(s) => {
+            println!("{}", summary(&args.image.display().to_string(), &s));
+            0
+        }
+        Err(e) => exit::fail(e),
+    }
+}
+
+/// The first few paths of a list, for one line.
+fn first_few(paths: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut s = paths
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if paths.len() > SHOWN {
+        s.push_str(", …");
+    }
+    s
+}
+
+fn count(paths: &[String], what: &str) -> String {
+    if paths.is_empty() {
+        format!("0 {what}")
+    } else {
+        format!("{} {what} ({})", paths.len(), first_few(paths))
+    }
+}
+
+fn summary(image: &str, s: &UpgradeSummary) -> String {
+    let default = if s.is_default {
+        "now the default".to_owned()
+    } else {
+        format!(
+            "not the default ({} still names {}; `strata set-default {image} {}` boots it)",
+            DEFAULT_LINK, s.based_on, s.label
+        )
+    };
+    format!(
+        "upgraded {image}: version {} (from {}) is {default}; {} written ({} new, {} changed, {} removed files); state data ({}): {}, {}; manifest {}{}",
+        s.label,
+        s.based_on,
+        human(s.bytes_written),
+        s.sync.created.len(),
+        s.sync.updated.len(),
+        s.sync.deleted.len(),
+        s.state_data.policy,
+        count(&s.state_data.merged, "merged"),
+        count(&s.state_data.left_out, "left out"),
+        s.manifest.display(),
+        if s.manifest_created {
+            " (new: read off the image)"
+        } else {
+            ""
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_builder::manifest::{Deployment, StateData, StateDirs, VersionRecord};
+    use strata_builder::sync::SyncReport;
+
+    fn summary_of(is_default: bool, merged: &[&str], left_out: &[&str]) -> UpgradeSummary {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let state_data = StateData {
+            policy: "merge".into(),
+            merged: strings(merged),
+            left_out: strings(left_out),
+        };
+        UpgradeSummary {
+            label: "v2".into(),
+            based_on: "factory".into(),
+            is_default,
+            sync: SyncReport {
+                created: strings(&["/usr/bin/new-tool"]),
+                updated: strings(&["/etc/fstab", "/usr/bin/changed"]),
+                deleted: strings(&["/usr/bin/removed"]),
+                bytes_written: 1 << 20,
+                ..SyncReport::default()
+            },
+            bytes_written: (1 << 20) + 18,
+            state_data: state_data.clone(),
+            manifest: "/var/tmp/sys.img.manifest.json".into(),
+            manifest_created: !is_default,
+            record: VersionRecord {
+                label: "v2".into(),
+                deployed_by: Deployment::Upgrade,
+                based_on: Some("factory".into()),
+                deployed_at: 0,
+                root_device: "/dev/vda".into(),
+                state_dirs: StateDirs {
+                    created: vec![],
+                    skipped: vec![],
+                },
+                fstab_lines_added: vec![],
+                state_migration: "move".into(),
+                state_data: Some(state_data),
+                moved_files: vec![],
+                kernel: "systems/v2/kernel".into(),
+                initramfs: None,
+                kernel_source: "/boot/vmlinuz".into(),
+                initramfs_source: None,
+                kernel_args: String::new(),
+                timings: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn summary_lines() {
+        insta::assert_snapshot!(
+            "default",
+            summary(
+                "/var/tmp/sys.img",
+                &summary_of(true, &["/var/lib/newpkg", "/var/lib/newpkg/state"], &[])
+            )
+        );
+        insta::assert_snapshot!(
+            "not-default",
+            summary(
+                "/var/tmp/sys.img",
+                &summary_of(
+                    false,
+                    &[],
+                    &[
+                        "/home/alice",
+                        "/home/alice/notes",
+                        "/var/lib/db",
+                        "/var/lib/db/data"
+                    ]
+                )
+            )
+        );
+    }
+}

@@ -1,0 +1,782 @@
+//! `strata upgrade` end to end on images built here from small synthetic
+//! rootfs trees (no VM): the new version beside the old one, what it
+//! shares with it, the state-data policy, the refusals, and a SIGKILL at
+//! every step boundary. Needs root and the packages `ci/setup` installs.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use strata_builder::image::{self, boot_entry, model::ImageLayout};
+use strata_builder::layout::{self, Version};
+use strata_builder::manifest::{Deployment, Manifest};
+use strata_builder::progress::Step;
+use strata_builder::steps::STOP_AFTER_STEP_ENV;
+use strata_builder::upgrade::STEPS;
+
+fn strata() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    for v in [
+        "DISK_SIZE",
+        "VERSION_LABEL",
+        "ROOT_DEVICE",
+        "KERNEL_ARGS",
+        STOP_AFTER_STEP_ENV,
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-ec", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn random_file(path: &Path, bytes: usize) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = fs::File::open("/dev/urandom").unwrap();
+    let mut data = vec![0u8; bytes];
+    std::io::Read::read_exact(&mut f, &mut data).unwrap();
+    fs::write(path, data).unwrap();
+}
+
+/// The first release: a kernel and initramfs big enough not to be stored
+/// inline (so their extents can be compared), files that will stay, change
+/// and go, and data under state dirs.
+fn make_rootfs(root: &Path) {
+    for d in ["etc", "boot", "usr/bin", "tmp", "var/lib/db", "home/alice"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::write(root.join("etc/fstab"), "tmpfs /tmp tmpfs defaults 0 0\n").unwrap();
+    fs::write(root.join("etc/hostname"), "release-1\n").unwrap();
+    random_file(&root.join("boot/vmlinuz-1.0"), 96 << 10);
+    random_file(&root.join("boot/initrd.img-1.0"), 64 << 10);
+    random_file(&root.join("usr/bin/unchanged"), 256 << 10);
+    random_file(&root.join("usr/bin/changed"), 128 << 10);
+    fs::write(root.join("usr/bin/removed"), "old tool\n").unwrap();
+    fs::write(root.join("var/lib/db/data"), "factory data\n").unwrap();
+    fs::write(root.join("home/alice/notes"), "alice's notes\n").unwrap();
+    fs::create_dir_all(root.join("root/.ssh")).unwrap();
+    fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(
+        root.join("root/.ssh/authorized_keys"),
+        "ssh-ed25519 AAAA x\n",
+    )
+    .unwrap();
+}
+
+/// The second release: `from` plus a changed file (same size and mtime:
+/// only its contents tell), a new file, a removed one, and state data —
+/// one file the live state already has (changed), two it lacks.
+fn make_release_2(from: &Path, to: &Path) {
+    sh(&format!("cp -a '{}' '{}'", from.display(), to.display()));
+    let changed = to.join("usr/bin/changed");
+    let mtime = fs::metadata(&changed).unwrap().modified().unwrap();
+    random_file(&changed, 128 << 10);
+    fs::File::options()
+        .write(true)
+        .open(&changed)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    fs::write(to.join("usr/bin/new-tool"), "new tool\n").unwrap();
+    fs::remove_file(to.join("usr/bin/removed")).unwrap();
+    fs::write(to.join("etc/hostname"), "release-2\n").unwrap();
+    fs::write(to.join("var/lib/db/data"), "release-2 default data\n").unwrap();
+    fs::create_dir_all(to.join("var/lib/newpkg")).unwrap();
+    fs::write(to.join("var/lib/newpkg/state"), "new package state\n").unwrap();
+    fs::write(to.join("home/alice/welcome"), "welcome to release 2\n").unwrap();
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Both releases and an image of the first (label `factory`).
+    fn new() -> Fixture {
+        let fx = Fixture::empty();
+        make_rootfs(&fx.rootfs1());
+        make_release_2(&fx.rootfs1(), &fx.rootfs2());
+        fx.build();
+        fx
+    }
+    fn empty() -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-upgrade-test-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        Fixture { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn rootfs1(&self) -> PathBuf {
+        self.path("rootfs1")
+    }
+    fn rootfs2(&self) -> PathBuf {
+        self.path("rootfs2")
+    }
+    fn image(&self) -> PathBuf {
+        self.path("sys.img")
+    }
+    fn manifest(&self) -> PathBuf {
+        Manifest::default_path(&self.image())
+    }
+    /// Builds (again) the first release into the image, with a fresh
+    /// filesystem UUID: btrfs must never see two mounted filesystems with
+    /// one UUID (tests run in parallel).
+    fn build(&self) {
+        let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
+        let out = strata()
+            .args(["build", "--force", "--size", "200M", "--rootfs"])
+            .arg(self.rootfs1())
+            .arg("--output")
+            .arg(self.image())
+            .args(["--fs-uuid", uuid.trim()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "build: {}", stderr(&out));
+    }
+    fn upgrade_from(&self, rootfs: &Path, label: &str, extra: &[&str]) -> Output {
+        strata()
+            .arg("upgrade")
+            .arg(self.image())
+            .arg("--rootfs")
+            .arg(rootfs)
+            .args(["--label", label])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+    fn upgrade(&self, label: &str, extra: &[&str]) -> Output {
+        self.upgrade_from(&self.rootfs2(), label, extra)
+    }
+    fn layout(&self) -> ImageLayout {
+        image::read(&self.image()).unwrap()
+    }
+    /// Loop devices backed by a file in this test's dir, and mounts of them.
+    fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let prefix = self.dir.path().to_string_lossy().into_owned();
+        for entry in fs::read_dir("/sys/block").unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            let backing = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+                .unwrap_or_default();
+            if backing.starts_with(&prefix) {
+                found.push(format!("/dev/{name} -> {}", backing.trim()));
+            }
+        }
+        found
+    }
+    fn checksum(&self) -> String {
+        sh(&format!("md5sum '{}'", self.image().display()))
+    }
+    /// A refused upgrade: exit 2, one error line naming every `want`, the
+    /// image and manifest byte for byte as they were, nothing left attached.
+    fn assert_refused(&self, out: &Output, want: &[&str], before: &(String, Vec<u8>)) {
+        let e = stderr(out);
+        assert_eq!(out.status.code(), Some(2), "{e}");
+        let last = e.trim().lines().last().unwrap_or_default();
+        assert!(last.starts_with("strata: error: "), "{e}");
+        for w in want {
+            assert!(last.contains(w), "expected {w:?} in {e}");
+        }
+        assert_eq!(self.checksum(), before.0, "the image changed: {e}");
+        assert_eq!(
+            fs::read(self.manifest()).unwrap_or_default(),
+            before.1,
+            "the manifest changed"
+        );
+        assert_eq!(self.leftovers(), Vec::<String>::new(), "left attached");
+    }
+    fn state(&self) -> (String, Vec<u8>) {
+        (
+            self.checksum(),
+            fs::read(self.manifest()).unwrap_or_default(),
+        )
+    }
+}
+
+/// A read-only mount of an image, for looking at files and extents.
+struct Mounted {
+    mnt: tempfile::TempDir,
+    loopdev: String,
+}
+
+impl Mounted {
+    fn new(image: &Path) -> Mounted {
+        let loopdev = sh(&format!(
+            "losetup --find --show --read-only '{}'",
+            image.display()
+        ))
+        .trim()
+        .to_owned();
+        let mnt = tempfile::tempdir().unwrap();
+        sh(&format!(
+            "mount -o ro '{loopdev}' '{}'",
+            mnt.path().display()
+        ));
+        Mounted { mnt, loopdev }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.mnt.path().join(p)
+    }
+    fn extents(&self, p: &str) -> Vec<strata_builder::extents::Extent> {
+        let f = fs::File::open(self.path(p)).unwrap();
+        strata_builder::extents::extents(&f)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{p} is stored inline"))
+    }
+    fn names(&self, p: &str) -> Vec<String> {
+        let mut n: Vec<String> = fs::read_dir(self.path(p))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.mnt.path()).status();
+        let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
+    }
+}
+
+/// Whole versions (both subvolumes, run a snapshot of orig, a kernel), by
+/// label.
+fn whole_versions(l: &ImageLayout) -> Vec<String> {
+    l.versions
+        .iter()
+        .filter(|v| v.orig.is_some() && v.run.is_some() && v.kernel_size.is_some())
+        .map(|v| {
+            assert!(
+                v.run_is_snapshot_of_orig,
+                "{}: run is not a snapshot",
+                v.label
+            );
+            v.label.clone()
+        })
+        .collect()
+}
+
+/// The version the menu's default entry boots (through `systems/default`
+/// when it goes through the link).
+fn menu_boots(l: &ImageLayout) -> Option<String> {
+    let boot = l.boot.as_ref()?;
+    let entry = boot
+        .default
+        .as_deref()
+        .and_then(|d| boot.entries.iter().find(|e| e.label == d))
+        .or_else(|| boot.entries.first())?;
+    assert!(entry.kernel_present, "{entry:?}");
+    boot_entry::version_booted(entry.append.as_deref(), l.default.version.as_deref())
+}
+
+#[test]
+fn upgrade_adds_a_version_beside_the_old_one() {
+    let fx = Fixture::new();
+    let out = fx.upgrade("v2", &["--kernel-args", "quiet"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("version v2 (from factory) is now the default"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("3 merged (/home/alice/welcome, /var/lib/newpkg, /var/lib/newpkg/state)"),
+        "{summary}"
+    );
+    assert!(summary.contains("left out (/home/alice, "), "{summary}");
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+
+    let l = fx.layout();
+    assert_eq!(whole_versions(&l), ["factory", "v2"]);
+    assert_eq!(l.default.version.as_deref(), Some("v2"));
+    assert_eq!(menu_boots(&l).as_deref(), Some("v2"));
+    let labels: Vec<&str> = l
+        .boot
+        .as_ref()
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| e.label.as_str())
+        .collect();
+    assert!(
+        labels.contains(&"factory") && labels.contains(&"v2"),
+        "{labels:?}"
+    );
+    assert!(l.problems.is_empty(), "{:#?}", l.problems);
+
+    let m = Mounted::new(&fx.image());
+    let (old, new) = (
+        Version::new("factory").unwrap(),
+        Version::new("v2").unwrap(),
+    );
+    let in_orig = |v: &Version, p: &str| format!("{}/{p}", v.orig());
+    // Unchanged files share their extents with the old orig; the changed
+    // one (same size and mtime) was written anew; the removed one is gone.
+    assert_eq!(
+        m.extents(&in_orig(&old, "usr/bin/unchanged")),
+        m.extents(&in_orig(&new, "usr/bin/unchanged"))
+    );
+    let (a, b) = (
+        m.extents(&in_orig(&old, "usr/bin/changed")),
+        m.extents(&in_orig(&new, "usr/bin/changed")),
+    );
+    assert!(
+        a.iter().all(|x| b.iter().all(|y| x.physical != y.physical)),
+        "the changed file shares extents: {a:?} {b:?}"
+    );
+    assert_eq!(
+        fs::read(m.path(&in_orig(&new, "usr/bin/changed"))).unwrap(),
+        fs::read(fx.rootfs2().join("usr/bin/changed")).unwrap()
+    );
+    // Reading it (rsync compares contents) did not rewrite its inode: an
+    // atime update would unshare the metadata of the whole tree.
+    let atime = |p: &str| {
+        let md = fs::symlink_metadata(m.path(p)).unwrap();
+        (md.atime(), md.atime_nsec())
+    };
+    assert_eq!(
+        atime(&in_orig(&old, "usr/bin/unchanged")),
+        atime(&in_orig(&new, "usr/bin/unchanged"))
+    );
+    assert!(!m.path(&in_orig(&new, "usr/bin/removed")).exists());
+    assert!(m.path(&in_orig(&old, "usr/bin/removed")).exists());
+    assert_eq!(
+        fs::read_to_string(m.path(&format!("{}/etc/hostname", new.run()))).unwrap(),
+        "release-2\n"
+    );
+    // The kernel did not change: the new version's shares the old one's.
+    assert_eq!(m.extents(&old.kernel()), m.extents(&new.kernel()));
+
+    // State: every mountpoint of the new version is empty; the live data
+    // stays; what the state lacked is merged.
+    for dir in layout::DEFAULT_STATE_DIRS {
+        for tree in [new.orig(), new.run()] {
+            assert_eq!(
+                m.names(&format!("{tree}/{dir}")),
+                Vec::<String>::new(),
+                "{tree}/{dir}"
+            );
+        }
+    }
+    assert_eq!(
+        fs::read_to_string(m.path("state/var/lib/db/data")).unwrap(),
+        "factory data\n"
+    );
+    assert_eq!(
+        fs::read_to_string(m.path("state/var/lib/newpkg/state")).unwrap(),
+        "new package state\n"
+    );
+    assert!(m.path("state/home/alice/welcome").is_file());
+    let fstab = fs::read_to_string(m.path(&new.fstab(layout::Tree::Orig))).unwrap();
+    assert!(
+        fstab.starts_with("tmpfs /tmp tmpfs defaults 0 0\n"),
+        "{fstab}"
+    );
+    assert!(fstab.contains(" /var btrfs subvol=/state/var,"), "{fstab}");
+    let menu = fs::read_to_string(m.path(layout::BOOT_MENU)).unwrap();
+    assert!(menu.contains("rootflags=subvol=systems/v2/run"), "{menu}");
+    assert!(menu.contains("console=ttyS0,115200 quiet\n"), "{menu}");
+    drop(m);
+
+    let man = Manifest::load(&fx.manifest()).unwrap();
+    assert_eq!(man.default, "v2");
+    let labels: Vec<&str> = man.versions.iter().map(|v| v.label.as_str()).collect();
+    assert_eq!(labels, ["factory", "v2"]);
+    let v2 = man.version("v2").unwrap();
+    assert_eq!(v2.deployed_by, Deployment::Upgrade);
+    assert_eq!(v2.based_on.as_deref(), Some("factory"));
+    assert_eq!(v2.root_device, man.version("factory").unwrap().root_device);
+    let sd = v2.state_data.as_ref().unwrap();
+    assert_eq!(sd.policy, "merge");
+    for p in [
+        "/var/lib/newpkg",
+        "/var/lib/newpkg/state",
+        "/home/alice/welcome",
+    ] {
+        assert!(sd.merged.iter().any(|m| m == p), "{p} not merged: {sd:?}");
+        assert!(
+            v2.moved_files.iter().any(|f| f.path == p),
+            "{p} not in moved_files"
+        );
+    }
+    for p in [
+        "/var/lib/db/data",
+        "/home/alice/notes",
+        "/root/.ssh/authorized_keys",
+    ] {
+        assert!(
+            sd.left_out.iter().any(|m| m == p),
+            "{p} not left out: {sd:?}"
+        );
+    }
+    let merged = v2
+        .moved_files
+        .iter()
+        .find(|f| f.path == "/var/lib/newpkg/state")
+        .unwrap();
+    assert_eq!(
+        merged.sha256.as_deref(),
+        sh(&format!(
+            "sha256sum '{}'",
+            fx.rootfs2().join("var/lib/newpkg/state").display()
+        ))
+        .split(' ')
+        .next()
+    );
+    let steps: Vec<&str> = v2.timings.iter().map(|t| t.step.as_str()).collect();
+    let all: Vec<&str> = STEPS.iter().map(|s| s.name()).collect();
+    assert_eq!(steps, all);
+
+    // And once more, on top of the upgrade.
+    let out = fx.upgrade_from(&fx.rootfs1(), "v3", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let l = fx.layout();
+    assert_eq!(whole_versions(&l), ["factory", "v2", "v3"]);
+    assert_eq!(menu_boots(&l).as_deref(), Some("v3"));
+    let man = Manifest::load(&fx.manifest()).unwrap();
+    assert_eq!(man.version("v3").unwrap().based_on.as_deref(), Some("v2"));
+}
+
+#[test]
+fn keep_policy_and_no_default() {
+    let fx = Fixture::new();
+    let out = fx.upgrade("v2", &["--state-data", "keep", "--no-default"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("not the default"), "{summary}");
+    let l = fx.layout();
+    assert_eq!(whole_versions(&l), ["factory", "v2"]);
+    assert_eq!(l.default.version.as_deref(), Some("factory"));
+    assert_eq!(menu_boots(&l).as_deref(), Some("factory"));
+    let m = Mounted::new(&fx.image());
+    assert!(!m.path("state/var/lib/newpkg").exists());
+    assert!(!m.path("state/home/alice/welcome").exists());
+    assert_eq!(m.names("systems/v2/orig/var"), Vec::<String>::new());
+    drop(m);
+    let man = Manifest::load(&fx.manifest()).unwrap();
+    assert_eq!(man.default, "factory");
+    let sd = man.version("v2").unwrap().state_data.clone().unwrap();
+    assert_eq!(sd.policy, "keep");
+    assert!(sd.merged.is_empty());
+    assert!(
+        sd.left_out.iter().any(|p| p == "/var/lib/newpkg/state"),
+        "{sd:?}"
+    );
+}
+
+#[test]
+fn copy_migration_reproduces_data_under_the_mountpoints() {
+    let fx = Fixture::new();
+    let out = fx.upgrade("v2", &["--state-migration", "copy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = Mounted::new(&fx.image());
+    assert!(m.path("systems/v2/run/var/lib/newpkg/state").is_file());
+    assert!(m.path("systems/v2/run/home/alice/welcome").is_file());
+    drop(m);
+    let lint = image::lint(&fx.image()).unwrap();
+    assert!(!lint.clean);
+    let hidden: Vec<&str> = lint
+        .mountpoints
+        .iter()
+        .filter(|c| c.version == "v2" && c.file_count > 0)
+        .map(|c| c.mountpoint.as_str())
+        .collect();
+    assert!(
+        hidden.contains(&"/var") && hidden.contains(&"/home"),
+        "{hidden:?}"
+    );
+    assert!(
+        lint.mountpoints
+            .iter()
+            .filter(|c| c.version == "factory")
+            .all(|c| c.file_count == 0),
+        "the old version got data under its mountpoints"
+    );
+}
+
+#[test]
+fn an_image_without_a_manifest_gets_one() {
+    let fx = Fixture::new();
+    fs::remove_file(fx.manifest()).unwrap();
+    let out = fx.upgrade("v2", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let man = Manifest::load(&fx.manifest()).unwrap();
+    let labels: Vec<&str> = man.versions.iter().map(|v| v.label.as_str()).collect();
+    assert_eq!(labels, ["factory", "v2"]);
+    let old = man.version("factory").unwrap();
+    assert_eq!(
+        old.state_dirs.created,
+        ["home", "root", "opt", "srv", "var"]
+    );
+    assert_eq!(old.state_migration, "unknown");
+    assert_eq!(man.version("v2").unwrap().root_device, old.root_device);
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let fx = Fixture::new();
+    let before = fx.state();
+
+    let out = fx.upgrade("factory", &[]);
+    fx.assert_refused(&out, &["version factory already exists"], &before);
+    let out = fx.upgrade("default", &[]);
+    fx.assert_refused(&out, &["invalid version label \"default\""], &before);
+
+    // Data under a mount point of the NEW fstab that is not a state dir.
+    let r3 = fx.path("rootfs3");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        fx.rootfs2().display(),
+        r3.display()
+    ));
+    fs::write(
+        r3.join("etc/fstab"),
+        "tmpfs /tmp tmpfs defaults 0 0\nLABEL=data /data ext4 defaults 0 2\n",
+    )
+    .unwrap();
+    fs::create_dir_all(r3.join("data")).unwrap();
+    fs::write(r3.join("data/file"), "hidden").unwrap();
+    let out = fx.upgrade_from(&r3, "v3", &[]);
+    fx.assert_refused(&out, &["/data is a mount point", "/data/file"], &before);
+
+    // Too big: a file larger than the image's free space.
+    let r4 = fx.path("rootfs4");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        fx.rootfs2().display(),
+        r4.display()
+    ));
+    sh(&format!(
+        "fallocate -l 300M '{}'",
+        r4.join("usr/bin/huge").display()
+    ));
+    let out = fx.upgrade_from(&r4, "v4", &[]);
+    fx.assert_refused(&out, &["would not fit", "missing ", " MiB"], &before);
+    let e = stderr(&out);
+    let missing: f64 = e
+        .split("missing ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{e}"));
+    assert!(missing > 100.0, "{e}");
+
+    // Not this layout: a plain btrfs filesystem, and not btrfs at all.
+    let plain = fx.path("plain.img");
+    fs::File::create(&plain)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
+    sh(&format!(
+        "mkfs.btrfs -q -U {} '{}'",
+        uuid.trim(),
+        plain.display()
+    ));
+    let sum = sh(&format!("md5sum '{}'", plain.display()));
+    let out = strata()
+        .arg("upgrade")
+        .arg(&plain)
+        .arg("--rootfs")
+        .arg(fx.rootfs2())
+        .args(["--label", "v2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a strata system layout"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sh(&format!("md5sum '{}'", plain.display())), sum);
+    assert!(!Manifest::default_path(&plain).exists());
+    fs::write(&plain, vec![0u8; 1 << 20]).unwrap();
+    let out = strata()
+        .arg("upgrade")
+        .arg(&plain)
+        .arg("--rootfs")
+        .arg(fx.rootfs2())
+        .args(["--label", "v2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a Btrfs filesystem"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}
+
+/// Starts `strata upgrade` with the stop hook at `step`, waits until it
+/// has stopped itself there, and kills it with SIGKILL.
+fn kill_after(fx: &Fixture, step: Step, label: &str) {
+    let log = fs::File::create(fx.path(&format!("killed-{}.log", step.name()))).unwrap();
+    let mut child = strata()
+        .arg("upgrade")
+        .arg(fx.image())
+        .arg("--rootfs")
+        .arg(fx.rootfs2())
+        .args(["--label", label])
+        .env(STOP_AFTER_STEP_ENV, step.name())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until_stopped(&mut child, &fx.path(&format!("killed-{}.log", step.name())));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Waits until `child` has stopped itself (the stop hook), failing with its
+/// stderr (in `log`) if it ends first.
+fn wait_until_stopped(child: &mut std::process::Child, log: &Path) {
+    let stat = format!("/proc/{}/stat", child.id());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "strata upgrade ended ({status}) before it stopped: {}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        let state = fs::read_to_string(&stat).unwrap_or_default();
+        // "pid (comm) S ...": the state follows the command's ')'.
+        if state
+            .rsplit(')')
+            .next()
+            .map(str::trim_start)
+            .is_some_and(|s| s.starts_with('T'))
+        {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "never stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILL at every step boundary: the image boots a consistent default
+/// (the old one until the flip), lists no half version, and the next
+/// upgrade works (cleaning the killed run's mount, loop device and
+/// partial version).
+#[test]
+fn sigkill_at_every_step_boundary_leaves_a_consistent_image() {
+    let fx = Fixture::new();
+    let committed_at = STEPS
+        .iter()
+        .position(|s| *s == Step::CommitVersion)
+        .unwrap();
+    let flipped_at = STEPS.iter().position(|s| *s == Step::SetDefault).unwrap();
+    for (i, step) in STEPS.iter().enumerate() {
+        let name = step.name();
+        if i > 0 {
+            fx.build();
+        }
+        kill_after(&fx, *step, "v2");
+
+        // Read it as any next command would (that cleans the dead mount).
+        let l = fx.layout();
+        let (default, versions): (&str, &[&str]) = if i >= flipped_at {
+            ("v2", &["factory", "v2"])
+        } else if i >= committed_at {
+            ("factory", &["factory", "v2"])
+        } else {
+            ("factory", &["factory"])
+        };
+        assert_eq!(l.default.version.as_deref(), Some(default), "after {name}");
+        let labels: Vec<&str> = l.versions.iter().map(|v| v.label.as_str()).collect();
+        assert_eq!(labels, versions, "after {name}: {:#?}", l.problems);
+        assert_eq!(whole_versions(&l), versions, "after {name}");
+        assert_eq!(menu_boots(&l).as_deref(), Some(default), "after {name}");
+        assert_eq!(fx.leftovers(), Vec::<String>::new(), "after {name}");
+        let partial = l.problems.iter().any(|p| p.contains("debris"));
+        let made_partial = (STEPS.iter().position(|s| *s == Step::SnapshotOrig).unwrap()
+            ..committed_at)
+            .contains(&i);
+        assert_eq!(partial, made_partial, "after {name}: {:#?}", l.problems);
+
+        // The next upgrade works: with the same label while the version
+        // was not committed, with another one after (v2 is then whole).
+        let label = if i >= committed_at { "v3" } else { "v2" };
+        if i >= committed_at {
+            let out = fx.upgrade("v2", &[]);
+            assert_eq!(out.status.code(), Some(2), "after {name}: {}", stderr(&out));
+        }
+        let out = fx.upgrade(label, &[]);
+        assert!(out.status.success(), "after {name}: {}", stderr(&out));
+        if made_partial {
+            assert!(
+                stderr(&out).contains("removed systems/.strata-partial-v2"),
+                "after {name}: {}",
+                stderr(&out)
+            );
+        }
+        let l = fx.layout();
+        assert_eq!(l.default.version.as_deref(), Some(label), "after {name}");
+        assert!(l.problems.is_empty(), "after {name}: {:#?}", l.problems);
+    }
+}
+
+/// SIGTERM (or Ctrl-C) stops the upgrade between steps and undoes it: exit
+/// 130, the partial version removed, nothing left attached.
+#[test]
+fn an_interrupt_undoes_the_half_made_version() {
+    let fx = Fixture::new();
+    let log = fx.path("interrupted.log");
+    let mut child = strata()
+        .arg("upgrade")
+        .arg(fx.image())
+        .arg("--rootfs")
+        .arg(fx.rootfs2())
+        .args(["--label", "v2"])
+        .env(STOP_AFTER_STEP_ENV, Step::SyncRootfs.name())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until_stopped(&mut child, &log);
+    let pid = child.id().to_string();
+    sh(&format!("kill -TERM {pid} && kill -CONT {pid}"));
+    let status = child.wait().unwrap();
+    let e = fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(130), "{e}");
+    assert!(e.contains("interrupted"), "{e}");
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+    let l = fx.layout();
+    assert_eq!(whole_versions(&l), ["factory"]);
+    assert!(l.problems.is_empty(), "{:#?}", l.problems);
+    assert_eq!(menu_boots(&l).as_deref(), Some("factory"));
+}
+
+/// Killed mid-way, the next upgrade cleans what the killed one left on
+/// the host (its mount and loop device carry its pid) by itself.
+#[test]
+fn the_next_upgrade_cleans_a_killed_one() {
+    let fx = Fixture::new();
+    kill_after(&fx, Step::SyncRootfs, "v2");
+    let out = fx.upgrade("v2", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("removed systems/.strata-partial-v2"), "{e}");
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+    let l = fx.layout();
+    assert_eq!(whole_versions(&l), ["factory", "v2"]);
+    assert!(l.problems.is_empty(), "{:#?}", l.problems);
+}
