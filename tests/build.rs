@@ -491,6 +491,145 @@ fn data_under_another_mountpoint_is_refused() {
     fx.assert_refused(&out, &["/tmp is a mount point", "/tmp/leftover"]);
 }
 
+/// A mount point nested in a state dir (`/var/lib/docker` on its own disk)
+/// with data under it: moving /var would carry that data into
+/// state/var/lib/docker, where the mount hides it. Refused from the source
+/// tree, before anything is created.
+#[test]
+fn data_under_a_mountpoint_nested_in_a_state_dir_is_refused() {
+    let fx = Fixture::new();
+    let fstab = fx.rootfs().join("etc/fstab");
+    let mut text = fs::read_to_string(&fstab).unwrap_or_default();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("/dev/vdb /var/lib/docker ext4 defaults 0 2\n");
+    fs::write(&fstab, text).unwrap();
+    fs::create_dir_all(fx.rootfs().join("var/lib/docker/overlay2")).unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    fx.assert_refused(
+        &out,
+        &[
+            "/var/lib/docker is a mount point",
+            "/var/lib/docker/overlay2",
+        ],
+    );
+}
+
+/// --force replaces an earlier image, never a directory or a device, and
+/// the rootfs can neither be / nor hold the output.
+#[test]
+fn outputs_that_are_not_images_and_rootfs_traps_are_refused() {
+    let fx = Fixture::new();
+    fs::create_dir(fx.image()).unwrap();
+    let out = fx.build(&["--size", "300M", "--force"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is a directory: refusing to replace it, even with --force"));
+    fs::remove_dir(fx.image()).unwrap();
+
+    let manifest_dir = fx.rootfs().parent().unwrap().join("mdir");
+    fs::create_dir(&manifest_dir).unwrap();
+    let out = fx.build(&[
+        "--size",
+        "300M",
+        "--manifest",
+        manifest_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("manifest"), "{}", stderr(&out));
+    assert!(!fx.image().exists(), "refused before building");
+    fs::remove_dir(&manifest_dir).unwrap();
+
+    let out = fx.build_from(Path::new("/"), &["--size", "300M"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is the host's root directory"));
+
+    let inside = fx.rootfs().join("srv/out.img");
+    let out = strata()
+        .args(["build", "--size", "300M", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(&inside)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is inside rootfs"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!inside.exists());
+    fx.assert_nothing_left();
+}
+
+/// btrfs cannot mount two filesystems with one UUID: a --fs-uuid that a
+/// mounted btrfs already has is refused before mkfs.
+#[test]
+fn an_fs_uuid_a_mounted_filesystem_has_is_refused() {
+    let fx = Fixture::new();
+    let out = fx.build(&["--size", "300M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = fx.image().with_extension("first");
+    fs::rename(fx.image(), &first).unwrap();
+    let _ = fs::remove_file(Manifest::default_path(&fx.image()));
+    let mounted = Inspect::new(&first);
+    let out = fx.build(&["--size", "300M"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("a mounted btrfs filesystem on this host already has it"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!fx.image().exists());
+    drop(mounted);
+    fs::remove_file(&first).unwrap();
+}
+
+/// Two builds to one --output without --force both pass the early
+/// existence check; the final rename (RENAME_NOREPLACE) lets only one win,
+/// and the other says so instead of silently replacing it.
+#[test]
+fn concurrent_builds_to_one_output_never_replace_each_other() {
+    let fx = Fixture::new();
+    let spawn = |uuid: &str| {
+        strata()
+            .args(["build", "--size", "300M", "--fs-uuid", uuid, "--rootfs"])
+            .arg(fx.rootfs())
+            .arg("--output")
+            .arg(fx.image())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn("5f0c5f6e-0000-4000-8000-00000000000a");
+    let b = spawn("5f0c5f6e-0000-4000-8000-00000000000b");
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let codes = [a.status.code(), b.status.code()];
+    let errs = format!("{}\n{}", stderr(&a), stderr(&b));
+    assert!(codes.contains(&Some(0)), "{errs}");
+    assert!(codes.contains(&Some(2)), "both succeeded: {errs}");
+    assert!(
+        errs.contains("appeared while building") || errs.contains("already exists"),
+        "{errs}"
+    );
+    // The image that won is the one its manifest describes.
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    let winner = if a.status.success() { "a" } else { "b" };
+    assert!(
+        m.fs_uuid.ends_with(&format!("00000000000{winner}")),
+        "{}",
+        m.fs_uuid
+    );
+    let i = Inspect::new(&fx.image());
+    let uuid = sh(&format!(
+        "blkid -s UUID -o value '{}'",
+        fx.image().display()
+    ));
+    drop(i);
+    assert_eq!(uuid.trim(), m.fs_uuid);
+    fx.assert_nothing_left();
+}
+
 /// Each bad input: exit 2, one line naming the input, nothing created.
 #[test]
 fn bad_inputs_fail_cleanly() {

@@ -30,7 +30,6 @@ use crate::progress::{Event, Step};
 use crate::size::human;
 use crate::steps::Steps;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// mkfs.btrfs refuses much less than this with default (DUP metadata) profiles.
@@ -86,6 +85,7 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
     }
     let rootfs = &opts.rootfs;
     let source = deploy::open_rootfs(rootfs)?;
+    check_rootfs_and_output(rootfs, &opts.output)?;
     check_output(&opts.output, opts.force, "output image")?;
     check_output(&opts.manifest, opts.force, "manifest")?;
     let (kernel, initramfs) = deploy::boot_sources(
@@ -98,10 +98,14 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
 
     let fstab_bytes = source.read("etc/fstab").map_err(|e| input(e.to_string()))?;
     let fs_uuid = match &opts.fs_uuid {
-        Some(u) => uuid::Uuid::parse_str(u)
-            .map_err(|e| input(format!("invalid --fs-uuid {u:?}: {e}")))?
-            .hyphenated()
-            .to_string(),
+        Some(u) => {
+            let u = uuid::Uuid::parse_str(u)
+                .map_err(|e| input(format!("invalid --fs-uuid {u:?}: {e}")))?
+                .hyphenated()
+                .to_string();
+            check_fs_uuid_unused(&u)?;
+            u
+        }
         None => uuid::Uuid::new_v4().hyphenated().to_string(),
     };
     let plan = plan::plan(
@@ -117,6 +121,7 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
     .map_err(|e| input(e.to_string()))?;
 
     deploy::check_state_dirs(&source, rootfs, &plan)?;
+    deploy::refuse_hidden_data(&source, rootfs, &plan, fstab_bytes.as_deref())?;
 
     if opts.size < MIN_IMAGE_SIZE {
         return Err(input(format!(
@@ -151,11 +156,29 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
 }
 
 fn check_output(path: &Path, force: bool, what: &str) -> Result<(), BuildError> {
-    if path.symlink_metadata().is_ok() && !force {
-        return Err(input(format!(
-            "{what} {} already exists (use --force to replace it)",
-            path.display()
-        )));
+    match path.symlink_metadata() {
+        Ok(m) if !m.is_file() => {
+            // --force replaces an earlier image, never a device, a
+            // directory or whatever a link points at.
+            let kind = if m.is_dir() {
+                "a directory"
+            } else if m.file_type().is_symlink() {
+                "a symlink"
+            } else {
+                "not a regular file"
+            };
+            return Err(input(format!(
+                "{what} {} is {kind}: refusing to replace it, even with --force",
+                path.display()
+            )));
+        }
+        Ok(_) if !force => {
+            return Err(input(format!(
+                "{what} {} already exists (use --force to replace it)",
+                path.display()
+            )))
+        }
+        _ => {}
     }
     let parent = parent_dir(path);
     if !parent.is_dir() {
@@ -163,6 +186,42 @@ fn check_output(path: &Path, force: bool, what: &str) -> Result<(), BuildError> 
             "{what} {}: directory {} does not exist",
             path.display(),
             parent.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The rootfs is read whole: it cannot be the host's root, and the image
+/// cannot be written inside it (the copy would take in the image itself).
+fn check_rootfs_and_output(rootfs: &Path, output: &Path) -> Result<(), BuildError> {
+    let root =
+        fs::canonicalize(rootfs).map_err(|e| input(format!("rootfs {}: {e}", rootfs.display())))?;
+    if root == Path::new("/") {
+        return Err(input(format!(
+            "rootfs {} is the host's root directory: give the directory of the system to deploy",
+            rootfs.display()
+        )));
+    }
+    if let Ok(out_dir) = fs::canonicalize(parent_dir(output)) {
+        if out_dir.starts_with(&root) {
+            return Err(input(format!(
+                "output image {} is inside rootfs {}: the rootfs would contain its own image; write it elsewhere",
+                output.display(),
+                rootfs.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// btrfs knows a filesystem by its UUID: a second one with the UUID of a
+/// mounted btrfs cannot be mounted (the build would fail at its mount, or
+/// worse, be taken for the other). Every mounted btrfs has
+/// /sys/fs/btrfs/<uuid>.
+fn check_fs_uuid_unused(uuid: &str) -> Result<(), BuildError> {
+    if Path::new("/sys/fs/btrfs").join(uuid).exists() {
+        return Err(input(format!(
+            "--fs-uuid {uuid}: a mounted btrfs filesystem on this host already has it; pick another (or leave it out for a random one)"
         )));
     }
     Ok(())
@@ -377,28 +436,40 @@ fn persist(
     manifest: &Manifest,
     opts: &BuildOptions,
 ) -> Result<(), StepError> {
-    let what = || format!("writing manifest {}", opts.manifest.display());
-    let mut m = tempfile::Builder::new()
-        .prefix(".strata-manifest-")
-        .tempfile_in(parent_dir(&opts.manifest))
-        .context(what)?;
-    let mut json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
-    json.push(b'\n');
-    m.write_all(&json).context(what)?;
-    // Keep the 0644 a user expects of both files (tempfile makes 0600).
-    for f in [m.as_file(), image.as_file()] {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o644))
-            .context(what)?;
-    }
+    // The image's bytes reach the disk before its name does: a crash after
+    // the rename never leaves a named but half-written image.
     image
-        .persist(&opts.output)
-        .map_err(|e| e.error)
-        .context(|| format!("moving the image to {}", opts.output.display()))?;
-    m.persist(&opts.manifest)
-        .map_err(|e| e.error)
-        .context(what)?;
-    Ok(())
+        .as_file()
+        .sync_all()
+        .context(|| "syncing the image file".into())?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Keep the 0644 a user expects (tempfile makes 0600).
+        image
+            .as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))
+            .context(|| "setting the image's mode".into())?;
+    }
+    // Without --force the existence check in `prepare` is not enough: two
+    // builds to one output both pass it. The rename itself refuses to
+    // replace (renameat2 RENAME_NOREPLACE), so the later one fails.
+    let placed = if opts.force {
+        image.persist(&opts.output)
+    } else {
+        image.persist_noclobber(&opts.output)
+    };
+    if let Err(e) = placed {
+        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+            return Err(StepError::input(format!(
+                "output image {} appeared while building (another build?); not replacing it without --force",
+                opts.output.display()
+            )));
+        }
+        return Err(e.error).context(|| format!("moving the image to {}", opts.output.display()));
+    }
+    manifest
+        .save(&opts.manifest)
+        .context(|| format!("writing manifest {}", opts.manifest.display()))
 }
 
 /// prepare + run.

@@ -404,6 +404,49 @@ fn hash_moved(top: &Path, moved: &mut [MovedFile]) -> Result<(), StepError> {
 /// No fstab mount point may hide data in the system: systemd would log
 /// "Directory … to mount over is not empty" and the files would vanish from
 /// view. Only `--state-migration copy` may leave state dirs filled.
+/// layout.md §3: data under ANY mount point of the completed fstab is
+/// refused before anything is copied, judged on the source tree — including
+/// mount points nested in a state dir (`/var/lib/docker` on its own disk):
+/// moving `/var` would carry that data into `state/var/lib/docker`, where
+/// the mount hides it. State dirs themselves are the exception: their data
+/// is moved out (or, with `Migration::Copy`, deliberately left).
+pub fn refuse_hidden_data(
+    dir: &RootDir,
+    shown: &Path,
+    plan: &Plan,
+    fstab_bytes: Option<&[u8]>,
+) -> Result<(), BuildError> {
+    let completed: Vec<u8> = match &plan.fstab {
+        crate::plan::FstabChange::Write { contents, .. } => contents.clone(),
+        crate::plan::FstabChange::Unchanged => fstab_bytes.unwrap_or_default().to_vec(),
+    };
+    for entry in fstab::mounts_over_root(&fstab::parse(&completed)) {
+        let target = entry.target.trim_start_matches('/');
+        if plan.created_state_dirs().any(|d| d == target) {
+            continue;
+        }
+        let names = dir.list_dir(target).map_err(|e| input(e.to_string()))?;
+        if !names.is_empty() {
+            let listed: Vec<String> = names
+                .iter()
+                .take(5)
+                .map(|n| format!("{}/{n}", entry.target))
+                .collect();
+            return Err(input(format!(
+                "{} is a mount point (etc/fstab line {}: {}) but rootfs {} has {} entries under it ({}{}): they would be hidden at boot; move them onto that filesystem or remove them",
+                entry.target,
+                entry.line,
+                entry.raw.trim(),
+                shown.display(),
+                names.len(),
+                listed.join(", "),
+                if names.len() > 5 { ", …" } else { "" }
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_mountpoints(
     orig: &RootDir,
     plan: &Plan,

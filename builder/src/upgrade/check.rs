@@ -15,7 +15,7 @@ use crate::interrupt::Interrupt;
 use crate::layout::{self, Version};
 use crate::manifest::{Manifest, MANIFEST_VERSION};
 use crate::migrate::Migration;
-use crate::plan::{self, FstabChange, Plan, PlanOptions};
+use crate::plan::{self, Plan, PlanOptions};
 use crate::progress::Event;
 use crate::size::human;
 use crate::steps::Steps;
@@ -233,7 +233,8 @@ fn check_open(
     )
     .map_err(|e| input(e.to_string()))?;
     deploy::check_state_dirs(&rootfs.dir, &rootfs.path, &plan).map_err(into_step_error)?;
-    check_hidden_data(&rootfs, &plan, fstab_bytes.as_deref())?;
+    deploy::refuse_hidden_data(&rootfs.dir, &rootfs.path, &plan, fstab_bytes.as_deref())
+        .map_err(|e| input(e.to_string()))?;
 
     let live_state: Vec<String> = plan
         .created_state_dirs()
@@ -350,49 +351,6 @@ fn state_dir_list(
         add(d);
     }
     out
-}
-
-/// layout.md §3: data under ANY mount point of the completed fstab is
-/// refused before anything is copied. State dirs are the exception: their
-/// data is the state policy's (or, with `Migration::Copy`, deliberately
-/// left under the mountpoint).
-fn check_hidden_data(
-    rootfs: &Rootfs,
-    plan: &Plan,
-    fstab_bytes: Option<&[u8]>,
-) -> Result<(), StepError> {
-    let completed: Vec<u8> = match &plan.fstab {
-        FstabChange::Write { contents, .. } => contents.clone(),
-        FstabChange::Unchanged => fstab_bytes.unwrap_or_default().to_vec(),
-    };
-    for entry in fstab::mounts_over_root(&fstab::parse(&completed)) {
-        let target = entry.target.trim_start_matches('/');
-        if plan.created_state_dirs().any(|d| d == target) {
-            continue;
-        }
-        let names = rootfs
-            .dir
-            .list_dir(target)
-            .map_err(|e| input(e.to_string()))?;
-        if !names.is_empty() {
-            let shown: Vec<String> = names
-                .iter()
-                .take(5)
-                .map(|n| format!("{}/{n}", entry.target))
-                .collect();
-            return Err(input(format!(
-                "{} is a mount point of the new rootfs's fstab (line {}: {}) but rootfs {} has {} entries under it ({}{}): they would be hidden at boot; move them onto that filesystem or remove them",
-                entry.target,
-                entry.line,
-                entry.raw.trim(),
-                rootfs.path.display(),
-                names.len(),
-                shown.join(", "),
-                if names.len() > 5 { ", …" } else { "" }
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Refuses an upgrade that would not fit. The new orig shares the old
