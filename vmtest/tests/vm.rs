@@ -620,16 +620,18 @@ fn booting_the_pristine_subvolume_fails_root() {
     b.edit(|top| {
         let conf = top.join("extlinux/extlinux.conf");
         let text = std::fs::read_to_string(&conf).unwrap();
-        let want = format!("rootflags=subvol=systems/{}/run", m.default);
-        assert!(text.contains(&want), "{text}");
-        std::fs::write(
-            &conf,
-            text.replace(
-                &want,
-                &format!("rootflags=subvol=systems/{}/orig", m.default),
-            ),
-        )
-        .unwrap();
+        // The menu's default entry boots through systems/default, each
+        // version's own entry names it: point both at the pristine orig.
+        let wrong = format!("rootflags=subvol=systems/{}/orig", m.default);
+        let mut edited = text.clone();
+        for want in [
+            "rootflags=subvol=systems/default/run".to_owned(),
+            format!("rootflags=subvol=systems/{}/run", m.default),
+        ] {
+            assert!(text.contains(&want), "{want} not in {text}");
+            edited = edited.replace(&want, &wrong);
+        }
+        std::fs::write(&conf, edited).unwrap();
     });
     let mut cfg = config(&b.image, &manifest_path);
     without_persistence(&mut cfg);
