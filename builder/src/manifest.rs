@@ -6,6 +6,13 @@
 //! version with its own state dirs, moved files and (for an upgrade) what
 //! happened to the new rootfs's state data. Schema 1 (one build, its fields
 //! at the top level) is still read: it becomes one version.
+//!
+//! Paths are bytes (a file under a state dir may be named `caf\xe9`): every
+//! path and symlink target here — `moved_files[].path` and `.target`,
+//! `state_data.merged` and `.left_out` — is in the lossless
+//! [`crate::pathenc::encode_path`] form: valid UTF-8 as is, `%` as `%25`,
+//! each byte that is not valid UTF-8 as `%XX` (`/var/caf%E9`,
+//! `/srv/100%25`). [`crate::pathenc::decode_path`] gives the bytes back.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -156,7 +163,8 @@ pub enum FileType {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MovedFile {
-    /// Absolute path in the booted system, e.g. "/root/.ssh/authorized_keys".
+    /// Absolute path in the booted system, e.g. "/root/.ssh/authorized_keys",
+    /// in [`crate::pathenc::encode_path`] form (see the module doc).
     pub path: String,
     #[serde(rename = "type")]
     pub file_type: FileType,
@@ -167,7 +175,7 @@ pub struct MovedFile {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    /// Symlink target, symlinks only.
+    /// Symlink target, symlinks only ([`crate::pathenc::encode_path`] form).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub target: Option<String>,
 }

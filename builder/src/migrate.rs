@@ -10,9 +10,11 @@ use crate::copy::{copy_tree, CopyError};
 use crate::extents::extents;
 use crate::interrupt::Interrupt;
 use crate::manifest::{FileType, MovedFile};
+use crate::pathenc::{decode_path, encode_path};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, Metadata};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -112,7 +114,10 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
         names.sort();
         for name in names {
             let rel = rel.join(&name);
-            let shown = format!("{shown_as}/{}", rel.display());
+            // Names are bytes: the record carries them losslessly.
+            let mut bytes = format!("{shown_as}/").into_bytes();
+            bytes.extend_from_slice(rel.as_os_str().as_bytes());
+            let shown = encode_path(&bytes);
             let (a, b) = (from.join(&rel), to.join(&rel));
             let (entry, ma, mb) = compare(&a, &b, &shown, true)?;
             if ma.nlink() > 1 && !ma.is_dir() {
@@ -173,7 +178,7 @@ fn compare(
         FileType::Symlink => {
             let t = fs::read_link(a).map_err(io(a))?;
             same("symlink target", t == fs::read_link(b).map_err(io(b))?)?;
-            target = Some(t.to_string_lossy().into_owned());
+            target = Some(encode_path(t.as_os_str().as_bytes()));
         }
         _ => {}
     }
@@ -248,13 +253,28 @@ fn same_content(a: &Path, b: &Path) -> Result<bool, MigrateError> {
 }
 
 /// Fills in the sha256 of every moved regular file, reading it from where
-/// it now lives (`state` is the top of the state subvolumes). This is the
-/// one part of a move whose cost grows with data size, kept as its own step.
+/// it now lives (`state` is the top of the state subvolumes; record paths
+/// are in [`encode_path`] form). This is the one part of a move whose cost
+/// grows with data size, kept as its own step.
 pub fn hash_moved(files: &mut [MovedFile], state: &Path) -> Result<(), MigrateError> {
     for f in files.iter_mut().filter(|f| f.file_type == FileType::File) {
-        f.sha256 = Some(hash(&state.join(f.path.trim_start_matches('/')))?);
+        f.sha256 = Some(hash(&state_path(state, &f.path)?)?);
     }
     Ok(())
+}
+
+/// Where a record's path (`/var/lib/x`, [`encode_path`] form) lives under
+/// `state` (the top of the state subvolumes).
+fn state_path(state: &Path, encoded: &str) -> Result<PathBuf, MigrateError> {
+    let bytes = decode_path(encoded).ok_or_else(|| MigrateError::Io {
+        path: PathBuf::from(encoded),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad path encoding {encoded:?}"),
+        ),
+    })?;
+    let rel = bytes.strip_prefix(b"/").unwrap_or(&bytes);
+    Ok(state.join(std::ffi::OsStr::from_bytes(rel)))
 }
 
 pub(crate) fn hash(path: &Path) -> Result<String, MigrateError> {

@@ -164,7 +164,12 @@ fn describe_state_entry(top: &Path, encoded: &str) -> std::io::Result<MovedFile>
         target: m
             .file_type()
             .is_symlink()
-            .then(|| fs::read_link(&path).map(|t| t.to_string_lossy().into_owned()))
+            .then(|| {
+                fs::read_link(&path).map(|t| {
+                    use std::os::unix::ffi::OsStrExt;
+                    sync::encode_path(t.as_os_str().as_bytes())
+                })
+            })
             .transpose()?,
     })
 }

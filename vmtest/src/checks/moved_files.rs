@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use strata_builder::expect::Expectations;
 use strata_builder::layout::{self, Tree};
 use strata_builder::manifest::FileType;
+use strata_builder::pathenc::{decode_path, encode_path};
 
 const ID: CheckId = CheckId::MovedFiles;
 
@@ -76,8 +77,14 @@ impl Clock {
 const BATCH_PATHS: usize = 20_000;
 const BATCH_BYTES: usize = 1 << 20;
 
-/// NUL-terminated `paths`, split into batches for separate guest commands.
-fn batches<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
+/// The bytes a manifest path (`encode_path` form) names in the guest.
+fn guest_path(encoded: &str) -> Vec<u8> {
+    decode_path(encoded).unwrap_or_else(|| encoded.as_bytes().to_vec())
+}
+
+/// NUL-terminated `paths` (bytes, as the guest names them), split into
+/// batches for separate guest commands.
+fn batches(paths: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut count = 0;
     for p in paths {
@@ -90,7 +97,7 @@ fn batches<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
             count = 0;
         }
         let b = out.last_mut().expect("pushed above");
-        b.extend_from_slice(p.as_bytes());
+        b.extend_from_slice(&p);
         b.push(0);
         count += 1;
     }
@@ -125,13 +132,13 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
         .collect();
     let all = mountpoints
         .iter()
-        .map(String::as_str)
-        .chain(expect.moved_files.iter().map(|f| f.path.as_str()));
+        .map(|m| m.as_bytes().to_vec())
+        .chain(expect.moved_files.iter().map(|f| guest_path(&f.path)));
     let files = expect
         .moved_files
         .iter()
         .filter(|f| f.file_type == FileType::File)
-        .map(|f| f.path.as_str());
+        .map(|f| guest_path(&f.path));
     // Hashing is the slow part: let it run while the rest is gathered.
     let mut hashing = Vec::new();
     for batch in batches(files) {
@@ -184,7 +191,7 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
     });
     let mut sha256 = HashMap::new();
     for running in &hashing {
-        sha256.extend(parse_sha256sum(&m.finish(running).await?.stdout_str()));
+        sha256.extend(parse_sha256sum(&m.finish(running).await?.stdout));
     }
     Ok(Observation {
         stats,
@@ -223,31 +230,53 @@ pub fn parse_stats(raw: &[u8]) -> HashMap<String, Stat> {
             size: f[4].parse().unwrap_or(0),
             dev: f[5].parse().unwrap_or(0),
             ctime: f[6].parse().unwrap_or(0.0),
-            target: String::from_utf8_lossy(target).into_owned(),
+            target: encode_path(target),
         };
-        out.insert(String::from_utf8_lossy(path).into_owned(), stat);
+        out.insert(encode_path(path), stat);
     }
     out
 }
 
-/// `sha256sum` output; names with a backslash or newline come escaped with
-/// a leading backslash on the line.
-pub fn parse_sha256sum(text: &str) -> HashMap<String, String> {
-    text.lines()
+/// `sha256sum` output, names keyed in `encode_path` form (as the manifest
+/// has them); names with a backslash or newline come escaped with a leading
+/// backslash on the line, every other byte as it is.
+pub fn parse_sha256sum(raw: &[u8]) -> HashMap<String, String> {
+    raw.split(|b| *b == b'\n')
         .filter_map(|l| {
-            let (escaped, l) = match l.strip_prefix('\\') {
+            let (escaped, l) = match l.strip_prefix(b"\\") {
                 Some(rest) => (true, rest),
                 None => (false, l),
             };
-            let (hash, name) = l.split_once("  ")?;
+            let sep = l.windows(2).position(|w| w == b"  ")?;
+            let (hash, name) = (std::str::from_utf8(&l[..sep]).ok()?, &l[sep + 2..]);
             let name = if escaped {
-                name.replace("\\n", "\n").replace("\\\\", "\\")
+                unescape_sha_name(name)
             } else {
-                name.to_owned()
+                name.to_vec()
             };
-            Some((name, hash.to_owned()))
+            Some((encode_path(&name), hash.to_owned()))
         })
         .collect()
+}
+
+/// Undoes sha256sum's escaping of a name (`\\`, `\n`, and `\r` in
+/// newer coreutils).
+fn unescape_sha_name(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut it = name.iter().copied();
+    while let Some(b) = it.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match it.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b'r') => out.push(b'\r'),
+            Some(other) => out.push(other),
+            None => out.push(b'\\'),
+        }
+    }
+    out
 }
 
 fn kind_char(t: FileType) -> char {
@@ -563,7 +592,7 @@ mod tests {
     fn many_paths_are_split_into_batches_below_the_agents_output_cap() {
         let long = "x".repeat(100);
         let paths: Vec<String> = (0..30_000).map(|i| format!("/{long}/{i}")).collect();
-        let b = batches(paths.iter().map(String::as_str));
+        let b = batches(paths.iter().map(|p| p.clone().into_bytes()));
         assert!(b.len() >= 3, "{}", b.len());
         assert!(b.iter().all(|b| b.len() <= BATCH_BYTES));
         let back: usize = b
@@ -595,8 +624,14 @@ mod tests {
         let s = parse_stats(raw);
         assert_eq!(s["/root/.ssh/authorized_keys"].mode, 0o600);
         assert_eq!(s["/var/run"].target, "/run");
-        let h = parse_sha256sum("abc  /a b\n\\def  /x\\ny\n");
+        let h = parse_sha256sum(b"abc  /a b\n\\def  /x\\ny\n12  /caf\xe9\n34  /100%\n");
         assert_eq!(h["/a b"], "abc");
         assert_eq!(h["/x\ny"], "def");
+        // Keyed as the manifest names them (lossless `encode_path` form).
+        assert_eq!(h["/caf%E9"], "12");
+        assert_eq!(h["/100%25"], "34");
+        assert_eq!(guest_path("/caf%E9"), b"/caf\xe9");
+        let s = parse_stats(b"f 600 0 0 9 40 1.0\0/caf\xe9\0\0");
+        assert!(s.contains_key("/caf%E9"));
     }
 }
