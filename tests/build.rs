@@ -1003,6 +1003,12 @@ fn non_utf8_names_under_a_state_dir_build_and_round_trip_in_the_manifest() {
         .join(OsStr::from_bytes(b"caf\xe9"));
     fs::write(&latin1, b"latin-1 name").unwrap();
     fs::write(fx.rootfs().join("srv/www/100%"), b"percent name").unwrap();
+    // What else the move keeps is recorded for the harness to compare.
+    sh(&format!(
+        "cd '{}/srv/www' && f=$(printf 'caf\\351') && setfattr -n user.origin -v x \"$f\" \
+         && setfacl -m u:1234:r \"$f\" && setcap cap_net_raw+ep \"$f\" && ln \"$f\" caf-link",
+        fx.rootfs().display()
+    ));
     let out = fx.build(&["--size", "300M"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
@@ -1027,6 +1033,17 @@ fn non_utf8_names_under_a_state_dir_build_and_round_trip_in_the_manifest() {
         ));
         assert_eq!(f.sha256.as_deref(), want.split(' ').next());
     }
+    let caf = moved.iter().find(|f| f.path == "/srv/www/caf%E9").unwrap();
+    assert_eq!(caf.xattrs["user.origin"], "78");
+    for x in ["system.posix_acl_access", "security.capability"] {
+        assert!(caf.xattrs.contains_key(x), "{x}: {caf:?}");
+    }
+    let link = moved
+        .iter()
+        .find(|f| f.path == "/srv/www/caf-link")
+        .unwrap();
+    assert_eq!(caf.hardlink.as_deref(), Some("/srv/www/caf%E9"));
+    assert_eq!(link.hardlink, caf.hardlink);
     let img = Inspect::new(&fx.image());
     assert_eq!(
         fs::read(

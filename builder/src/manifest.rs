@@ -178,6 +178,18 @@ pub struct MovedFile {
     /// Symlink target, symlinks only ([`crate::pathenc::encode_path`] form).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub target: Option<String>,
+    /// Extended attributes the move kept, POSIX ACLs
+    /// (`system.posix_acl_access`/`_default`) and `security.capability`
+    /// included: name ([`crate::pathenc::encode_path`] form) -> value in
+    /// lower-case hex. Absent when the entry has none (and in manifests
+    /// written before strata recorded them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+    /// Entries that are one inode within a state dir share this id: the
+    /// path of the group's first member (sorted). Absent for an entry with
+    /// no other link among the moved entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardlink: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

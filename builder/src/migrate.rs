@@ -103,6 +103,8 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
     compare(from, to, shown_as, false)?;
     let mut moved = Vec::new();
     let mut links: HashMap<(u64, u64), u64> = HashMap::new();
+    // Path of each moved entry that shares its inode, by that inode.
+    let mut groups: HashMap<(u64, u64), Vec<String>> = HashMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = from.join(&rel);
@@ -125,6 +127,10 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
                 if first != mb.ino() {
                     return Err(mismatch(&shown, "hardlink structure"));
                 }
+                groups
+                    .entry((ma.dev(), ma.ino()))
+                    .or_default()
+                    .push(shown.clone());
             }
             if ma.is_dir() {
                 stack.push(rel);
@@ -133,7 +139,33 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
         }
     }
     moved.sort_by(|a, b| a.path.cmp(&b.path));
+    record_hardlinks(&mut moved, groups.into_values());
     Ok(moved)
+}
+
+/// Gives every entry of a hardlink group (two or more moved paths, one
+/// inode) the group's id: its first path in sorted order.
+fn record_hardlinks(moved: &mut [MovedFile], groups: impl IntoIterator<Item = Vec<String>>) {
+    let mut id_of: HashMap<String, String> = HashMap::new();
+    for mut paths in groups.into_iter().filter(|g| g.len() > 1) {
+        paths.sort();
+        for p in &paths {
+            id_of.insert(p.clone(), paths[0].clone());
+        }
+    }
+    for f in moved {
+        f.hardlink = id_of.remove(&f.path);
+    }
+}
+
+/// Xattrs as the manifest records them: name -> lower-case hex value.
+pub fn xattrs_record(x: &Xattrs) -> std::collections::BTreeMap<String, String> {
+    x.iter()
+        .map(|(name, value)| {
+            let hex = value.iter().map(|b| format!("{b:02x}")).collect();
+            (encode_path(name), hex)
+        })
+        .collect()
 }
 
 fn mismatch(path: &str, what: &str) -> MigrateError {
@@ -163,7 +195,8 @@ fn compare(
     same("type", ty == file_type(&mb))?;
     same("mode", ma.mode() == mb.mode())?;
     same("owner", ma.uid() == mb.uid() && ma.gid() == mb.gid())?;
-    same("xattrs", xattrs(a)? == xattrs(b)?)?;
+    let xa = xattrs(a)?;
+    same("xattrs", xa == xattrs(b)?)?;
     if !ma.is_dir() {
         same("size", ma.size() == mb.size())?;
         same(
@@ -192,6 +225,9 @@ fn compare(
         gid: ma.gid(),
         size: if ty == FileType::Dir { 0 } else { ma.size() },
         target,
+        xattrs: xattrs_record(&xa),
+        // Filled in by `verify` once every entry is seen.
+        hardlink: None,
     });
     Ok((entry, ma, mb))
 }
@@ -335,6 +371,18 @@ mod tests {
         let moved = verify(&a, &b, "/x").unwrap();
         let paths: Vec<&str> = moved.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["/x/link", "/x/sub", "/x/sub/f"]);
+    }
+
+    #[test]
+    fn hardlink_groups_and_xattrs_are_recorded() {
+        let (_t, a, b) = pair();
+        let moved = verify(&a, &b, "/x").unwrap();
+        let link = |p: &str| moved.iter().find(|f| f.path == p).unwrap().hardlink.clone();
+        assert_eq!(link("/x/link").as_deref(), Some("/x/link"));
+        assert_eq!(link("/x/sub/f").as_deref(), Some("/x/link"));
+        assert_eq!(link("/x/sub"), None);
+        let x: Xattrs = vec![(b"security.capability".to_vec(), vec![0x01, 0xab])];
+        assert_eq!(xattrs_record(&x)["security.capability"], "01ab");
     }
 
     #[test]

@@ -171,6 +171,12 @@ fn describe_state_entry(top: &Path, encoded: &str) -> std::io::Result<MovedFile>
                 })
             })
             .transpose()?,
+        xattrs: migrate::xattrs_record(
+            &migrate::xattrs(&path).map_err(|e| std::io::Error::other(e.to_string()))?,
+        ),
+        // Hardlink groups are recorded for moved entries only (a merge
+        // describes its entries one by one).
+        hardlink: None,
     })
 }
 
