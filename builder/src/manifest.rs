@@ -363,6 +363,18 @@ mod tests {
     }
 
     #[test]
+    fn moved_files_without_xattrs_or_hardlink_load_and_save_without_them() {
+        let f: MovedFile = serde_json::from_value(serde_json::json!({
+            "path": "/var/x", "type": "file", "sha256": null,
+            "mode": 420, "uid": 0, "gid": 0, "size": 1
+        }))
+        .unwrap();
+        assert!(f.xattrs.is_empty() && f.hardlink.is_none());
+        let back = serde_json::to_value(&f).unwrap();
+        assert!(back.get("xattrs").is_none() && back.get("hardlink").is_none());
+    }
+
+    #[test]
     fn names_that_could_escape_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.json");

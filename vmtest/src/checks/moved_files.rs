@@ -1,7 +1,8 @@
 //! `moved-files`: every file the build moved into state is where the booted
 //! system expects it — same type, mode, owner, contents, symlink target,
-//! xattrs (ACLs, capabilities), hardlink groups — on its state subvolume, and the mountpoints of the system subvolumes under the state
-//! mounts are empty.
+//! xattrs (ACLs, capabilities), hardlink groups — on its state subvolume,
+//! and the mountpoints of the system subvolumes under the state mounts are
+//! empty.
 
 use super::{CheckId, Vm};
 use crate::machine::{Machine, MachineError};
