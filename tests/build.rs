@@ -986,3 +986,71 @@ fn symlinks_in_the_rootfs_never_reach_the_host() {
     assert_eq!(sha("/etc/passwd"), host_passwd);
     assert!(Path::new("/root").is_dir());
 }
+
+/// Names are bytes: a file under a state dir named with Latin-1 bytes (not
+/// UTF-8) and one whose name holds the encoding's escape character build,
+/// and the manifest records both losslessly with the right sha256.
+#[test]
+fn non_utf8_names_under_a_state_dir_build_and_round_trip_in_the_manifest() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use strata_builder::pathenc::decode_path;
+
+    let fx = Fixture::new();
+    let latin1 = fx
+        .rootfs()
+        .join("srv/www")
+        .join(OsStr::from_bytes(b"caf\xe9"));
+    fs::write(&latin1, b"latin-1 name").unwrap();
+    fs::write(fx.rootfs().join("srv/www/100%"), b"percent name").unwrap();
+    // What else the move keeps is recorded for the harness to compare.
+    sh(&format!(
+        "cd '{}/srv/www' && f=$(printf 'caf\\351') && setfattr -n user.origin -v x \"$f\" \
+         && setfacl -m u:1234:r \"$f\" && setcap cap_net_raw+ep \"$f\" && ln \"$f\" caf-link",
+        fx.rootfs().display()
+    ));
+    let out = fx.build(&["--size", "300M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    let moved = &m.default_version().moved_files;
+    for (encoded, bytes, contents) in [
+        (
+            "/srv/www/caf%E9",
+            &b"/srv/www/caf\xe9"[..],
+            &b"latin-1 name"[..],
+        ),
+        ("/srv/www/100%25", b"/srv/www/100%", b"percent name"),
+    ] {
+        let f = moved
+            .iter()
+            .find(|f| f.path == encoded)
+            .unwrap_or_else(|| panic!("{encoded} not in the manifest"));
+        assert_eq!(decode_path(&f.path).as_deref(), Some(bytes));
+        let want = sh(&format!(
+            "printf %s '{}' | sha256sum",
+            std::str::from_utf8(contents).unwrap()
+        ));
+        assert_eq!(f.sha256.as_deref(), want.split(' ').next());
+    }
+    let caf = moved.iter().find(|f| f.path == "/srv/www/caf%E9").unwrap();
+    assert_eq!(caf.xattrs["user.origin"], "78");
+    for x in ["system.posix_acl_access", "security.capability"] {
+        assert!(caf.xattrs.contains_key(x), "{x}: {caf:?}");
+    }
+    let link = moved
+        .iter()
+        .find(|f| f.path == "/srv/www/caf-link")
+        .unwrap();
+    assert_eq!(caf.hardlink.as_deref(), Some("/srv/www/caf%E9"));
+    assert_eq!(link.hardlink, caf.hardlink);
+    let img = Inspect::new(&fx.image());
+    assert_eq!(
+        fs::read(
+            img.path("state/srv/www")
+                .join(OsStr::from_bytes(b"caf\xe9"))
+        )
+        .unwrap(),
+        b"latin-1 name"
+    );
+}

@@ -27,6 +27,7 @@ pub mod loopdev;
 pub mod manifest;
 pub mod migrate;
 pub mod mount;
+pub mod pathenc;
 pub mod plan;
 pub mod progress;
 pub mod rootfs;

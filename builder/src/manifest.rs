@@ -6,6 +6,13 @@
 //! version with its own state dirs, moved files and (for an upgrade) what
 //! happened to the new rootfs's state data. Schema 1 (one build, its fields
 //! at the top level) is still read: it becomes one version.
+//!
+//! Paths are bytes (a file under a state dir may be named `caf\xe9`): every
+//! path and symlink target here — `moved_files[].path` and `.target`,
+//! `state_data.merged` and `.left_out` — is in the lossless
+//! [`crate::pathenc::encode_path`] form: valid UTF-8 as is, `%` as `%25`,
+//! each byte that is not valid UTF-8 as `%XX` (`/var/caf%E9`,
+//! `/srv/100%25`). [`crate::pathenc::decode_path`] gives the bytes back.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -156,7 +163,8 @@ pub enum FileType {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MovedFile {
-    /// Absolute path in the booted system, e.g. "/root/.ssh/authorized_keys".
+    /// Absolute path in the booted system, e.g. "/root/.ssh/authorized_keys",
+    /// in [`crate::pathenc::encode_path`] form (see the module doc).
     pub path: String,
     #[serde(rename = "type")]
     pub file_type: FileType,
@@ -167,9 +175,21 @@ pub struct MovedFile {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    /// Symlink target, symlinks only.
+    /// Symlink target, symlinks only ([`crate::pathenc::encode_path`] form).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub target: Option<String>,
+    /// Extended attributes the move kept, POSIX ACLs
+    /// (`system.posix_acl_access`/`_default`) and `security.capability`
+    /// included: name ([`crate::pathenc::encode_path`] form) -> value in
+    /// lower-case hex. Absent when the entry has none (and in manifests
+    /// written before strata recorded them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
+    /// Entries that are one inode within a state dir share this id: the
+    /// path of the group's first member (sorted). Absent for an entry with
+    /// no other link among the moved entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardlink: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -340,6 +360,18 @@ mod tests {
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(raw["manifest_version"], 2);
         assert_eq!(raw["versions"][0]["label"], "factory");
+    }
+
+    #[test]
+    fn moved_files_without_xattrs_or_hardlink_load_and_save_without_them() {
+        let f: MovedFile = serde_json::from_value(serde_json::json!({
+            "path": "/var/x", "type": "file", "sha256": null,
+            "mode": 420, "uid": 0, "gid": 0, "size": 1
+        }))
+        .unwrap();
+        assert!(f.xattrs.is_empty() && f.hardlink.is_none());
+        let back = serde_json::to_value(&f).unwrap();
+        assert!(back.get("xattrs").is_none() && back.get("hardlink").is_none());
     }
 
     #[test]

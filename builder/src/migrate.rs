@@ -10,9 +10,11 @@ use crate::copy::{copy_tree, CopyError};
 use crate::extents::extents;
 use crate::interrupt::Interrupt;
 use crate::manifest::{FileType, MovedFile};
+use crate::pathenc::{decode_path, encode_path};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, Metadata};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -101,6 +103,8 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
     compare(from, to, shown_as, false)?;
     let mut moved = Vec::new();
     let mut links: HashMap<(u64, u64), u64> = HashMap::new();
+    // Path of each moved entry that shares its inode, by that inode.
+    let mut groups: HashMap<(u64, u64), Vec<String>> = HashMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = from.join(&rel);
@@ -112,7 +116,10 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
         names.sort();
         for name in names {
             let rel = rel.join(&name);
-            let shown = format!("{shown_as}/{}", rel.display());
+            // Names are bytes: the record carries them losslessly.
+            let mut bytes = format!("{shown_as}/").into_bytes();
+            bytes.extend_from_slice(rel.as_os_str().as_bytes());
+            let shown = encode_path(&bytes);
             let (a, b) = (from.join(&rel), to.join(&rel));
             let (entry, ma, mb) = compare(&a, &b, &shown, true)?;
             if ma.nlink() > 1 && !ma.is_dir() {
@@ -120,6 +127,10 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
                 if first != mb.ino() {
                     return Err(mismatch(&shown, "hardlink structure"));
                 }
+                groups
+                    .entry((ma.dev(), ma.ino()))
+                    .or_default()
+                    .push(shown.clone());
             }
             if ma.is_dir() {
                 stack.push(rel);
@@ -128,7 +139,33 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
         }
     }
     moved.sort_by(|a, b| a.path.cmp(&b.path));
+    record_hardlinks(&mut moved, groups.into_values());
     Ok(moved)
+}
+
+/// Gives every entry of a hardlink group (two or more moved paths, one
+/// inode) the group's id: its first path in sorted order.
+fn record_hardlinks(moved: &mut [MovedFile], groups: impl IntoIterator<Item = Vec<String>>) {
+    let mut id_of: HashMap<String, String> = HashMap::new();
+    for mut paths in groups.into_iter().filter(|g| g.len() > 1) {
+        paths.sort();
+        for p in &paths {
+            id_of.insert(p.clone(), paths[0].clone());
+        }
+    }
+    for f in moved {
+        f.hardlink = id_of.remove(&f.path);
+    }
+}
+
+/// Xattrs as the manifest records them: name -> lower-case hex value.
+pub fn xattrs_record(x: &Xattrs) -> std::collections::BTreeMap<String, String> {
+    x.iter()
+        .map(|(name, value)| {
+            let hex = value.iter().map(|b| format!("{b:02x}")).collect();
+            (encode_path(name), hex)
+        })
+        .collect()
 }
 
 fn mismatch(path: &str, what: &str) -> MigrateError {
@@ -158,7 +195,8 @@ fn compare(
     same("type", ty == file_type(&mb))?;
     same("mode", ma.mode() == mb.mode())?;
     same("owner", ma.uid() == mb.uid() && ma.gid() == mb.gid())?;
-    same("xattrs", xattrs(a)? == xattrs(b)?)?;
+    let xa = xattrs(a)?;
+    same("xattrs", xa == xattrs(b)?)?;
     if !ma.is_dir() {
         same("size", ma.size() == mb.size())?;
         same(
@@ -173,7 +211,7 @@ fn compare(
         FileType::Symlink => {
             let t = fs::read_link(a).map_err(io(a))?;
             same("symlink target", t == fs::read_link(b).map_err(io(b))?)?;
-            target = Some(t.to_string_lossy().into_owned());
+            target = Some(encode_path(t.as_os_str().as_bytes()));
         }
         _ => {}
     }
@@ -187,6 +225,9 @@ fn compare(
         gid: ma.gid(),
         size: if ty == FileType::Dir { 0 } else { ma.size() },
         target,
+        xattrs: xattrs_record(&xa),
+        // Filled in by `verify` once every entry is seen.
+        hardlink: None,
     });
     Ok((entry, ma, mb))
 }
@@ -248,13 +289,28 @@ fn same_content(a: &Path, b: &Path) -> Result<bool, MigrateError> {
 }
 
 /// Fills in the sha256 of every moved regular file, reading it from where
-/// it now lives (`state` is the top of the state subvolumes). This is the
-/// one part of a move whose cost grows with data size, kept as its own step.
+/// it now lives (`state` is the top of the state subvolumes; record paths
+/// are in [`encode_path`] form). This is the one part of a move whose cost
+/// grows with data size, kept as its own step.
 pub fn hash_moved(files: &mut [MovedFile], state: &Path) -> Result<(), MigrateError> {
     for f in files.iter_mut().filter(|f| f.file_type == FileType::File) {
-        f.sha256 = Some(hash(&state.join(f.path.trim_start_matches('/')))?);
+        f.sha256 = Some(hash(&state_path(state, &f.path)?)?);
     }
     Ok(())
+}
+
+/// Where a record's path (`/var/lib/x`, [`encode_path`] form) lives under
+/// `state` (the top of the state subvolumes).
+fn state_path(state: &Path, encoded: &str) -> Result<PathBuf, MigrateError> {
+    let bytes = decode_path(encoded).ok_or_else(|| MigrateError::Io {
+        path: PathBuf::from(encoded),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad path encoding {encoded:?}"),
+        ),
+    })?;
+    let rel = bytes.strip_prefix(b"/").unwrap_or(&bytes);
+    Ok(state.join(std::ffi::OsStr::from_bytes(rel)))
 }
 
 pub(crate) fn hash(path: &Path) -> Result<String, MigrateError> {
@@ -315,6 +371,18 @@ mod tests {
         let moved = verify(&a, &b, "/x").unwrap();
         let paths: Vec<&str> = moved.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["/x/link", "/x/sub", "/x/sub/f"]);
+    }
+
+    #[test]
+    fn hardlink_groups_and_xattrs_are_recorded() {
+        let (_t, a, b) = pair();
+        let moved = verify(&a, &b, "/x").unwrap();
+        let link = |p: &str| moved.iter().find(|f| f.path == p).unwrap().hardlink.clone();
+        assert_eq!(link("/x/link").as_deref(), Some("/x/link"));
+        assert_eq!(link("/x/sub/f").as_deref(), Some("/x/link"));
+        assert_eq!(link("/x/sub"), None);
+        let x: Xattrs = vec![(b"security.capability".to_vec(), vec![0x01, 0xab])];
+        assert_eq!(xattrs_record(&x)["security.capability"], "01ab");
     }
 
     #[test]

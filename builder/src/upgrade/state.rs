@@ -164,8 +164,19 @@ fn describe_state_entry(top: &Path, encoded: &str) -> std::io::Result<MovedFile>
         target: m
             .file_type()
             .is_symlink()
-            .then(|| fs::read_link(&path).map(|t| t.to_string_lossy().into_owned()))
+            .then(|| {
+                fs::read_link(&path).map(|t| {
+                    use std::os::unix::ffi::OsStrExt;
+                    sync::encode_path(t.as_os_str().as_bytes())
+                })
+            })
             .transpose()?,
+        xattrs: migrate::xattrs_record(
+            &migrate::xattrs(&path).map_err(|e| std::io::Error::other(e.to_string()))?,
+        ),
+        // Hardlink groups are recorded for moved entries only (a merge
+        // describes its entries one by one).
+        hardlink: None,
     })
 }
 

@@ -1,7 +1,8 @@
 //! `moved-files`: every file the build moved into state is where the booted
-//! system expects it — same type, mode, owner, contents — on its state
-//! subvolume, and the mountpoints of the system subvolumes under the state
-//! mounts are empty.
+//! system expects it — same type, mode, owner, contents, symlink target,
+//! xattrs (ACLs, capabilities), hardlink groups — on its state subvolume,
+//! and the mountpoints of the system subvolumes under the state mounts are
+//! empty.
 
 use super::{CheckId, Vm};
 use crate::machine::{Machine, MachineError};
@@ -9,7 +10,8 @@ use crate::report::{CheckResult, Status};
 use std::collections::{BTreeMap, HashMap};
 use strata_builder::expect::Expectations;
 use strata_builder::layout::{self, Tree};
-use strata_builder::manifest::FileType;
+use strata_builder::manifest::{FileType, MovedFile};
+use strata_builder::pathenc::{decode_path, encode_path};
 
 const ID: CheckId = CheckId::MovedFiles;
 
@@ -29,6 +31,11 @@ pub struct Stat {
     pub dev: u64,
     pub ctime: f64,
     pub target: String,
+    /// Inode number, to tell hardlink groups.
+    pub ino: u64,
+    /// Name -> lower-case hex value, as `getfattr` read them; None when
+    /// they were not read (no entry there records any, or no getfattr).
+    pub xattrs: Option<BTreeMap<String, String>>,
 }
 
 pub struct Observation {
@@ -76,8 +83,14 @@ impl Clock {
 const BATCH_PATHS: usize = 20_000;
 const BATCH_BYTES: usize = 1 << 20;
 
-/// NUL-terminated `paths`, split into batches for separate guest commands.
-fn batches<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
+/// The bytes a manifest path (`encode_path` form) names in the guest.
+fn guest_path(encoded: &str) -> Vec<u8> {
+    decode_path(encoded).unwrap_or_else(|| encoded.as_bytes().to_vec())
+}
+
+/// NUL-terminated `paths` (bytes, as the guest names them), split into
+/// batches for separate guest commands.
+fn batches(paths: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut count = 0;
     for p in paths {
@@ -90,14 +103,14 @@ fn batches<'a>(paths: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
             count = 0;
         }
         let b = out.last_mut().expect("pushed above");
-        b.extend_from_slice(p.as_bytes());
+        b.extend_from_slice(&p);
         b.push(0);
         count += 1;
     }
     out
 }
 
-const STAT_SCRIPT: &str = r#"xargs -0 -r sh -c 'find "$@" -maxdepth 0 -printf "%y %m %U %G %s %D %C@\0%p\0%l\0" 2>/dev/null; exit 0' sh"#;
+const STAT_SCRIPT: &str = r#"xargs -0 -r sh -c 'find "$@" -maxdepth 0 -printf "%y %m %U %G %s %D %C@ %i\0%p\0%l\0" 2>/dev/null; exit 0' sh"#;
 const SHA_SCRIPT: &str = "xargs -0 -r sha256sum -- 2>/dev/null; exit 0";
 
 /// Exit code of [`with_toplevel`] when the mount fails (its stderr says why).
@@ -125,13 +138,13 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
         .collect();
     let all = mountpoints
         .iter()
-        .map(String::as_str)
-        .chain(expect.moved_files.iter().map(|f| f.path.as_str()));
+        .map(|m| m.as_bytes().to_vec())
+        .chain(expect.moved_files.iter().map(|f| guest_path(&f.path)));
     let files = expect
         .moved_files
         .iter()
         .filter(|f| f.file_type == FileType::File)
-        .map(|f| f.path.as_str());
+        .map(|f| guest_path(&f.path));
     // Hashing is the slow part: let it run while the rest is gathered.
     let mut hashing = Vec::new();
     for batch in batches(files) {
@@ -142,6 +155,7 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
         let out = m.exec_stdin(STAT_SCRIPT, &batch).await?;
         stats.extend(parse_stats(&out.stdout));
     }
+    read_xattrs(m, expect, &mut stats).await?;
     let mut body = String::new();
     for d in &expect.state_dirs {
         for tree in Tree::BOTH {
@@ -184,7 +198,7 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
     });
     let mut sha256 = HashMap::new();
     for running in &hashing {
-        sha256.extend(parse_sha256sum(&m.finish(running).await?.stdout_str()));
+        sha256.extend(parse_sha256sum(&m.finish(running).await?.stdout));
     }
     Ok(Observation {
         stats,
@@ -194,6 +208,144 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
         boot_epoch,
         clock,
     })
+}
+
+/// Every xattr, not following symlinks, values in hex (`-m -`: all
+/// namespaces, so `system.posix_acl_*` and `security.*` too).
+const XATTR_SCRIPT: &str = "command -v getfattr >/dev/null || exit 98; xargs -0 -r getfattr -h -d -m - -e hex --absolute-names -- 2>/dev/null; exit 0";
+
+/// Reads the xattrs of the entries whose record has some into `stats`.
+/// Without getfattr in the guest they stay unread (None), which the judge
+/// reports.
+async fn read_xattrs(
+    m: &mut Machine,
+    expect: &Expectations,
+    stats: &mut HashMap<String, Stat>,
+) -> Result<(), MachineError> {
+    let wanted = expect.moved_files.iter().filter(|f| !f.xattrs.is_empty());
+    for batch in batches(wanted.map(|f| guest_path(&f.path))) {
+        let out = m.exec_stdin(XATTR_SCRIPT, &batch).await?;
+        if out.exit_code == Some(98) {
+            return Ok(());
+        }
+        let got = parse_getfattr(&out.stdout);
+        for p in batch.split(|b| *b == 0).filter(|p| !p.is_empty()) {
+            let key = encode_path(p);
+            if let Some(st) = stats.get_mut(&key) {
+                st.xattrs = Some(got.get(&key).cloned().unwrap_or_default());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `getfattr -d -e hex` output: `# file: NAME` then `name=0xHEX` lines,
+/// names with odd bytes escaped as `\ooo`. Keyed by path and name in
+/// `encode_path` form; values lower-case hex without `0x`.
+pub fn parse_getfattr(raw: &[u8]) -> HashMap<String, BTreeMap<String, String>> {
+    let mut out: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    let mut file: Option<String> = None;
+    for line in raw.split(|b| *b == b'\n') {
+        if let Some(name) = line.strip_prefix(b"# file: ") {
+            let key = encode_path(&unescape_octal(name));
+            out.entry(key.clone()).or_default();
+            file = Some(key);
+            continue;
+        }
+        let Some(f) = &file else { continue };
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        let (name, value) = match line.iter().position(|b| *b == b'=') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, &b""[..]),
+        };
+        let value = String::from_utf8_lossy(value);
+        let hex = value
+            .strip_prefix("0x")
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        out.entry(f.clone())
+            .or_default()
+            .insert(encode_path(&unescape_octal(name)), hex);
+    }
+    out
+}
+
+/// Undoes getfattr's quoting: `\ooo` (octal) and `\\`.
+fn unescape_octal(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        let oct = s
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (s[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (b'\\', None) if s.get(i + 1) == Some(&b'\\') => {
+                out.push(b'\\');
+                i += 2;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// What the move must keep beyond one entry's own stat: every xattr the
+/// manifest records (ACLs and capabilities are xattrs) with its value.
+/// Extra xattrs in the guest are not judged (the running system may add
+/// some).
+fn xattrs_wrong(f: &MovedFile, st: &Stat) -> Vec<String> {
+    if f.xattrs.is_empty() {
+        return Vec::new();
+    }
+    let Some(got) = &st.xattrs else {
+        return vec!["xattrs could not be read in the guest (no getfattr)".into()];
+    };
+    let mut wrong = Vec::new();
+    for (name, want) in &f.xattrs {
+        match got.get(name) {
+            None => wrong.push(format!("xattr {name} lost")),
+            Some(v) if !v.eq_ignore_ascii_case(want) => {
+                wrong.push(format!("xattr {name} is 0x{v}, expected 0x{want}"))
+            }
+            Some(_) => {}
+        }
+    }
+    wrong
+}
+
+/// Hardlink groups the manifest records that are no longer one inode in
+/// the guest, as evidence lines (missing members are reported elsewhere).
+fn hardlinks_split(expect: &Expectations, stats: &HashMap<String, Stat>) -> Vec<String> {
+    let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for f in &expect.moved_files {
+        if let Some(id) = &f.hardlink {
+            groups.entry(id).or_default().push(&f.path);
+        }
+    }
+    let mut out = Vec::new();
+    for (id, paths) in groups {
+        let inodes: Vec<(&str, (u64, u64))> = paths
+            .iter()
+            .filter_map(|p| stats.get(*p).map(|st| (*p, (st.dev, st.ino))))
+            .collect();
+        if inodes.windows(2).any(|w| w[0].1 != w[1].1) {
+            let shown: Vec<String> = inodes
+                .iter()
+                .map(|(p, (_, ino))| format!("{p} (inode {ino})"))
+                .collect();
+            out.push(format!("hardlink group {id} split: {}", shown.join(", ")));
+        }
+    }
+    out
 }
 
 fn parse_toplevel(text: &str) -> BTreeMap<String, Option<usize>> {
@@ -212,7 +364,7 @@ pub fn parse_stats(raw: &[u8]) -> HashMap<String, Stat> {
         let [head, path, target] = rec else { continue };
         let head = String::from_utf8_lossy(head);
         let f: Vec<&str> = head.split(' ').collect();
-        if f.len() != 7 {
+        if f.len() != 8 {
             continue;
         }
         let stat = Stat {
@@ -223,31 +375,55 @@ pub fn parse_stats(raw: &[u8]) -> HashMap<String, Stat> {
             size: f[4].parse().unwrap_or(0),
             dev: f[5].parse().unwrap_or(0),
             ctime: f[6].parse().unwrap_or(0.0),
-            target: String::from_utf8_lossy(target).into_owned(),
+            target: encode_path(target),
+            ino: f[7].parse().unwrap_or(0),
+            xattrs: None,
         };
-        out.insert(String::from_utf8_lossy(path).into_owned(), stat);
+        out.insert(encode_path(path), stat);
     }
     out
 }
 
-/// `sha256sum` output; names with a backslash or newline come escaped with
-/// a leading backslash on the line.
-pub fn parse_sha256sum(text: &str) -> HashMap<String, String> {
-    text.lines()
+/// `sha256sum` output, names keyed in `encode_path` form (as the manifest
+/// has them); names with a backslash or newline come escaped with a leading
+/// backslash on the line, every other byte as it is.
+pub fn parse_sha256sum(raw: &[u8]) -> HashMap<String, String> {
+    raw.split(|b| *b == b'\n')
         .filter_map(|l| {
-            let (escaped, l) = match l.strip_prefix('\\') {
+            let (escaped, l) = match l.strip_prefix(b"\\") {
                 Some(rest) => (true, rest),
                 None => (false, l),
             };
-            let (hash, name) = l.split_once("  ")?;
+            let sep = l.windows(2).position(|w| w == b"  ")?;
+            let (hash, name) = (std::str::from_utf8(&l[..sep]).ok()?, &l[sep + 2..]);
             let name = if escaped {
-                name.replace("\\n", "\n").replace("\\\\", "\\")
+                unescape_sha_name(name)
             } else {
-                name.to_owned()
+                name.to_vec()
             };
-            Some((name, hash.to_owned()))
+            Some((encode_path(&name), hash.to_owned()))
         })
         .collect()
+}
+
+/// Undoes sha256sum's escaping of a name (`\\`, `\n`, and `\r` in
+/// newer coreutils).
+fn unescape_sha_name(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut it = name.iter().copied();
+    while let Some(b) = it.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match it.next() {
+            Some(b'n') => out.push(b'\n'),
+            Some(b'r') => out.push(b'\r'),
+            Some(other) => out.push(other),
+            None => out.push(b'\\'),
+        }
+    }
+    out
 }
 
 fn kind_char(t: FileType) -> char {
@@ -328,6 +504,7 @@ pub fn judge(obs: &Observation, expect: &Expectations) -> CheckResult {
                 wrong.push(format!("symlink to {:?}, expected {t:?}", st.target));
             }
         }
+        wrong.extend(xattrs_wrong(f, st));
         let mut content_changed = false;
         if let Some(want) = &f.sha256 {
             match obs.sha256.get(&f.path) {
@@ -380,6 +557,9 @@ pub fn judge(obs: &Observation, expect: &Expectations) -> CheckResult {
             evidence.push(format!("{}: {}", f.path, wrong.join("; ")));
         }
     }
+    let split = hardlinks_split(expect, &obs.stats);
+    bad += split.len();
+    evidence.extend(split);
     let mut nonempty = Vec::new();
     if let Some(e) = &obs.toplevel_error {
         nonempty.push(e.clone());
@@ -452,6 +632,8 @@ mod tests {
             dev,
             ctime,
             target: String::new(),
+            ino: 0,
+            xattrs: None,
         }
     }
 
@@ -563,7 +745,7 @@ mod tests {
     fn many_paths_are_split_into_batches_below_the_agents_output_cap() {
         let long = "x".repeat(100);
         let paths: Vec<String> = (0..30_000).map(|i| format!("/{long}/{i}")).collect();
-        let b = batches(paths.iter().map(String::as_str));
+        let b = batches(paths.iter().map(|p| p.clone().into_bytes()));
         assert!(b.len() >= 3, "{}", b.len());
         assert!(b.iter().all(|b| b.len() <= BATCH_BYTES));
         let back: usize = b
@@ -591,12 +773,174 @@ mod tests {
 
     #[test]
     fn stat_and_sha_parsers() {
-        let raw = b"f 600 0 0 99 40 1700000000.5\0/root/.ssh/authorized_keys\0\0l 777 0 0 7 41 1.0\0/var/run\0/run\0";
+        let raw = b"f 600 0 0 99 40 1700000000.5 12\0/root/.ssh/authorized_keys\0\0l 777 0 0 7 41 1.0 13\0/var/run\0/run\0";
         let s = parse_stats(raw);
         assert_eq!(s["/root/.ssh/authorized_keys"].mode, 0o600);
         assert_eq!(s["/var/run"].target, "/run");
-        let h = parse_sha256sum("abc  /a b\n\\def  /x\\ny\n");
+        assert_eq!(s["/var/run"].ino, 13);
+        let h = parse_sha256sum(b"abc  /a b\n\\def  /x\\ny\n12  /caf\xe9\n34  /100%\n");
         assert_eq!(h["/a b"], "abc");
         assert_eq!(h["/x\ny"], "def");
+        // Keyed as the manifest names them (lossless `encode_path` form).
+        assert_eq!(h["/caf%E9"], "12");
+        assert_eq!(h["/100%25"], "34");
+        assert_eq!(guest_path("/caf%E9"), b"/caf\xe9");
+        let s = parse_stats(b"f 600 0 0 9 40 1.0 5\0/caf\xe9\0\0");
+        assert!(s.contains_key("/caf%E9"));
+    }
+
+    /// The `obs()` world where the two moved files carry what a move must
+    /// keep: an ACL, a capability and a user xattr, one hardlink group, and
+    /// a symlink; all intact in the guest.
+    fn kept() -> (Observation, Expectations) {
+        let mut e = expectations();
+        let x = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        e.moved_files[0].xattrs = x(&[
+            ("system.posix_acl_access", "0200000001000600ffffffff"),
+            ("user.note", "6869"),
+        ]);
+        e.moved_files[1].xattrs = x(&[("security.capability", "01000002")]);
+        let mut link = e.moved_files[0].clone();
+        link.path = "/root/.ssh/keys-link".into();
+        e.moved_files[0].hardlink = Some("/root/.ssh/authorized_keys".into());
+        link.hardlink = Some("/root/.ssh/authorized_keys".into());
+        let sym = MovedFile {
+            path: "/var/lib/current".into(),
+            file_type: FileType::Symlink,
+            sha256: None,
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            size: 3,
+            target: Some("v1%25".into()),
+            xattrs: BTreeMap::new(),
+            hardlink: None,
+        };
+        e.moved_files.push(link);
+        e.moved_files.push(sym);
+
+        let mut o = obs();
+        let keys = o.stats.get_mut("/root/.ssh/authorized_keys").unwrap();
+        keys.ino = 300;
+        keys.xattrs = Some(e.moved_files[0].xattrs.clone());
+        let keys = keys.clone();
+        o.stats.insert("/root/.ssh/keys-link".into(), keys);
+        o.sha256
+            .insert("/root/.ssh/keys-link".into(), "ab".repeat(32));
+        // random-seed is rewritten after boot (its content change is
+        // excused); its capability must still be there.
+        o.stats
+            .get_mut("/var/lib/systemd/random-seed")
+            .unwrap()
+            .xattrs = Some(e.moved_files[1].xattrs.clone());
+        let mut l = stat('l', 0o777, 41, 1.0);
+        l.target = "v1%25".into();
+        o.stats.insert("/var/lib/current".into(), l);
+        (o, e)
+    }
+
+    fn failing(o: &Observation, e: &Expectations) -> Vec<String> {
+        let r = judge(o, e);
+        assert_eq!(r.status, Status::Fail, "{r:?}");
+        r.evidence
+    }
+
+    #[test]
+    fn xattrs_acls_capabilities_hardlinks_and_symlinks_kept_pass() {
+        let (o, e) = kept();
+        let r = judge(&o, &e);
+        assert_eq!(r.status, Status::Pass, "{r:?}");
+    }
+
+    #[test]
+    fn a_lost_xattr_fails() {
+        let (mut o, e) = kept();
+        let st = o.stats.get_mut("/root/.ssh/authorized_keys").unwrap();
+        st.xattrs.as_mut().unwrap().remove("user.note");
+        let ev = failing(&o, &e);
+        assert!(
+            ev.contains(&"/root/.ssh/authorized_keys: xattr user.note lost".to_owned()),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn a_changed_acl_fails() {
+        let (mut o, e) = kept();
+        let st = o.stats.get_mut("/root/.ssh/authorized_keys").unwrap();
+        st.xattrs.as_mut().unwrap().insert(
+            "system.posix_acl_access".into(),
+            "0200000001000400ffffffff".into(),
+        );
+        let ev = failing(&o, &e);
+        assert!(
+            ev[0].starts_with("/root/.ssh/authorized_keys: xattr system.posix_acl_access is 0x0200000001000400ffffffff, expected 0x0200000001000600ffffffff"),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn a_dropped_capability_fails_even_on_a_file_changed_after_boot() {
+        let (mut o, e) = kept();
+        o.stats
+            .get_mut("/var/lib/systemd/random-seed")
+            .unwrap()
+            .xattrs = Some(BTreeMap::new());
+        let ev = failing(&o, &e);
+        assert!(
+            ev.iter()
+                .any(|l| l
+                    .starts_with("/var/lib/systemd/random-seed: xattr security.capability lost")),
+            "{ev:?}"
+        );
+        // Xattrs that could not be read are not taken as kept.
+        let (mut o, e) = kept();
+        o.stats
+            .get_mut("/var/lib/systemd/random-seed")
+            .unwrap()
+            .xattrs = None;
+        let ev = failing(&o, &e);
+        assert!(ev.iter().any(|l| l.contains("no getfattr")), "{ev:?}");
+    }
+
+    #[test]
+    fn a_split_hardlink_group_fails() {
+        let (mut o, e) = kept();
+        o.stats.get_mut("/root/.ssh/keys-link").unwrap().ino = 301;
+        let ev = failing(&o, &e);
+        assert!(
+            ev.contains(
+                &"hardlink group /root/.ssh/authorized_keys split: /root/.ssh/authorized_keys (inode 300), /root/.ssh/keys-link (inode 301)"
+                    .to_owned()
+            ),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn a_retargeted_symlink_fails() {
+        let (mut o, e) = kept();
+        o.stats.get_mut("/var/lib/current").unwrap().target = "v2".into();
+        let ev = failing(&o, &e);
+        assert!(
+            ev.contains(&"/var/lib/current: symlink to \"v2\", expected \"v1%25\"".to_owned()),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn getfattr_output_is_parsed_losslessly() {
+        let raw = b"# file: /srv/caf\\351\nsystem.posix_acl_access=0x0200AB\nsecurity.capability=0x01\nuser.empty\n\n# file: /srv/plain\nuser.x=0x6869\n\n";
+        let x = parse_getfattr(raw);
+        let caf = &x["/srv/caf%E9"];
+        assert_eq!(caf["system.posix_acl_access"], "0200ab");
+        assert_eq!(caf["security.capability"], "01");
+        assert_eq!(caf["user.empty"], "");
+        assert_eq!(x["/srv/plain"]["user.x"], "6869");
     }
 }

@@ -24,6 +24,8 @@ pub fn expectations() -> Expectations {
                 gid: 0,
                 size: 99,
                 target: None,
+                xattrs: Default::default(),
+                hardlink: None,
             },
             MovedFile {
                 path: "/var/lib/systemd/random-seed".into(),
@@ -34,6 +36,8 @@ pub fn expectations() -> Expectations {
                 gid: 0,
                 size: 512,
                 target: None,
+                xattrs: Default::default(),
+                hardlink: None,
             },
         ],
         source: Source::Manifest("x.img.manifest.json".into()),
