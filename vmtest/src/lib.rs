@@ -6,7 +6,9 @@
 //! `bootfiles` extracts what `--boot direct` needs, `checks` holds the
 //! layout.md §5 checks (one module each, `CheckId` the registry), `journal`
 //! reads mount warnings out of the guest journal, `report` renders the
-//! verdict and `artifacts` keeps the evidence.
+//! verdict and `artifacts` keeps the evidence. `lifecycle` is the upgrade
+//! lifecycle's (`--upgrade-to`) part that needs no VM: the trait through
+//! which the binary changes the image between boots, phases, tokens.
 
 pub mod accel;
 pub mod agent;
@@ -14,6 +16,7 @@ pub mod artifacts;
 pub mod bootfiles;
 pub mod checks;
 pub mod journal;
+pub mod lifecycle;
 pub mod machine;
 pub mod qemu;
 pub mod qmp;

@@ -71,6 +71,7 @@ pub fn to_warning(j: &JournalWarning, hidden: Option<&Hidden>) -> Warning {
         shadowed_count: hidden.map_or(0, |h| h.paths.len()),
         shadowed_bytes: hidden.map_or(0, |h| h.bytes),
         unit: j.unit.clone(),
+        phase: None,
     }
 }
 
