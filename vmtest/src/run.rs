@@ -169,6 +169,9 @@ struct LifeState {
     current: Option<(Stage, String)>,
     phases: Vec<PhaseRecord>,
     results: life::Results,
+    /// The first boot's start (guest clock): the system has been running
+    /// off the copy since, so state it rewrote then is no finding later.
+    running_since: Option<f64>,
 }
 
 /// The disk QEMU boots and how to make it from the image.
@@ -712,6 +715,10 @@ impl Vm for Session {
         let m = self.machine.take().expect("the machine is running");
         m.power_cut().await?;
         self.start_again("fresh start after the power cut").await
+    }
+
+    fn running_since(&self) -> Option<f64> {
+        self.life.running_since
     }
 }
 

@@ -14,7 +14,11 @@ use strata_builder::manifest::FileType;
 const ID: CheckId = CheckId::MovedFiles;
 
 pub async fn run(vm: &mut impl Vm, expect: &Expectations) -> Result<CheckResult, MachineError> {
-    let obs = observe(vm.machine(), expect).await?;
+    let mut obs = observe(vm.machine(), expect).await?;
+    // Earlier boots of the same disk (a lifecycle) rewrote state too.
+    if let Some(since) = vm.running_since().filter(|t| *t > 0.0) {
+        obs.boot_epoch = since;
+    }
     Ok(judge(&obs, expect))
 }
 
@@ -36,7 +40,8 @@ pub struct Observation {
     pub sha256: HashMap<String, String>,
     /// "orig/var" -> number of entries in the top-level view ("missing" = None).
     pub toplevel_entries: BTreeMap<String, Option<usize>>,
-    /// Guest boot time, seconds since the epoch.
+    /// Guest boot time, seconds since the epoch (in a lifecycle: of its
+    /// first boot); later changes are the running system's.
     pub boot_epoch: f64,
 }
 

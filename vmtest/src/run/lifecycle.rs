@@ -29,6 +29,12 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     // so the copy is consistent for the offline upgrade.
     s.enter(Stage::Before, &before);
     s.first_boot(Stage::Before.why()).await?;
+    let btime = s
+        .machine()
+        .succeed("awk '/^btime /{print $2}' /proc/stat")
+        .await
+        .map_err(me)?;
+    s.life.running_since = btime.trim().parse().ok();
     let t = Instant::now();
     s.layout_checks(&before).await?;
     s.timings.checks = t.elapsed().as_secs_f64();
