@@ -150,7 +150,7 @@ pub fn run(args: TestArgs) -> u8 {
     };
     let lifecycle = match &args.upgrade_to {
         None => None,
-        Some(rootfs) => match lifecycle(&args, rootfs, &facts) {
+        Some(rootfs) => match lifecycle_config(&args, rootfs, &facts) {
             Ok(l) => Some(l),
             Err(code) => return code,
         },
@@ -260,7 +260,7 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<(Expectations, ImageFac
 
 /// `--upgrade-to`: checked before anything boots (exit 2), so a mistake
 /// does not cost a boot first.
-fn lifecycle(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Result<Lifecycle, u8> {
+fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Result<Lifecycle, u8> {
     let bad = |m: String| super::fail(2, &anyhow::anyhow!(m));
     if !rootfs.is_dir() {
         return Err(bad(format!(
