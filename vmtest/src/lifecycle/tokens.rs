@@ -265,6 +265,40 @@ mod tests {
     }
 
     #[test]
+    fn the_scripts_work_in_a_real_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens: Vec<Token> = new_tokens(&["root".into()], Stage::Before)
+            .into_iter()
+            .map(|mut t| {
+                t.path = format!("{}{}", dir.path().display(), t.path);
+                t
+            })
+            .collect();
+        std::fs::create_dir(dir.path().join("root")).unwrap();
+        let run = |script: String| {
+            let out = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{script}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        run(write_script(&tokens));
+        let ssh = dir.path().join("root/.ssh");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&ssh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let seen = parse_read(&tokens, &run(read_script(&tokens)));
+        for s in &seen {
+            assert_eq!(s.found, s.token.value);
+            assert!(s.fsroot.starts_with('/'), "{s:?}");
+        }
+        std::fs::remove_file(&tokens[1].path).unwrap();
+        let seen = parse_read(&tokens, &run(read_script(&tokens)));
+        assert!(seen[1].found.contains("No such file"), "{:?}", seen[1]);
+    }
+
+    #[test]
     fn intact_tokens_pass_with_a_line_per_directory() {
         let mut seen = intact(Stage::Before);
         seen.extend(intact(Stage::Upgrade));
