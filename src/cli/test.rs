@@ -3,8 +3,9 @@
 //! needs are the builder's (`changes`, `lifecycle`).
 
 mod changes;
-// LEAD: `mod lifecycle;` here once branches `upgrade` and `versions` are
-// merged, and `Some(lifecycle::OPS)` in `builder_ops` below.
+// Calls builder::upgrade and builder::versions (branches `upgrade` and
+// `versions`): compiles once they are merged.
+mod lifecycle;
 
 use changes::{CliChanges, UpgradePlan};
 use std::path::{Path, PathBuf};
@@ -317,9 +318,8 @@ fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Resul
 }
 
 /// The builder's upgrade and set-default.
-/// LEAD: after merging `upgrade` and `versions`: `Some(lifecycle::OPS)`.
 fn builder_ops() -> Option<changes::Ops> {
-    None
+    Some(lifecycle::OPS)
 }
 
 /// `upgrade`, or `upgrade-2`, `upgrade-3`, … when the image has it.
