@@ -17,7 +17,7 @@ use crate::machine::{Machine, MachineError};
 use crate::qemu::{DiskBus, DiskFormat, KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
 use crate::report::{CheckResult, PhaseRecord, Report, Status, Timings, Warning};
-use crate::workdir::WorkDir;
+use crate::workdir::{self, WorkDir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -150,8 +150,10 @@ struct Session {
     workdir: WorkDir,
     /// What QEMU boots: an overlay in `workdir`, or the lifecycle's copy.
     disk: Disk,
-    /// The directory holding the lifecycle's copy; removed with it.
-    _copy_dir: Option<tempfile::TempDir>,
+    /// The directory holding the lifecycle's copy (pid-named and locked
+    /// like `workdir`, so a killed run's copy is swept by the next run);
+    /// removed with it.
+    _copy_dir: Option<WorkDir>,
     progress: UnboundedSender<Progress>,
     events: EventLog,
     started: Instant,
@@ -787,22 +789,18 @@ impl Session {
 /// Where the lifecycle's copy goes: beside the image, so that
 /// `--reflink=auto` can share its extents and the copy lands on the image's
 /// (disk-backed) filesystem rather than a /tmp that may be a tmpfs; the
-/// temp dir when the image's directory is not writable.
-fn private_dir(image: &Path) -> Result<tempfile::TempDir, String> {
+/// temp dir when the image's directory is not writable. Pid-named and
+/// locked like the work dir: a killed run's copy is removed by the next.
+fn private_dir(image: &Path) -> Result<WorkDir, String> {
     let beside = std::path::absolute(image)
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned));
     if let Some(dir) = beside {
-        if let Ok(d) = tempfile::Builder::new()
-            .prefix(".strata-lifecycle.")
-            .tempdir_in(dir)
-        {
+        if let Ok(d) = WorkDir::create_named(&dir, workdir::COPY_PREFIX) {
             return Ok(d);
         }
     }
-    tempfile::Builder::new()
-        .prefix("strata-lifecycle.")
-        .tempdir()
+    WorkDir::create_named(&std::env::temp_dir(), workdir::COPY_PREFIX)
         .map_err(|e| format!("private dir for the image copy: {e}"))
 }
 
