@@ -317,21 +317,18 @@ fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Resul
             StateDataArg::Merge => StatePolicy::Merge,
         },
     };
-    // The upgrade polls this flag: SIGINT/SIGTERM stop it cleanly (its
-    // mounts and loop device undone) while the run kills QEMU.
-    let interrupt = Interrupt::on_signals().map_err(|e| {
-        exit::fail_with(
-            FailureKind::Infrastructure,
-            &anyhow::anyhow!("installing signal handlers: {e}"),
-        )
-    })?;
     Ok(Lifecycle {
         changes: Arc::new(CliChanges {
             plan,
             ops: lifecycle::OPS,
         }),
         label,
-        interrupt,
+        // The upgrade polls this flag and then undoes what it began. The
+        // run raises it once it has stopped (SIGINT/SIGTERM, --timeout),
+        // not the signal itself: an upgrade that returned "interrupted"
+        // before the run saw the signal would end as a failure (exit 3)
+        // instead of an interruption (130).
+        interrupt: Interrupt::default(),
     })
 }
 

@@ -184,6 +184,9 @@ struct LifeState {
     /// The first boot's start (guest clock): the system has been running
     /// off the copy since, so state it rewrote then is no finding later.
     running_since: Option<f64>,
+    /// Resolves when the image change in progress (on its blocking thread)
+    /// has returned; None when no change runs.
+    changing: Option<lifecycle::InFlight>,
 }
 
 /// The disk QEMU boots and how to make it from the image.
@@ -197,11 +200,47 @@ struct Disk {
 }
 
 impl Disk {
-    /// Makes the disk what the image is, afresh.
+    /// Makes the disk what the image is, afresh (the KVM fallback's
+    /// second start, from a blocking closure).
     fn recreate(&self, image: &Path) -> Result<(), String> {
         match self.format {
             DiskFormat::Qcow2 => recreate_overlay(image, &self.path),
-            DiskFormat::Raw => copy_image(image, &self.path),
+            DiskFormat::Raw => {
+                let _ = std::fs::remove_file(&self.path);
+                cmd::run(&mut copy_command(image, &self.path))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The same at the start of the run. The copy of a raw image takes
+    /// a while (GiBs where reflinks do not work): `cp` runs as a child a
+    /// stop kills (on drop, and with strata if it is SIGKILLed), so a
+    /// signal meanwhile still ends the run at once with its report.
+    async fn create(&self, image: &Path) -> Result<(), String> {
+        if self.format == DiskFormat::Qcow2 {
+            return self.recreate(image);
+        }
+        let _ = std::fs::remove_file(&self.path);
+        let std_cmd = copy_command(image, &self.path);
+        let what = cmd::describe(&std_cmd);
+        let mut c = tokio::process::Command::from(std_cmd);
+        c.stdin(std::process::Stdio::null());
+        crate::qemu::tie_to_us(&mut c);
+        let out = c
+            .output()
+            .await
+            .map_err(|e| cmd::spawn_error("cp".into(), e).to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(cmd::CmdError::Failed {
+                command: what,
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            }
+            .to_string())
         }
     }
 }
@@ -478,11 +517,10 @@ pub async fn run_until(
     };
     // Stopped by the timeout or a signal: a lifecycle's image change in
     // progress runs on a blocking thread that dropping the story cannot
-    // stop. Ask it to.
+    // stop. Raise its interrupt and let it undo what it began before the
+    // report is written and its copy removed.
     if stopped {
-        if let Some(l) = &s.cfg.lifecycle {
-            l.interrupt.raise();
-        }
+        s.stop_change().await;
     }
     let failed = error.is_some() || s.any_failed();
     if let Some(m) = s.machine.as_mut() {
@@ -570,7 +608,7 @@ async fn story(s: &mut Session) -> Result<(), String> {
             s.disk.path.display()
         )));
     }
-    s.disk.recreate(&s.cfg.image)?;
+    s.disk.create(&s.cfg.image).await?;
     let mut template = QemuCommand::new(
         s.cfg.qemu_binary.clone(),
         crate::qemu::Accel::Tcg,
@@ -805,17 +843,14 @@ fn private_dir(image: &Path) -> Result<WorkDir, String> {
 }
 
 /// A private copy of the image: reflinked where the filesystem can, sparse
-/// (the image's apparent size is GiBs, its data much less).
-fn copy_image(image: &Path, copy: &Path) -> Result<(), String> {
-    let _ = std::fs::remove_file(copy);
-    cmd::run(
-        Command::new("cp")
-            .args(["--reflink=auto", "--sparse=always", "--"])
-            .arg(image)
-            .arg(copy),
-    )
-    .map(drop)
-    .map_err(|e| e.to_string())
+/// (the image's apparent size is GiBs, its data much less); the caller
+/// removes an earlier copy first.
+fn copy_command(image: &Path, copy: &Path) -> Command {
+    let mut c = Command::new("cp");
+    c.args(["--reflink=auto", "--sparse=always", "--"])
+        .arg(image)
+        .arg(copy);
+    c
 }
 
 /// A fresh qcow2 overlay backed by the image (the image is only read).

@@ -10,9 +10,47 @@ use crate::checks::Vm;
 use crate::lifecycle::tokens::{self, Token};
 use crate::lifecycle::{Changed, Lifecycle, Row, Stage};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use strata_builder::expect::{Expectations, Source};
+use strata_builder::interrupt::Interrupt;
 use strata_builder::manifest::Manifest;
+use tokio::sync::oneshot;
+
+/// How long a stopped run waits for an image change to undo itself.
+const CHANGE_STOP_GRACE: Duration = Duration::from_secs(60);
+
+/// An image change running on a blocking thread, as the run sees it:
+/// resolves once the change has returned (or panicked).
+pub(super) struct InFlight(oneshot::Receiver<()>);
+
+/// Runs `f` on a blocking thread, with its [`InFlight`] in `slot` while it
+/// runs. Dropping this future (the story, on a stop or the timeout) does
+/// not stop `f`: the slot outlives the story, so the run can still raise
+/// the interrupt and wait for `f` ([`stop`]).
+async fn on_blocking_thread<T: Send + 'static>(
+    slot: &mut Option<InFlight>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let (returned, in_flight) = oneshot::channel::<()>();
+    *slot = Some(InFlight(in_flight));
+    let r = tokio::task::spawn_blocking(move || {
+        let _returned = returned;
+        f()
+    })
+    .await;
+    *slot = None;
+    r
+}
+
+/// Raises `interrupt` and waits, at most `grace`, for the change in
+/// flight to return. False when it did not in time.
+async fn stop(interrupt: &Interrupt, in_flight: Option<InFlight>, grace: Duration) -> bool {
+    interrupt.raise();
+    match in_flight {
+        None => true,
+        Some(InFlight(returned)) => tokio::time::timeout(grace, returned).await.is_ok(),
+    }
+}
 
 pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     let before = s.cfg.expect.clone();
@@ -100,7 +138,7 @@ impl Session {
             self.progress.clone(),
         );
         let (image, label) = (self.disk.path.clone(), label.to_owned());
-        let changed = tokio::task::spawn_blocking(move || {
+        let changed = on_blocking_thread(&mut self.life.changing, move || {
             let mut note = |n: String| {
                 let _ = tx.send(Progress::Step(n));
             };
@@ -112,8 +150,8 @@ impl Session {
             }
             .map(|c| (c, label))
         })
-        .await
-        .map_err(|e| format!("{what}: {e}"))?;
+        .await;
+        let changed = changed.map_err(|e| format!("{what}: {e}"))?;
         let (changed, label) = changed.map_err(|e| format!("{what}: {e}"))?;
         if changed.expect.version.label() != label {
             return Err(format!(
@@ -126,6 +164,31 @@ impl Session {
             p.change_seconds = Some(t.elapsed().as_secs_f64());
         }
         Ok(changed)
+    }
+
+    /// The run stopped (signal, stop future, `--timeout`) with the story
+    /// dropped: an image change in progress cannot be dropped with it (it
+    /// runs on a blocking thread). Raises its interrupt and waits for it
+    /// to return, so it undoes what it began (mounts, loop device, the
+    /// half-made version) before the report is written and the copy
+    /// removed. Nothing to do when no change runs.
+    pub(super) async fn stop_change(&mut self) {
+        let Some(l) = &self.cfg.lifecycle else {
+            return;
+        };
+        let interrupt = l.interrupt.clone();
+        let changing = self.life.changing.take();
+        if changing.is_some() {
+            self.emit(Progress::Step(
+                "stopping the image change in progress (interrupt raised)".into(),
+            ));
+        }
+        if !stop(&interrupt, changing, CHANGE_STOP_GRACE).await {
+            self.emit(Progress::Step(format!(
+                "the image change did not stop within {} s; not waiting for it",
+                CHANGE_STOP_GRACE.as_secs()
+            )));
+        }
     }
 
     /// Boots the copy again for `stage`; `--boot direct` takes the kernel
@@ -169,5 +232,64 @@ impl Session {
         let seen = tokens::read(self.machine(), written).await.map_err(me)?;
         self.record(Row::Tokens, tokens::judge(&seen, expect), t);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A change that runs until interrupted, then takes a while to undo
+    /// what it began; `undone` says when it has.
+    fn slow_to_undo(interrupt: &Interrupt, undone: &Arc<AtomicBool>) -> impl FnOnce() + Send {
+        let (i, u) = (interrupt.clone(), undone.clone());
+        move || {
+            while !i.raised() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            u.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_stopped_run_interrupts_the_change_and_waits_until_it_undid_itself() {
+        let interrupt = Interrupt::default();
+        let undone = Arc::new(AtomicBool::new(false));
+        let mut slot = None;
+        let change = on_blocking_thread(&mut slot, slow_to_undo(&interrupt, &undone));
+        // The run stops meanwhile: the story, and this future with it, is
+        // dropped; the change goes on on its thread.
+        assert!(tokio::time::timeout(Duration::from_millis(50), change)
+            .await
+            .is_err());
+        assert!(!interrupt.raised());
+        let in_flight = slot.take();
+        assert!(in_flight.is_some(), "the slot outlives the dropped story");
+        assert!(stop(&interrupt, in_flight, Duration::from_secs(30)).await);
+        assert!(interrupt.raised());
+        assert!(undone.load(Ordering::SeqCst), "returned only once undone");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_finished_change_leaves_nothing_in_flight_and_a_stuck_one_is_given_up_on() {
+        let mut slot = None;
+        assert_eq!(on_blocking_thread(&mut slot, || 7).await.unwrap(), 7);
+        assert!(slot.is_none());
+        let interrupt = Interrupt::default();
+        assert!(stop(&interrupt, None, Duration::ZERO).await);
+        assert!(interrupt.raised(), "raised even with nothing in flight");
+        // A change that ignores the interrupt: not waited for past the grace.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let change = on_blocking_thread(&mut slot, move || {
+            let _ = held.recv();
+        });
+        assert!(tokio::time::timeout(Duration::from_millis(20), change)
+            .await
+            .is_err());
+        assert!(!stop(&interrupt, slot.take(), Duration::from_millis(50)).await);
+        release.send(()).unwrap();
     }
 }
