@@ -92,8 +92,8 @@ pub struct TestArgs {
     #[arg(long, value_enum, value_name = "HOW", requires = "upgrade_to")]
     state_migration: Option<MigrationArg>,
     /// The upgrade's `--state-data`: what becomes of the new rootfs's data
-    /// under state dirs (the state subvolumes stay authoritative)
-    /// [default: keep].
+    /// under state dirs (the state subvolumes stay authoritative); the same
+    /// default as `strata upgrade` [default: merge].
     #[arg(long, value_enum, value_name = "POLICY", requires = "upgrade_to")]
     state_data: Option<StateDataArg>,
 }
@@ -305,18 +305,7 @@ fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Resul
             "--upgrade-to upgrades a copy of the image through a loop mount: run as root".into(),
         ));
     }
-    let plan = UpgradePlan {
-        rootfs: rootfs.to_owned(),
-        kernel_args: facts.kernel_args.clone(),
-        migration: match args.state_migration.unwrap_or(MigrationArg::Move) {
-            MigrationArg::Move => Migration::Move,
-            MigrationArg::Copy => Migration::Copy,
-        },
-        state_data: match args.state_data.unwrap_or(StateDataArg::Keep) {
-            StateDataArg::Keep => StatePolicy::Keep,
-            StateDataArg::Merge => StatePolicy::Merge,
-        },
-    };
+    let plan = upgrade_plan(args, rootfs, facts);
     Ok(Lifecycle {
         changes: Arc::new(CliChanges {
             plan,
@@ -330,6 +319,24 @@ fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Resul
         // instead of an interruption (130).
         interrupt: Interrupt::default(),
     })
+}
+
+/// The upgrade `--upgrade-to` asks for: `strata upgrade`'s defaults
+/// (`--state-migration move`, `--state-data merge`), so the lifecycle
+/// proves the upgrade a user gets.
+fn upgrade_plan(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> UpgradePlan {
+    UpgradePlan {
+        rootfs: rootfs.to_owned(),
+        kernel_args: facts.kernel_args.clone(),
+        migration: match args.state_migration.unwrap_or(MigrationArg::Move) {
+            MigrationArg::Move => Migration::Move,
+            MigrationArg::Copy => Migration::Copy,
+        },
+        state_data: match args.state_data.unwrap_or(StateDataArg::Merge) {
+            StateDataArg::Keep => StatePolicy::Keep,
+            StateDataArg::Merge => StatePolicy::Merge,
+        },
+    }
 }
 
 /// `upgrade`, or `upgrade-2`, `upgrade-3`, … when the image has it.
@@ -497,6 +504,26 @@ mod tests {
         assert_eq!(
             run_with(&[img, "--upgrade-to", rootfs, "--upgrade-label", "v2;reboot"]),
             2
+        );
+    }
+
+    #[test]
+    fn the_upgrade_defaults_are_strata_upgrades() {
+        let plan = |argv: &[&str]| {
+            let mut full = vec!["strata-test", "a.img", "--upgrade-to", "/r"];
+            full.extend_from_slice(argv);
+            let args = Cli::try_parse_from(full).unwrap().args;
+            upgrade_plan(&args, Path::new("/r"), &ImageFacts::default())
+        };
+        let p = plan(&[]);
+        assert_eq!(
+            (p.migration, p.state_data),
+            (Migration::Move, StatePolicy::Merge)
+        );
+        let p = plan(&["--state-migration", "copy", "--state-data", "keep"]);
+        assert_eq!(
+            (p.migration, p.state_data),
+            (Migration::Copy, StatePolicy::Keep)
         );
     }
 
