@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
+use strata_builder::extlinux::BootEntry;
 use strata_builder::image;
 use strata_builder::interrupt::Interrupt;
 use strata_builder::layout;
-use strata_builder::manifest::Manifest;
+use strata_builder::manifest::{Manifest, VersionRecord};
 use strata_builder::migrate::Migration;
 use strata_builder::sync::StatePolicy;
 use strata_vmtest::accel::AccelChoice;
@@ -225,8 +226,23 @@ pub fn run(args: TestArgs) -> u8 {
 struct ImageFacts {
     /// Every version it has.
     labels: Vec<String>,
-    /// The default version's extra kernel arguments, when a manifest says.
+    /// The default version's extra kernel arguments (what `--kernel-args`
+    /// gave), when a manifest says.
     kernel_args: String,
+}
+
+/// The extra kernel arguments of a version: its manifest record holds the
+/// whole command line strata wrote (`root=… rootflags=subvol=systems/<label>/run …`),
+/// and the upgrade wants only what follows strata's own words. Passing the
+/// whole line made the new version's entry end in the old version's
+/// `rootflags=`, which the kernel takes (the last one wins): the "upgraded"
+/// version booted the old run. A line strata did not write: none.
+fn extra_kernel_args(record: &VersionRecord) -> String {
+    layout::Version::new(&record.label)
+        .ok()
+        .and_then(|v| BootEntry::from_append(&v, &record.kernel_args, false))
+        .map(|e| e.kernel_args)
+        .unwrap_or_default()
 }
 
 /// What the booted image must show: from the build manifest (given, or
@@ -256,7 +272,7 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<(Expectations, ImageFac
             Expectations::from_manifest(&m, path.clone(), args.label.as_deref()).map_err(bad)?;
         let facts = ImageFacts {
             labels: m.versions.iter().map(|v| v.label.clone()).collect(),
-            kernel_args: m.default_version().kernel_args.clone(),
+            kernel_args: extra_kernel_args(m.default_version()),
         };
         return Ok((expect, facts));
     }
@@ -505,6 +521,30 @@ mod tests {
             run_with(&[img, "--upgrade-to", rootfs, "--upgrade-label", "v2;reboot"]),
             2
         );
+    }
+
+    #[test]
+    fn the_upgrade_keeps_only_the_extra_kernel_arguments() {
+        let record = |label: &str, line: &str| -> VersionRecord {
+            serde_json::from_value(serde_json::json!({
+                "label": label, "deployed_by": "build",
+                "root_device": "UUID=3f1c", "state_dirs": {"created": [], "skipped": []},
+                "fstab_lines_added": [], "state_migration": "move", "moved_files": [],
+                "kernel": "k", "initramfs": null, "kernel_source": "k",
+                "initramfs_source": null, "kernel_args": line, "timings": []
+            }))
+            .unwrap()
+        };
+        let line = "root=UUID=3f1c rootfstype=btrfs rootflags=subvol=systems/factory/run init=/sbin/init rw console=tty0 console=ttyS0,115200";
+        assert_eq!(extra_kernel_args(&record("factory", line)), "");
+        let quiet = format!("{line} quiet loglevel=3");
+        assert_eq!(
+            extra_kernel_args(&record("factory", &quiet)),
+            "quiet loglevel=3"
+        );
+        // Not a line strata wrote for this version: nothing carried over.
+        assert_eq!(extra_kernel_args(&record("v2", &quiet)), "");
+        assert_eq!(extra_kernel_args(&record("factory", "")), "");
     }
 
     #[test]
