@@ -1,14 +1,27 @@
 //! `strata test`: arguments, progress lines on stderr, the report on stdout.
+//! `--upgrade-to` runs vmtest's upgrade lifecycle; the image changes it
+//! needs are the builder's (`changes`, `lifecycle`).
+
+mod changes;
+mod lifecycle;
 
 use super::exit;
+use changes::{CliChanges, UpgradePlan};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
+use strata_builder::extlinux::BootEntry;
 use strata_builder::image;
-use strata_builder::manifest::Manifest;
+use strata_builder::interrupt::Interrupt;
+use strata_builder::layout;
+use strata_builder::manifest::{Manifest, VersionRecord};
+use strata_builder::migrate::Migration;
+use strata_builder::sync::StatePolicy;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::checks::CheckId;
+use strata_vmtest::lifecycle::Lifecycle;
 use strata_vmtest::qemu::DiskBus;
 use strata_vmtest::report::{Report, Status};
 use strata_vmtest::run::{self, BootMode, Progress, RunError, TestConfig};
@@ -61,6 +74,41 @@ pub struct TestArgs {
     /// The QEMU binary.
     #[arg(long, env = "STRATA_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Upgrade lifecycle (needs root): on a private copy of IMAGE, boot the
+    /// current default; upgrade the copy offline to the rootfs DIR and boot
+    /// the new version; set the old one default again and boot it. The
+    /// first-boot checks run in each boot (not persistence: tokens written
+    /// to every state dir must survive both changes instead). IMAGE is not
+    /// modified.
+    #[arg(long, value_name = "DIR", conflicts_with = "label")]
+    upgrade_to: Option<PathBuf>,
+    /// The new version's label (default: `upgrade`, or `upgrade-N` when
+    /// the image has that one).
+    #[arg(long, value_name = "LABEL", requires = "upgrade_to")]
+    upgrade_label: Option<String>,
+    /// The upgrade's `--state-migration`: `copy` leaves the new rootfs's
+    /// state data under the new version's mountpoints, reproducing the
+    /// "not empty" warnings (overmount then fails in the upgrade boot)
+    /// [default: move].
+    #[arg(long, value_enum, value_name = "HOW", requires = "upgrade_to")]
+    state_migration: Option<MigrationArg>,
+    /// The upgrade's `--state-data`: what becomes of the new rootfs's data
+    /// under state dirs (the state subvolumes stay authoritative); the same
+    /// default as `strata upgrade` [default: merge].
+    #[arg(long, value_enum, value_name = "POLICY", requires = "upgrade_to")]
+    state_data: Option<StateDataArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MigrationArg {
+    Move,
+    Copy,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StateDataArg {
+    Keep,
+    Merge,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -98,9 +146,16 @@ pub fn run(args: TestArgs) -> u8 {
             Err(e) => return exit::input(e),
         },
     };
-    let expect = match expectations(&args, &image) {
+    let (expect, facts) = match expectations(&args, &image) {
         Ok(e) => e,
         Err(code) => return code,
+    };
+    let lifecycle = match &args.upgrade_to {
+        None => None,
+        Some(rootfs) => match lifecycle_config(&args, rootfs, &facts) {
+            Ok(l) => Some(l),
+            Err(code) => return code,
+        },
     };
     let mut cfg = TestConfig::new(image, expect);
     cfg.artifacts = args.artifacts.clone();
@@ -124,6 +179,7 @@ pub fn run(args: TestArgs) -> u8 {
     cfg.memory_mib = args.memory;
     cfg.cpus = args.cpus;
     cfg.qemu_binary = args.qemu.clone();
+    cfg.lifecycle = lifecycle;
 
     let started = std::time::Instant::now();
     let result = run::run_blocking(cfg, |p| show(&p, started));
@@ -165,10 +221,34 @@ pub fn run(args: TestArgs) -> u8 {
     }
 }
 
+/// What else the lifecycle needs to know of the image.
+#[derive(Debug, Default)]
+struct ImageFacts {
+    /// Every version it has.
+    labels: Vec<String>,
+    /// The default version's extra kernel arguments (what `--kernel-args`
+    /// gave), when a manifest says.
+    kernel_args: String,
+}
+
+/// The extra kernel arguments of a version: its manifest record holds the
+/// whole command line strata wrote (`root=… rootflags=subvol=systems/<label>/run …`),
+/// and the upgrade wants only what follows strata's own words. Passing the
+/// whole line made the new version's entry end in the old version's
+/// `rootflags=`, which the kernel takes (the last one wins): the "upgraded"
+/// version booted the old run. A line strata did not write: none.
+fn extra_kernel_args(record: &VersionRecord) -> String {
+    layout::Version::new(&record.label)
+        .ok()
+        .and_then(|v| BootEntry::from_append(&v, &record.kernel_args, false))
+        .map(|e| e.kernel_args)
+        .unwrap_or_default()
+}
+
 /// What the booted image must show: from the build manifest (given, or
 /// IMG.manifest.json), or — for an image built by someone else, with no
 /// manifest — read off the image through a read-only mount.
-fn expectations(args: &TestArgs, image: &Path) -> Result<Expectations, u8> {
+fn expectations(args: &TestArgs, image: &Path) -> Result<(Expectations, ImageFacts), u8> {
     // The image first: a missing image is the user's problem to hear about,
     // not the manifest that would sit next to it.
     match std::fs::metadata(image) {
@@ -188,10 +268,20 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<Expectations, u8> {
         .unwrap_or_else(|| Manifest::default_path(image));
     if args.manifest.is_some() || path.exists() {
         let m = Manifest::load(&path).map_err(exit::fail)?;
-        return Expectations::from_manifest(&m, path.clone(), args.label.as_deref()).map_err(bad);
+        let expect =
+            Expectations::from_manifest(&m, path.clone(), args.label.as_deref()).map_err(bad)?;
+        let facts = ImageFacts {
+            labels: m.versions.iter().map(|v| v.label.clone()).collect(),
+            kernel_args: extra_kernel_args(m.default_version()),
+        };
+        return Ok((expect, facts));
     }
     let layout = image::read(image).map_err(exit::fail)?;
     let expect = Expectations::from_layout(&layout, args.label.as_deref()).map_err(bad)?;
+    let facts = ImageFacts {
+        labels: layout.versions.iter().map(|v| v.label.clone()).collect(),
+        kernel_args: String::new(),
+    };
     eprintln!(
         "no build manifest next to {}: expecting what the image itself says (version {}, root {}, state dirs {}); moved-files can only check that mountpoints are empty",
         image.display(),
@@ -199,7 +289,81 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<Expectations, u8> {
         expect.root_device,
         expect.state_dirs.join(",")
     );
-    Ok(expect)
+    Ok((expect, facts))
+}
+
+/// `--upgrade-to`: checked before anything boots (exit 2), so a mistake
+/// does not cost a boot first.
+fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Result<Lifecycle, u8> {
+    let bad = exit::input;
+    if !rootfs.is_dir() {
+        return Err(bad(format!(
+            "--upgrade-to {}: not a directory (a root filesystem to upgrade to)",
+            rootfs.display()
+        )));
+    }
+    let label = match &args.upgrade_label {
+        None => free_label(&facts.labels),
+        Some(l) => {
+            layout::validate_label(l).map_err(|e| bad(format!("--upgrade-label: {e}")))?;
+            if facts.labels.contains(l) {
+                return Err(bad(format!(
+                    "--upgrade-label {l}: the image already has that version (it has {})",
+                    facts.labels.join(", ")
+                )));
+            }
+            l.clone()
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(bad(
+            "--upgrade-to upgrades a copy of the image through a loop mount: run as root".into(),
+        ));
+    }
+    let plan = upgrade_plan(args, rootfs, facts);
+    Ok(Lifecycle {
+        changes: Arc::new(CliChanges {
+            plan,
+            ops: lifecycle::OPS,
+        }),
+        label,
+        // The upgrade polls this flag and then undoes what it began. The
+        // run raises it once it has stopped (SIGINT/SIGTERM, --timeout),
+        // not the signal itself: an upgrade that returned "interrupted"
+        // before the run saw the signal would end as a failure (exit 3)
+        // instead of an interruption (130).
+        interrupt: Interrupt::default(),
+    })
+}
+
+/// The upgrade `--upgrade-to` asks for: `strata upgrade`'s defaults
+/// (`--state-migration move`, `--state-data merge`), so the lifecycle
+/// proves the upgrade a user gets.
+fn upgrade_plan(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> UpgradePlan {
+    UpgradePlan {
+        rootfs: rootfs.to_owned(),
+        kernel_args: facts.kernel_args.clone(),
+        migration: match args.state_migration.unwrap_or(MigrationArg::Move) {
+            MigrationArg::Move => Migration::Move,
+            MigrationArg::Copy => Migration::Copy,
+        },
+        state_data: match args.state_data.unwrap_or(StateDataArg::Merge) {
+            StateDataArg::Keep => StatePolicy::Keep,
+            StateDataArg::Merge => StatePolicy::Merge,
+        },
+    }
+}
+
+/// `upgrade`, or `upgrade-2`, `upgrade-3`, … when the image has it.
+fn free_label(taken: &[String]) -> String {
+    (1..)
+        .map(|n| match n {
+            1 => "upgrade".to_owned(),
+            n => format!("upgrade-{n}"),
+        })
+        .find(|l| !taken.contains(l))
+        .expect("some label is free")
 }
 
 /// `--list-checks`: one check a line, in report order, names aligned.
@@ -307,6 +471,108 @@ mod tests {
         assert_eq!(
             run_with(&[img.to_str().unwrap(), "--checks", "root,bogus"]),
             2
+        );
+    }
+
+    #[test]
+    fn upgrade_flags_need_upgrade_to_and_exclude_label() {
+        let parse = |argv: &[&str]| {
+            let mut full = vec!["strata-test", "a.img"];
+            full.extend_from_slice(argv);
+            Cli::try_parse_from(full).map(drop)
+        };
+        assert!(parse(&["--upgrade-to", "/r", "--upgrade-label", "v2"]).is_ok());
+        assert!(parse(&[
+            "--upgrade-to",
+            "/r",
+            "--state-migration",
+            "copy",
+            "--state-data",
+            "merge"
+        ])
+        .is_ok());
+        for alone in [
+            &["--upgrade-label", "v2"][..],
+            &["--state-migration", "copy"],
+            &["--state-data", "merge"],
+            &["--upgrade-to", "/r", "--label", "factory"],
+            &["--upgrade-to", "/r", "--state-migration", "rsync"],
+        ] {
+            assert!(parse(alone).is_err(), "{alone:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_lifecycle_is_exit_2_before_anything_boots() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, b"").unwrap();
+        std::fs::write(dir.path().join("a.img.manifest.json"), manifest_json()).unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir(&rootfs).unwrap();
+        let (img, rootfs) = (img.to_str().unwrap(), rootfs.to_str().unwrap());
+        // Not a directory; a label the image has; a label strata would not build.
+        assert_eq!(run_with(&[img, "--upgrade-to", "/nonexistent/rootfs"]), 2);
+        assert_eq!(
+            run_with(&[img, "--upgrade-to", rootfs, "--upgrade-label", "factory"]),
+            2
+        );
+        assert_eq!(
+            run_with(&[img, "--upgrade-to", rootfs, "--upgrade-label", "v2;reboot"]),
+            2
+        );
+    }
+
+    #[test]
+    fn the_upgrade_keeps_only_the_extra_kernel_arguments() {
+        let record = |label: &str, line: &str| -> VersionRecord {
+            serde_json::from_value(serde_json::json!({
+                "label": label, "deployed_by": "build",
+                "root_device": "UUID=3f1c", "state_dirs": {"created": [], "skipped": []},
+                "fstab_lines_added": [], "state_migration": "move", "moved_files": [],
+                "kernel": "k", "initramfs": null, "kernel_source": "k",
+                "initramfs_source": null, "kernel_args": line, "timings": []
+            }))
+            .unwrap()
+        };
+        let line = "root=UUID=3f1c rootfstype=btrfs rootflags=subvol=systems/factory/run init=/sbin/init rw console=tty0 console=ttyS0,115200";
+        assert_eq!(extra_kernel_args(&record("factory", line)), "");
+        let quiet = format!("{line} quiet loglevel=3");
+        assert_eq!(
+            extra_kernel_args(&record("factory", &quiet)),
+            "quiet loglevel=3"
+        );
+        // Not a line strata wrote for this version: nothing carried over.
+        assert_eq!(extra_kernel_args(&record("v2", &quiet)), "");
+        assert_eq!(extra_kernel_args(&record("factory", "")), "");
+    }
+
+    #[test]
+    fn the_upgrade_defaults_are_strata_upgrades() {
+        let plan = |argv: &[&str]| {
+            let mut full = vec!["strata-test", "a.img", "--upgrade-to", "/r"];
+            full.extend_from_slice(argv);
+            let args = Cli::try_parse_from(full).unwrap().args;
+            upgrade_plan(&args, Path::new("/r"), &ImageFacts::default())
+        };
+        let p = plan(&[]);
+        assert_eq!(
+            (p.migration, p.state_data),
+            (Migration::Move, StatePolicy::Merge)
+        );
+        let p = plan(&["--state-migration", "copy", "--state-data", "keep"]);
+        assert_eq!(
+            (p.migration, p.state_data),
+            (Migration::Copy, StatePolicy::Keep)
+        );
+    }
+
+    #[test]
+    fn the_default_upgrade_label_is_one_the_image_does_not_have() {
+        assert_eq!(free_label(&["factory".into()]), "upgrade");
+        assert_eq!(
+            free_label(&["upgrade".into(), "upgrade-2".into()]),
+            "upgrade-3"
         );
     }
 

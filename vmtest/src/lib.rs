@@ -8,7 +8,9 @@
 //! reads mount warnings out of the guest journal, `report` renders the
 //! verdict and `artifacts` keeps the evidence. `workdir` is a run's private
 //! scratch dir (and sweeps up after runs that were killed), `interrupt`
-//! turns SIGINT/SIGTERM into an orderly stop.
+//! turns SIGINT/SIGTERM into an orderly stop. `lifecycle` is the upgrade
+//! lifecycle's (`--upgrade-to`) part that needs no VM: the trait through
+//! which the binary changes the image between boots, phases, tokens.
 
 pub mod accel;
 pub mod agent;
@@ -17,6 +19,7 @@ pub mod bootfiles;
 pub mod checks;
 pub mod interrupt;
 pub mod journal;
+pub mod lifecycle;
 pub mod machine;
 pub mod qemu;
 pub mod qmp;

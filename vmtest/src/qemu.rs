@@ -51,6 +51,25 @@ impl fmt::Display for DiskBus {
     }
 }
 
+/// What the disk file is. The plain run boots a qcow2 overlay backed by the
+/// image; the upgrade lifecycle boots its private raw copy of the image,
+/// which it changes offline between boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    /// QEMU's block driver name.
+    pub fn driver(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
 /// How the guest kernel gets loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelBoot {
@@ -75,8 +94,10 @@ pub struct QemuCommand {
     pub accel: Accel,
     pub memory_mib: u32,
     pub cpus: u32,
-    /// The qcow2 overlay; the image under test is only ever its backing file.
+    /// The qcow2 overlay (the image under test is only ever its backing
+    /// file), or a private raw copy of the image (`disk_format`).
     pub disk: PathBuf,
+    pub disk_format: DiskFormat,
     pub disk_bus: DiskBus,
     pub boot: KernelBoot,
     pub serial_log: PathBuf,
@@ -95,6 +116,7 @@ impl QemuCommand {
             memory_mib: 1024,
             cpus: 1,
             disk,
+            disk_format: DiskFormat::Qcow2,
             disk_bus: DiskBus::VirtioBlk,
             boot: KernelBoot::Firmware,
             serial_log: socket_dir.join("serial.log"),
@@ -160,7 +182,8 @@ impl QemuCommand {
         ));
         push("-blockdev");
         push(&format!(
-            "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+            "driver={},node-name=disk0,file.driver=file,file.filename={}",
+            self.disk_format.driver(),
             path_arg(&self.disk)
         ));
         // -kernel claims boot index 0 for its loader ROM; only firmware boot
@@ -340,6 +363,16 @@ mod tests {
         assert!(args.contains(
             &"driver=qcow2,node-name=disk0,file.driver=file,file.filename=/tmp/a,,b/overlay.qcow2"
                 .to_string()
+        ));
+    }
+
+    #[test]
+    fn a_private_raw_copy_is_booted_as_raw() {
+        let mut q = base(Accel::Tcg);
+        q.disk = "/var/tmp/.strata-lifecycle.x/debian.img".into();
+        q.disk_format = DiskFormat::Raw;
+        assert!(q.to_string().contains(
+            " -blockdev driver=raw,node-name=disk0,file.driver=file,file.filename=/var/tmp/.strata-lifecycle.x/debian.img "
         ));
     }
 

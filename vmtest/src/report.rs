@@ -2,6 +2,7 @@
 //! JUnit XML for CI servers. Rendering is pure so it can be snapshot-tested.
 
 use crate::journal::WarningKind;
+use crate::lifecycle::Stage;
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -39,6 +40,12 @@ pub struct CheckResult {
     /// The observations behind the verdict, one per line.
     pub evidence: Vec<String>,
     pub seconds: f64,
+    /// Upgrade lifecycle only: the stage whose boot this row judged...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Stage>,
+    /// ...and the version that boot was to run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 impl CheckResult {
@@ -54,6 +61,8 @@ impl CheckResult {
             detail: detail.into(),
             evidence,
             seconds: 0.0,
+            phase: None,
+            label: None,
         }
     }
 }
@@ -68,6 +77,23 @@ pub struct Warning {
     pub shadowed_count: usize,
     pub shadowed_bytes: u64,
     pub unit: Option<String>,
+    /// Upgrade lifecycle only: the stage whose boot logged it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Stage>,
+}
+
+/// One boot of an upgrade lifecycle (`strata test --upgrade-to`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseRecord {
+    pub phase: Stage,
+    /// The version the boot runs: `/` must be its `run` subvolume.
+    pub label: String,
+    /// The run's boot number, once this phase's boot started.
+    pub boot: Option<u32>,
+    /// What was done to the (powered-off) copy before this boot.
+    pub change: Option<String>,
+    /// How long that took, in seconds.
+    pub change_seconds: Option<f64>,
 }
 
 /// Seconds. Guest-side numbers come from systemd's own boot timestamps.
@@ -115,6 +141,10 @@ pub struct Report {
     /// holds what was proven before it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interrupted: Option<String>,
+    /// Upgrade lifecycle only: its boots, in order, and the version each
+    /// ran. Its check rows are named `<phase>/<check>`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseRecord>,
 }
 
 impl Report {
@@ -147,16 +177,35 @@ impl Report {
             self.image, self.boot, self.disk_bus, self.accel, self.accel_reason
         );
         let _ = writeln!(o);
+        if !self.phases.is_empty() {
+            o.push_str(&self.phases_table());
+            let _ = writeln!(o);
+        }
+        // A lifecycle's rows also say which version their boot ran.
+        let version_w = self
+            .checks
+            .iter()
+            .filter_map(|c| c.label.as_ref().map(|l| l.len()))
+            .max()
+            .map(|w| w.max("VERSION".len()));
+        let version = |v: &str| match version_w {
+            Some(w) => format!("{v:<w$}  "),
+            None => String::new(),
+        };
         let _ = writeln!(
             o,
-            "  {:<name_w$}  {:<6} {:>6}  DETAIL",
-            "CHECK", "RESULT", "TIME"
+            "  {:<name_w$}  {}{:<6} {:>6}  DETAIL",
+            "CHECK",
+            version("VERSION"),
+            "RESULT",
+            "TIME"
         );
         for c in &self.checks {
             let _ = writeln!(
                 o,
-                "  {:<name_w$}  {:<6} {:>5.1}s  {}",
+                "  {:<name_w$}  {}{:<6} {:>5.1}s  {}",
                 c.name,
+                version(c.label.as_deref().unwrap_or("")),
                 c.status.label(),
                 c.seconds,
                 c.detail
@@ -179,15 +228,25 @@ impl Report {
         }
         let t = &self.timings;
         let opt = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.1}s"));
+        // A lifecycle does not run persistence; its image changes take time.
+        let between = match self.phases.is_empty() {
+            true => format!("persistence {:.1}s", t.persistence),
+            false => format!(
+                "image changes {:.1}s",
+                self.phases
+                    .iter()
+                    .filter_map(|p| p.change_seconds)
+                    .sum::<f64>()
+            ),
+        };
         let _ = writeln!(
             o,
-            "\nTimings: firmware {} + kernel {} + userspace {} (boot {:.1}s), checks {:.1}s, persistence {:.1}s, total {:.1}s{}",
+            "\nTimings: firmware {} + kernel {} + userspace {} (boot {:.1}s), checks {:.1}s, {between}, total {:.1}s{}",
             opt(t.firmware),
             opt(t.kernel),
             opt(t.userspace),
             t.boot,
             t.checks,
-            t.persistence,
             t.total,
             if t.accel_probe > 0.0 {
                 format!(" (incl. {:.1}s KVM probe)", t.accel_probe)
@@ -212,6 +271,37 @@ impl Report {
                 Verdict::Fail => "FAIL",
             }
         );
+        o
+    }
+
+    /// The lifecycle's boots: which version each ran and what changed the
+    /// image before it.
+    fn phases_table(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "Upgrade lifecycle on a private copy of the image (the image itself is not modified):"
+        );
+        let boot = |p: &PhaseRecord| {
+            p.boot
+                .map_or("not booted".to_owned(), |b| format!("boot {b}"))
+        };
+        let boot_w = self.phases.iter().map(|p| boot(p).len()).max().unwrap_or(0);
+        let label_w = self.phases.iter().map(|p| p.label.len()).max().unwrap_or(0);
+        for p in &self.phases {
+            let what = match (&p.change, p.change_seconds) {
+                (Some(c), Some(t)) => format!("after: {c} ({t:.1}s)"),
+                (Some(c), None) => format!("after: {c}"),
+                (None, _) => p.phase.why().to_owned(),
+            };
+            let _ = writeln!(
+                o,
+                "  {:<boot_w$}  {:<8}  {:<label_w$}  {what}",
+                boot(p),
+                p.phase.name(),
+                p.label,
+            );
+        }
         o
     }
 
@@ -246,6 +336,24 @@ impl Report {
             ("accel_reason", self.accel_reason.as_str()),
         ] {
             let _ = writeln!(o, r#"      <property name="{k}" value="{}"/>"#, xml(v));
+        }
+        for p in &self.phases {
+            let value = format!(
+                "{}, version {}{}",
+                p.boot
+                    .map_or("not booted".to_owned(), |b| format!("boot {b}")),
+                p.label,
+                p.change
+                    .as_ref()
+                    .map(|c| format!(", after: {c}"))
+                    .unwrap_or_default()
+            );
+            let _ = writeln!(
+                o,
+                r#"      <property name="phase.{}" value="{}"/>"#,
+                p.phase.name(),
+                xml(&value)
+            );
         }
         let _ = writeln!(o, "    </properties>");
         for c in &self.checks {
@@ -299,11 +407,13 @@ impl Report {
 pub fn explain(w: &Warning) -> String {
     let mut o = String::new();
     let mp = w.mountpoint.as_deref().unwrap_or("(unknown mountpoint)");
+    // A lifecycle has several boots: say whose journal it was.
+    let boot = w.phase.map(|p| format!("[{p}] ")).unwrap_or_default();
     match w.kind {
         WarningKind::Overmount => {
             let _ = writeln!(
                 o,
-                "\n  {mp}: the directory was not empty when its state subvolume was mounted over it."
+                "\n  {boot}{mp}: the directory was not empty when its state subvolume was mounted over it."
             );
             let _ = writeln!(o, "    systemd: \"{}\"", w.message);
             let _ = writeln!(
@@ -321,14 +431,22 @@ pub fn explain(w: &Warning) -> String {
             if w.shadowed.len() > 10 {
                 let _ = writeln!(o, "      ... and {} more", w.shadowed.len() - 10);
             }
-            let _ = writeln!(
-                o,
-                "    Fix: rebuild the image with the default `strata build --state-migration move`, \
-                 which moves the data into the subvolume and leaves {mp} empty in the system."
-            );
+            if w.phase == Some(Stage::Upgrade) {
+                let _ = writeln!(
+                    o,
+                    "    Fix: upgrade with the default `strata upgrade --state-migration move`, \
+                     which leaves {mp} empty in the new version (the state subvolume stays authoritative)."
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "    Fix: rebuild the image with the default `strata build --state-migration move`, \
+                     which moves the data into the subvolume and leaves {mp} empty in the system."
+                );
+            }
         }
         WarningKind::FailedMount => {
-            let _ = writeln!(o, "\n  {mp}: a mount failed at boot.");
+            let _ = writeln!(o, "\n  {boot}{mp}: a mount failed at boot.");
             let _ = writeln!(o, "    systemd: \"{}\"", w.message);
             if let Some(u) = &w.unit {
                 let _ = writeln!(o, "    See `journalctl -u {u}` in the exported journal.");
@@ -337,7 +455,7 @@ pub fn explain(w: &Warning) -> String {
         WarningKind::BtrfsError => {
             let _ = writeln!(
                 o,
-                "\n  The kernel reported a Btrfs error: \"{}\"",
+                "\n  {boot}The kernel reported a Btrfs error: \"{}\"",
                 w.message
             );
         }
@@ -440,6 +558,7 @@ mod tests {
                 shadowed_count: 2,
                 shadowed_bytes: 5000,
                 unit: Some("var.mount".into()),
+                phase: None,
             }]
         } else {
             vec![]
@@ -470,7 +589,120 @@ mod tests {
             artifacts: Some("/tmp/artifacts".into()),
             error: None,
             interrupted: None,
+            phases: vec![],
         }
+    }
+
+    /// A lifecycle whose upgrade left /srv's data under the mountpoint
+    /// (`--state-migration copy`): phase 2 fails overmount, the rollback
+    /// passes.
+    fn lifecycle_sample() -> Report {
+        use crate::lifecycle::{self, Stage};
+        let mut phases = lifecycle::plan("factory", "v2");
+        for (i, p) in phases.iter_mut().enumerate() {
+            p.boot = Some(i as u32 + 1);
+        }
+        phases[1].change = Some(
+            "upgraded to v2 from /var/tmp/rootfs-v2 (state migration copy, state data keep)".into(),
+        );
+        phases[1].change_seconds = Some(14.2);
+        phases[2].change = Some("set factory as the default".into());
+        phases[2].change_seconds = Some(0.8);
+        let mut checks = Vec::new();
+        for p in &phases {
+            let (label, stage) = (p.label.as_str(), p.phase);
+            let run = format!("/systems/{label}/run");
+            let mut rows = vec![
+                CheckResult::new(
+                    "root",
+                    Status::Pass,
+                    format!("/ is btrfs 3f1c… at {run}"),
+                    vec![format!(
+                        "/ is btrfs from /dev/vda[{run}], UUID 3f1c…, fsroot {run}, options rw"
+                    )],
+                ),
+                CheckResult::new(
+                    "state-mounts",
+                    Status::Pass,
+                    "2 state subvolumes mounted: /root /srv",
+                    vec![],
+                ),
+                CheckResult::new("fstab", Status::Pass, "findmnt --verify clean", vec![]),
+                CheckResult::new(
+                    "moved-files",
+                    Status::Skip,
+                    "not requested (--checks)",
+                    vec![],
+                ),
+                if stage == Stage::Upgrade {
+                    CheckResult::new(
+                        "overmount",
+                        Status::Fail,
+                        "files hidden under /srv",
+                        vec!["/srv: 3 hidden entries, 63 bytes (/srv/www, /srv/www/index.html, /srv/www/new.html)".into()],
+                    )
+                } else {
+                    CheckResult::new(
+                        "overmount",
+                        Status::Pass,
+                        "no journal entry with MESSAGE_ID 1dee…",
+                        vec![],
+                    )
+                },
+            ];
+            if stage != Stage::Before {
+                let from = if stage == Stage::Upgrade {
+                    "before"
+                } else {
+                    "before, upgrade"
+                };
+                rows.push(CheckResult::new(
+                    "tokens",
+                    Status::Pass,
+                    format!("token(s) written in {from} intact on the state subvolumes"),
+                    vec![
+                        format!("/root: tokens from {from} intact on /state/root"),
+                        format!("/srv: tokens from {from} intact on /state/srv"),
+                    ],
+                ));
+            }
+            checks.extend(rows.into_iter().map(|c| lifecycle::tag(stage, label, c)));
+        }
+        let mut r = sample(false);
+        r.boots = 3;
+        r.checks = checks;
+        r.warnings = vec![Warning {
+            kind: WarningKind::Overmount,
+            mountpoint: Some("/srv".into()),
+            message: "Directory /srv to mount over is not empty, mounting anyway.".into(),
+            shadowed: vec![
+                "/srv/www".into(),
+                "/srv/www/index.html".into(),
+                "/srv/www/new.html".into(),
+            ],
+            shadowed_count: 3,
+            shadowed_bytes: 63,
+            unit: Some("srv.mount".into()),
+            phase: Some(Stage::Upgrade),
+        }];
+        r.phases = phases;
+        r.verdict = Report::verdict_of(&r.checks, None);
+        r
+    }
+
+    #[test]
+    fn lifecycle_table() {
+        insta::assert_snapshot!(lifecycle_sample().to_table());
+    }
+
+    #[test]
+    fn lifecycle_json() {
+        insta::assert_snapshot!(lifecycle_sample().to_json());
+    }
+
+    #[test]
+    fn lifecycle_junit() {
+        insta::assert_snapshot!(lifecycle_sample().to_junit());
     }
 
     #[test]

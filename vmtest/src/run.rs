@@ -2,16 +2,22 @@
 //! accelerator and boot, prove the layout, reboot cleanly, cut the power,
 //! prove persistence, and write down what happened. The engine never
 //! prints: it reports `Progress` and returns a `Report` or a `RunError`.
+//! With `TestConfig::lifecycle` the same session tells the upgrade
+//! lifecycle instead (`lifecycle`): three boots of a private copy.
+
+mod lifecycle;
 
 use crate::accel::{self, AccelChoice, AccelDecision};
 use crate::agent::Running;
 use crate::artifacts::{self, Artifacts};
 use crate::bootfiles;
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
+use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
 use crate::machine::{Machine, MachineError};
-use crate::qemu::{DiskBus, KernelBoot, QemuCommand};
+use crate::qemu::{DiskBus, DiskFormat, KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
-use crate::report::{CheckResult, Report, Status, Timings, Warning};
+use crate::report::{CheckResult, PhaseRecord, Report, Status, Timings, Warning};
+use crate::workdir::{self, WorkDir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +58,10 @@ pub struct TestConfig {
     pub qemu_binary: PathBuf,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// Run the upgrade lifecycle (`strata test --upgrade-to`) on a private
+    /// copy of the image instead of the plain test: the first-boot checks
+    /// in each of its three boots (`persistence` is not run).
+    pub lifecycle: Option<Lifecycle>,
 }
 
 impl TestConfig {
@@ -68,6 +78,7 @@ impl TestConfig {
             qemu_binary: "qemu-system-x86_64".into(),
             memory_mib: 1024,
             cpus: 2,
+            lifecycle: None,
         }
     }
 }
@@ -136,13 +147,20 @@ const MAX_BOOT: Duration = Duration::from_secs(240);
 struct Session {
     cfg: TestConfig,
     artifacts: Artifacts,
-    workdir: crate::workdir::WorkDir,
+    workdir: WorkDir,
+    /// What QEMU boots: an overlay in `workdir`, or the lifecycle's copy.
+    disk: Disk,
+    /// The directory holding the lifecycle's copy (pid-named and locked
+    /// like `workdir`, so a killed run's copy is swept by the next run);
+    /// removed with it.
+    _copy_dir: Option<WorkDir>,
     progress: UnboundedSender<Progress>,
     events: EventLog,
     started: Instant,
     checks: BTreeMap<CheckId, CheckResult>,
-    /// The journal's mount warnings, once the first boot's are known.
-    warnings: Option<Vec<Warning>>,
+    /// The journal's mount warnings, once the first boot's are known; in
+    /// a lifecycle each stage's boot's.
+    warnings: BTreeMap<Option<Stage>, Vec<Warning>>,
     timings: Timings,
     accel: Option<AccelDecision>,
     template: Option<QemuCommand>,
@@ -152,6 +170,79 @@ struct Session {
     /// What the current boot has shown so far.
     seen: Seen,
     boots: u32,
+    /// The lifecycle's stages and rows (empty in a plain run).
+    life: LifeState,
+}
+
+/// What an upgrade lifecycle has done so far.
+#[derive(Default)]
+struct LifeState {
+    /// The stage whose boot is running and the version it must run.
+    current: Option<(Stage, String)>,
+    phases: Vec<PhaseRecord>,
+    results: life::Results,
+    /// The first boot's start (guest clock): the system has been running
+    /// off the copy since, so state it rewrote then is no finding later.
+    running_since: Option<f64>,
+    /// Resolves when the image change in progress (on its blocking thread)
+    /// has returned; None when no change runs.
+    changing: Option<lifecycle::InFlight>,
+}
+
+/// The disk QEMU boots and how to make it from the image.
+#[derive(Debug, Clone)]
+struct Disk {
+    path: PathBuf,
+    /// Qcow2: an overlay backed by the image (the plain run: the image is
+    /// only read). Raw: a private copy (the lifecycle changes it offline
+    /// between boots, so no overlay is needed).
+    format: DiskFormat,
+}
+
+impl Disk {
+    /// Makes the disk what the image is, afresh (the KVM fallback's
+    /// second start, from a blocking closure).
+    fn recreate(&self, image: &Path) -> Result<(), String> {
+        match self.format {
+            DiskFormat::Qcow2 => recreate_overlay(image, &self.path),
+            DiskFormat::Raw => {
+                let _ = std::fs::remove_file(&self.path);
+                cmd::run(&mut copy_command(image, &self.path))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The same at the start of the run. The copy of a raw image takes
+    /// a while (GiBs where reflinks do not work): `cp` runs as a child a
+    /// stop kills (on drop, and with strata if it is SIGKILLed), so a
+    /// signal meanwhile still ends the run at once with its report.
+    async fn create(&self, image: &Path) -> Result<(), String> {
+        if self.format == DiskFormat::Qcow2 {
+            return self.recreate(image);
+        }
+        let _ = std::fs::remove_file(&self.path);
+        let std_cmd = copy_command(image, &self.path);
+        let what = cmd::describe(&std_cmd);
+        let mut c = tokio::process::Command::from(std_cmd);
+        c.stdin(std::process::Stdio::null());
+        crate::qemu::tie_to_us(&mut c);
+        let out = c
+            .output()
+            .await
+            .map_err(|e| cmd::spawn_error("cp".into(), e).to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(cmd::CmdError::Failed {
+                command: what,
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            }
+            .to_string())
+        }
+    }
 }
 
 /// Observations of one boot that several checks judge, taken once.
@@ -172,6 +263,12 @@ impl Session {
     fn begin_boot(&mut self, why: &'static str) {
         self.boots += 1;
         self.seen = Seen::default();
+        if let Some((stage, _)) = &self.life.current {
+            let boot = self.boots;
+            if let Some(p) = self.life.phases.iter_mut().find(|p| p.phase == *stage) {
+                p.boot = Some(boot);
+            }
+        }
         self.emit(Progress::Booting {
             boot: self.boots,
             why,
@@ -198,15 +295,6 @@ impl Session {
         self.remaining().min(MAX_BOOT)
     }
 
-    fn overlay(&self) -> PathBuf {
-        self.workdir.path().join("overlay.qcow2")
-    }
-
-    /// A fresh qcow2 overlay backed by the image: the image is only read.
-    fn create_overlay(&self) -> Result<(), String> {
-        recreate_overlay(&self.cfg.image, &self.overlay())
-    }
-
     /// Runs the requested checks of one phase in registry order; returns
     /// how many ran. `expect` is the config's, lent separately because the
     /// session itself is lent to the checks as the machine.
@@ -220,20 +308,57 @@ impl Session {
             self.emit(Progress::CheckStarted(id));
             let outcome = id.run(self, expect).await.map_err(me)?;
             if let Some(w) = outcome.warnings {
-                self.warnings = Some(w);
+                self.set_warnings(w, true);
             }
-            self.record(id, outcome.result, t);
+            self.record(Row::Check(id), outcome.result, t);
         }
         Ok(ids.len())
     }
 
-    fn record(&mut self, id: CheckId, mut c: CheckResult, t: Instant) {
+    /// Keeps a result: the plain run's, or the current lifecycle stage's
+    /// (named `<stage>/<check>`).
+    fn record(&mut self, row: Row, mut c: CheckResult, t: Instant) {
         c.seconds = t.elapsed().as_secs_f64();
+        if let Some((stage, label)) = &self.life.current {
+            c = life::tag(*stage, label, c);
+        }
         self.emit(Progress::CheckFinished(c.clone()));
-        self.checks.insert(id, c);
+        match (&self.life.current, row) {
+            (Some((stage, _)), row) => {
+                self.life.results.insert((*stage, row), c);
+            }
+            (None, Row::Check(id)) => {
+                self.checks.insert(id, c);
+            }
+            (None, Row::Tokens) => unreachable!("tokens are only written in a lifecycle"),
+        }
     }
 
-    fn report(&self, error: Option<String>) -> Report {
+    /// This boot's journal warnings: `examined` ones (overmount listed
+    /// what each hides) replace what is known; unexamined ones are kept
+    /// only when nothing is known yet.
+    fn set_warnings(&mut self, mut w: Vec<Warning>, examined: bool) {
+        let stage = self.life.current.as_ref().map(|(s, _)| *s);
+        for x in &mut w {
+            x.phase = stage;
+        }
+        if examined {
+            self.warnings.insert(stage, w);
+        } else {
+            self.warnings.entry(stage).or_insert(w);
+        }
+    }
+
+    fn any_failed(&self) -> bool {
+        self.checks
+            .values()
+            .chain(self.life.results.values())
+            .any(|c| c.status == Status::Fail)
+    }
+
+    /// The plain run's rows: every check in registry order, a skip row
+    /// saying why for those that did not run.
+    fn plain_rows(&self) -> Vec<CheckResult> {
         let mut checks = Vec::new();
         for id in CheckId::ALL {
             let name = id.name();
@@ -253,6 +378,14 @@ impl Session {
                 )),
             }
         }
+        checks
+    }
+
+    fn report(&self, error: Option<String>) -> Report {
+        let checks = match self.cfg.lifecycle {
+            None => self.plain_rows(),
+            Some(_) => life::rows(&self.life.phases, &self.cfg.checks, &self.life.results),
+        };
         let mut timings = self.timings.clone();
         timings.total = self.started.elapsed().as_secs_f64();
         let accel = self.accel.clone();
@@ -272,11 +405,14 @@ impl Session {
             image: self.cfg.image.display().to_string(),
             label: self.cfg.expect.version.label().to_owned(),
             checks,
-            warnings: self.warnings.clone().unwrap_or_default(),
+            // Keyed by stage: the plain run's under None, a lifecycle's in
+            // stage order.
+            warnings: self.warnings.values().flatten().cloned().collect(),
             timings,
             artifacts: Some(self.artifacts.dir().display().to_string()),
             error,
             interrupted: None,
+            phases: self.life.phases.clone(),
         }
     }
 
@@ -318,30 +454,58 @@ pub async fn run_until(
     prepare(&cfg)?;
     let artifacts = Artifacts::open(cfg.artifacts.as_deref())
         .map_err(|e| RunError::Input(format!("artifacts dir: {e}")))?;
-    let workdir =
-        crate::workdir::WorkDir::create().map_err(|e| infra(format!("private temp dir: {e}")))?;
+    let workdir = WorkDir::create().map_err(|e| infra(format!("private temp dir: {e}")))?;
+    let (disk, copy_dir) = match cfg.lifecycle {
+        None => (
+            Disk {
+                path: workdir.path().join("overlay.qcow2"),
+                format: DiskFormat::Qcow2,
+            },
+            None,
+        ),
+        Some(_) => {
+            let dir = private_dir(&cfg.image).map_err(infra)?;
+            let name = cfg
+                .image
+                .file_name()
+                .unwrap_or_else(|| std::ffi::OsStr::new("image.img"));
+            let disk = Disk {
+                path: dir.path().join(name),
+                format: DiskFormat::Raw,
+            };
+            (disk, Some(dir))
+        }
+    };
     let mut s = Session {
         cfg,
         artifacts,
         workdir,
+        disk,
+        _copy_dir: copy_dir,
         progress,
         events: EventLog::default(),
         started: Instant::now(),
         checks: BTreeMap::new(),
-        warnings: None,
+        warnings: BTreeMap::new(),
         timings: Timings::default(),
         accel: None,
         template: None,
         machine: None,
         seen: Seen::default(),
         boots: 0,
+        life: LifeState::default(),
     };
+    if let Some(l) = &s.cfg.lifecycle {
+        s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
+    }
     s.emit(Progress::Artifacts(s.artifacts.dir().to_owned()));
     let budget = s.remaining();
     let (outcome, interrupted) = tokio::select! {
         o = tokio::time::timeout(budget, story(&mut s)) => (Some(o), None),
         why = stop => (None, Some(why)),
     };
+    // Stopped by the timeout or the stop future, not at the story's end.
+    let stopped = !matches!(outcome, Some(Ok(_)));
     let error = match outcome {
         Some(Ok(Ok(()))) => None,
         Some(Ok(Err(e))) => Some(e),
@@ -351,7 +515,14 @@ pub async fn run_until(
         )),
         None => Some(interruption(interrupted.as_deref().unwrap_or("?"))),
     };
-    let failed = error.is_some() || s.checks.values().any(|c| c.status == Status::Fail);
+    // Stopped by the timeout or a signal: a lifecycle's image change in
+    // progress runs on a blocking thread that dropping the story cannot
+    // stop. Raise its interrupt and let it undo what it began before the
+    // report is written and its copy removed.
+    if stopped {
+        s.stop_change().await;
+    }
+    let failed = error.is_some() || s.any_failed();
     if let Some(m) = s.machine.as_mut() {
         // Interrupted: be quick, the user is waiting.
         if failed && interrupted.is_none() {
@@ -415,18 +586,36 @@ fn me(e: MachineError) -> String {
     e.to_string()
 }
 
+/// `--boot direct`: the kernel, initramfs and command line of `image`'s
+/// default boot entry, extracted into `dir`.
+fn direct_boot(image: &Path, dir: &Path) -> Result<KernelBoot, String> {
+    let files = bootfiles::extract(image, dir).map_err(|e| format!("--boot direct: {e}"))?;
+    Ok(KernelBoot::Direct {
+        kernel: files.kernel,
+        initrd: files.initrd,
+        append: files.entry.append,
+    })
+}
+
 async fn story(s: &mut Session) -> Result<(), String> {
     let serial = s
         .artifacts
         .clear_previous()
         .map_err(|e| format!("artifacts: {e}"))?;
-    s.create_overlay()?;
+    if s.disk.format == DiskFormat::Raw {
+        s.emit(Progress::Step(format!(
+            "copying the image to {} (the image itself is not modified)",
+            s.disk.path.display()
+        )));
+    }
+    s.disk.create(&s.cfg.image).await?;
     let mut template = QemuCommand::new(
         s.cfg.qemu_binary.clone(),
         crate::qemu::Accel::Tcg,
-        s.overlay(),
+        s.disk.path.clone(),
         s.workdir.path(),
     );
+    template.disk_format = s.disk.format;
     template.serial_log = serial;
     template.memory_mib = s.cfg.memory_mib;
     template.cpus = s.cfg.cpus;
@@ -435,66 +624,22 @@ async fn story(s: &mut Session) -> Result<(), String> {
         s.emit(Progress::Step(
             "extracting kernel and initramfs from the image".into(),
         ));
-        let files = bootfiles::extract(&s.cfg.image, &s.workdir.path().join("boot"))
-            .map_err(|e| format!("--boot direct: {e}"))?;
-        template.boot = KernelBoot::Direct {
-            kernel: files.kernel,
-            initrd: files.initrd,
-            append: files.entry.append,
-        };
+        template.boot = direct_boot(&s.cfg.image, &s.workdir.path().join("boot"))?;
     }
-    s.template = Some(template.clone());
+    s.template = Some(template);
+    match s.cfg.lifecycle.clone() {
+        None => plain_story(s).await,
+        Some(l) => lifecycle::story(s, l).await,
+    }
+}
 
-    // Boot 1: accelerator choice and the layout checks.
-    s.begin_boot("first boot");
-    let overlay_for_retry = {
-        let overlay = s.overlay();
-        let image = s.cfg.image.clone();
-        move || recreate_overlay(&image, &overlay)
-    };
-    let (m, decision) = accel::start(s.cfg.accel, &template, s.events.clone(), &overlay_for_retry)
-        .await
-        .map_err(me)?;
-    s.emit(Progress::Accel(decision.clone()));
-    s.timings.accel_probe = decision.probe_seconds;
-    s.accel = Some(decision);
-    let cmd_line = m.command().to_string();
-    let _ = s
-        .artifacts
-        .write(artifacts::QEMU_COMMAND, format!("{cmd_line}\n"));
-    s.emit(Progress::QemuCommand(cmd_line));
-    s.machine = Some(m);
-    let budget = s.boot_budget();
-    let state = s.machine().wait_booted(budget).await.map_err(me)?;
-    let powered_on = s.machine().started();
-    s.timings.boot = powered_on.elapsed().as_secs_f64();
-    s.booted(s.timings.boot, state);
-    let kernel_start = s.machine().serial().snapshot().kernel_start;
-    if let Some(k) = kernel_start {
-        s.timings.firmware = Some(k.saturating_duration_since(powered_on).as_secs_f64());
-    }
-    if let Ok(out) = s
-        .machine()
-        .succeed("systemctl show -p InitRDTimestampMonotonic -p UserspaceTimestampMonotonic -p FinishTimestampMonotonic")
-        .await
-    {
-        let (kernel, userspace) = systemd_split(&out);
-        s.timings.kernel = kernel;
-        s.timings.userspace = userspace;
-    }
-
+/// The plain test: the layout checks on the first boot, then the checks
+/// that reboot and cut the power.
+async fn plain_story(s: &mut Session) -> Result<(), String> {
+    s.first_boot("first boot").await?;
     let expect = s.cfg.expect.clone();
     let t_checks = Instant::now();
-    // The journal export is the slowest guest command; it overlaps the checks.
-    let export = guest::start_journal_export(s.machine()).await.map_err(me)?;
-    s.seen.journal_export = Some(export);
-    s.run_checks(Phase::FirstBoot, &expect).await?;
-    // The journal is exported whether or not overmount is checked: it is
-    // the first thing anyone reads after a failure. Its mount warnings are
-    // reported either way; overmount adds what each one hides.
-    let journal = s.journal().await.map_err(me)?;
-    let warnings = checks::overmount::unexamined(journal);
-    s.warnings.get_or_insert(warnings);
+    s.layout_checks(&expect).await?;
     s.timings.checks = t_checks.elapsed().as_secs_f64();
 
     // Boots 2 and 3: a clean reboot and a power cut, driven by the checks
@@ -504,6 +649,102 @@ async fn story(s: &mut Session) -> Result<(), String> {
         s.timings.persistence = t.elapsed().as_secs_f64();
     }
     Ok(())
+}
+
+impl Session {
+    /// Boot 1: picks the accelerator (a fallback from KVM starts again
+    /// from a fresh disk), then waits for the guest and takes its timings.
+    async fn first_boot(&mut self, why: &'static str) -> Result<(), String> {
+        let template = self.template.clone().expect("template set");
+        self.begin_boot(why);
+        let fresh_disk = {
+            let disk = self.disk.clone();
+            let image = self.cfg.image.clone();
+            move || disk.recreate(&image)
+        };
+        let (m, decision) =
+            accel::start(self.cfg.accel, &template, self.events.clone(), &fresh_disk)
+                .await
+                .map_err(me)?;
+        self.emit(Progress::Accel(decision.clone()));
+        self.timings.accel_probe = decision.probe_seconds;
+        self.accel = Some(decision);
+        let cmd_line = m.command().to_string();
+        let _ = self
+            .artifacts
+            .write(artifacts::QEMU_COMMAND, format!("{cmd_line}\n"));
+        self.emit(Progress::QemuCommand(cmd_line));
+        self.machine = Some(m);
+        let budget = self.boot_budget();
+        let state = self.machine().wait_booted(budget).await.map_err(me)?;
+        let powered_on = self.machine().started();
+        self.timings.boot = powered_on.elapsed().as_secs_f64();
+        self.booted(self.timings.boot, state);
+        let kernel_start = self.machine().serial().snapshot().kernel_start;
+        if let Some(k) = kernel_start {
+            self.timings.firmware = Some(k.saturating_duration_since(powered_on).as_secs_f64());
+        }
+        if let Ok(out) = self
+            .machine()
+            .succeed("systemctl show -p InitRDTimestampMonotonic -p UserspaceTimestampMonotonic -p FinishTimestampMonotonic")
+            .await
+        {
+            let (kernel, userspace) = systemd_split(&out);
+            self.timings.kernel = kernel;
+            self.timings.userspace = userspace;
+        }
+        Ok(())
+    }
+
+    /// The checks that judge a boot as it came up, and its journal's
+    /// mount warnings.
+    async fn layout_checks(&mut self, expect: &Expectations) -> Result<(), String> {
+        // The journal export is the slowest guest command; it overlaps the checks.
+        let export = guest::start_journal_export(self.machine())
+            .await
+            .map_err(me)?;
+        self.seen.journal_export = Some(export);
+        self.run_checks(Phase::FirstBoot, expect).await?;
+        // The journal is exported whether or not overmount is checked: it is
+        // the first thing anyone reads after a failure. Its mount warnings are
+        // reported either way; overmount adds what each one hides.
+        let journal = self.journal().await.map_err(me)?;
+        let warnings = checks::overmount::unexamined(journal);
+        self.set_warnings(warnings, false);
+        Ok(())
+    }
+
+    /// Starts QEMU again on the same disk with the accelerator already
+    /// chosen, and waits for the boot to settle.
+    async fn start_again(&mut self, why: &'static str) -> Result<(), MachineError> {
+        self.begin_boot(why);
+        let t = Instant::now();
+        let template = self.template.clone().expect("template set");
+        let cmd = QemuCommand {
+            accel: self
+                .accel
+                .as_ref()
+                .map(|a| a.used)
+                .unwrap_or(template.accel),
+            ..template
+        };
+        self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
+        let budget = self.boot_budget();
+        let state = self.machine().wait_booted(budget).await?;
+        self.booted(t.elapsed().as_secs_f64(), state);
+        Ok(())
+    }
+
+    /// `systemctl poweroff`, and waits for QEMU to exit: the disk is
+    /// consistent and nobody else has it open.
+    async fn shutdown(&mut self) -> Result<(), MachineError> {
+        self.emit(Progress::Step(
+            "clean shutdown (systemctl poweroff), waiting for QEMU to exit".into(),
+        ));
+        let m = self.machine.take().expect("the machine is running");
+        let budget = self.boot_budget();
+        m.shutdown(budget).await.map(drop)
+    }
 }
 
 /// The machine as the checks drive it: the current boot's shared
@@ -549,28 +790,20 @@ impl Vm for Session {
         self.emit(Progress::Step("sync, then power cut (QMP quit)".into()));
         let m = self.machine.take().expect("the machine is running");
         m.power_cut().await?;
-        self.begin_boot("fresh start after the power cut");
-        let t = Instant::now();
-        let template = self.template.clone().expect("template set");
-        let cmd = QemuCommand {
-            accel: self
-                .accel
-                .as_ref()
-                .map(|a| a.used)
-                .unwrap_or(template.accel),
-            ..template
-        };
-        self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
-        let budget = self.boot_budget();
-        let state = self.machine().wait_booted(budget).await?;
-        self.booted(t.elapsed().as_secs_f64(), state);
+        self.start_again("fresh start after the power cut").await?;
         self.overmount_again().await
+    }
+
+    fn running_since(&self) -> Option<f64> {
+        self.life.running_since
     }
 }
 
 impl Session {
     /// overmount judges every boot of the run, not only the first: after a
-    /// later boot it looks again, and its verdict takes this boot in.
+    /// later boot of the plain run (the reboot, the power cut) it looks
+    /// again, and its verdict takes this boot in. (Each boot of a lifecycle
+    /// runs the first-boot checks, overmount among them, as its own row.)
     async fn overmount_again(&mut self) -> Result<(), MachineError> {
         let Some(earlier) = self.checks.get(&CheckId::Overmount).cloned() else {
             return Ok(());
@@ -580,15 +813,44 @@ impl Session {
         self.emit(Progress::Step(format!(
             "overmount: looking again in boot {boot}"
         )));
-        let warnings = self.warnings.take().unwrap_or_default();
+        let warnings = self.warnings.remove(&None).unwrap_or_default();
         let (mut result, warnings) =
             checks::overmount::again(self, boot, earlier, warnings).await?;
         result.seconds += t.elapsed().as_secs_f64();
-        self.warnings = Some(warnings);
+        self.warnings.insert(None, warnings);
         self.emit(Progress::CheckFinished(result.clone()));
         self.checks.insert(CheckId::Overmount, result);
         Ok(())
     }
+}
+
+/// Where the lifecycle's copy goes: beside the image, so that
+/// `--reflink=auto` can share its extents and the copy lands on the image's
+/// (disk-backed) filesystem rather than a /tmp that may be a tmpfs; the
+/// temp dir when the image's directory is not writable. Pid-named and
+/// locked like the work dir: a killed run's copy is removed by the next.
+fn private_dir(image: &Path) -> Result<WorkDir, String> {
+    let beside = std::path::absolute(image)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned));
+    if let Some(dir) = beside {
+        if let Ok(d) = WorkDir::create_named(&dir, workdir::COPY_PREFIX) {
+            return Ok(d);
+        }
+    }
+    WorkDir::create_named(&std::env::temp_dir(), workdir::COPY_PREFIX)
+        .map_err(|e| format!("private dir for the image copy: {e}"))
+}
+
+/// A private copy of the image: reflinked where the filesystem can, sparse
+/// (the image's apparent size is GiBs, its data much less); the caller
+/// removes an earlier copy first.
+fn copy_command(image: &Path, copy: &Path) -> Command {
+    let mut c = Command::new("cp");
+    c.args(["--reflink=auto", "--sparse=always", "--"])
+        .arg(image)
+        .arg(copy);
+    c
 }
 
 /// A fresh qcow2 overlay backed by the image (the image is only read).
@@ -684,6 +946,95 @@ mod tests {
                 || err.contains("qemu-img not found"),
             "{err}"
         );
+    }
+
+    /// Image changes a run that never gets past its first start must not ask for.
+    struct Untouchable;
+
+    impl life::ImageChanges for Untouchable {
+        fn upgrade(
+            &self,
+            _: &Path,
+            _: &str,
+            _: &strata_builder::interrupt::Interrupt,
+            _: &mut dyn FnMut(String),
+        ) -> Result<life::Changed, String> {
+            panic!("upgrade called")
+        }
+
+        fn set_default(
+            &self,
+            _: &Path,
+            _: &str,
+            _: &strata_builder::interrupt::Interrupt,
+            _: &mut dyn FnMut(String),
+        ) -> Result<life::Changed, String> {
+            panic!("set_default called")
+        }
+    }
+
+    #[test]
+    fn a_lifecycle_that_cannot_start_reports_every_row_and_leaves_no_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        // The copy takes the manifest along (its contents do not matter here).
+        let manifest = dir.path().join("a.img.manifest.json");
+        std::fs::write(&manifest, "{}").unwrap();
+        let mut expect = expectations();
+        expect.source = strata_builder::expect::Source::Manifest(manifest.clone());
+        let mut cfg = TestConfig::new(img.clone(), expect);
+        cfg.accel = AccelChoice::Tcg;
+        cfg.qemu_binary = "/nonexistent/qemu-system-x86_64".into();
+        cfg.artifacts = Some(dir.path().join("art"));
+        cfg.lifecycle = Some(Lifecycle {
+            changes: std::sync::Arc::new(Untouchable),
+            label: "v2".into(),
+            interrupt: Default::default(),
+        });
+        let mut steps = Vec::new();
+        let err = run_blocking(cfg, |p| {
+            if let Progress::Step(s) = p {
+                steps.push(s)
+            }
+        })
+        .unwrap_err();
+        assert!(steps[0].starts_with("copying the image to "), "{steps:?}");
+        let RunError::Infra {
+            report: Some(r), ..
+        } = err
+        else {
+            panic!("expected an infrastructure failure with a report: {err}")
+        };
+        assert!(
+            r.error.as_deref().unwrap().contains("starting QEMU"),
+            "{r:?}"
+        );
+        assert_eq!(r.boots, 1);
+        let phases: Vec<(&str, Option<u32>)> = r
+            .phases
+            .iter()
+            .map(|p| (p.label.as_str(), p.boot))
+            .collect();
+        assert_eq!(
+            phases,
+            [("factory", Some(1)), ("v2", None), ("factory", None)]
+        );
+        assert_eq!(r.checks.len(), 17);
+        assert!(r
+            .checks
+            .iter()
+            .all(|c| c.status == Status::Skip && c.detail == "not run: the run stopped before it"));
+        assert_eq!(r.checks[5].name, "upgrade/root");
+        // The private copy went beside the image and is gone with its directory.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".strata-lifecycle."))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 1 << 20]);
+        assert_eq!(std::fs::read_to_string(&manifest).unwrap(), "{}");
     }
 
     #[test]

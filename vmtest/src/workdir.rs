@@ -8,6 +8,11 @@
 //! decides, so a reused pid never keeps debris alive and a live run's dir
 //! is never touched. Nothing is killed: a dir whose lock is held belongs to
 //! a live run and stays.
+//!
+//! The upgrade lifecycle's private copy of the image lives in a second dir
+//! of the same kind, `.strata-lifecycle.<pid>.XXXXXX` beside the image
+//! (`COPY_PREFIX`): a killed lifecycle leaves a copy of GiBs, swept the same
+//! way by the next lifecycle run beside the same image.
 
 use std::fs::File;
 use std::io;
@@ -15,6 +20,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 pub const PREFIX: &str = "strata-vm.";
+/// The lifecycle's image copy dir (`run`'s `private_dir`).
+pub const COPY_PREFIX: &str = ".strata-lifecycle.";
 const LOCK: &str = ".lock";
 
 /// The work dir of this run; removed on drop.
@@ -33,9 +40,15 @@ impl WorkDir {
 
     /// Under `root`: removes dead runs' dirs there, then makes this run's.
     pub fn create_in(root: &Path) -> io::Result<WorkDir> {
-        let removed = remove_dead(root);
+        WorkDir::create_named(root, PREFIX)
+    }
+
+    /// Under `root`, named `<prefix><pid>.XXXXXX`: removes dead runs' dirs
+    /// of that prefix there, then makes this run's.
+    pub fn create_named(root: &Path, prefix: &str) -> io::Result<WorkDir> {
+        let removed = remove_dead_named(root, prefix);
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{PREFIX}{}.", std::process::id()))
+            .prefix(&format!("{prefix}{}.", std::process::id()))
             .tempdir_in(root)?;
         // Locked before it gets its name: another run's scan never sees an
         // unlocked `.lock` in a live run's dir.
@@ -55,9 +68,9 @@ impl WorkDir {
     }
 }
 
-/// The pid in a work dir's name (`strata-vm.<pid>.XXXXXX`), if it is one.
-fn owner_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(PREFIX)?;
+/// The pid in a work dir's name (`<prefix><pid>.XXXXXX`), if it is one.
+fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
+    let rest = name.strip_prefix(prefix)?;
     let (pid, random) = rest.split_once('.')?;
     (!random.is_empty()).then_some(())?;
     pid.parse().ok()
@@ -81,13 +94,18 @@ fn is_dead(dir: &Path, pid: u32) -> bool {
 /// Removes the work dirs of runs that are gone; returns what it removed.
 /// Failures are not this run's problem: what cannot be removed stays.
 pub fn remove_dead(root: &Path) -> Vec<PathBuf> {
+    remove_dead_named(root, PREFIX)
+}
+
+/// [`remove_dead`] for the dirs named `<prefix><pid>.XXXXXX`.
+pub fn remove_dead_named(root: &Path, prefix: &str) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(root) else {
         return removed;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(owner_pid) else {
+        let Some(pid) = name.to_str().and_then(|n| owner_pid(n, prefix)) else {
             continue;
         };
         let path = entry.path();
@@ -145,7 +163,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let w = WorkDir::create_in(root.path()).unwrap();
         let name = w.path().file_name().unwrap().to_str().unwrap().to_owned();
-        assert_eq!(owner_pid(&name), Some(std::process::id()), "{name}");
+        assert_eq!(owner_pid(&name, PREFIX), Some(std::process::id()), "{name}");
         assert!(!is_dead(w.path(), std::process::id()), "our lock is held");
         let path = w.path().to_owned();
         drop(w);
@@ -173,6 +191,25 @@ mod tests {
         assert!(again.removed.is_empty(), "{:?}", again.removed);
         assert!(live.path().exists(), "a live run's dir is never touched");
         assert!(other.exists());
+    }
+
+    #[test]
+    fn a_killed_lifecycles_copy_dir_is_swept_by_the_next_copy_dir_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dead = root.path().join(format!("{COPY_PREFIX}4194303.AbCdEf"));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join(LOCK), "").unwrap();
+        std::fs::write(dead.join("debian.img"), "a copy of GiBs").unwrap();
+        // A plain run's work dir in the same place leaves it alone...
+        let plain = WorkDir::create_in(root.path()).unwrap();
+        assert!(plain.removed.is_empty(), "{:?}", plain.removed);
+        assert!(dead.exists());
+        // ...the next lifecycle's copy dir removes it.
+        let copy = WorkDir::create_named(root.path(), COPY_PREFIX).unwrap();
+        assert_eq!(copy.removed, std::slice::from_ref(&dead));
+        assert!(!dead.exists());
+        let name = copy.path().file_name().unwrap().to_str().unwrap();
+        assert_eq!(owner_pid(name, COPY_PREFIX), Some(std::process::id()));
     }
 
     #[test]

@@ -249,6 +249,14 @@ pub trait Vm {
     /// Syncs, cuts the power, starts the machine again from the same disk
     /// and waits for the boot to settle.
     fn crash(&mut self) -> impl Future<Output = Result<(), MachineError>>;
+
+    /// Since when (guest clock, seconds since the epoch) the system has been
+    /// running off this disk, when that is before the current boot (the
+    /// later boots of an upgrade lifecycle): what changed in state after it
+    /// is the running system's doing. None: since the current boot.
+    fn running_since(&self) -> Option<f64> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,11 @@ use strata_builder::pathenc::{decode_path, encode_path};
 const ID: CheckId = CheckId::MovedFiles;
 
 pub async fn run(vm: &mut impl Vm, expect: &Expectations) -> Result<CheckResult, MachineError> {
-    let obs = observe(vm.machine(), expect).await?;
+    let mut obs = observe(vm.machine(), expect).await?;
+    // Earlier boots of the same disk (a lifecycle) rewrote state too.
+    if let Some(since) = vm.running_since().filter(|t| *t > 0.0) {
+        obs.boot_epoch = since;
+    }
     Ok(judge(&obs, expect))
 }
 
@@ -45,7 +49,8 @@ pub struct Observation {
     pub toplevel_entries: BTreeMap<String, Option<usize>>,
     /// Why the top-level view could not be seen (its mount failed).
     pub toplevel_error: Option<String>,
-    /// Guest boot time, seconds since the epoch.
+    /// Guest boot time, seconds since the epoch (in a lifecycle: of its
+    /// first boot); later changes are the running system's.
     pub boot_epoch: f64,
     /// The guest's clock when observed, and the host's at the same moment
     /// (the middle of the round trip), both seconds since the epoch.

@@ -177,6 +177,7 @@ pub fn to_warning(j: &JournalWarning, hidden: Option<&Hidden>) -> Warning {
         shadowed_count: hidden.map_or(0, |h| h.paths.len()),
         shadowed_bytes: hidden.map_or(0, |h| h.bytes),
         unit: j.unit.clone(),
+        phase: None,
     }
 }
 
@@ -216,6 +217,7 @@ pub fn warnings(journal: &[JournalWarning], looks: &[Look]) -> Vec<Warning> {
             shadowed_count: h.paths.len(),
             shadowed_bytes: h.bytes,
             unit: None,
+            phase: None,
         });
     }
     out

@@ -1,0 +1,290 @@
+//! The upgrade lifecycle in real VMs (`strata test --upgrade-to`, issue 8).
+//! Upgrades a private copy of the fixture image (STRATA_TEST_IMAGE, its
+//! manifest next to it) to a second rootfs made from the fixture's
+//! (STRATA_TEST_UPGRADE_ROOTFS: a marker file, a changed file, one more file
+//! under /srv); `ci/test` makes both. Without them these tests FAIL: a
+//! silently skipped VM test proves nothing. Needs root.
+//!
+//! Each test is three boots. They take turns: the copies of one image share
+//! its filesystem UUID, and the upgrades mount them (the kernel refuses two
+//! at once); one VM at a time also keeps TCG boots within budget.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use strata_builder::manifest::Manifest;
+
+static TURN: Mutex<()> = Mutex::new(());
+
+const NEW: &str = "v2";
+
+fn env_path(var: &str, what: &str) -> PathBuf {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "{var} is not set: these tests boot real VMs and need {what}. Run ci/test (it makes it)"
+        )
+    });
+    assert!(p.exists(), "{var}={} does not exist", p.display());
+    p
+}
+
+fn fixture() -> (PathBuf, Manifest) {
+    let image = env_path("STRATA_TEST_IMAGE", "the fixture image");
+    let m = Manifest::load(&Manifest::default_path(&image))
+        .unwrap_or_else(|e| panic!("STRATA_TEST_IMAGE's manifest: {e}"));
+    (image, m)
+}
+
+fn upgrade_rootfs() -> PathBuf {
+    let r = env_path(
+        "STRATA_TEST_UPGRADE_ROOTFS",
+        "a second rootfs: the fixture's plus /etc/strata-upgrade-marker, a changed file and /srv/www/new.html",
+    );
+    assert!(
+        r.join("etc/strata-upgrade-marker").is_file() && r.join("srv/www/new.html").is_file(),
+        "STRATA_TEST_UPGRADE_ROOTFS={} lacks the marker or /srv/www/new.html",
+        r.display()
+    );
+    r
+}
+
+/// What says the image was not touched: its size and mtime, its manifest.
+fn fingerprint(image: &Path) -> (u64, std::time::SystemTime, Vec<u8>) {
+    let md = std::fs::metadata(image).unwrap();
+    let manifest = std::fs::read(Manifest::default_path(image)).unwrap();
+    (md.len(), md.modified().unwrap(), manifest)
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    report: serde_json::Value,
+    junit: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn says(&self) -> String {
+        format!(
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+
+    fn row(&self, name: &str) -> &serde_json::Value {
+        self.report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no row {name}\n{}", self.says()))
+    }
+
+    fn status(&self, name: &str) -> &str {
+        self.row(name)["status"].as_str().unwrap()
+    }
+
+    fn failing(&self) -> Vec<&str> {
+        self.report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["status"] == "fail")
+            .map(|c| c["name"].as_str().unwrap())
+            .collect()
+    }
+}
+
+/// `strata test IMAGE --upgrade-to ROOTFS --upgrade-label v2 EXTRA...`.
+fn lifecycle(extra: &[&str]) -> Run {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let (image, _) = fixture();
+    let rootfs = upgrade_rootfs();
+    let dir = tempfile::Builder::new()
+        .prefix("strata-lifecycle-test.")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let (json, junit) = (dir.path().join("report.json"), dir.path().join("junit.xml"));
+    let before = fingerprint(&image);
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("test")
+        .arg(&image)
+        .args(["--accel", "tcg", "--timeout", "900", "--upgrade-to"])
+        .arg(&rootfs)
+        .args(["--upgrade-label", NEW, "--json"])
+        .arg(&json)
+        .arg("--junit")
+        .arg(&junit)
+        .arg("--artifacts")
+        .arg(dir.path().join("artifacts"))
+        .args(extra)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("{stdout}\n{stderr}");
+    assert!(
+        fingerprint(&image) == before,
+        "the image under test or its manifest changed"
+    );
+    let report = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| panic!("no JSON report\n{stdout}\n{stderr}"));
+    Run {
+        code: out.status.code(),
+        junit: std::fs::read_to_string(&junit).unwrap_or_default(),
+        stdout,
+        stderr,
+        report,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn upgrade_then_rollback_keeps_every_token_and_boots_the_right_version() {
+    let (_, m) = fixture();
+    let old = m.default.clone();
+    let r = lifecycle(&[]);
+    assert_eq!(r.code, Some(0), "{}", r.says());
+    assert_eq!(r.failing(), Vec::<&str>::new());
+    assert_eq!(r.report["boots"], 3, "{}", r.says());
+    let phases: Vec<(String, String, u64)> = r.report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["phase"].as_str().unwrap().to_owned(),
+                p["label"].as_str().unwrap().to_owned(),
+                p["boot"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("before".into(), old.clone(), 1),
+            ("upgrade".into(), NEW.into(), 2),
+            ("rollback".into(), old.clone(), 3),
+        ]
+    );
+    // `/` is the new version's run after the upgrade, the old one's after
+    // the rollback; the detail names the subvolume.
+    for (row, label) in [
+        ("before/root", &old),
+        ("upgrade/root", &NEW.to_owned()),
+        ("rollback/root", &old),
+    ] {
+        assert_eq!(r.status(row), "pass", "{}", r.says());
+        let detail = r.row(row)["detail"].as_str().unwrap();
+        assert!(
+            detail.ends_with(&format!("/systems/{label}/run")),
+            "{row}: {detail}"
+        );
+        assert_eq!(r.row(row)["label"], label.as_str());
+    }
+    // Every token intact: one line per state dir (and /root/.ssh), the
+    // rollback boot reading those of both earlier boots.
+    let dirs = &m.default_version().state_dirs.created;
+    for (row, from) in [
+        ("upgrade/tokens", "from before intact"),
+        ("rollback/tokens", "from before, upgrade intact"),
+    ] {
+        assert_eq!(r.status(row), "pass", "{}", r.says());
+        let evidence: Vec<&str> = r.row(row)["evidence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e.as_str().unwrap())
+            .collect();
+        for d in dirs {
+            assert!(
+                evidence
+                    .iter()
+                    .any(|e| e.starts_with(&format!("/{d}: ")) && e.contains(from)),
+                "{row}: /{d}: {evidence:?}"
+            );
+        }
+        if dirs.iter().any(|d| d == "root") {
+            assert!(
+                evidence
+                    .iter()
+                    .any(|e| e.starts_with("/root/.ssh: ") && e.contains(from)),
+                "{row}: {evidence:?}"
+            );
+        }
+    }
+    for phase in ["before", "upgrade", "rollback"] {
+        assert_eq!(r.status(&format!("{phase}/overmount")), "pass");
+    }
+    assert!(r.stdout.contains("Upgrade lifecycle"), "{}", r.says());
+    assert!(r.junit.contains(r#"name="upgrade/root""#), "{}", r.junit);
+    assert!(r
+        .junit
+        .contains(r#"<property name="phase.upgrade" value="boot 2, version v2"#));
+}
+
+#[test]
+fn an_upgrade_that_copies_state_data_fails_overmount_for_exactly_those_dirs() {
+    let (_, m) = fixture();
+    let rootfs = upgrade_rootfs();
+    // The state dirs the new rootfs has data in: exactly what the copy
+    // leaves under the new version's mountpoints.
+    let expected: BTreeSet<String> = m
+        .default_version()
+        .state_dirs
+        .created
+        .iter()
+        .filter(|d| {
+            std::fs::read_dir(rootfs.join(d))
+                .map(|mut e| e.next().is_some())
+                .unwrap_or(false)
+        })
+        .map(|d| format!("/{d}"))
+        .collect();
+    assert!(expected.contains("/srv"), "{expected:?}");
+    let r = lifecycle(&["--state-migration", "copy"]);
+    assert_eq!(r.code, Some(1), "{}", r.says());
+    assert_eq!(r.status("upgrade/overmount"), "fail", "{}", r.says());
+    assert_eq!(r.status("before/overmount"), "pass", "{}", r.says());
+    assert_eq!(r.status("rollback/overmount"), "pass", "{}", r.says());
+    assert_eq!(r.status("upgrade/root"), "pass", "{}", r.says());
+    assert_eq!(r.status("rollback/root"), "pass", "{}", r.says());
+    // The state subvolumes stay authoritative: the tokens are all there.
+    assert_eq!(r.status("upgrade/tokens"), "pass", "{}", r.says());
+    assert_eq!(r.status("rollback/tokens"), "pass", "{}", r.says());
+    let upgrade_warnings: Vec<&serde_json::Value> = r.report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["kind"] == "overmount")
+        .inspect(|w| assert_eq!(w["phase"], "upgrade", "{w}"))
+        .collect();
+    let hidden_under: BTreeSet<String> = upgrade_warnings
+        .iter()
+        .map(|w| w["mountpoint"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(hidden_under, expected, "{}", r.says());
+    let srv = upgrade_warnings
+        .iter()
+        .find(|w| w["mountpoint"] == "/srv")
+        .unwrap();
+    assert!(
+        srv["shadowed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/srv/www/new.html"),
+        "{srv}"
+    );
+    assert!(r.stdout.contains("/srv/www/new.html"), "{}", r.says());
+    let detail = r.row("upgrade/overmount")["detail"].as_str().unwrap();
+    for mp in &expected {
+        assert!(detail.contains(mp.as_str()), "{detail}");
+    }
+}

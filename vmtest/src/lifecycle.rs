@@ -1,0 +1,259 @@
+//! The upgrade lifecycle of `strata test --upgrade-to` (issue 8): three
+//! boots of a private copy of the image — the current default; after an
+//! offline upgrade to a new version; after setting the old version default
+//! again — with the layout checks in each and tokens written to the state
+//! dirs that must survive both changes.
+//!
+//! vmtest runs the machine; it never changes an image itself. The changes
+//! between boots go through [`ImageChanges`], which the binary implements
+//! with the builder (`builder::upgrade`, `builder::versions`). This module
+//! holds what needs no VM: the trait, the phases, the rows of the report,
+//! and the tokens (`tokens`). The story itself is `run::lifecycle`.
+
+pub mod tokens;
+
+use crate::checks::{CheckId, Phase};
+use crate::report::{CheckResult, PhaseRecord, Status};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use strata_builder::expect::Expectations;
+use strata_builder::interrupt::Interrupt;
+
+/// What the image is after a change: what its next boot must show.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    /// The version that now boots by default, with its state dirs and the
+    /// files deployed into state for it.
+    pub expect: Expectations,
+    /// One line for the report: what was done.
+    pub summary: String,
+}
+
+/// Changes a powered-off image between two boots. Called from a blocking
+/// thread with the image's QEMU gone; `note` shows progress lines, and a
+/// raised `interrupt` (SIGINT, SIGTERM, the run's timeout) asks the change
+/// to stop. Errors end the run (exit 3) with the report so far.
+pub trait ImageChanges: Send + Sync {
+    /// Deploys the new version `label` beside the existing ones and makes
+    /// it the default (`strata upgrade IMG --rootfs … --label LABEL`).
+    fn upgrade(
+        &self,
+        image: &Path,
+        label: &str,
+        interrupt: &Interrupt,
+        note: &mut dyn FnMut(String),
+    ) -> Result<Changed, String>;
+
+    /// Makes the existing version `label` the default (`strata set-default`).
+    fn set_default(
+        &self,
+        image: &Path,
+        label: &str,
+        interrupt: &Interrupt,
+        note: &mut dyn FnMut(String),
+    ) -> Result<Changed, String>;
+}
+
+/// `TestConfig::lifecycle`: run the upgrade lifecycle instead of the plain
+/// test.
+#[derive(Clone)]
+pub struct Lifecycle {
+    pub changes: Arc<dyn ImageChanges>,
+    /// The label the upgrade deploys (must not exist in the image).
+    pub label: String,
+    /// Raised by the run's timeout so a change in progress stops; the
+    /// caller may register it for signals too.
+    pub interrupt: Interrupt,
+}
+
+impl std::fmt::Debug for Lifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The three boots of a lifecycle, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// The current default version, as the image came.
+    Before,
+    /// The new version, after the upgrade.
+    Upgrade,
+    /// The old version again, after `set-default` back to it.
+    Rollback,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Before, Stage::Upgrade, Stage::Rollback];
+
+    /// The prefix of the stage's rows (`upgrade/root`) and its JSON name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Before => "before",
+            Stage::Upgrade => "upgrade",
+            Stage::Rollback => "rollback",
+        }
+    }
+
+    /// Why the machine boots, for the progress lines.
+    pub fn why(self) -> &'static str {
+        match self {
+            Stage::Before => "the current default version",
+            Stage::Upgrade => "the new version, after the upgrade",
+            Stage::Rollback => "the old version again, after set-default",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One row of a stage: a layout check, or the tokens written earlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Row {
+    Check(CheckId),
+    Tokens,
+}
+
+/// The rows each stage reports, in order. Only the first-boot checks run
+/// in a lifecycle: persistence's reboot and power cut would double the
+/// boots, and the tokens prove the state dirs across two clean shutdowns
+/// and two image changes instead (no power cut: see the README).
+pub fn rows_of(stage: Stage) -> Vec<Row> {
+    let mut rows: Vec<Row> = CheckId::ALL
+        .into_iter()
+        .filter(|id| id.phase() == Phase::FirstBoot)
+        .map(Row::Check)
+        .collect();
+    if stage != Stage::Before {
+        rows.push(Row::Tokens);
+    }
+    rows
+}
+
+/// Name of the token row (`upgrade/tokens`).
+pub const TOKENS: &str = "tokens";
+
+fn row_name(row: Row) -> &'static str {
+    match row {
+        Row::Check(id) => id.name(),
+        Row::Tokens => TOKENS,
+    }
+}
+
+/// A result as a lifecycle row: named `<stage>/<check>`, with the stage and
+/// the version the boot ran.
+pub fn tag(stage: Stage, label: &str, mut c: CheckResult) -> CheckResult {
+    c.name = format!("{}/{}", stage.name(), c.name);
+    c.phase = Some(stage);
+    c.label = Some(label.to_owned());
+    c
+}
+
+/// The plan before anything ran: which version each boot must run.
+pub fn plan(old: &str, new: &str) -> Vec<PhaseRecord> {
+    Stage::ALL
+        .into_iter()
+        .map(|phase| PhaseRecord {
+            phase,
+            label: match phase {
+                Stage::Upgrade => new.to_owned(),
+                Stage::Before | Stage::Rollback => old.to_owned(),
+            },
+            boot: None,
+            change: None,
+            change_seconds: None,
+        })
+        .collect()
+}
+
+/// Results of a lifecycle run, by stage and row, already tagged.
+pub type Results = BTreeMap<(Stage, Row), CheckResult>;
+
+/// Every row of every stage, in order: what ran, and a skip row saying why
+/// for what did not, so every report of a lifecycle has the same rows.
+pub fn rows(phases: &[PhaseRecord], wanted: &[CheckId], results: &Results) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    for p in phases {
+        for row in rows_of(p.phase) {
+            let c = match results.get(&(p.phase, row)) {
+                Some(c) => c.clone(),
+                None => {
+                    let why = match row {
+                        Row::Check(id) if !wanted.contains(&id) => "not requested (--checks)",
+                        _ => "not run: the run stopped before it",
+                    };
+                    tag(
+                        p.phase,
+                        &p.label,
+                        CheckResult::new(row_name(row), Status::Skip, why, vec![]),
+                    )
+                }
+            };
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stage_has_the_first_boot_checks_and_later_ones_the_tokens() {
+        let names = |s| {
+            rows_of(s)
+                .into_iter()
+                .map(row_name)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert_eq!(
+            names(Stage::Before),
+            "root,state-mounts,fstab,moved-files,overmount"
+        );
+        assert_eq!(
+            names(Stage::Upgrade),
+            "root,state-mounts,fstab,moved-files,overmount,tokens"
+        );
+        assert_eq!(names(Stage::Rollback), names(Stage::Upgrade));
+    }
+
+    #[test]
+    fn rows_not_reached_are_skips_that_say_why() {
+        let phases = plan("factory", "v2");
+        let wanted = [CheckId::Root, CheckId::Overmount];
+        let mut results = Results::new();
+        results.insert(
+            (Stage::Before, Row::Check(CheckId::Root)),
+            tag(
+                Stage::Before,
+                "factory",
+                CheckResult::new("root", Status::Pass, "ok", vec![]),
+            ),
+        );
+        let rows = rows(&phases, &wanted, &results);
+        assert_eq!(rows.len(), 5 + 6 + 6);
+        let row = |name: &str| rows.iter().find(|c| c.name == name).unwrap();
+        assert_eq!(row("before/root").status, Status::Pass);
+        assert_eq!(row("before/fstab").detail, "not requested (--checks)");
+        assert_eq!(
+            row("before/overmount").detail,
+            "not run: the run stopped before it"
+        );
+        let tokens = row("upgrade/tokens");
+        assert_eq!(tokens.detail, "not run: the run stopped before it");
+        assert_eq!(tokens.phase, Some(Stage::Upgrade));
+        assert_eq!(tokens.label.as_deref(), Some("v2"));
+        assert_eq!(row("rollback/root").label.as_deref(), Some("factory"));
+    }
+}
