@@ -288,3 +288,115 @@ fn an_upgrade_that_copies_state_data_fails_overmount_for_exactly_those_dirs() {
         assert!(detail.contains(mp.as_str()), "{detail}");
     }
 }
+
+/// SIGKILL in the middle of `strata upgrade` (after the new orig was synced,
+/// before anything committed it) on a private copy of the fixture image:
+/// `strata versions` tells the truth (only the old version, the half one as
+/// debris or gone) and the image still boots its old default with the
+/// layout checks passing: a real boot, not only an offline read.
+#[test]
+fn an_upgrade_killed_mid_way_leaves_an_image_that_boots_its_old_default() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let (image, m) = fixture();
+    let rootfs = upgrade_rootfs();
+    let dir = tempfile::Builder::new()
+        .prefix("strata-killed-upgrade.")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let copy = dir.path().join("copy.img");
+    let st = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(&image)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::copy(
+        Manifest::default_path(&image),
+        Manifest::default_path(&copy),
+    )
+    .unwrap();
+    let strata = || Command::new(env!("CARGO_BIN_EXE_strata"));
+
+    let mut child = strata()
+        .arg("upgrade")
+        .arg(&copy)
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .args(["--label", NEW])
+        .env("STRATA_STOP_AFTER_STEP", "sync-rootfs")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stat = format!("/proc/{}/stat", child.id());
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("strata upgrade ended ({status}) before it stopped after sync-rootfs");
+        }
+        let state = std::fs::read_to_string(&stat).unwrap_or_default();
+        if state
+            .rsplit(')')
+            .next()
+            .map(str::trim_start)
+            .is_some_and(|s| s.starts_with('T'))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(600),
+            "never stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // The next command works on it and tells the truth.
+    let out = strata()
+        .arg("versions")
+        .arg(&copy)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["default"], m.default.as_str(), "{v}");
+    let labels: Vec<&str> = v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, [m.default.as_str()], "no half version listed: {v}");
+
+    // And it boots: the old default, its layout intact.
+    let out = strata()
+        .arg("test")
+        .arg(&copy)
+        .args([
+            "--accel",
+            "tcg",
+            "--checks",
+            "root,state-mounts,fstab,overmount",
+            "--artifacts",
+        ])
+        .arg(dir.path().join("artifacts"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(&format!("/systems/{}/run", m.default)),
+        "{said}"
+    );
+}
