@@ -48,10 +48,18 @@ pub fn fstab(path_in_image: &str, bytes: &[u8]) -> Fstab {
     }
 }
 
-/// A tree's fstab, None when it has none.
+/// A tree's fstab, None when it has none. The image is as untrusted as a
+/// rootfs: read through `RootDir` (RESOLVE_IN_ROOT at the top level, files
+/// checked before they are opened), so `etc/fstab -> /etc/shadow` or a fifo
+/// never reaches or blocks on the host.
 pub(super) fn tree_fstab(top: &Path, version: &Version, tree: Tree) -> Option<Fstab> {
     let rel = version.fstab(tree);
-    std::fs::read(top.join(&rel)).ok().map(|b| fstab(&rel, &b))
+    read_in_image(top, &rel).map(|b| fstab(&rel, &b))
+}
+
+/// A regular file of the image, read without leaving it.
+pub(super) fn read_in_image(top: &Path, rel: &str) -> Option<Vec<u8>> {
+    crate::rootfs::RootDir::open(top).ok()?.read(rel).ok()?
 }
 
 /// Names of the directories in `dir` (not symlinks such as systems/default),
@@ -140,10 +148,10 @@ fn file_size(p: &Path) -> Option<u64> {
 /// The first boot menu found, its entries' files checked where the boot
 /// loader would look (through `systems/default` to `default_label`).
 fn read_boot(top: &Path, default_label: Option<&str>) -> Option<Boot> {
-    let path = layout::BOOT_CONFIGS
+    let (path, bytes) = layout::BOOT_CONFIGS
         .iter()
-        .find(|p| top.join(p).is_file())?;
-    let text = std::fs::read_to_string(top.join(path)).ok()?;
+        .find_map(|p| read_in_image(top, p).map(|b| (p, b)))?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     let config = extlinux::parse(&text);
     let present = |p: &str| {
         boot_entry::resolve(path, p, default_label).is_some_and(|rel| top.join(rel).is_file())
@@ -369,6 +377,42 @@ pub fn layout(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The image is untrusted: an fstab that is a symlink out of it, or a
+    /// fifo, is never followed to (or blocked on by) the host.
+    #[test]
+    fn an_image_fstab_never_leads_to_the_host() {
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path();
+        let v = Version::new("v1").unwrap();
+        let etc = top.join(v.orig()).join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(top.join(v.run()).join("etc")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", etc.join("fstab")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            top.join(v.fstab(Tree::Run)),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let top_owned = top.to_owned();
+        std::thread::spawn(move || {
+            let orig = tree_fstab(&top_owned, &v, Tree::Orig);
+            let run = tree_fstab(&top_owned, &v, Tree::Run);
+            tx.send((orig.is_some(), run.is_some())).unwrap();
+        });
+        let (orig, run) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a fifo in the image must not block the reader");
+        assert!(
+            !orig,
+            "the host's /etc/hostname was read as the image's fstab"
+        );
+        assert!(!run);
+    }
 
     #[test]
     fn marks_added_lines() {
