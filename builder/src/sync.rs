@@ -33,7 +33,6 @@ pub use crate::pathenc::{decode_path, decode_to_path, encode_path};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -403,7 +402,7 @@ pub fn apply_state_policy(
             let meta = std::fs::symlink_metadata(&path).map_err(io(&path))?;
             outcome.merged.push(PathEntry {
                 path: shown(rel),
-                file_type: file_type(&meta),
+                file_type: crate::migrate::file_type(&meta),
                 size: if meta.is_file() { meta.len() } else { 0 },
             });
         } else {
@@ -508,25 +507,6 @@ fn lookup(root: &Path, rel: &[u8]) -> Result<Lookup, SyncError> {
         }
     }
     Ok(Lookup::Taken)
-}
-
-fn file_type(meta: &std::fs::Metadata) -> FileType {
-    let t = meta.file_type();
-    if t.is_dir() {
-        FileType::Dir
-    } else if t.is_symlink() {
-        FileType::Symlink
-    } else if t.is_char_device() {
-        FileType::Char
-    } else if t.is_block_device() {
-        FileType::Block
-    } else if t.is_fifo() {
-        FileType::Fifo
-    } else if t.is_socket() {
-        FileType::Socket
-    } else {
-        FileType::File
-    }
 }
 
 // ---------------------------------------------------------------------------
