@@ -10,7 +10,7 @@ use crate::copy::{copy_tree, CopyError};
 use crate::extents::extents;
 use crate::interrupt::Interrupt;
 use crate::manifest::{FileType, MovedFile};
-use crate::pathenc::{decode_path, encode_path};
+use crate::pathenc::encode_path;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, Metadata};
@@ -302,15 +302,10 @@ pub fn hash_moved(files: &mut [MovedFile], state: &Path) -> Result<(), MigrateEr
 /// Where a record's path (`/var/lib/x`, [`encode_path`] form) lives under
 /// `state` (the top of the state subvolumes).
 fn state_path(state: &Path, encoded: &str) -> Result<PathBuf, MigrateError> {
-    let bytes = decode_path(encoded).ok_or_else(|| MigrateError::Io {
+    crate::pathenc::path_below(state, encoded).map_err(|source| MigrateError::Io {
         path: PathBuf::from(encoded),
-        source: std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad path encoding {encoded:?}"),
-        ),
-    })?;
-    let rel = bytes.strip_prefix(b"/").unwrap_or(&bytes);
-    Ok(state.join(std::ffi::OsStr::from_bytes(rel)))
+        source,
+    })
 }
 
 pub(crate) fn hash(path: &Path) -> Result<String, MigrateError> {

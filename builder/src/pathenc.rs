@@ -9,7 +9,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A path (any bytes) as a string, losslessly: valid UTF-8 is kept as is,
 /// except `%`, which becomes `%25`; every byte that is not part of valid
@@ -55,6 +55,19 @@ pub fn decode_path(s: &str) -> Option<Vec<u8>> {
 /// [`decode_path`] as a path.
 pub fn decode_to_path(s: &str) -> Option<PathBuf> {
     decode_path(s).map(|b| PathBuf::from(OsString::from_vec(b)))
+}
+
+/// The file an encoded absolute path (`/var/lib/x`, as the booted system
+/// sees it) names below `root` (the `state/` directory, whose children are
+/// the state subvolumes mounted at `/<dir>`).
+pub fn path_below(root: &Path, encoded: &str) -> std::io::Result<PathBuf> {
+    let rel = decode_to_path(encoded).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad path encoding {encoded:?}"),
+        )
+    })?;
+    Ok(root.join(rel.strip_prefix("/").unwrap_or(&rel)))
 }
 
 #[cfg(test)]

@@ -137,14 +137,7 @@ pub(super) fn merge_state(
 /// The path in the image of a booted-system path under a state dir, given
 /// in [`sync::encode_path`] form (`/var/lib/x` → `<top>/state/var/lib/x`).
 fn state_path(top: &Path, encoded: &str) -> std::io::Result<PathBuf> {
-    let rel = sync::decode_to_path(encoded).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad path encoding {encoded:?}"),
-        )
-    })?;
-    let rel = rel.strip_prefix("/").unwrap_or(&rel).to_owned();
-    Ok(top.join(layout::STATE_DIR).join(rel))
+    crate::pathenc::path_below(&top.join(layout::STATE_DIR), encoded)
 }
 
 /// A manifest record of an entry just merged into state (hashed later).
