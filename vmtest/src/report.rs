@@ -96,6 +96,10 @@ pub struct PhaseRecord {
     pub change_seconds: Option<f64>,
 }
 
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
 /// Seconds. Guest-side numbers come from systemd's own boot timestamps.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Timings {
@@ -112,6 +116,9 @@ pub struct Timings {
     pub checks: f64,
     /// Clean reboot and power cut with their boots.
     pub persistence: f64,
+    /// Scenarios on the running guest: their commands and checks.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub scenarios: f64,
     /// Whole run, overlay creation to verdict.
     pub total: f64,
 }
@@ -230,6 +237,10 @@ impl Report {
         let opt = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.1}s"));
         // A lifecycle does not run persistence; its image changes take time.
         let between = match self.phases.is_empty() {
+            true if t.scenarios > 0.0 => format!(
+                "persistence {:.1}s, scenarios {:.1}s",
+                t.persistence, t.scenarios
+            ),
             true => format!("persistence {:.1}s", t.persistence),
             false => format!(
                 "image changes {:.1}s",
@@ -584,6 +595,7 @@ mod tests {
                 boot: 23.4,
                 checks: 3.1,
                 persistence: 0.0,
+                scenarios: 0.0,
                 total: 33.0,
             },
             artifacts: Some("/tmp/artifacts".into()),

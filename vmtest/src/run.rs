@@ -6,6 +6,9 @@
 //! lifecycle instead (`lifecycle`): three boots of a private copy.
 
 mod lifecycle;
+mod scenario;
+
+pub use scenario::Scenario;
 
 use crate::accel::{self, AccelChoice, AccelDecision};
 use crate::agent::Running;
@@ -62,6 +65,9 @@ pub struct TestConfig {
     /// copy of the image instead of the plain test: the first-boot checks
     /// in each of its three boots (`persistence` is not run).
     pub lifecycle: Option<Lifecycle>,
+    /// Changes made in the running guest after the plain story, each
+    /// judged by its checks without another boot (`scenario`).
+    pub scenarios: Vec<Scenario>,
 }
 
 impl TestConfig {
@@ -79,6 +85,7 @@ impl TestConfig {
             memory_mib: 1024,
             cpus: 2,
             lifecycle: None,
+            scenarios: Vec::new(),
         }
     }
 }
@@ -172,6 +179,8 @@ struct Session {
     boots: u32,
     /// The lifecycle's stages and rows (empty in a plain run).
     life: LifeState,
+    /// The scenarios' rows, in the order they ran.
+    scenario_rows: Vec<CheckResult>,
 }
 
 /// What an upgrade lifecycle has done so far.
@@ -353,6 +362,7 @@ impl Session {
         self.checks
             .values()
             .chain(self.life.results.values())
+            .chain(&self.scenario_rows)
             .any(|c| c.status == Status::Fail)
     }
 
@@ -378,6 +388,7 @@ impl Session {
                 )),
             }
         }
+        checks.extend(self.scenario_rows.iter().cloned());
         checks
     }
 
@@ -426,6 +437,7 @@ impl Session {
 
 /// Validates the inputs; errors here are the user's (exit 2).
 fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
+    scenario::validate(&cfg.scenarios, cfg.lifecycle.is_some())?;
     let meta = std::fs::metadata(&cfg.image)
         .map_err(|e| RunError::Input(format!("image {}: {e}", cfg.image.display())))?;
     if !meta.is_file() {
@@ -494,6 +506,7 @@ pub async fn run_until(
         seen: Seen::default(),
         boots: 0,
         life: LifeState::default(),
+        scenario_rows: Vec::new(),
     };
     if let Some(l) = &s.cfg.lifecycle {
         s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
@@ -648,7 +661,7 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
     if s.run_checks(Phase::Reboots, &expect).await? > 0 {
         s.timings.persistence = t.elapsed().as_secs_f64();
     }
-    Ok(())
+    s.run_scenarios().await
 }
 
 impl Session {
