@@ -555,6 +555,17 @@ mod tests {
     }
 
     #[test]
+    fn accel_probe_is_a_flag_off_by_default() {
+        let parse = |argv: &[&str]| {
+            let mut full = vec!["strata-test", "a.img"];
+            full.extend_from_slice(argv);
+            Cli::try_parse_from(full).unwrap().args.accel_probe
+        };
+        assert!(!parse(&[]));
+        assert!(parse(&["--accel", "auto", "--accel-probe"]));
+    }
+
+    #[test]
     fn the_upgrade_defaults_are_strata_upgrades() {
         let plan = |argv: &[&str]| {
             let mut full = vec!["strata-test", "a.img", "--upgrade-to", "/r"];

@@ -270,11 +270,20 @@ pub async fn start(
                             },
                         ));
                     }
-                    Err(why) => {
+                    Err(failed) => {
                         started_on_disk = true;
-                        let why = format!("the cached verdict said KVM works, but {why}");
+                        let why =
+                            format!("the cached verdict said KVM works, but {}", failed.why());
                         if let Some(v) = verdicts.as_mut() {
-                            v.record(false, &why, 0.0, "the cached verdict proved wrong");
+                            match failed {
+                                // The probe's own judgement: as good as a probe.
+                                Watch::Stalled(_) => {
+                                    v.record(false, &why, 0.0, "the cached verdict proved wrong")
+                                }
+                                // Maybe KVM, maybe this image or disk: the
+                                // next run asks the probe, which needs neither.
+                                Watch::Stopped(_) => v.forget("the cached verdict proved wrong"),
+                            }
                         }
                         why
                     }
@@ -307,13 +316,17 @@ pub async fn start(
                         }
                         Err(e) => {
                             started_on_disk = true;
-                            let why = format!(
-                                "the KVM probe passed ({how}), but QEMU with KVM did not start: {e}"
-                            );
+                            // Not KVM's verdict (the probe passed) and not
+                            // clearly usable either: nothing is stored.
                             if let Some(v) = verdicts.as_mut() {
-                                v.record(false, &why, probe_seconds, "");
+                                v.wrote = Some(
+                                    "the probe passed but the boot did not start: nothing stored"
+                                        .into(),
+                                );
                             }
-                            why
+                            format!(
+                                "the KVM probe passed ({how}), but QEMU with KVM did not start: {e}"
+                            )
                         }
                     }
                 }
@@ -409,6 +422,14 @@ impl<'a> Verdicts<'a> {
         }
     }
 
+    /// Removes the cached verdict: the next run probes.
+    fn forget(&mut self, why: &str) {
+        self.wrote = Some(match std::fs::remove_file(&self.cache.path) {
+            Ok(()) => format!("{why}; removed it, the next run probes again"),
+            Err(e) => format!("{why}; could not remove it: {e}"),
+        });
+    }
+
     fn into_use(self) -> CacheUse {
         let note = [self.miss, self.wrote]
             .into_iter()
@@ -428,13 +449,30 @@ impl<'a> Verdicts<'a> {
     }
 }
 
+/// How a boot started on a cached "KVM usable" failed.
+enum Watch {
+    /// Its firmware did not reach its boot phase in time: the probe's
+    /// verdict on a vCPU that does not run.
+    Stalled(String),
+    /// QEMU did not start or stopped early: not necessarily KVM's doing.
+    Stopped(String),
+}
+
+impl Watch {
+    fn why(&self) -> &str {
+        match self {
+            Watch::Stalled(w) | Watch::Stopped(w) => w,
+        }
+    }
+}
+
 /// The real first boot under KVM with the firmware's debug console on,
 /// judged like the probe: returned once SeaBIOS reaches its boot phase,
 /// killed if it does not within [`KVM_PROBE`] or QEMU stops first.
 async fn start_watched(
     template: &QemuCommand,
     events: EventLog,
-) -> Result<(Machine, String), String> {
+) -> Result<(Machine, String), Watch> {
     let log = probe_log(template);
     let _ = std::fs::remove_file(&log);
     let cmd = QemuCommand {
@@ -444,7 +482,7 @@ async fn start_watched(
     };
     let mut m = Machine::start(cmd, events)
         .await
-        .map_err(|e| format!("QEMU with KVM did not start: {e}"))?;
+        .map_err(|e| Watch::Stopped(format!("QEMU with KVM did not start: {e}")))?;
     loop {
         let debugcon =
             String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
@@ -452,15 +490,15 @@ async fn start_watched(
             ProbeVerdict::Usable(how) => return Ok((m, how)),
             ProbeVerdict::Unusable(why) => {
                 m.kill().await;
-                return Err(why);
+                return Err(Watch::Stalled(why));
             }
             ProbeVerdict::Undecided => {}
         }
         if let Err(e) = m.check_alive() {
             m.kill().await;
-            return Err(format!(
+            return Err(Watch::Stopped(format!(
                 "QEMU under KVM stopped before its firmware reached its boot phase: {e}"
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -622,6 +660,22 @@ mod tests {
             "the cached verdict proved wrong; stored \"KVM unusable\" for the next runs"
         );
         assert!(!Verdicts::new(&c, sh).cached().unwrap().usable);
+    }
+
+    #[test]
+    fn a_cached_usable_verdict_whose_boot_did_not_start_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = verdicts_in(dir.path(), false);
+        let sh = Path::new("sh");
+        Verdicts::new(&c, sh).record(true, "firmware ran under KVM", 0.3, "");
+        let mut v = Verdicts::new(&c, sh);
+        assert!(v.cached().is_some());
+        v.forget("the cached verdict proved wrong");
+        assert_eq!(
+            v.into_use().note,
+            "the cached verdict proved wrong; removed it, the next run probes again"
+        );
+        assert!(Verdicts::new(&c, sh).cached().is_none());
     }
 
     #[test]
