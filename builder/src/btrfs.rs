@@ -104,15 +104,19 @@ pub fn rfc3339_utc(shown: &str) -> Option<String> {
         return None;
     }
     let local = days_from_civil(*y, *mo, *day) * 86400 + h * 3600 + mi * 60 + sec;
-    let utc = local - sign * (zh * 3600 + zm * 60);
+    Some(rfc3339_of_unix(local - sign * (zh * 3600 + zm * 60)))
+}
+
+/// Seconds since the Unix epoch as `2026-11-27T01:30:15Z`.
+pub fn rfc3339_of_unix(utc: i64) -> String {
     let (days, secs) = (utc.div_euclid(86400), utc.rem_euclid(86400));
     let (y, mo, d) = civil_from_days(days);
-    Some(format!(
+    format!(
         "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
         secs / 3600,
         secs % 3600 / 60,
         secs % 60
-    ))
+    )
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's

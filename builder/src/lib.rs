@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod btrfs;
 pub mod build;
+pub mod cache_dir;
 pub mod cmd;
 pub mod copy;
 pub mod debris;

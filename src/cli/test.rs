@@ -53,6 +53,10 @@ pub struct TestArgs {
     artifacts: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
+    /// With `--accel auto`: probe KVM even if this host's verdict is cached
+    /// (strata's cache dir, kvm-verdict.json), and store the fresh one.
+    #[arg(long)]
+    accel_probe: bool,
     #[arg(long, value_enum, default_value_t = BusArg::VirtioBlk)]
     disk_bus: BusArg,
     /// `extlinux` boots through the image's bootloader; `direct` hands the
@@ -164,6 +168,9 @@ pub fn run(args: TestArgs) -> u8 {
         AccelArg::Kvm => AccelChoice::Kvm,
         AccelArg::Tcg => AccelChoice::Tcg,
     };
+    if let Some(c) = cfg.kvm_cache.as_mut() {
+        c.reprobe = args.accel_probe;
+    }
     cfg.disk_bus = match args.disk_bus {
         BusArg::VirtioBlk => DiskBus::VirtioBlk,
         BusArg::VirtioScsi => DiskBus::VirtioScsi,
@@ -545,6 +552,17 @@ mod tests {
         // Not a line strata wrote for this version: nothing carried over.
         assert_eq!(extra_kernel_args(&record("v2", &quiet)), "");
         assert_eq!(extra_kernel_args(&record("factory", "")), "");
+    }
+
+    #[test]
+    fn accel_probe_is_a_flag_off_by_default() {
+        let parse = |argv: &[&str]| {
+            let mut full = vec!["strata-test", "a.img"];
+            full.extend_from_slice(argv);
+            Cli::try_parse_from(full).unwrap().args.accel_probe
+        };
+        assert!(!parse(&[]));
+        assert!(parse(&["--accel", "auto", "--accel-probe"]));
     }
 
     #[test]

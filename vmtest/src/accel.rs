@@ -8,9 +8,12 @@
 //! 0x402). Firmware that reaches its boot phase proves the vCPU runs;
 //! anything else falls back to TCG, recording why.
 
+pub mod cache;
+
 use crate::machine::{Machine, MachineError};
 use crate::qemu::{Accel, QemuCommand};
 use crate::qmp::EventLog;
+use cache::{CacheUse, CachedVerdict, HostKey, KvmCache, Lookup};
 use serde::Serialize;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,8 @@ pub struct AccelDecision {
     pub reason: String,
     /// Time spent finding out (the KVM attempt when it was abandoned).
     pub probe_seconds: f64,
+    /// How the host's cached KVM verdict took part (`auto` only).
+    pub cache: Option<CacheUse>,
 }
 
 /// Can this process open /dev/kvm read-write? (The cheap first test.)
@@ -55,7 +60,7 @@ const FIRMWARE_BOOT_PHASE: &[&str] = &["Booting from ", "No bootable device", "B
 /// The probe's QEMU: the run's CPU model under KVM, no disk, no display,
 /// SeaBIOS's debug output to `log`.
 pub fn probe_args(log: &Path) -> Vec<OsString> {
-    [
+    let mut a: Vec<OsString> = [
         "-nodefaults",
         "-no-user-config",
         "-machine",
@@ -68,17 +73,12 @@ pub fn probe_args(log: &Path) -> Vec<OsString> {
         "none",
         "-serial",
         "none",
-        "-chardev",
-        &format!(
-            "file,id=dbg,path={}",
-            log.display().to_string().replace(',', ",,")
-        ),
-        "-device",
-        "isa-debugcon,iobase=0x402,chardev=dbg",
     ]
     .iter()
     .map(OsString::from)
-    .collect()
+    .collect();
+    a.extend(crate::qemu::debugcon_args(log));
+    a
 }
 
 /// What the probe saw so far, and what it means.
@@ -202,9 +202,11 @@ fn probe_log(template: &QemuCommand) -> PathBuf {
 
 /// Starts the first machine on the accelerator that works. `fresh_disk` is
 /// called before a fallback start when a KVM QEMU ran on the overlay, so
-/// the TCG boot sees an untouched one.
+/// the TCG boot sees an untouched one. `cache` is the host's stored KVM
+/// verdict, used by `auto` only (`kvm` always probes, `tcg` never does).
 pub async fn start(
     choice: AccelChoice,
+    cache: Option<&KvmCache>,
     template: &QemuCommand,
     events: EventLog,
     fresh_disk: &dyn Fn() -> Result<(), String>,
@@ -223,38 +225,112 @@ pub async fn start(
                 used: Accel::Tcg,
                 reason: "requested with --accel tcg".into(),
                 probe_seconds: 0.0,
+                cache: None,
             },
         ));
     }
     // Only a KVM QEMU started on the overlay (the probe passed, the real
     // start did not) leaves something to undo before the TCG boot.
     let mut started_on_disk = false;
+    // The cache takes part only when the device opens: a missing or
+    // forbidden /dev/kvm is known at once and may differ between users.
+    let cache = cache.filter(|_| choice == AccelChoice::Auto && kvm_device().is_ok());
+    let mut verdicts = cache.map(|c| Verdicts::new(c, &template.binary));
+    let mut cached_no = false;
     let why_not = match kvm_device() {
         Err(e) => e,
-        Ok(()) => match probe_kvm(&template.binary, &probe_log(template)).await {
-            Err(why) => why,
-            Ok(how) => {
-                let probe_seconds = t0.elapsed().as_secs_f64();
-                match Machine::start(with(Accel::Kvm), events.clone()).await {
-                    Ok(m) => {
+        Ok(()) => match verdicts.as_mut().and_then(|v| v.cached().cloned()) {
+            // The probe said no on this host before: straight to TCG.
+            Some(v) if !v.usable => {
+                cached_no = true;
+                format!("{} (cached verdict of {})", v.reason, v.probed_at())
+            }
+            // The probe said yes before. The real boot's own firmware is
+            // the probe this time: the same window, the same judge, read
+            // from its debug console, and no probe QEMU started first. A
+            // vCPU that does not run is caught within KVM_PROBE exactly as
+            // the probe would catch it (a kernel would hang at "Probing
+            // EDD" after it), and a usable KVM waits only until SeaBIOS
+            // gets there (well under a second), no fixed time.
+            Some(v) => {
+                let cached = format!("of {}: {}", v.probed_at(), v.reason);
+                match start_watched(template, events.clone()).await {
+                    Ok((m, how)) => {
+                        let cache = verdicts.map(Verdicts::into_use);
                         return Ok((
                             m,
                             AccelDecision {
                                 requested: choice,
                                 used: Accel::Kvm,
-                                reason: format!("KVM probe: {how}"),
-                                probe_seconds,
+                                reason: format!(
+                                    "KVM usable (cached verdict {cached}); this boot: {how}"
+                                ),
+                                probe_seconds: 0.0,
+                                cache,
                             },
-                        ))
+                        ));
                     }
-                    Err(e) => {
+                    Err(failed) => {
                         started_on_disk = true;
-                        format!(
-                            "the KVM probe passed ({how}), but QEMU with KVM did not start: {e}"
-                        )
+                        let why =
+                            format!("the cached verdict said KVM works, but {}", failed.why());
+                        if let Some(v) = verdicts.as_mut() {
+                            match failed {
+                                // The probe's own judgement: as good as a probe.
+                                Watch::Stalled(_) => {
+                                    v.record(false, &why, 0.0, "the cached verdict proved wrong")
+                                }
+                                // Maybe KVM, maybe this image or disk: the
+                                // next run asks the probe, which needs neither.
+                                Watch::Stopped(_) => v.forget("the cached verdict proved wrong"),
+                            }
+                        }
+                        why
                     }
                 }
             }
+            None => match probe_kvm(&template.binary, &probe_log(template)).await {
+                Err(why) => {
+                    if let Some(v) = verdicts.as_mut() {
+                        v.record(false, &why, t0.elapsed().as_secs_f64(), "");
+                    }
+                    why
+                }
+                Ok(how) => {
+                    let probe_seconds = t0.elapsed().as_secs_f64();
+                    match Machine::start(with(Accel::Kvm), events.clone()).await {
+                        Ok(m) => {
+                            if let Some(v) = verdicts.as_mut() {
+                                v.record(true, &how, probe_seconds, "");
+                            }
+                            return Ok((
+                                m,
+                                AccelDecision {
+                                    requested: choice,
+                                    used: Accel::Kvm,
+                                    reason: format!("KVM probe: {how}"),
+                                    probe_seconds,
+                                    cache: verdicts.map(Verdicts::into_use),
+                                },
+                            ));
+                        }
+                        Err(e) => {
+                            started_on_disk = true;
+                            // Not KVM's verdict (the probe passed) and not
+                            // clearly usable either: nothing is stored.
+                            if let Some(v) = verdicts.as_mut() {
+                                v.wrote = Some(
+                                    "the probe passed but the boot did not start: nothing stored"
+                                        .into(),
+                                );
+                            }
+                            format!(
+                                "the KVM probe passed ({how}), but QEMU with KVM did not start: {e}"
+                            )
+                        }
+                    }
+                }
+            },
         },
     };
     if choice == AccelChoice::Kvm {
@@ -264,7 +340,13 @@ pub async fn start(
         fresh_disk().map_err(MachineError::Setup)?;
         note_in_serial_log(&template.serial_log, &why_not);
     }
-    let probe_seconds = t0.elapsed().as_secs_f64();
+    let cache = verdicts.map(Verdicts::into_use);
+    // A cached "no" ran no probe (reading the file takes microseconds); an
+    // abandoned KVM start, probed or trusted from the cache, counts.
+    let probe_seconds = match cached_no {
+        true => 0.0,
+        false => t0.elapsed().as_secs_f64(),
+    };
     let m = Machine::start(with(Accel::Tcg), events).await?;
     Ok((
         m,
@@ -273,8 +355,153 @@ pub async fn start(
             used: Accel::Tcg,
             reason: format!("KVM unusable, fell back to TCG: {why_not}"),
             probe_seconds,
+            cache,
         },
     ))
+}
+
+/// The run's dealings with the verdict cache: what it found, what it
+/// wrote, for the report.
+struct Verdicts<'a> {
+    cache: &'a KvmCache,
+    key: HostKey,
+    hit: Option<CachedVerdict>,
+    /// Why the cache was not used.
+    miss: Option<String>,
+    /// What writing a fresh verdict did.
+    wrote: Option<String>,
+    /// When the verdict acted on was probed (a fresh one: now).
+    probed_at: Option<String>,
+}
+
+impl<'a> Verdicts<'a> {
+    fn new(cache: &'a KvmCache, binary: &Path) -> Self {
+        Verdicts {
+            cache,
+            key: HostKey::of_this_host(binary),
+            hit: None,
+            miss: None,
+            wrote: None,
+            probed_at: None,
+        }
+    }
+
+    /// The cached verdict for this host, unless `--accel-probe` asks for a
+    /// fresh one.
+    fn cached(&mut self) -> Option<&CachedVerdict> {
+        if self.cache.reprobe {
+            self.miss = Some("--accel-probe: probed again".into());
+            return None;
+        }
+        match cache::lookup(&self.cache.path, &self.key) {
+            Lookup::Hit(v) => {
+                self.probed_at = Some(v.probed_at());
+                self.hit = Some(v);
+            }
+            Lookup::Miss(why) => self.miss = Some(why),
+        }
+        self.hit.as_ref()
+    }
+
+    /// Stores a fresh verdict. A cache that cannot be written is said in
+    /// the report and costs the next run a probe, nothing more.
+    fn record(&mut self, usable: bool, reason: &str, probe_seconds: f64, why: &str) {
+        let v = CachedVerdict::new(self.key.clone(), usable, reason.to_owned(), probe_seconds);
+        let verdict = if usable { "usable" } else { "unusable" };
+        let rewrite = if why.is_empty() {
+            String::new()
+        } else {
+            format!("{why}; ")
+        };
+        self.wrote = Some(match cache::store(&self.cache.path, &v) {
+            Ok(()) => format!("{rewrite}stored \"KVM {verdict}\" for the next runs"),
+            Err(e) => format!("{rewrite}could not store the verdict: {e}"),
+        });
+        if self.hit.is_none() {
+            self.probed_at = Some(v.probed_at());
+        }
+    }
+
+    /// Removes the cached verdict: the next run probes.
+    fn forget(&mut self, why: &str) {
+        self.wrote = Some(match std::fs::remove_file(&self.cache.path) {
+            Ok(()) => format!("{why}; removed it, the next run probes again"),
+            Err(e) => format!("{why}; could not remove it: {e}"),
+        });
+    }
+
+    fn into_use(self) -> CacheUse {
+        let note = [self.miss, self.wrote]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("; ");
+        CacheUse {
+            used: self.hit.is_some(),
+            probed_at: self.probed_at,
+            file: self.cache.path.display().to_string(),
+            note: if note.is_empty() {
+                "verdict reused; `strata test --accel-probe` probes again".into()
+            } else {
+                note
+            },
+        }
+    }
+}
+
+/// How a boot started on a cached "KVM usable" failed.
+enum Watch {
+    /// Its firmware did not reach its boot phase in time: the probe's
+    /// verdict on a vCPU that does not run.
+    Stalled(String),
+    /// QEMU did not start or stopped early: not necessarily KVM's doing.
+    Stopped(String),
+}
+
+impl Watch {
+    fn why(&self) -> &str {
+        match self {
+            Watch::Stalled(w) | Watch::Stopped(w) => w,
+        }
+    }
+}
+
+/// The real first boot under KVM with the firmware's debug console on,
+/// judged like the probe: returned once SeaBIOS reaches its boot phase,
+/// killed if it does not within [`KVM_PROBE`] or QEMU stops first.
+async fn start_watched(
+    template: &QemuCommand,
+    events: EventLog,
+) -> Result<(Machine, String), Watch> {
+    let log = probe_log(template);
+    let _ = std::fs::remove_file(&log);
+    let cmd = QemuCommand {
+        accel: Accel::Kvm,
+        debugcon: Some(log.clone()),
+        ..template.clone()
+    };
+    let mut m = Machine::start(cmd, events)
+        .await
+        .map_err(|e| Watch::Stopped(format!("QEMU with KVM did not start: {e}")))?;
+    loop {
+        let debugcon =
+            String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+        match judge_probe(&debugcon, None, m.started().elapsed(), KVM_PROBE) {
+            ProbeVerdict::Usable(how) => return Ok((m, how)),
+            ProbeVerdict::Unusable(why) => {
+                m.kill().await;
+                return Err(Watch::Stalled(why));
+            }
+            ProbeVerdict::Undecided => {}
+        }
+        if let Err(e) = m.check_alive() {
+            m.kill().await;
+            return Err(Watch::Stopped(format!(
+                "QEMU under KVM stopped before its firmware reached its boot phase: {e}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The serial log is an artifact people read: mark where the abandoned KVM
@@ -359,6 +586,112 @@ mod tests {
             "-nodefaults -no-user-config -machine pc,accel=kvm -cpu host -m 64 -display none \
              -serial none -chardev file,id=dbg,path=/tmp/w/probe.log \
              -device isa-debugcon,iobase=0x402,chardev=dbg"
+        );
+    }
+
+    fn verdicts_in(dir: &Path, reprobe: bool) -> KvmCache {
+        KvmCache {
+            path: dir.join("kvm-verdict.json"),
+            reprobe,
+        }
+    }
+
+    #[test]
+    fn a_fresh_verdict_is_stored_and_the_next_run_uses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = verdicts_in(dir.path(), false);
+        let sh = Path::new("sh");
+        let mut first = Verdicts::new(&c, sh);
+        assert!(first.cached().is_none());
+        first.record(false, "QEMU with KVM and -cpu host exited at once", 0.6, "");
+        let used = first.into_use();
+        assert!(!used.used);
+        assert_eq!(
+            used.note,
+            "no cached verdict yet; stored \"KVM unusable\" for the next runs"
+        );
+        assert!(used.probed_at.is_some());
+
+        let mut second = Verdicts::new(&c, sh);
+        let v = second.cached().cloned().expect("cached");
+        assert!(!v.usable && v.reason.contains("exited at once"));
+        let used = second.into_use();
+        assert!(used.used);
+        assert_eq!(used.probed_at, Some(v.probed_at()));
+        assert!(used.note.contains("--accel-probe"), "{}", used.note);
+
+        // --accel-probe ignores it and rewrites it.
+        let forced = verdicts_in(dir.path(), true);
+        let mut third = Verdicts::new(&forced, sh);
+        assert!(third.cached().is_none());
+        third.record(true, "firmware ran under KVM", 0.3, "");
+        let used = third.into_use();
+        assert!(!used.used);
+        assert!(
+            used.note
+                .starts_with("--accel-probe: probed again; stored \"KVM usable\""),
+            "{}",
+            used.note
+        );
+        assert!(Verdicts::new(&c, sh).cached().unwrap().usable);
+    }
+
+    #[test]
+    fn a_cached_usable_verdict_that_proves_wrong_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = verdicts_in(dir.path(), false);
+        let sh = Path::new("sh");
+        let mut v = Verdicts::new(&c, sh);
+        v.record(true, "firmware ran under KVM", 0.3, "");
+        let mut v = Verdicts::new(&c, sh);
+        let cached_at = v.cached().unwrap().probed_at();
+        v.record(
+            false,
+            "firmware did not reach its boot phase",
+            0.0,
+            "the cached verdict proved wrong",
+        );
+        let used = v.into_use();
+        // It was acted on (no probe ran); the note says it was replaced.
+        assert!(used.used);
+        assert_eq!(used.probed_at, Some(cached_at));
+        assert_eq!(
+            used.note,
+            "the cached verdict proved wrong; stored \"KVM unusable\" for the next runs"
+        );
+        assert!(!Verdicts::new(&c, sh).cached().unwrap().usable);
+    }
+
+    #[test]
+    fn a_cached_usable_verdict_whose_boot_did_not_start_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = verdicts_in(dir.path(), false);
+        let sh = Path::new("sh");
+        Verdicts::new(&c, sh).record(true, "firmware ran under KVM", 0.3, "");
+        let mut v = Verdicts::new(&c, sh);
+        assert!(v.cached().is_some());
+        v.forget("the cached verdict proved wrong");
+        assert_eq!(
+            v.into_use().note,
+            "the cached verdict proved wrong; removed it, the next run probes again"
+        );
+        assert!(Verdicts::new(&c, sh).cached().is_none());
+    }
+
+    #[test]
+    fn a_cache_that_cannot_be_written_is_said_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the cache directory should be.
+        std::fs::write(dir.path().join("strata"), "").unwrap();
+        let c = verdicts_in(&dir.path().join("strata"), false);
+        let mut v = Verdicts::new(&c, Path::new("sh"));
+        assert!(v.cached().is_none());
+        v.record(false, "no", 0.1, "");
+        let used = v.into_use();
+        assert!(
+            used.note.contains("could not store the verdict"),
+            "{}",
+            used.note
         );
     }
 

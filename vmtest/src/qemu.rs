@@ -106,6 +106,9 @@ pub struct QemuCommand {
     /// Start with the CPUs stopped so QMP is connected before the guest runs
     /// and no early event can be missed.
     pub start_paused: bool,
+    /// The firmware's debug console (isa-debugcon, port 0x402) to this
+    /// file: how `accel` sees SeaBIOS reach its boot phase under KVM.
+    pub debugcon: Option<PathBuf>,
 }
 
 impl QemuCommand {
@@ -123,6 +126,7 @@ impl QemuCommand {
             qmp_socket: socket_dir.join("qmp.sock"),
             qga_socket: socket_dir.join("qga.sock"),
             start_paused: true,
+            debugcon: None,
         }
     }
 
@@ -219,6 +223,9 @@ impl QemuCommand {
             a.push("-append".into());
             a.push(append.into());
         }
+        if let Some(log) = &self.debugcon {
+            a.extend(debugcon_args(log));
+        }
         if self.start_paused {
             a.push("-S".into());
         }
@@ -234,6 +241,19 @@ impl QemuCommand {
         tie_to_us(&mut cmd);
         cmd
     }
+}
+
+/// SeaBIOS's debug output (port 0x402) to `log`.
+pub fn debugcon_args(log: &std::path::Path) -> Vec<OsString> {
+    [
+        "-chardev".to_owned(),
+        format!("file,id=dbg,path={}", path_arg(log)),
+        "-device".to_owned(),
+        "isa-debugcon,iobase=0x402,chardev=dbg".to_owned(),
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect()
 }
 
 /// Makes a QEMU (or any helper) process die with strata, however strata

@@ -129,6 +129,9 @@ pub struct Report {
     pub accel: crate::qemu::Accel,
     pub accel_requested: crate::accel::AccelChoice,
     pub accel_reason: String,
+    /// How the host's cached KVM verdict took part (`--accel auto` with
+    /// /dev/kvm present; null otherwise): `used` means no probe ran.
+    pub accel_cache: Option<crate::accel::cache::CacheUse>,
     /// "extlinux" or "direct".
     pub boot: String,
     pub disk_bus: crate::qemu::DiskBus,
@@ -259,10 +262,10 @@ impl Report {
             t.boot,
             t.checks,
             t.total,
-            if t.accel_probe > 0.0 {
-                format!(" (incl. {:.1}s KVM probe)", t.accel_probe)
-            } else {
-                String::new()
+            match (t.accel_probe > 0.0, &self.accel_cache) {
+                (true, _) => format!(" (incl. {:.1}s KVM probe)", t.accel_probe),
+                (false, Some(c)) if c.used => " (cached KVM verdict, no probe)".to_owned(),
+                _ => String::new(),
             }
         );
         if let Some(a) = &self.artifacts {
@@ -347,6 +350,17 @@ impl Report {
             ("accel_reason", self.accel_reason.as_str()),
         ] {
             let _ = writeln!(o, r#"      <property name="{k}" value="{}"/>"#, xml(v));
+        }
+        if let Some(c) = &self.accel_cache {
+            let value = match (c.used, &c.probed_at) {
+                (true, Some(at)) => format!("used, probed {at}, {}: {}", c.file, c.note),
+                _ => format!("not used, {}: {}", c.file, c.note),
+            };
+            let _ = writeln!(
+                o,
+                r#"      <property name="accel_cache" value="{}"/>"#,
+                xml(&value)
+            );
         }
         for p in &self.phases {
             let value = format!(
@@ -580,6 +594,7 @@ mod tests {
             accel_requested: AccelChoice::Auto,
             accel_reason: "KVM unusable, fell back to TCG: /dev/kvm: No such file or directory"
                 .into(),
+            accel_cache: None,
             boot: "extlinux".into(),
             disk_bus: DiskBus::VirtioBlk,
             boots: 1,
@@ -737,6 +752,50 @@ mod tests {
     #[test]
     fn junit_fail() {
         insta::assert_snapshot!(sample(true).to_junit());
+    }
+
+    /// `--accel auto` trusting the host's cached "KVM unusable": said in the
+    /// table's first line and timings, in JSON (`accel_cache`, no probe
+    /// seconds) and in JUnit's properties.
+    #[test]
+    fn cached_kvm_verdict() {
+        let mut r = sample(false);
+        r.accel_reason =
+            "KVM unusable, fell back to TCG: QEMU with KVM and -cpu host exited at once \
+            (signal: 6 (SIGABRT)): qemu-system-x86_64: error: failed to set MSR 0x10a to 0xc000069 \
+            (cached verdict of 2026-11-27T04:00:00Z)"
+                .into();
+        r.accel_cache = Some(crate::accel::cache::CacheUse {
+            used: true,
+            probed_at: Some("2026-11-27T04:00:00Z".into()),
+            file: "/var/cache/strata/kvm-verdict.json".into(),
+            note: "verdict reused; `strata test --accel-probe` probes again".into(),
+        });
+        r.timings.accel_probe = 0.0;
+        let table = r.to_table();
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        let junit = r.to_junit();
+        let picked = serde_json::json!({
+            "accel": json["accel"],
+            "accel_requested": json["accel_requested"],
+            "accel_reason": json["accel_reason"],
+            "accel_cache": json["accel_cache"],
+            "timings.accel_probe": json["timings"]["accel_probe"],
+        });
+        let lines = |text: &str, keep: &dyn Fn(&str) -> bool| {
+            text.lines()
+                .filter(|l| keep(l))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let first_and_timings = |l: &str| l.starts_with("strata test") || l.starts_with("Timings");
+        let said = format!(
+            "table:\n{}\n\njson:\n{}\n\njunit:\n{}\n",
+            lines(&table, &first_and_timings),
+            serde_json::to_string_pretty(&picked).unwrap(),
+            lines(&junit, &|l| l.contains("property name=\"accel")),
+        );
+        insta::assert_snapshot!(said);
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct TestConfig {
     pub expect: Expectations,
     pub artifacts: Option<PathBuf>,
     pub accel: AccelChoice,
+    /// The host's stored KVM verdict, for `--accel auto` (None: always probe).
+    pub kvm_cache: Option<accel::cache::KvmCache>,
     pub disk_bus: DiskBus,
     pub boot: BootMode,
     /// Whole run, first QEMU start to verdict.
@@ -77,6 +79,7 @@ impl TestConfig {
             expect,
             artifacts: None,
             accel: AccelChoice::Auto,
+            kvm_cache: Some(Default::default()),
             disk_bus: DiskBus::VirtioBlk,
             boot: BootMode::Extlinux,
             timeout: Duration::from_secs(600),
@@ -407,6 +410,7 @@ impl Session {
                 .map(|a| a.used)
                 .unwrap_or(crate::qemu::Accel::Tcg),
             accel_requested: self.cfg.accel,
+            accel_cache: accel.as_ref().and_then(|a| a.cache.clone()),
             accel_reason: accel
                 .map(|a| a.reason)
                 .unwrap_or_else(|| "not decided: the run stopped before QEMU started".into()),
@@ -675,10 +679,15 @@ impl Session {
             let image = self.cfg.image.clone();
             move || disk.recreate(&image)
         };
-        let (m, decision) =
-            accel::start(self.cfg.accel, &template, self.events.clone(), &fresh_disk)
-                .await
-                .map_err(me)?;
+        let (m, decision) = accel::start(
+            self.cfg.accel,
+            self.cfg.kvm_cache.as_ref(),
+            &template,
+            self.events.clone(),
+            &fresh_disk,
+        )
+        .await
+        .map_err(me)?;
         self.emit(Progress::Accel(decision.clone()));
         self.timings.accel_probe = decision.probe_seconds;
         self.accel = Some(decision);
