@@ -530,8 +530,8 @@ fn build_from_tar(
         ..opts.clone()
     };
     let built = prepare(&tree).and_then(|prep| builder.run(prep));
-    // Removed before the result is returned: the tree can be large.
-    drop(extraction);
+    // Removed before the result is returned (it can be large), and said.
+    on_event(Event::Note(extraction.remove()));
     built.map_err(|e| name_archive(e, &tree.rootfs, &opts.rootfs))
 }
 

@@ -508,6 +508,23 @@ impl Extraction {
         &self.rootfs
     }
 
+    /// Removes the tree now (dropping does too, ignoring errors); returns
+    /// the note for the user: removing a large tree takes a while.
+    pub fn remove(self) -> String {
+        let started = std::time::Instant::now();
+        let dir = self.dir.path().to_owned();
+        match self.dir.close() {
+            Ok(()) => format!(
+                "removed the extracted rootfs archive ({:.1}s)",
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => format!(
+                "could not remove the extracted rootfs archive {}: {e}; the next strata build or upgrade in this directory removes it",
+                dir.display()
+            ),
+        }
+    }
+
     /// The 0700 directory holding it (what the debris cleaner would find).
     pub fn dir(&self) -> &Path {
         self.dir.path()

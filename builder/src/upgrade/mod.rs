@@ -174,7 +174,7 @@ pub fn upgrade(
                 ..opts.clone()
             };
             let upgraded = upgrade_from(image, &tree, steps);
-            drop(extraction);
+            on_event(Event::Note(extraction.remove()));
             upgraded.map_err(|e| build::name_archive(e, &tree.rootfs, &opts.rootfs))
         }
     }
