@@ -32,6 +32,7 @@ pub mod pathenc;
 pub mod plan;
 pub mod progress;
 pub mod rootfs;
+pub mod rootfs_tar;
 pub mod size;
 pub mod steps;
 pub mod sync;

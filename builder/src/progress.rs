@@ -16,6 +16,8 @@ pub enum Step {
     SyncRootfs,
     MergeState,
     CommitVersion,
+    // Build and upgrade, when the rootfs is a tar archive (first).
+    ExtractRootfs,
     // Build (and, from `Mount` on, upgrade too).
     CreateImage,
     Mkfs,
@@ -43,6 +45,7 @@ impl Step {
             Step::SyncRootfs => "synchronising orig with the new rootfs",
             Step::MergeState => "applying the state-data policy",
             Step::CommitVersion => "renaming the new version into place",
+            Step::ExtractRootfs => "extracting the rootfs archive",
             Step::CreateImage => "creating sparse image",
             Step::Mkfs => "making btrfs filesystem",
             Step::Mount => "attaching and mounting image",
@@ -70,6 +73,7 @@ impl Step {
             Step::SyncRootfs => "sync-rootfs",
             Step::MergeState => "merge-state",
             Step::CommitVersion => "commit-version",
+            Step::ExtractRootfs => "extract-rootfs",
             Step::CreateImage => "create-image",
             Step::Mkfs => "mkfs",
             Step::Mount => "mount",
