@@ -195,10 +195,57 @@ pub enum Lookup {
     Miss(String),
 }
 
+/// A cached "unusable" is probed again after this long: a probe can time out
+/// on a host that was merely busy for a moment, and re-probing a host whose
+/// KVM hangs costs a fraction of a second. A cached "usable" needs no expiry:
+/// the first boot under KVM is itself the probe (see `accel::start`).
+pub const UNUSABLE_TTL_SECS: u64 = 24 * 3600;
+
+/// The most a verdict file can hold; anything larger is not one.
+const MAX_FILE: u64 = 64 * 1024;
+
+/// The file's bytes, looked at before they are read: a fifo, a device or a
+/// symlink at the cache path must not block or flood the run.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use rustix::fs::{fstat, open, FileType, Mode, OFlags};
+    use std::io::Read;
+    let fd = open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if st.st_size as u64 > MAX_FILE {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, more than a verdict",
+            st.st_size
+        )));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::from(fd)
+        .take(MAX_FILE)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Reads the cache at `path` for a host with `key`. Never fails: a missing,
 /// unreadable or foreign file is a miss.
 pub fn lookup(path: &Path, key: &HostKey) -> Lookup {
-    let bytes = match std::fs::read(path) {
+    lookup_at(path, key, now_unix())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn lookup_at(path: &Path, key: &HostKey, now: u64) -> Lookup {
+    let bytes = match read_regular(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Lookup::Miss("no cached verdict yet".into())
@@ -220,6 +267,13 @@ pub fn lookup(path: &Path, key: &HostKey) -> Lookup {
         return Lookup::Miss(format!(
             "the host changed since the cached verdict ({})",
             changes.join("; ")
+        ));
+    }
+    if !cached.usable && now.saturating_sub(cached.probed_at_unix) > UNUSABLE_TTL_SECS {
+        return Lookup::Miss(format!(
+            "the cached 'KVM unusable' verdict of {} is more than {} h old",
+            cached.probed_at(),
+            UNUSABLE_TTL_SECS / 3600
         ));
     }
     Lookup::Hit(cached)
@@ -280,6 +334,9 @@ mod tests {
         }
     }
 
+    /// A minute after `verdict`'s probe.
+    const SOON: u64 = 1_795_752_060;
+
     fn verdict(usable: bool) -> CachedVerdict {
         CachedVerdict {
             format: FORMAT,
@@ -296,15 +353,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("strata/kvm-verdict.json");
         assert_eq!(
-            lookup(&path, &key()),
+            lookup_at(&path, &key(), SOON),
             Lookup::Miss("no cached verdict yet".into())
         );
         store(&path, &verdict(false)).unwrap();
-        assert_eq!(lookup(&path, &key()), Lookup::Hit(verdict(false)));
+        assert_eq!(lookup_at(&path, &key(), SOON), Lookup::Hit(verdict(false)));
         assert_eq!(verdict(false).probed_at(), "2026-11-27T04:00:00Z");
         // Rewriting replaces it.
         store(&path, &verdict(true)).unwrap();
-        assert_eq!(lookup(&path, &key()), Lookup::Hit(verdict(true)));
+        assert_eq!(lookup_at(&path, &key(), SOON), Lookup::Hit(verdict(true)));
+    }
+
+    #[test]
+    fn an_unusable_verdict_is_probed_again_after_a_day_a_usable_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kvm-verdict.json");
+        let later = 1_795_752_000 + UNUSABLE_TTL_SECS + 1;
+        store(&path, &verdict(false)).unwrap();
+        assert!(
+            matches!(lookup_at(&path, &key(), later), Lookup::Miss(why) if why.contains("more than 24 h old"))
+        );
+        store(&path, &verdict(true)).unwrap();
+        assert_eq!(lookup_at(&path, &key(), later), Lookup::Hit(verdict(true)));
+    }
+
+    #[test]
+    fn a_fifo_or_symlink_at_the_cache_path_is_a_miss_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("kvm-verdict.json");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        assert!(
+            matches!(lookup_at(&fifo, &key(), SOON), Lookup::Miss(why) if why.contains("not a regular file"))
+        );
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(matches!(lookup_at(&link, &key(), SOON), Lookup::Miss(_)));
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, vec![b' '; 100_000]).unwrap();
+        assert!(
+            matches!(lookup_at(&big, &key(), SOON), Lookup::Miss(why) if why.contains("more than a verdict"))
+        );
     }
 
     #[test]
@@ -322,7 +415,7 @@ mod tests {
         for change in changes {
             let mut k = key();
             change(&mut k);
-            match lookup(&path, &k) {
+            match lookup_at(&path, &k, SOON) {
                 Lookup::Miss(why) => {
                     assert!(why.starts_with("the host changed"), "{why}");
                     assert!(why.contains(" -> "), "{why}");
@@ -333,7 +426,7 @@ mod tests {
         let mut k = key();
         k.kernel = "6.19.0".into();
         assert_eq!(
-            lookup(&path, &k),
+            lookup_at(&path, &k, SOON),
             Lookup::Miss(
                 "the host changed since the cached verdict (kernel: 6.18.44 -> 6.19.0)".into()
             )
@@ -347,20 +440,22 @@ mod tests {
         for junk in ["", "{", "not json", "{\"usable\": true}", "[]"] {
             std::fs::write(&path, junk).unwrap();
             assert!(
-                matches!(lookup(&path, &key()), Lookup::Miss(why) if why.starts_with("cached verdict unreadable")),
+                matches!(lookup_at(&path, &key(), SOON), Lookup::Miss(why) if why.starts_with("cached verdict unreadable")),
                 "{junk:?}"
             );
         }
         let mut old = serde_json::to_value(verdict(false)).unwrap();
         old["format"] = 0.into();
         std::fs::write(&path, old.to_string()).unwrap();
-        assert!(matches!(lookup(&path, &key()), Lookup::Miss(why) if why.contains("format 0")));
+        assert!(
+            matches!(lookup_at(&path, &key(), SOON), Lookup::Miss(why) if why.contains("format 0"))
+        );
         // A directory where the file should be: unreadable, and not writable
         // either (the caller reports that and carries on).
         let path = dir.path().join("a-dir");
         std::fs::create_dir(&path).unwrap();
         assert!(
-            matches!(lookup(&path, &key()), Lookup::Miss(why) if why.starts_with("cached verdict unreadable"))
+            matches!(lookup_at(&path, &key(), SOON), Lookup::Miss(why) if why.starts_with("cached verdict unreadable"))
         );
         assert!(store(&path, &verdict(false)).is_err());
     }
