@@ -441,7 +441,11 @@ impl Session {
 
 /// Validates the inputs; errors here are the user's (exit 2).
 fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
-    scenario::validate(&cfg.scenarios, cfg.lifecycle.is_some())?;
+    scenario::validate(
+        &cfg.scenarios,
+        cfg.lifecycle.is_some(),
+        cfg.checks.contains(&CheckId::Persistence),
+    )?;
     let meta = std::fs::metadata(&cfg.image)
         .map_err(|e| RunError::Input(format!("image {}: {e}", cfg.image.display())))?;
     if !meta.is_file() {
