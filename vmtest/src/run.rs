@@ -16,7 +16,7 @@ use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
 use crate::machine::{Machine, MachineError};
 use crate::qemu::{DiskBus, DiskFormat, KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
-use crate::report::{CheckResult, PhaseRecord, Report, Status, Timings, Warning};
+use crate::report::{BootRecord, CheckResult, PhaseRecord, Report, Status, Timings, Warning};
 use crate::workdir::{self, WorkDir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,10 @@ use strata_builder::error::FailureKind;
 use strata_builder::expect::Expectations;
 use tokio::sync::mpsc::UnboundedSender;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How QEMU gets to the guest kernel: through the firmware and the
+/// image's own extlinux, or directly (`-kernel/-initrd/-append`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BootMode {
     Extlinux,
     Direct,
@@ -38,6 +41,14 @@ impl BootMode {
         match self {
             BootMode::Extlinux => "extlinux",
             BootMode::Direct => "direct",
+        }
+    }
+
+    /// How a QEMU command line boots.
+    pub fn of(boot: &KernelBoot) -> BootMode {
+        match boot {
+            KernelBoot::Firmware => BootMode::Extlinux,
+            KernelBoot::Direct { .. } => BootMode::Direct,
         }
     }
 }
@@ -51,6 +62,14 @@ pub struct TestConfig {
     pub accel: AccelChoice,
     pub disk_bus: DiskBus,
     pub boot: BootMode,
+    /// How the plain run's later boots (the clean reboot, the fresh start
+    /// after the power cut) are made when `boot` is extlinux. The
+    /// bootloader is proven by boot 1; `Direct` hands the later boots the
+    /// same kernel, initramfs and command line without firmware and
+    /// extlinux reading them through BIOS disk calls (seconds per boot
+    /// under TCG). An upgrade lifecycle ignores it: every one of its boots
+    /// proves the default flip through the bootloader.
+    pub later_boots: BootMode,
     /// Whole run, first QEMU start to verdict.
     pub timeout: Duration,
     /// The checks to run; the rest are reported as skipped.
@@ -73,6 +92,7 @@ impl TestConfig {
             accel: AccelChoice::Auto,
             disk_bus: DiskBus::VirtioBlk,
             boot: BootMode::Extlinux,
+            later_boots: BootMode::Direct,
             timeout: Duration::from_secs(600),
             checks: CheckId::ALL.to_vec(),
             qemu_binary: "qemu-system-x86_64".into(),
@@ -92,6 +112,7 @@ pub enum Progress {
     Booting {
         boot: u32,
         why: &'static str,
+        via: BootMode,
     },
     Booted {
         boot: u32,
@@ -170,6 +191,14 @@ struct Session {
     /// What the current boot has shown so far.
     seen: Seen,
     boots: u32,
+    /// How each boot so far was made, and how long it took.
+    boot_log: Vec<BootRecord>,
+    /// The later boots' direct kernel boot (`TestConfig::later_boots`),
+    /// extracted from the image at the first later boot; Err says why
+    /// they go through extlinux after all.
+    later: Option<Result<KernelBoot, String>>,
+    /// Why a later boot went through extlinux although asked to be direct.
+    later_fallback: Option<String>,
     /// The lifecycle's stages and rows (empty in a plain run).
     life: LifeState,
 }
@@ -260,8 +289,15 @@ impl Session {
 
     /// Counts a boot as it starts (so `boots` includes one that fails);
     /// what the previous boot showed no longer holds.
-    fn begin_boot(&mut self, why: &'static str) {
+    fn begin_boot(&mut self, why: &'static str, via: BootMode) {
         self.boots += 1;
+        self.boot_log.push(BootRecord {
+            boot: self.boots,
+            why: why.into(),
+            via,
+            seconds: None,
+            firmware: None,
+        });
         self.seen = Seen::default();
         if let Some((stage, _)) = &self.life.current {
             let boot = self.boots;
@@ -272,10 +308,19 @@ impl Session {
         self.emit(Progress::Booting {
             boot: self.boots,
             why,
+            via,
         });
     }
 
-    fn booted(&self, seconds: f64, state: String) {
+    fn booted(&mut self, seconds: f64, state: String) {
+        let firmware = self.machine.as_ref().and_then(|m| {
+            let k = m.serial().snapshot().kernel_start?;
+            Some(k.saturating_duration_since(m.started()).as_secs_f64())
+        });
+        if let Some(r) = self.boot_log.last_mut() {
+            r.seconds = Some(seconds);
+            r.firmware = firmware;
+        }
         self.emit(Progress::Booted {
             boot: self.boots,
             seconds,
@@ -402,6 +447,8 @@ impl Session {
             boot: self.cfg.boot.name().into(),
             disk_bus: self.cfg.disk_bus,
             boots: self.boots,
+            boot_log: self.boot_log.clone(),
+            later_boots_fallback: self.later_fallback.clone(),
             image: self.cfg.image.display().to_string(),
             label: self.cfg.expect.version.label().to_owned(),
             checks,
@@ -493,6 +540,9 @@ pub async fn run_until(
         machine: None,
         seen: Seen::default(),
         boots: 0,
+        boot_log: Vec::new(),
+        later: None,
+        later_fallback: None,
         life: LifeState::default(),
     };
     if let Some(l) = &s.cfg.lifecycle {
@@ -588,8 +638,8 @@ fn me(e: MachineError) -> String {
 
 /// `--boot direct`: the kernel, initramfs and command line of `image`'s
 /// default boot entry, extracted into `dir`.
-fn direct_boot(image: &Path, dir: &Path) -> Result<KernelBoot, String> {
-    let files = bootfiles::extract(image, dir).map_err(|e| format!("--boot direct: {e}"))?;
+fn direct_boot(image: &Path, dir: &Path) -> Result<KernelBoot, bootfiles::BootFilesError> {
+    let files = bootfiles::extract(image, dir)?;
     Ok(KernelBoot::Direct {
         kernel: files.kernel,
         initrd: files.initrd,
@@ -624,7 +674,8 @@ async fn story(s: &mut Session) -> Result<(), String> {
         s.emit(Progress::Step(
             "extracting kernel and initramfs from the image".into(),
         ));
-        template.boot = direct_boot(&s.cfg.image, &s.workdir.path().join("boot"))?;
+        template.boot = direct_boot(&s.cfg.image, &s.workdir.path().join("boot"))
+            .map_err(|e| format!("--boot direct: {e}"))?;
     }
     s.template = Some(template);
     match s.cfg.lifecycle.clone() {
@@ -656,7 +707,7 @@ impl Session {
     /// from a fresh disk), then waits for the guest and takes its timings.
     async fn first_boot(&mut self, why: &'static str) -> Result<(), String> {
         let template = self.template.clone().expect("template set");
-        self.begin_boot(why);
+        self.begin_boot(why, BootMode::of(&template.boot));
         let fresh_disk = {
             let disk = self.disk.clone();
             let image = self.cfg.image.clone();
@@ -715,24 +766,73 @@ impl Session {
     }
 
     /// Starts QEMU again on the same disk with the accelerator already
-    /// chosen, and waits for the boot to settle.
-    async fn start_again(&mut self, why: &'static str) -> Result<(), MachineError> {
-        self.begin_boot(why);
+    /// chosen, and waits for the boot to settle. `boot` replaces the
+    /// template's way to the kernel (a plain run's later direct boots).
+    async fn start_again(
+        &mut self,
+        why: &'static str,
+        boot: Option<KernelBoot>,
+    ) -> Result<(), MachineError> {
+        let cmd = self.next_command(boot);
+        self.begin_boot(why, BootMode::of(&cmd.boot));
         let t = Instant::now();
-        let template = self.template.clone().expect("template set");
-        let cmd = QemuCommand {
-            accel: self
-                .accel
-                .as_ref()
-                .map(|a| a.used)
-                .unwrap_or(template.accel),
-            ..template
-        };
         self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
         let budget = self.boot_budget();
         let state = self.machine().wait_booted(budget).await?;
         self.booted(t.elapsed().as_secs_f64(), state);
         Ok(())
+    }
+
+    /// The template with the accelerator already chosen, booting `boot`
+    /// when given.
+    fn next_command(&self, boot: Option<KernelBoot>) -> QemuCommand {
+        let template = self.template.clone().expect("template set");
+        QemuCommand {
+            accel: self
+                .accel
+                .as_ref()
+                .map(|a| a.used)
+                .unwrap_or(template.accel),
+            boot: boot.unwrap_or(template.boot),
+            ..template
+        }
+    }
+
+    /// The direct kernel boot for a later boot of the plain run, when it is
+    /// to be direct (`TestConfig::later_boots`, with `--boot extlinux`; a
+    /// lifecycle never). Extracted once, at the first later boot, from the
+    /// image itself: the overlay QEMU writes is not a filesystem `btrfs
+    /// restore` can read, and the image is what the overlay showed boot
+    /// 1's extlinux. None when the files cannot be had: the later boots
+    /// then go through extlinux, and the report says why.
+    async fn later_direct(&mut self) -> Option<KernelBoot> {
+        let wanted = self.cfg.lifecycle.is_none()
+            && self.cfg.boot == BootMode::Extlinux
+            && self.cfg.later_boots == BootMode::Direct;
+        if !wanted {
+            return None;
+        }
+        if self.later.is_none() {
+            self.emit(Progress::Step(
+                "extracting boot 1's kernel, initramfs and command line from the image \
+                 for the later boots (--later-boots direct)"
+                    .into(),
+            ));
+            let image = self.cfg.image.clone();
+            let dir = self.workdir.path().join("boot");
+            let extracted = tokio::task::spawn_blocking(move || direct_boot(&image, &dir))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(e) = &extracted {
+                self.later_fallback = Some(format!(
+                    "the kernel could not be extracted for a direct boot, so the later boots \
+                     went through extlinux: {e}"
+                ));
+            }
+            self.later = Some(extracted);
+        }
+        self.later.as_ref()?.as_ref().ok().cloned()
     }
 
     /// `systemctl poweroff`, and waits for QEMU to exit: the disk is
@@ -777,11 +877,40 @@ impl Vm for Session {
         Ok(self.seen.journal.as_deref().unwrap_or_default())
     }
 
+    /// The guest's own `systemctl reboot`, to its final reset. A direct
+    /// later boot has QEMU exit at that reset and starts it again with the
+    /// kernel handed over; otherwise QEMU restarts the guest through the
+    /// firmware, as a reset does.
     async fn reboot(&mut self) -> Result<(), MachineError> {
-        self.begin_boot("clean reboot (systemctl reboot)");
+        const WHY: &str = "clean reboot (systemctl reboot)";
+        let mut direct = self.later_direct().await;
+        if direct.is_some() {
+            if let Err(e) = self.machine().qmp().exit_on_guest_reset().await {
+                self.later_fallback = Some(format!(
+                    "QEMU could not be told to exit at the guest's reset ({e}), so the clean \
+                     reboot went through extlinux"
+                ));
+                direct = None;
+            }
+        }
         let t = Instant::now();
         let budget = self.boot_budget();
-        let state = self.machine().reboot(budget).await?;
+        let state = match direct {
+            None => {
+                let via = BootMode::of(&self.machine().command().boot);
+                self.begin_boot(WHY, via);
+                self.machine().reboot(budget).await?
+            }
+            Some(boot) => {
+                let cmd = self.next_command(Some(boot));
+                self.begin_boot(WHY, BootMode::Direct);
+                let m = self.machine.take().expect("the machine is running");
+                m.reboot_to_exit(budget).await?;
+                self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
+                let budget = self.boot_budget();
+                self.machine().wait_booted(budget).await?
+            }
+        };
         self.booted(t.elapsed().as_secs_f64(), state);
         self.overmount_again().await
     }
@@ -790,7 +919,9 @@ impl Vm for Session {
         self.emit(Progress::Step("sync, then power cut (QMP quit)".into()));
         let m = self.machine.take().expect("the machine is running");
         m.power_cut().await?;
-        self.start_again("fresh start after the power cut").await?;
+        let direct = self.later_direct().await;
+        self.start_again("fresh start after the power cut", direct)
+            .await?;
         self.overmount_again().await
     }
 
