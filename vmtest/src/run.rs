@@ -636,6 +636,14 @@ fn me(e: MachineError) -> String {
     e.to_string()
 }
 
+/// Whether the plain run's later boots are direct: asked for, after a boot
+/// 1 through extlinux (with `--boot direct` every boot is direct anyway),
+/// and never in a lifecycle, whose every boot proves the default flip
+/// through the bootloader.
+fn later_boots_direct(cfg: &TestConfig) -> bool {
+    cfg.lifecycle.is_none() && cfg.boot == BootMode::Extlinux && cfg.later_boots == BootMode::Direct
+}
+
 /// `--boot direct`: the kernel, initramfs and command line of `image`'s
 /// default boot entry, extracted into `dir`.
 fn direct_boot(image: &Path, dir: &Path) -> Result<KernelBoot, bootfiles::BootFilesError> {
@@ -806,10 +814,7 @@ impl Session {
     /// 1's extlinux. None when the files cannot be had: the later boots
     /// then go through extlinux, and the report says why.
     async fn later_direct(&mut self) -> Option<KernelBoot> {
-        let wanted = self.cfg.lifecycle.is_none()
-            && self.cfg.boot == BootMode::Extlinux
-            && self.cfg.later_boots == BootMode::Direct;
-        if !wanted {
+        if !later_boots_direct(&self.cfg) {
             return None;
         }
         if self.later.is_none() {
@@ -824,11 +829,20 @@ impl Session {
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
-            if let Err(e) = &extracted {
-                self.later_fallback = Some(format!(
-                    "the kernel could not be extracted for a direct boot, so the later boots \
-                     went through extlinux: {e}"
-                ));
+            match &extracted {
+                Ok(boot) => {
+                    let cmd_line = self.next_command(Some(boot.clone())).to_string();
+                    let _ = self
+                        .artifacts
+                        .write(artifacts::QEMU_COMMAND_LATER, format!("{cmd_line}\n"));
+                    self.emit(Progress::QemuCommand(cmd_line));
+                }
+                Err(e) => {
+                    self.later_fallback = Some(format!(
+                        "the kernel could not be extracted for a direct boot, so the later \
+                         boots went through extlinux: {e}"
+                    ));
+                }
             }
             self.later = Some(extracted);
         }
@@ -1166,6 +1180,27 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 1 << 20]);
         assert_eq!(std::fs::read_to_string(&manifest).unwrap(), "{}");
+    }
+
+    #[test]
+    fn only_a_plain_run_through_extlinux_makes_its_later_boots_direct() {
+        let mut cfg = TestConfig::new("x.img".into(), expectations());
+        assert!(later_boots_direct(&cfg), "the default");
+        cfg.later_boots = BootMode::Extlinux;
+        assert!(!later_boots_direct(&cfg), "--later-boots extlinux");
+        cfg.later_boots = BootMode::Direct;
+        cfg.boot = BootMode::Direct;
+        assert!(!later_boots_direct(&cfg), "--boot direct: already direct");
+        cfg.boot = BootMode::Extlinux;
+        cfg.lifecycle = Some(Lifecycle {
+            changes: std::sync::Arc::new(Untouchable),
+            label: "v2".into(),
+            interrupt: Default::default(),
+        });
+        assert!(
+            !later_boots_direct(&cfg),
+            "a lifecycle boots through extlinux every time"
+        );
     }
 
     #[test]
