@@ -262,6 +262,7 @@ fn fixture_passes_every_check_via_extlinux_on_virtio_blk_with_auto_accel() {
         "journal-boot3.json",
         "qmp-events.json",
         "qemu-command.txt",
+        "qemu-command-later.txt",
         "report.json",
     ] {
         let p = o.artifacts.join(f);
@@ -284,6 +285,8 @@ fn fixture_passes_every_check_via_extlinux_on_virtio_blk_with_auto_accel() {
         "boot 1 proves extlinux, the later boots are direct"
     );
     assert_eq!(r.later_boots_fallback, None);
+    let later = std::fs::read_to_string(o.artifacts.join("qemu-command-later.txt")).unwrap();
+    assert!(later.contains(" -kernel "), "{later}");
     assert!(
         events.contains("host-qmp-quit"),
         "the power cut is in the event log"
