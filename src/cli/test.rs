@@ -63,6 +63,15 @@ pub struct TestArgs {
     /// image's kernel and initramfs to QEMU (-kernel/-initrd).
     #[arg(long, value_enum, default_value_t = BootArg::Extlinux)]
     boot: BootArg,
+    /// How the boots after the first are made (the clean reboot, the
+    /// fresh start after the power cut). Boot 1 proves the image's
+    /// bootloader; `direct` hands the later boots the same kernel,
+    /// initramfs and command line (-kernel/-initrd/-append; the guest
+    /// still runs its whole `systemctl reboot`), `extlinux` takes each
+    /// through firmware and bootloader again. Only with `--boot extlinux`;
+    /// `--upgrade-to` boots every time through extlinux.
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = BootArg::Direct)]
+    later_boots: BootArg,
     /// Limit for the whole run, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     timeout: u64,
@@ -176,6 +185,10 @@ pub fn run(args: TestArgs) -> u8 {
         BusArg::VirtioScsi => DiskBus::VirtioScsi,
     };
     cfg.boot = match args.boot {
+        BootArg::Extlinux => BootMode::Extlinux,
+        BootArg::Direct => BootMode::Direct,
+    };
+    cfg.later_boots = match args.later_boots {
         BootArg::Extlinux => BootMode::Extlinux,
         BootArg::Direct => BootMode::Direct,
     };
@@ -413,7 +426,7 @@ fn show(p: &Progress, started: std::time::Instant) {
             return;
         }
         Progress::Accel(d) => format!("accelerator: {} ({})", d.used, d.reason),
-        Progress::Booting { boot, why } => format!("boot {boot}: {why}"),
+        Progress::Booting { boot, why, via } => format!("boot {boot}: {why} ({})", via.name()),
         Progress::Booted {
             boot,
             seconds,

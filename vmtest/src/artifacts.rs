@@ -8,6 +8,8 @@ pub const SERIAL_LOG: &str = "serial.log";
 pub const QMP_EVENTS: &str = "qmp-events.json";
 pub const SCREENDUMP: &str = "screen.png";
 pub const QEMU_COMMAND: &str = "qemu-command.txt";
+/// The later boots' command line when they are direct (`--later-boots`).
+pub const QEMU_COMMAND_LATER: &str = "qemu-command-later.txt";
 pub const REPORT_JSON: &str = "report.json";
 /// Held (flock) by the run using the directory; says which run that is.
 pub const LOCK: &str = ".strata-test.lock";
@@ -69,6 +71,7 @@ impl Artifacts {
             QMP_EVENTS,
             SCREENDUMP,
             QEMU_COMMAND,
+            QEMU_COMMAND_LATER,
             REPORT_JSON,
         ]
         .iter()

@@ -434,16 +434,58 @@ impl Machine {
                 })
             }
             None => {
-                return Err(MachineError::Timeout {
-                    what: "guest reset after `systemctl reboot`".into(),
-                    seconds: within.as_secs_f64(),
-                })
+                return Err(self
+                    .no_event("guest reset after `systemctl reboot`", within)
+                    .await)
             }
         }
         self.agent.disconnect();
         self.serial.new_boot();
         self.started = Instant::now();
         self.wait_booted(within).await
+    }
+
+    /// A clean reboot from inside the guest whose final reset ends QEMU
+    /// (set up with [`Qmp::exit_on_guest_reset`]): the guest goes through
+    /// its whole `systemctl reboot` (services stopped, filesystems
+    /// unmounted and synced, the reset), and the caller starts the next
+    /// boot however it likes. A guest that powers off or halts instead,
+    /// or a QEMU that dies before the reset, is reported as such.
+    pub async fn reboot_to_exit(mut self, within: Duration) -> Result<(), MachineError> {
+        let _ = self.qmp.drain_events();
+        self.agent.spawn(&["systemctl", "reboot"]).await?;
+        let ev = self
+            .qmp
+            .wait_event(within, |e| e.event == "SHUTDOWN" || e.event == "RESET")
+            .await?;
+        match ev {
+            Some(ev) => reset_ended_qemu(&ev)?,
+            None => {
+                return Err(self
+                    .no_event("guest reset after `systemctl reboot`", within)
+                    .await)
+            }
+        }
+        self.wait_exit(Duration::from_secs(10)).await.map(drop)
+    }
+
+    /// Why an awaited event never came: QEMU exited (the event stream ends
+    /// with it), or it did not happen in time.
+    async fn no_event(&mut self, what: &str, within: Duration) -> MachineError {
+        match tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await {
+            Ok(Ok(status)) => {
+                // Give the stderr reader a moment to collect QEMU's last words.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                MachineError::Exited {
+                    status: status.to_string(),
+                    stderr: self.stderr_text(),
+                }
+            }
+            _ => MachineError::Timeout {
+                what: what.into(),
+                seconds: within.as_secs_f64(),
+            },
+        }
     }
 
     /// Flushes the guest's page cache, then pulls the plug (QMP `quit`).
@@ -539,6 +581,29 @@ pub async fn unless_stopped<T, E: Into<MachineError>>(
     }
 }
 
+/// Whether `ev`, awaited after `systemctl reboot` with QEMU told to exit at
+/// a guest reset, is that reset: QMP `SHUTDOWN` with reason `guest-reset`.
+/// A guest that powered off (`guest-shutdown`) or halted (`guest-panic`,
+/// ...) did not reboot; a `RESET` means QEMU restarted the guest itself.
+pub fn reset_ended_qemu(ev: &QmpEvent) -> Result<(), MachineError> {
+    let reason = ev
+        .data
+        .get("reason")
+        .and_then(|r| r.as_str())
+        .unwrap_or("?");
+    match (ev.event.as_str(), reason) {
+        ("SHUTDOWN", "guest-reset") => Ok(()),
+        ("SHUTDOWN", _) => Err(MachineError::UnexpectedShutdown {
+            reason: reason.to_owned(),
+        }),
+        _ => Err(MachineError::Setup(format!(
+            "QEMU restarted the guest at its reset (QMP {}, reason {reason}) although told to \
+             exit (QMP set-action reboot=shutdown)",
+            ev.event
+        ))),
+    }
+}
+
 /// Guest resets seen while waiting for one boot. QEMU reports one reset as
 /// a burst of RESET events, so events close together count once.
 #[derive(Default)]
@@ -621,6 +686,32 @@ mod tests {
         assert!(msg.contains("org.qemu.guest_agent.0"), "{msg}");
         // The port is open: the agent is there, however slow its answer.
         assert!(agent_missing(Some(&up), true, t0 + Duration::from_secs(60), grace).is_none());
+    }
+
+    fn shutdown(event: &str, reason: &str) -> QmpEvent {
+        QmpEvent {
+            event: event.into(),
+            timestamp: 1.0,
+            data: serde_json::json!({"guest": true, "reason": reason}),
+        }
+    }
+
+    #[test]
+    fn only_the_guests_reset_counts_as_the_reboot_ending_qemu() {
+        assert!(reset_ended_qemu(&shutdown("SHUTDOWN", "guest-reset")).is_ok());
+        // Powered off instead of rebooting: said as such, not a reboot.
+        let err = reset_ended_qemu(&shutdown("SHUTDOWN", "guest-shutdown")).unwrap_err();
+        assert!(
+            matches!(&err, MachineError::UnexpectedShutdown { reason } if reason == "guest-shutdown"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("powered off"), "{err}");
+        // The host quit QEMU meanwhile: not the guest's reboot either.
+        let err = reset_ended_qemu(&shutdown("SHUTDOWN", "host-qmp-quit")).unwrap_err();
+        assert!(err.to_string().contains("host-qmp-quit"), "{err}");
+        // QEMU restarted the guest itself: the action did not take.
+        let err = reset_ended_qemu(&shutdown("RESET", "guest-reset")).unwrap_err();
+        assert!(err.to_string().contains("set-action"), "{err}");
     }
 
     #[test]

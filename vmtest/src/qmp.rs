@@ -321,6 +321,18 @@ impl Qmp {
             .unwrap_or_default())
     }
 
+    /// From now on a guest reset makes QEMU exit (QMP `SHUTDOWN`, reason
+    /// `guest-reset`) instead of restarting the guest: the reboot's last
+    /// step is seen, and the next boot can be started differently. Set at
+    /// run time (QEMU >= 6.0), not with `-action` on the command line, so
+    /// that the boot before it keeps QEMU's usual reset handling (a guest
+    /// that resets while booting is still seen looping).
+    pub async fn exit_on_guest_reset(&self) -> Result<(), QmpError> {
+        self.call_raw("set-action", json!({"reboot": "shutdown"}))
+            .await
+            .map(drop)
+    }
+
     /// QEMU exits at once: for the guest this is a power cut.
     pub async fn quit(&self) -> Result<(), QmpError> {
         match self.call(qapi::qmp::quit {}).await {
@@ -692,6 +704,28 @@ mod tests {
             assert!(err.to_string().contains(needle), "{err}");
             assert!(qmp.fatal_now().is_some());
         }
+    }
+
+    #[tokio::test]
+    async fn qemu_is_told_to_exit_at_the_guests_reset_or_says_why_not() {
+        let (qmp, _dir) = connect_to(|name| match name {
+            "set-action" => vec![Act::ReplyAfter(Duration::ZERO, json!({"return": {}}))],
+            other => panic!("unexpected {other}"),
+        })
+        .await;
+        qmp.exit_on_guest_reset().await.unwrap();
+        // A QEMU older than 6.0 has no set-action: an error to fall back on.
+        let (qmp, _dir) = connect_to(|name| match name {
+            "set-action" => vec![Act::ReplyAfter(
+                Duration::ZERO,
+                json!({"error": {"class": "CommandNotFound",
+                                 "desc": "The command set-action has not been found"}}),
+            )],
+            other => panic!("unexpected {other}"),
+        })
+        .await;
+        let err = qmp.exit_on_guest_reset().await.unwrap_err();
+        assert!(err.to_string().contains("set-action"), "{err}");
     }
 
     #[tokio::test]

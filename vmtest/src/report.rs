@@ -3,6 +3,7 @@
 
 use crate::journal::WarningKind;
 use crate::lifecycle::Stage;
+use crate::run::BootMode;
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -100,6 +101,59 @@ fn is_zero(v: &f64) -> bool {
     *v == 0.0
 }
 
+/// One guest boot of the run, in order: how QEMU got to the kernel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BootRecord {
+    pub boot: u32,
+    /// Why it happened ("first boot", "clean reboot (systemctl reboot)").
+    pub why: String,
+    /// `extlinux`: firmware, then the image's own bootloader reading the
+    /// kernel from the disk; `direct`: QEMU's `-kernel/-initrd/-append`
+    /// with the files and command line of the image's default entry.
+    pub via: BootMode,
+    /// From power-on (the reboot command, for a reboot) to the system
+    /// settling; None when it did not come up.
+    pub seconds: Option<f64>,
+    /// From power-on (or the guest's reset) to the kernel's first console
+    /// line: firmware and bootloader, or QEMU's loader.
+    pub firmware: Option<f64>,
+}
+
+/// One line on how the run's boots were made, grouping neighbours made
+/// alike: "boot 1 through the image's extlinux; boots 2-3 direct kernel
+/// boot of the same kernel, initramfs and command line".
+pub fn describe_boots(log: &[BootRecord]) -> String {
+    let mut groups: Vec<(u32, u32, BootMode)> = Vec::new();
+    for r in log {
+        match groups.last_mut() {
+            Some((_, last, via)) if *via == r.via && *last + 1 == r.boot => *last = r.boot,
+            _ => groups.push((r.boot, r.boot, r.via)),
+        }
+    }
+    let mut parts = Vec::new();
+    let mut extlinux_before = false;
+    for (first, last, via) in groups {
+        let which = match first == last {
+            true => format!("boot {first}"),
+            false => format!("boots {first}-{last}"),
+        };
+        let how = match via {
+            BootMode::Extlinux => {
+                extlinux_before = true;
+                "through the image's extlinux"
+            }
+            BootMode::Direct if extlinux_before => {
+                "direct kernel boot of the same kernel, initramfs and command line"
+            }
+            BootMode::Direct => {
+                "direct kernel boot of the kernel, initramfs and command line of the image's default entry"
+            }
+        };
+        parts.push(format!("{which} {how}"));
+    }
+    parts.join("; ")
+}
+
 /// Seconds. Guest-side numbers come from systemd's own boot timestamps.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Timings {
@@ -138,6 +192,14 @@ pub struct Report {
     /// Guest boots this run performed (persistence adds a reboot and a
     /// fresh start after the power cut).
     pub boots: u32,
+    /// Those boots in order: how each was made, how long it took. With
+    /// `--boot extlinux` boot 1 goes through the image's bootloader; the
+    /// later boots of a plain run are direct (`--later-boots`).
+    pub boot_log: Vec<BootRecord>,
+    /// Why later boots went through extlinux although `--later-boots
+    /// direct` asked otherwise (the kernel could not be extracted, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub later_boots_fallback: Option<String>,
     pub image: String,
     pub label: String,
     pub checks: Vec<CheckResult>,
@@ -236,8 +298,31 @@ impl Report {
                 o.push_str(&explain(w));
             }
         }
-        let t = &self.timings;
         let opt = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.1}s"));
+        if !self.boot_log.is_empty() {
+            let _ = writeln!(o, "\nBoots: {}", describe_boots(&self.boot_log));
+            let n_w = self
+                .boot_log
+                .iter()
+                .map(|b| b.boot.to_string().len())
+                .max()
+                .unwrap_or(1);
+            for b in &self.boot_log {
+                let _ = writeln!(
+                    o,
+                    "  boot {:<n_w$}  {:<8}  {:>6}  firmware {:>5}  {}",
+                    b.boot,
+                    b.via.name(),
+                    b.seconds.map_or("-".to_owned(), |v| format!("{v:.1}s")),
+                    opt(b.firmware),
+                    b.why
+                );
+            }
+            if let Some(why) = &self.later_boots_fallback {
+                let _ = writeln!(o, "  Later boots not direct: {why}");
+            }
+        }
+        let t = &self.timings;
         // A lifecycle does not run persistence; its image changes take time.
         let between = match self.phases.is_empty() {
             true if t.scenarios > 0.0 => format!(
@@ -360,6 +445,35 @@ impl Report {
                 o,
                 r#"      <property name="accel_cache" value="{}"/>"#,
                 xml(&value)
+            );
+        }
+        if !self.boot_log.is_empty() {
+            let _ = writeln!(
+                o,
+                r#"      <property name="boots" value="{}"/>"#,
+                xml(&describe_boots(&self.boot_log))
+            );
+        }
+        for b in &self.boot_log {
+            let value = format!(
+                "{}, {}, {}",
+                b.via.name(),
+                b.seconds
+                    .map_or("did not come up".to_owned(), |v| format!("{v:.1} s")),
+                b.why
+            );
+            let _ = writeln!(
+                o,
+                r#"      <property name="boot.{}" value="{}"/>"#,
+                b.boot,
+                xml(&value)
+            );
+        }
+        if let Some(why) = &self.later_boots_fallback {
+            let _ = writeln!(
+                o,
+                r#"      <property name="later_boots_fallback" value="{}"/>"#,
+                xml(why)
             );
         }
         for p in &self.phases {
@@ -598,6 +712,14 @@ mod tests {
             boot: "extlinux".into(),
             disk_bus: DiskBus::VirtioBlk,
             boots: 1,
+            boot_log: vec![BootRecord {
+                boot: 1,
+                why: "first boot".into(),
+                via: BootMode::Extlinux,
+                seconds: Some(23.4),
+                firmware: Some(1.9),
+            }],
+            later_boots_fallback: None,
             image: "/images/debian.img".into(),
             label: "factory".into(),
             checks,
@@ -712,9 +834,143 @@ mod tests {
             unit: Some("srv.mount".into()),
             phase: Some(Stage::Upgrade),
         }];
+        r.boot_log = phases
+            .iter()
+            .zip([31.2, 29.8, 30.5])
+            .map(|(p, seconds)| BootRecord {
+                boot: p.boot.unwrap(),
+                why: p.phase.why().into(),
+                via: BootMode::Extlinux,
+                seconds: Some(seconds),
+                firmware: Some(8.1),
+            })
+            .collect();
         r.phases = phases;
         r.verdict = Report::verdict_of(&r.checks, None);
         r
+    }
+
+    /// A plain run with persistence: boot 1 through extlinux, the clean
+    /// reboot and the fresh start after the power cut direct.
+    fn three_boots() -> Report {
+        let mut r = sample(false);
+        r.checks[5] = CheckResult::new(
+            "persistence",
+            Status::Pass,
+            "tokens survived a clean reboot and a power cut in 5 state dirs",
+            vec![],
+        );
+        r.boots = 3;
+        r.boot_log.extend([
+            BootRecord {
+                boot: 2,
+                why: "clean reboot (systemctl reboot)".into(),
+                via: BootMode::Direct,
+                seconds: Some(17.9),
+                firmware: Some(0.4),
+            },
+            BootRecord {
+                boot: 3,
+                why: "fresh start after the power cut".into(),
+                via: BootMode::Direct,
+                seconds: Some(14.6),
+                firmware: Some(0.4),
+            },
+        ]);
+        r.timings.persistence = 33.8;
+        r
+    }
+
+    #[test]
+    fn three_boots_table() {
+        insta::assert_snapshot!(three_boots().to_table());
+    }
+
+    #[test]
+    fn three_boots_junit() {
+        insta::assert_snapshot!(three_boots().to_junit());
+    }
+
+    #[test]
+    fn three_boots_json_says_how_each_boot_was_made() {
+        let json: serde_json::Value = serde_json::from_str(&three_boots().to_json()).unwrap();
+        let via: Vec<&str> = json["boot_log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["via"].as_str().unwrap())
+            .collect();
+        assert_eq!(via, ["extlinux", "direct", "direct"]);
+        assert_eq!(
+            json["boot_log"][1]["why"],
+            "clean reboot (systemctl reboot)"
+        );
+        assert!(
+            json.get("later_boots_fallback").is_none(),
+            "absent unless used"
+        );
+    }
+
+    #[test]
+    fn a_fallback_to_extlinux_is_said() {
+        let mut r = three_boots();
+        for b in &mut r.boot_log {
+            b.via = BootMode::Extlinux;
+        }
+        r.later_boots_fallback = Some(
+            "the kernel could not be extracted for a direct boot: btrfs restore failed".into(),
+        );
+        let table = r.to_table();
+        assert!(
+            table.contains("Boots: boots 1-3 through the image's extlinux\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("  Later boots not direct: the kernel could not be extracted"),
+            "{table}"
+        );
+        assert!(r
+            .to_junit()
+            .contains(r#"<property name="later_boots_fallback" value="the kernel could not"#));
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert!(json["later_boots_fallback"]
+            .as_str()
+            .unwrap()
+            .contains("btrfs restore failed"));
+    }
+
+    #[test]
+    fn boots_are_described_in_groups() {
+        let rec = |boot, via| BootRecord {
+            boot,
+            why: String::new(),
+            via,
+            seconds: None,
+            firmware: None,
+        };
+        use BootMode::{Direct, Extlinux};
+        assert_eq!(describe_boots(&[]), "");
+        assert_eq!(
+            describe_boots(&[rec(1, Extlinux)]),
+            "boot 1 through the image's extlinux"
+        );
+        assert_eq!(
+            describe_boots(&[rec(1, Extlinux), rec(2, Direct), rec(3, Direct)]),
+            "boot 1 through the image's extlinux; boots 2-3 direct kernel boot of the same \
+             kernel, initramfs and command line"
+        );
+        // One later boot could not be direct (the reboot), the next was.
+        assert_eq!(
+            describe_boots(&[rec(1, Extlinux), rec(2, Extlinux), rec(3, Direct)]),
+            "boots 1-2 through the image's extlinux; boot 3 direct kernel boot of the same \
+             kernel, initramfs and command line"
+        );
+        // --boot direct: no bootloader ran, nothing is "the same".
+        assert_eq!(
+            describe_boots(&[rec(1, Direct), rec(2, Direct)]),
+            "boots 1-2 direct kernel boot of the kernel, initramfs and command line of the \
+             image's default entry"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
 use crate::machine::{Machine, MachineError};
 use crate::qemu::{DiskBus, DiskFormat, KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
-use crate::report::{CheckResult, PhaseRecord, Report, Status, Timings, Warning};
+use crate::report::{BootRecord, CheckResult, PhaseRecord, Report, Status, Timings, Warning};
 use crate::workdir::{self, WorkDir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +30,10 @@ use strata_builder::error::FailureKind;
 use strata_builder::expect::Expectations;
 use tokio::sync::mpsc::UnboundedSender;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How QEMU gets to the guest kernel: through the firmware and the
+/// image's own extlinux, or directly (`-kernel/-initrd/-append`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BootMode {
     Extlinux,
     Direct,
@@ -41,6 +44,14 @@ impl BootMode {
         match self {
             BootMode::Extlinux => "extlinux",
             BootMode::Direct => "direct",
+        }
+    }
+
+    /// How a QEMU command line boots.
+    pub fn of(boot: &KernelBoot) -> BootMode {
+        match boot {
+            KernelBoot::Firmware => BootMode::Extlinux,
+            KernelBoot::Direct { .. } => BootMode::Direct,
         }
     }
 }
@@ -56,6 +67,14 @@ pub struct TestConfig {
     pub kvm_cache: Option<accel::cache::KvmCache>,
     pub disk_bus: DiskBus,
     pub boot: BootMode,
+    /// How the plain run's later boots (the clean reboot, the fresh start
+    /// after the power cut) are made when `boot` is extlinux. The
+    /// bootloader is proven by boot 1; `Direct` hands the later boots the
+    /// same kernel, initramfs and command line without firmware and
+    /// extlinux reading them through BIOS disk calls (seconds per boot
+    /// under TCG). An upgrade lifecycle ignores it: every one of its boots
+    /// proves the default flip through the bootloader.
+    pub later_boots: BootMode,
     /// Whole run, first QEMU start to verdict.
     pub timeout: Duration,
     /// The checks to run; the rest are reported as skipped.
@@ -82,6 +101,7 @@ impl TestConfig {
             kvm_cache: Some(Default::default()),
             disk_bus: DiskBus::VirtioBlk,
             boot: BootMode::Extlinux,
+            later_boots: BootMode::Direct,
             timeout: Duration::from_secs(600),
             checks: CheckId::ALL.to_vec(),
             qemu_binary: "qemu-system-x86_64".into(),
@@ -102,6 +122,7 @@ pub enum Progress {
     Booting {
         boot: u32,
         why: &'static str,
+        via: BootMode,
     },
     Booted {
         boot: u32,
@@ -180,6 +201,14 @@ struct Session {
     /// What the current boot has shown so far.
     seen: Seen,
     boots: u32,
+    /// How each boot so far was made, and how long it took.
+    boot_log: Vec<BootRecord>,
+    /// The later boots' direct kernel boot (`TestConfig::later_boots`),
+    /// extracted from the image at the first later boot; Err says why
+    /// they go through extlinux after all.
+    later: Option<Result<KernelBoot, String>>,
+    /// Why a later boot went through extlinux although asked to be direct.
+    later_fallback: Option<String>,
     /// The lifecycle's stages and rows (empty in a plain run).
     life: LifeState,
     /// The scenarios' rows, in the order they ran.
@@ -272,8 +301,15 @@ impl Session {
 
     /// Counts a boot as it starts (so `boots` includes one that fails);
     /// what the previous boot showed no longer holds.
-    fn begin_boot(&mut self, why: &'static str) {
+    fn begin_boot(&mut self, why: &'static str, via: BootMode) {
         self.boots += 1;
+        self.boot_log.push(BootRecord {
+            boot: self.boots,
+            why: why.into(),
+            via,
+            seconds: None,
+            firmware: None,
+        });
         self.seen = Seen::default();
         if let Some((stage, _)) = &self.life.current {
             let boot = self.boots;
@@ -284,10 +320,19 @@ impl Session {
         self.emit(Progress::Booting {
             boot: self.boots,
             why,
+            via,
         });
     }
 
-    fn booted(&self, seconds: f64, state: String) {
+    fn booted(&mut self, seconds: f64, state: String) {
+        let firmware = self.machine.as_ref().and_then(|m| {
+            let k = m.serial().snapshot().kernel_start?;
+            Some(k.saturating_duration_since(m.started()).as_secs_f64())
+        });
+        if let Some(r) = self.boot_log.last_mut() {
+            r.seconds = Some(seconds);
+            r.firmware = firmware;
+        }
         self.emit(Progress::Booted {
             boot: self.boots,
             seconds,
@@ -417,6 +462,8 @@ impl Session {
             boot: self.cfg.boot.name().into(),
             disk_bus: self.cfg.disk_bus,
             boots: self.boots,
+            boot_log: self.boot_log.clone(),
+            later_boots_fallback: self.later_fallback.clone(),
             image: self.cfg.image.display().to_string(),
             label: self.cfg.expect.version.label().to_owned(),
             checks,
@@ -513,6 +560,9 @@ pub async fn run_until(
         machine: None,
         seen: Seen::default(),
         boots: 0,
+        boot_log: Vec::new(),
+        later: None,
+        later_fallback: None,
         life: LifeState::default(),
         scenario_rows: Vec::new(),
     };
@@ -607,10 +657,18 @@ fn me(e: MachineError) -> String {
     e.to_string()
 }
 
+/// Whether the plain run's later boots are direct: asked for, after a boot
+/// 1 through extlinux (with `--boot direct` every boot is direct anyway),
+/// and never in a lifecycle, whose every boot proves the default flip
+/// through the bootloader.
+fn later_boots_direct(cfg: &TestConfig) -> bool {
+    cfg.lifecycle.is_none() && cfg.boot == BootMode::Extlinux && cfg.later_boots == BootMode::Direct
+}
+
 /// `--boot direct`: the kernel, initramfs and command line of `image`'s
 /// default boot entry, extracted into `dir`.
-fn direct_boot(image: &Path, dir: &Path) -> Result<KernelBoot, String> {
-    let files = bootfiles::extract(image, dir).map_err(|e| format!("--boot direct: {e}"))?;
+fn direct_boot(image: &Path, dir: &Path) -> Result<KernelBoot, bootfiles::BootFilesError> {
+    let files = bootfiles::extract(image, dir)?;
     Ok(KernelBoot::Direct {
         kernel: files.kernel,
         initrd: files.initrd,
@@ -645,7 +703,8 @@ async fn story(s: &mut Session) -> Result<(), String> {
         s.emit(Progress::Step(
             "extracting kernel and initramfs from the image".into(),
         ));
-        template.boot = direct_boot(&s.cfg.image, &s.workdir.path().join("boot"))?;
+        template.boot = direct_boot(&s.cfg.image, &s.workdir.path().join("boot"))
+            .map_err(|e| format!("--boot direct: {e}"))?;
     }
     s.template = Some(template);
     match s.cfg.lifecycle.clone() {
@@ -677,7 +736,7 @@ impl Session {
     /// from a fresh disk), then waits for the guest and takes its timings.
     async fn first_boot(&mut self, why: &'static str) -> Result<(), String> {
         let template = self.template.clone().expect("template set");
-        self.begin_boot(why);
+        self.begin_boot(why, BootMode::of(&template.boot));
         let fresh_disk = {
             let disk = self.disk.clone();
             let image = self.cfg.image.clone();
@@ -741,24 +800,79 @@ impl Session {
     }
 
     /// Starts QEMU again on the same disk with the accelerator already
-    /// chosen, and waits for the boot to settle.
-    async fn start_again(&mut self, why: &'static str) -> Result<(), MachineError> {
-        self.begin_boot(why);
+    /// chosen, and waits for the boot to settle. `boot` replaces the
+    /// template's way to the kernel (a plain run's later direct boots).
+    async fn start_again(
+        &mut self,
+        why: &'static str,
+        boot: Option<KernelBoot>,
+    ) -> Result<(), MachineError> {
+        let cmd = self.next_command(boot);
+        self.begin_boot(why, BootMode::of(&cmd.boot));
         let t = Instant::now();
-        let template = self.template.clone().expect("template set");
-        let cmd = QemuCommand {
-            accel: self
-                .accel
-                .as_ref()
-                .map(|a| a.used)
-                .unwrap_or(template.accel),
-            ..template
-        };
         self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
         let budget = self.boot_budget();
         let state = self.machine().wait_booted(budget).await?;
         self.booted(t.elapsed().as_secs_f64(), state);
         Ok(())
+    }
+
+    /// The template with the accelerator already chosen, booting `boot`
+    /// when given.
+    fn next_command(&self, boot: Option<KernelBoot>) -> QemuCommand {
+        let template = self.template.clone().expect("template set");
+        QemuCommand {
+            accel: self
+                .accel
+                .as_ref()
+                .map(|a| a.used)
+                .unwrap_or(template.accel),
+            boot: boot.unwrap_or(template.boot),
+            ..template
+        }
+    }
+
+    /// The direct kernel boot for a later boot of the plain run, when it is
+    /// to be direct (`TestConfig::later_boots`, with `--boot extlinux`; a
+    /// lifecycle never). Extracted once, at the first later boot, from the
+    /// image itself: the overlay QEMU writes is not a filesystem `btrfs
+    /// restore` can read, and the image is what the overlay showed boot
+    /// 1's extlinux. None when the files cannot be had: the later boots
+    /// then go through extlinux, and the report says why.
+    async fn later_direct(&mut self) -> Option<KernelBoot> {
+        if !later_boots_direct(&self.cfg) {
+            return None;
+        }
+        if self.later.is_none() {
+            self.emit(Progress::Step(
+                "extracting boot 1's kernel, initramfs and command line from the image \
+                 for the later boots (--later-boots direct)"
+                    .into(),
+            ));
+            let image = self.cfg.image.clone();
+            let dir = self.workdir.path().join("boot");
+            let extracted = tokio::task::spawn_blocking(move || direct_boot(&image, &dir))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match &extracted {
+                Ok(boot) => {
+                    let cmd_line = self.next_command(Some(boot.clone())).to_string();
+                    let _ = self
+                        .artifacts
+                        .write(artifacts::QEMU_COMMAND_LATER, format!("{cmd_line}\n"));
+                    self.emit(Progress::QemuCommand(cmd_line));
+                }
+                Err(e) => {
+                    self.later_fallback = Some(format!(
+                        "the kernel could not be extracted for a direct boot, so the later \
+                         boots went through extlinux: {e}"
+                    ));
+                }
+            }
+            self.later = Some(extracted);
+        }
+        self.later.as_ref()?.as_ref().ok().cloned()
     }
 
     /// `systemctl poweroff`, and waits for QEMU to exit: the disk is
@@ -803,11 +917,40 @@ impl Vm for Session {
         Ok(self.seen.journal.as_deref().unwrap_or_default())
     }
 
+    /// The guest's own `systemctl reboot`, to its final reset. A direct
+    /// later boot has QEMU exit at that reset and starts it again with the
+    /// kernel handed over; otherwise QEMU restarts the guest through the
+    /// firmware, as a reset does.
     async fn reboot(&mut self) -> Result<(), MachineError> {
-        self.begin_boot("clean reboot (systemctl reboot)");
+        const WHY: &str = "clean reboot (systemctl reboot)";
+        let mut direct = self.later_direct().await;
+        if direct.is_some() {
+            if let Err(e) = self.machine().qmp().exit_on_guest_reset().await {
+                self.later_fallback = Some(format!(
+                    "QEMU could not be told to exit at the guest's reset ({e}), so the clean \
+                     reboot went through extlinux"
+                ));
+                direct = None;
+            }
+        }
         let t = Instant::now();
         let budget = self.boot_budget();
-        let state = self.machine().reboot(budget).await?;
+        let state = match direct {
+            None => {
+                let via = BootMode::of(&self.machine().command().boot);
+                self.begin_boot(WHY, via);
+                self.machine().reboot(budget).await?
+            }
+            Some(boot) => {
+                let cmd = self.next_command(Some(boot));
+                self.begin_boot(WHY, BootMode::Direct);
+                let m = self.machine.take().expect("the machine is running");
+                m.reboot_to_exit(budget).await?;
+                self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
+                let budget = self.boot_budget();
+                self.machine().wait_booted(budget).await?
+            }
+        };
         self.booted(t.elapsed().as_secs_f64(), state);
         self.overmount_again().await
     }
@@ -816,7 +959,9 @@ impl Vm for Session {
         self.emit(Progress::Step("sync, then power cut (QMP quit)".into()));
         let m = self.machine.take().expect("the machine is running");
         m.power_cut().await?;
-        self.start_again("fresh start after the power cut").await?;
+        let direct = self.later_direct().await;
+        self.start_again("fresh start after the power cut", direct)
+            .await?;
         self.overmount_again().await
     }
 
@@ -1061,6 +1206,27 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 1 << 20]);
         assert_eq!(std::fs::read_to_string(&manifest).unwrap(), "{}");
+    }
+
+    #[test]
+    fn only_a_plain_run_through_extlinux_makes_its_later_boots_direct() {
+        let mut cfg = TestConfig::new("x.img".into(), expectations());
+        assert!(later_boots_direct(&cfg), "the default");
+        cfg.later_boots = BootMode::Extlinux;
+        assert!(!later_boots_direct(&cfg), "--later-boots extlinux");
+        cfg.later_boots = BootMode::Direct;
+        cfg.boot = BootMode::Direct;
+        assert!(!later_boots_direct(&cfg), "--boot direct: already direct");
+        cfg.boot = BootMode::Extlinux;
+        cfg.lifecycle = Some(Lifecycle {
+            changes: std::sync::Arc::new(Untouchable),
+            label: "v2".into(),
+            interrupt: Default::default(),
+        });
+        assert!(
+            !later_boots_direct(&cfg),
+            "a lifecycle boots through extlinux every time"
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct SerialState {
     /// reached multi-user, or a getty printed a login prompt), and the line.
     pub up: Option<(Instant, String)>,
     partial: String,
+    /// The last printk timestamp seen: one far below it is a new kernel.
+    last_printk: Option<f64>,
 }
 
 #[derive(Clone)]
@@ -118,6 +120,13 @@ async fn poll(path: PathBuf, state: Arc<Mutex<SerialState>>) {
         let mut newest: Option<f64> = None;
         for line in complete.lines() {
             if let Some(t) = printk_time(line) {
+                // The previous kernel's last lines (a reboot's) may be read
+                // after `new_boot`: its clock must not stand for the new one.
+                if s.last_printk.is_some_and(|last| is_new_kernel(last, t)) {
+                    s.kernel_start = None;
+                    newest = None;
+                }
+                s.last_printk = Some(t);
                 newest = Some(newest.map_or(t, |n: f64| n.max(t)));
             }
             if s.fatal.is_none() && is_fatal(line) {
@@ -139,6 +148,13 @@ async fn poll(path: PathBuf, state: Arc<Mutex<SerialState>>) {
             }
         }
     }
+}
+
+/// Whether printk time `t` after `last` starts a new kernel's clock rather
+/// than following the running one's (lines of two CPUs may come a little
+/// out of order; a reboot starts again from zero).
+fn is_new_kernel(last: f64, t: f64) -> bool {
+    t + 1.0 < last
 }
 
 fn is_fatal(line: &str) -> bool {
@@ -267,6 +283,33 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("condition not reached: {:?}", watch.snapshot());
+    }
+
+    #[test]
+    fn only_a_clock_far_behind_is_a_new_kernel() {
+        assert!(is_new_kernel(45.9, 0.0));
+        assert!(is_new_kernel(45.9, 2.1));
+        assert!(!is_new_kernel(1.234, 1.233), "two CPUs' lines interleaved");
+        assert!(!is_new_kernel(0.5, 0.0));
+    }
+
+    #[tokio::test]
+    async fn a_reboots_last_lines_read_late_do_not_date_the_next_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let watch = SerialWatch::follow(path.clone(), 0);
+        // The reboot's last line reaches the watcher only after new_boot,
+        // in one read with the next kernel's first lines.
+        watch.new_boot();
+        std::fs::write(
+            &path,
+            "[   45.954259] reboot: Restarting system\n[    0.000000] Linux version\n[    0.200000] x\n",
+        )
+        .unwrap();
+        eventually(&watch, |s| s.kernel_start.is_some()).await;
+        let k = watch.snapshot().kernel_start.unwrap();
+        // Dated by the new kernel's 0.2 s, not the old one's 45.9 s.
+        assert!(k.elapsed() < Duration::from_secs(10), "{:?}", k.elapsed());
     }
 
     #[tokio::test]

@@ -262,6 +262,7 @@ fn fixture_passes_every_check_via_extlinux_on_virtio_blk_with_auto_accel() {
         "journal-boot3.json",
         "qmp-events.json",
         "qemu-command.txt",
+        "qemu-command-later.txt",
         "report.json",
     ] {
         let p = o.artifacts.join(f);
@@ -271,10 +272,21 @@ fn fixture_passes_every_check_via_extlinux_on_virtio_blk_with_auto_accel() {
         );
     }
     let events = std::fs::read_to_string(o.artifacts.join("qmp-events.json")).unwrap();
+    // The guest's own reset ended the reboot: QEMU exited at it (SHUTDOWN,
+    // reason guest-reset) and boot 2 was a direct kernel boot.
     assert!(
-        events.contains("\"RESET\""),
+        events.contains("\"guest-reset\""),
         "the clean reboot is in the event log"
     );
+    let via: Vec<BootMode> = r.boot_log.iter().map(|b| b.via).collect();
+    assert_eq!(
+        via,
+        [BootMode::Extlinux, BootMode::Direct, BootMode::Direct],
+        "boot 1 proves extlinux, the later boots are direct"
+    );
+    assert_eq!(r.later_boots_fallback, None);
+    let later = std::fs::read_to_string(o.artifacts.join("qemu-command-later.txt")).unwrap();
+    assert!(later.contains(" -kernel "), "{later}");
     assert!(
         events.contains("host-qmp-quit"),
         "the power cut is in the event log"

@@ -197,12 +197,15 @@ impl Session {
         self.enter(stage, expect);
         if self.cfg.boot == BootMode::Direct {
             let dir = self.workdir.path().join(format!("boot-{stage}"));
-            let boot = super::direct_boot(&self.disk.path, &dir)?;
+            let boot = super::direct_boot(&self.disk.path, &dir)
+                .map_err(|e| format!("--boot direct: {e}"))?;
             if let Some(t) = self.template.as_mut() {
                 t.boot = boot;
             }
         }
-        self.start_again(stage.why()).await.map_err(me)
+        // Never a direct later boot: each boot of a lifecycle proves the
+        // default flip through the bootloader.
+        self.start_again(stage.why(), None).await.map_err(me)
     }
 
     async fn write_tokens(
