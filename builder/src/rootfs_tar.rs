@@ -199,36 +199,82 @@ fn tar_command(archive: &Path) -> Command {
 }
 
 /// Every character and block device in `archive`, in archive order.
+///
+/// Two listings, matched line by line: `tar --list --verbose` for each
+/// member's type, mode, owner and `major,minor` (its first three columns),
+/// and `tar --list` for the names, one escaped name per line. The name
+/// cannot be cut off the verbose line: the columns before it change shape
+/// (an mtime out of `localtime`'s range prints as one bare number instead
+/// of a date and a time; column widths grow as the listing goes), so no
+/// split tells a space in a name from padding.
 pub fn list_device_nodes(
     archive: &Path,
     interrupt: &Interrupt,
 ) -> Result<Vec<DeviceNode>, TarError> {
+    let listing_error = |why: String| TarError::Io {
+        what: format!("listing {}", archive.display()),
+        source: std::io::Error::other(why),
+    };
+    // (line number, the device without its name)
+    let mut devices: Vec<(usize, DeviceNode)> = Vec::new();
+    let mut verbose_lines = 0;
+    let mut bad = None;
     let mut cmd = tar_command(archive);
+    // Escaped names here too: a newline in a name stays on its line.
     cmd.args([
         "--list",
         "--verbose",
         "--numeric-owner",
         "--quoting-style=escape",
     ]);
-    let mut nodes = Vec::new();
-    let mut bad = None;
     cmd::run_interruptible(&mut cmd, interrupt, &mut |line| {
-        if bad.is_none() {
-            match parse_listing_line(line) {
-                Ok(Some(n)) => nodes.push(n),
-                Ok(None) => {}
-                Err(()) => bad = Some(String::from_utf8_lossy(line).into_owned()),
+        match parse_listing_line(line) {
+            Ok(Some(n)) => devices.push((verbose_lines, n)),
+            Ok(None) => {}
+            Err(()) => {
+                bad.get_or_insert_with(|| String::from_utf8_lossy(line).into_owned());
             }
         }
+        verbose_lines += 1;
     })
     .map_err(|e| tool_error(archive, "listing", e))?;
     if let Some(line) = bad {
-        return Err(TarError::Io {
-            what: format!("listing {}", archive.display()),
-            source: std::io::Error::other(format!("unexpected `tar --list` line {line:?}")),
-        });
+        return Err(listing_error(format!(
+            "unexpected `tar --list --verbose` line {line:?}"
+        )));
     }
-    Ok(nodes)
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut names = Vec::with_capacity(devices.len());
+    let mut wanted = devices.iter().map(|(i, _)| *i).peekable();
+    let mut name_lines = 0;
+    let mut cmd = tar_command(archive);
+    cmd.args(["--list", "--quoting-style=escape"]);
+    cmd::run_interruptible(&mut cmd, interrupt, &mut |line| {
+        if wanted.peek() == Some(&name_lines) {
+            wanted.next();
+            names.push(unescape(line));
+        }
+        name_lines += 1;
+    })
+    .map_err(|e| tool_error(archive, "listing", e))?;
+    if name_lines != verbose_lines {
+        return Err(listing_error(format!(
+            "`tar --list` gave {name_lines} members, `tar --list --verbose` {verbose_lines}"
+        )));
+    }
+    devices
+        .into_iter()
+        .zip(names)
+        .map(|((_, node), name)| {
+            let name = name.map_err(|()| listing_error("a name tar escaped badly".into()))?;
+            Ok(DeviceNode {
+                path: PathBuf::from(OsString::from_vec(name)),
+                ..node
+            })
+        })
+        .collect()
 }
 
 /// Extracts `archive` into `dest` (an existing, empty directory; its own
@@ -314,39 +360,33 @@ fn tool_error(archive: &Path, doing: &str, e: CmdError) -> TarError {
     }
 }
 
-/// One line of `tar --list --verbose --numeric-owner --quoting-style=escape`
-/// in the C locale:
+/// One line of `tar --list --verbose --numeric-owner` in the C locale:
 ///
 /// ```text
 /// crw-rw-rw- 0/0             1,3 2026-11-27 03:59 ./dev/null
 /// ```
 ///
-/// Ok(None) for members that are not devices; Err for a device line that
-/// does not parse.
+/// Only the first three columns are read (mode, uid/gid, major,minor): the
+/// device comes back with an empty path, which `list_device_nodes` takes
+/// from the names-only listing. Ok(None) for members that are not devices;
+/// Err for a device line that does not parse.
 fn parse_listing_line(line: &[u8]) -> Result<Option<DeviceNode>, ()> {
     let kind = match line.first() {
         Some(b'c') => DeviceKind::Char,
         Some(b'b') => DeviceKind::Block,
         _ => return Ok(None),
     };
-    // Five space-separated fields (mode, uid/gid, major,minor, date, time),
-    // then one space, then the name: the name is taken as the rest of the
-    // line, spaces and all.
-    let mut rest = line;
-    let mut fields = Vec::with_capacity(5);
-    for _ in 0..5 {
-        let start = rest.iter().position(|&b| b != b' ').ok_or(())?;
-        rest = &rest[start..];
-        let end = rest.iter().position(|&b| b == b' ').ok_or(())?;
-        fields.push(std::str::from_utf8(&rest[..end]).map_err(|_| ())?);
-        rest = &rest[end + 1..];
-    }
-    let mode = parse_mode(fields[0])?;
-    let (uid, gid) = fields[1].split_once('/').ok_or(())?;
-    let (major, minor) = fields[2].split_once(',').ok_or(())?;
+    let mut fields = line
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty())
+        .map(|f| std::str::from_utf8(f).map_err(|_| ()));
+    let mut field = || fields.next().ok_or(())?;
+    let mode = parse_mode(field()?)?;
+    let (uid, gid) = field()?.split_once('/').ok_or(())?;
+    let (major, minor) = field()?.split_once(',').ok_or(())?;
     let num = |s: &str| s.parse::<u32>().map_err(|_| ());
     Ok(Some(DeviceNode {
-        path: PathBuf::from(OsString::from_vec(unescape(rest)?)),
+        path: PathBuf::new(),
         kind,
         major: num(major)?,
         minor: num(minor)?,
@@ -598,15 +638,13 @@ mod tests {
 
     #[test]
     fn listing_lines_parse_to_device_nodes() {
-        let n = parse_listing_line(
-            b"crwsr-x--T 12/34           1,3 2026-11-27 03:59 ./dev/we ird\\nx\\\\y\\303\\251",
-        )
-        .unwrap()
-        .unwrap();
+        let n = parse_listing_line(b"crwsr-x--T 12/34           1,3 99999999999999999 ./dev/n ull")
+            .unwrap()
+            .unwrap();
         assert_eq!(
             n,
             DeviceNode {
-                path: PathBuf::from(OsString::from_vec(b"./dev/we ird\nx\\y\xc3\xa9".to_vec())),
+                path: PathBuf::new(),
                 kind: DeviceKind::Char,
                 major: 1,
                 minor: 3,
@@ -624,9 +662,59 @@ mod tests {
             None
         );
         assert!(parse_listing_line(b"crw-r--r-- garbage").is_err());
+        assert_eq!(
+            unescape(b"we ird\\nx\\\\y\\303\\251"),
+            Ok(b"we ird\nx\\y\xc3\xa9".to_vec())
+        );
         assert_eq!(parse_mode("-rwxr-sr-x"), Ok(0o2755));
         assert_eq!(parse_mode("drwxrwxrwt"), Ok(0o1777));
         assert_eq!(parse_mode("-rwSr--r--"), Ok(0o4644));
+    }
+
+    /// Names that a split of `tar -tv` lines got wrong: an mtime out of
+    /// `localtime`'s range (a PAX header; tar prints a bare number for the
+    /// date and time, and pads the columns after it differently), spaces in
+    /// and at the start of a name. The archive is written by Python's
+    /// tarfile, as another tool would.
+    #[test]
+    fn device_names_survive_odd_listings() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("odd.tar");
+        let script = r#"
+import sys, tarfile
+with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
+    for name, kind, mtime in [
+        ("./dev/n ull", tarfile.CHRTYPE, "99999999999999999"),
+        ("./etc/x y", tarfile.REGTYPE, "99999999999999999"),
+        ("./dev/  lead", tarfile.BLKTYPE, "1700000000"),
+        ("./dev/ok", tarfile.CHRTYPE, "1700000000"),
+    ]:
+        i = tarfile.TarInfo(name)
+        i.type, i.devmajor, i.devminor, i.mode = kind, 1, 3, 0o640
+        i.pax_headers = {"mtime": mtime}
+        t.addfile(i)
+"#;
+        let made = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let nodes = list_device_nodes(&path, &Interrupt::default()).unwrap();
+        let names: Vec<&Path> = nodes.iter().map(|n| n.path.as_path()).collect();
+        assert_eq!(
+            names,
+            [
+                Path::new("./dev/n ull"),
+                Path::new("./dev/  lead"),
+                Path::new("./dev/ok")
+            ]
+        );
+        assert_eq!(
+            (nodes[1].kind, nodes[1].major, nodes[1].minor, nodes[1].mode),
+            (DeviceKind::Block, 1, 3, 0o640)
+        );
     }
 
     /// Skipping device nodes: listed with their attributes, left out by
