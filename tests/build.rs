@@ -1243,6 +1243,20 @@ fn rootfs_files_that_are_not_archives_and_unsafe_archives_are_refused() {
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
 }
 
+/// Where other users could swap the extraction for a link (a directory
+/// they can write without the sticky bit), a build from an archive is
+/// refused before anything is made, naming the directory.
+#[test]
+fn a_tar_build_into_a_directory_others_can_write_is_refused() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    let archive = elsewhere.path().join("r.tar");
+    fs::rename(make_rootfs_archive(&fx), &archive).unwrap();
+    fs::set_permissions(fx.dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let out = fx.build_from(&archive, &["--size", "300M"]);
+    fx.assert_refused(&out, &[&fx.dir.path().display().to_string(), "sticky"]);
+}
+
 /// Killed right after the extraction (SIGKILL: nothing can clean up), the
 /// extracted tree is left; the next run removes it. Stopped by SIGTERM
 /// there instead, the build removes it itself.

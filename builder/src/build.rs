@@ -513,11 +513,14 @@ fn build_from_tar(
     check_can_build()?;
     check_output(&opts.output, opts.force, "output image")?;
     check_output(&opts.manifest, opts.force, "manifest")?;
+    let parent = rootfs_tar::extraction_parent(&opts.output);
+    rootfs_tar::check_extraction_dir(&parent).map_err(|e| input(e.to_string()))?;
     let mut builder = Builder::new(opts, interrupt, on_event);
     // A killed run's extraction may be what fills the disk: gone first.
     builder.clean_debris();
     let extraction = builder.steps.run(Step::ExtractRootfs, |s| {
-        Extraction::next_to(
+        Extraction::new(
+            &parent,
             &opts.output,
             &opts.rootfs,
             DeviceNodes::Create,

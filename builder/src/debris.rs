@@ -17,6 +17,7 @@
 //! it, `losetup -d` removes it).
 
 use crate::cmd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -174,8 +175,13 @@ pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover
         let Some(pid) = pid_after(&name[at..], EXTRACT_MARKER) else {
             continue;
         };
-        // Not following a symlink: only a real directory of that name.
-        if !alive(pid) && e.file_type().is_ok_and(|t| t.is_dir()) {
+        // Not following a symlink: only a real directory of that name,
+        // and only one we made (owned by us, as `Extraction` checks): not
+        // whatever another user named so in a directory they can write.
+        let ours = e
+            .metadata()
+            .is_ok_and(|m| m.is_dir() && m.uid() == rustix::process::geteuid().as_raw());
+        if !alive(pid) && ours {
             out.push(Leftover::Extraction(e.path()));
         }
     }
