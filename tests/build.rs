@@ -1257,6 +1257,34 @@ fn a_tar_build_into_a_directory_others_can_write_is_refused() {
     fx.assert_refused(&out, &[&fx.dir.path().display().to_string(), "sticky"]);
 }
 
+/// What can be refused without the rootfs is refused before a (long)
+/// extraction of an archive: nothing is extracted.
+#[test]
+fn a_tar_build_refuses_bad_options_before_extracting() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    let archive = elsewhere.path().join("r.tar");
+    fs::rename(make_rootfs_archive(&fx), &archive).unwrap();
+    let missing = elsewhere.path().join("no-such-vmlinuz");
+    let missing = missing.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--size", "300M", "--fs-uuid", "nope"],
+            "invalid --fs-uuid",
+        ),
+        (vec!["--size", "1M"], "too small"),
+        (
+            vec!["--size", "300M", "--kernel", missing],
+            "no-such-vmlinuz",
+        ),
+        (vec!["--size", "300M", "--label", "a/b"], "a/b"),
+    ] {
+        let out = fx.build_from(&archive, &args);
+        fx.assert_refused(&out, &[want]);
+        assert!(!stderr(&out).contains("extracting"), "{}", stderr(&out));
+    }
+}
+
 /// Killed right after the extraction (SIGKILL: nothing can clean up), the
 /// extracted tree is left; the next run removes it. Stopped by SIGTERM
 /// there instead, the build removes it itself.
