@@ -792,6 +792,13 @@ fn upgrades_from_a_tar_archive() {
         fx.rootfs2().display(),
         archive.display()
     ));
+    // A label the image already has: refused before the extraction.
+    let out = fx.upgrade_from(&archive, "factory", &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("version factory already exists"), "{err}");
+    assert!(!err.contains("extracting"), "{err}");
+
     let out = fx.upgrade_from(&archive, "v2", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let l = fx.layout();

@@ -4,9 +4,10 @@
 //! ```text
 //! clean-debris       what killed runs left on the host (mounts, loop devices,
 //!                    extracted archives)
-//! extract-rootfs     only for a tar archive: extracted next to the image
-//!                    (under the temp dir for a device; `rootfs_tar::
-//!                    Extraction`), removed on every way out
+//! extract-rootfs     only for a tar archive, once what check-image refuses
+//!                    without the rootfs is ruled out: extracted next to the
+//!                    image (under the temp dir for a device;
+//!                    `rootfs_tar::Extraction`), removed on every way out
 //! check-image        read-only: every refusal (exit 2) happens here, before
 //!                    the image is opened for writing
 //! mount              read-write; partial versions a killed upgrade left go
@@ -69,7 +70,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use assemble::{assemble, Assembled};
-use check::{check, image_error, Checked};
+use check::{check, check_without_rootfs, image_error, Checked};
 use partial::{own_subvolumes, partial_dirs, remove_partial};
 
 /// Every step of an upgrade from a directory, in order (`set-default` is
@@ -171,6 +172,10 @@ pub fn upgrade(
     match input {
         RootfsInput::Dir => upgrade_from(image, opts, steps),
         RootfsInput::Tar(_) => {
+            // What check-image refuses without the rootfs, refused before
+            // the long extraction (a read-only look, no step of its own).
+            check_without_rootfs(image, opts, &mut steps)
+                .map_err(|e| e.in_step(Step::CheckImage))?;
             // Removed on every way out.
             let extraction = steps.run(Step::ExtractRootfs, |s| {
                 if extract_in != parent_dir(image) {
