@@ -196,8 +196,18 @@ fn tar_command(archive: &Path) -> Command {
     cmd.env("LC_ALL", "C")
         .arg("--force-local")
         .arg("-f")
-        .arg(archive);
+        .arg(archive_arg(archive));
     cmd
+}
+
+/// `archive` as `-f` takes it: a relative name gets `./`, so a file named
+/// `-` is that file, not standard input.
+fn archive_arg(archive: &Path) -> PathBuf {
+    if archive.is_relative() {
+        Path::new(".").join(archive)
+    } else {
+        archive.to_owned()
+    }
 }
 
 /// Every character and block device in `archive`, in archive order.
@@ -974,6 +984,24 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
             }
             assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         }
+    }
+
+    /// A file named `-` is read, not standard input (which the test leaves
+    /// empty: tar would say it does not look like an archive).
+    #[test]
+    fn an_archive_named_dash_is_a_file() {
+        assert_eq!(archive_arg(Path::new("-")), Path::new("./-"));
+        assert_eq!(archive_arg(Path::new("/a/-")), Path::new("/a/-"));
+        let d = tempfile::tempdir().unwrap();
+        let tar = archive(&[member(b"./dev/null", b'3', 0o666, (1, 3), b"")]);
+        std::fs::write(d.path().join("-"), &tar).unwrap();
+        let mut cmd = tar_command(Path::new("-"));
+        cmd.current_dir(d.path())
+            .stdin(std::process::Stdio::null())
+            .arg("--list");
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(out.stdout, b"./dev/null\n");
     }
 
     /// A device (an upgrade of /dev/sdb) is not a place to extract next to.
