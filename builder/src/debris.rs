@@ -140,12 +140,13 @@ pub fn dead_mounts(mountinfo: &str, alive: impl Fn(u32) -> bool) -> Vec<Leftover
     out
 }
 
-/// Partial images of dead builds in `dir`.
+/// Partial images of dead builds in `dir`. The marker is looked for from
+/// the end (as for extractions): the output's own name may contain it.
 pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(at) = name.find(PARTIAL_MARKER) else {
+        let Some(at) = name.rfind(PARTIAL_MARKER) else {
             continue;
         };
         if !name.starts_with('.') {
@@ -166,7 +167,7 @@ pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(at) = name.find(EXTRACT_MARKER) else {
+        let Some(at) = name.rfind(EXTRACT_MARKER) else {
             continue;
         };
         if !name.starts_with('.') {
@@ -360,6 +361,8 @@ mod tests {
             ".sys.img.strata-extract.999999.aB3",
             ".sys.img.strata-extract.1.live",
             "sys.img.strata-extract.999999.x",
+            // An output named `o.strata-extract.999999.img`, its run alive.
+            ".o.strata-extract.999999.img.strata-extract.1.live",
         ] {
             std::fs::create_dir_all(d.path().join(n).join("rootfs/etc")).unwrap();
         }
