@@ -1337,7 +1337,11 @@ fn an_extraction_is_removed_after_sigterm_and_after_sigkill() {
     let out = fx.build_from(&archive, &["--size", "300M"]);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("removed extracted rootfs archive"), "{err}");
+    assert_eq!(
+        err.matches("removed extracted rootfs archive").count(),
+        1,
+        "{err}"
+    );
     assert_eq!(extractions(), Vec::<String>::new());
     fx.assert_nothing_left();
 }

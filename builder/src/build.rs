@@ -277,6 +277,8 @@ fn parent_dir(path: &Path) -> &Path {
 pub struct Builder<'a> {
     opts: &'a BuildOptions,
     steps: Steps<'a>,
+    /// A build from an archive cleans before extracting: `run` need not.
+    debris_cleaned: bool,
 }
 
 impl<'a> Builder<'a> {
@@ -288,6 +290,7 @@ impl<'a> Builder<'a> {
         Builder {
             opts,
             steps: Steps::new(interrupt, on_event),
+            debris_cleaned: false,
         }
     }
 
@@ -295,6 +298,9 @@ impl<'a> Builder<'a> {
     /// device, partial image and extracted archive carry its pid; clean
     /// them now.
     fn clean_debris(&mut self) {
+        if std::mem::replace(&mut self.debris_cleaned, true) {
+            return;
+        }
         for c in debris::clean(&debris::find(Some(parent_dir(&self.opts.output)))) {
             self.steps.emit(Event::Note(c.to_string()));
         }
