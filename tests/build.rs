@@ -1243,6 +1243,48 @@ fn rootfs_files_that_are_not_archives_and_unsafe_archives_are_refused() {
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
 }
 
+/// Where other users could swap the extraction for a link (a directory
+/// they can write without the sticky bit), a build from an archive is
+/// refused before anything is made, naming the directory.
+#[test]
+fn a_tar_build_into_a_directory_others_can_write_is_refused() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    let archive = elsewhere.path().join("r.tar");
+    fs::rename(make_rootfs_archive(&fx), &archive).unwrap();
+    fs::set_permissions(fx.dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let out = fx.build_from(&archive, &["--size", "300M"]);
+    fx.assert_refused(&out, &[&fx.dir.path().display().to_string(), "sticky"]);
+}
+
+/// What can be refused without the rootfs is refused before a (long)
+/// extraction of an archive: nothing is extracted.
+#[test]
+fn a_tar_build_refuses_bad_options_before_extracting() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    let archive = elsewhere.path().join("r.tar");
+    fs::rename(make_rootfs_archive(&fx), &archive).unwrap();
+    let missing = elsewhere.path().join("no-such-vmlinuz");
+    let missing = missing.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--size", "300M", "--fs-uuid", "nope"],
+            "invalid --fs-uuid",
+        ),
+        (vec!["--size", "1M"], "too small"),
+        (
+            vec!["--size", "300M", "--kernel", missing],
+            "no-such-vmlinuz",
+        ),
+        (vec!["--size", "300M", "--label", "a/b"], "a/b"),
+    ] {
+        let out = fx.build_from(&archive, &args);
+        fx.assert_refused(&out, &[want]);
+        assert!(!stderr(&out).contains("extracting"), "{}", stderr(&out));
+    }
+}
+
 /// Killed right after the extraction (SIGKILL: nothing can clean up), the
 /// extracted tree is left; the next run removes it. Stopped by SIGTERM
 /// there instead, the build removes it itself.
@@ -1295,7 +1337,11 @@ fn an_extraction_is_removed_after_sigterm_and_after_sigkill() {
     let out = fx.build_from(&archive, &["--size", "300M"]);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("removed extracted rootfs archive"), "{err}");
+    assert_eq!(
+        err.matches("removed extracted rootfs archive").count(),
+        1,
+        "{err}"
+    );
     assert_eq!(extractions(), Vec::<String>::new());
     fx.assert_nothing_left();
 }

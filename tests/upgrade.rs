@@ -792,6 +792,13 @@ fn upgrades_from_a_tar_archive() {
         fx.rootfs2().display(),
         archive.display()
     ));
+    // A label the image already has: refused before the extraction.
+    let out = fx.upgrade_from(&archive, "factory", &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("version factory already exists"), "{err}");
+    assert!(!err.contains("extracting"), "{err}");
+
     let out = fx.upgrade_from(&archive, "v2", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let l = fx.layout();
@@ -821,4 +828,38 @@ fn upgrades_from_a_tar_archive() {
         .collect();
     assert_eq!(left, Vec::<String>::new());
     assert_eq!(fx.leftovers(), Vec::<String>::new());
+}
+
+/// An image given as a block device: the archive is extracted under the
+/// temp dir (TMPDIR), not next to the device in /dev, and said where.
+#[test]
+fn a_device_upgraded_from_a_tar_archive_extracts_under_tmpdir() {
+    let fx = Fixture::new();
+    let archive = fx.path("release-2.tar");
+    sh(&format!(
+        "tar --numeric-owner -C '{}' -cf '{}' .",
+        fx.rootfs2().display(),
+        archive.display()
+    ));
+    let tmp = fx.path("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let dev = sh(&format!("losetup --find --show '{}'", fx.image().display()));
+    let dev = dev.trim().to_owned();
+    let out = strata()
+        .arg("upgrade")
+        .arg(&dev)
+        .arg("--rootfs")
+        .arg(&archive)
+        .args(["--label", "v2"])
+        .arg("--manifest")
+        .arg(fx.manifest())
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("under {}", tmp.display())), "{err}");
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
+    assert_eq!(whole_versions(&fx.layout()), ["factory", "v2"]);
 }

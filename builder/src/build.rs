@@ -107,17 +107,7 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
     )?;
 
     let fstab_bytes = source.read("etc/fstab").map_err(|e| input(e.to_string()))?;
-    let fs_uuid = match &opts.fs_uuid {
-        Some(u) => {
-            let u = uuid::Uuid::parse_str(u)
-                .map_err(|e| input(format!("invalid --fs-uuid {u:?}: {e}")))?
-                .hyphenated()
-                .to_string();
-            check_fs_uuid_unused(&u)?;
-            u
-        }
-        None => uuid::Uuid::new_v4().hyphenated().to_string(),
-    };
+    let fs_uuid = fs_uuid(opts)?;
     let plan = plan::plan(
         fstab_bytes.as_deref(),
         &PlanOptions {
@@ -133,13 +123,7 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
     deploy::check_state_dirs(&source, rootfs, &plan)?;
     deploy::refuse_hidden_data(&source, rootfs, &plan, fstab_bytes.as_deref())?;
 
-    if opts.size < MIN_IMAGE_SIZE {
-        return Err(input(format!(
-            "image size {} is too small: a btrfs image needs at least {}",
-            human(opts.size),
-            human(MIN_IMAGE_SIZE)
-        )));
-    }
+    check_min_size(opts.size)?;
     let tree = copy::measure(rootfs)
         .map_err(|e| input(format!("reading rootfs {}: {e}", rootfs.display())))?;
     if tree.allocated >= opts.size {
@@ -163,6 +147,51 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
         plan,
         fs_uuid,
     })
+}
+
+/// What `prepare` refuses without looking at the rootfs, each check the
+/// one `prepare` runs: a build from an archive runs these before the
+/// (long) extraction.
+fn check_without_rootfs(opts: &BuildOptions) -> Result<(), BuildError> {
+    check_can_build()?;
+    check_output(&opts.output, opts.force, "output image")?;
+    check_output(&opts.manifest, opts.force, "manifest")?;
+    for (what, host) in [("kernel", &opts.kernel), ("initramfs", &opts.initramfs)] {
+        if let Some(path) = host {
+            deploy::host_file(path, what)?;
+        }
+    }
+    fs_uuid(opts)?;
+    plan::check_options(&opts.label, &opts.state_dirs, opts.root_device.as_deref())
+        .map_err(|e| input(e.to_string()))?;
+    check_min_size(opts.size)
+}
+
+/// The filesystem's UUID: `--fs-uuid` (valid, not a mounted btrfs's) or
+/// a new random one.
+fn fs_uuid(opts: &BuildOptions) -> Result<String, BuildError> {
+    match &opts.fs_uuid {
+        Some(u) => {
+            let u = uuid::Uuid::parse_str(u)
+                .map_err(|e| input(format!("invalid --fs-uuid {u:?}: {e}")))?
+                .hyphenated()
+                .to_string();
+            check_fs_uuid_unused(&u)?;
+            Ok(u)
+        }
+        None => Ok(uuid::Uuid::new_v4().hyphenated().to_string()),
+    }
+}
+
+fn check_min_size(size: u64) -> Result<(), BuildError> {
+    if size < MIN_IMAGE_SIZE {
+        return Err(input(format!(
+            "image size {} is too small: a btrfs image needs at least {}",
+            human(size),
+            human(MIN_IMAGE_SIZE)
+        )));
+    }
+    Ok(())
 }
 
 fn check_output(path: &Path, force: bool, what: &str) -> Result<(), BuildError> {
@@ -248,6 +277,8 @@ fn parent_dir(path: &Path) -> &Path {
 pub struct Builder<'a> {
     opts: &'a BuildOptions,
     steps: Steps<'a>,
+    /// A build from an archive cleans before extracting: `run` need not.
+    debris_cleaned: bool,
 }
 
 impl<'a> Builder<'a> {
@@ -259,6 +290,7 @@ impl<'a> Builder<'a> {
         Builder {
             opts,
             steps: Steps::new(interrupt, on_event),
+            debris_cleaned: false,
         }
     }
 
@@ -266,6 +298,9 @@ impl<'a> Builder<'a> {
     /// device, partial image and extracted archive carry its pid; clean
     /// them now.
     fn clean_debris(&mut self) {
+        if std::mem::replace(&mut self.debris_cleaned, true) {
+            return;
+        }
         for c in debris::clean(&debris::find(Some(parent_dir(&self.opts.output)))) {
             self.steps.emit(Event::Note(c.to_string()));
         }
@@ -510,14 +545,15 @@ fn build_from_tar(
     interrupt: &Interrupt,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Manifest, BuildError> {
-    check_can_build()?;
-    check_output(&opts.output, opts.force, "output image")?;
-    check_output(&opts.manifest, opts.force, "manifest")?;
+    check_without_rootfs(opts)?;
+    let parent = rootfs_tar::extraction_parent(&opts.output);
+    rootfs_tar::check_extraction_dir(&parent).map_err(|e| input(e.to_string()))?;
     let mut builder = Builder::new(opts, interrupt, on_event);
     // A killed run's extraction may be what fills the disk: gone first.
     builder.clean_debris();
     let extraction = builder.steps.run(Step::ExtractRootfs, |s| {
-        Extraction::next_to(
+        Extraction::new(
+            &parent,
             &opts.output,
             &opts.rootfs,
             DeviceNodes::Create,

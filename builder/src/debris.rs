@@ -17,6 +17,7 @@
 //! it, `losetup -d` removes it).
 
 use crate::cmd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -139,12 +140,13 @@ pub fn dead_mounts(mountinfo: &str, alive: impl Fn(u32) -> bool) -> Vec<Leftover
     out
 }
 
-/// Partial images of dead builds in `dir`.
+/// Partial images of dead builds in `dir`. The marker is looked for from
+/// the end (as for extractions): the output's own name may contain it.
 pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(at) = name.find(PARTIAL_MARKER) else {
+        let Some(at) = name.rfind(PARTIAL_MARKER) else {
             continue;
         };
         if !name.starts_with('.') {
@@ -165,7 +167,7 @@ pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(at) = name.find(EXTRACT_MARKER) else {
+        let Some(at) = name.rfind(EXTRACT_MARKER) else {
             continue;
         };
         if !name.starts_with('.') {
@@ -174,8 +176,13 @@ pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover
         let Some(pid) = pid_after(&name[at..], EXTRACT_MARKER) else {
             continue;
         };
-        // Not following a symlink: only a real directory of that name.
-        if !alive(pid) && e.file_type().is_ok_and(|t| t.is_dir()) {
+        // Not following a symlink: only a real directory of that name,
+        // and only one we made (owned by us, as `Extraction` checks): not
+        // whatever another user named so in a directory they can write.
+        let ours = e
+            .metadata()
+            .is_ok_and(|m| m.is_dir() && m.uid() == rustix::process::geteuid().as_raw());
+        if !alive(pid) && ours {
             out.push(Leftover::Extraction(e.path()));
         }
     }
@@ -354,6 +361,8 @@ mod tests {
             ".sys.img.strata-extract.999999.aB3",
             ".sys.img.strata-extract.1.live",
             "sys.img.strata-extract.999999.x",
+            // An output named `o.strata-extract.999999.img`, its run alive.
+            ".o.strata-extract.999999.img.strata-extract.1.live",
         ] {
             std::fs::create_dir_all(d.path().join(n).join("rootfs/etc")).unwrap();
         }

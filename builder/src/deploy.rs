@@ -149,7 +149,7 @@ fn rootfs_file(source: &RootDir, path: &str, what: &str) -> Result<String, Build
     }
 }
 
-fn host_file(path: &Path, what: &str) -> Result<PathBuf, BuildError> {
+pub fn host_file(path: &Path, what: &str) -> Result<PathBuf, BuildError> {
     match fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(path.to_owned()),
         Ok(_) => Err(input(format!(

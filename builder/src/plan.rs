@@ -106,21 +106,32 @@ fn needs_initramfs(device: &str) -> bool {
     device.starts_with("UUID=") || device.starts_with("LABEL=")
 }
 
-/// Decides everything about the fstab and state directories. `fstab` is the
-/// rootfs's etc/fstab, or None when it has none.
-pub fn plan(fstab: Option<&[u8]>, opts: &PlanOptions) -> Result<Plan, PlanError> {
-    validate_label(&opts.label)?;
-    for (i, d) in opts.state_dirs.iter().enumerate() {
+/// What `plan` refuses in its options alone, before any rootfs is read:
+/// the label, the state dir names (and duplicates), the root device.
+pub fn check_options(
+    label: &str,
+    state_dirs: &[String],
+    root_device: Option<&str>,
+) -> Result<(), PlanError> {
+    validate_label(label)?;
+    for (i, d) in state_dirs.iter().enumerate() {
         validate_state_dir(d)?;
-        if opts.state_dirs[..i].contains(d) {
+        if state_dirs[..i].contains(d) {
             return Err(PlanError::DuplicateStateDir(d.clone()));
         }
     }
-    if let Some(r) = &opts.root_device {
+    if let Some(r) = root_device {
         if r.is_empty() || r.chars().any(char::is_whitespace) {
-            return Err(PlanError::RootDevice(r.clone()));
+            return Err(PlanError::RootDevice(r.to_owned()));
         }
     }
+    Ok(())
+}
+
+/// Decides everything about the fstab and state directories. `fstab` is the
+/// rootfs's etc/fstab, or None when it has none.
+pub fn plan(fstab: Option<&[u8]>, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    check_options(&opts.label, &opts.state_dirs, opts.root_device.as_deref())?;
 
     let parsed = fstab.map(fstab::parse_full);
     if let Some(p) = &parsed {

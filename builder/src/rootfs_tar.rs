@@ -33,8 +33,10 @@
 
 use crate::cmd::{self, CmdError};
 use crate::interrupt::Interrupt;
+use rustix::fs::Mode;
 use std::ffi::OsString;
 use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -194,41 +196,97 @@ fn tar_command(archive: &Path) -> Command {
     cmd.env("LC_ALL", "C")
         .arg("--force-local")
         .arg("-f")
-        .arg(archive);
+        .arg(archive_arg(archive));
     cmd
 }
 
+/// `archive` as `-f` takes it: a relative name gets `./`, so a file named
+/// `-` is that file, not standard input.
+fn archive_arg(archive: &Path) -> PathBuf {
+    if archive.is_relative() {
+        Path::new(".").join(archive)
+    } else {
+        archive.to_owned()
+    }
+}
+
 /// Every character and block device in `archive`, in archive order.
+///
+/// Two listings, matched line by line: `tar --list --verbose` for each
+/// member's type, mode, owner and `major,minor` (its first three columns),
+/// and `tar --list` for the names, one escaped name per line. The name
+/// cannot be cut off the verbose line: the columns before it change shape
+/// (an mtime out of `localtime`'s range prints as one bare number instead
+/// of a date and a time; column widths grow as the listing goes), so no
+/// split tells a space in a name from padding.
 pub fn list_device_nodes(
     archive: &Path,
     interrupt: &Interrupt,
 ) -> Result<Vec<DeviceNode>, TarError> {
+    let listing_error = |why: String| TarError::Io {
+        what: format!("listing {}", archive.display()),
+        source: std::io::Error::other(why),
+    };
+    // (line number, the device without its name)
+    let mut devices: Vec<(usize, DeviceNode)> = Vec::new();
+    let mut verbose_lines = 0;
+    let mut bad = None;
     let mut cmd = tar_command(archive);
+    // Escaped names here too: a newline in a name stays on its line.
     cmd.args([
         "--list",
         "--verbose",
         "--numeric-owner",
         "--quoting-style=escape",
     ]);
-    let mut nodes = Vec::new();
-    let mut bad = None;
     cmd::run_interruptible(&mut cmd, interrupt, &mut |line| {
-        if bad.is_none() {
-            match parse_listing_line(line) {
-                Ok(Some(n)) => nodes.push(n),
-                Ok(None) => {}
-                Err(()) => bad = Some(String::from_utf8_lossy(line).into_owned()),
+        match parse_listing_line(line) {
+            Ok(Some(n)) => devices.push((verbose_lines, n)),
+            Ok(None) => {}
+            Err(()) => {
+                bad.get_or_insert_with(|| String::from_utf8_lossy(line).into_owned());
             }
         }
+        verbose_lines += 1;
     })
     .map_err(|e| tool_error(archive, "listing", e))?;
     if let Some(line) = bad {
-        return Err(TarError::Io {
-            what: format!("listing {}", archive.display()),
-            source: std::io::Error::other(format!("unexpected `tar --list` line {line:?}")),
-        });
+        return Err(listing_error(format!(
+            "unexpected `tar --list --verbose` line {line:?}"
+        )));
     }
-    Ok(nodes)
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut names = Vec::with_capacity(devices.len());
+    let mut wanted = devices.iter().map(|(i, _)| *i).peekable();
+    let mut name_lines = 0;
+    let mut cmd = tar_command(archive);
+    cmd.args(["--list", "--quoting-style=escape"]);
+    cmd::run_interruptible(&mut cmd, interrupt, &mut |line| {
+        if wanted.peek() == Some(&name_lines) {
+            wanted.next();
+            names.push(unescape(line));
+        }
+        name_lines += 1;
+    })
+    .map_err(|e| tool_error(archive, "listing", e))?;
+    if name_lines != verbose_lines {
+        return Err(listing_error(format!(
+            "`tar --list` gave {name_lines} members, `tar --list --verbose` {verbose_lines}"
+        )));
+    }
+    devices
+        .into_iter()
+        .zip(names)
+        .map(|((_, node), name)| {
+            let name = name.map_err(|()| listing_error("a name tar escaped badly".into()))?;
+            Ok(DeviceNode {
+                path: PathBuf::from(OsString::from_vec(name)),
+                ..node
+            })
+        })
+        .collect()
 }
 
 /// Extracts `archive` into `dest` (an existing, empty directory; its own
@@ -314,39 +372,33 @@ fn tool_error(archive: &Path, doing: &str, e: CmdError) -> TarError {
     }
 }
 
-/// One line of `tar --list --verbose --numeric-owner --quoting-style=escape`
-/// in the C locale:
+/// One line of `tar --list --verbose --numeric-owner` in the C locale:
 ///
 /// ```text
 /// crw-rw-rw- 0/0             1,3 2026-11-27 03:59 ./dev/null
 /// ```
 ///
-/// Ok(None) for members that are not devices; Err for a device line that
-/// does not parse.
+/// Only the first three columns are read (mode, uid/gid, major,minor): the
+/// device comes back with an empty path, which `list_device_nodes` takes
+/// from the names-only listing. Ok(None) for members that are not devices;
+/// Err for a device line that does not parse.
 fn parse_listing_line(line: &[u8]) -> Result<Option<DeviceNode>, ()> {
     let kind = match line.first() {
         Some(b'c') => DeviceKind::Char,
         Some(b'b') => DeviceKind::Block,
         _ => return Ok(None),
     };
-    // Five space-separated fields (mode, uid/gid, major,minor, date, time),
-    // then one space, then the name: the name is taken as the rest of the
-    // line, spaces and all.
-    let mut rest = line;
-    let mut fields = Vec::with_capacity(5);
-    for _ in 0..5 {
-        let start = rest.iter().position(|&b| b != b' ').ok_or(())?;
-        rest = &rest[start..];
-        let end = rest.iter().position(|&b| b == b' ').ok_or(())?;
-        fields.push(std::str::from_utf8(&rest[..end]).map_err(|_| ())?);
-        rest = &rest[end + 1..];
-    }
-    let mode = parse_mode(fields[0])?;
-    let (uid, gid) = fields[1].split_once('/').ok_or(())?;
-    let (major, minor) = fields[2].split_once(',').ok_or(())?;
+    let mut fields = line
+        .split(|&b| b == b' ')
+        .filter(|f| !f.is_empty())
+        .map(|f| std::str::from_utf8(f).map_err(|_| ()));
+    let mut field = || fields.next().ok_or(())?;
+    let mode = parse_mode(field()?)?;
+    let (uid, gid) = field()?.split_once('/').ok_or(())?;
+    let (major, minor) = field()?.split_once(',').ok_or(())?;
     let num = |s: &str| s.parse::<u32>().map_err(|_| ());
     Ok(Some(DeviceNode {
-        path: PathBuf::from(OsString::from_vec(unescape(rest)?)),
+        path: PathBuf::new(),
         kind,
         major: num(major)?,
         minor: num(minor)?,
@@ -425,18 +477,67 @@ fn unescape(s: &[u8]) -> Result<Vec<u8>, ()> {
     Ok(out)
 }
 
-/// A rootfs archive extracted next to the output image (same filesystem,
-/// so its space is the output's), removed when dropped: on success, on
-/// error and on interruption alike. Named `.<output>.strata-extract.<pid>.
-/// <random>` (`debris::EXTRACT_MARKER`): a run killed with SIGKILL leaves
-/// it for the next run to remove.
+/// Where the archive for `target` (the output of a build, the image of an
+/// upgrade) is extracted: next to it (same filesystem, so its space is the
+/// image's), unless it is something other than a regular file (`strata
+/// upgrade /dev/sdb`: its directory is /dev, a tiny devtmpfs), then under
+/// the temp dir (`TMPDIR`, else /tmp).
+pub fn extraction_parent(target: &Path) -> PathBuf {
+    match std::fs::metadata(target) {
+        Ok(m) if !m.is_file() => std::env::temp_dir(),
+        _ => match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        },
+    }
+}
+
+/// Refuses to extract into `dir` when users other than its owner may
+/// rename or remove its entries: writable by group or others without the
+/// sticky bit (/tmp, 1777, is fine; a 0777 or 0775 directory is not).
+/// There, another user could swap the extraction directory for a link
+/// between its creation and its use, and root's tar (`--same-owner`)
+/// would extract wherever it points; or plant a directory named like a
+/// killed run's extraction for the debris cleaner to remove. The
+/// directory's owner is trusted: the output or image is theirs to replace
+/// anyway. Ancestors are not looked at: whoever renames one moves the
+/// extraction whole, and it is reached through a handle, never by name
+/// (`Extraction`).
+pub fn check_extraction_dir(dir: &Path) -> Result<(), TarError> {
+    let mode = std::fs::metadata(dir)
+        .map_err(|source| TarError::Io {
+            what: format!("reading the permissions of {}", dir.display()),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(TarError::Input(format!(
+            "refusing to extract the rootfs archive into {} (mode {:o}): other users can write there without the sticky bit, and could swap the extraction for a link to anywhere; use a directory only its owner can write (or a sticky one like /tmp)",
+            dir.display(),
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// A rootfs archive extracted into a new directory (`extraction_parent`),
+/// removed when dropped: on success, on error and on interruption alike.
+/// Named `.<target>.strata-extract.<pid>.<random>` (`debris::EXTRACT_MARKER`):
+/// a run killed with SIGKILL leaves it for the next run to remove.
 ///
 /// The named directory is mode 0700 and the tree is one level below it:
 /// the archive's setuid binaries and device nodes are never reachable by
-/// another user, whatever modes the archive gives them.
+/// another user, whatever modes the archive gives them. Once created, the
+/// directory is opened (no symlink followed) and checked to be ours; tar
+/// and the build reach the tree through that handle
+/// (`/proc/<pid>/fd/<n>/rootfs`), never through the name, which someone
+/// could swap.
 #[derive(Debug)]
 pub struct Extraction {
     dir: tempfile::TempDir,
+    /// Keeps `rootfs`'s `/proc/<pid>/fd/<n>` valid.
+    _handle: OwnedFd,
     rootfs: PathBuf,
     /// Device nodes left out (`DeviceNodes::Skip`).
     pub skipped_devices: Vec<DeviceNode>,
@@ -446,19 +547,17 @@ pub struct Extraction {
 const ROOTFS_DIR: &str = "rootfs";
 
 impl Extraction {
-    /// Extracts `archive` into a new directory next to `output` (see the
-    /// type).
-    pub fn next_to(
-        output: &Path,
+    /// Extracts `archive` into a new directory in `parent`
+    /// (`extraction_parent(target)`), named after `target` (see the type).
+    pub fn new(
+        parent: &Path,
+        target: &Path,
         archive: &Path,
         device_nodes: DeviceNodes,
         interrupt: &Interrupt,
     ) -> Result<Extraction, TarError> {
-        let parent = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let name = output
+        check_extraction_dir(parent)?;
+        let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -468,6 +567,9 @@ impl Extraction {
                 crate::debris::EXTRACT_MARKER,
                 std::process::id()
             ))
+            // Created closed to others (mkdir's mode; the umask can only
+            // take bits away): never open, not even for a moment.
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(parent)
             .map_err(|source| TarError::Io {
                 what: format!(
@@ -476,34 +578,42 @@ impl Extraction {
                 ),
                 source,
             })?;
-        // tempfile makes it 0700; this is what keeps the tree private, so
-        // not left to a library default.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| TarError::Io {
-                what: format!("making {} private", dir.path().display()),
-                source,
-            },
-        )?;
-        let rootfs = dir.path().join(ROOTFS_DIR);
+        let handle = open_own_dir(dir.path()).map_err(|source| TarError::Io {
+            what: format!("opening {}", dir.path().display()),
+            source,
+        })?;
+        let rootfs = PathBuf::from(format!(
+            "/proc/{}/fd/{}/{ROOTFS_DIR}",
+            std::process::id(),
+            handle.as_raw_fd()
+        ));
         // 0755 (not subject to the umask) until the archive's `./` entry,
-        // if it has one, says otherwise: docker export has none.
-        std::fs::create_dir(&rootfs)
+        // if it has one, says otherwise: docker export has none. Inside
+        // the 0700 directory no one else can put anything in its way.
+        rustix::fs::mkdirat(&handle, ROOTFS_DIR, Mode::from_raw_mode(0o755))
             .and_then(|()| {
-                std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o755))
+                rustix::fs::chmodat(
+                    &handle,
+                    ROOTFS_DIR,
+                    Mode::from_raw_mode(0o755),
+                    rustix::fs::AtFlags::empty(),
+                )
             })
-            .map_err(|source| TarError::Io {
-                what: format!("creating {}", rootfs.display()),
-                source,
+            .map_err(|e| TarError::Io {
+                what: format!("creating {}", dir.path().join(ROOTFS_DIR).display()),
+                source: e.into(),
             })?;
         let skipped_devices = extract(archive, &rootfs, device_nodes, interrupt)?;
         Ok(Extraction {
             dir,
+            _handle: handle,
             rootfs,
             skipped_devices,
         })
     }
 
-    /// The extracted tree: the rootfs to build from.
+    /// The extracted tree: the rootfs to build from (a path through the
+    /// handle: valid while this lives, in this process and its children).
     pub fn rootfs(&self) -> &Path {
         &self.rootfs
     }
@@ -531,9 +641,33 @@ impl Extraction {
     }
 }
 
+/// Opens the directory just created at `path` without following a link,
+/// and makes sure it is the one we made: owned by us, closed to others
+/// (as created; a directory swapped in by someone else is theirs). Then
+/// 0700, whatever the umask left.
+fn open_own_dir(path: &Path) -> std::io::Result<OwnedFd> {
+    use rustix::fs::OFlags;
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if st.st_uid != rustix::process::geteuid().as_raw() || st.st_mode & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "not the private directory strata created (owner {}, mode {:o}): replaced by someone else?",
+            st.st_uid,
+            st.st_mode & 0o7777
+        )));
+    }
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o700))?;
+    Ok(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     /// One ustar header (and data) for `name`: `kind` is the typeflag.
     fn member(name: &[u8], kind: u8, mode: u32, dev: (u32, u32), data: &[u8]) -> Vec<u8> {
@@ -598,15 +732,13 @@ mod tests {
 
     #[test]
     fn listing_lines_parse_to_device_nodes() {
-        let n = parse_listing_line(
-            b"crwsr-x--T 12/34           1,3 2026-11-27 03:59 ./dev/we ird\\nx\\\\y\\303\\251",
-        )
-        .unwrap()
-        .unwrap();
+        let n = parse_listing_line(b"crwsr-x--T 12/34           1,3 99999999999999999 ./dev/n ull")
+            .unwrap()
+            .unwrap();
         assert_eq!(
             n,
             DeviceNode {
-                path: PathBuf::from(OsString::from_vec(b"./dev/we ird\nx\\y\xc3\xa9".to_vec())),
+                path: PathBuf::new(),
                 kind: DeviceKind::Char,
                 major: 1,
                 minor: 3,
@@ -624,9 +756,59 @@ mod tests {
             None
         );
         assert!(parse_listing_line(b"crw-r--r-- garbage").is_err());
+        assert_eq!(
+            unescape(b"we ird\\nx\\\\y\\303\\251"),
+            Ok(b"we ird\nx\\y\xc3\xa9".to_vec())
+        );
         assert_eq!(parse_mode("-rwxr-sr-x"), Ok(0o2755));
         assert_eq!(parse_mode("drwxrwxrwt"), Ok(0o1777));
         assert_eq!(parse_mode("-rwSr--r--"), Ok(0o4644));
+    }
+
+    /// Names that a split of `tar -tv` lines got wrong: an mtime out of
+    /// `localtime`'s range (a PAX header; tar prints a bare number for the
+    /// date and time, and pads the columns after it differently), spaces in
+    /// and at the start of a name. The archive is written by Python's
+    /// tarfile, as another tool would.
+    #[test]
+    fn device_names_survive_odd_listings() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("odd.tar");
+        let script = r#"
+import sys, tarfile
+with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
+    for name, kind, mtime in [
+        ("./dev/n ull", tarfile.CHRTYPE, "99999999999999999"),
+        ("./etc/x y", tarfile.REGTYPE, "99999999999999999"),
+        ("./dev/  lead", tarfile.BLKTYPE, "1700000000"),
+        ("./dev/ok", tarfile.CHRTYPE, "1700000000"),
+    ]:
+        i = tarfile.TarInfo(name)
+        i.type, i.devmajor, i.devminor, i.mode = kind, 1, 3, 0o640
+        i.pax_headers = {"mtime": mtime}
+        t.addfile(i)
+"#;
+        let made = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let nodes = list_device_nodes(&path, &Interrupt::default()).unwrap();
+        let names: Vec<&Path> = nodes.iter().map(|n| n.path.as_path()).collect();
+        assert_eq!(
+            names,
+            [
+                Path::new("./dev/n ull"),
+                Path::new("./dev/  lead"),
+                Path::new("./dev/ok")
+            ]
+        );
+        assert_eq!(
+            (nodes[1].kind, nodes[1].major, nodes[1].minor, nodes[1].mode),
+            (DeviceKind::Block, 1, 3, 0o640)
+        );
     }
 
     /// Skipping device nodes: listed with their attributes, left out by
@@ -708,8 +890,15 @@ mod tests {
         let path = d.path().join("r.tar");
         std::fs::write(&path, &tar).unwrap();
         let out = d.path().join("sys.img");
-        let x =
-            Extraction::next_to(&out, &path, DeviceNodes::Create, &Interrupt::default()).unwrap();
+        assert_eq!(extraction_parent(&out), d.path());
+        let x = Extraction::new(
+            d.path(),
+            &out,
+            &path,
+            DeviceNodes::Create,
+            &Interrupt::default(),
+        )
+        .unwrap();
         let name = x.dir().file_name().unwrap().to_string_lossy().into_owned();
         assert!(
             name.starts_with(&format!(
@@ -722,8 +911,110 @@ mod tests {
         let mode = std::fs::metadata(x.dir()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         assert!(x.rootfs().join("etc").is_dir());
+        assert_eq!(
+            std::fs::metadata(x.dir().join("rootfs/etc")).unwrap().ino(),
+            std::fs::metadata(x.rootfs().join("etc")).unwrap().ino()
+        );
         let dir = x.dir().to_owned();
         drop(x);
         assert!(!dir.exists());
+    }
+
+    /// The tree is reached through the handle: renaming the directory (what
+    /// a swap starts with) does not move where the build reads.
+    #[test]
+    fn the_tree_is_reached_through_a_handle_not_the_name() {
+        let tar = archive(&[member(b"etc/", b'5', 0o755, (0, 0), b"")]);
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("r.tar");
+        std::fs::write(&path, &tar).unwrap();
+        let x = Extraction::new(
+            d.path(),
+            &d.path().join("o.img"),
+            &path,
+            DeviceNodes::Create,
+            &Interrupt::default(),
+        )
+        .unwrap();
+        let moved = d.path().join("moved");
+        std::fs::rename(x.dir(), &moved).unwrap();
+        std::fs::create_dir_all(x.dir().join("rootfs/decoy")).unwrap();
+        assert!(x.rootfs().join("etc").is_dir());
+        assert!(!x.rootfs().join("decoy").exists());
+    }
+
+    /// One rule: a directory others may write into without the sticky bit
+    /// is refused (naming it and why); a sticky or owner-only one is fine.
+    #[test]
+    fn extraction_dirs_others_can_write_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let tar = archive(&[member(b"etc/", b'5', 0o755, (0, 0), b"")]);
+        let path = d.path().join("r.tar");
+        std::fs::write(&path, &tar).unwrap();
+        for (mode, ok) in [
+            (0o755, true),
+            (0o700, true),
+            (0o1777, true),
+            (0o1770, true),
+            (0o777, false),
+            (0o775, false),
+            (0o757, false),
+        ] {
+            let dir = d.path().join(format!("m{mode:o}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            let got = Extraction::new(
+                &dir,
+                &dir.join("o.img"),
+                &path,
+                DeviceNodes::Create,
+                &Interrupt::default(),
+            );
+            match got {
+                Ok(x) => {
+                    assert!(ok, "{mode:o} accepted");
+                    drop(x);
+                }
+                Err(TarError::Input(m)) => {
+                    assert!(!ok, "{mode:o} refused: {m}");
+                    assert!(m.contains(&dir.display().to_string()), "{m}");
+                    assert!(m.contains("sticky"), "{m}");
+                }
+                Err(e) => panic!("{mode:o}: {e}"),
+            }
+            assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        }
+    }
+
+    /// A file named `-` is read, not standard input (which the test leaves
+    /// empty: tar would say it does not look like an archive).
+    #[test]
+    fn an_archive_named_dash_is_a_file() {
+        assert_eq!(archive_arg(Path::new("-")), Path::new("./-"));
+        assert_eq!(archive_arg(Path::new("/a/-")), Path::new("/a/-"));
+        let d = tempfile::tempdir().unwrap();
+        let tar = archive(&[member(b"./dev/null", b'3', 0o666, (1, 3), b"")]);
+        std::fs::write(d.path().join("-"), &tar).unwrap();
+        let mut cmd = tar_command(Path::new("-"));
+        cmd.current_dir(d.path())
+            .stdin(std::process::Stdio::null())
+            .arg("--list");
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(out.stdout, b"./dev/null\n");
+    }
+
+    /// A device (an upgrade of /dev/sdb) is not a place to extract next to.
+    #[test]
+    fn a_device_target_extracts_under_the_temp_dir() {
+        assert_eq!(
+            extraction_parent(Path::new("/dev/null")),
+            std::env::temp_dir()
+        );
+        assert_eq!(extraction_parent(Path::new("x.img")), Path::new("."));
+        assert_eq!(
+            extraction_parent(Path::new("/nonexistent/x.img")),
+            Path::new("/nonexistent")
+        );
     }
 }

@@ -64,6 +64,44 @@ pub(super) fn check(
 ) -> Result<Checked, StepError> {
     let version = Version::new(&opts.label).map_err(|e| input(e.to_string()))?;
     let rootfs = deploy::prepare_rootfs(&opts.rootfs, None, None).map_err(into_step_error)?;
+    let (manifest_path, loaded) = load_manifest_and_check_free(image, opts)?;
+    let ro = open_ro(image, steps)?;
+    let checked = check_open(
+        image,
+        &ro,
+        opts,
+        version,
+        rootfs,
+        loaded,
+        manifest_path,
+        steps,
+    )?;
+    ro.close()
+        .map_err(image_error(|| format!("closing {}", image.display())))?;
+    Ok(checked)
+}
+
+/// The part of `check` that needs no rootfs: the label, the manifest, the
+/// image not in use, its layout (a whole default, no version of that
+/// label yet). An upgrade from an archive runs it before the (long)
+/// extraction; `check` runs it all again after (through the same code).
+pub(super) fn check_without_rootfs(
+    image: &Path,
+    opts: &UpgradeOptions,
+    steps: &mut Steps,
+) -> Result<(), StepError> {
+    let version = Version::new(&opts.label).map_err(|e| input(e.to_string()))?;
+    let (manifest_path, loaded) = load_manifest_and_check_free(image, opts)?;
+    let ro = open_ro(image, steps)?;
+    check_layout(image, &ro, &version, loaded.as_ref(), &manifest_path)?;
+    ro.close()
+        .map_err(image_error(|| format!("closing {}", image.display())))
+}
+
+fn load_manifest_and_check_free(
+    image: &Path,
+    opts: &UpgradeOptions,
+) -> Result<(PathBuf, Option<Manifest>), StepError> {
     let manifest_path = opts
         .manifest
         .clone()
@@ -90,26 +128,17 @@ pub(super) fn check(
             )));
         }
     }
+    Ok((manifest_path, loaded))
+}
 
+fn open_ro(image: &Path, steps: &mut Steps) -> Result<OpenImage, StepError> {
     let ro = image::open(image, Mode::ReadOnly).map_err(image_error(|| {
         format!("opening {} read-only", image.display())
     }))?;
     for c in &ro.cleaned {
         steps.emit(Event::Note(c.to_string()));
     }
-    let checked = check_open(
-        image,
-        &ro,
-        opts,
-        version,
-        rootfs,
-        loaded,
-        manifest_path,
-        steps,
-    )?;
-    ro.close()
-        .map_err(image_error(|| format!("closing {}", image.display())))?;
-    Ok(checked)
+    Ok(ro)
 }
 
 fn into_step_error(e: BuildError) -> StepError {
@@ -136,61 +165,9 @@ fn check_open(
     manifest_path: PathBuf,
     steps: &mut Steps,
 ) -> Result<Checked, StepError> {
-    let shown = image.display();
     let layout = ro.layout();
-    let not_layout = |why: String| {
-        let problems = if layout.problems.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", layout.problems.join("; "))
-        };
-        input(format!(
-            "{shown} is not a strata system layout to upgrade: {why}{problems}"
-        ))
-    };
-    let Some(old_label) = layout.default.version.clone() else {
-        return Err(not_layout(format!(
-            "{} names no version",
-            layout::DEFAULT_LINK
-        )));
-    };
-    let old_info = layout
-        .versions
-        .iter()
-        .find(|v| v.label == old_label)
-        .expect("the default link names a listed version");
-    if !is_whole(old_info) {
-        return Err(not_layout(format!(
-            "the default version {old_label} is not whole (it needs {}, {} and {})",
-            Version::found(&old_label).orig(),
-            Version::found(&old_label).run(),
-            Version::found(&old_label).kernel()
-        )));
-    }
-    let old = Version::new(&old_label).map_err(|e| not_layout(e.to_string()))?;
-    if layout.versions.iter().any(|v| v.label == version.label())
-        || ro.top().join(version.dir()).symlink_metadata().is_ok()
-    {
-        return Err(input(format!(
-            "version {version} already exists in {shown} (versions: {}): choose another --label",
-            layout
-                .versions
-                .iter()
-                .map(|v| v.label.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
+    let (old_label, old) = check_layout(image, ro, &version, loaded.as_ref(), &manifest_path)?;
     let fs_uuid = layout.filesystem.uuid.clone();
-    if let Some(m) = &loaded {
-        if m.fs_uuid != fs_uuid {
-            return Err(input(format!(
-                "manifest {} describes filesystem {}, but {shown} is filesystem {fs_uuid}: give --manifest PATH for this image's manifest",
-                manifest_path.display(),
-                m.fs_uuid
-            )));
-        }
-    }
 
     // The image's root device: as the default version was deployed with,
     // else as its boot entry says, else the filesystem's UUID.
@@ -303,6 +280,74 @@ fn check_open(
         manifest,
         manifest_existed,
     })
+}
+
+/// The image is a strata layout with a whole default version and no
+/// version called `version` yet; the manifest, if any, is this image's.
+/// Returns the default's label and version.
+fn check_layout(
+    image: &Path,
+    ro: &OpenImage,
+    version: &Version,
+    loaded: Option<&Manifest>,
+    manifest_path: &Path,
+) -> Result<(String, Version), StepError> {
+    let shown = image.display();
+    let layout = ro.layout();
+    let not_layout = |why: String| {
+        let problems = if layout.problems.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", layout.problems.join("; "))
+        };
+        input(format!(
+            "{shown} is not a strata system layout to upgrade: {why}{problems}"
+        ))
+    };
+    let Some(old_label) = layout.default.version.clone() else {
+        return Err(not_layout(format!(
+            "{} names no version",
+            layout::DEFAULT_LINK
+        )));
+    };
+    let old_info = layout
+        .versions
+        .iter()
+        .find(|v| v.label == old_label)
+        .expect("the default link names a listed version");
+    if !is_whole(old_info) {
+        return Err(not_layout(format!(
+            "the default version {old_label} is not whole (it needs {}, {} and {})",
+            Version::found(&old_label).orig(),
+            Version::found(&old_label).run(),
+            Version::found(&old_label).kernel()
+        )));
+    }
+    let old = Version::new(&old_label).map_err(|e| not_layout(e.to_string()))?;
+    if layout.versions.iter().any(|v| v.label == version.label())
+        || ro.top().join(version.dir()).symlink_metadata().is_ok()
+    {
+        return Err(input(format!(
+            "version {version} already exists in {shown} (versions: {}): choose another --label",
+            layout
+                .versions
+                .iter()
+                .map(|v| v.label.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let fs_uuid = layout.filesystem.uuid.clone();
+    if let Some(m) = loaded {
+        if m.fs_uuid != fs_uuid {
+            return Err(input(format!(
+                "manifest {} describes filesystem {}, but {shown} is filesystem {fs_uuid}: give --manifest PATH for this image's manifest",
+                manifest_path.display(),
+                m.fs_uuid
+            )));
+        }
+    }
+    Ok((old_label, old))
 }
 
 /// The state dirs the new version mounts: the image's configured list

@@ -4,8 +4,10 @@
 //! ```text
 //! clean-debris       what killed runs left on the host (mounts, loop devices,
 //!                    extracted archives)
-//! extract-rootfs     only for a tar archive: extracted next to the image
-//!                    (`rootfs_tar::Extraction`), removed on every way out
+//! extract-rootfs     only for a tar archive, once what check-image refuses
+//!                    without the rootfs is ruled out: extracted next to the
+//!                    image (under the temp dir for a device;
+//!                    `rootfs_tar::Extraction`), removed on every way out
 //! check-image        read-only: every refusal (exit 2) happens here, before
 //!                    the image is opened for writing
 //! mount              read-write; partial versions a killed upgrade left go
@@ -68,7 +70,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use assemble::{assemble, Assembled};
-use check::{check, image_error, Checked};
+use check::{check, check_without_rootfs, image_error, Checked};
 use partial::{own_subvolumes, partial_dirs, remove_partial};
 
 /// Every step of an upgrade from a directory, in order (`set-default` is
@@ -150,12 +152,19 @@ pub fn upgrade(
         )));
     }
     let input = rootfs_tar::classify(&opts.rootfs).map_err(|e| BuildError::Input(e.to_string()))?;
+    // Next to the image (its filesystem has the room the image grows into
+    // anyway), under the temp dir for a device.
+    let extract_in = rootfs_tar::extraction_parent(image);
+    if let RootfsInput::Tar(_) = input {
+        rootfs_tar::check_extraction_dir(&extract_in)
+            .map_err(|e| BuildError::Input(e.to_string()))?;
+    }
     let mut steps = Steps::new(interrupt, on_event);
     // A run killed with SIGKILL could not clean up: its mounts and loop
     // devices carry its pid (a mount of this image would keep it from
     // being opened again), its extracted archive too.
     steps.run(Step::CleanDebris, |s| {
-        for c in debris::clean(&debris::find(Some(parent_dir(image)))) {
+        for c in debris::clean(&debris::find(Some(&extract_in))) {
             s.emit(Event::Note(c.to_string()));
         }
         Ok(())
@@ -163,11 +172,28 @@ pub fn upgrade(
     match input {
         RootfsInput::Dir => upgrade_from(image, opts, steps),
         RootfsInput::Tar(_) => {
-            // Next to the image (its filesystem has the room the image
-            // grows into anyway); removed on every way out.
+            // What check-image refuses without the rootfs, refused before
+            // the long extraction (a read-only look, no step of its own).
+            check_without_rootfs(image, opts, &mut steps)
+                .map_err(|e| e.in_step(Step::CheckImage))?;
+            // Removed on every way out.
             let extraction = steps.run(Step::ExtractRootfs, |s| {
-                Extraction::next_to(image, &opts.rootfs, DeviceNodes::Create, s.interrupt())
-                    .map_err(StepError::from)
+                if extract_in != parent_dir(image) {
+                    s.emit(Event::Note(format!(
+                        "{} is not a regular file: extracting {} under {}",
+                        image.display(),
+                        opts.rootfs.display(),
+                        extract_in.display()
+                    )));
+                }
+                Extraction::new(
+                    &extract_in,
+                    image,
+                    &opts.rootfs,
+                    DeviceNodes::Create,
+                    s.interrupt(),
+                )
+                .map_err(StepError::from)
             })?;
             let tree = UpgradeOptions {
                 rootfs: extraction.rootfs().to_owned(),
