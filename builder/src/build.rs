@@ -21,7 +21,7 @@ use crate::interrupt::Interrupt;
 use crate::layout::{self, Version};
 use crate::loopdev::LoopDevice;
 use crate::manifest::{
-    Deployment, Manifest, SkippedStateDir, StateDirs, VersionRecord, MANIFEST_VERSION,
+    Backend, Deployment, Manifest, SkippedStateDir, StateDirs, VersionRecord, MANIFEST_VERSION,
 };
 use crate::migrate::Migration;
 use crate::mount::Mount;
@@ -29,13 +29,14 @@ use crate::plan::{self, Plan, PlanOptions, StateDirAction};
 use crate::progress::{Event, Step};
 use crate::size::human;
 use crate::steps::Steps;
+use crate::toplevel::{Mounted, TopLevel};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 /// mkfs.btrfs refuses much less than this with default (DUP metadata) profiles.
 pub const MIN_IMAGE_SIZE: u64 = 128 << 20;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BuildOptions {
     pub rootfs: PathBuf,
     pub output: PathBuf,
@@ -59,10 +60,10 @@ pub struct BuildOptions {
 /// Everything decided before the first byte is written.
 #[derive(Debug)]
 pub struct Prepared {
-    rootfs: Rootfs,
-    version: Version,
-    plan: Plan,
-    fs_uuid: String,
+    pub(crate) rootfs: Rootfs,
+    pub(crate) version: Version,
+    pub(crate) plan: Plan,
+    pub(crate) fs_uuid: String,
 }
 
 impl Prepared {
@@ -148,6 +149,7 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
             kernel,
             initramfs,
             size: tree,
+            scratch: false,
         },
         version,
         plan,
@@ -155,7 +157,7 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
     })
 }
 
-fn check_output(path: &Path, force: bool, what: &str) -> Result<(), BuildError> {
+pub(crate) fn check_output(path: &Path, force: bool, what: &str) -> Result<(), BuildError> {
     match path.symlink_metadata() {
         Ok(m) if !m.is_file() => {
             // --force replaces an earlier image, never a device, a
@@ -227,7 +229,7 @@ fn check_fs_uuid_unused(uuid: &str) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn parent_dir(path: &Path) -> &Path {
+pub(crate) fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -263,29 +265,10 @@ impl<'a> Builder<'a> {
             steps.emit(Event::Note(r.to_string()));
         }
         let image = NewImage::create(opts, &prep.fs_uuid, steps)?;
-        let top = image.top();
+        let mut top = Mounted::new(image.top());
+        let deployed = deploy_and_boot(&mut top, &prep, opts, steps)?;
 
-        let deployed = deploy::deploy(
-            top,
-            &prep.version,
-            &prep.rootfs,
-            &prep.plan,
-            &DeployOptions {
-                migration: opts.migration,
-                kernel_args: opts.kernel_args.clone(),
-                image_size: opts.size,
-            },
-            steps,
-        )?;
-        let version = &deployed.version;
-        // The menu first, the default last: the order an upgrade needs too.
-        steps.run(Step::WriteBootConfig, |_| {
-            boot::write_menu(top, version, std::slice::from_ref(&deployed.boot))
-        })?;
-        steps.run(Step::SetDefault, |_| boot::set_default(top, version))?;
-        steps.run(Step::InstallBootloader, |_| boot::install_bootloader(top))?;
-
-        let mut manifest = manifest(opts, &prep, deployed);
+        let mut manifest = manifest(opts, &prep, deployed, Backend::Privileged);
         let file = steps.run(Step::Finish, |_| image.close())?;
         manifest.versions[0].timings = self.steps.into_timings();
         // After the timings are complete; a failure here is still the
@@ -293,6 +276,39 @@ impl<'a> Builder<'a> {
         persist(file, &manifest, opts).map_err(|e| e.in_step(Step::Finish))?;
         Ok(manifest)
     }
+}
+
+/// Deploys the one version and makes it boot: the same steps whatever `top`
+/// is (a mounted image, or a rootless build's staging directory).
+pub(crate) fn deploy_and_boot(
+    top: &mut dyn TopLevel,
+    prep: &Prepared,
+    opts: &BuildOptions,
+    steps: &mut Steps,
+) -> Result<Deployed, BuildError> {
+    let deployed = deploy::deploy(
+        top,
+        &prep.version,
+        &prep.rootfs,
+        &prep.plan,
+        &DeployOptions {
+            migration: opts.migration,
+            kernel_args: opts.kernel_args.clone(),
+            image_size: opts.size,
+        },
+        steps,
+    )?;
+    let version = &deployed.version;
+    // The menu first, the default last: the order an upgrade needs too.
+    steps.run(Step::WriteBootConfig, |_| {
+        boot::write_menu(top.path(), version, std::slice::from_ref(&deployed.boot))
+    })?;
+    steps.run(Step::SetDefault, |_| boot::set_default(top.path(), version))?;
+    steps.run(Step::InstallBootloader, |_| {
+        top.install_bootloader()
+            .context(|| "installing extlinux".into())
+    })?;
+    Ok(deployed)
 }
 
 /// The image being made: a temp file next to the output, with a new btrfs,
@@ -351,7 +367,7 @@ impl NewImage {
 
 /// A sparse file next to the output, renamed into place only on success and
 /// deleted on any failure.
-fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError> {
+pub(crate) fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError> {
     let dir = parent_dir(&opts.output);
     let name = opts
         .output
@@ -372,9 +388,14 @@ fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError
     Ok(tmp)
 }
 
-fn manifest(opts: &BuildOptions, prep: &Prepared, deployed: Deployed) -> Manifest {
+pub(crate) fn manifest(
+    opts: &BuildOptions,
+    prep: &Prepared,
+    deployed: Deployed,
+    backend: Backend,
+) -> Manifest {
     let version = deployed.version.label().to_owned();
-    Manifest {
+    let mut manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         fs_uuid: prep.fs_uuid.clone(),
         image_size: opts.size,
@@ -385,7 +406,9 @@ fn manifest(opts: &BuildOptions, prep: &Prepared, deployed: Deployed) -> Manifes
             deployed,
             Deployment::Build,
         )],
-    }
+    };
+    manifest.versions[0].backend = Some(backend);
+    manifest
 }
 
 /// The manifest's record of one deployed version.
@@ -428,10 +451,12 @@ pub fn version_record(
         kernel_source: deployed.kernel_source,
         initramfs_source: deployed.initramfs_source,
         timings: Vec::new(),
+        // Upgrades run on a mounted image; a rootless build says so.
+        backend: Some(Backend::Privileged),
     }
 }
 
-fn persist(
+pub(crate) fn persist(
     image: tempfile::NamedTempFile,
     manifest: &Manifest,
     opts: &BuildOptions,

@@ -31,7 +31,46 @@ pub enum Step {
     WriteBootConfig,
     SetDefault,
     InstallBootloader,
+    // Rootless build only: the rootfs into the staging directory (before
+    // `CreateOrig`), and the appliance VM's part (after `Mkfs`, which a
+    // rootless build runs last, on the staged tree).
+    ExtractRootfs,
+    Appliance,
     Finish,
+}
+
+impl Step {
+    /// Every step, for reading a name back (`from_name`).
+    pub const ALL: [Step; 23] = [
+        Step::CleanDebris,
+        Step::CheckImage,
+        Step::SnapshotOrig,
+        Step::SyncRootfs,
+        Step::MergeState,
+        Step::CommitVersion,
+        Step::CreateImage,
+        Step::Mkfs,
+        Step::Mount,
+        Step::CreateOrig,
+        Step::CopyRootfs,
+        Step::CompleteFstab,
+        Step::MigrateState,
+        Step::HashMoved,
+        Step::CheckMountpoints,
+        Step::Snapshot,
+        Step::InstallKernel,
+        Step::WriteBootConfig,
+        Step::SetDefault,
+        Step::InstallBootloader,
+        Step::ExtractRootfs,
+        Step::Appliance,
+        Step::Finish,
+    ];
+
+    /// The step whose `name` this is.
+    pub fn from_name(name: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| s.name() == name)
+    }
 }
 
 impl Step {
@@ -57,6 +96,8 @@ impl Step {
             Step::WriteBootConfig => "writing extlinux.conf",
             Step::SetDefault => "setting the default version",
             Step::InstallBootloader => "installing extlinux",
+            Step::ExtractRootfs => "unpacking the rootfs into the staging directory",
+            Step::Appliance => "snapshotting run and installing extlinux (appliance VM)",
             Step::Finish => "syncing, unmounting, detaching",
         }
     }
@@ -84,6 +125,8 @@ impl Step {
             Step::WriteBootConfig => "write-boot-config",
             Step::SetDefault => "set-default",
             Step::InstallBootloader => "install-bootloader",
+            Step::ExtractRootfs => "extract-rootfs",
+            Step::Appliance => "appliance",
             Step::Finish => "finish",
         }
     }

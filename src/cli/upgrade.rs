@@ -192,6 +192,7 @@ mod tests {
                 initramfs_source: None,
                 kernel_args: String::new(),
                 timings: vec![],
+                backend: None,
             },
         }
     }
