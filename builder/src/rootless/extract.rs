@@ -134,6 +134,9 @@ fn mode_of(perms: &str) -> Option<u32> {
 }
 
 fn epoch(date: &str, time: &str) -> Option<i64> {
+    // `--full-time` prints nanoseconds when the archive has them (pax);
+    // the appliance sets whole seconds.
+    let time = time.split('.').next()?;
     let rfc = crate::btrfs::rfc3339_utc(&format!("{date} {time} +0000"))?;
     let d: Vec<i64> = rfc[..10]
         .split('-')
@@ -217,6 +220,9 @@ mod tests {
             (true, 0o1660, 8, 16, 6)
         );
         assert_eq!(b.path, "dev/my disk");
+        let ns =
+            parse_tv_line("crw-rw-rw- 0/0 1,3 2026-11-27 02:44:54.945356807 ./dev/null").unwrap();
+        assert_eq!(ns.mtime, 1795747494);
         assert!(parse_tv_line("drwxr-xr-x 0/0 0 2024-05-01 12:00:00 ./dev/").is_none());
         assert!(parse_tv_line("-rw-r--r-- 0/0 5 2024-05-01 12:00:00 ./etc/x").is_none());
     }
