@@ -12,8 +12,9 @@ use crate::build;
 use crate::error::{BuildError, Context};
 use crate::interrupt::Interrupt;
 use crate::layout::{self, Version};
-use crate::manifest::{Backend, Manifest};
+use crate::manifest::{Backend, FileType, Manifest, MovedFile};
 use crate::migrate::Migration;
+use crate::pathenc::encode_path;
 use crate::plan::Plan;
 use crate::progress::{Event, Step};
 use crate::steps::Steps;
@@ -123,7 +124,12 @@ fn run(
         steps.emit(Event::Note(r.to_string()));
     }
     let mut stage = Staging::new(top.clone());
-    let deployed = build::deploy_and_boot(&mut stage, &prep, &opts, &mut steps)?;
+    let mut deployed = build::deploy_and_boot(&mut stage, &prep, &opts, &mut steps)?;
+    // The move could not see the device nodes (not staged): record the
+    // ones under state dirs as a privileged move does.
+    deployed
+        .moved_files
+        .extend(devices.iter().filter_map(|d| moved_record(d, &prep.plan)));
     stage.work_mut().devices = devices
         .into_iter()
         .flat_map(|d| in_image(d, &prep.plan, &prep.version, opts.migration))
@@ -143,6 +149,31 @@ fn run(
     let mut manifest = build::manifest(&opts, &prep, deployed, Backend::Rootless);
     manifest.versions[0].timings = steps.into_timings();
     Ok((manifest, stage.into_work()))
+}
+
+/// The manifest record of a device node under a state dir (path relative
+/// to the rootfs), as `migrate` writes it for a moved one.
+fn moved_record(d: &DeviceNode, plan: &Plan) -> Option<MovedFile> {
+    let (first, rest) = d.path.split_once('/')?;
+    if rest.is_empty() || !plan.created_state_dirs().any(|s| s == first) {
+        return None;
+    }
+    Some(MovedFile {
+        path: encode_path(format!("/{}", d.path).as_bytes()),
+        file_type: if d.block {
+            FileType::Block
+        } else {
+            FileType::Char
+        },
+        sha256: None,
+        mode: d.mode,
+        uid: d.uid,
+        gid: d.gid,
+        size: 0,
+        target: None,
+        xattrs: Default::default(),
+        hardlink: None,
+    })
 }
 
 /// Where a device node of the rootfs (path relative to it) ends up in the
