@@ -50,10 +50,18 @@ pub fn on_path(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The name newuidmap looks up in /etc/subuid: the passwd entry of our uid
+/// (not $USER, which `su`/`setpriv` may leave as someone else's).
 fn user_name() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| rustix::process::getuid().as_raw().to_string())
+    let uid = rustix::process::getuid().as_raw().to_string();
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.get(2) == Some(&uid.as_str())).then(|| f[0].to_owned())
+        })
+        .unwrap_or(uid)
 }
 
 /// `unshare --map-auto --map-root-user` works: util-linux ≥ 2.38,

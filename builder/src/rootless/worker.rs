@@ -118,7 +118,14 @@ fn run(
 
     let mut opts = req.build.clone();
     opts.rootfs = scratch;
-    let mut prep = build::prepare(&opts)?;
+    // Refusals name the rootfs the user gave, not the staged copy.
+    let staged = opts.rootfs.display().to_string();
+    let mut prep = build::prepare(&opts).map_err(|e| match e {
+        BuildError::Input(m) => {
+            BuildError::Input(m.replace(&staged, &source.display().to_string()))
+        }
+        e => e,
+    })?;
     prep.rootfs.scratch = true;
     for r in &prep.plan.fstab_rejected {
         steps.emit(Event::Note(r.to_string()));
