@@ -1057,3 +1057,248 @@ fn non_utf8_names_under_a_state_dir_build_and_round_trip_in_the_manifest() {
         b"latin-1 name"
     );
 }
+
+/// What `--rootfs` gets in the tar tests: the fixture's rootfs plus the
+/// attributes a tar must carry outside the state dirs (an owner no host
+/// user has with setuid, a trusted.* xattr, an ACL, a hardlink pair, a
+/// symlink, a device node, a fifo), archived with every attribute (and
+/// holes: `--sparse`), zstd-compressed, under a name that says nothing of
+/// it.
+fn make_rootfs_archive(fx: &Fixture) -> PathBuf {
+    sh(&format!(
+        "cd '{}' && mkdir -p dev run && printf owned > usr/bin/owned \
+         && chown 1234:5678 usr/bin/owned && chmod 4755 usr/bin/owned \
+         && setfattr -n user.strata -v kept usr/bin/owned && setfattr -n trusted.strata -v root-only usr/bin/tool \
+         && setfacl -m u:4321:rx,g:8765:r usr/bin/owned && ln usr/bin/owned usr/bin/owned-too \
+         && ln -s owned usr/bin/owned-link && mknod dev/null c 1 3 && chmod 666 dev/null && mkfifo run/initctl \
+         && touch -d '2003-04-05 06:07:08' usr/bin/owned",
+        fx.rootfs().display()
+    ));
+    let archive = fx.dir.path().join("rootfs.archive");
+    sh(&format!(
+        "tar --xattrs --xattrs-include='*' --acls --numeric-owner --sparse --zstd -C '{}' -cf '{}' .",
+        fx.rootfs().display(),
+        archive.display()
+    ));
+    archive
+}
+
+fn getfacl(path: &Path) -> String {
+    sh(&format!(
+        "getfacl --omit-header --numeric --physical '{}'",
+        path.display()
+    ))
+}
+
+#[test]
+fn builds_from_a_tar_archive_keeping_every_attribute() {
+    let fx = Fixture::new();
+    let archive = make_rootfs_archive(&fx);
+    let out = fx.build_from(&archive, &["--size", "300M"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("extracting the rootfs archive"), "{err}");
+    fx.assert_nothing_left();
+    let mut outputs = fx.outputs();
+    outputs.sort();
+    // The extraction is gone with the build.
+    assert_eq!(
+        outputs,
+        ["out.img", "out.img.manifest.json", "rootfs.archive"]
+    );
+
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    let v = m.default_version();
+    assert_eq!(v.timings[0].step, "extract-rootfs");
+    // Where the rootfs came from is not recorded (as for a directory).
+    assert_eq!(v.kernel_source, "/boot/vmlinuz-1.10.0");
+    assert!(v
+        .moved_files
+        .iter()
+        .any(|f| f.path == "/root/.ssh/authorized_keys" && f.mode == 0o600));
+
+    let img = Inspect::new(&fx.image());
+    let state_dirs = ["home", "root", "opt", "srv", "var"];
+    let mut entries = Vec::new();
+    walk(&fx.rootfs(), Path::new(""), &mut entries);
+    for rel in &entries {
+        let top = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
+        if rel == Path::new("etc/fstab") {
+            continue;
+        }
+        let in_image = if state_dirs.contains(&top.as_ref()) {
+            if rel.components().count() == 1 {
+                continue; // the mountpoint; its contents are in state/
+            }
+            img.path("state").join(rel)
+        } else {
+            img.path("systems/factory/orig").join(rel)
+        };
+        assert_same_entry(&fx.rootfs().join(rel), &in_image);
+    }
+    let owned = img.path("systems/factory/orig/usr/bin/owned");
+    let meta = fs::symlink_metadata(&owned).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+        (0o4755, 1234, 5678)
+    );
+    assert_eq!(meta.mtime(), 1049522828, "2003-04-05 06:07:08 UTC");
+    assert_eq!(
+        meta.ino(),
+        fs::metadata(img.path("systems/factory/orig/usr/bin/owned-too"))
+            .unwrap()
+            .ino(),
+        "hardlink became two files"
+    );
+    assert!(
+        getfacl(&owned).contains("user:4321:r-x"),
+        "{}",
+        getfacl(&owned)
+    );
+    assert_eq!(getfacl(&owned), getfacl(&fx.rootfs().join("usr/bin/owned")));
+    let null = fs::symlink_metadata(img.path("systems/factory/orig/dev/null")).unwrap();
+    assert_eq!(null.rdev(), libc_makedev(1, 3));
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &fs::symlink_metadata(img.path("systems/factory/orig/run/initctl"))
+            .unwrap()
+            .file_type()
+    ));
+    assert_eq!(
+        fs::read_link(img.path("systems/factory/orig/usr/bin/owned-link")).unwrap(),
+        Path::new("owned")
+    );
+    // State: the key, its 0700 directories, the ACL and the device node
+    // the fixture puts under the state dirs.
+    let key = img.path("state/root/.ssh/authorized_keys");
+    assert_eq!(fs::metadata(&key).unwrap().mode() & 0o7777, 0o600);
+    assert_eq!(fs::read(&key).unwrap(), b"ssh-ed25519 AAAA test@strata\n");
+    assert_eq!(
+        getfacl(&img.path("state/home/alice/.config/notes")),
+        getfacl(&fx.rootfs().join("home/alice/.config/notes"))
+    );
+    assert_eq!(
+        fs::symlink_metadata(img.path("state/var/spool/null"))
+            .unwrap()
+            .rdev(),
+        libc_makedev(1, 3)
+    );
+    assert_eq!(
+        fs::read_dir(img.path("systems/factory/orig/root"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+/// `makedev(3)` as Linux encodes it, for the small numbers used here.
+fn libc_makedev(major: u64, minor: u64) -> u64 {
+    (major << 8) | minor
+}
+
+#[test]
+fn rootfs_files_that_are_not_archives_and_unsafe_archives_are_refused() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    let garbage = elsewhere.path().join("rootfs.tar");
+    fs::write(&garbage, "named like a tar, but is not one\n").unwrap();
+    let out = fx.build_from(&garbage, &["--size", "300M"]);
+    fx.assert_refused(
+        &out,
+        &[
+            &garbage.display().to_string(),
+            "neither a directory nor a tar archive",
+        ],
+    );
+
+    // `../escape` and a file through a symlink to outside: refused, and
+    // nothing is written outside the extraction (which is removed).
+    let evil = elsewhere.path().join("evil");
+    let outside = elsewhere.path().join("outside");
+    fs::create_dir_all(evil.join("etc")).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    symlink(&outside, evil.join("link")).unwrap();
+    fs::create_dir_all(evil.join("sub")).unwrap();
+    fs::write(evil.join("sub/escape"), "out\n").unwrap();
+    fs::write(evil.join("written"), "through the link\n").unwrap();
+    let archive = elsewhere.path().join("evil.tar");
+    // GNU tar's --transform makes the member names an attacker would.
+    sh(&format!(
+        "cd '{}' && tar --numeric-owner -cf '{}' etc link \
+         --transform='s,^sub/escape$,../escape,' sub/escape \
+         --transform='s,^written$,link/written,' written",
+        evil.display(),
+        archive.display()
+    ));
+    let listing = sh(&format!("tar -tf '{}'", archive.display()));
+    assert!(
+        listing.contains("../escape") && listing.contains("link/written"),
+        "{listing}"
+    );
+    let out = fx.build_from(&archive, &["--size", "300M"]);
+    fx.assert_refused(&out, &["evil.tar", "'..'"]);
+    assert!(!fx.dir.path().join("escape").exists());
+    assert!(!elsewhere.path().join("escape").exists());
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+/// Killed right after the extraction (SIGKILL: nothing can clean up), the
+/// extracted tree is left; the next run removes it. Stopped by SIGTERM
+/// there instead, the build removes it itself.
+#[test]
+fn an_extraction_is_removed_after_sigterm_and_after_sigkill() {
+    let fx = Fixture::new();
+    let archive = make_rootfs_archive(&fx);
+    let extractions = || -> Vec<String> {
+        fx.outputs()
+            .into_iter()
+            .filter(|n| n.contains(".strata-extract."))
+            .collect()
+    };
+    for signal in ["TERM", "KILL"] {
+        let mut child = strata()
+            .args(["build", "--rootfs"])
+            .arg(&archive)
+            .arg("--output")
+            .arg(fx.image())
+            .args(["--size", "300M", "--fs-uuid", &fx.fs_uuid])
+            .env(
+                strata_builder::steps::STOP_AFTER_STEP_ENV,
+                strata_builder::progress::Step::ExtractRootfs.name(),
+            )
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stat = format!("/proc/{}/stat", child.id());
+        let start = std::time::Instant::now();
+        while !fs::read_to_string(&stat)
+            .unwrap_or_default()
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('T'))
+        {
+            assert!(child.try_wait().unwrap().is_none(), "ended before the stop");
+            assert!(start.elapsed().as_secs() < 60, "never stopped");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(extractions().len(), 1, "{:?}", fx.outputs());
+        sh(&format!("kill -{signal} {0}; kill -CONT {0}", child.id()));
+        let status = child.wait().unwrap();
+        if signal == "TERM" {
+            assert_eq!(status.code(), Some(130), "interrupted");
+            assert_eq!(extractions(), Vec::<String>::new());
+        } else {
+            assert_eq!(extractions().len(), 1, "a SIGKILLed run cannot clean up");
+        }
+    }
+    let out = fx.build_from(&archive, &["--size", "300M"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("removed extracted rootfs archive"), "{err}");
+    assert_eq!(extractions(), Vec::<String>::new());
+    fx.assert_nothing_left();
+}

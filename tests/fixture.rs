@@ -160,3 +160,54 @@ fn missing_mmdebstrap_names_ci_setup() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `--tar` as root: the cached rootfs archived with numeric owners, modes,
+/// device nodes and the configure steps' files, ready for `--rootfs`.
+#[test]
+fn debian_fixture_as_a_tar_archive() {
+    require_root_and_mmdebstrap();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let out = dir.path().join("debian.tar");
+    let o = strata()
+        .args(["fixture", "debian", "--tar"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        out.to_str().unwrap()
+    );
+    let list = Command::new("tar")
+        .args(["--list", "--verbose", "--numeric-owner", "-f"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(list.status.success());
+    let list = String::from_utf8_lossy(&list.stdout);
+    let line = |name: &str| {
+        list.lines()
+            .find(|l| l.ends_with(&format!(" ./{name}")))
+            .unwrap_or_else(|| panic!("no ./{name} in the archive"))
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("dev/null"), "crw-rw-rw- 0/0 1,3");
+    assert_eq!(
+        line("root/.ssh/authorized_keys")
+            .rsplit_once(' ')
+            .unwrap()
+            .0,
+        "-rw------- 0/0"
+    );
+    assert!(line("home/alice/notes/todo.txt").starts_with("-rw-r----- 1000/1000"));
+    assert!(line("usr/bin/passwd").starts_with("-rwsr-xr-x 0/0"));
+    // No temporary file left beside it.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["debian.tar"]);
+}

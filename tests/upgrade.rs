@@ -780,3 +780,45 @@ fn the_next_upgrade_cleans_a_killed_one() {
     assert_eq!(whole_versions(&l), ["factory", "v2"]);
     assert!(l.problems.is_empty(), "{:#?}", l.problems);
 }
+
+/// `--rootfs` a tar archive: extracted next to the image first (its own
+/// step, then removed), the upgrade as from the directory.
+#[test]
+fn upgrades_from_a_tar_archive() {
+    let fx = Fixture::new();
+    let archive = fx.path("release-2.tar.gz");
+    sh(&format!(
+        "tar --xattrs --xattrs-include='*' --acls --numeric-owner --gzip -C '{}' -cf '{}' .",
+        fx.rootfs2().display(),
+        archive.display()
+    ));
+    let out = fx.upgrade_from(&archive, "v2", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let l = fx.layout();
+    assert_eq!(whole_versions(&l), ["factory", "v2"]);
+    assert_eq!(l.default.version.as_deref(), Some("v2"));
+    let man = Manifest::load(&fx.manifest()).unwrap();
+    let v2 = man.version("v2").unwrap();
+    let steps: Vec<&str> = v2.timings.iter().map(|t| t.step.as_str()).collect();
+    let mut all: Vec<&str> = STEPS.iter().map(|s| s.name()).collect();
+    all.insert(1, Step::ExtractRootfs.name());
+    assert_eq!(steps, all);
+    let merged = &v2.state_data.as_ref().unwrap().merged;
+    assert!(
+        merged.iter().any(|p| p == "/var/lib/newpkg/state"),
+        "{merged:?}"
+    );
+    let m = Mounted::new(&fx.image());
+    assert_eq!(
+        fs::read_to_string(m.path("systems/v2/orig/etc/hostname")).unwrap(),
+        "release-2\n"
+    );
+    drop(m);
+    let left: Vec<String> = fs::read_dir(fx.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".strata-extract."))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}

@@ -2,6 +2,7 @@
 //! side effects is checked in `prepare` first; `run` then
 //!
 //! ```text
+//! (a tar archive: extract it next to the output)     rootfs_tar::Extraction
 //! create the image (temp file, mkfs, loop, mount)   NewImage
 //! deploy one version into it                         deploy::deploy
 //! boot menu, default link, bootloader                boot
@@ -27,6 +28,8 @@ use crate::migrate::Migration;
 use crate::mount::Mount;
 use crate::plan::{self, Plan, PlanOptions, StateDirAction};
 use crate::progress::{Event, Step};
+use crate::rootfs_tar;
+use crate::rootfs_tar::{DeviceNodes, Extraction, RootfsInput};
 use crate::size::human;
 use crate::steps::Steps;
 use crate::toplevel::{Mounted, TopLevel};
@@ -76,14 +79,21 @@ fn input(msg: impl Into<String>) -> BuildError {
     BuildError::Input(msg.into())
 }
 
-/// Validates the inputs and computes the plan. Creates nothing.
-pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
+/// What is refused before the rootfs is even looked at.
+fn check_can_build() -> Result<(), BuildError> {
     if !rustix::process::geteuid().is_root() {
         return Err(input(format!(
             "strata build must run as root (it creates loop devices and mounts); running as uid {}",
             rustix::process::geteuid().as_raw()
         )));
     }
+    Ok(())
+}
+
+/// Validates the inputs and computes the plan. Creates nothing. `opts.rootfs`
+/// is a directory here (an archive is extracted first: `build`).
+pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
+    check_can_build()?;
     let rootfs = &opts.rootfs;
     let source = deploy::open_rootfs(rootfs)?;
     check_rootfs_and_output(rootfs, &opts.output)?;
@@ -254,13 +264,18 @@ impl<'a> Builder<'a> {
         }
     }
 
-    pub fn run(mut self, prep: Prepared) -> Result<Manifest, BuildError> {
-        let (opts, steps) = (self.opts, &mut self.steps);
-        // A build killed with SIGKILL could not clean up: its mount, loop
-        // device and partial image carry its pid; clean them now.
-        for c in debris::clean(&debris::find(Some(parent_dir(&opts.output)))) {
-            steps.emit(Event::Note(c.to_string()));
+    /// A build killed with SIGKILL could not clean up: its mount, loop
+    /// device, partial image and extracted archive carry its pid; clean
+    /// them now.
+    fn clean_debris(&mut self) {
+        for c in debris::clean(&debris::find(Some(parent_dir(&self.opts.output)))) {
+            self.steps.emit(Event::Note(c.to_string()));
         }
+    }
+
+    pub fn run(mut self, prep: Prepared) -> Result<Manifest, BuildError> {
+        self.clean_debris();
+        let (opts, steps) = (self.opts, &mut self.steps);
         for r in &prep.plan.fstab_rejected {
             steps.emit(Event::Note(r.to_string()));
         }
@@ -497,12 +512,66 @@ pub(crate) fn persist(
         .context(|| format!("writing manifest {}", opts.manifest.display()))
 }
 
-/// prepare + run.
+/// prepare + run; a rootfs archive is extracted first (`build_from_tar`).
 pub fn build(
     opts: &BuildOptions,
     interrupt: &Interrupt,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Manifest, BuildError> {
-    let prep = prepare(opts)?;
-    Builder::new(opts, interrupt, on_event).run(prep)
+    match rootfs_tar::classify(&opts.rootfs).map_err(|e| input(e.to_string()))? {
+        RootfsInput::Dir => {
+            let prep = prepare(opts)?;
+            Builder::new(opts, interrupt, on_event).run(prep)
+        }
+        RootfsInput::Tar(_) => build_from_tar(opts, interrupt, on_event),
+    }
+}
+
+/// `extract-rootfs` (next to the output: same filesystem, removed on every
+/// way out) and then the build of the extracted tree. Whatever can be
+/// refused without the rootfs is refused before extracting it.
+fn build_from_tar(
+    opts: &BuildOptions,
+    interrupt: &Interrupt,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Manifest, BuildError> {
+    check_can_build()?;
+    check_output(&opts.output, opts.force, "output image")?;
+    check_output(&opts.manifest, opts.force, "manifest")?;
+    let mut builder = Builder::new(opts, interrupt, on_event);
+    // A killed run's extraction may be what fills the disk: gone first.
+    builder.clean_debris();
+    let extraction = builder.steps.run(Step::ExtractRootfs, |s| {
+        Extraction::next_to(
+            &opts.output,
+            &opts.rootfs,
+            DeviceNodes::Create,
+            s.interrupt(),
+        )
+        .map_err(StepError::from)
+    })?;
+    let tree = BuildOptions {
+        rootfs: extraction.rootfs().to_owned(),
+        ..opts.clone()
+    };
+    let built = prepare(&tree).and_then(|prep| builder.run(prep));
+    // Removed before the result is returned (it can be large), and said.
+    on_event(Event::Note(extraction.remove()));
+    built.map_err(|e| name_archive(e, &tree.rootfs, &opts.rootfs))
+}
+
+/// Messages about the extracted tree name the archive the user gave (the
+/// tree is gone when they read it): `rootfs /o/.img.strata-extract.1.x/rootfs
+/// has no etc/` → `rootfs r.tar has no etc/`.
+pub fn name_archive(e: BuildError, tree: &Path, archive: &Path) -> BuildError {
+    let (from, to) = (tree.display().to_string(), archive.display().to_string());
+    match e {
+        BuildError::Input(m) => BuildError::Input(m.replace(&from, &to)),
+        BuildError::Step { step, what, cause } => BuildError::Step {
+            step,
+            what: what.replace(&from, &to),
+            cause,
+        },
+        e => e,
+    }
 }

@@ -11,7 +11,9 @@
 //!   `.<name>.strata-staging.<pid>.<random>` next to the output
 //!   (`rootless::STAGING_MARKER`). Their files belong to the ids of a user
 //!   namespace, so an ordinary user removes them from inside one
-//!   (`rootless::remove_tree`).
+//!   (`rootless::remove_tree`);
+//! - extracted rootfs archives `.<name>.strata-extract.<pid>.<random>/`
+//!   next to the output (`EXTRACT_MARKER`, `rootfs_tar::Extraction`).
 //!
 //! Only resources whose pid is gone are touched, and a loop device only when
 //! the dead run attached it itself (its mount dir says so). A loop device
@@ -25,6 +27,9 @@ use std::process::Command;
 
 /// The part of a partial image's name after `.<output name>`.
 pub const PARTIAL_MARKER: &str = ".strata-partial.";
+/// The part of an extracted rootfs archive's directory name after
+/// `.<output name>`.
+pub const EXTRACT_MARKER: &str = ".strata-extract.";
 
 /// A resource left by a dead run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +45,8 @@ pub enum Leftover {
     Partial(PathBuf),
     /// A staging directory of a dead rootless build.
     Staging(PathBuf),
+    /// A rootfs archive a dead run extracted (a directory).
+    Extraction(PathBuf),
 }
 
 /// What cleaning did, for the caller to report.
@@ -52,6 +59,7 @@ pub enum Cleaned {
     Detached(String),
     Removed(PathBuf),
     RemovedStaging(PathBuf),
+    RemovedExtraction(PathBuf),
     /// Could not be cleaned: what failed and the command that would do it.
     Failed {
         what: String,
@@ -78,6 +86,11 @@ impl std::fmt::Display for Cleaned {
             Cleaned::RemovedStaging(p) => write!(
                 f,
                 "removed staging directory {} (left by a killed rootless strata build)",
+                p.display()
+            ),
+            Cleaned::RemovedExtraction(p) => write!(
+                f,
+                "removed extracted rootfs archive {} (left by a killed strata)",
                 p.display()
             ),
             Cleaned::Failed { what, command } => {
@@ -167,13 +180,37 @@ pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
     out
 }
 
-/// Everything a dead run left: its mounts anywhere, its partial images in
-/// `image_dir` (the directory of the image or output being worked on).
+/// Rootfs archives dead runs extracted into `dir`.
+pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(at) = name.find(EXTRACT_MARKER) else {
+            continue;
+        };
+        if !name.starts_with('.') {
+            continue;
+        }
+        let Some(pid) = pid_after(&name[at..], EXTRACT_MARKER) else {
+            continue;
+        };
+        // Not following a symlink: only a real directory of that name.
+        if !alive(pid) && e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push(Leftover::Extraction(e.path()));
+        }
+    }
+    out
+}
+
+/// Everything a dead run left: its mounts anywhere, its partial images and
+/// extracted archives in `image_dir` (the directory of the image or output
+/// being worked on).
 pub fn find(image_dir: Option<&Path>) -> Vec<Leftover> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut out = dead_mounts(&info, pid_alive);
     if let Some(d) = image_dir {
         out.extend(dead_partials(d, pid_alive));
+        out.extend(dead_extractions(d, pid_alive));
     }
     out
 }
@@ -229,6 +266,13 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
                     }
                 }
             }
+            Leftover::Extraction(path) => match std::fs::remove_dir_all(path) {
+                Ok(()) => done.push(Cleaned::RemovedExtraction(path.clone())),
+                Err(_) => done.push(Cleaned::Failed {
+                    what: format!("extracted rootfs archive {}", path.display()),
+                    command: format!("rm -rf {}", path.display()),
+                }),
+            },
             Leftover::Partial(path) => {
                 let users = loops_backing(path);
                 for dev in &users {
@@ -342,6 +386,26 @@ mod tests {
         assert!(!staging.exists());
         assert!(d.path().join(".sys.img.strata-partial.1.live").exists());
         assert!(d.path().join(".sys.img.strata-staging.1.live").exists());
+    }
+
+    #[test]
+    fn extractions_of_dead_runs_only() {
+        let d = tempfile::tempdir().unwrap();
+        for n in [
+            ".sys.img.strata-extract.999999.aB3",
+            ".sys.img.strata-extract.1.live",
+            "sys.img.strata-extract.999999.x",
+        ] {
+            std::fs::create_dir_all(d.path().join(n).join("rootfs/etc")).unwrap();
+        }
+        // A file of that name is not ours to remove recursively.
+        std::fs::write(d.path().join(".o.strata-extract.999998.f"), "").unwrap();
+        let found = dead_extractions(d.path(), |pid| pid == 1);
+        let dead = d.path().join(".sys.img.strata-extract.999999.aB3");
+        assert_eq!(found, [Leftover::Extraction(dead.clone())]);
+        assert_eq!(clean(&found), [Cleaned::RemovedExtraction(dead.clone())]);
+        assert!(!dead.exists());
+        assert!(d.path().join(".sys.img.strata-extract.1.live").exists());
     }
 
     #[test]

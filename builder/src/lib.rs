@@ -31,6 +31,7 @@ pub mod pathenc;
 pub mod plan;
 pub mod progress;
 pub mod rootfs;
+pub mod rootfs_tar;
 pub mod rootless;
 pub mod size;
 pub mod steps;

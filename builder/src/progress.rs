@@ -16,6 +16,8 @@ pub enum Step {
     SyncRootfs,
     MergeState,
     CommitVersion,
+    // Build and upgrade, when the rootfs is a tar archive (first).
+    ExtractRootfs,
     // Build (and, from `Mount` on, upgrade too).
     CreateImage,
     Mkfs,
@@ -31,10 +33,8 @@ pub enum Step {
     WriteBootConfig,
     SetDefault,
     InstallBootloader,
-    // Rootless build only: the rootfs into the staging directory (before
-    // `CreateOrig`), and the appliance VM's part (after `Mkfs`, which a
+    // Rootless build only: the appliance VM's part (after `Mkfs`, which a
     // rootless build runs last, on the staged tree).
-    ExtractRootfs,
     Appliance,
     Finish,
 }
@@ -82,6 +82,7 @@ impl Step {
             Step::SyncRootfs => "synchronising orig with the new rootfs",
             Step::MergeState => "applying the state-data policy",
             Step::CommitVersion => "renaming the new version into place",
+            Step::ExtractRootfs => "extracting the rootfs archive",
             Step::CreateImage => "creating sparse image",
             Step::Mkfs => "making btrfs filesystem",
             Step::Mount => "attaching and mounting image",
@@ -96,7 +97,6 @@ impl Step {
             Step::WriteBootConfig => "writing extlinux.conf",
             Step::SetDefault => "setting the default version",
             Step::InstallBootloader => "installing extlinux",
-            Step::ExtractRootfs => "unpacking the rootfs into the staging directory",
             Step::Appliance => "snapshotting run and installing extlinux (appliance VM)",
             Step::Finish => "syncing, unmounting, detaching",
         }
@@ -111,6 +111,7 @@ impl Step {
             Step::SyncRootfs => "sync-rootfs",
             Step::MergeState => "merge-state",
             Step::CommitVersion => "commit-version",
+            Step::ExtractRootfs => "extract-rootfs",
             Step::CreateImage => "create-image",
             Step::Mkfs => "mkfs",
             Step::Mount => "mount",
@@ -125,7 +126,6 @@ impl Step {
             Step::WriteBootConfig => "write-boot-config",
             Step::SetDefault => "set-default",
             Step::InstallBootloader => "install-bootloader",
-            Step::ExtractRootfs => "extract-rootfs",
             Step::Appliance => "appliance",
             Step::Finish => "finish",
         }

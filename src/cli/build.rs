@@ -13,8 +13,8 @@ use strata_builder::size::parse_size;
 
 #[derive(clap::Args)]
 pub struct BuildArgs {
-    /// The root filesystem to deploy: a directory, or (rootless builds) a
-    /// tar archive made with numeric owners, xattrs and ACLs.
+    /// The root filesystem to deploy: a directory or a tar archive (plain or
+    /// gzip/xz/zstd/bzip2, as mmdebstrap, docker export or tar make it).
     #[arg(long)]
     rootfs: PathBuf,
     /// The raw image to write.

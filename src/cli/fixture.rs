@@ -1,4 +1,5 @@
-//! `strata fixture debian --output DIR [--cache-dir DIR] [--rebuild]`: the
+//! `strata fixture debian [--output DIR | --tar OUT.tar] [--cache-dir DIR]
+//! [--rebuild]`: the
 //! arguments and the terminal UI of `strata_builder::fixture` (the engine:
 //! mmdebstrap, the cache, the copy). stdout: the rootfs path, nothing else.
 
@@ -16,8 +17,14 @@ pub struct FixtureArgs {
     which: Which,
     /// Put a copy of the rootfs here (replaced if it is an earlier fixture
     /// output). Without it, the cache path is printed.
-    #[arg(long, short)]
+    #[arg(long, short, conflicts_with = "tar")]
     output: Option<PathBuf>,
+    /// Write the rootfs as a tar archive here instead (for `strata build
+    /// --rootfs OUT.tar`): as root, an archive of the cached rootfs; as an
+    /// ordinary user, built by mmdebstrap's unshare mode (needs the uidmap
+    /// package and a range in /etc/subuid and /etc/subgid).
+    #[arg(long, value_name = "OUT.tar")]
+    tar: Option<PathBuf>,
     /// Cache directory [default: $XDG_CACHE_HOME/strata, /var/cache/strata
     /// as root, else ~/.cache/strata].
     #[arg(long, env = "STRATA_CACHE_DIR")]
@@ -43,7 +50,10 @@ pub fn run(args: FixtureArgs) -> u8 {
         rebuild: args.rebuild,
     };
     let mut ui = Ui::new(recipe.name);
-    let result = fixture::fixture(&recipe, &opts, &mut |e| ui.event(e));
+    let result = match &args.tar {
+        Some(out) => fixture::fixture_tar(&recipe, &opts, out, &mut |e| ui.event(e)),
+        None => fixture::fixture(&recipe, &opts, &mut |e| ui.event(e)),
+    };
     ui.finish();
     match result {
         Ok(path) => {
@@ -120,6 +130,10 @@ impl Ui {
             }
             Event::Copied { to, seconds, total } => eprintln!(
                 "strata: fixture {name}: copied to {} in {seconds:.1} s (total {total:.1} s)",
+                to.display()
+            ),
+            Event::Archived { to, seconds, .. } => eprintln!(
+                "strata: fixture {name}: archived to {} in {seconds:.1} s",
                 to.display()
             ),
             Event::Warning(w) => self.line(format!("strata: warning: {w}")),

@@ -14,7 +14,8 @@ use strata_builder::upgrade::{self, UpgradeOptions, UpgradeSummary};
 pub struct UpgradeArgs {
     /// The image to upgrade in place.
     image: PathBuf,
-    /// The new root filesystem (a directory).
+    /// The new root filesystem: a directory or a tar archive (plain or
+    /// gzip/xz/zstd/bzip2, as mmdebstrap, docker export or tar make it).
     #[arg(long)]
     rootfs: PathBuf,
     /// The new version's label: it lives in systems/<LABEL>/.

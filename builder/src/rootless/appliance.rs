@@ -128,10 +128,12 @@ pub fn script(image: &Path, work: &Work) -> Vec<Cmd> {
             mode: d.mode,
             path: d.path.clone(),
         });
-        s.push(Cmd::Utimens {
-            path: d.path.clone(),
-            mtime: d.mtime,
-        });
+        if let Some(mtime) = d.mtime {
+            s.push(Cmd::Utimens {
+                path: d.path.clone(),
+                mtime,
+            });
+        }
     }
     for (from, to) in &work.snapshots {
         s.push(Cmd::Snapshot {
@@ -211,7 +213,7 @@ mod tests {
                     minor: 3,
                     uid: 0,
                     gid: 0,
-                    mtime: 1714564800,
+                    mtime: Some(1714564800),
                 },
                 DeviceNode {
                     path: "systems/factory/orig/dev/my \"disk\"".into(),
@@ -221,7 +223,7 @@ mod tests {
                     minor: 16,
                     uid: 0,
                     gid: 6,
-                    mtime: 0,
+                    mtime: None,
                 },
             ],
             snapshots: vec![("systems/factory/orig".into(), "systems/factory/run".into())],

@@ -5,6 +5,7 @@ use super::wire::RootfsKind;
 use super::{Accel, RootlessOptions};
 use crate::build::{self, BuildOptions};
 use crate::error::BuildError;
+use crate::rootfs_tar::{self, RootfsInput};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -30,15 +31,15 @@ pub fn check(opts: &BuildOptions, r: &RootlessOptions) -> Result<RootfsKind, Bui
     Ok(kind)
 }
 
+/// A directory or a tar archive (`rootfs_tar::classify` reads its first
+/// bytes); a missing rootfs is refused here, before anything is made.
 fn rootfs_kind(path: &Path) -> Result<RootfsKind, BuildError> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => Ok(RootfsKind::Dir),
-        Ok(m) if m.is_file() => Ok(RootfsKind::Tar),
-        Ok(_) => Err(input(format!(
-            "rootfs {} is neither a directory nor a tar archive",
-            path.display()
-        ))),
-        Err(e) => Err(input(format!("rootfs {}: {e}", path.display()))),
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(input(format!("rootfs {}: {e}", path.display())));
+    }
+    match rootfs_tar::classify(path).map_err(|e| input(e.to_string()))? {
+        RootfsInput::Dir => Ok(RootfsKind::Dir),
+        RootfsInput::Tar(_) => Ok(RootfsKind::Tar),
     }
 }
 

@@ -43,8 +43,9 @@ pub struct DeviceNode {
     pub minor: u32,
     pub uid: u32,
     pub gid: u32,
-    /// Seconds since the epoch.
-    pub mtime: i64,
+    /// Seconds since the epoch, when known (an archive listing lacks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<i64>,
 }
 
 /// What only a mounted btrfs can do, left for the appliance, in order.

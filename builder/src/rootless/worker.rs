@@ -9,7 +9,7 @@ use super::extract;
 use super::staging::{self, Staging};
 use super::wire::{DeviceNode, Message, Request, RootfsKind, WireError, Work};
 use crate::build;
-use crate::error::{BuildError, Context};
+use crate::error::{BuildError, Context, StepError};
 use crate::interrupt::Interrupt;
 use crate::layout::{self, Version};
 use crate::manifest::{Backend, FileType, Manifest, MovedFile};
@@ -17,6 +17,7 @@ use crate::migrate::Migration;
 use crate::pathenc::encode_path;
 use crate::plan::Plan;
 use crate::progress::{Event, Step};
+use crate::rootfs_tar::{self, DeviceNodes};
 use crate::steps::Steps;
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -65,6 +66,22 @@ pub fn serve(input: impl BufRead, mut output: impl Write) -> u8 {
     }
 }
 
+/// A device node `rootfs_tar` left out (the archive listing has no mtime:
+/// the appliance's mknod time stays).
+fn from_archive(n: &rootfs_tar::DeviceNode) -> DeviceNode {
+    let path = n.path.to_string_lossy();
+    DeviceNode {
+        path: path.strip_prefix("./").unwrap_or(&path).to_owned(),
+        block: n.kind == rootfs_tar::DeviceKind::Block,
+        mode: n.mode,
+        major: n.major,
+        minor: n.minor,
+        uid: n.uid,
+        gid: n.gid,
+        mtime: None,
+    }
+}
+
 /// Removes everything in `dir`, keeping `dir` (the outer process made it
 /// and removes it).
 fn empty(dir: &Path) {
@@ -93,27 +110,27 @@ fn run(
         for d in [&scratch, &top] {
             std::fs::create_dir(d).context(|| format!("creating {}", d.display()))?;
         }
-        let devices = match req.rootfs_kind {
-            RootfsKind::Dir => extract::devices_in_dir(source)
-                .context(|| format!("reading rootfs {}", source.display()))?,
-            RootfsKind::Tar => extract::devices_in_tar(source)
-                .context(|| format!("listing rootfs archive {}", source.display()))?,
-        };
-        extract::extract(
-            source,
-            req.rootfs_kind == RootfsKind::Tar,
-            &scratch,
-            &devices,
-            s.interrupt(),
-        )
-        .map_err(|e| match e {
-            crate::cmd::CmdError::Interrupted { .. } => crate::error::StepError::Interrupted,
-            e => crate::error::StepError::Failed {
-                what: format!("unpacking rootfs {}", source.display()),
-                cause: e.into(),
-            },
-        })?;
-        Ok(devices)
+        match req.rootfs_kind {
+            RootfsKind::Tar => {
+                let skipped =
+                    rootfs_tar::extract(source, &scratch, DeviceNodes::Skip, s.interrupt())?;
+                Ok(skipped.iter().map(from_archive).collect())
+            }
+            RootfsKind::Dir => {
+                let devices = extract::devices_in_dir(source)
+                    .context(|| format!("reading rootfs {}", source.display()))?;
+                extract::extract(source, &scratch, &devices, s.interrupt()).map_err(
+                    |e| match e {
+                        crate::cmd::CmdError::Interrupted { .. } => StepError::Interrupted,
+                        e => StepError::Failed {
+                            what: format!("copying rootfs {} into staging", source.display()),
+                            cause: e.into(),
+                        },
+                    },
+                )?;
+                Ok(devices)
+            }
+        }
     })?;
 
     let mut opts = req.build.clone();
@@ -229,7 +246,7 @@ mod tests {
             minor: 3,
             uid: 0,
             gid: 0,
-            mtime: 0,
+            mtime: None,
         };
         let at = |path: &str, how| -> Vec<String> {
             in_image(node(path), &p, &v, how)

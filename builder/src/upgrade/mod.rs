@@ -2,7 +2,10 @@
 //! place (layout.md §6), as named steps:
 //!
 //! ```text
-//! clean-debris       what killed runs left on the host (mounts, loop devices)
+//! clean-debris       what killed runs left on the host (mounts, loop devices,
+//!                    extracted archives)
+//! extract-rootfs     only for a tar archive: extracted next to the image
+//!                    (`rootfs_tar::Extraction`), removed on every way out
 //! check-image        read-only: every refusal (exit 2) happens here, before
 //!                    the image is opened for writing
 //! mount              read-write; partial versions a killed upgrade left go
@@ -58,6 +61,7 @@ use crate::layout;
 use crate::manifest::{Deployment, StateData, VersionRecord};
 use crate::migrate::Migration;
 use crate::progress::{Event, Step};
+use crate::rootfs_tar::{self, DeviceNodes, Extraction, RootfsInput};
 use crate::steps::Steps;
 use crate::sync::{StatePolicy, SyncReport};
 use std::fs;
@@ -67,8 +71,9 @@ use assemble::{assemble, Assembled};
 use check::{check, image_error, Checked};
 use partial::{own_subvolumes, partial_dirs, remove_partial};
 
-/// Every step of an upgrade, in order (`set-default` is skipped with
-/// `set_default: false`).
+/// Every step of an upgrade from a directory, in order (`set-default` is
+/// skipped with `set_default: false`; a tar archive adds `extract-rootfs`
+/// after `clean-debris`).
 pub const STEPS: [Step; 15] = [
     Step::CleanDebris,
     Step::CheckImage,
@@ -89,7 +94,7 @@ pub const STEPS: [Step; 15] = [
 
 #[derive(Debug, Clone)]
 pub struct UpgradeOptions {
-    /// The new rootfs (a directory).
+    /// The new rootfs: a directory or a tar archive (`rootfs_tar`).
     pub rootfs: PathBuf,
     /// The new version's label: `systems/<label>/`.
     pub label: String,
@@ -144,16 +149,43 @@ pub fn upgrade(
             rustix::process::geteuid().as_raw()
         )));
     }
+    let input = rootfs_tar::classify(&opts.rootfs).map_err(|e| BuildError::Input(e.to_string()))?;
     let mut steps = Steps::new(interrupt, on_event);
     // A run killed with SIGKILL could not clean up: its mounts and loop
     // devices carry its pid (a mount of this image would keep it from
-    // being opened again).
+    // being opened again), its extracted archive too.
     steps.run(Step::CleanDebris, |s| {
         for c in debris::clean(&debris::find(Some(parent_dir(image)))) {
             s.emit(Event::Note(c.to_string()));
         }
         Ok(())
     })?;
+    match input {
+        RootfsInput::Dir => upgrade_from(image, opts, steps),
+        RootfsInput::Tar(_) => {
+            // Next to the image (its filesystem has the room the image
+            // grows into anyway); removed on every way out.
+            let extraction = steps.run(Step::ExtractRootfs, |s| {
+                Extraction::next_to(image, &opts.rootfs, DeviceNodes::Create, s.interrupt())
+                    .map_err(StepError::from)
+            })?;
+            let tree = UpgradeOptions {
+                rootfs: extraction.rootfs().to_owned(),
+                ..opts.clone()
+            };
+            let upgraded = upgrade_from(image, &tree, steps);
+            on_event(Event::Note(extraction.remove()));
+            upgraded.map_err(|e| build::name_archive(e, &tree.rootfs, &opts.rootfs))
+        }
+    }
+}
+
+/// The upgrade from `check-image` on, `opts.rootfs` a directory.
+fn upgrade_from(
+    image: &Path,
+    opts: &UpgradeOptions,
+    mut steps: Steps,
+) -> Result<UpgradeSummary, BuildError> {
     let checked = steps.run(Step::CheckImage, |s| check(image, opts, s))?;
     let rw = steps.run(Step::Mount, |s| open_rw(image, &checked, s))?;
     let top = rw.top().to_owned();
