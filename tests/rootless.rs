@@ -92,6 +92,7 @@ fn make_rootfs(root: &Path) {
          && chmod 0700 root root/.ssh && printf 'ssh-ed25519 AAAA t\\n' > root/.ssh/authorized_keys \
          && chmod 0600 root/.ssh/authorized_keys \
          && printf x > opt/app/bin/suid && chmod 4755 opt/app/bin/suid \
+         && printf x > usr/bin/pinger && chmod 0755 usr/bin/pinger && setcap cap_net_raw+ep usr/bin/pinger \
          && printf x > usr/bin/shadowed && chown 0:42 usr/bin/shadowed && chmod 2750 usr/bin/shadowed \
          && truncate -s 16M opt/app/sparse && printf data | dd of=opt/app/sparse bs=1 seek=1048576 conv=notrunc status=none \
          && printf big > var/lib/db/data && ln var/lib/db/data var/lib/db/hardlink \
@@ -181,7 +182,7 @@ fn stat_in(image: &Path, paths: &[&str]) -> String {
     let mut out = String::new();
     for p in paths {
         out.push_str(&sh(&format!(
-            "cd '{}' && stat -c '%n %F %a %u:%g %t:%T' '{p}'",
+            "cd '{}' && stat -c '%n %F %a %u:%g %t:%T' '{p}' && getfattr -h -d -m - -e hex '{p}'",
             mnt.path().display()
         )));
     }
@@ -283,6 +284,11 @@ fn an_ordinary_user_builds_the_privileged_image_from_a_tar_archive() {
         "systems/factory/run/opt",
         "state/opt/app/bin/suid",
         "systems/factory/run/usr/bin/shadowed",
+        // A file capability: written as a namespaced (v3) one inside the
+        // user namespace, read back by mkfs there as the plain one.
+        "systems/factory/run/usr/bin/pinger",
     ];
-    assert_eq!(stat_in(&rootless, &paths), stat_in(&privileged, &paths));
+    let seen = stat_in(&rootless, &paths);
+    assert!(seen.contains("security.capability=0x"), "{seen}");
+    assert_eq!(seen, stat_in(&privileged, &paths));
 }

@@ -1,10 +1,11 @@
-//! Deploying ONE version into an image whose top level (subvolid=5) is
-//! mounted at `top`, as the named steps of layout.md §1–4 and §6: orig, copy,
-//! fstab, state, hash, mountpoint check, run snapshot, kernel. The result is
+//! Deploying ONE version into an image's top level (`toplevel::TopLevel`:
+//! mounted, or a rootless build's staging directory), as the named steps of
+//! layout.md §1–4 and §6: orig, copy, fstab, state, hash, mountpoint check,
+//! run snapshot, kernel. The result is
 //! `systems/<label>/{orig,run,kernel,initramfs}` and its state subvolumes.
 //!
 //! It knows nothing of how the image was made or opened (mkfs, loop device,
-//! temp file) and does not touch what makes a version boot: the caller
+//! temp file, staging) and does not touch what makes a version boot: the caller
 //! writes the boot menu and flips the default afterwards (`boot`). `build`
 //! calls it on a fresh image; an upgrade calls it on an open one.
 
