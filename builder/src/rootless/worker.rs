@@ -133,6 +133,12 @@ fn run(
         }
     })?;
 
+    if !devices.is_empty() {
+        steps.emit(Event::Note(format!(
+            "{} device nodes left to the appliance VM (mknod is refused in a user namespace)",
+            devices.len()
+        )));
+    }
     let mut opts = req.build.clone();
     opts.rootfs = scratch;
     // Refusals name the rootfs the user gave, not the staged copy.
