@@ -37,6 +37,10 @@ enum Command {
     Remove(cli::versions::RemoveArgs),
     /// Deploy a new rootfs as a new version beside the existing ones.
     Upgrade(cli::upgrade::UpgradeArgs),
+    /// Internal: the rootless build's worker inside a user namespace
+    /// (started by `strata build`; JSON request on stdin, JSON lines out).
+    #[command(name = "rootless-worker", hide = true)]
+    RootlessWorker,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +69,10 @@ fn main() -> ExitCode {
         Command::SetDefault(a) => cli::versions::set_default(a),
         Command::Remove(a) => cli::versions::remove(a),
         Command::Upgrade(a) => cli::upgrade::run(a),
+        Command::RootlessWorker => strata_builder::rootless::worker::serve(
+            std::io::stdin().lock(),
+            std::io::stdout().lock(),
+        ),
     };
     ExitCode::from(code)
 }

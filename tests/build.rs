@@ -820,6 +820,9 @@ fn not_root_is_refused() {
             "--clear-groups",
             env!("CARGO_BIN_EXE_strata"),
             "build",
+            // Without it an ordinary user gets the rootless backend.
+            "--backend",
+            "privileged",
             "--rootfs",
         ])
         .arg(fx.rootfs())

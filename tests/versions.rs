@@ -224,12 +224,13 @@ impl Fixture {
             initramfs: None,
             size: copy::measure(&rootfs).unwrap(),
             path: rootfs,
+            scratch: false,
         };
         let interrupt = Interrupt::default();
         let mut on_event = |_| {};
         let mut steps = Steps::new(&interrupt, &mut on_event);
         let deployed = deploy::deploy(
-            img.top(),
+            &mut strata_builder::toplevel::Mounted::new(img.top()),
             &v3,
             &source,
             &plan,

@@ -104,10 +104,8 @@ pub fn set_default(top: &Path, version: &Version) -> Result<(), StepError> {
 /// `extlinux --install` on the top level. Whole-disk btrfs: extlinux's boot
 /// sector is sector 0, so syslinux's mbr.bin must NOT be written there (it
 /// would make the image unbootable).
-pub fn install_bootloader(top: &Path) -> Result<(), StepError> {
-    cmd::run(Command::new("extlinux").arg("--install").arg(top))
-        .map(drop)
-        .context(|| "installing extlinux".into())
+pub fn install_bootloader(top: &Path) -> Result<(), cmd::CmdError> {
+    cmd::run(Command::new("extlinux").arg("--install").arg(top)).map(drop)
 }
 
 /// Temp files and links a crash left in `dir` (named `layout::TEMP_PREFIX…`).

@@ -22,7 +22,7 @@ use crate::interrupt::Interrupt;
 use crate::layout::{self, Version};
 use crate::loopdev::LoopDevice;
 use crate::manifest::{
-    Deployment, Manifest, SkippedStateDir, StateDirs, VersionRecord, MANIFEST_VERSION,
+    Backend, Deployment, Manifest, SkippedStateDir, StateDirs, VersionRecord, MANIFEST_VERSION,
 };
 use crate::migrate::Migration;
 use crate::mount::Mount;
@@ -32,13 +32,14 @@ use crate::rootfs_tar;
 use crate::rootfs_tar::{DeviceNodes, Extraction, RootfsInput};
 use crate::size::human;
 use crate::steps::Steps;
+use crate::toplevel::{Mounted, TopLevel};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 /// mkfs.btrfs refuses much less than this with default (DUP metadata) profiles.
 pub const MIN_IMAGE_SIZE: u64 = 128 << 20;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BuildOptions {
     pub rootfs: PathBuf,
     pub output: PathBuf,
@@ -62,10 +63,10 @@ pub struct BuildOptions {
 /// Everything decided before the first byte is written.
 #[derive(Debug)]
 pub struct Prepared {
-    rootfs: Rootfs,
-    version: Version,
-    plan: Plan,
-    fs_uuid: String,
+    pub(crate) rootfs: Rootfs,
+    pub(crate) version: Version,
+    pub(crate) plan: Plan,
+    pub(crate) fs_uuid: String,
 }
 
 impl Prepared {
@@ -142,6 +143,7 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
             kernel,
             initramfs,
             size: tree,
+            scratch: false,
         },
         version,
         plan,
@@ -194,7 +196,7 @@ fn check_min_size(size: u64) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn check_output(path: &Path, force: bool, what: &str) -> Result<(), BuildError> {
+pub(crate) fn check_output(path: &Path, force: bool, what: &str) -> Result<(), BuildError> {
     match path.symlink_metadata() {
         Ok(m) if !m.is_file() => {
             // --force replaces an earlier image, never a device, a
@@ -266,7 +268,7 @@ fn check_fs_uuid_unused(uuid: &str) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn parent_dir(path: &Path) -> &Path {
+pub(crate) fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -313,29 +315,10 @@ impl<'a> Builder<'a> {
             steps.emit(Event::Note(r.to_string()));
         }
         let image = NewImage::create(opts, &prep.fs_uuid, steps)?;
-        let top = image.top();
+        let mut top = Mounted::new(image.top());
+        let deployed = deploy_and_boot(&mut top, &prep, opts, steps)?;
 
-        let deployed = deploy::deploy(
-            top,
-            &prep.version,
-            &prep.rootfs,
-            &prep.plan,
-            &DeployOptions {
-                migration: opts.migration,
-                kernel_args: opts.kernel_args.clone(),
-                image_size: opts.size,
-            },
-            steps,
-        )?;
-        let version = &deployed.version;
-        // The menu first, the default last: the order an upgrade needs too.
-        steps.run(Step::WriteBootConfig, |_| {
-            boot::write_menu(top, version, std::slice::from_ref(&deployed.boot))
-        })?;
-        steps.run(Step::SetDefault, |_| boot::set_default(top, version))?;
-        steps.run(Step::InstallBootloader, |_| boot::install_bootloader(top))?;
-
-        let mut manifest = manifest(opts, &prep, deployed);
+        let mut manifest = manifest(opts, &prep, deployed, Backend::Privileged);
         let file = steps.run(Step::Finish, |_| image.close())?;
         manifest.versions[0].timings = self.steps.into_timings();
         // After the timings are complete; a failure here is still the
@@ -343,6 +326,39 @@ impl<'a> Builder<'a> {
         persist(file, &manifest, opts).map_err(|e| e.in_step(Step::Finish))?;
         Ok(manifest)
     }
+}
+
+/// Deploys the one version and makes it boot: the same steps whatever `top`
+/// is (a mounted image, or a rootless build's staging directory).
+pub(crate) fn deploy_and_boot(
+    top: &mut dyn TopLevel,
+    prep: &Prepared,
+    opts: &BuildOptions,
+    steps: &mut Steps,
+) -> Result<Deployed, BuildError> {
+    let deployed = deploy::deploy(
+        top,
+        &prep.version,
+        &prep.rootfs,
+        &prep.plan,
+        &DeployOptions {
+            migration: opts.migration,
+            kernel_args: opts.kernel_args.clone(),
+            image_size: opts.size,
+        },
+        steps,
+    )?;
+    let version = &deployed.version;
+    // The menu first, the default last: the order an upgrade needs too.
+    steps.run(Step::WriteBootConfig, |_| {
+        boot::write_menu(top.path(), version, std::slice::from_ref(&deployed.boot))
+    })?;
+    steps.run(Step::SetDefault, |_| boot::set_default(top.path(), version))?;
+    steps.run(Step::InstallBootloader, |_| {
+        top.install_bootloader()
+            .context(|| "installing extlinux".into())
+    })?;
+    Ok(deployed)
 }
 
 /// The image being made: a temp file next to the output, with a new btrfs,
@@ -401,7 +417,7 @@ impl NewImage {
 
 /// A sparse file next to the output, renamed into place only on success and
 /// deleted on any failure.
-fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError> {
+pub(crate) fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError> {
     let dir = parent_dir(&opts.output);
     let name = opts
         .output
@@ -422,9 +438,14 @@ fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile, StepError
     Ok(tmp)
 }
 
-fn manifest(opts: &BuildOptions, prep: &Prepared, deployed: Deployed) -> Manifest {
+pub(crate) fn manifest(
+    opts: &BuildOptions,
+    prep: &Prepared,
+    deployed: Deployed,
+    backend: Backend,
+) -> Manifest {
     let version = deployed.version.label().to_owned();
-    Manifest {
+    let mut manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         fs_uuid: prep.fs_uuid.clone(),
         image_size: opts.size,
@@ -435,7 +456,9 @@ fn manifest(opts: &BuildOptions, prep: &Prepared, deployed: Deployed) -> Manifes
             deployed,
             Deployment::Build,
         )],
-    }
+    };
+    manifest.versions[0].backend = Some(backend);
+    manifest
 }
 
 /// The manifest's record of one deployed version.
@@ -478,10 +501,12 @@ pub fn version_record(
         kernel_source: deployed.kernel_source,
         initramfs_source: deployed.initramfs_source,
         timings: Vec::new(),
+        // Upgrades run on a mounted image; a rootless build says so.
+        backend: Some(Backend::Privileged),
     }
 }
 
-fn persist(
+pub(crate) fn persist(
     image: tempfile::NamedTempFile,
     manifest: &Manifest,
     opts: &BuildOptions,

@@ -7,6 +7,11 @@
 //!   and the loop devices mounted there;
 //! - partial images `.<name>.strata-partial.<pid>.<random>` next to the
 //!   output (`PARTIAL_MARKER`);
+//! - a rootless build's staging directories
+//!   `.<name>.strata-staging.<pid>.<random>` next to the output
+//!   (`rootless::STAGING_MARKER`). Their files belong to the ids of a user
+//!   namespace, so an ordinary user removes them from inside one
+//!   (`rootless::remove_tree`);
 //! - extracted rootfs archives `.<name>.strata-extract.<pid>.<random>/`
 //!   next to the output (`EXTRACT_MARKER`, `rootfs_tar::Extraction`).
 //!
@@ -39,6 +44,8 @@ pub enum Leftover {
     },
     /// A partial image of a dead build.
     Partial(PathBuf),
+    /// A staging directory of a dead rootless build.
+    Staging(PathBuf),
     /// A rootfs archive a dead run extracted (a directory).
     Extraction(PathBuf),
 }
@@ -52,6 +59,7 @@ pub enum Cleaned {
     },
     Detached(String),
     Removed(PathBuf),
+    RemovedStaging(PathBuf),
     RemovedExtraction(PathBuf),
     /// Could not be cleaned: what failed and the command that would do it.
     Failed {
@@ -74,6 +82,11 @@ impl std::fmt::Display for Cleaned {
             Cleaned::Removed(p) => write!(
                 f,
                 "removed partial image {} (left by a killed strata)",
+                p.display()
+            ),
+            Cleaned::RemovedStaging(p) => write!(
+                f,
+                "removed staging directory {} (left by a killed rootless strata build)",
                 p.display()
             ),
             Cleaned::RemovedExtraction(p) => write!(
@@ -146,17 +159,24 @@ pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(at) = name.rfind(PARTIAL_MARKER) else {
-            continue;
-        };
         if !name.starts_with('.') {
             continue;
         }
-        let Some(pid) = pid_after(&name[at..], PARTIAL_MARKER) else {
-            continue;
-        };
-        if !alive(pid) && e.file_type().is_ok_and(|t| t.is_file()) {
-            out.push(Leftover::Partial(e.path()));
+        let staging = crate::rootless::STAGING_MARKER;
+        if let Some(at) = name.rfind(PARTIAL_MARKER) {
+            let Some(pid) = pid_after(&name[at..], PARTIAL_MARKER) else {
+                continue;
+            };
+            if !alive(pid) && e.file_type().is_ok_and(|t| t.is_file()) {
+                out.push(Leftover::Partial(e.path()));
+            }
+        } else if let Some(at) = name.rfind(staging) {
+            let Some(pid) = pid_after(&name[at..], staging) else {
+                continue;
+            };
+            if !alive(pid) && e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.push(Leftover::Staging(e.path()));
+            }
         }
     }
     out
@@ -273,6 +293,16 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
                     }),
                 }
             }
+            Leftover::Staging(path) => match crate::rootless::remove_tree(path) {
+                Ok(()) => done.push(Cleaned::RemovedStaging(path.clone())),
+                Err(_) => done.push(Cleaned::Failed {
+                    what: format!("staging directory {}", path.display()),
+                    command: format!(
+                        "unshare --map-auto --map-root-user rm -rf {}",
+                        path.display()
+                    ),
+                }),
+            },
         }
     }
     done
@@ -329,6 +359,8 @@ mod tests {
     #[test]
     fn partials_of_dead_builds_only() {
         let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join(".sys.img.strata-staging.999999.q/top/etc")).unwrap();
+        std::fs::create_dir(d.path().join(".sys.img.strata-staging.1.live")).unwrap();
         for n in [
             ".sys.img.strata-partial.999999.aB3",
             ".sys.img.strata-partial.1.live",
@@ -337,21 +369,30 @@ mod tests {
         ] {
             std::fs::write(d.path().join(n), "").unwrap();
         }
-        let found = dead_partials(d.path(), |pid| pid == 1);
+        let mut found = dead_partials(d.path(), |pid| pid == 1);
+        found.sort_by_key(|l| format!("{l:?}"));
+        let (partial, staging) = (
+            d.path().join(".sys.img.strata-partial.999999.aB3"),
+            d.path().join(".sys.img.strata-staging.999999.q"),
+        );
         assert_eq!(
             found,
-            [Leftover::Partial(
-                d.path().join(".sys.img.strata-partial.999999.aB3")
-            )]
+            [
+                Leftover::Partial(partial.clone()),
+                Leftover::Staging(staging.clone())
+            ]
         );
         let cleaned = clean(&found);
         assert_eq!(
             cleaned,
-            [Cleaned::Removed(
-                d.path().join(".sys.img.strata-partial.999999.aB3")
-            )]
+            [
+                Cleaned::Removed(partial),
+                Cleaned::RemovedStaging(staging.clone())
+            ]
         );
+        assert!(!staging.exists());
         assert!(d.path().join(".sys.img.strata-partial.1.live").exists());
+        assert!(d.path().join(".sys.img.strata-staging.1.live").exists());
     }
 
     #[test]

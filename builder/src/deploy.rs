@@ -1,14 +1,14 @@
-//! Deploying ONE version into an image whose top level (subvolid=5) is
-//! mounted at `top`, as the named steps of layout.md §1–4 and §6: orig, copy,
-//! fstab, state, hash, mountpoint check, run snapshot, kernel. The result is
+//! Deploying ONE version into an image's top level (`toplevel::TopLevel`:
+//! mounted, or a rootless build's staging directory), as the named steps of
+//! layout.md §1–4 and §6: orig, copy, fstab, state, hash, mountpoint check,
+//! run snapshot, kernel. The result is
 //! `systems/<label>/{orig,run,kernel,initramfs}` and its state subvolumes.
 //!
 //! It knows nothing of how the image was made or opened (mkfs, loop device,
-//! temp file) and does not touch what makes a version boot: the caller
+//! temp file, staging) and does not touch what makes a version boot: the caller
 //! writes the boot menu and flips the default afterwards (`boot`). `build`
 //! calls it on a fresh image; an upgrade calls it on an open one.
 
-use crate::btrfs;
 use crate::copy::{self, CopyError, TreeSize};
 use crate::error::{BuildError, Context, StepError};
 use crate::etcfile;
@@ -23,6 +23,7 @@ use crate::progress::{Event, Step};
 use crate::rootfs::RootDir;
 use crate::size::human;
 use crate::steps::Steps;
+use crate::toplevel::TopLevel;
 use rustix::fs::FileType;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,10 @@ pub struct Rootfs {
     pub kernel: BootSource,
     pub initramfs: Option<BootSource>,
     pub size: TreeSize,
+    /// A tree strata extracted itself, on the filesystem of the top level
+    /// (a rootless build's archive or copy): renamed into `orig` rather
+    /// than copied again.
+    pub scratch: bool,
 }
 
 fn input(msg: impl Into<String>) -> BuildError {
@@ -176,6 +181,7 @@ pub fn prepare_rootfs(
         kernel,
         initramfs,
         size,
+        scratch: false,
     })
 }
 
@@ -234,7 +240,7 @@ pub struct Deployed {
 /// already there. On failure the version is left half made: the caller
 /// undoes it (a new image is deleted whole).
 pub fn deploy(
-    top: &Path,
+    top: &mut dyn TopLevel,
     version: &Version,
     rootfs: &Rootfs,
     plan: &Plan,
@@ -253,13 +259,13 @@ pub fn deploy(
     let mut moved = steps.run(Step::MigrateState, |s| {
         move_state(top, &orig_root, plan, opts.migration, s)
     })?;
-    steps.run(Step::HashMoved, |_| hash_moved(top, &mut moved))?;
+    steps.run(Step::HashMoved, |_| hash_moved(top.path(), &mut moved))?;
     steps.run(Step::CheckMountpoints, |_| {
         check_mountpoints(&orig_root, plan, opts.migration)
     })?;
     steps.run(Step::Snapshot, |_| snapshot_run(top, version))?;
     steps.run(Step::InstallKernel, |_| {
-        install_kernel(top, version, rootfs)
+        install_kernel(top.path(), version, rootfs)
     })?;
 
     Ok(Deployed {
@@ -280,13 +286,14 @@ pub fn deploy(
 
 /// `systems/<label>/` (new: never over an existing version) and its `orig`
 /// subvolume.
-fn create_orig(top: &Path, version: &Version) -> Result<PathBuf, StepError> {
-    fs::create_dir_all(top.join(layout::SYSTEMS_DIR))
+fn create_orig(top: &mut dyn TopLevel, version: &Version) -> Result<PathBuf, StepError> {
+    let path = top.path().to_owned();
+    fs::create_dir_all(path.join(layout::SYSTEMS_DIR))
         .context(|| format!("creating {}", layout::SYSTEMS_DIR))?;
-    fs::create_dir(top.join(version.dir())).context(|| format!("creating {}", version.dir()))?;
-    let orig = top.join(version.orig());
-    btrfs::subvolume_create(&orig).context(|| format!("creating subvolume {}", version.orig()))?;
-    Ok(orig)
+    fs::create_dir(path.join(version.dir())).context(|| format!("creating {}", version.dir()))?;
+    top.create_subvolume(&version.orig())
+        .context(|| format!("creating subvolume {}", version.orig()))?;
+    Ok(path.join(version.orig()))
 }
 
 fn copy_rootfs(
@@ -296,6 +303,12 @@ fn copy_rootfs(
     opts: &DeployOptions,
     steps: &mut Steps,
 ) -> Result<(), StepError> {
+    if rootfs.scratch {
+        // Our own extraction on the same filesystem: `orig` is still empty
+        // (a fresh directory), so the tree takes its place whole.
+        return fs::rename(&rootfs.path, orig)
+            .context(|| format!("moving {} into {}", rootfs.path.display(), version.orig()));
+    }
     let (interrupt, total) = (steps.interrupt(), rootfs.size.entries);
     let copied = copy::copy_tree(&rootfs.path, orig, false, interrupt, |done| {
         steps.emit(Event::CopyProgress { done, total })
@@ -336,13 +349,14 @@ pub(crate) fn complete_fstab(
 /// the image already has it) and `orig/<dir>`'s data moved into it
 /// (layout.md §2), leaving `orig/<dir>` as an empty mountpoint.
 fn move_state(
-    top: &Path,
+    top: &mut dyn TopLevel,
     orig: &RootDir,
     plan: &Plan,
     how: Migration,
     steps: &mut Steps,
 ) -> Result<Vec<MovedFile>, StepError> {
-    fs::create_dir_all(top.join(layout::STATE_DIR))
+    let (path, clone) = (top.path().to_owned(), top.clones_extents());
+    fs::create_dir_all(path.join(layout::STATE_DIR))
         .context(|| format!("creating {}", layout::STATE_DIR))?;
     let mut moved = Vec::new();
     for dir in plan.created_state_dirs() {
@@ -350,7 +364,7 @@ fn move_state(
             return Err(StepError::Interrupted);
         }
         let (state, mountpoint) = (layout::state(dir), layout::state_mountpoint(dir));
-        let target = top.join(&state);
+        let target = path.join(&state);
         let existed = match target.symlink_metadata() {
             Ok(m) if m.is_dir() => true,
             Ok(_) => {
@@ -358,7 +372,7 @@ fn move_state(
                     .context(|| format!("creating subvolume {state}"))
             }
             Err(_) => {
-                btrfs::subvolume_create(&target)
+                top.create_subvolume(&state)
                     .context(|| format!("creating subvolume {state}"))?;
                 false
             }
@@ -387,7 +401,7 @@ fn move_state(
             ))
             .context(|| format!("moving {mountpoint} into {state}"));
         }
-        match migrate::migrate(&from, &target, dir, how, steps.interrupt()) {
+        match migrate::migrate(&from, &target, dir, how, clone, steps.interrupt()) {
             Ok(files) => moved.extend(files),
             Err(MigrateError::Copy(CopyError::Interrupted)) => return Err(StepError::Interrupted),
             Err(e) => return Err(e).context(|| format!("moving {mountpoint} into {state}")),
@@ -488,8 +502,8 @@ pub(crate) fn check_mountpoints(
 
 /// `run`: a writable snapshot of the finished `orig` (fstab completed, state
 /// moved out), so it costs ~0 bytes and its parent is `orig`.
-pub(crate) fn snapshot_run(top: &Path, version: &Version) -> Result<(), StepError> {
-    btrfs::snapshot(&top.join(version.orig()), &top.join(version.run()))
+pub(crate) fn snapshot_run(top: &mut dyn TopLevel, version: &Version) -> Result<(), StepError> {
+    top.snapshot(&version.orig(), &version.run())
         .context(|| format!("snapshotting {} as {}", version.orig(), version.run()))
 }
 

@@ -31,6 +31,26 @@ pub struct Manifest {
     pub versions: Vec<VersionRecord>,
 }
 
+/// Which build engine wrote a version (`strata build --backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// As root: loop device, mount, btrfs-progs on the host.
+    Privileged,
+    /// As an ordinary user: a user namespace, `mkfs.btrfs --rootdir`, and
+    /// an appliance VM for the snapshot and the bootloader.
+    Rootless,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Privileged => "privileged",
+            Backend::Rootless => "rootless",
+        }
+    }
+}
+
 /// How a version came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,6 +91,11 @@ pub struct VersionRecord {
     pub kernel_args: String,
     /// Step name -> seconds, in the order the steps ran.
     pub timings: Vec<StepTiming>,
+    /// The engine that deployed it; absent in manifests written before
+    /// there was a choice (those were all privileged) and for versions read
+    /// off an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Backend>,
 }
 
 /// An upgrade's handling of the new rootfs's files under state dirs: the
@@ -130,6 +155,7 @@ impl From<ManifestV1> for Manifest {
                 initramfs_source: v1.initramfs_source,
                 kernel_args: v1.kernel_args,
                 timings: v1.timings,
+                backend: None,
             }],
         }
     }

@@ -18,7 +18,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Migration {
     /// Move: the mountpoint is left empty (the default, and the only way to
     /// get a boot without "not empty" warnings).
@@ -65,9 +66,13 @@ pub fn migrate(
     to: &Path,
     name: &str,
     how: Migration,
+    clone: bool,
     interrupt: &Interrupt,
 ) -> Result<Vec<MovedFile>, MigrateError> {
-    copy_tree(from, to, true, interrupt, |_| {})?;
+    // `clone`: both ends on one btrfs, so extents are shared, not copied.
+    // A rootless staging directory on another filesystem copies the bytes
+    // (the verification below compares them).
+    copy_tree(from, to, clone, interrupt, |_| {})?;
     let moved = verify(from, to, &format!("/{name}"))?;
     if how == Migration::Move {
         empty_dir(from)?;

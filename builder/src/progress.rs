@@ -33,7 +33,44 @@ pub enum Step {
     WriteBootConfig,
     SetDefault,
     InstallBootloader,
+    // Rootless build only: the appliance VM's part (after `Mkfs`, which a
+    // rootless build runs last, on the staged tree).
+    Appliance,
     Finish,
+}
+
+impl Step {
+    /// Every step, for reading a name back (`from_name`).
+    pub const ALL: [Step; 23] = [
+        Step::CleanDebris,
+        Step::CheckImage,
+        Step::SnapshotOrig,
+        Step::SyncRootfs,
+        Step::MergeState,
+        Step::CommitVersion,
+        Step::CreateImage,
+        Step::Mkfs,
+        Step::Mount,
+        Step::CreateOrig,
+        Step::CopyRootfs,
+        Step::CompleteFstab,
+        Step::MigrateState,
+        Step::HashMoved,
+        Step::CheckMountpoints,
+        Step::Snapshot,
+        Step::InstallKernel,
+        Step::WriteBootConfig,
+        Step::SetDefault,
+        Step::InstallBootloader,
+        Step::ExtractRootfs,
+        Step::Appliance,
+        Step::Finish,
+    ];
+
+    /// The step whose `name` this is.
+    pub fn from_name(name: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| s.name() == name)
+    }
 }
 
 impl Step {
@@ -60,6 +97,7 @@ impl Step {
             Step::WriteBootConfig => "writing extlinux.conf",
             Step::SetDefault => "setting the default version",
             Step::InstallBootloader => "installing extlinux",
+            Step::Appliance => "snapshotting run and installing extlinux (appliance VM)",
             Step::Finish => "syncing, unmounting, detaching",
         }
     }
@@ -88,6 +126,7 @@ impl Step {
             Step::WriteBootConfig => "write-boot-config",
             Step::SetDefault => "set-default",
             Step::InstallBootloader => "install-bootloader",
+            Step::Appliance => "appliance",
             Step::Finish => "finish",
         }
     }

@@ -753,6 +753,7 @@ mod tests {
             initramfs_source: None,
             kernel_args: kernel_args.into(),
             timings: vec![],
+            backend: None,
         }
     }
 

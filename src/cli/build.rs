@@ -2,12 +2,13 @@
 
 use super::exit;
 use std::path::PathBuf;
-use strata_builder::build::{self, BuildOptions};
+use strata_builder::build::BuildOptions;
 use strata_builder::error::FailureKind;
 use strata_builder::interrupt::Interrupt;
 use strata_builder::layout::{DEFAULT_LABEL, DEFAULT_STATE_DIRS};
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::Migration;
+use strata_builder::rootless::{self, Accel, BackendChoice, RootlessOptions};
 use strata_builder::size::parse_size;
 
 #[derive(clap::Args)]
@@ -55,6 +56,28 @@ pub struct BuildArgs {
     /// Replace an existing output image and manifest.
     #[arg(long)]
     force: bool,
+    /// `privileged` (root: loop device and mounts), `rootless` (an ordinary
+    /// user: user namespace, mkfs.btrfs --rootdir and a libguestfs
+    /// appliance VM), or `auto`: privileged when running as root.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// How the rootless build's appliance VM runs: `tcg` (software, works
+    /// everywhere) or `kvm`.
+    #[arg(long, value_enum, default_value_t = AccelArg::Tcg)]
+    appliance_accel: AccelArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    Auto,
+    Privileged,
+    Rootless,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AccelArg {
+    Tcg,
+    Kvm,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -107,7 +130,18 @@ pub fn run(args: BuildArgs) -> u8 {
         }
     };
     let mut ui = super::progress::Progress::new();
-    let result = build::build(&opts, &interrupt, &mut |e| ui.event(e));
+    let backend = match args.backend {
+        BackendArg::Auto => BackendChoice::Auto,
+        BackendArg::Privileged => BackendChoice::Privileged,
+        BackendArg::Rootless => BackendChoice::Rootless,
+    };
+    let rootless = RootlessOptions {
+        accel: match args.appliance_accel {
+            AccelArg::Tcg => Accel::Tcg,
+            AccelArg::Kvm => Accel::Kvm,
+        },
+    };
+    let result = rootless::build_with(backend, &opts, &rootless, &interrupt, &mut |e| ui.event(e));
     ui.finish();
     match result {
         Ok(m) => {

@@ -193,6 +193,7 @@ mod tests {
                 initramfs_source: None,
                 kernel_args: String::new(),
                 timings: vec![],
+                backend: None,
             },
         }
     }

@@ -15,6 +15,7 @@ use crate::migrate::Migration;
 use crate::progress::Step;
 use crate::steps::Steps;
 use crate::sync::{self, SyncError, SyncOptions, SyncReport};
+use crate::toplevel::Mounted;
 use std::fs;
 use std::io::Read;
 use std::path::Path;
@@ -54,7 +55,9 @@ pub(super) fn assemble(
         deploy::check_mountpoints(&orig_root, &c.plan, opts.migration)
     })?;
     drop(orig_root);
-    steps.run(Step::Snapshot, |_| deploy::snapshot_run(top, &partial))?;
+    steps.run(Step::Snapshot, |_| {
+        deploy::snapshot_run(&mut Mounted::new(top), &partial)
+    })?;
     let boot_bytes = steps.run(Step::InstallKernel, |_| {
         install_boot_files(top, &partial, &c.old, &c.rootfs)
     })?;

@@ -167,6 +167,7 @@ pub(super) fn record_from_image(layout: &model::ImageLayout, entry: &BootEntry) 
         initramfs_source: None,
         kernel_args: entry.append(),
         timings: Vec::new(),
+        backend: None,
     }
 }
 

@@ -63,17 +63,15 @@ pub(super) fn merge_state(
                 fs::create_dir(&here).context(|| format!("creating mountpoint {mountpoint}"))?;
                 continue;
             }
-            let moved =
-                migrate::migrate(&here, &target, dir, opts.migration, interrupt).map_err(|e| {
-                    match e {
-                        migrate::MigrateError::Copy(copy::CopyError::Interrupted) => {
-                            StepError::Interrupted
-                        }
-                        e => StepError::Failed {
-                            what: format!("moving {mountpoint} into {state}"),
-                            cause: e.into(),
-                        },
+            let moved = migrate::migrate(&here, &target, dir, opts.migration, true, interrupt)
+                .map_err(|e| match e {
+                    migrate::MigrateError::Copy(copy::CopyError::Interrupted) => {
+                        StepError::Interrupted
                     }
+                    e => StepError::Failed {
+                        what: format!("moving {mountpoint} into {state}"),
+                        cause: e.into(),
+                    },
                 })?;
             out.merged.extend(moved.iter().map(|f| f.path.clone()));
             out.moved.extend(moved);

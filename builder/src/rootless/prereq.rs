@@ -1,0 +1,165 @@
+//! What a rootless build needs from the host, checked before anything is
+//! created; each refusal names what is missing and how to get it.
+
+use super::wire::RootfsKind;
+use super::{Accel, RootlessOptions};
+use crate::build::{self, BuildOptions};
+use crate::error::BuildError;
+use crate::rootfs_tar::{self, RootfsInput};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn input(msg: impl Into<String>) -> BuildError {
+    BuildError::Input(msg.into())
+}
+
+/// Every check; returns what kind of rootfs was given.
+pub fn check(opts: &BuildOptions, r: &RootlessOptions) -> Result<RootfsKind, BuildError> {
+    let kind = rootfs_kind(&opts.rootfs)?;
+    build::check_output(&opts.output, opts.force, "output image")?;
+    build::check_output(&opts.manifest, opts.force, "manifest")?;
+    if opts.size < build::MIN_IMAGE_SIZE {
+        return Err(input(format!(
+            "image size {} is too small: a btrfs image needs at least {}",
+            crate::size::human(opts.size),
+            crate::size::human(build::MIN_IMAGE_SIZE)
+        )));
+    }
+    user_namespace()?;
+    mkfs_rootdir()?;
+    appliance(r.accel)?;
+    Ok(kind)
+}
+
+/// A directory or a tar archive (`rootfs_tar::classify` reads its first
+/// bytes); a missing rootfs is refused here, before anything is made.
+fn rootfs_kind(path: &Path) -> Result<RootfsKind, BuildError> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(input(format!("rootfs {}: {e}", path.display())));
+    }
+    match rootfs_tar::classify(path).map_err(|e| input(e.to_string()))? {
+        RootfsInput::Dir => Ok(RootfsKind::Dir),
+        RootfsInput::Tar(_) => Ok(RootfsKind::Tar),
+    }
+}
+
+/// A program on PATH.
+pub fn on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// The name newuidmap looks up in /etc/subuid: the passwd entry of our uid
+/// (not $USER, which `su`/`setpriv` may leave as someone else's).
+fn user_name() -> String {
+    let uid = rustix::process::getuid().as_raw().to_string();
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.get(2) == Some(&uid.as_str())).then(|| f[0].to_owned())
+        })
+        .unwrap_or(uid)
+}
+
+/// `unshare --map-auto --map-root-user` works: util-linux ≥ 2.38,
+/// newuidmap/newgidmap (package uidmap), a subordinate id range.
+fn user_namespace() -> Result<(), BuildError> {
+    if on_path("unshare").is_none() {
+        return Err(input(
+            "rootless build: unshare not found: install util-linux (2.38 or later)",
+        ));
+    }
+    for tool in ["newuidmap", "newgidmap"] {
+        if on_path(tool).is_none() {
+            return Err(input(format!(
+                "rootless build: {tool} not found: install the package uidmap (it maps the rootfs's owners into a user namespace)"
+            )));
+        }
+    }
+    let user = user_name();
+    let uid = rustix::process::getuid().as_raw().to_string();
+    for (file, flag) in [
+        ("/etc/subuid", "--add-subuids"),
+        ("/etc/subgid", "--add-subgids"),
+    ] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let has = text
+            .lines()
+            .any(|l| l.split(':').next().is_some_and(|n| n == user || n == uid));
+        if !has {
+            return Err(input(format!(
+                "rootless build: no subordinate id range for user {user} in {file}: ask an administrator to run `usermod {flag} 100000-165535 {user}` (a range of 65536 ids that no other user has)"
+            )));
+        }
+    }
+    let out = Command::new("unshare")
+        .args(["--map-auto", "--map-root-user", "--", "true"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(input(format!(
+            "rootless build: `unshare --map-auto --map-root-user` fails: {} (needs util-linux 2.38 or later, the uidmap package, a subuid/subgid range for {user}, and unprivileged user namespaces enabled: sysctl kernel.unprivileged_userns_clone=1)",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))),
+        Err(e) => Err(input(format!("rootless build: running unshare: {e}"))),
+    }
+}
+
+/// mkfs.btrfs with `--rootdir` and `--subvol` (btrfs-progs 6.? or later).
+fn mkfs_rootdir() -> Result<(), BuildError> {
+    let help = Command::new("mkfs.btrfs").arg("--help").output();
+    let text = match help {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(_) => {
+            return Err(input(
+                "rootless build: mkfs.btrfs not found: install btrfs-progs (6.14 from bookworm-backports on Debian 12)",
+            ))
+        }
+    };
+    if !(text.contains("--rootdir") && text.contains("--subvol")) {
+        return Err(input(
+            "rootless build: this mkfs.btrfs has no --subvol (or --rootdir): install a newer btrfs-progs (6.14 from bookworm-backports on Debian 12: apt-get install -t bookworm-backports btrfs-progs)",
+        ));
+    }
+    Ok(())
+}
+
+/// guestfish and a kernel it can read for its appliance; /dev/kvm for KVM.
+fn appliance(accel: Accel) -> Result<(), BuildError> {
+    if on_path("guestfish").is_none() {
+        return Err(input(
+            "rootless build: guestfish not found: install libguestfs-tools (the appliance VM snapshots run and installs extlinux)",
+        ));
+    }
+    let readable_kernel = std::fs::read_dir("/boot")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+        .any(|e| std::fs::File::open(e.path()).is_ok());
+    if !readable_kernel {
+        return Err(input(
+            "rootless build: no readable /boot/vmlinuz-* for the libguestfs appliance: install a kernel (Debian: linux-image-amd64) and make it readable (chmod 0644 /boot/vmlinuz-*)",
+        ));
+    }
+    if accel == Accel::Kvm
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+    {
+        return Err(input(
+            "rootless build: --accel kvm but /dev/kvm cannot be opened: add the user to group kvm, or use TCG",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! `strata build` as an ordinary user (the rootless backend), end to end:
+//! a user created here builds an image from a tar archive, and it must
+//! equal the privileged build of the same rootfs (`strata inspect --json`,
+//! the manifest, the device nodes) except UUIDs, subvolume ids and times.
+//!
+//! Needs root (to create the user and to run the privileged build and
+//! inspect), and what a rootless build needs: uidmap, a subordinate id range
+//! (useradd gives one), libguestfs-tools with a readable kernel, btrfs-progs
+//! with `mkfs.btrfs --subvol`. Nothing is skipped: a missing piece fails
+//! the test with the reason.
+
+use serde_json::Value;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const USER: &str = "strata-rootless";
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-ec", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The test user, with a subordinate id range.
+fn ensure_user() {
+    assert!(
+        rustix_is_root(),
+        "tests/rootless.rs must run as root: it creates the user {USER} and runs the privileged build to compare"
+    );
+    if Command::new("id")
+        .arg(USER)
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        return;
+    }
+    sh(&format!("useradd --create-home {USER}"));
+    let has_range = |file: &str| {
+        fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&format!("{USER}:")))
+    };
+    if !has_range("/etc/subuid") || !has_range("/etc/subgid") {
+        // useradd gives one when /etc/login.defs allows; else pick a free one.
+        sh(&format!(
+            "usermod --add-subuids 300000-365535 --add-subgids 300000-365535 {USER}"
+        ));
+    }
+}
+
+fn rustix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Every kind of entry the layout contract lists, with owners the user
+/// could not create outside a user namespace.
+fn make_rootfs(root: &Path) {
+    for d in [
+        "etc",
+        "boot",
+        "dev",
+        "home/alice",
+        "opt/app/bin",
+        "root/.ssh",
+        "srv/www",
+        "var/lib/db",
+        "var/spool",
+        "usr/bin",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::write(root.join("boot/vmlinuz-6.1.0"), b"a fake kernel").unwrap();
+    fs::write(root.join("boot/initrd.img-6.1.0"), b"a fake initramfs").unwrap();
+    sh(&format!(
+        "cd '{}' && printf '# fstab\\n' > etc/fstab \
+         && printf 'alice notes\\n' > home/alice/notes && chown -R 1000:1000 home/alice \
+         && setfattr -n user.origin -v configure home/alice/notes && setfacl -m u:1234:r home/alice/notes \
+         && chmod 0700 root root/.ssh && printf 'ssh-ed25519 AAAA t\\n' > root/.ssh/authorized_keys \
+         && chmod 0600 root/.ssh/authorized_keys \
+         && printf x > opt/app/bin/suid && chmod 4755 opt/app/bin/suid \
+         && printf x > usr/bin/pinger && chmod 0755 usr/bin/pinger && setcap cap_net_raw+ep usr/bin/pinger \
+         && printf x > usr/bin/shadowed && chown 0:42 usr/bin/shadowed && chmod 2750 usr/bin/shadowed \
+         && truncate -s 16M opt/app/sparse && printf data | dd of=opt/app/sparse bs=1 seek=1048576 conv=notrunc status=none \
+         && printf big > var/lib/db/data && ln var/lib/db/data var/lib/db/hardlink \
+         && mkfifo var/spool/fifo && mknod var/spool/null c 1 3 && chown 0:5 var/spool/null \
+         && mknod dev/null c 1 3 && chmod 0666 dev/null && mknod dev/sda b 8 0 && chmod 0660 dev/sda \
+         && ln -s ../www srv/www/self && ln -s /etc/passwd srv/abs-link \
+         && echo '<h1>' > srv/www/index.html",
+        root.display()
+    ));
+}
+
+/// inspect's view without what differs between any two builds: UUIDs,
+/// subvolume ids and generations (mkfs numbers subvolumes in its own
+/// order), the image path.
+fn normalize(v: &mut Value) {
+    const VOLATILE: [&str; 6] = [
+        "id",
+        "uuid",
+        "parent_uuid",
+        "parent_id",
+        "generation",
+        "subvolume",
+    ];
+    match v {
+        Value::Object(m) => {
+            for k in VOLATILE {
+                m.remove(k);
+            }
+            m.remove("image");
+            for (_, x) in m.iter_mut() {
+                normalize(x);
+            }
+        }
+        Value::Array(a) => {
+            for x in a.iter_mut() {
+                normalize(x);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn inspect(image: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["inspect", "--json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "inspect: {}", stderr(&out));
+    let mut v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // versions[].orig/run are subvolume ids.
+    for ver in v["versions"].as_array_mut().into_iter().flatten() {
+        let m = ver.as_object_mut().unwrap();
+        m.remove("orig");
+        m.remove("run");
+    }
+    if let Some(s) = v["subvolumes"].as_array_mut() {
+        s.sort_by_key(|x| x["path"].as_str().unwrap_or_default().to_owned());
+    }
+    normalize(&mut v);
+    v
+}
+
+/// The manifest's version record without times and the backend.
+fn record(manifest: &Path) -> Value {
+    let mut m: Value = serde_json::from_slice(&fs::read(manifest).unwrap()).unwrap();
+    let r = m["versions"][0].as_object_mut().unwrap();
+    for k in ["timings", "deployed_at", "backend"] {
+        r.remove(k);
+    }
+    // The same entries; a device node (made by the appliance) is listed
+    // after the entries the move saw.
+    if let Some(Value::Array(files)) = r.get_mut("moved_files") {
+        files.sort_by_key(|f| f["path"].as_str().unwrap_or_default().to_owned());
+    }
+    m["versions"][0].take()
+}
+
+/// `stat` of entries inside an image, mounted read-only.
+fn stat_in(image: &Path, paths: &[&str]) -> String {
+    let mnt = tempfile::tempdir().unwrap();
+    sh(&format!(
+        "mount -o ro,loop '{}' '{}'",
+        image.display(),
+        mnt.path().display()
+    ));
+    let mut out = String::new();
+    for p in paths {
+        out.push_str(&sh(&format!(
+            "cd '{}' && stat -c '%n %F %a %u:%g %t:%T' '{p}' && getfattr -h -d -m - -e hex '{p}'",
+            mnt.path().display()
+        )));
+    }
+    sh(&format!("umount '{}'", mnt.path().display()));
+    out
+}
+
+#[test]
+fn an_ordinary_user_builds_the_privileged_image_from_a_tar_archive() {
+    ensure_user();
+    let dir = tempfile::Builder::new()
+        .prefix("strata-rootless-test.")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let rootfs = dir.path().join("rootfs");
+    make_rootfs(&rootfs);
+    let archive = dir.path().join("rootfs.tar");
+    sh(&format!(
+        "tar --xattrs --xattrs-include='*' --acls --numeric-owner --format=posix -C '{}' -cf '{}' . && chmod 0644 '{}'",
+        rootfs.display(),
+        archive.display(),
+        archive.display()
+    ));
+    // The test binary's target dir need not be readable by the user.
+    let exe = dir.path().join("strata");
+    fs::copy(env!("CARGO_BIN_EXE_strata"), &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    let out_dir = dir.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    sh(&format!("chown {USER}: '{}'", out_dir.display()));
+    let uuid = sh("cat /proc/sys/kernel/random/uuid").trim().to_owned();
+
+    let rootless = out_dir.join("rootless.img");
+    let built = Command::new("runuser")
+        .args([
+            "-u",
+            USER,
+            "--",
+            "env",
+            &format!("HOME=/home/{USER}"),
+            &format!("USER={USER}"),
+        ])
+        .arg(&exe)
+        .args(["build", "--rootfs"])
+        .arg(&archive)
+        .arg("--output")
+        .arg(&rootless)
+        .args(["--size", "512M", "--fs-uuid", &uuid])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "rootless build as {USER} failed: {}",
+        stderr(&built)
+    );
+    assert!(
+        stderr(&built).contains("backend: rootless"),
+        "{}",
+        stderr(&built)
+    );
+
+    let privileged = dir.path().join("privileged.img");
+    let built = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["build", "--backend", "privileged", "--rootfs"])
+        .arg(&rootfs)
+        .arg("--output")
+        .arg(&privileged)
+        .args(["--size", "512M", "--fs-uuid", &uuid])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "privileged build: {}",
+        stderr(&built)
+    );
+
+    assert_eq!(inspect(&rootless), inspect(&privileged));
+    let manifest = |img: &Path| {
+        img.with_file_name(format!(
+            "{}.manifest.json",
+            img.file_name().unwrap().to_string_lossy()
+        ))
+    };
+    assert_eq!(record(&manifest(&rootless)), record(&manifest(&privileged)));
+    let m: Value = serde_json::from_slice(&fs::read(manifest(&rootless)).unwrap()).unwrap();
+    assert_eq!(m["versions"][0]["backend"], "rootless");
+
+    // What inspect does not show: the entries the appliance made, and
+    // owners, modes and links of the staged tree.
+    let paths = [
+        "systems/factory/orig/dev/null",
+        "systems/factory/run/dev/null",
+        "systems/factory/run/dev/sda",
+        "state/var/spool/null",
+        "state/var/spool/fifo",
+        "state/home/alice/notes",
+        "state/root",
+        "systems/factory/run/opt",
+        "state/opt/app/bin/suid",
+        "systems/factory/run/usr/bin/shadowed",
+        // A file capability: written as a namespaced (v3) one inside the
+        // user namespace, read back by mkfs there as the plain one.
+        "systems/factory/run/usr/bin/pinger",
+    ];
+    let seen = stat_in(&rootless, &paths);
+    assert!(seen.contains("security.capability=0x"), "{seen}");
+    assert_eq!(seen, stat_in(&privileged, &paths));
+}
