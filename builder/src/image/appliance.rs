@@ -23,9 +23,13 @@
 //!
 //! guestfish runs in its own process group (a terminal's Ctrl-C reaches
 //! only strata, which unmounts and waits) and gets SIGTERM if strata dies.
+//! A strata killed by SIGKILL while the image was served leaves a dead FUSE
+//! mount on `<tmp>/strata-inspect.<pid>.<random>`: the next appliance
+//! session unmounts and removes those of dead pids (`clean_dead`).
 
 use super::model::Subvolume;
 use super::{subvolumes, ImageError};
+use crate::debris::Cleaned;
 use crate::interrupt::Interrupt;
 use crate::rootless::appliance::{self, Cmd};
 use crate::rootless::Accel;
@@ -36,6 +40,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// The mountpoint's name in the temp dir: this, the pid, a random part.
+const DIR_PREFIX: &str = "strata-inspect.";
 
 /// Marker lines the script echoes between the outputs strata reads.
 const BEGIN_LIST: &str = "strata: subvolume list -puq";
@@ -84,12 +91,12 @@ fn tool(what: &str, cause: impl Into<String>) -> ImageError {
 }
 
 /// Starts the appliance on `image` and returns once the image is served,
-/// with its subvolumes.
+/// with its subvolumes and what dead sessions left that was cleaned.
 pub fn open(
     image: &Path,
     accel: Accel,
     interrupt: &Interrupt,
-) -> Result<(Session, Vec<Subvolume>), ImageError> {
+) -> Result<(Session, Vec<Subvolume>, Vec<Cleaned>), ImageError> {
     if let Some(missing) = crate::rootless::prereq::appliance_missing(accel) {
         return Err(ImageError::Input(format!(
             "opening {} without root: {missing}",
@@ -106,9 +113,10 @@ pub fn open(
     if interrupt.raised() {
         return Err(ImageError::Interrupted);
     }
+    let cleaned = clean_dead(&std::env::temp_dir());
     let starting = "starting the libguestfs appliance to read the image";
     let made = tempfile::Builder::new()
-        .prefix(&format!("strata-inspect.{}.", std::process::id()))
+        .prefix(&format!("{DIR_PREFIX}{}.", std::process::id()))
         .tempdir()
         .map_err(|e| tool(starting, format!("creating a mountpoint: {e}")))?;
     // /proc/self/mountinfo names the mountpoint with symlinks resolved.
@@ -170,7 +178,7 @@ pub fn open(
         closed: false,
     };
     match session.wait_until_served(&lines, interrupt) {
-        Ok(subvols) => Ok((session, subvols)),
+        Ok(subvols) => Ok((session, subvols, cleaned)),
         Err(e) => {
             let (_, stderr) = session.shutdown();
             Err(match e {
@@ -254,7 +262,7 @@ impl Session {
         }
         self.closed = true;
         if is_mountpoint(&self.dir) {
-            unmount(&self.dir);
+            unmount(&self.dir, false);
         }
         let deadline = Instant::now() + EXIT_DEADLINE;
         let mut status = None;
@@ -270,7 +278,7 @@ impl Session {
         }
         // A guestfish killed while serving leaves a dead FUSE mount.
         if is_mountpoint(&self.dir) {
-            unmount(&self.dir);
+            unmount(&self.dir, true);
         }
         let _ = std::fs::remove_dir(&self.dir);
         let stderr = self
@@ -303,6 +311,41 @@ impl Drop for Session {
     }
 }
 
+/// Unmounts (lazily: a dead FUSE server answers nothing) and removes the
+/// mountpoints in `tmp` of strata runs that are gone. Only the user's own
+/// FUSE mounts can be unmounted by fusermount; others are left.
+fn clean_dead(tmp: &Path) -> Vec<Cleaned> {
+    // As mountinfo names them: symlinks resolved.
+    let tmp = tmp.canonicalize().unwrap_or_else(|_| tmp.to_owned());
+    let mut cleaned = Vec::new();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = e.path();
+        if is_mountpoint(&dir) {
+            unmount(&dir, true);
+            if is_mountpoint(&dir) {
+                continue;
+            }
+            cleaned.push(Cleaned::Unmounted {
+                dir: dir.clone(),
+                device: "the libguestfs appliance's FUSE mount".into(),
+            });
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    cleaned
+}
+
 /// SIGTERM to the child's process group (guestfish and its QEMU), SIGKILL
 /// after `GRACE`.
 fn kill_group(child: &mut Child) -> Option<ExitStatus> {
@@ -327,8 +370,9 @@ fn fusermount() -> Option<PathBuf> {
         .find_map(crate::rootless::prereq::on_path)
 }
 
-/// `fusermount -u`, lazily when busy (a reader still holding a file).
-fn unmount(dir: &Path) {
+/// `fusermount -u`, lazily when busy (a reader still holding a file) or
+/// when `lazy` (a dead server).
+fn unmount(dir: &Path, lazy: bool) {
     let Some(program) = fusermount() else { return };
     let run = |lazy: bool| {
         let mut c = Command::new(&program);
@@ -343,7 +387,7 @@ fn unmount(dir: &Path) {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !run(false) {
+    if lazy || !run(false) {
         run(true);
     }
 }

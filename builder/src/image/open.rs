@@ -174,11 +174,11 @@ pub fn open_to_read(image: &Path, interrupt: &Interrupt) -> Result<OpenImage, Im
         return open(image, Mode::ReadOnly);
     }
     let filesystem = read_superblock(image)?;
-    let (session, subvolumes) =
+    let (session, subvolumes, cleaned) =
         super::appliance::open(image, crate::rootless::Accel::default(), interrupt)?;
     Ok(OpenImage {
         filesystem,
-        cleaned: Vec::new(),
+        cleaned,
         subvolumes,
         path: image.to_path_buf(),
         mode: Mode::ReadOnly,
