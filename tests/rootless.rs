@@ -1,7 +1,9 @@
 //! `strata build` as an ordinary user (the rootless backend), end to end:
 //! a user created here builds an image from a tar archive, and it must
 //! equal the privileged build of the same rootfs (`strata inspect --json`,
-//! the manifest, the device nodes) except UUIDs, subvolume ids and times.
+//! the manifest, the device nodes) except UUIDs, subvolume ids and times;
+//! and the user's `strata inspect` (through the appliance) must print what
+//! root's (through a loop mount) prints for the same image.
 //!
 //! Needs root (to create the user and to run the privileged build and
 //! inspect), and what a rootless build needs: uidmap, a subordinate id range
@@ -291,6 +293,53 @@ fn an_ordinary_user_builds_the_privileged_image_from_a_tar_archive() {
     let seen = stat_in(&rootless, &paths);
     assert!(seen.contains("security.capability=0x"), "{seen}");
     assert_eq!(seen, stat_in(&privileged, &paths));
+
+    // The user inspects without root (the appliance serves the image over
+    // FUSE to the same reader): byte for byte what root's loop mount shows.
+    for args in [&["--json"][..], &["--lint", "--json"]] {
+        let as_user = Command::new("runuser")
+            .args(["-u", USER, "--", "env", &format!("HOME=/home/{USER}")])
+            .arg(&exe)
+            .arg("inspect")
+            .args(args)
+            .arg(&rootless)
+            .output()
+            .unwrap();
+        let as_root = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("inspect")
+            .args(args)
+            .arg(&rootless)
+            .output()
+            .unwrap();
+        assert!(
+            as_user.status.success(),
+            "inspect {args:?} as {USER}: {}",
+            stderr(&as_user)
+        );
+        assert!(
+            stderr(&as_user).contains("libguestfs appliance"),
+            "{}",
+            stderr(&as_user)
+        );
+        assert_eq!(as_user.status.code(), as_root.status.code(), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&as_user.stdout),
+            String::from_utf8_lossy(&as_root.stdout),
+            "inspect {args:?}: {USER} (appliance) vs root (loop mount)"
+        );
+    }
+    // Nothing of the appliance is left: no FUSE mount, no QEMU of the user.
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains("strata-inspect."), "{mounts}");
+    let qemu = Command::new("pgrep")
+        .args(["-a", "-u", USER, "qemu"])
+        .output()
+        .unwrap();
+    assert!(
+        qemu.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&qemu.stdout)
+    );
 }
 
 /// Runs the strata at `exe` as the test user, in `cwd`.

@@ -47,10 +47,10 @@ impl Failure for crate::cmd::CmdError {
 
 impl Failure for crate::image::ImageError {
     fn kind(&self) -> FailureKind {
-        if self.is_input() {
-            FailureKind::Input
-        } else {
-            FailureKind::Infrastructure
+        match self {
+            crate::image::ImageError::Input(_) => FailureKind::Input,
+            crate::image::ImageError::Tool { .. } => FailureKind::Infrastructure,
+            crate::image::ImageError::Interrupted => FailureKind::Interrupted,
         }
     }
 }

@@ -2,9 +2,13 @@
 //! --lint IMG [--json] [--all]` lists the files hidden under mountpoints of
 //! every version's orig and run.
 //!
+//! As root the image is loop-mounted read-only; as anyone else the
+//! libguestfs appliance serves it (slower: it boots a VM), read by the same
+//! code.
+//!
 //! Exit codes: 0 (lint: clean), 1 (lint: hidden files found), 2 bad input
 //! (missing image, not Btrfs, not a strata layout for --lint), 3 the tools
-//! failed (losetup, mount, btrfs).
+//! failed (losetup, mount, btrfs, guestfish), 130 interrupted.
 
 mod render;
 
@@ -12,6 +16,7 @@ use super::exit;
 use std::path::PathBuf;
 use strata_builder::error::FailureKind;
 use strata_builder::image::{self, ImageError};
+use strata_builder::interrupt::Interrupt;
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
@@ -37,8 +42,18 @@ pub fn run(args: InspectArgs) -> u8 {
         }
         Err(e) => exit::fail(e),
     };
+    // Ctrl-C while the appliance starts stops it (no QEMU, no FUSE mount
+    // left); a loop mount is read too quickly to matter.
+    let interrupt = Interrupt::on_signals().unwrap_or_default();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "strata: not running as root: reading {} through the libguestfs appliance",
+            args.image.display()
+        );
+    }
     if args.lint {
-        finish(image::lint(&args.image).map(|lint| {
+        finish(image::lint_with(&args.image, &interrupt).map(|lint| {
             let out = if args.json {
                 serde_json::to_string_pretty(&lint).expect("serialisable") + "\n"
             } else {
@@ -47,7 +62,7 @@ pub fn run(args: InspectArgs) -> u8 {
             (exit::of((!lint.clean).then_some(FailureKind::Failed)), out)
         }))
     } else {
-        finish(image::read(&args.image).map(|layout| {
+        finish(image::read_with(&args.image, &interrupt).map(|layout| {
             let out = if args.json {
                 serde_json::to_string_pretty(&layout).expect("serialisable") + "\n"
             } else {

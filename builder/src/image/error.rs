@@ -13,6 +13,9 @@ pub enum ImageError {
     /// done and carries the tool's own words.
     #[error("{context}: {error}")]
     Tool { context: String, error: BoxError },
+    /// SIGINT/SIGTERM while the appliance was starting; it was stopped.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl ImageError {

@@ -7,6 +7,7 @@ use super::read::{state_names, tree_fstab, versions};
 use super::subvolumes;
 use crate::fstab;
 use crate::layout::{self, Tree};
+use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
@@ -95,7 +96,14 @@ pub fn mountpoints(top: &Path, image: &str, subvols: &[Subvolume]) -> Lint {
                         .as_ref()
                         .map(|sv| format!("{sv}{}", &p.target[o.target.len()..])),
                 };
-                mountpoints.push(check_mountpoint(top, label, tree.name(), p, dir_rel));
+                mountpoints.push(check_mountpoint(
+                    top,
+                    label,
+                    tree.name(),
+                    p,
+                    dir_rel,
+                    subvols,
+                ));
             }
         }
     }
@@ -126,6 +134,7 @@ fn check_mountpoint(
     tree: &str,
     p: &Planned,
     dir_rel: Option<String>,
+    subvols: &[Subvolume],
 ) -> MountpointCheck {
     let mut check = MountpointCheck {
         version: label.to_owned(),
@@ -147,7 +156,13 @@ fn check_mountpoint(
         Err(_) => MountpointStatus::Missing,
         Ok(md) if !md.is_dir() => MountpointStatus::NotADirectory,
         Ok(md) => {
-            walk(&dir, md.dev(), &p.target, &mut check.files);
+            let subvols: HashSet<&str> = subvols.iter().map(|s| s.path.as_str()).collect();
+            let at = Walk {
+                dev: md.dev(),
+                rel: &dir_rel,
+                shown: &p.target,
+            };
+            walk(&dir, at, &subvols, &mut check.files);
             check.files.sort_by(|a, b| a.path.cmp(&b.path));
             if check.files.is_empty() {
                 MountpointStatus::Empty
@@ -161,21 +176,34 @@ fn check_mountpoint(
     check
 }
 
-/// Lists everything under `dir` (not following symlinks) as `shown/…`.
-fn walk(dir: &Path, dev: u64, shown: &str, out: &mut Vec<HiddenFile>) {
+/// Where `walk` is: the directory's device, its path in the image, and
+/// how it is shown.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    dev: u64,
+    rel: &'a str,
+    shown: &'a str,
+}
+
+/// Lists everything under `dir` (not following symlinks) as `shown/…`. A
+/// directory is a subvolume when it is on another device (a loop mount
+/// gives each subvolume its own) or listed as one (the appliance's FUSE
+/// mount shows one device for all).
+fn walk(dir: &Path, at: Walk, subvols: &HashSet<&str>, out: &mut Vec<HiddenFile>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let path = format!("{}/{name}", shown.trim_end_matches('/'));
+        let path = format!("{}/{name}", at.shown.trim_end_matches('/'));
+        let rel = format!("{}/{name}", at.rel.trim_end_matches('/'));
         let Ok(md) = std::fs::symlink_metadata(e.path()) else {
             continue;
         };
         let t = md.file_type();
         let (kind, size) = if t.is_dir() {
             (
-                if md.dev() != dev {
+                if md.dev() != at.dev || subvols.contains(rel.as_str()) {
                     FileKind::Subvolume
                 } else {
                     FileKind::Dir
@@ -201,7 +229,12 @@ fn walk(dir: &Path, dev: u64, shown: &str, out: &mut Vec<HiddenFile>) {
             size,
         });
         if t.is_dir() {
-            walk(&e.path(), md.dev(), &path, out);
+            let inner = Walk {
+                dev: md.dev(),
+                rel: &rel,
+                shown: &path,
+            };
+            walk(&e.path(), inner, subvols, out);
         }
     }
 }
@@ -319,5 +352,33 @@ mod tests {
         assert_eq!(m.mountpoint, "/home");
         assert!(m.basis.contains("no fstab entry"));
         assert_eq!(m.files[0].path, "/home/alice");
+    }
+
+    #[test]
+    fn a_listed_subvolume_is_one_on_a_single_device_mount() {
+        // The appliance's FUSE mount shows every subvolume on one device:
+        // the subvolume list says which directories are subvolumes.
+        let d = tempfile::tempdir().unwrap();
+        tree(d.path());
+        std::fs::create_dir_all(d.path().join("state/var/lib/x/nested")).unwrap();
+        let subvols = subvolumes::parse(
+            "ID 270 gen 1 parent 5 top level 5 parent_uuid - uuid u path state/var/lib/x/nested\n",
+        );
+        let l = mountpoints(d.path(), "img", &subvols);
+        let x = l
+            .mountpoints
+            .iter()
+            .find(|m| m.mountpoint == "/var/lib/x")
+            .unwrap();
+        assert_eq!(x.files.len(), 1);
+        assert_eq!(x.files[0].path, "/var/lib/x/nested");
+        assert_eq!(x.files[0].kind, FileKind::Subvolume);
+        let plain = mountpoints(d.path(), "img", &[]);
+        let x = plain
+            .mountpoints
+            .iter()
+            .find(|m| m.mountpoint == "/var/lib/x")
+            .unwrap();
+        assert_eq!(x.files[0].kind, FileKind::Dir);
     }
 }

@@ -6,11 +6,14 @@
 //!
 //! - `open`: superblock, `Mode`, the `OpenImage` guard.
 //! - `read`: the layout of a mounted top level; `lint`: hidden files.
+//! - `appliance`: the read-only image served over FUSE by the libguestfs
+//!   appliance, for a user who is not root.
 //! - `subvolumes`: `btrfs subvolume list` and what an fstab entry mounts.
 //! - `boot_entry`: where a boot entry's paths point, which version it boots.
 //!
 //! Every path comes from `crate::layout`.
 
+pub mod appliance;
 pub mod boot_entry;
 mod error;
 mod lint;
@@ -20,27 +23,41 @@ mod read;
 mod subvolumes;
 
 pub use error::ImageError;
-pub use open::{open, read_superblock, Mode, OpenImage};
+pub use open::{open, open_to_read, read_superblock, Mode, OpenImage};
 pub use read::fstab as read_fstab;
 /// The reader over a plain directory shaped like a top level, for tests of
 /// what is built on it.
 #[cfg(test)]
 pub(crate) use read::layout as read_dir_layout;
 
+use crate::interrupt::Interrupt;
 use model::{ImageLayout, Lint};
 use std::path::Path;
 
-/// The layout of the image at `path`, read through a read-only mount.
+/// The layout of the image at `path`, read through a read-only mount (the
+/// appliance's when not root: `open_to_read`).
 pub fn read(path: &Path) -> Result<ImageLayout, ImageError> {
-    let image = open(path, Mode::ReadOnly)?;
+    read_with(path, &Interrupt::default())
+}
+
+/// `read`, stopped (`ImageError::Interrupted`) when `interrupt` is raised
+/// while the appliance starts.
+pub fn read_with(path: &Path, interrupt: &Interrupt) -> Result<ImageLayout, ImageError> {
+    let image = open_to_read(path, interrupt)?;
     let layout = image.layout();
     image.close()?;
     Ok(layout)
 }
 
-/// The mountpoint lint of the image at `path`, through a read-only mount.
+/// The mountpoint lint of the image at `path`, through a read-only mount
+/// (the appliance's when not root).
 pub fn lint(path: &Path) -> Result<Lint, ImageError> {
-    let image = open(path, Mode::ReadOnly)?;
+    lint_with(path, &Interrupt::default())
+}
+
+/// `lint`, stopped when `interrupt` is raised while the appliance starts.
+pub fn lint_with(path: &Path, interrupt: &Interrupt) -> Result<Lint, ImageError> {
+    let image = open_to_read(path, interrupt)?;
     let lint = image.lint()?;
     image.close()?;
     Ok(lint)

@@ -7,6 +7,7 @@
 
 use super::model::{Filesystem, ImageLayout, Lint, Subvolume};
 use super::{lint, read, subvolumes, ImageError};
+use crate::interrupt::Interrupt;
 use crate::{loopdev::LoopDevice, mount::Mount};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
@@ -87,12 +88,19 @@ pub struct OpenImage {
     mode: Mode,
     mount: Option<Mount>,
     device: Option<LoopDevice>,
+    /// Instead of the loop mount, for a user who is not root: the image
+    /// served read-only by the libguestfs appliance (`open_to_read`).
+    appliance: Option<super::appliance::Session>,
 }
 
 impl OpenImage {
     /// The mounted top-level subvolume.
     pub fn top(&self) -> &Path {
-        self.mount.as_ref().expect("mounted until closed").path()
+        match (&self.mount, &self.appliance) {
+            (Some(m), _) => m.path(),
+            (None, Some(a)) => a.path(),
+            (None, None) => unreachable!("mounted until closed"),
+        }
     }
 
     /// The image as given to `open`.
@@ -141,6 +149,9 @@ impl OpenImage {
         if let Some(d) = self.device.take() {
             d.detach().map_err(|e| ImageError::tool(what, e))?;
         }
+        if let Some(a) = self.appliance.take() {
+            a.close()?;
+        }
         Ok(())
     }
 }
@@ -150,7 +161,31 @@ impl Drop for OpenImage {
         // Order matters: the mount goes before its loop device.
         drop(self.mount.take());
         drop(self.device.take());
+        drop(self.appliance.take());
     }
+}
+
+/// Opens an image for reading, as whoever runs strata can: root gets the
+/// read-only loop mount (`open`, the fastest); anyone else the libguestfs
+/// appliance serving the image over FUSE (`appliance`), read by the same
+/// code. `interrupt` stops the appliance while it starts.
+pub fn open_to_read(image: &Path, interrupt: &Interrupt) -> Result<OpenImage, ImageError> {
+    if rustix::process::geteuid().is_root() {
+        return open(image, Mode::ReadOnly);
+    }
+    let filesystem = read_superblock(image)?;
+    let (session, subvolumes, cleaned) =
+        super::appliance::open(image, crate::rootless::Accel::default(), interrupt)?;
+    Ok(OpenImage {
+        filesystem,
+        cleaned,
+        subvolumes,
+        path: image.to_path_buf(),
+        mode: Mode::ReadOnly,
+        mount: None,
+        device: None,
+        appliance: Some(session),
+    })
 }
 
 /// Opens an image file or block device: checks it is Btrfs, attaches a
@@ -229,6 +264,7 @@ pub fn open(image: &Path, mode: Mode) -> Result<OpenImage, ImageError> {
         mode,
         mount: Some(mount),
         device,
+        appliance: None,
     };
     opened.subvolumes = subvolumes::list(opened.top())?;
     Ok(opened)

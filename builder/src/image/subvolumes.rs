@@ -21,7 +21,7 @@ pub fn list(top: &Path) -> Result<Vec<Subvolume>, ImageError> {
     .map_err(|e| ImageError::tool("listing subvolumes", e))?;
     // The read-only flag is a detail of the listing: without it, every
     // subvolume shows as writable rather than the image failing to open.
-    let readonly: Vec<u64> = cmd::run_args(
+    let readonly = cmd::run_args(
         "btrfs",
         [
             "subvolume".as_ref(),
@@ -30,13 +30,22 @@ pub fn list(top: &Path) -> Result<Vec<Subvolume>, ImageError> {
             top.as_os_str(),
         ],
     )
-    .map(|t| parse(&t).into_iter().map(|s| s.id).collect())
-    .unwrap_or_default();
-    let mut subvolumes = parse(&list);
+    .ok();
+    Ok(combine(&list, readonly.as_deref()))
+}
+
+/// The subvolumes of a `-puq` listing, read-only flags set from a `-r`
+/// listing (none when it is missing). Whoever ran `btrfs subvolume list`
+/// (on the host, or in the appliance) hands its output here.
+pub fn combine(puq: &str, readonly: Option<&str>) -> Vec<Subvolume> {
+    let readonly: Vec<u64> = readonly
+        .map(|t| parse(t).into_iter().map(|s| s.id).collect())
+        .unwrap_or_default();
+    let mut subvolumes = parse(puq);
     for s in &mut subvolumes {
         s.readonly = readonly.contains(&s.id);
     }
-    Ok(subvolumes)
+    subvolumes
 }
 
 /// Parses `btrfs subvolume list -puq` output:

@@ -5,7 +5,9 @@
 //!
 //! The guestfish script is data (`Cmd`), rendered with guestfish's quoting
 //! (double quotes, backslash escapes), so a path with spaces or quotes
-//! stays one argument.
+//! stays one argument. This module owns guestfish's quoting, environment
+//! and command line; `image::appliance` (a read-only image served over
+//! FUSE for `strata inspect`) renders its script here too.
 
 use super::wire::Work;
 use super::Accel;
@@ -19,6 +21,18 @@ use std::process::Command;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cmd {
     AddRaw(PathBuf),
+    /// The image as a read-only drive: nothing in the appliance can write
+    /// it (guestfish `--ro` refuses writable drives as well).
+    AddRawReadOnly(PathBuf),
+    /// Prints its text on guestfish's stdout: a marker between outputs.
+    Echo(String),
+    /// `btrfs subvolume list FLAGS` of the top level, run in the appliance
+    /// (where it is mounted at /sysroot); prints the tool's output.
+    ListSubvolumes(&'static str),
+    /// Serves the appliance's `/` read-only over FUSE at this host
+    /// directory; `MountLocalRun` then blocks until it is unmounted.
+    MountLocal(PathBuf),
+    MountLocalRun,
     Run,
     /// Mount the top level (subvolid=5) at the appliance's `/`.
     MountTop,
@@ -77,6 +91,23 @@ impl Cmd {
         use std::os::unix::ffi::OsStrExt;
         match self {
             Cmd::AddRaw(p) => format!("add-drive {} format:raw", quote(p.as_os_str().as_bytes())),
+            Cmd::AddRawReadOnly(p) => format!(
+                "add-drive {} format:raw readonly:true",
+                quote(p.as_os_str().as_bytes())
+            ),
+            Cmd::Echo(text) => format!("echo {}", quote(text.as_bytes())),
+            // `debug sh` runs in the appliance, whose root is /sysroot.
+            Cmd::ListSubvolumes(flags) => {
+                format!(
+                    "debug sh {}",
+                    quote(format!("btrfs subvolume list {flags} /sysroot").as_bytes())
+                )
+            }
+            Cmd::MountLocal(dir) => format!(
+                "mount-local {} readonly:true",
+                quote(dir.as_os_str().as_bytes())
+            ),
+            Cmd::MountLocalRun => "mount-local-run".into(),
             Cmd::Run => "run".into(),
             Cmd::MountTop => "mount-options \"subvolid=5\" /dev/sda /".into(),
             Cmd::Umask(m) => format!("umask 0{m:o}"),
@@ -167,6 +198,14 @@ pub fn environment(accel: Accel) -> Vec<(&'static str, &'static str)> {
     env
 }
 
+/// guestfish with libguestfs's environment and without progress bars (its
+/// output is read by strata, not a terminal).
+pub fn guestfish(accel: Accel) -> Command {
+    let mut c = Command::new("guestfish");
+    c.envs(environment(accel)).arg("--no-progress-bars");
+    c
+}
+
 /// Runs the script in a fresh appliance. Interruptible; the appliance (its
 /// whole process group) dies with strata.
 pub fn run(image: &Path, work: &Work, accel: Accel, interrupt: &Interrupt) -> Result<(), CmdError> {
@@ -181,11 +220,8 @@ pub fn run(image: &Path, work: &Work, accel: Accel, interrupt: &Interrupt) -> Re
         .tempfile()
         .map_err(spawn)?;
     file.write_all(text.as_bytes()).map_err(spawn)?;
-    let mut c = Command::new("guestfish");
-    c.envs(environment(accel))
-        .arg("--no-progress-bars")
-        .arg("-f")
-        .arg(file.path());
+    let mut c = guestfish(accel);
+    c.arg("-f").arg(file.path());
     cmd::run_interruptible(&mut c, interrupt, &mut |_| {})
 }
 

@@ -27,7 +27,9 @@ pub fn check(opts: &BuildOptions, r: &RootlessOptions) -> Result<RootfsKind, Bui
     }
     user_namespace()?;
     mkfs_rootdir()?;
-    appliance(r.accel)?;
+    if let Some(missing) = appliance_missing(r.accel) {
+        return Err(input(format!("rootless build: {missing}")));
+    }
     Ok(kind)
 }
 
@@ -133,11 +135,13 @@ fn mkfs_rootdir() -> Result<(), BuildError> {
 }
 
 /// guestfish and a kernel it can read for its appliance; /dev/kvm for KVM.
-fn appliance(accel: Accel) -> Result<(), BuildError> {
+/// What is missing and how to get it, for the caller to prefix with what
+/// it was doing (a rootless build, a rootless inspect).
+pub fn appliance_missing(accel: Accel) -> Option<String> {
     if on_path("guestfish").is_none() {
-        return Err(input(
-            "rootless build: guestfish not found: install libguestfs-tools (the appliance VM snapshots run and installs extlinux)",
-        ));
+        return Some(
+            "guestfish not found: install libguestfs-tools (the appliance VM that works on the image without root)".into(),
+        );
     }
     let readable_kernel = std::fs::read_dir("/boot")
         .into_iter()
@@ -146,9 +150,9 @@ fn appliance(accel: Accel) -> Result<(), BuildError> {
         .filter(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
         .any(|e| std::fs::File::open(e.path()).is_ok());
     if !readable_kernel {
-        return Err(input(
-            "rootless build: no readable /boot/vmlinuz-* for the libguestfs appliance: install a kernel (Debian: linux-image-amd64) and make it readable (chmod 0644 /boot/vmlinuz-*)",
-        ));
+        return Some(
+            "no readable /boot/vmlinuz-* for the libguestfs appliance: install a kernel (Debian: linux-image-amd64) and make it readable (chmod 0644 /boot/vmlinuz-*)".into(),
+        );
     }
     if accel == Accel::Kvm
         && std::fs::OpenOptions::new()
@@ -157,9 +161,10 @@ fn appliance(accel: Accel) -> Result<(), BuildError> {
             .open("/dev/kvm")
             .is_err()
     {
-        return Err(input(
-            "rootless build: --accel kvm but /dev/kvm cannot be opened: add the user to group kvm, or use TCG",
-        ));
+        return Some(
+            "--accel kvm but /dev/kvm cannot be opened: add the user to group kvm, or use TCG"
+                .into(),
+        );
     }
-    Ok(())
+    None
 }

@@ -1,0 +1,440 @@
+//! An image opened read-only without root: a libguestfs appliance (the
+//! same one as the rootless build, `rootless::appliance`) mounts its top
+//! level, lists the subvolumes, and serves the filesystem over FUSE at a
+//! host directory (`mount-local`), where the ordinary reader (`read`,
+//! `lint`) reads it like a loop mount. One appliance session:
+//!
+//! ```text
+//! guestfish --ro (script on stdin)       strata
+//! run, mount subvolid=5
+//! echo BEGIN_LIST; btrfs subvolume list -puq   → subvolumes
+//! echo BEGIN_READONLY; … -r                    → read-only flags
+//! echo SERVING; mount-local DIR; mount-local-run
+//!                                        wait until DIR is a mountpoint
+//!                                        read the layout through DIR
+//! mount-local-run returns                ← fusermount -u DIR
+//! guestfish exits                        wait
+//! ```
+//!
+//! FUSE without `default_permissions`: the kernel does not check modes
+//! against the caller, guestfish (root in the appliance) reads any file,
+//! so a 0600 root-owned fstab reads as it does through a loop mount as
+//! root. Only the mounting user can see the mount (no `allow_other`).
+//!
+//! guestfish runs in its own process group (a terminal's Ctrl-C reaches
+//! only strata, which unmounts and waits) and gets SIGTERM if strata dies.
+//! A strata killed by SIGKILL while the image was served leaves a dead FUSE
+//! mount on `<tmp>/strata-inspect.<pid>.<random>`: the next appliance
+//! session unmounts and removes those of dead pids (`clean_dead`).
+
+use super::model::Subvolume;
+use super::{subvolumes, ImageError};
+use crate::debris::Cleaned;
+use crate::interrupt::Interrupt;
+use crate::rootless::appliance::{self, Cmd};
+use crate::rootless::Accel;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The mountpoint's name in the temp dir: this, the pid, a random part.
+const DIR_PREFIX: &str = "strata-inspect.";
+
+/// Marker lines the script echoes between the outputs strata reads.
+const BEGIN_LIST: &str = "strata: subvolume list -puq";
+const BEGIN_READONLY: &str = "strata: subvolume list -r";
+const SERVING: &str = "strata: mount-local";
+
+/// How long the appliance may take to boot and serve the image (TCG on a
+/// busy host boots in tens of seconds; this is for a hung QEMU).
+const START_DEADLINE: Duration = Duration::from_secs(600);
+/// How long guestfish may take to exit after the unmount.
+const EXIT_DEADLINE: Duration = Duration::from_secs(30);
+/// After SIGTERM to its group, before SIGKILL.
+const GRACE: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(50);
+/// How many of guestfish's last stderr lines an error keeps.
+const STDERR_LINES: usize = 20;
+
+/// The guestfish script: list the subvolumes between markers, then serve
+/// the top level at `dir` until it is unmounted.
+pub fn script(image: &Path, dir: &Path) -> Vec<Cmd> {
+    vec![
+        Cmd::AddRawReadOnly(image.to_owned()),
+        Cmd::Run,
+        Cmd::MountTop,
+        Cmd::Echo(BEGIN_LIST.into()),
+        Cmd::ListSubvolumes("-puq"),
+        Cmd::Echo(BEGIN_READONLY.into()),
+        Cmd::ListSubvolumes("-r"),
+        Cmd::Echo(SERVING.into()),
+        Cmd::MountLocal(dir.to_owned()),
+        Cmd::MountLocalRun,
+    ]
+}
+
+/// A running appliance serving an image at `path()`; unmounted, waited
+/// for and its directory removed on `close` (or drop).
+pub struct Session {
+    dir: PathBuf,
+    child: Child,
+    stderr: Option<JoinHandle<String>>,
+    closed: bool,
+}
+
+fn tool(what: &str, cause: impl Into<String>) -> ImageError {
+    ImageError::tool(what.to_owned(), cause.into())
+}
+
+/// Starts the appliance on `image` and returns once the image is served,
+/// with its subvolumes and what dead sessions left that was cleaned.
+pub fn open(
+    image: &Path,
+    accel: Accel,
+    interrupt: &Interrupt,
+) -> Result<(Session, Vec<Subvolume>, Vec<Cleaned>), ImageError> {
+    if let Some(missing) = crate::rootless::prereq::appliance_missing(accel) {
+        return Err(ImageError::Input(format!(
+            "opening {} without root: {missing}",
+            image.display()
+        )));
+    }
+    if fusermount().is_none() {
+        return Err(ImageError::Input(format!(
+            "opening {} without root: fusermount3 not found: install fuse3 \
+             (the appliance serves the image to strata over FUSE)",
+            image.display()
+        )));
+    }
+    if interrupt.raised() {
+        return Err(ImageError::Interrupted);
+    }
+    let cleaned = clean_dead(&std::env::temp_dir());
+    let starting = "starting the libguestfs appliance to read the image";
+    let made = tempfile::Builder::new()
+        .prefix(&format!("{DIR_PREFIX}{}.", std::process::id()))
+        .tempdir()
+        .map_err(|e| tool(starting, format!("creating a mountpoint: {e}")))?;
+    // /proc/self/mountinfo names the mountpoint with symlinks resolved.
+    let dir = made
+        .path()
+        .canonicalize()
+        .map_err(|e| tool(starting, format!("{}: {e}", made.path().display())))?;
+    let _ = made.keep();
+    let text = appliance::render(&script(image, &dir));
+    let mut c = appliance::guestfish(accel);
+    c.arg("--ro")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: one prctl(2) in the forked child before exec; async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = match c.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(tool(starting, format!("running guestfish: {e}")));
+        }
+    };
+    let mut stdin = child.stdin.take().expect("piped");
+    // The script is small (far below a pipe's buffer); guestfish reads the
+    // rest after mount-local-run returns, then sees the end and exits.
+    let _ = stdin.write_all(text.as_bytes());
+    drop(stdin);
+    let stderr = child.stderr.take().expect("piped");
+    let stderr = std::thread::spawn(move || {
+        let mut tail = std::collections::VecDeque::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            tail.push_back(line);
+            if tail.len() > STDERR_LINES {
+                tail.pop_front();
+            }
+        }
+        Vec::from(tail).join("\n")
+    });
+    let (tx, lines) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut session = Session {
+        dir,
+        child,
+        stderr: Some(stderr),
+        closed: false,
+    };
+    match session.wait_until_served(&lines, interrupt) {
+        Ok(subvols) => Ok((session, subvols, cleaned)),
+        Err(e) => {
+            let (_, stderr) = session.shutdown();
+            Err(match e {
+                Failed::Interrupted => ImageError::Interrupted,
+                Failed::Appliance(what) => tool(starting, format!("{what}: {}", stderr.trim())),
+            })
+        }
+    }
+}
+
+enum Failed {
+    Interrupted,
+    /// What went wrong; guestfish's stderr is added to it.
+    Appliance(String),
+}
+
+impl Session {
+    /// The top level of the image, as served by the appliance.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the listings off guestfish's stdout, then waits until the
+    /// mountpoint is served.
+    fn wait_until_served(
+        &mut self,
+        lines: &Receiver<String>,
+        interrupt: &Interrupt,
+    ) -> Result<Vec<Subvolume>, Failed> {
+        let deadline = Instant::now() + START_DEADLINE;
+        let (mut list, mut readonly) = (String::new(), String::new());
+        let mut section = None::<&str>;
+        let mut served_next = false;
+        loop {
+            if interrupt.raised() {
+                return Err(Failed::Interrupted);
+            }
+            if Instant::now() > deadline {
+                return Err(Failed::Appliance(format!(
+                    "the appliance did not serve the image within {}s",
+                    START_DEADLINE.as_secs()
+                )));
+            }
+            if served_next && is_mountpoint(&self.dir) {
+                return Ok(subvolumes::combine(&list, Some(&readonly)));
+            }
+            if let Some(status) = self.child.try_wait().ok().flatten() {
+                return Err(Failed::Appliance(format!("guestfish ended ({status})")));
+            }
+            match lines.recv_timeout(POLL) {
+                Ok(line) => match line.as_str() {
+                    BEGIN_LIST => section = Some(BEGIN_LIST),
+                    BEGIN_READONLY => section = Some(BEGIN_READONLY),
+                    SERVING => {
+                        section = None;
+                        served_next = true;
+                    }
+                    _ => {
+                        let into = match section {
+                            Some(BEGIN_LIST) => &mut list,
+                            Some(BEGIN_READONLY) => &mut readonly,
+                            _ => continue,
+                        };
+                        into.push_str(&line);
+                        into.push('\n');
+                    }
+                },
+                Err(RecvTimeoutError::Timeout) => {}
+                // stdout closed: guestfish is ending; try_wait says how.
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(POLL),
+            }
+        }
+    }
+
+    /// Unmounts, waits for guestfish (its group killed if it does not
+    /// exit), removes the mountpoint. Returns guestfish's status and the
+    /// tail of its stderr. Idempotent.
+    fn shutdown(&mut self) -> (Option<ExitStatus>, String) {
+        if self.closed {
+            return (None, String::new());
+        }
+        self.closed = true;
+        if is_mountpoint(&self.dir) {
+            unmount(&self.dir, false);
+        }
+        let deadline = Instant::now() + EXIT_DEADLINE;
+        let mut status = None;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                status = Some(s);
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        if status.is_none() {
+            status = kill_group(&mut self.child);
+        }
+        // A guestfish killed while serving leaves a dead FUSE mount.
+        if is_mountpoint(&self.dir) {
+            unmount(&self.dir, true);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        (status, stderr)
+    }
+
+    /// Stops serving and reports how guestfish ended.
+    pub fn close(mut self) -> Result<(), ImageError> {
+        match self.shutdown() {
+            (Some(s), _) if s.success() => Ok(()),
+            (status, stderr) => Err(tool(
+                "stopping the libguestfs appliance",
+                format!(
+                    "guestfish ended ({}): {}",
+                    status.map(|s| s.to_string()).unwrap_or("killed".into()),
+                    stderr.trim()
+                ),
+            )),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Unmounts (lazily: a dead FUSE server answers nothing) and removes the
+/// mountpoints in `tmp` of strata runs that are gone. Only the user's own
+/// FUSE mounts can be unmounted by fusermount; others are left.
+fn clean_dead(tmp: &Path) -> Vec<Cleaned> {
+    // As mountinfo names them: symlinks resolved.
+    let tmp = tmp.canonicalize().unwrap_or_else(|_| tmp.to_owned());
+    let mut cleaned = Vec::new();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = e.path();
+        if is_mountpoint(&dir) {
+            unmount(&dir, true);
+            if is_mountpoint(&dir) {
+                continue;
+            }
+            cleaned.push(Cleaned::Unmounted {
+                dir: dir.clone(),
+                device: "the libguestfs appliance's FUSE mount".into(),
+            });
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    cleaned
+}
+
+/// SIGTERM to the child's process group (guestfish and its QEMU), SIGKILL
+/// after `GRACE`.
+fn kill_group(child: &mut Child) -> Option<ExitStatus> {
+    use rustix::process::{kill_process_group, Pid, Signal};
+    let pgid = Pid::from_child(child);
+    let _ = kill_process_group(pgid, Signal::TERM);
+    let deadline = Instant::now() + GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(POLL);
+    }
+    let _ = kill_process_group(pgid, Signal::KILL);
+    child.wait().ok()
+}
+
+/// fusermount3 (fuse3), else fusermount.
+fn fusermount() -> Option<PathBuf> {
+    ["fusermount3", "fusermount"]
+        .into_iter()
+        .find_map(crate::rootless::prereq::on_path)
+}
+
+/// `fusermount -u`, lazily when busy (a reader still holding a file) or
+/// when `lazy` (a dead server).
+fn unmount(dir: &Path, lazy: bool) {
+    let Some(program) = fusermount() else { return };
+    let run = |lazy: bool| {
+        let mut c = Command::new(&program);
+        c.arg("-u").arg("-q");
+        if lazy {
+            c.arg("-z");
+        }
+        c.arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if lazy || !run(false) {
+        run(true);
+    }
+}
+
+/// Whether `dir` is a mountpoint of this mount namespace, from
+/// /proc/self/mountinfo (a stat of a FUSE mount whose server is not
+/// answering yet would block).
+fn is_mountpoint(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let want = escape_mountinfo(dir.as_os_str().as_bytes());
+    std::fs::read("/proc/self/mountinfo")
+        .map(|t| {
+            t.split(|b| *b == b'\n')
+                .any(|l| l.split(|b| *b == b' ').nth(4) == Some(want.as_slice()))
+        })
+        .unwrap_or(false)
+}
+
+/// The kernel's escaping of a path in mountinfo: space, tab, newline and
+/// backslash as three-digit octal.
+fn escape_mountinfo(path: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len());
+    for &b in path {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => out.extend(format!("\\{b:03o}").bytes()),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_for_an_inspect() {
+        insta::assert_snapshot!(appliance::render(&script(
+            Path::new("/var/tmp/my \"sys\".img"),
+            Path::new("/tmp/strata-inspect.42.x")
+        )));
+    }
+
+    #[test]
+    fn mountinfo_escaping() {
+        assert_eq!(escape_mountinfo(b"/tmp/a b\\c"), b"/tmp/a\\040b\\134c");
+        assert!(is_mountpoint(Path::new("/proc")));
+        assert!(!is_mountpoint(Path::new("/proc/self")));
+    }
+}
