@@ -144,7 +144,12 @@ fn inspect(image: &Path) -> Value {
         .output()
         .unwrap();
     assert!(out.status.success(), "inspect: {}", stderr(&out));
-    let mut v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    comparable(&out.stdout)
+}
+
+/// `strata inspect --json` output without what differs between builds.
+fn comparable(json: &[u8]) -> Value {
+    let mut v: Value = serde_json::from_slice(json).unwrap();
     // versions[].orig/run are subvolume ids.
     for ver in v["versions"].as_array_mut().into_iter().flatten() {
         let m = ver.as_object_mut().unwrap();
@@ -361,9 +366,10 @@ fn as_user(exe: &Path, args: &[&str]) -> Output {
 
 /// The end-to-end case: the Debian fixture, as the tar archive
 /// `strata fixture debian --tar` makes (ci/test sets
-/// STRATA_TEST_FIXTURE_TAR), built by an ordinary user, then booted and
-/// checked by that same user with every check (QEMU under TCG: the user
-/// has no /dev/kvm access, and auto says so).
+/// STRATA_TEST_FIXTURE_TAR), built by an ordinary user, inspected by that
+/// user (equal to root's view of the privileged build of the same rootfs),
+/// then booted and checked by that same user with every check (QEMU under
+/// TCG: the user has no /dev/kvm access, and auto says so).
 #[test]
 fn an_ordinary_user_builds_the_fixture_and_strata_test_passes_on_it() {
     ensure_user();
@@ -392,6 +398,20 @@ fn an_ordinary_user_builds_the_fixture_and_strata_test_passes_on_it() {
     sh(&format!("chown {USER}: '{}'", out.display()));
     let image = out.join("fixture.img");
     let img = image.to_str().unwrap();
+    // The privileged build of the same rootfs (ci/test's STRATA_TEST_IMAGE):
+    // its filesystem UUID (which fstab and the boot menu name) and size, so
+    // that the two images can be compared as they are.
+    let privileged = std::env::var_os("STRATA_TEST_IMAGE")
+        .map(std::path::PathBuf::from)
+        .expect("STRATA_TEST_IMAGE is not set: ci/test builds the fixture image as root for the comparison");
+    let pm: Value = serde_json::from_slice(
+        &fs::read(format!("{}.manifest.json", privileged.display())).unwrap(),
+    )
+    .unwrap();
+    let (uuid, size) = (
+        pm["fs_uuid"].as_str().unwrap().to_owned(),
+        pm["image_size"].as_u64().unwrap().to_string(),
+    );
 
     let built = as_user(
         &exe,
@@ -402,7 +422,9 @@ fn an_ordinary_user_builds_the_fixture_and_strata_test_passes_on_it() {
             "--output",
             img,
             "--size",
-            "4G",
+            &size,
+            "--fs-uuid",
+            &uuid,
         ],
     );
     assert!(
@@ -411,6 +433,16 @@ fn an_ordinary_user_builds_the_fixture_and_strata_test_passes_on_it() {
         stderr(&built)
     );
     assert!(stderr(&built).contains("backend: rootless"));
+
+    // The user reads it back (through the appliance): what root reads off
+    // the privileged build, except subvolume ids and generations.
+    let inspected = as_user(&exe, &["inspect", "--json", img]);
+    assert!(
+        inspected.status.success(),
+        "inspect as {USER}: {}",
+        stderr(&inspected)
+    );
+    assert_eq!(comparable(&inspected.stdout), inspect(&privileged));
 
     let json = out.join("report.json");
     let tested = as_user(
