@@ -156,6 +156,12 @@ pub fn prepare(opts: &BuildOptions) -> Result<Prepared, BuildError> {
 /// (long) extraction.
 fn check_without_rootfs(opts: &BuildOptions) -> Result<(), BuildError> {
     check_can_build()?;
+    check_options(opts)
+}
+
+/// `check_without_rootfs` without the root check: what the rootless build
+/// (which needs no root) refuses before its long copy or extraction.
+pub(crate) fn check_options(opts: &BuildOptions) -> Result<(), BuildError> {
     check_output(&opts.output, opts.force, "output image")?;
     check_output(&opts.manifest, opts.force, "manifest")?;
     for (what, host) in [("kernel", &opts.kernel), ("initramfs", &opts.initramfs)] {
@@ -234,7 +240,7 @@ pub(crate) fn check_output(path: &Path, force: bool, what: &str) -> Result<(), B
 
 /// The rootfs is read whole: it cannot be the host's root, and the image
 /// cannot be written inside it (the copy would take in the image itself).
-fn check_rootfs_and_output(rootfs: &Path, output: &Path) -> Result<(), BuildError> {
+pub(crate) fn check_rootfs_and_output(rootfs: &Path, output: &Path) -> Result<(), BuildError> {
     let root =
         fs::canonicalize(rootfs).map_err(|e| input(format!("rootfs {}: {e}", rootfs.display())))?;
     if root == Path::new("/") {

@@ -13,18 +13,17 @@ fn input(msg: impl Into<String>) -> BuildError {
     BuildError::Input(msg.into())
 }
 
-/// Every check; returns what kind of rootfs was given.
+/// Every check; returns what kind of rootfs was given. What the inputs
+/// alone refuse (the privileged build's own checks, less its root check)
+/// comes before the host's tools, and all of it before the long copy.
 pub fn check(opts: &BuildOptions, r: &RootlessOptions) -> Result<RootfsKind, BuildError> {
     let kind = rootfs_kind(&opts.rootfs)?;
-    build::check_output(&opts.output, opts.force, "output image")?;
-    build::check_output(&opts.manifest, opts.force, "manifest")?;
-    if opts.size < build::MIN_IMAGE_SIZE {
-        return Err(input(format!(
-            "image size {} is too small: a btrfs image needs at least {}",
-            crate::size::human(opts.size),
-            crate::size::human(build::MIN_IMAGE_SIZE)
-        )));
+    if kind == RootfsKind::Dir {
+        // Else the copy into staging (next to the output) would take in
+        // the staging directory itself, without end.
+        build::check_rootfs_and_output(&opts.rootfs, &opts.output)?;
     }
+    build::check_options(opts)?;
     user_namespace()?;
     mkfs_rootdir()?;
     if let Some(missing) = appliance_missing(r.accel) {
@@ -167,4 +166,73 @@ pub fn appliance_missing(accel: Accel) -> Option<String> {
         );
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(rootfs: &Path, output: &Path) -> BuildOptions {
+        BuildOptions {
+            rootfs: rootfs.to_owned(),
+            output: output.to_owned(),
+            size: 1 << 30,
+            label: crate::layout::DEFAULT_LABEL.into(),
+            state_dirs: vec![],
+            root_device: None,
+            kernel: None,
+            initramfs: None,
+            initramfs_in_rootfs: None,
+            kernel_args: String::new(),
+            migration: crate::migrate::Migration::Move,
+            manifest: output.with_extension("json"),
+            force: false,
+            fs_uuid: None,
+        }
+    }
+
+    /// Each refusal comes from the inputs alone, before the host's tools
+    /// are looked at (so it holds on any host).
+    #[test]
+    fn inputs_are_refused_before_the_host_is_looked_at() {
+        let t = tempfile::tempdir().unwrap();
+        let rootfs = t.path().join("r");
+        std::fs::create_dir(&rootfs).unwrap();
+        let r = RootlessOptions::default();
+        let refused = |o: &BuildOptions| match check(o, &r) {
+            Err(BuildError::Input(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let m = refused(&opts(&rootfs, &rootfs.join("out.img")));
+        assert!(m.contains("is inside rootfs"), "{m}");
+        std::fs::create_dir(rootfs.join("sub")).unwrap();
+        let m = refused(&opts(&rootfs, &rootfs.join("sub/out.img")));
+        assert!(m.contains("is inside rootfs"), "{m}");
+        let out = t.path().join("out.img");
+        let m = refused(&BuildOptions {
+            label: "a/b".into(),
+            ..opts(&rootfs, &out)
+        });
+        assert!(m.contains("a/b"), "{m}");
+        let m = refused(&BuildOptions {
+            size: 1 << 20,
+            ..opts(&rootfs, &out)
+        });
+        assert!(m.contains("too small"), "{m}");
+        let m = refused(&BuildOptions {
+            fs_uuid: Some("nope".into()),
+            ..opts(&rootfs, &out)
+        });
+        assert!(m.contains("--fs-uuid"), "{m}");
+        let m = refused(&BuildOptions {
+            kernel: Some(t.path().join("no-vmlinuz")),
+            ..opts(&rootfs, &out)
+        });
+        assert!(m.contains("no-vmlinuz"), "{m}");
+        let m = refused(&BuildOptions {
+            state_dirs: vec!["../x".into()],
+            ..opts(&rootfs, &out)
+        });
+        assert!(m.contains("../x"), "{m}");
+    }
 }
