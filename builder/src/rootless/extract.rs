@@ -8,9 +8,9 @@
 
 use super::wire::DeviceNode;
 use crate::cmd::{self, CmdError};
+use crate::error::{Context, StepError};
 use crate::interrupt::Interrupt;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
@@ -25,8 +25,29 @@ const KEEP: [&str; 5] = [
 ];
 
 /// The device nodes under `root` (paths relative to it), without crossing
-/// into other filesystems (the walk `cp --one-file-system` makes).
-pub fn devices_in_dir(root: &Path) -> std::io::Result<Vec<DeviceNode>> {
+/// into other filesystems (the walk `cp --one-file-system` makes). A node
+/// whose name cannot be listed is refused (`device_name`).
+pub fn devices_in_dir(root: &Path) -> Result<Vec<DeviceNode>, StepError> {
+    walk(root, root).context(|| format!("reading rootfs {}", root.display()))?
+}
+
+/// The name of a device node (relative to the rootfs `shown`) as the
+/// appliance gets it: UTF-8 (the request is JSON) and without a newline
+/// (the tar exclude list and the guestfish script are line-based). Any
+/// other name is refused rather than created under a mangled one.
+pub fn device_name(rel: &Path, shown: &Path) -> Result<String, StepError> {
+    match rel.to_str() {
+        Some(name) if !name.contains('\n') => Ok(name.to_owned()),
+        _ => Err(StepError::input(format!(
+            "rootfs {}: device node {:?} has a name that is not UTF-8 or contains a newline, which the rootless build cannot hand to its appliance VM: rename or remove it (or build as root with --backend privileged)",
+            shown.display(),
+            rel.as_os_str()
+        ))),
+    }
+}
+
+/// The walk; the outer result is reading, the inner one the names.
+fn walk(root: &Path, shown: &Path) -> std::io::Result<Result<Vec<DeviceNode>, StepError>> {
     let dev = std::fs::symlink_metadata(root)?.dev();
     let mut out = Vec::new();
     let mut stack = vec![root.to_owned()];
@@ -40,8 +61,12 @@ pub fn devices_in_dir(root: &Path) -> std::io::Result<Vec<DeviceNode>> {
             } else if t.is_char_device() || t.is_block_device() {
                 let rel = entry.path();
                 let rel = rel.strip_prefix(root).expect("under root");
+                let path = match device_name(rel, shown) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Err(e)),
+                };
                 out.push(DeviceNode {
-                    path: String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned(),
+                    path,
                     block: t.is_block_device(),
                     mode: m.mode() & 0o7777,
                     major: rustix::fs::major(m.rdev()),
@@ -54,7 +79,7 @@ pub fn devices_in_dir(root: &Path) -> std::io::Result<Vec<DeviceNode>> {
         }
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
+    Ok(Ok(out))
 }
 
 /// Fills `dest` (an existing empty directory) from the directory `rootfs`,
@@ -127,5 +152,24 @@ mod tests {
         assert_eq!(std::fs::read(dest.join("etc/hostname")).unwrap(), b"h\n");
         assert!(dest.join("dev/fd").symlink_metadata().unwrap().is_symlink());
         assert!(dest.join("dev/null").symlink_metadata().is_err());
+    }
+
+    #[test]
+    fn device_names_that_cannot_be_listed_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let shown = Path::new("/r");
+        assert_eq!(
+            device_name(Path::new("dev/null"), shown).unwrap(),
+            "dev/null"
+        );
+        for bad in [&b"dev/a\nb"[..], b"dev/\xff"] {
+            let rel = Path::new(std::ffi::OsStr::from_bytes(bad));
+            match device_name(rel, shown) {
+                Err(StepError::Input(m)) => {
+                    assert!(m.starts_with("rootfs /r: device node \"dev/"), "{m}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

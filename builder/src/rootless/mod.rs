@@ -227,11 +227,14 @@ fn run_worker(
         what: what.into(),
         cause: cause.into(),
     };
+    // Before the worker starts; `prereq::utf8_paths` refused what JSON
+    // cannot hold.
+    let request = serde_json::to_vec(req)
+        .map_err(|e| fail("handing the request to the rootless worker", e.to_string()))?;
     let mut child = c
         .spawn()
         .map_err(|e| fail("starting the rootless worker (unshare)", e.to_string()))?;
     let stdin = child.stdin.take().expect("piped");
-    let request = serde_json::to_vec(req).expect("a request serialises");
     // Written from a thread: the worker may answer before reading it all.
     let writer = std::thread::spawn(move || {
         let mut stdin = stdin;

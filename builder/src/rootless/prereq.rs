@@ -17,6 +17,7 @@ fn input(msg: impl Into<String>) -> BuildError {
 /// alone refuse (the privileged build's own checks, less its root check)
 /// comes before the host's tools, and all of it before the long copy.
 pub fn check(opts: &BuildOptions, r: &RootlessOptions) -> Result<RootfsKind, BuildError> {
+    utf8_paths(opts)?;
     let kind = rootfs_kind(&opts.rootfs)?;
     if kind == RootfsKind::Dir {
         // Else the copy into staging (next to the output) would take in
@@ -30,6 +31,26 @@ pub fn check(opts: &BuildOptions, r: &RootlessOptions) -> Result<RootfsKind, Bui
         return Err(input(format!("rootless build: {missing}")));
     }
     Ok(kind)
+}
+
+/// The request reaches the worker as JSON, which holds only UTF-8 paths.
+fn utf8_paths(opts: &BuildOptions) -> Result<(), BuildError> {
+    let paths = [
+        ("--rootfs", Some(&opts.rootfs)),
+        ("--output", Some(&opts.output)),
+        ("--manifest", Some(&opts.manifest)),
+        ("--kernel", opts.kernel.as_ref()),
+        ("--initramfs", opts.initramfs.as_ref()),
+    ];
+    for (arg, path) in paths {
+        if let Some(p) = path.filter(|p| p.to_str().is_none()) {
+            return Err(input(format!(
+                "{arg} {}: the path is not valid UTF-8, which the rootless build cannot hand to its worker: rename it (or build as root with --backend privileged)",
+                p.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A directory or a tar archive (`rootfs_tar::classify` reads its first
@@ -234,5 +255,14 @@ mod tests {
             ..opts(&rootfs, &out)
         });
         assert!(m.contains("../x"), "{m}");
+        use std::os::unix::ffi::OsStrExt;
+        let bad = t.path().join(std::ffi::OsStr::from_bytes(b"k\xff"));
+        let m = refused(&BuildOptions {
+            initramfs: Some(bad.clone()),
+            ..opts(&rootfs, &out)
+        });
+        assert!(m.starts_with("--initramfs ") && m.contains("UTF-8"), "{m}");
+        let m = refused(&opts(&rootfs, &bad));
+        assert!(m.starts_with("--output ") && m.contains("UTF-8"), "{m}");
     }
 }

@@ -68,9 +68,9 @@ pub fn serve(input: impl BufRead, mut output: impl Write) -> u8 {
 
 /// A device node `rootfs_tar` left out (the archive listing has no mtime:
 /// the appliance's mknod time stays).
-fn from_archive(n: &rootfs_tar::DeviceNode) -> DeviceNode {
-    let path = n.path.to_string_lossy();
-    DeviceNode {
+fn from_archive(n: &rootfs_tar::DeviceNode, archive: &Path) -> Result<DeviceNode, StepError> {
+    let path = extract::device_name(&n.path, archive)?;
+    Ok(DeviceNode {
         path: path.strip_prefix("./").unwrap_or(&path).to_owned(),
         block: n.kind == rootfs_tar::DeviceKind::Block,
         mode: n.mode,
@@ -79,7 +79,7 @@ fn from_archive(n: &rootfs_tar::DeviceNode) -> DeviceNode {
         uid: n.uid,
         gid: n.gid,
         mtime: None,
-    }
+    })
 }
 
 /// Removes everything in `dir`, keeping `dir` (the outer process made it
@@ -114,11 +114,10 @@ fn run(
             RootfsKind::Tar => {
                 let skipped =
                     rootfs_tar::extract(source, &scratch, DeviceNodes::Skip, s.interrupt())?;
-                Ok(skipped.iter().map(from_archive).collect())
+                skipped.iter().map(|n| from_archive(n, source)).collect()
             }
             RootfsKind::Dir => {
-                let devices = extract::devices_in_dir(source)
-                    .context(|| format!("reading rootfs {}", source.display()))?;
+                let devices = extract::devices_in_dir(source)?;
                 extract::extract(source, &scratch, &devices, s.interrupt()).map_err(
                     |e| match e {
                         crate::cmd::CmdError::Interrupted { .. } => StepError::Interrupted,
