@@ -6,6 +6,7 @@
 use super::wire::Work;
 use crate::cmd::{self, CmdError};
 use crate::error::BoxError;
+use crate::interrupt::Interrupt;
 use crate::toplevel::TopLevel;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -101,15 +102,22 @@ pub fn mkfs_args(
     args
 }
 
+/// Interruptible, and in its own process group with a parent-death
+/// signal: it stops with the worker (and so with strata) instead of
+/// writing on into an image nobody waits for.
 pub fn mkfs(
     image: &Path,
     rootdir: &Path,
     subvolumes: &[String],
     label: &str,
     uuid: &str,
+    interrupt: &Interrupt,
 ) -> Result<(), CmdError> {
-    cmd::run(Command::new("mkfs.btrfs").args(mkfs_args(image, rootdir, subvolumes, label, uuid)))
-        .map(drop)
+    cmd::run_interruptible(
+        Command::new("mkfs.btrfs").args(mkfs_args(image, rootdir, subvolumes, label, uuid)),
+        interrupt,
+        &mut |_| {},
+    )
 }
 
 #[cfg(test)]

@@ -163,15 +163,22 @@ fn run(
         .into_iter()
         .flat_map(|d| in_image(d, &prep.plan, &prep.version, opts.migration))
         .collect();
-    steps.run(Step::Mkfs, |_| {
+    steps.run(Step::Mkfs, |s| {
         staging::mkfs(
             &req.image,
             &top,
             stage.subvolumes(),
             layout::FS_LABEL,
             &prep.fs_uuid,
+            s.interrupt(),
         )
-        .context(|| "making the btrfs filesystem from the staging directory".into())
+        .map_err(|e| match e {
+            crate::cmd::CmdError::Interrupted { .. } => StepError::Interrupted,
+            e => StepError::Failed {
+                what: "making the btrfs filesystem from the staging directory".into(),
+                cause: e.into(),
+            },
+        })
     })?;
     // The build's own record, then the timings of the steps run here (the
     // outer process adds its own).
