@@ -159,8 +159,9 @@ const HEAD_LINES: usize = 10;
 /// How often `run_interruptible` looks at the interrupt flag while the
 /// command is silent.
 const POLL: std::time::Duration = std::time::Duration::from_millis(50);
-/// How long a stopped command gets to clean up after SIGTERM before SIGKILL.
-const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a stopped command gets to clean up after SIGTERM before SIGKILL
+/// (also the rootless worker's: `rootless::run_worker`).
+pub(crate) const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs to completion, handing each stdout line (raw bytes, without the
 /// newline: tools print file names, which need not be UTF-8) to `on_line`;

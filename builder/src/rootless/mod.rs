@@ -260,12 +260,21 @@ fn run_worker(
         }
     });
     let pgid = rustix::process::Pid::from_child(&child);
-    let mut signalled = false;
+    // When SIGTERM was sent, and whether SIGKILL followed: the worker gets
+    // the grace `cmd::run_interruptible` gives its commands to empty the
+    // staging directory, then its group is killed (a wedged worker must
+    // not keep strata waiting forever).
+    let mut signalled: Option<std::time::Instant> = None;
+    let mut killed = false;
     let mut outcome = None;
     loop {
-        if steps.interrupt().raised() && !signalled {
+        if steps.interrupt().raised() && signalled.is_none() {
             let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::TERM);
-            signalled = true;
+            signalled = Some(std::time::Instant::now());
+        }
+        if !killed && signalled.is_some_and(|t| t.elapsed() >= cmd::GRACE) {
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            killed = true;
         }
         match rx.recv_timeout(std::time::Duration::from_millis(50)) {
             Ok(line) => match serde_json::from_str::<wire::Message>(&line) {
