@@ -25,10 +25,12 @@ use std::path::Path;
 /// Reads the request from `input`, writes JSON lines to `output`. Returns
 /// the process exit code (0: a `Done` line was written).
 pub fn serve(input: impl BufRead, mut output: impl Write) -> u8 {
-    // Dies with the outer strata even if it is SIGKILLed: SIGTERM lets this
-    // side still empty the staging directory.
-    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
     let interrupt = Interrupt::on_signals().unwrap_or_default();
+    // Dies with the outer strata even if it is SIGKILLed: SIGTERM lets this
+    // side still empty the staging directory. Set after the handlers are
+    // in place, so that SIGTERM is never the default (die, staging left
+    // full).
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
     let mut send = |m: &Message| {
         // The outer reads line by line: one JSON value per line, flushed.
         if let Ok(line) = serde_json::to_string(m) {
