@@ -415,6 +415,15 @@ fn hash_moved(top: &Path, moved: &mut [MovedFile]) -> Result<(), StepError> {
         .context(|| "hashing moved files".into())
 }
 
+/// The image's etc/fstab: the plan's completed one, or the rootfs's own
+/// (`fstab_bytes`) when the plan leaves it unchanged.
+pub(crate) fn completed_fstab(plan: &Plan, fstab_bytes: Option<&[u8]>) -> Vec<u8> {
+    match &plan.fstab {
+        crate::plan::FstabChange::Write { contents, .. } => contents.clone(),
+        crate::plan::FstabChange::Unchanged => fstab_bytes.unwrap_or_default().to_vec(),
+    }
+}
+
 /// No fstab mount point may hide data in the system: systemd would log
 /// "Directory … to mount over is not empty" and the files would vanish from
 /// view. Only `--state-migration copy` may leave state dirs filled.
@@ -430,10 +439,7 @@ pub fn refuse_hidden_data(
     plan: &Plan,
     fstab_bytes: Option<&[u8]>,
 ) -> Result<(), BuildError> {
-    let completed: Vec<u8> = match &plan.fstab {
-        crate::plan::FstabChange::Write { contents, .. } => contents.clone(),
-        crate::plan::FstabChange::Unchanged => fstab_bytes.unwrap_or_default().to_vec(),
-    };
+    let completed = completed_fstab(plan, fstab_bytes);
     for entry in fstab::mounts_over_root(&fstab::parse(&completed)) {
         let target = entry.target.trim_start_matches('/');
         if plan.created_state_dirs().any(|d| d == target) {

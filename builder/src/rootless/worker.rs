@@ -9,7 +9,9 @@ use super::extract;
 use super::staging::{self, Staging};
 use super::wire::{DeviceNode, Message, Request, RootfsKind, WireError, Work};
 use crate::build;
+use crate::deploy;
 use crate::error::{BuildError, Context, StepError};
+use crate::fstab;
 use crate::interrupt::Interrupt;
 use crate::layout::{self, Version};
 use crate::manifest::{Backend, FileType, Manifest, MovedFile};
@@ -151,6 +153,14 @@ fn run(
         e => e,
     })?;
     prep.rootfs.scratch = true;
+    // `prepare` judged the staged copy, which lacks the device nodes.
+    let fstab = prep
+        .rootfs
+        .dir
+        .read("etc/fstab")
+        .map_err(|e| BuildError::Input(e.to_string()))?;
+    let fstab = deploy::completed_fstab(&prep.plan, fstab.as_deref());
+    refuse_hidden_devices(&devices, &prep.plan, &fstab, source)?;
     for r in &prep.plan.fstab_rejected {
         steps.emit(Event::Note(r.to_string()));
     }
@@ -187,6 +197,45 @@ fn run(
     let mut manifest = build::manifest(&opts, &prep, deployed, Backend::Rootless);
     manifest.versions[0].timings = steps.into_timings();
     Ok((manifest, stage.into_work()))
+}
+
+/// `deploy::refuse_hidden_data` for the device nodes: one under a mount
+/// point of the completed fstab (`fstab`) other than a state dir would be
+/// made in `orig` under the mount, hidden at boot.
+fn refuse_hidden_devices(
+    devices: &[DeviceNode],
+    plan: &Plan,
+    fstab: &[u8],
+    shown: &Path,
+) -> Result<(), BuildError> {
+    for entry in fstab::mounts_over_root(&fstab::parse(fstab)) {
+        let target = entry.target.trim_matches('/');
+        if plan.created_state_dirs().any(|d| d == target) {
+            continue;
+        }
+        let under: Vec<String> = devices
+            .iter()
+            .filter(|d| {
+                d.path
+                    .strip_prefix(target)
+                    .is_some_and(|rest| rest.starts_with('/') && rest.len() > 1)
+            })
+            .map(|d| format!("/{}", d.path))
+            .collect();
+        if !under.is_empty() {
+            return Err(BuildError::Input(format!(
+                "{} is a mount point (etc/fstab line {}: {}) but rootfs {} has {} device nodes under it ({}{}): they would be hidden at boot; move them onto that filesystem or remove them",
+                entry.target,
+                entry.line,
+                entry.raw.trim(),
+                shown.display(),
+                under.len(),
+                under[..under.len().min(5)].join(", "),
+                if under.len() > 5 { ", …" } else { "" }
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The manifest record of a device node under a state dir (path relative
@@ -278,5 +327,51 @@ mod tests {
             ["systems/factory/orig/var/lib/x", "state/var/lib/x"]
         );
         assert_eq!(at("srv/x", Migration::Move), ["systems/factory/orig/srv/x"]);
+    }
+
+    #[test]
+    fn device_nodes_under_a_mount_point_are_refused() {
+        let fstab = b"/dev/vda / btrfs defaults 0 1\n/dev/vdb /srv/data ext4 defaults 0 2\n";
+        let p = plan(
+            Some(fstab),
+            &PlanOptions {
+                label: "factory".into(),
+                state_dirs: vec!["var".into()],
+                root_device: None,
+                fs_uuid: "u".into(),
+                has_initramfs: true,
+            },
+        )
+        .unwrap();
+        let completed = deploy::completed_fstab(&p, Some(fstab));
+        // The state dir's own mount does not count.
+        assert!(String::from_utf8_lossy(&completed).contains(" /var "));
+        let node = |p: &str| DeviceNode {
+            path: p.into(),
+            block: false,
+            mode: 0o666,
+            major: 1,
+            minor: 3,
+            uid: 0,
+            gid: 0,
+            mtime: None,
+        };
+        let shown = Path::new("/r");
+        let ok = [
+            node("dev/null"),
+            node("var/lib/x"),
+            node("srv/datax"),
+            node("srv/x"),
+        ];
+        refuse_hidden_devices(&ok, &p, &completed, shown).unwrap();
+        let bad = [node("dev/null"), node("srv/data/sub/x")];
+        match refuse_hidden_devices(&bad, &p, &completed, shown) {
+            Err(BuildError::Input(m)) => assert!(
+                m.starts_with("/srv/data is a mount point (etc/fstab line 2: ")
+                    && m.contains("rootfs /r has 1 device nodes under it (/srv/data/sub/x)"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }
