@@ -30,6 +30,7 @@ pub fn check(opts: &BuildOptions, r: &RootlessOptions) -> Result<RootfsKind, Bui
     if let Some(missing) = appliance_missing(r.accel) {
         return Err(input(format!("rootless build: {missing}")));
     }
+    extlinux()?;
     Ok(kind)
 }
 
@@ -149,6 +150,21 @@ fn mkfs_rootdir() -> Result<(), BuildError> {
     if !(text.contains("--rootdir") && text.contains("--subvol")) {
         return Err(input(
             "rootless build: this mkfs.btrfs has no --subvol (or --rootdir): install a newer btrfs-progs (6.14 from bookworm-backports on Debian 12: apt-get install -t bookworm-backports btrfs-progs)",
+        ));
+    }
+    Ok(())
+}
+
+/// The appliance installs the bootloader with its `extlinux`, and supermin
+/// builds the appliance from the host's packages: the host needs it too.
+fn extlinux() -> Result<(), BuildError> {
+    let found = on_path("extlinux").is_some()
+        || ["/usr/bin/extlinux", "/usr/sbin/extlinux", "/sbin/extlinux"]
+            .iter()
+            .any(|p| Path::new(p).is_file());
+    if !found {
+        return Err(input(
+            "rootless build: extlinux not found: install the package extlinux (the libguestfs appliance, built from the host's packages, installs the bootloader with it)",
         ));
     }
     Ok(())
