@@ -153,8 +153,10 @@ pub fn dead_mounts(mountinfo: &str, alive: impl Fn(u32) -> bool) -> Vec<Leftover
     out
 }
 
-/// Partial images of dead builds in `dir`. The marker is looked for from
-/// the end (as for extractions): the output's own name may contain it.
+/// Partial images and staging directories of dead builds in `dir`. Each
+/// marker is looked for from the end (as for extractions), and each on its
+/// own: the output's own name may contain either. A partial image is a
+/// file, a staging directory a directory, so one entry is never both.
 pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -162,24 +164,29 @@ pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
         if !name.starts_with('.') {
             continue;
         }
-        let staging = crate::rootless::STAGING_MARKER;
-        if let Some(at) = name.rfind(PARTIAL_MARKER) {
-            let Some(pid) = pid_after(&name[at..], PARTIAL_MARKER) else {
-                continue;
-            };
-            if !alive(pid) && e.file_type().is_ok_and(|t| t.is_file()) {
-                out.push(Leftover::Partial(e.path()));
-            }
-        } else if let Some(at) = name.rfind(staging) {
-            let Some(pid) = pid_after(&name[at..], staging) else {
-                continue;
-            };
-            if !alive(pid) && e.file_type().is_ok_and(|t| t.is_dir()) {
-                out.push(Leftover::Staging(e.path()));
-            }
+        let dead = |marker: &str| {
+            name.rfind(marker)
+                .and_then(|at| pid_after(&name[at..], marker))
+                .is_some_and(|pid| !alive(pid))
+        };
+        if dead(PARTIAL_MARKER) && e.file_type().is_ok_and(|t| t.is_file()) {
+            out.push(Leftover::Partial(e.path()));
+        }
+        // Removed recursively (from a user namespace): only a directory
+        // we made, as for extractions.
+        if dead(crate::rootless::STAGING_MARKER) && ours(&e) {
+            out.push(Leftover::Staging(e.path()));
         }
     }
     out
+}
+
+/// A real directory (not followed through a symlink) owned by us: one this
+/// user's strata made, not whatever another user named so in a directory
+/// they can write.
+fn ours(e: &std::fs::DirEntry) -> bool {
+    e.metadata()
+        .is_ok_and(|m| m.is_dir() && m.uid() == rustix::process::geteuid().as_raw())
 }
 
 /// Rootfs archives dead runs extracted into `dir`.
@@ -196,13 +203,8 @@ pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover
         let Some(pid) = pid_after(&name[at..], EXTRACT_MARKER) else {
             continue;
         };
-        // Not following a symlink: only a real directory of that name,
-        // and only one we made (owned by us, as `Extraction` checks): not
-        // whatever another user named so in a directory they can write.
-        let ours = e
-            .metadata()
-            .is_ok_and(|m| m.is_dir() && m.uid() == rustix::process::geteuid().as_raw());
-        if !alive(pid) && ours {
+        // Owned by us, as `Extraction` checks.
+        if !alive(pid) && ours(&e) {
             out.push(Leftover::Extraction(e.path()));
         }
     }
@@ -361,6 +363,21 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join(".sys.img.strata-staging.999999.q/top/etc")).unwrap();
         std::fs::create_dir(d.path().join(".sys.img.strata-staging.1.live")).unwrap();
+        // An output whose own name has the partial marker, its run alive:
+        // its dead staging directory is still found.
+        let odd = ".o.strata-partial.1.img.strata-staging.999998.z";
+        std::fs::create_dir(d.path().join(odd)).unwrap();
+        // Another user's directory of that name is not ours to remove.
+        let theirs = d.path().join(".sys.img.strata-staging.999997.t");
+        std::fs::create_dir(&theirs).unwrap();
+        let chowned = std::process::Command::new("chown")
+            .args(["12345"])
+            .arg(&theirs)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !chowned {
+            std::fs::remove_dir(&theirs).unwrap();
+        }
         for n in [
             ".sys.img.strata-partial.999999.aB3",
             ".sys.img.strata-partial.1.live",
@@ -371,15 +388,17 @@ mod tests {
         }
         let mut found = dead_partials(d.path(), |pid| pid == 1);
         found.sort_by_key(|l| format!("{l:?}"));
-        let (partial, staging) = (
+        let (partial, staging, odd) = (
             d.path().join(".sys.img.strata-partial.999999.aB3"),
             d.path().join(".sys.img.strata-staging.999999.q"),
+            d.path().join(odd),
         );
         assert_eq!(
             found,
             [
                 Leftover::Partial(partial.clone()),
-                Leftover::Staging(staging.clone())
+                Leftover::Staging(odd.clone()),
+                Leftover::Staging(staging.clone()),
             ]
         );
         let cleaned = clean(&found);
@@ -387,10 +406,14 @@ mod tests {
             cleaned,
             [
                 Cleaned::Removed(partial),
+                Cleaned::RemovedStaging(odd.clone()),
                 Cleaned::RemovedStaging(staging.clone())
             ]
         );
-        assert!(!staging.exists());
+        assert!(!staging.exists() && !odd.exists());
+        if chowned {
+            assert!(theirs.exists());
+        }
         assert!(d.path().join(".sys.img.strata-partial.1.live").exists());
         assert!(d.path().join(".sys.img.strata-staging.1.live").exists());
     }
