@@ -114,6 +114,21 @@ impl RootDir {
         }
     }
 
+    /// Opens a directory by a path that crosses no symlink at all, not
+    /// even one pointing inside the rootfs: where one would be followed the
+    /// lookup fails (ELOOP), and a non-directory at the end fails (ENOTDIR)
+    /// without being opened. For paths whose meaning a symlink would change
+    /// (a mountpoint is looked up from its tree's root, not the rootfs's).
+    pub fn open_dir_no_symlinks(&self, path: &str) -> rustix::io::Result<OwnedFd> {
+        openat2(
+            &self.fd,
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+    }
+
     /// Names in a directory inside the rootfs.
     pub fn list_dir(&self, path: &str) -> Result<Vec<String>, RootfsError> {
         let Some(fd) = self.open_dir(path)? else {

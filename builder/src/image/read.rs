@@ -62,14 +62,31 @@ pub(super) fn read_in_image(top: &Path, rel: &str) -> Option<Vec<u8>> {
     crate::rootfs::RootDir::open(top).ok()?.read(rel).ok()?
 }
 
-/// Names of the directories in `dir` (not symlinks such as systems/default),
-/// sorted; none when `dir` is missing.
-fn subdirs(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
+/// Names of the directories in the image's top-level directory `dir` (not
+/// symlinks such as systems/default), sorted; none when `dir` is missing or
+/// is itself a symlink (which could lead out of the image: the directory is
+/// opened from the top with openat2 following no symlink).
+fn subdirs(top: &Path, dir: &str) -> Vec<String> {
+    use rustix::fs::{statat, AtFlags, Dir, FileType};
+    let Ok(root) = crate::rootfs::RootDir::open(top) else {
+        return Vec::new();
+    };
+    let Ok(fd) = root.open_dir_no_symlinks(dir) else {
+        return Vec::new();
+    };
+    let Ok(entries) = Dir::read_from(&fd) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
         .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            let n = e.file_name().to_bytes();
+            n != b"." && n != b".."
+        })
+        .filter(|e| {
+            statat(&fd, e.file_name(), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+        })
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
@@ -79,7 +96,7 @@ fn subdirs(dir: &Path) -> Vec<String> {
 /// The versions: the directories under systems/, except an upgrade's
 /// partial directories (never a version, whole or not).
 pub(super) fn versions(top: &Path) -> Vec<Version> {
-    subdirs(&top.join(layout::SYSTEMS_DIR))
+    subdirs(top, layout::SYSTEMS_DIR)
         .iter()
         .filter(|l| !layout::is_partial_name(l))
         .map(|l| Version::found(l))
@@ -88,7 +105,7 @@ pub(super) fn versions(top: &Path) -> Vec<Version> {
 
 /// Partial version directories a killed upgrade left in systems/.
 fn partials(top: &Path) -> Vec<String> {
-    subdirs(&top.join(layout::SYSTEMS_DIR))
+    subdirs(top, layout::SYSTEMS_DIR)
         .into_iter()
         .filter(|l| layout::is_partial_name(l))
         .collect()
@@ -96,7 +113,7 @@ fn partials(top: &Path) -> Vec<String> {
 
 /// The state dir names: the directories under state/.
 pub(super) fn state_names(top: &Path) -> Vec<String> {
-    subdirs(&top.join(layout::STATE_DIR))
+    subdirs(top, layout::STATE_DIR)
 }
 
 fn read_default(top: &Path, labels: &[String]) -> (DefaultLink, Vec<String>) {
