@@ -114,6 +114,59 @@ impl RootDir {
         }
     }
 
+    /// What is at `path` inside the rootfs (symlinks followed within it;
+    /// the last one too when `follow`); Ok(None) when nothing is there.
+    /// Nothing is opened but an O_PATH handle, so a fifo or device is safe.
+    pub fn stat(&self, path: &str, follow: bool) -> Result<Option<rustix::fs::Stat>, RootfsError> {
+        let flags = if follow {
+            OFlags::PATH
+        } else {
+            OFlags::PATH | OFlags::NOFOLLOW
+        };
+        match self.resolve(path, flags) {
+            Ok(fd) => rustix::fs::fstat(&fd)
+                .map(Some)
+                .map_err(|e| self.err(path, e)),
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(None),
+            Err(e) => Err(self.err(path, e)),
+        }
+    }
+
+    /// The target of the symlink at `path` (its parents resolved within the
+    /// rootfs); Ok(None) when there is no symlink there.
+    pub fn read_link(&self, path: &str) -> Result<Option<PathBuf>, RootfsError> {
+        use std::os::unix::ffi::OsStringExt;
+        let fd = match self.resolve(path, OFlags::PATH | OFlags::NOFOLLOW) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => return Ok(None),
+            Err(e) => return Err(self.err(path, e)),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| self.err(path, e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
+            return Ok(None);
+        }
+        // An empty path reads the link an O_PATH|O_NOFOLLOW handle names.
+        let target = rustix::fs::readlinkat(&fd, "", Vec::new()).map_err(|e| self.err(path, e))?;
+        Ok(Some(PathBuf::from(std::ffi::OsString::from_vec(
+            target.into_bytes(),
+        ))))
+    }
+
+    /// Opens a directory by a path that crosses no symlink at all, not
+    /// even one pointing inside the rootfs: where one would be followed the
+    /// lookup fails (ELOOP), and a non-directory at the end fails (ENOTDIR)
+    /// without being opened. For paths whose meaning a symlink would change
+    /// (a mountpoint is looked up from its tree's root, not the rootfs's).
+    pub fn open_dir_no_symlinks(&self, path: &str) -> rustix::io::Result<OwnedFd> {
+        openat2(
+            &self.fd,
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+    }
+
     /// Names in a directory inside the rootfs.
     pub fn list_dir(&self, path: &str) -> Result<Vec<String>, RootfsError> {
         let Some(fd) = self.open_dir(path)? else {

@@ -43,15 +43,19 @@ pub fn run(args: InspectArgs) -> u8 {
         Err(e) => exit::fail(e),
     };
     // Ctrl-C while the appliance starts stops it (no QEMU, no FUSE mount
-    // left); a loop mount is read too quickly to matter.
-    let interrupt = Interrupt::on_signals().unwrap_or_default();
+    // left). Root's loop mount never polls the flag (it is read too quickly
+    // to matter): there the handler is not installed, so Ctrl-C still ends
+    // strata as it always did.
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    let interrupt = if unsafe { libc::geteuid() } != 0 {
         eprintln!(
             "strata: not running as root: reading {} through the libguestfs appliance",
             args.image.display()
         );
-    }
+        Interrupt::on_signals().unwrap_or_default()
+    } else {
+        Interrupt::default()
+    };
     if args.lint {
         finish(image::lint_with(&args.image, &interrupt).map(|lint| {
             let out = if args.json {

@@ -36,6 +36,14 @@ pub struct SerialState {
     partial: String,
     /// The last printk timestamp seen: one far below it is a new kernel.
     last_printk: Option<f64>,
+    /// Set by `new_boot` until the next kernel's clock is seen: lines read
+    /// meanwhile may still be the previous kernel's (a reboot's last lines
+    /// read late).
+    awaiting_kernel: bool,
+    /// `fatal` / `up` were set while `awaiting_kernel`: the new kernel's
+    /// first line proves they were the previous kernel's, and clears them.
+    fatal_unsure: bool,
+    up_unsure: bool,
 }
 
 #[derive(Clone)]
@@ -82,6 +90,9 @@ impl SerialWatch {
         s.kernel_start = None;
         s.fatal = None;
         s.up = None;
+        s.awaiting_kernel = true;
+        s.fatal_unsure = false;
+        s.up_unsure = false;
     }
 }
 
@@ -125,20 +136,35 @@ async fn poll(path: PathBuf, state: Arc<Mutex<SerialState>>) {
                 if s.last_printk.is_some_and(|last| is_new_kernel(last, t)) {
                     s.kernel_start = None;
                     newest = None;
+                    // So may its fatal line or login prompt: set since
+                    // new_boot but before this kernel, they are not this
+                    // boot's. Only the first kernel after new_boot clears
+                    // them (a later one follows this boot's own reboot).
+                    if std::mem::take(&mut s.awaiting_kernel) {
+                        if std::mem::take(&mut s.fatal_unsure) {
+                            s.fatal = None;
+                        }
+                        if std::mem::take(&mut s.up_unsure) {
+                            s.up = None;
+                        }
+                    }
                 }
                 s.last_printk = Some(t);
                 newest = Some(newest.map_or(t, |n: f64| n.max(t)));
             }
             if s.fatal.is_none() && is_fatal(line) {
                 s.fatal = Some(line.trim().to_owned());
+                s.fatal_unsure = s.awaiting_kernel;
             }
             if s.up.is_none() && shows_guest_up(line) {
                 s.up = Some((now, plain(line).trim().to_owned()));
+                s.up_unsure = s.awaiting_kernel;
             }
         }
         // A login prompt waits for input: it never ends its line.
         if s.up.is_none() && shows_guest_up(&s.partial) {
             s.up = Some((now, plain(&s.partial).trim().to_owned()));
+            s.up_unsure = s.awaiting_kernel;
         }
         // A line stamped t was printed no later than now, so now - t bounds
         // the kernel's start from above; keep the tightest bound.
@@ -310,6 +336,67 @@ mod tests {
         let k = watch.snapshot().kernel_start.unwrap();
         // Dated by the new kernel's 0.2 s, not the old one's 45.9 s.
         assert!(k.elapsed() < Duration::from_secs(10), "{:?}", k.elapsed());
+    }
+
+    /// The old kernel's fatal line and login prompt, read only after
+    /// new_boot, are forgotten once the next kernel's clock shows they came
+    /// before it; the new kernel's own fatal line is kept.
+    #[tokio::test]
+    async fn a_reboots_late_fatal_and_login_lines_are_not_the_next_boots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let watch = SerialWatch::follow(path.clone(), 0);
+        std::fs::write(
+            &path,
+            "[   40.000000] running
+",
+        )
+        .unwrap();
+        eventually(&watch, |s| s.kernel_start.is_some()).await;
+        watch.new_boot();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(
+            &mut f,
+            b"[   45.900000] Kernel panic - not syncing: old
+debian login: 
+",
+        )
+        .unwrap();
+        eventually(&watch, |s| s.fatal.is_some() && s.up.is_some()).await;
+        std::io::Write::write_all(
+            &mut f,
+            b"[    0.000000] Linux version
+[    0.200000] x
+",
+        )
+        .unwrap();
+        eventually(&watch, |s| s.last_printk == Some(0.2)).await;
+        let s = watch.snapshot();
+        assert!(s.fatal.is_none(), "{s:?}");
+        assert!(s.up.is_none(), "{s:?}");
+        std::io::Write::write_all(
+            &mut f,
+            b"[    1.000000] Kernel panic - not syncing: new
+",
+        )
+        .unwrap();
+        eventually(&watch, |s| s.fatal.is_some()).await;
+        assert_eq!(
+            watch.snapshot().fatal.as_deref(),
+            Some("[    1.000000] Kernel panic - not syncing: new")
+        );
+        // A further reboot of this boot keeps its fatal line.
+        std::io::Write::write_all(
+            &mut f,
+            b"[    0.000000] Linux version
+",
+        )
+        .unwrap();
+        eventually(&watch, |s| s.last_printk == Some(0.0)).await;
+        assert!(watch.snapshot().fatal.is_some());
     }
 
     #[tokio::test]

@@ -256,22 +256,25 @@ impl Session {
     /// Unmounts, waits for guestfish (its group killed if it does not
     /// exit), removes the mountpoint. Returns guestfish's status and the
     /// tail of its stderr. Idempotent.
+    ///
+    /// Only a served image ends guestfish by itself (the unmount returns
+    /// mount-local-run, then its script ends): one never served (Ctrl-C or
+    /// the start deadline while the appliance boots) has its group killed
+    /// at once instead of after `EXIT_DEADLINE`.
     fn shutdown(&mut self) -> (Option<ExitStatus>, String) {
         if self.closed {
             return (None, String::new());
         }
         self.closed = true;
-        if is_mountpoint(&self.dir) {
+        let served = is_mountpoint(&self.dir);
+        if served {
             unmount(&self.dir, false);
         }
+        let mut status = self.child.try_wait().ok().flatten();
         let deadline = Instant::now() + EXIT_DEADLINE;
-        let mut status = None;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                status = Some(s);
-                break;
-            }
+        while served && status.is_none() && Instant::now() < deadline {
             std::thread::sleep(POLL);
+            status = self.child.try_wait().ok().flatten();
         }
         if status.is_none() {
             status = kill_group(&mut self.child);
@@ -429,6 +432,30 @@ mod tests {
             Path::new("/var/tmp/my \"sys\".img"),
             Path::new("/tmp/strata-inspect.42.x")
         )));
+    }
+
+    /// Interrupted before the image was served (the appliance still
+    /// booting, which would never exit on its own): guestfish's group is
+    /// killed at once, not after EXIT_DEADLINE.
+    #[test]
+    fn an_unserved_session_is_killed_at_once() {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let child = Command::new("sleep")
+            .arg("600")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut session = Session {
+            dir: dir.clone(),
+            child,
+            stderr: None,
+            closed: false,
+        };
+        let started = Instant::now();
+        let (status, _) = session.shutdown();
+        assert!(started.elapsed() < GRACE, "took {:?}", started.elapsed());
+        assert!(status.is_some_and(|s| !s.success()));
+        assert!(!dir.exists(), "the mountpoint is removed");
     }
 
     #[test]

@@ -1,14 +1,21 @@
 //! `strata inspect --lint`: the files hidden under the mountpoints of every
 //! version's orig and run, read from a mounted top level (or a directory
 //! shaped like one). Never writes.
+//!
+//! The image is untrusted: every path in it is looked up from the top-level
+//! directory with openat2 and no symlink is ever followed (a `srv ->
+//! /home/user` in a tree, or `systems` itself a symlink, must not make lint
+//! list the host's directories through the mount).
 
 use super::model::*;
 use super::read::{state_names, tree_fstab, versions};
 use super::subvolumes;
 use crate::fstab;
 use crate::layout::{self, Tree};
+use crate::rootfs::RootDir;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::HashSet;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 /// A mount a tree's fstab makes at boot.
@@ -70,13 +77,17 @@ fn planned_mounts(fstab: Option<&Fstab>, subvols: &[Subvolume], states: &[String
 /// Checks every mountpoint of every version's orig and run.
 pub fn mountpoints(top: &Path, image: &str, subvols: &[Subvolume]) -> Lint {
     let states = state_names(top);
+    let root = RootDir::open(top).ok();
     let mut mountpoints = Vec::new();
     let mut trees = Vec::new();
     for version in versions(top) {
         let label = version.label();
         for tree in Tree::BOTH {
             let root_rel = version.tree(tree);
-            if !top.join(&root_rel).is_dir() {
+            let tree_dir = root
+                .as_ref()
+                .and_then(|r| r.open_dir_no_symlinks(&root_rel).ok());
+            if tree_dir.is_none() {
                 continue;
             }
             trees.push(format!("{label}/{}", tree.name()));
@@ -97,7 +108,7 @@ pub fn mountpoints(top: &Path, image: &str, subvols: &[Subvolume]) -> Lint {
                         .map(|sv| format!("{sv}{}", &p.target[o.target.len()..])),
                 };
                 mountpoints.push(check_mountpoint(
-                    top,
+                    root.as_ref(),
                     label,
                     tree.name(),
                     p,
@@ -129,7 +140,7 @@ pub fn mountpoints(top: &Path, image: &str, subvols: &[Subvolume]) -> Lint {
 }
 
 fn check_mountpoint(
-    top: &Path,
+    root: Option<&RootDir>,
     label: &str,
     tree: &str,
     p: &Planned,
@@ -148,21 +159,23 @@ fn check_mountpoint(
         total_bytes: 0,
         files: Vec::new(),
     };
-    let Some(dir_rel) = dir_rel else {
+    let (Some(dir_rel), Some(root)) = (dir_rel, root) else {
         return check;
     };
-    let dir = top.join(&dir_rel);
-    check.status = match std::fs::symlink_metadata(&dir) {
+    // No symlink is followed on the way: one in a tree is relative to that
+    // tree's root at boot, not to the image's, and one pointing out of the
+    // image would make lint walk the host.
+    check.status = match root.open_dir_no_symlinks(&dir_rel) {
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => MountpointStatus::NotADirectory,
         Err(_) => MountpointStatus::Missing,
-        Ok(md) if !md.is_dir() => MountpointStatus::NotADirectory,
-        Ok(md) => {
+        Ok(fd) => {
             let subvols: HashSet<&str> = subvols.iter().map(|s| s.path.as_str()).collect();
             let at = Walk {
-                dev: md.dev(),
+                dev: rustix::fs::fstat(&fd).map(|st| st.st_dev).unwrap_or(0),
                 rel: &dir_rel,
                 shown: &p.target,
             };
-            walk(&dir, at, &subvols, &mut check.files);
+            walk(&fd, at, &subvols, &mut check.files);
             check.files.sort_by(|a, b| a.path.cmp(&b.path));
             if check.files.is_empty() {
                 MountpointStatus::Empty
@@ -185,56 +198,69 @@ struct Walk<'a> {
     shown: &'a str,
 }
 
-/// Lists everything under `dir` (not following symlinks) as `shown/…`. A
-/// directory is a subvolume when it is on another device (a loop mount
-/// gives each subvolume its own) or listed as one (the appliance's FUSE
-/// mount shows one device for all).
-fn walk(dir: &Path, at: Walk, subvols: &HashSet<&str>, out: &mut Vec<HiddenFile>) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
+/// Lists everything under the open directory `dir` as `shown/…`, each
+/// entry looked at (never followed) from `dir` and a directory opened with
+/// O_NOFOLLOW before it is walked. A directory is a subvolume when it is on
+/// another device (a loop mount gives each subvolume its own) or listed as
+/// one (the appliance's FUSE mount shows one device for all).
+fn walk(dir: &OwnedFd, at: Walk, subvols: &HashSet<&str>, out: &mut Vec<HiddenFile>) {
+    let Ok(entries) = rustix::fs::Dir::read_from(dir) else {
         return;
     };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
+    let mut names: Vec<std::ffi::CString> = entries
+        .flatten()
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    names.sort();
+    for cname in names {
+        let name = cname.to_string_lossy().into_owned();
         let path = format!("{}/{name}", at.shown.trim_end_matches('/'));
         let rel = format!("{}/{name}", at.rel.trim_end_matches('/'));
-        let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+        let Ok(st) = rustix::fs::statat(dir, cname.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) else {
             continue;
         };
-        let t = md.file_type();
-        let (kind, size) = if t.is_dir() {
-            (
-                if md.dev() != at.dev || subvols.contains(rel.as_str()) {
+        let t = FileType::from_raw_mode(st.st_mode);
+        let len = st.st_size as u64;
+        let (kind, size) = match t {
+            FileType::Directory => (
+                if st.st_dev != at.dev || subvols.contains(rel.as_str()) {
                     FileKind::Subvolume
                 } else {
                     FileKind::Dir
                 },
                 0,
-            )
-        } else if t.is_symlink() {
-            (FileKind::Symlink, md.len())
-        } else if t.is_fifo() {
-            (FileKind::Fifo, 0)
-        } else if t.is_socket() {
-            (FileKind::Socket, 0)
-        } else if t.is_char_device() {
-            (FileKind::CharDevice, 0)
-        } else if t.is_block_device() {
-            (FileKind::BlockDevice, 0)
-        } else {
-            (FileKind::File, md.len())
+            ),
+            FileType::Symlink => (FileKind::Symlink, len),
+            FileType::Fifo => (FileKind::Fifo, 0),
+            FileType::Socket => (FileKind::Socket, 0),
+            FileType::CharacterDevice => (FileKind::CharDevice, 0),
+            FileType::BlockDevice => (FileKind::BlockDevice, 0),
+            _ => (FileKind::File, len),
         };
         out.push(HiddenFile {
             path: path.clone(),
             kind,
             size,
         });
-        if t.is_dir() {
+        if t == FileType::Directory {
+            let Ok(sub) = rustix::fs::openat(
+                dir,
+                cname.as_c_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) else {
+                continue;
+            };
+            let dev = rustix::fs::fstat(&sub)
+                .map(|s| s.st_dev)
+                .unwrap_or(st.st_dev);
             let inner = Walk {
-                dev: md.dev(),
+                dev,
                 rel: &rel,
                 shown: &path,
             };
-            walk(&e.path(), inner, subvols, out);
+            walk(&sub, inner, subvols, out);
         }
     }
 }
@@ -338,6 +364,55 @@ mod tests {
         assert_eq!(data.status, MountpointStatus::Missing);
         assert!(l.mountpoints.iter().all(|m| m.mountpoint != "/mnt/later"));
         assert_eq!(l.hidden_bytes, 7 + 5 + 4);
+    }
+
+    /// A hostile image whose mountpoint's parent is a symlink out of it
+    /// (`srv -> <host dir>`, fstab mounting /srv/x), or whose `systems` is
+    /// one, must never make lint list the host's files.
+    #[test]
+    fn symlinks_in_the_image_never_lead_lint_to_the_host() {
+        let host = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(host.path().join("x/secret-dir")).unwrap();
+        std::fs::write(host.path().join("x/secret"), "host\n").unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let top = d.path();
+        for t in ["orig", "run"] {
+            let tree = top.join(format!("systems/v/{t}"));
+            std::fs::create_dir_all(tree.join("etc")).unwrap();
+            std::os::unix::fs::symlink(host.path(), tree.join("srv")).unwrap();
+            std::fs::write(
+                tree.join("etc/fstab"),
+                "/dev/vdb /srv/x ext4 defaults 0 2\n/dev/vdc /srv ext4 noauto 0 0\n",
+            )
+            .unwrap();
+        }
+        let l = mountpoints(top, "img", &[]);
+        assert_eq!(l.trees, ["v/orig", "v/run"]);
+        let x: Vec<&MountpointCheck> = l
+            .mountpoints
+            .iter()
+            .filter(|m| m.mountpoint == "/srv/x")
+            .collect();
+        assert_eq!(x.len(), 2, "{l:#?}");
+        for m in x {
+            assert_eq!(m.status, MountpointStatus::NotADirectory, "{m:#?}");
+            assert!(m.files.is_empty(), "host files listed: {:#?}", m.files);
+        }
+        assert_eq!(l.hidden_files, 0);
+
+        // `systems` itself a symlink to a host directory shaped like an image.
+        let hostile = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(host.path().join("systems/v/orig/srv")).unwrap();
+        std::fs::write(host.path().join("systems/v/orig/srv/secret"), "host\n").unwrap();
+        std::fs::create_dir_all(hostile.path().join("state/srv")).unwrap();
+        std::os::unix::fs::symlink(host.path().join("systems"), hostile.path().join("systems"))
+            .unwrap();
+        let l = mountpoints(hostile.path(), "img", &[]);
+        assert!(
+            l.mountpoints.iter().all(|m| m.files.is_empty()),
+            "host files listed: {l:#?}"
+        );
+        assert_eq!(l.hidden_files, 0);
     }
 
     #[test]

@@ -163,7 +163,8 @@ pub enum MountpointStatus {
     NotEmpty,
     /// No such directory (systemd creates it at boot): fine.
     Missing,
-    /// A file or symlink where the mountpoint should be.
+    /// A file or symlink where the mountpoint should be, or a symlink on
+    /// the way to it (never followed: it could lead out of the image).
     NotADirectory,
     /// Under a mount of another device: not on this image.
     NotOnImage,

@@ -127,7 +127,15 @@ impl OpenImage {
     /// check, and "clean" would be a lie.
     pub fn lint(&self) -> Result<Lint, ImageError> {
         let shown = self.path.display().to_string();
-        if !self.top().join(crate::layout::SYSTEMS_DIR).is_dir() {
+        // Looked at, not followed: lint never follows a symlink in the
+        // image, so a `systems` symlink (maybe out of it) is no layout.
+        let systems_is_dir = crate::rootfs::RootDir::open(self.top())
+            .ok()
+            .and_then(|r| r.stat(crate::layout::SYSTEMS_DIR, false).ok().flatten())
+            .is_some_and(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+            });
+        if !systems_is_dir {
             return Err(ImageError::Input(format!(
                 "{shown}: no {}/ directory at the top level: not a strata system layout",
                 crate::layout::SYSTEMS_DIR

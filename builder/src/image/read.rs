@@ -5,7 +5,9 @@ use super::boot_entry;
 use super::model::{self, *};
 use super::subvolumes;
 use crate::layout::{self, Tree, Version};
+use crate::rootfs::RootDir;
 use crate::{extlinux, fstab};
+use rustix::fs::FileType;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -62,14 +64,31 @@ pub(super) fn read_in_image(top: &Path, rel: &str) -> Option<Vec<u8>> {
     crate::rootfs::RootDir::open(top).ok()?.read(rel).ok()?
 }
 
-/// Names of the directories in `dir` (not symlinks such as systems/default),
-/// sorted; none when `dir` is missing.
-fn subdirs(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
+/// Names of the directories in the image's top-level directory `dir` (not
+/// symlinks such as systems/default), sorted; none when `dir` is missing or
+/// is itself a symlink (which could lead out of the image: the directory is
+/// opened from the top with openat2 following no symlink).
+fn subdirs(top: &Path, dir: &str) -> Vec<String> {
+    use rustix::fs::{statat, AtFlags, Dir, FileType};
+    let Ok(root) = crate::rootfs::RootDir::open(top) else {
+        return Vec::new();
+    };
+    let Ok(fd) = root.open_dir_no_symlinks(dir) else {
+        return Vec::new();
+    };
+    let Ok(entries) = Dir::read_from(&fd) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
         .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            let n = e.file_name().to_bytes();
+            n != b"." && n != b".."
+        })
+        .filter(|e| {
+            statat(&fd, e.file_name(), AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+        })
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
@@ -79,7 +98,7 @@ fn subdirs(dir: &Path) -> Vec<String> {
 /// The versions: the directories under systems/, except an upgrade's
 /// partial directories (never a version, whole or not).
 pub(super) fn versions(top: &Path) -> Vec<Version> {
-    subdirs(&top.join(layout::SYSTEMS_DIR))
+    subdirs(top, layout::SYSTEMS_DIR)
         .iter()
         .filter(|l| !layout::is_partial_name(l))
         .map(|l| Version::found(l))
@@ -88,7 +107,7 @@ pub(super) fn versions(top: &Path) -> Vec<Version> {
 
 /// Partial version directories a killed upgrade left in systems/.
 fn partials(top: &Path) -> Vec<String> {
-    subdirs(&top.join(layout::SYSTEMS_DIR))
+    subdirs(top, layout::SYSTEMS_DIR)
         .into_iter()
         .filter(|l| layout::is_partial_name(l))
         .collect()
@@ -96,16 +115,16 @@ fn partials(top: &Path) -> Vec<String> {
 
 /// The state dir names: the directories under state/.
 pub(super) fn state_names(top: &Path) -> Vec<String> {
-    subdirs(&top.join(layout::STATE_DIR))
+    subdirs(top, layout::STATE_DIR)
 }
 
-fn read_default(top: &Path, labels: &[String]) -> (DefaultLink, Vec<String>) {
+fn read_default(root: Option<&RootDir>, labels: &[String]) -> (DefaultLink, Vec<String>) {
     let mut problems = Vec::new();
-    let at = top.join(layout::DEFAULT_LINK);
-    let link = match std::fs::read_link(&at) {
-        Ok(t) => t,
-        Err(_) => {
-            if at.exists() {
+    let at = layout::DEFAULT_LINK;
+    let link = match root.and_then(|r| r.read_link(at).ok().flatten()) {
+        Some(t) => t,
+        None => {
+            if stat_in(root, at, false).is_some() {
                 problems.push(format!("{} is not a symlink", layout::DEFAULT_LINK));
             } else if !labels.is_empty() {
                 problems.push(format!("{} is missing", layout::DEFAULT_LINK));
@@ -138,23 +157,33 @@ fn read_default(top: &Path, labels: &[String]) -> (DefaultLink, Vec<String>) {
     )
 }
 
-fn file_size(p: &Path) -> Option<u64> {
-    std::fs::metadata(p)
-        .ok()
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
+/// What is at `rel` in the image, looked up without leaving it (symlinks
+/// resolved as in the image's own root, as the boot loader would).
+fn stat_in(root: Option<&RootDir>, rel: &str, follow: bool) -> Option<rustix::fs::Stat> {
+    root?.stat(rel, follow).ok().flatten()
+}
+
+fn is_type(root: Option<&RootDir>, rel: &str, want: FileType) -> bool {
+    stat_in(root, rel, true).is_some_and(|st| FileType::from_raw_mode(st.st_mode) == want)
+}
+
+fn file_size(root: Option<&RootDir>, rel: &str) -> Option<u64> {
+    stat_in(root, rel, true)
+        .filter(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+        .map(|st| st.st_size as u64)
 }
 
 /// The first boot menu found, its entries' files checked where the boot
 /// loader would look (through `systems/default` to `default_label`).
-fn read_boot(top: &Path, default_label: Option<&str>) -> Option<Boot> {
+fn read_boot(top: &Path, root: Option<&RootDir>, default_label: Option<&str>) -> Option<Boot> {
     let (path, bytes) = layout::BOOT_CONFIGS
         .iter()
         .find_map(|p| read_in_image(top, p).map(|b| (p, b)))?;
     let text = String::from_utf8_lossy(&bytes).into_owned();
     let config = extlinux::parse(&text);
     let present = |p: &str| {
-        boot_entry::resolve(path, p, default_label).is_some_and(|rel| top.join(rel).is_file())
+        boot_entry::resolve(path, p, default_label)
+            .is_some_and(|rel| is_type(root, &rel, FileType::RegularFile))
     };
     let entries = config
         .entries
@@ -244,15 +273,17 @@ pub fn layout(
     subvols: Vec<Subvolume>,
 ) -> ImageLayout {
     let mut problems = Vec::new();
+    let root = RootDir::open(top).ok();
+    let root = root.as_ref();
     let systems = layout::SYSTEMS_DIR;
-    if !top.join(systems).is_dir() {
+    if !is_type(root, systems, FileType::Directory) {
         problems.push(format!(
             "no {systems}/ directory: not a strata system layout"
         ));
     }
     let found = versions(top);
     let labels: Vec<String> = found.iter().map(|v| v.label().to_owned()).collect();
-    let (default, p) = read_default(top, &labels);
+    let (default, p) = read_default(root, &labels);
     problems.extend(p);
     let by_path: HashMap<&str, &Subvolume> = subvols.iter().map(|s| (s.path.as_str(), s)).collect();
 
@@ -265,7 +296,7 @@ pub fn layout(
         for (tree, sv) in [(Tree::Orig, orig), (Tree::Run, run)] {
             if sv.is_none() {
                 let rel = version.tree(tree);
-                problems.push(if top.join(&rel).exists() {
+                problems.push(if stat_in(root, &rel, false).is_some() {
                     format!("{rel} is not a subvolume")
                 } else {
                     format!("{rel} is missing")
@@ -283,7 +314,7 @@ pub fn layout(
                 version.orig()
             ));
         }
-        let kernel_size = file_size(&top.join(version.kernel()));
+        let kernel_size = file_size(root, &version.kernel());
         if kernel_size.is_none() {
             problems.push(format!("{} is missing", version.kernel()));
         }
@@ -317,12 +348,12 @@ pub fn layout(
             run: run.map(|s| s.id),
             run_is_snapshot_of_orig: snapshot,
             kernel_size,
-            initramfs_size: file_size(&top.join(version.initramfs())),
+            initramfs_size: file_size(root, &version.initramfs()),
             fstab,
             run_fstab: if run_differs { run_fstab } else { None },
         });
     }
-    if labels.is_empty() && top.join(systems).is_dir() {
+    if labels.is_empty() && is_type(root, systems, FileType::Directory) {
         problems.push(format!("{systems}/ has no versions"));
     }
     for name in partials(top) {
@@ -353,7 +384,7 @@ pub fn layout(
         ));
     }
 
-    let boot = read_boot(top, default.version.as_deref());
+    let boot = read_boot(top, root, default.version.as_deref());
     match &boot {
         None if !labels.is_empty() => {
             problems.push(format!("no boot menu ({} not found)", layout::BOOT_MENU))
@@ -412,6 +443,35 @@ mod tests {
             "the host's /etc/hostname was read as the image's fstab"
         );
         assert!(!run);
+    }
+
+    /// Sizes and existence are looked up inside the image: a kernel that
+    /// is a symlink to a host file (absolute, or climbing out with `..`)
+    /// is missing, not the host file's size.
+    #[test]
+    fn kernel_and_initramfs_links_out_of_the_image_are_missing() {
+        let host = tempfile::tempdir().unwrap();
+        std::fs::write(host.path().join("secret"), "host secret\n").unwrap();
+        let d = image_with_menu("v1", MENU_THROUGH_THE_LINK);
+        let v1 = d.path().join("systems/v1");
+        std::fs::remove_file(v1.join("kernel")).unwrap();
+        std::fs::remove_file(v1.join("initramfs")).unwrap();
+        std::os::unix::fs::symlink(host.path().join("secret"), v1.join("kernel")).unwrap();
+        let climb = format!(
+            "../../../../../../..{}",
+            host.path().join("secret").display()
+        );
+        std::os::unix::fs::symlink(climb, v1.join("initramfs")).unwrap();
+        let l = read(d.path());
+        let v = &l.versions[0];
+        assert_eq!(v.kernel_size, None);
+        assert_eq!(v.initramfs_size, None);
+        assert!(l
+            .problems
+            .contains(&"systems/v1/kernel is missing".to_owned()));
+        let e = &l.boot.as_ref().unwrap().entries[0];
+        assert!(!e.kernel_present);
+        assert_eq!(e.initrd_present, Some(false));
     }
 
     #[test]
