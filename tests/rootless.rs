@@ -19,6 +19,10 @@ use std::process::{Command, Output};
 
 const USER: &str = "strata-rootless";
 
+/// The tests run as one user and look at that user's processes (no QEMU
+/// left behind): they take turns.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").args(["-ec", cmd]).output().unwrap();
     assert!(
@@ -199,6 +203,7 @@ fn stat_in(image: &Path, paths: &[&str]) -> String {
 
 #[test]
 fn an_ordinary_user_builds_the_privileged_image_from_a_tar_archive() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     ensure_user();
     let dir = tempfile::Builder::new()
         .prefix("strata-rootless-test.")
@@ -372,6 +377,7 @@ fn as_user(exe: &Path, args: &[&str]) -> Output {
 /// TCG: the user has no /dev/kvm access, and auto says so).
 #[test]
 fn an_ordinary_user_builds_the_fixture_and_strata_test_passes_on_it() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     ensure_user();
     let archive = std::env::var_os("STRATA_TEST_FIXTURE_TAR")
         .map(std::path::PathBuf::from)
