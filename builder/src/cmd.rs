@@ -180,7 +180,6 @@ pub fn run_interruptible(
     on_line: &mut dyn FnMut(&[u8]),
 ) -> Result<(), CmdError> {
     use std::io::{BufRead, BufReader};
-    use std::os::unix::process::CommandExt;
     use std::sync::mpsc::RecvTimeoutError;
     let program = cmd.get_program().to_string_lossy().into_owned();
     if interrupt.raised() {
@@ -189,16 +188,8 @@ pub fn run_interruptible(
     tracing::debug!(command = %describe(cmd), "run (interruptible)");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes one prctl(2) call, which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
-                .map_err(std::io::Error::from)
-        });
-    }
+        .stderr(Stdio::piped());
+    tie_to_us(cmd);
     let mut child = cmd
         .spawn()
         .map_err(|source| spawn_error(program.clone(), source))?;
@@ -301,6 +292,22 @@ fn stop(child: &mut std::process::Child) {
     }
     let _ = kill_process_group(pgid, Signal::KILL);
     let _ = child.wait();
+}
+
+/// Puts `cmd`'s child in its own process group (so a stop can signal it and
+/// everything it starts, and the terminal's Ctrl-C reaches strata alone)
+/// and has the kernel send it SIGTERM when strata dies, even by SIGKILL.
+pub(crate) fn tie_to_us(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes one prctl(2) call, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(std::io::Error::from)
+        });
+    }
 }
 
 #[cfg(test)]

@@ -29,12 +29,12 @@
 
 use super::model::Subvolume;
 use super::{subvolumes, ImageError};
+use crate::cmd;
 use crate::debris::Cleaned;
 use crate::interrupt::Interrupt;
 use crate::rootless::appliance::{self, Cmd};
 use crate::rootless::Accel;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -130,15 +130,8 @@ pub fn open(
     c.arg("--ro")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: one prctl(2) in the forked child before exec; async-signal-safe.
-    unsafe {
-        c.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
-                .map_err(std::io::Error::from)
-        });
-    }
+        .stderr(Stdio::piped());
+    cmd::tie_to_us(&mut c);
     let mut child = match c.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -440,11 +433,10 @@ mod tests {
     #[test]
     fn an_unserved_session_is_killed_at_once() {
         let dir = tempfile::tempdir().unwrap().keep();
-        let child = Command::new("sleep")
-            .arg("600")
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        let mut sleep = Command::new("sleep");
+        sleep.arg("600");
+        cmd::tie_to_us(&mut sleep);
+        let child = sleep.spawn().unwrap();
         let mut session = Session {
             dir: dir.clone(),
             child,

@@ -32,7 +32,6 @@ use crate::manifest::{Backend, Manifest};
 use crate::progress::{Event, Step};
 use crate::steps::Steps;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -213,15 +212,8 @@ fn run_worker(
         .arg(WORKER_COMMAND)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: one prctl(2) in the forked child before exec; async-signal-safe.
-    unsafe {
-        c.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
-                .map_err(std::io::Error::from)
-        });
-    }
+        .stderr(Stdio::piped());
+    cmd::tie_to_us(&mut c);
     let fail = |what: &str, cause: String| BuildError::Step {
         step: Step::ExtractRootfs,
         what: what.into(),
