@@ -287,6 +287,20 @@ mod tests {
     use super::*;
     use crate::plan::{plan, PlanOptions};
 
+    /// A /dev/null-like char device at `path`.
+    fn node(path: &str) -> DeviceNode {
+        DeviceNode {
+            path: path.into(),
+            block: false,
+            mode: 0o666,
+            major: 1,
+            minor: 3,
+            uid: 0,
+            gid: 0,
+            mtime: None,
+        }
+    }
+
     #[test]
     fn device_nodes_follow_their_state_dir() {
         let p = plan(
@@ -301,16 +315,6 @@ mod tests {
         )
         .unwrap();
         let v = Version::new("factory").unwrap();
-        let node = |p: &str| DeviceNode {
-            path: p.into(),
-            block: false,
-            mode: 0o666,
-            major: 1,
-            minor: 3,
-            uid: 0,
-            gid: 0,
-            mtime: None,
-        };
         let at = |path: &str, how| -> Vec<String> {
             in_image(node(path), &p, &v, how)
                 .into_iter()
@@ -346,16 +350,6 @@ mod tests {
         let completed = deploy::completed_fstab(&p, Some(fstab));
         // The state dir's own mount does not count.
         assert!(String::from_utf8_lossy(&completed).contains(" /var "));
-        let node = |p: &str| DeviceNode {
-            path: p.into(),
-            block: false,
-            mode: 0o666,
-            major: 1,
-            minor: 3,
-            uid: 0,
-            gid: 0,
-            mtime: None,
-        };
         let shown = Path::new("/r");
         let ok = [
             node("dev/null"),
