@@ -21,9 +21,11 @@ pub struct UpgradeArgs {
     /// The new version's label: it lives in systems/<LABEL>/.
     #[arg(long)]
     label: String,
-    /// Extra kernel command line arguments for the new version.
-    #[arg(long, default_value = "")]
-    kernel_args: String,
+    /// Extra kernel command line arguments for the new version, replacing
+    /// those of the version it starts from (`--kernel-args ""`: none).
+    /// Without it the new version keeps the current default's.
+    #[arg(long)]
+    kernel_args: Option<String>,
     /// `move` (default) leaves the new version's mountpoints empty; `copy`
     /// leaves the new rootfs's state data under them too, reproducing the
     /// 2014 upgrades' "mountpoint not empty" boot warnings.
@@ -125,8 +127,16 @@ fn summary(image: &str, s: &UpgradeSummary) -> String {
             DEFAULT_LINK, s.based_on, s.label
         )
     };
+    let kernel_args = match (s.kernel_args.is_empty(), s.kernel_args_kept) {
+        (true, _) => String::new(),
+        (false, true) => format!(
+            "; kernel args {:?} (kept from {})",
+            s.kernel_args, s.based_on
+        ),
+        (false, false) => format!("; kernel args {:?}", s.kernel_args),
+    };
     format!(
-        "upgraded {image}: version {} (from {}) is {default}; {} written ({} new, {} changed, {} removed files); state data ({}): {}, {}; manifest {}{}",
+        "upgraded {image}: version {} (from {}) is {default}{kernel_args}; {} written ({} new, {} changed, {} removed files); state data ({}): {}, {}; manifest {}{}",
         s.label,
         s.based_on,
         human(s.bytes_written),
@@ -152,6 +162,16 @@ mod tests {
     use strata_builder::sync::SyncReport;
 
     fn summary_of(is_default: bool, merged: &[&str], left_out: &[&str]) -> UpgradeSummary {
+        summary_with_args(is_default, merged, left_out, "", true)
+    }
+
+    fn summary_with_args(
+        is_default: bool,
+        merged: &[&str],
+        left_out: &[&str],
+        kernel_args: &str,
+        kept: bool,
+    ) -> UpgradeSummary {
         let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let state_data = StateData {
             policy: "merge".into(),
@@ -162,6 +182,8 @@ mod tests {
             label: "v2".into(),
             based_on: "factory".into(),
             is_default,
+            kernel_args: kernel_args.into(),
+            kernel_args_kept: kept,
             sync: SyncReport {
                 created: strings(&["/usr/bin/new-tool"]),
                 updated: strings(&["/etc/fstab", "/usr/bin/changed"]),
@@ -223,5 +245,20 @@ mod tests {
                 )
             )
         );
+    }
+
+    #[test]
+    fn summary_names_the_kernel_args_used() {
+        let line = |args: &str, kept: bool| {
+            summary(
+                "/var/tmp/sys.img",
+                &summary_with_args(true, &[], &[], args, kept),
+            )
+        };
+        insta::assert_snapshot!("kernel-args-kept", line("console=ttyS0 quiet", true));
+        assert!(line("loglevel=3", false).contains("; kernel args \"loglevel=3\"; "));
+        // None (kept or given empty): nothing said, as before.
+        assert!(!line("", true).contains("kernel args"));
+        assert!(!line("", false).contains("kernel args"));
     }
 }

@@ -75,7 +75,7 @@ pub(super) fn assemble(
                 version: c.version.clone(),
                 root_device: c.plan.root_device.clone(),
                 has_initramfs: rootfs.initramfs.is_some(),
-                kernel_args: opts.kernel_args.clone(),
+                kernel_args: c.kernel_args.clone(),
             },
             moved_files,
             kernel: c.version.kernel(),

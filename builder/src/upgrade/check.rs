@@ -2,7 +2,7 @@
 //! through a read-only mount, every refusal (exit 2) before anything is
 //! written.
 
-use super::existing::{existing_entries, menu_entry, record_from_image, root_of};
+use super::existing::{existing_entries, menu_entry, new_kernel_args, record_from_image, root_of};
 use super::{input, UpgradeOptions};
 use crate::copy;
 use crate::debris;
@@ -41,6 +41,8 @@ pub(super) struct Checked {
     pub(super) live_state: Vec<String>,
     /// Menu entries of the versions already on the image, in order.
     pub(super) entries: Vec<BootEntry>,
+    /// The new version's extra kernel arguments (`new_kernel_args`).
+    pub(super) kernel_args: String,
     pub(super) manifest_path: PathBuf,
     /// Loaded, or started from the image's layout.
     pub(super) manifest: Manifest,
@@ -233,6 +235,7 @@ fn check_open(
     )?;
 
     let entries = existing_entries(&layout, loaded.as_ref(), &root_device)?;
+    let kernel_args = new_kernel_args(opts.kernel_args.as_deref(), &entries, &old);
     let manifest_existed = loaded.is_some();
     let mut manifest = loaded.unwrap_or_else(|| Manifest {
         manifest_version: MANIFEST_VERSION,
@@ -276,6 +279,7 @@ fn check_open(
         plan,
         live_state,
         entries,
+        kernel_args,
         manifest_path,
         manifest,
         manifest_existed,

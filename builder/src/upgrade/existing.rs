@@ -66,6 +66,21 @@ fn extra_args(append: &str, version: &Version, root_device: &str) -> String {
         .join(" ")
 }
 
+/// The new version's extra kernel arguments: `--kernel-args` when given
+/// (empty meaning none), else those of the version the upgrade starts from
+/// (`old`, as it boots today), so that what the build was given survives
+/// upgrades that do not mention it.
+pub(super) fn new_kernel_args(given: Option<&str>, entries: &[BootEntry], old: &Version) -> String {
+    match given {
+        Some(args) => args.trim().to_owned(),
+        None => entries
+            .iter()
+            .find(|e| e.version.label() == old.label())
+            .map(|e| e.kernel_args.clone())
+            .unwrap_or_default(),
+    }
+}
+
 /// One menu entry per whole version on the image (in the manifest's
 /// order, then by label), as it boots today: root device and extra
 /// arguments from the manifest's record, else from its menu entry.
@@ -207,5 +222,37 @@ mod tests {
             Some("/dev/vda")
         );
         assert_eq!(root_of("quiet"), None);
+    }
+
+    #[test]
+    fn new_version_keeps_the_old_ones_args_unless_given() {
+        let entry = |label: &str, args: &str| BootEntry {
+            version: Version::new(label).unwrap(),
+            root_device: "UUID=abc".into(),
+            has_initramfs: true,
+            kernel_args: args.into(),
+        };
+        let entries = [
+            entry("factory", "console=ttyS0 quiet"),
+            entry("v2", "debug"),
+        ];
+        let factory = Version::new("factory").unwrap();
+        // Not given: the old default's, not another version's.
+        assert_eq!(
+            new_kernel_args(None, &entries, &factory),
+            "console=ttyS0 quiet"
+        );
+        assert_eq!(
+            new_kernel_args(None, &entries, &Version::new("v2").unwrap()),
+            "debug"
+        );
+        // Given: they replace the old ones; empty means none.
+        assert_eq!(
+            new_kernel_args(Some("loglevel=3"), &entries, &factory),
+            "loglevel=3"
+        );
+        assert_eq!(new_kernel_args(Some(""), &entries, &factory), "");
+        // An old default without an entry (cannot happen: it is whole): none.
+        assert_eq!(new_kernel_args(None, &[], &factory), "");
     }
 }

@@ -100,8 +100,10 @@ pub struct UpgradeOptions {
     pub rootfs: PathBuf,
     /// The new version's label: `systems/<label>/`.
     pub label: String,
-    /// Extra kernel arguments for the new version's boot entry.
-    pub kernel_args: String,
+    /// Extra kernel arguments for the new version's boot entry. `None`:
+    /// the new version keeps those of the version it starts from (the
+    /// current default); `Some` replaces them (`Some("")`: none).
+    pub kernel_args: Option<String>,
     /// `Copy` reproduces the 2014 warnings: the new rootfs's data stays
     /// under the new version's mountpoints.
     pub migration: Migration,
@@ -122,6 +124,10 @@ pub struct UpgradeSummary {
     pub based_on: String,
     /// The new version is the default now.
     pub is_default: bool,
+    /// The new version's extra kernel arguments, as its entry has them.
+    pub kernel_args: String,
+    /// They were kept from `based_on` (no `kernel_args` given).
+    pub kernel_args_kept: bool,
     /// What the sync changed in the new orig.
     pub sync: SyncReport,
     /// Data bytes written into the image: changed and new files, state
@@ -263,6 +269,7 @@ fn upgrade_from(
 
     let Checked {
         plan,
+        kernel_args,
         manifest_path,
         mut manifest,
         manifest_existed,
@@ -297,6 +304,8 @@ fn upgrade_from(
         label: record.label.clone(),
         based_on: old.label().to_owned(),
         is_default: opts.set_default,
+        kernel_args,
+        kernel_args_kept: opts.kernel_args.is_none(),
         sync,
         bytes_written,
         state_data,

@@ -25,7 +25,9 @@ fn upgrade_copy(
     let opts = UpgradeOptions {
         rootfs: plan.rootfs.clone(),
         label: label.to_owned(),
-        kernel_args: plan.kernel_args.clone(),
+        // The plan's are the default's already (`extra_kernel_args`),
+        // given as before.
+        kernel_args: Some(plan.kernel_args.clone()),
         migration: plan.migration,
         state_data: plan.state_data,
         set_default: true,
