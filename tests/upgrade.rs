@@ -138,6 +138,10 @@ impl Fixture {
     /// filesystem UUID: btrfs must never see two mounted filesystems with
     /// one UUID (tests run in parallel).
     fn build(&self) {
+        self.build_with(&[]);
+    }
+    /// `build` with more `strata build` arguments.
+    fn build_with(&self, extra: &[&str]) {
         let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
         let out = strata()
             .args(["build", "--force", "--size", "200M", "--rootfs"])
@@ -145,6 +149,7 @@ impl Fixture {
             .arg("--output")
             .arg(self.image())
             .args(["--fs-uuid", uuid.trim()])
+            .args(extra)
             .output()
             .unwrap();
         assert!(out.status.success(), "build: {}", stderr(&out));
@@ -452,6 +457,92 @@ fn upgrade_adds_a_version_beside_the_old_one() {
     assert_eq!(menu_boots(&l).as_deref(), Some("v3"));
     let man = Manifest::load(&fx.manifest()).unwrap();
     assert_eq!(man.version("v3").unwrap().based_on.as_deref(), Some("v2"));
+}
+
+/// The words of the command line of the menu entry labelled `label`.
+fn entry_words(l: &ImageLayout, label: &str) -> Vec<String> {
+    let boot = l.boot.as_ref().expect("a boot menu");
+    let entry = boot
+        .entries
+        .iter()
+        .find(|e| e.label == label)
+        .unwrap_or_else(|| panic!("no menu entry {label}: {boot:?}"));
+    let append = entry.append.as_deref().unwrap_or_default();
+    append.split_whitespace().map(str::to_owned).collect()
+}
+
+/// The extra kernel arguments given to `strata build` survive an upgrade
+/// that does not mention them (they used to be lost); `--kernel-args ""`
+/// drops them.
+#[test]
+fn upgrade_keeps_the_build_kernel_args_unless_given() {
+    const ARGS: [&str; 2] = ["console=ttyS0", "strata.test=1"];
+    let fx = Fixture::empty();
+    make_rootfs(&fx.rootfs1());
+    make_release_2(&fx.rootfs1(), &fx.rootfs2());
+    fx.build_with(&["--kernel-args", &ARGS.join(" ")]);
+    let has_args = |words: &[String]| ARGS.iter().all(|a| words.iter().any(|w| w == a));
+    let has_none = |words: &[String]| !ARGS.iter().any(|a| words.iter().any(|w| w == a));
+    let record_words = |label: &str| -> Vec<String> {
+        let man = Manifest::load(&fx.manifest()).unwrap();
+        let r = man
+            .version(label)
+            .unwrap_or_else(|| panic!("no record {label}"));
+        r.kernel_args
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(has_args(&entry_words(&fx.layout(), "factory")));
+
+    // No --kernel-args: the old default's are kept.
+    let out = fx.upgrade("v2", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(r#"; kernel args "console=ttyS0 strata.test=1" (kept from factory); "#),
+        "{summary}"
+    );
+    let l = fx.layout();
+    assert_eq!(l.default.version.as_deref(), Some("v2"));
+    let v2 = entry_words(&l, "v2");
+    assert!(has_args(&v2), "{v2:?}");
+    // Once each, after strata's own words (the kernel takes the last).
+    assert_eq!(v2[v2.len() - 2..], ARGS, "{v2:?}");
+    assert!(has_args(&record_words("v2")), "{:?}", record_words("v2"));
+    let default = l.boot.as_ref().unwrap().default.clone().unwrap();
+    assert!(
+        has_args(&entry_words(&l, &default)),
+        "menu default {default}"
+    );
+
+    // Without a manifest they are read off v2's menu entry.
+    fs::remove_file(fx.manifest()).unwrap();
+    let out = fx.upgrade("v3", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v3 = entry_words(&fx.layout(), "v3");
+    assert_eq!(v3[v3.len() - 2..], ARGS, "{v3:?}");
+    assert!(has_args(&record_words("v3")), "{:?}", record_words("v3"));
+
+    // --kernel-args "": none, and the summary says nothing of them.
+    let out = fx.upgrade("v4", &["--kernel-args", ""]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(!summary.contains("kernel args"), "{summary}");
+    let l = fx.layout();
+    assert_eq!(l.default.version.as_deref(), Some("v4"));
+    let v4 = entry_words(&l, "v4");
+    assert!(has_none(&v4), "{v4:?}");
+    assert!(has_none(&record_words("v4")), "{:?}", record_words("v4"));
+    assert!(
+        has_none(&entry_words(&l, &default)),
+        "menu default {default}"
+    );
+    // The older versions' entries keep theirs.
+    assert!(has_args(&entry_words(&l, "factory")));
+    assert!(has_args(&entry_words(&l, "v2")));
+    assert!(has_args(&entry_words(&l, "v3")));
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
 }
 
 #[test]
