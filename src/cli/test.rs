@@ -24,7 +24,7 @@ use strata_vmtest::checks::CheckId;
 use strata_vmtest::lifecycle::Lifecycle;
 use strata_vmtest::qemu::DiskBus;
 use strata_vmtest::report::{Report, Status};
-use strata_vmtest::run::{self, BootMode, Progress, RunError, TestConfig};
+use strata_vmtest::run::{self, BootMode, Progress, RunError, Scenario, TestConfig};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
@@ -78,6 +78,14 @@ pub struct TestArgs {
     /// Run only these checks (comma-separated); the others are reported as skipped.
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     checks: Option<Vec<String>>,
+    /// A change to judge in the running guest, as NAME:CHECKS:COMMAND
+    /// (repeatable; CHECKS comma-separated, COMMAND a shell command run as
+    /// root). After the first boot's checks the booted guest is saved;
+    /// each scenario starts from that moment in a QEMU of its own, runs
+    /// COMMAND, and its checks report as NAME/CHECK. Seconds each, not a
+    /// boot (persistence in a scenario reboots its own guest).
+    #[arg(long, value_name = "NAME:CHECKS:COMMAND", value_parser = parse_scenario)]
+    scenario: Vec<Scenario>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     memory: u32,
@@ -200,6 +208,7 @@ pub fn run(args: TestArgs) -> u8 {
     cfg.cpus = args.cpus;
     cfg.qemu_binary = args.qemu.clone();
     cfg.lifecycle = lifecycle;
+    cfg.scenarios = args.scenario.clone();
 
     let started = std::time::Instant::now();
     let result = run::run_blocking(cfg, |p| show(&p, started));
@@ -239,6 +248,30 @@ pub fn run(args: TestArgs) -> u8 {
             exit::fail_with(e.kind(), &anyhow::anyhow!("{msg}"))
         }
     }
+}
+
+/// `--scenario NAME:CHECKS:COMMAND`: the command is everything after the
+/// second colon, so it may hold colons of its own.
+fn parse_scenario(arg: &str) -> Result<Scenario, String> {
+    let mut parts = arg.splitn(3, ':');
+    let (Some(name), Some(checks), Some(command)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("{arg:?}: expected NAME:CHECKS:COMMAND"));
+    };
+    let checks = checks
+        .split(',')
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| c.trim().parse::<CheckId>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if command.trim().is_empty() {
+        return Err(format!("{arg:?}: the COMMAND is empty"));
+    }
+    Ok(Scenario {
+        name: name.to_owned(),
+        commands: vec![command.to_owned()],
+        checks,
+    })
 }
 
 /// What else the lifecycle needs to know of the image.
@@ -456,6 +489,25 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: TestArgs,
+    }
+
+    #[test]
+    fn scenarios_are_name_checks_and_a_command_with_colons_of_its_own() {
+        let s = parse_scenario(
+            "ro-srv:persistence,state-mounts:mount -o remount,bind,ro /srv; echo a:b",
+        )
+        .unwrap();
+        assert_eq!(s.name, "ro-srv");
+        assert_eq!(s.checks, [CheckId::Persistence, CheckId::StateMounts]);
+        assert_eq!(s.commands, ["mount -o remount,bind,ro /srv; echo a:b"]);
+        assert!(parse_scenario("x:root")
+            .unwrap_err()
+            .contains("NAME:CHECKS:COMMAND"));
+        assert!(parse_scenario("x:nope:true").unwrap_err().contains("nope"));
+        assert!(parse_scenario("x:root: ").unwrap_err().contains("empty"));
+        // The name's rules and an empty check list are the run's to refuse
+        // (exit 2, before anything starts): one place says them.
+        assert!(parse_scenario("a b::true").is_ok());
     }
 
     fn run_with(argv: &[&str]) -> u8 {

@@ -300,6 +300,19 @@ impl Agent {
         }
     }
 
+    /// Sets the guest's clock (system time and RTC) to `since_epoch`: a
+    /// guest restored from a saved state wakes with the clock of the
+    /// moment it was saved.
+    pub async fn set_time(&mut self, since_epoch: Duration) -> Result<(), AgentError> {
+        let ns = i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX);
+        self.call(
+            "guest-set-time",
+            qapi::qga::guest_set_time { time: Some(ns) },
+        )
+        .await
+        .map(drop)
+    }
+
     /// Starts `argv` without waiting for it (e.g. `systemctl reboot`, whose
     /// status the agent cannot report once the guest goes down).
     pub async fn spawn(&mut self, argv: &[&str]) -> Result<(), AgentError> {

@@ -18,6 +18,12 @@ pub fn journal(boot: u32) -> String {
     format!("journal-boot{boot}.json")
 }
 
+/// A scenario's guest's journal (`run::Scenario`): its boot number is the
+/// run's boot it was saved in, or a reboot of its own after that.
+pub fn scenario_journal(scenario: &str, boot: u32) -> String {
+    format!("scenario-{scenario}-journal-boot{boot}.json")
+}
+
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     dir: PathBuf,

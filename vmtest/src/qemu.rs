@@ -88,6 +88,10 @@ pub enum KernelBoot {
 /// the guest's qemu-guest-agent opens the port (and when it closes it).
 pub const AGENT_PORT_ID: &str = "qga-port";
 
+/// The block node of the disk (`-blockdev node-name=`): what QMP names
+/// when it snapshots the disk.
+pub const DISK_NODE: &str = "disk0";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuCommand {
     pub binary: PathBuf,
@@ -109,6 +113,9 @@ pub struct QemuCommand {
     /// The firmware's debug console (isa-debugcon, port 0x402) to this
     /// file: how `accel` sees SeaBIOS reach its boot phase under KVM.
     pub debugcon: Option<PathBuf>,
+    /// Wait for a saved state (`-incoming defer`, then QMP
+    /// `migrate-incoming`) instead of booting: a scenario's restore.
+    pub incoming: bool,
 }
 
 impl QemuCommand {
@@ -127,6 +134,7 @@ impl QemuCommand {
             qga_socket: socket_dir.join("qga.sock"),
             start_paused: true,
             debugcon: None,
+            incoming: false,
         }
     }
 
@@ -186,7 +194,7 @@ impl QemuCommand {
         ));
         push("-blockdev");
         push(&format!(
-            "driver={},node-name=disk0,file.driver=file,file.filename={}",
+            "driver={},node-name={DISK_NODE},file.driver=file,file.filename={}",
             self.disk_format.driver(),
             path_arg(&self.disk)
         ));
@@ -199,13 +207,13 @@ impl QemuCommand {
         match self.disk_bus {
             DiskBus::VirtioBlk => {
                 push("-device");
-                push(&format!("virtio-blk-pci,drive=disk0{bootindex}"));
+                push(&format!("virtio-blk-pci,drive={DISK_NODE}{bootindex}"));
             }
             DiskBus::VirtioScsi => {
                 push("-device");
                 push("virtio-scsi-pci,id=scsi0");
                 push("-device");
-                push(&format!("scsi-hd,bus=scsi0.0,drive=disk0{bootindex}"));
+                push(&format!("scsi-hd,bus=scsi0.0,drive={DISK_NODE}{bootindex}"));
             }
         }
         if let KernelBoot::Direct {
@@ -225,6 +233,10 @@ impl QemuCommand {
         }
         if let Some(log) = &self.debugcon {
             a.extend(debugcon_args(log));
+        }
+        if self.incoming {
+            a.push("-incoming".into());
+            a.push("defer".into());
         }
         if self.start_paused {
             a.push("-S".into());

@@ -124,15 +124,20 @@ pub struct VmState {
     pub agent_port_opened: Option<Instant>,
     /// The reader saw the socket close.
     pub closed: bool,
+    /// strata stopped the vCPUs itself ([`Qmp::stop`], to save the guest):
+    /// the STOP that follows is no reason to give up; RESUME clears it.
+    pub stopped_by_us: bool,
 }
 
 impl VmState {
     /// Folds one event in, in the order QEMU sent them.
     pub fn observe(&mut self, ev: &QmpEvent) {
-        if self.fatal.is_none() && ev.fatal().is_some() {
+        let ours = ev.event == "STOP" && self.stopped_by_us;
+        if self.fatal.is_none() && !ours && ev.fatal().is_some() {
             self.fatal = Some(ev.clone());
         }
         match ev.event.as_str() {
+            "RESUME" => self.stopped_by_us = false,
             "VSERPORT_CHANGE"
                 if ev.data.get("id").and_then(Value::as_str)
                     == Some(crate::qemu::AGENT_PORT_ID) =>
@@ -331,6 +336,95 @@ impl Qmp {
         self.call_raw("set-action", json!({"reboot": "shutdown"}))
             .await
             .map(drop)
+    }
+
+    /// Stops the vCPUs (the guest does not notice beyond lost time).
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        // Before the command: its STOP event may come before its reply.
+        self._state_tx.send_modify(|s| s.stopped_by_us = true);
+        self.call(qapi::qmp::stop {}).await.map(drop)
+    }
+
+    /// External snapshot of the disk node `node`: `file` (created, qcow2,
+    /// backed by the node's current file) takes every write from now on
+    /// as node `new_node`; the old file is frozen.
+    pub async fn snapshot_disk(
+        &self,
+        node: &str,
+        file: &Path,
+        new_node: &str,
+    ) -> Result<(), QmpError> {
+        self.call(qapi::qmp::blockdev_snapshot_sync(
+            qapi::qmp::BlockdevSnapshotSync {
+                device: None,
+                node_name: Some(node.to_owned()),
+                snapshot_file: file.display().to_string(),
+                snapshot_node_name: Some(new_node.to_owned()),
+                format: Some("qcow2".into()),
+                mode: Some(qapi::qmp::NewImageMode::absolute_paths),
+            },
+        ))
+        .await
+        .map(drop)
+    }
+
+    /// Writes the VM's state (RAM and devices, not the disk) to `file`;
+    /// returns when it is complete. The VM should be stopped: then the
+    /// state is one instant's.
+    pub async fn migrate_to_file(&self, file: &Path, within: Duration) -> Result<(), QmpError> {
+        self.call(qapi::qmp::migrate {
+            uri: Some(format!("file:{}", file.display())),
+            channels: None,
+            detach: None,
+            resume: None,
+        })
+        .await?;
+        self.migration_done("migrate", within).await
+    }
+
+    /// Loads a state written by [`Qmp::migrate_to_file`] into a QEMU
+    /// started with `-incoming defer` (and the same machine and devices);
+    /// returns when it is loaded. The vCPUs stay stopped until `cont`.
+    pub async fn migrate_from_file(&self, file: &Path, within: Duration) -> Result<(), QmpError> {
+        self.call(qapi::qmp::migrate_incoming {
+            uri: Some(format!("file:{}", file.display())),
+            channels: None,
+            exit_on_error: Some(false),
+        })
+        .await?;
+        self.migration_done("migrate-incoming", within).await
+    }
+
+    /// Polls `query-migrate` until the migration this side runs completed
+    /// (Ok) or failed (its error).
+    async fn migration_done(
+        &self,
+        command: &'static str,
+        within: Duration,
+    ) -> Result<(), QmpError> {
+        use qapi::qmp::MigrationStatus as S;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let info = self.call(qapi::qmp::query_migrate {}).await?;
+            match info.status {
+                Some(S::completed) => return Ok(()),
+                Some(S::failed) | Some(S::cancelled) => {
+                    return Err(QmpError::Command {
+                        command,
+                        message: info
+                            .error_desc
+                            .unwrap_or_else(|| "the migration failed".into()),
+                    })
+                }
+                _ if tokio::time::Instant::now() >= deadline => {
+                    return Err(QmpError::Timeout {
+                        command,
+                        seconds: within.as_secs_f64(),
+                    })
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
     }
 
     /// QEMU exits at once: for the guest this is a power cut.
@@ -704,6 +798,21 @@ mod tests {
             assert!(err.to_string().contains(needle), "{err}");
             assert!(qmp.fatal_now().is_some());
         }
+    }
+
+    #[test]
+    fn only_a_stop_strata_asked_for_is_not_fatal() {
+        let mut s = VmState {
+            stopped_by_us: true,
+            ..VmState::default()
+        };
+        let ev = |name| QmpEvent::from_json(&event(name, json!({}))).unwrap();
+        s.observe(&ev("STOP"));
+        assert!(s.fatal.is_none(), "the save's own stop");
+        s.observe(&ev("RESUME"));
+        assert!(!s.stopped_by_us);
+        s.observe(&ev("STOP"));
+        assert!(s.fatal.is_some(), "a stop after the resume is QEMU's");
     }
 
     #[tokio::test]

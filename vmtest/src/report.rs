@@ -119,6 +119,18 @@ pub struct BootRecord {
     pub firmware: Option<f64>,
 }
 
+/// One scenario of the run (`run::Scenario`): each starts from the
+/// booted guest saved after the first boot's checks, restored into a QEMU
+/// of its own on a disk overlay of its own.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScenarioRecord {
+    pub name: String,
+    /// From starting QEMU to the restored guest's agent answering.
+    pub restore_seconds: f64,
+    /// The whole scenario: restore, commands, checks, QEMU's exit.
+    pub seconds: f64,
+}
+
 /// One line on how the run's boots were made, grouping neighbours made
 /// alike: "boot 1 through the image's extlinux; boots 2-3 direct kernel
 /// boot of the same kernel, initramfs and command line".
@@ -170,7 +182,10 @@ pub struct Timings {
     pub checks: f64,
     /// Clean reboot and power cut with their boots.
     pub persistence: f64,
-    /// Scenarios on the running guest: their commands and checks.
+    /// Saving the booted guest for the scenarios (it stood still so long).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub save: f64,
+    /// The scenarios: restores, commands and checks.
     #[serde(skip_serializing_if = "is_zero")]
     pub scenarios: f64,
     /// Whole run, overlay creation to verdict.
@@ -217,6 +232,9 @@ pub struct Report {
     /// ran. Its check rows are named `<phase>/<check>`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseRecord>,
+    /// The scenarios, in the order they ran (none: not serialised).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scenarios: Vec<ScenarioRecord>,
 }
 
 impl Report {
@@ -320,6 +338,26 @@ impl Report {
             }
             if let Some(why) = &self.later_boots_fallback {
                 let _ = writeln!(o, "  Later boots not direct: {why}");
+            }
+        }
+        if !self.scenarios.is_empty() {
+            let _ = writeln!(
+                o,
+                "\nScenarios: each restored from the guest saved after boot 1's checks (saved in {:.1}s)",
+                self.timings.save
+            );
+            let n_w = self
+                .scenarios
+                .iter()
+                .map(|s| s.name.len())
+                .max()
+                .unwrap_or(0);
+            for sc in &self.scenarios {
+                let _ = writeln!(
+                    o,
+                    "  {:<n_w$}  restored in {:>5.1}s  {:>6.1}s in all",
+                    sc.name, sc.restore_seconds, sc.seconds
+                );
             }
         }
         let t = &self.timings;
@@ -732,6 +770,7 @@ mod tests {
                 boot: 23.4,
                 checks: 3.1,
                 persistence: 0.0,
+                save: 0.0,
                 scenarios: 0.0,
                 total: 33.0,
             },
@@ -739,6 +778,7 @@ mod tests {
             error: None,
             interrupted: None,
             phases: vec![],
+            scenarios: vec![],
         }
     }
 
@@ -909,6 +949,48 @@ mod tests {
             json.get("later_boots_fallback").is_none(),
             "absent unless used"
         );
+    }
+
+    /// A run with two scenarios: the first boot's rows pass, each
+    /// scenario's rows are judged on its own restore of the saved guest.
+    fn with_scenarios() -> Report {
+        let mut r = sample(false);
+        r.timings.save = 1.6;
+        r.timings.scenarios = 7.9;
+        r.checks.push(CheckResult::new(
+            "ro-srv/persistence",
+            Status::Fail,
+            "tokens lost or unwritable: /srv",
+            vec!["/srv: token reboot could not be written: Read-only file system".into()],
+        ));
+        r.verdict = Report::verdict_of(&r.checks, None);
+        r.scenarios = vec![
+            ScenarioRecord {
+                name: "tmpfs".into(),
+                restore_seconds: 1.4,
+                seconds: 2.9,
+            },
+            ScenarioRecord {
+                name: "ro-srv".into(),
+                restore_seconds: 1.5,
+                seconds: 45.0,
+            },
+        ];
+        r
+    }
+
+    #[test]
+    fn scenarios_table() {
+        insta::assert_snapshot!(with_scenarios().to_table());
+    }
+
+    #[test]
+    fn scenarios_only_in_the_json_of_a_run_that_had_them() {
+        let json: serde_json::Value = serde_json::from_str(&with_scenarios().to_json()).unwrap();
+        assert_eq!(json["scenarios"][1]["name"], "ro-srv");
+        assert_eq!(json["timings"]["save"], 1.6);
+        let plain: serde_json::Value = serde_json::from_str(&sample(false).to_json()).unwrap();
+        assert!(plain.get("scenarios").is_none() && plain["timings"].get("save").is_none());
     }
 
     #[test]

@@ -16,10 +16,12 @@ use crate::artifacts::{self, Artifacts};
 use crate::bootfiles;
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
 use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
-use crate::machine::{Machine, MachineError};
+use crate::machine::{Machine, MachineError, SavedState};
 use crate::qemu::{DiskBus, DiskFormat, KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
-use crate::report::{BootRecord, CheckResult, PhaseRecord, Report, Status, Timings, Warning};
+use crate::report::{
+    BootRecord, CheckResult, PhaseRecord, Report, ScenarioRecord, Status, Timings, Warning,
+};
 use crate::workdir::{self, WorkDir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -213,6 +215,13 @@ struct Session {
     life: LifeState,
     /// The scenarios' rows, in the order they ran.
     scenario_rows: Vec<CheckResult>,
+    /// The booted guest the scenarios start from (saved after boot 1's
+    /// checks when there are scenarios).
+    saved: Option<SavedState>,
+    /// The scenario whose guest is running, if one is.
+    scenario: Option<String>,
+    /// How each scenario went, in order.
+    scenario_log: Vec<ScenarioRecord>,
 }
 
 /// What an upgrade lifecycle has done so far.
@@ -475,6 +484,7 @@ impl Session {
             error,
             interrupted: None,
             phases: self.life.phases.clone(),
+            scenarios: self.scenario_log.clone(),
         }
     }
 
@@ -488,11 +498,7 @@ impl Session {
 
 /// Validates the inputs; errors here are the user's (exit 2).
 fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
-    scenario::validate(
-        &cfg.scenarios,
-        cfg.lifecycle.is_some(),
-        cfg.checks.contains(&CheckId::Persistence),
-    )?;
+    scenario::validate(&cfg.scenarios, cfg.lifecycle.is_some())?;
     let meta = std::fs::metadata(&cfg.image)
         .map_err(|e| RunError::Input(format!("image {}: {e}", cfg.image.display())))?;
     if !meta.is_file() {
@@ -565,6 +571,9 @@ pub async fn run_until(
         later_fallback: None,
         life: LifeState::default(),
         scenario_rows: Vec::new(),
+        saved: None,
+        scenario: None,
+        scenario_log: Vec::new(),
     };
     if let Some(l) = &s.cfg.lifecycle {
         s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
@@ -721,6 +730,10 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
     let t_checks = Instant::now();
     s.layout_checks(&expect).await?;
     s.timings.checks = t_checks.elapsed().as_secs_f64();
+    // The scenarios start from this moment: saved before the reboots.
+    if !s.cfg.scenarios.is_empty() {
+        s.save_for_scenarios().await?;
+    }
 
     // Boots 2 and 3: a clean reboot and a power cut, driven by the checks
     // that need them.
@@ -909,9 +922,11 @@ impl Vm for Session {
                 None => guest::start_journal_export(self.machine()).await?,
             };
             let journal = guest::finish_journal_export(self.machine(), &running).await?;
-            let _ = self
-                .artifacts
-                .write(&artifacts::journal(self.boots), &journal);
+            let name = match &self.scenario {
+                None => artifacts::journal(self.boots),
+                Some(sc) => artifacts::scenario_journal(sc, self.boots),
+            };
+            let _ = self.artifacts.write(&name, &journal);
             self.seen.journal = Some(journal);
         }
         Ok(self.seen.journal.as_deref().unwrap_or_default())
@@ -965,8 +980,13 @@ impl Vm for Session {
         self.overmount_again().await
     }
 
+    /// A scenario's guest was booted before the save: its files were
+    /// rewritten since that boot, whatever btime its reset clock now shows.
     fn running_since(&self) -> Option<f64> {
-        self.life.running_since
+        match (&self.scenario, &self.saved) {
+            (Some(_), Some(saved)) => Some(saved.boot_epoch),
+            _ => self.life.running_since,
+        }
     }
 }
 
@@ -976,6 +996,11 @@ impl Session {
     /// again, and its verdict takes this boot in. (Each boot of a lifecycle
     /// runs the first-boot checks, overmount among them, as its own row.)
     async fn overmount_again(&mut self) -> Result<(), MachineError> {
+        // A scenario's reboots are its own: the run's overmount row judged
+        // the run's boots, not the scenario's guest.
+        if self.scenario.is_some() {
+            return Ok(());
+        }
         let Some(earlier) = self.checks.get(&CheckId::Overmount).cloned() else {
             return Ok(());
         };

@@ -1,22 +1,30 @@
-//! Scenarios: a change made in the running guest, then judged again —
-//! seconds, not a boot. After the first boot's checks (a run with
-//! scenarios has no persistence: see `validate`), each scenario, in order
-//! and on top of the ones before it, runs its
-//! commands in the guest as it is now, forgets what this boot had shown
-//! (mount table, journal), and runs its checks again. Its rows are named
-//! `<scenario>/<check>` and count in the verdict like any other row.
+//! Scenarios: a change made in a running guest, then judged — seconds,
+//! not a boot. After the first boot's checks the run saves the booted
+//! guest (`Machine::save`: vCPUs stopped, the disk frozen by an external
+//! snapshot, RAM and devices to a file; the run's own guest then goes on
+//! to persistence on a new overlay). Each scenario starts from that saved
+//! instant in a QEMU of its own (`Machine::restore`, on its own qcow2
+//! overlay over the frozen disk), runs its commands in the guest, and runs
+//! its checks there. Scenarios therefore never see each other's changes
+//! nor the run's reboots, and a scenario may itself reboot and cut the
+//! power (persistence) without touching the run's rows. Its rows are
+//! named `<scenario>/<check>` and count in the verdict like any other row.
 //!
 //! This is for checks whose subject exists after boot: files written under
-//! a mountpoint's underlying directory, a state dir unmounted or covered by
-//! a tmpfs. What only a boot shows (an fstab line, a mount that fails at
-//! boot, the journal's notices of it) still needs an image and a boot of
-//! its own, and so does a moved file changed in state: moved-files
+//! a mountpoint's underlying directory, a state dir unmounted, read-only or
+//! covered by a tmpfs. What only a boot shows (an fstab line, a mount that
+//! fails at boot, the journal's notices of it) still needs an image and a
+//! boot of its own, and so does a moved file changed in state: moved-files
 //! forgives what the running system rewrote since boot, by design.
 
 use super::{me, RunError, Session};
-use crate::checks::{CheckId, Phase, Vm};
+use crate::checks::{CheckId, Vm};
+use crate::machine::Machine;
+use crate::qemu::DiskFormat;
+use crate::report::ScenarioRecord;
 use crate::run::Progress;
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// One change and the checks that judge it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,31 +33,19 @@ pub struct Scenario {
     pub name: String,
     /// Run in order in the guest (`sh -c`, as root); each must succeed.
     pub commands: Vec<String>,
-    /// First-boot checks only: persistence boots the machine again.
+    /// Judged after the commands, in the registry's order; persistence
+    /// reboots and power-cuts the scenario's own guest.
     pub checks: Vec<CheckId>,
 }
 
 /// Refuses scenarios that cannot run (exit 2), before anything starts.
-pub(super) fn validate(
-    scenarios: &[Scenario],
-    lifecycle: bool,
-    persistence: bool,
-) -> Result<(), RunError> {
+pub(super) fn validate(scenarios: &[Scenario], lifecycle: bool) -> Result<(), RunError> {
     if scenarios.is_empty() {
         return Ok(());
     }
     if lifecycle {
         return Err(RunError::Input(
             "scenarios run after the plain test; the upgrade lifecycle has none".into(),
-        ));
-    }
-    // After the reboot and power cut, moved-files would take what the guest
-    // rewrote during the earlier boots for defects of the image (it forgives
-    // only changes since the current boot); before them, the scenarios'
-    // changes would be carried into persistence and overmount's later looks.
-    if persistence {
-        return Err(RunError::Input(
-            "scenarios judge the guest as the first boot left it: run them without persistence (--checks)".into(),
         ));
     }
     let mut names: Vec<&str> = Vec::new();
@@ -77,25 +73,67 @@ pub(super) fn validate(
                 s.name
             )));
         }
-        if let Some(c) = s.checks.iter().find(|c| c.phase() != Phase::FirstBoot) {
-            return Err(RunError::Input(format!(
-                "scenario {:?}: {} boots the machine again; a scenario judges the running guest",
-                s.name,
-                c.name()
-            )));
-        }
     }
     Ok(())
 }
 
 impl Session {
-    /// Every scenario of the config, in order, on the running guest.
+    /// Saves the booted guest the scenarios start from, before anything
+    /// else changes it. The run's own guest goes on, writing a new overlay
+    /// (its later boots too: the template follows).
+    pub(super) async fn save_for_scenarios(&mut self) -> Result<(), String> {
+        self.emit(Progress::Step(
+            "saving the booted guest for the scenarios (stop, disk snapshot, state to a file)"
+                .into(),
+        ));
+        let state = self.workdir.path().join("booted.state");
+        let next = self.workdir.path().join("after-save.qcow2");
+        let saved = self
+            .machine()
+            .save(&state, &next)
+            .await
+            .map_err(|e| format!("saving the booted guest for the scenarios: {e}"))?;
+        if let Some(t) = self.template.as_mut() {
+            t.disk = next;
+            t.disk_format = DiskFormat::Qcow2;
+        }
+        self.timings.save = saved.seconds;
+        self.saved = Some(saved);
+        Ok(())
+    }
+
+    /// Every scenario of the config, in order, each on its own restore of
+    /// the saved guest.
     pub(super) async fn run_scenarios(&mut self) -> Result<(), String> {
+        let Some(saved) = self.saved.clone() else {
+            return Ok(());
+        };
+        // The run's own guest is done: its CPU goes to the scenarios.
+        self.quit_machine().await;
         let expect = self.cfg.expect.clone();
         for sc in self.cfg.scenarios.clone() {
             let t = Instant::now();
             self.emit(Progress::Step(format!(
-                "scenario {}: {}",
+                "scenario {}: restoring the booted guest",
+                sc.name
+            )));
+            let disk = self
+                .workdir
+                .path()
+                .join(format!("scenario-{}.qcow2", sc.name));
+            overlay_on(&saved.disk, &disk)?;
+            // A reboot in the scenario (persistence) starts QEMU on its disk.
+            if let Some(tpl) = self.template.as_mut() {
+                tpl.disk = disk.clone();
+            }
+            let m = Machine::restore(&saved, &disk, self.events.clone())
+                .await
+                .map_err(|e| format!("scenario {}: restoring the booted guest: {e}", sc.name))?;
+            self.machine = Some(m);
+            let restore_seconds = t.elapsed().as_secs_f64();
+            self.scenario = Some(sc.name.clone());
+            self.emit(Progress::Step(format!(
+                "scenario {} (restored in {restore_seconds:.1}s): {}",
                 sc.name,
                 sc.commands.join("; ")
             )));
@@ -105,7 +143,7 @@ impl Session {
                     .await
                     .map_err(|e| format!("scenario {}: `{c}`: {e}", sc.name))?;
             }
-            // The guest changed: what this boot had shown no longer holds.
+            // A different guest from the one the first boot's rows saw.
             self.seen = Default::default();
             let ids = CheckId::ALL.into_iter().filter(|id| sc.checks.contains(id));
             for id in ids {
@@ -118,10 +156,40 @@ impl Session {
                 self.emit(Progress::CheckFinished(row.clone()));
                 self.scenario_rows.push(row);
             }
-            self.timings.scenarios += t.elapsed().as_secs_f64();
+            self.quit_machine().await;
+            self.scenario = None;
+            let _ = std::fs::remove_file(&disk);
+            let seconds = t.elapsed().as_secs_f64();
+            self.scenario_log.push(ScenarioRecord {
+                name: sc.name.clone(),
+                restore_seconds,
+                seconds,
+            });
+            self.timings.scenarios += seconds;
         }
         Ok(())
     }
+
+    /// Ends the running guest (a power cut: nothing of it is judged again).
+    async fn quit_machine(&mut self) {
+        if let Some(mut m) = self.machine.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), m.qmp().quit()).await;
+            m.kill().await;
+        }
+    }
+}
+
+/// A fresh qcow2 overlay on the saved (frozen, qcow2) disk.
+fn overlay_on(saved: &Path, overlay: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_file(overlay);
+    strata_builder::cmd::run(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(saved)
+            .arg(overlay),
+    )
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -140,17 +208,14 @@ mod tests {
     fn scenarios_are_refused_before_anything_runs_when_they_cannot() {
         let ok = sc("mode", &[CheckId::MovedFiles]);
         let one = std::slice::from_ref(&ok);
-        assert!(validate(one, false, false).is_ok());
-        assert!(validate(&[], true, true).is_ok());
+        assert!(validate(one, false).is_ok());
+        assert!(validate(&[], true).is_ok());
+        // Each scenario has a guest of its own: it may reboot it.
+        assert!(validate(&[sc("ro", &[CheckId::Persistence])], false).is_ok());
         let msg = |r: Result<(), RunError>| r.unwrap_err().to_string();
-        assert!(msg(validate(one, true, false)).contains("lifecycle"));
-        assert!(msg(validate(one, false, true)).contains("without persistence"));
-        assert!(msg(validate(&[ok.clone(), ok.clone()], false, false)).contains("given twice"));
-        assert!(msg(validate(&[sc("a b", &[CheckId::Root])], false, false)).contains("letters"));
-        assert!(msg(validate(&[sc("x", &[])], false, false)).contains("no check"));
-        assert!(
-            msg(validate(&[sc("x", &[CheckId::Persistence])], false, false))
-                .contains("persistence boots")
-        );
+        assert!(msg(validate(one, true)).contains("lifecycle"));
+        assert!(msg(validate(&[ok.clone(), ok.clone()], false)).contains("given twice"));
+        assert!(msg(validate(&[sc("a b", &[CheckId::Root])], false)).contains("letters"));
+        assert!(msg(validate(&[sc("x", &[])], false)).contains("no check"));
     }
 }
