@@ -537,6 +537,17 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
     // in tmpfs's or ro-srv's guest, and the run itself booted once; the
     // persistence scenarios rebooted their own guests twice each.
     assert_eq!(r.boots, 5, "{:?}", r.boot_log);
+    let whose: Vec<&str> = r.boot_log.iter().map(|b| b.why.as_str()).collect();
+    assert!(
+        whose[0] == "first boot"
+            && whose[1..3]
+                .iter()
+                .all(|w| w.starts_with("scenario tmpfs: "))
+            && whose[3..]
+                .iter()
+                .all(|w| w.starts_with("scenario ro-srv: ")),
+        "{whose:?}"
+    );
     assert_eq!(r.scenarios.len(), 3);
     let hidden = check(r, "hidden/overmount");
     assert_eq!(hidden.detail, "files hidden under /srv /var", "{hidden:?}");
@@ -573,6 +584,13 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
         "{:?}",
         check(r, "ro-srv/persistence")
     );
+    // Each scenario's guest's journals, by its own boots (1: the saved one).
+    for name in [
+        "scenario-tmpfs-journal-boot3.json",
+        "scenario-ro-srv-journal-boot3.json",
+    ] {
+        assert!(o.artifacts.join(name).is_file(), "{name}");
+    }
     for sc in &r.scenarios {
         eprintln!(
             "scenario {}: restored in {:.1}s, {:.1}s in all",
