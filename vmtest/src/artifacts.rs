@@ -18,11 +18,14 @@ pub fn journal(boot: u32) -> String {
     format!("journal-boot{boot}.json")
 }
 
-/// A scenario's guest's journal (`run::Scenario`): its boot number is the
-/// run's boot it was saved in, or a reboot of its own after that.
+/// A scenario's guest's journal (`run::Scenario`), by the scenario's own
+/// boot count: 1 is the saved boot it started from, 2 and 3 its reboot
+/// and power cut (persistence).
 pub fn scenario_journal(scenario: &str, boot: u32) -> String {
-    format!("scenario-{scenario}-journal-boot{boot}.json")
+    format!("{SCENARIO_PREFIX}{scenario}-journal-boot{boot}.json")
 }
+
+const SCENARIO_PREFIX: &str = "scenario-";
 
 #[derive(Debug, Clone)]
 pub struct Artifacts {
@@ -84,6 +87,14 @@ impl Artifacts {
         .map(|s| (*s).to_owned())
         .collect();
         names.extend((1..=3).map(journal));
+        // Scenarios are named by the run that had them: a later run
+        // without them must not show them as its own.
+        for entry in std::fs::read_dir(&self.dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(SCENARIO_PREFIX) && name.ends_with(".json") {
+                names.push(name);
+            }
+        }
         for name in names {
             match std::fs::remove_file(self.path(&name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -142,13 +153,15 @@ mod tests {
     fn a_rerun_starts_from_a_clean_directory() {
         let dir = tempfile::tempdir().unwrap();
         let a = Artifacts::open(Some(dir.path())).unwrap();
-        for name in [SERIAL_LOG, SCREENDUMP, &journal(3), "notes.txt"] {
+        let scenario = scenario_journal("tmpfs", 2);
+        for name in [SERIAL_LOG, SCREENDUMP, &journal(3), &scenario, "notes.txt"] {
             a.write(name, "old").unwrap();
         }
         assert_eq!(a.clear_previous().unwrap(), dir.path().join(SERIAL_LOG));
         assert!(!a.path(SERIAL_LOG).exists());
         assert!(!a.path(SCREENDUMP).exists());
         assert!(!a.path(&journal(3)).exists());
+        assert!(!a.path(&scenario).exists(), "an earlier run's scenario");
         assert!(a.path("notes.txt").exists(), "files that are not ours stay");
     }
 

@@ -226,12 +226,15 @@ impl Machine {
         next_disk: &Path,
     ) -> Result<SavedState, MachineError> {
         let t = Instant::now();
-        let boot_epoch = self
-            .succeed("awk '/^btime /{print $2}' /proc/stat")
-            .await?
+        let btime = self.succeed("awk '/^btime /{print $2}' /proc/stat").await?;
+        // Without it moved-files could not tell the image's defects from
+        // what the guest rewrote before the save: no guessing.
+        let boot_epoch = btime
             .trim()
             .parse::<f64>()
-            .unwrap_or(0.0);
+            .ok()
+            .filter(|t| *t > 0.0)
+            .ok_or_else(|| MachineError::Setup(format!("the guest's btime: {btime:?}")))?;
         let saved_cmd = self.cmd.clone();
         let new_node = format!("{DISK_NODE}-after-save{}", self.saves + 1);
         self.qmp.stop().await?;
@@ -246,9 +249,15 @@ impl Machine {
             self.qmp.migrate_to_file(state, MIGRATION_WITHIN).await
         }
         .await;
-        // Running again whether or not the save worked: the run goes on.
-        self.qmp.cont().await?;
+        if saved.is_err() {
+            // Not left running live behind the run's back.
+            self.qmp.migrate_cancel().await;
+        }
+        // Running again whether or not the save worked; the save's own
+        // error is the one worth reporting.
+        let resumed = self.qmp.cont().await;
         saved?;
+        resumed?;
         Ok(SavedState {
             state: state.to_owned(),
             disk: saved_cmd.disk.clone(),
@@ -283,10 +292,27 @@ impl Machine {
         // The agent in the guest never went away: its port is open in
         // the loaded state, so this answers at once.
         m.agent.sync(Duration::from_secs(30)).await?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        m.agent.set_time(now).await?;
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+        };
+        if let Err(e) = m.agent.set_time(now()).await {
+            // guest-set-time also writes the RTC with hwclock, which a
+            // guest may lack; the system clock is what matters here.
+            let t = now();
+            m.succeed(&format!(
+                "date -u -s @{}.{:09}",
+                t.as_secs(),
+                t.subsec_nanos()
+            ))
+            .await
+            .map_err(|e2| {
+                MachineError::Setup(format!(
+                    "setting the restored guest's clock: guest-set-time: {e}; date -s: {e2}"
+                ))
+            })?;
+        }
         Ok(m)
     }
 

@@ -372,6 +372,13 @@ impl Qmp {
     /// returns when it is complete. The VM should be stopped: then the
     /// state is one instant's.
     pub async fn migrate_to_file(&self, file: &Path, within: Duration) -> Result<(), QmpError> {
+        // QEMU caps a migration at 128 MiB/s by default, a limit for
+        // sharing a network; a file on this host takes what the disk gives.
+        self.call_raw(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 64u64 << 30}),
+        )
+        .await?;
         self.call(qapi::qmp::migrate {
             uri: Some(format!("file:{}", file.display())),
             channels: None,
@@ -389,10 +396,15 @@ impl Qmp {
         self.call(qapi::qmp::migrate_incoming {
             uri: Some(format!("file:{}", file.display())),
             channels: None,
-            exit_on_error: Some(false),
+            exit_on_error: None,
         })
         .await?;
         self.migration_done("migrate-incoming", within).await
+    }
+
+    /// Stops a migration in progress (best effort: after a failed save).
+    pub async fn migrate_cancel(&self) {
+        let _ = self.call(qapi::qmp::migrate_cancel {}).await;
     }
 
     /// Polls `query-migrate` until the migration this side runs completed
@@ -405,7 +417,13 @@ impl Qmp {
         use qapi::qmp::MigrationStatus as S;
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let info = self.call(qapi::qmp::query_migrate {}).await?;
+            let info = match self.call(qapi::qmp::query_migrate {}).await {
+                Ok(info) => info,
+                // Loading a state from a file may hold QEMU's main loop,
+                // and with it QMP, for longer than one call's timeout.
+                Err(QmpError::Timeout { .. }) if tokio::time::Instant::now() < deadline => continue,
+                Err(e) => return Err(e),
+            };
             match info.status {
                 Some(S::completed) => return Ok(()),
                 Some(S::failed) | Some(S::cancelled) => {

@@ -88,8 +88,9 @@ pub struct TestConfig {
     /// copy of the image instead of the plain test: the first-boot checks
     /// in each of its three boots (`persistence` is not run).
     pub lifecycle: Option<Lifecycle>,
-    /// Changes made in the running guest after the plain story, each
-    /// judged by its checks without another boot (`scenario`).
+    /// Changes made in the running guest, each in its own restore of the
+    /// guest saved after boot 1's checks, judged by its checks without a
+    /// boot of its own (`scenario`).
     pub scenarios: Vec<Scenario>,
 }
 
@@ -218,8 +219,10 @@ struct Session {
     /// The booted guest the scenarios start from (saved after boot 1's
     /// checks when there are scenarios).
     saved: Option<SavedState>,
-    /// The scenario whose guest is running, if one is.
+    /// The scenario whose guest is running, if one is, and how many boots
+    /// that guest has had (1: the saved one).
     scenario: Option<String>,
+    scenario_boots: u32,
     /// How each scenario went, in order.
     scenario_log: Vec<ScenarioRecord>,
 }
@@ -312,9 +315,17 @@ impl Session {
     /// what the previous boot showed no longer holds.
     fn begin_boot(&mut self, why: &'static str, via: BootMode) {
         self.boots += 1;
+        // A scenario's guest reboots too: the report says whose boot it was.
+        let why_logged = match &self.scenario {
+            Some(sc) => {
+                self.scenario_boots += 1;
+                format!("scenario {sc}: {why}")
+            }
+            None => why.into(),
+        };
         self.boot_log.push(BootRecord {
             boot: self.boots,
-            why: why.into(),
+            why: why_logged,
             via,
             seconds: None,
             firmware: None,
@@ -573,6 +584,7 @@ pub async fn run_until(
         scenario_rows: Vec::new(),
         saved: None,
         scenario: None,
+        scenario_boots: 0,
         scenario_log: Vec::new(),
     };
     if let Some(l) = &s.cfg.lifecycle {
@@ -869,13 +881,16 @@ impl Session {
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
             match &extracted {
-                Ok(boot) => {
+                // The run's own later boots' line; a scenario's differs
+                // only in its disk.
+                Ok(boot) if self.scenario.is_none() => {
                     let cmd_line = self.next_command(Some(boot.clone())).to_string();
                     let _ = self
                         .artifacts
                         .write(artifacts::QEMU_COMMAND_LATER, format!("{cmd_line}\n"));
                     self.emit(Progress::QemuCommand(cmd_line));
                 }
+                Ok(_) => {}
                 Err(e) => {
                     self.later_fallback = Some(format!(
                         "the kernel could not be extracted for a direct boot, so the later \
@@ -924,7 +939,7 @@ impl Vm for Session {
             let journal = guest::finish_journal_export(self.machine(), &running).await?;
             let name = match &self.scenario {
                 None => artifacts::journal(self.boots),
-                Some(sc) => artifacts::scenario_journal(sc, self.boots),
+                Some(sc) => artifacts::scenario_journal(sc, self.scenario_boots),
             };
             let _ = self.artifacts.write(&name, &journal);
             self.seen.journal = Some(journal);

@@ -501,24 +501,22 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
             ],
             &[CheckId::Overmount],
         ),
-        // A tmpfs for a state dir: /srv is no longer the state subvolume,
-        // the files moved there are out of sight, and what is written
-        // there is gone after a reboot: what persistence exists to catch.
-        // (In its place, not stacked on it: systemd's shutdown hangs on a
-        // stacked /srv, measured, and this is what an fstab tmpfs line
-        // makes.)
+        // Two state dirs broken two ways in one guest (one reboot and
+        // power cut for both). A tmpfs for /srv: no longer the state
+        // subvolume, the files moved there are out of sight, and what is
+        // written there is gone after a reboot: what persistence exists
+        // to catch. (In its place, not stacked on it: systemd's shutdown
+        // hangs on a stacked /srv, measured; an fstab tmpfs line makes
+        // the same.) And /home read-only: an image defect found while
+        // checking is a verdict naming the check, not an infrastructure
+        // failure.
         scenario(
-            "tmpfs",
-            &["umount /srv && mount -t tmpfs tmpfs /srv"],
+            "broken",
+            &[
+                "umount /srv && mount -t tmpfs tmpfs /srv",
+                "mount -o remount,bind,ro /home",
+            ],
             &[CheckId::StateMounts, CheckId::MovedFiles, CheckId::Persistence],
-        ),
-        // An image defect found while checking is a verdict naming the
-        // check, not an infrastructure failure: a state dir mounted
-        // read-only cannot take the persistence token.
-        scenario(
-            "ro-srv",
-            &["mount -o remount,bind,ro /srv"],
-            &[CheckId::Persistence],
         ),
     ];
     let o = boot(cfg);
@@ -527,17 +525,24 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
         failing(r),
         [
             "hidden/overmount",
-            "tmpfs/state-mounts",
-            "tmpfs/moved-files",
-            "tmpfs/persistence",
-            "ro-srv/persistence",
+            "broken/state-mounts",
+            "broken/moved-files",
+            "broken/persistence",
         ]
     );
-    // Each scenario started from the saved guest: hidden's files are not
-    // in tmpfs's or ro-srv's guest, and the run itself booted once; the
-    // persistence scenarios rebooted their own guests twice each.
-    assert_eq!(r.boots, 5, "{:?}", r.boot_log);
-    assert_eq!(r.scenarios.len(), 3);
+    // Each scenario started from the saved guest (hidden's files are not
+    // in broken's), the run itself booted once, and broken's persistence
+    // rebooted its own guest and cut its power.
+    assert_eq!(r.boots, 3, "{:?}", r.boot_log);
+    let whose: Vec<&str> = r.boot_log.iter().map(|b| b.why.as_str()).collect();
+    assert!(
+        whose[0] == "first boot"
+            && whose[1..]
+                .iter()
+                .all(|w| w.starts_with("scenario broken: ")),
+        "{whose:?}"
+    );
+    assert_eq!(r.scenarios.len(), 2);
     let hidden = check(r, "hidden/overmount");
     assert_eq!(hidden.detail, "files hidden under /srv /var", "{hidden:?}");
     assert!(
@@ -546,33 +551,40 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
         "{hidden:?}"
     );
     assert_eq!(
-        check(r, "tmpfs/state-mounts").detail,
+        check(r, "broken/state-mounts").detail,
         "not mounted as expected: /srv"
     );
     assert!(
-        evidence_has(r, "tmpfs/moved-files", "/srv/"),
+        evidence_has(r, "broken/moved-files", "/srv/"),
         "{:?}",
-        check(r, "tmpfs/moved-files")
+        check(r, "broken/moved-files")
     );
+    let persistence = check(r, "broken/persistence");
     assert!(
-        evidence_has(r, "tmpfs/persistence", "/srv"),
-        "{:?}",
-        check(r, "tmpfs/persistence")
-    );
-    assert!(
-        !evidence_has(r, "tmpfs/persistence", "/var:"),
-        "only /srv lost its token: {:?}",
-        check(r, "tmpfs/persistence")
+        evidence_has(
+            r,
+            "broken/persistence",
+            "after clean reboot: /srv: token reboot lost"
+        ),
+        "{persistence:?}"
     );
     assert!(
         evidence_has(
             r,
-            "ro-srv/persistence",
-            "/srv: token reboot could not be written"
-        ) && evidence_has(r, "ro-srv/persistence", "Read-only file system"),
-        "{:?}",
-        check(r, "ro-srv/persistence")
+            "broken/persistence",
+            "/home: token reboot could not be written"
+        ) && evidence_has(r, "broken/persistence", "Read-only file system"),
+        "{persistence:?}"
     );
+    assert!(
+        !evidence_has(r, "broken/persistence", "/var:"),
+        "only /srv and /home lost tokens: {persistence:?}"
+    );
+    // The scenario guest's journals, by its own boots (1: the saved one).
+    assert!(o
+        .artifacts
+        .join("scenario-broken-journal-boot3.json")
+        .is_file());
     for sc in &r.scenarios {
         eprintln!(
             "scenario {}: restored in {:.1}s, {:.1}s in all",

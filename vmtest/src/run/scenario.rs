@@ -132,6 +132,7 @@ impl Session {
             self.machine = Some(m);
             let restore_seconds = t.elapsed().as_secs_f64();
             self.scenario = Some(sc.name.clone());
+            self.scenario_boots = 1;
             self.emit(Progress::Step(format!(
                 "scenario {} (restored in {restore_seconds:.1}s): {}",
                 sc.name,
@@ -149,7 +150,10 @@ impl Session {
             for id in ids {
                 let t_check = Instant::now();
                 self.emit(Progress::Step(format!("{}/{}", sc.name, id.name())));
-                let outcome = id.run(self, &expect).await.map_err(me)?;
+                let outcome = id
+                    .run(self, &expect)
+                    .await
+                    .map_err(|e| format!("scenario {}: {}: {}", sc.name, id.name(), me(e)))?;
                 let mut row = outcome.result;
                 row.name = format!("{}/{}", sc.name, row.name);
                 row.seconds = t_check.elapsed().as_secs_f64();
@@ -182,10 +186,12 @@ impl Session {
 /// A fresh qcow2 overlay on the saved (frozen, qcow2) disk.
 fn overlay_on(saved: &Path, overlay: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(overlay);
+    // qemu-img resolves a relative backing path against the overlay's dir.
+    let saved = std::path::absolute(saved).map_err(|e| format!("{}: {e}", saved.display()))?;
     strata_builder::cmd::run(
         std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(saved)
+            .arg(&saved)
             .arg(overlay),
     )
     .map(drop)
