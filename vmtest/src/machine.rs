@@ -290,8 +290,17 @@ impl Machine {
         m.qmp.cont().await?;
         m.started = Instant::now();
         // The agent in the guest never went away: its port is open in
-        // the loaded state, so this answers at once.
-        m.agent.sync(Duration::from_secs(30)).await?;
+        // the loaded state, so this answers at once (unless QEMU died).
+        {
+            let Machine {
+                agent,
+                child,
+                qmp,
+                stderr,
+                ..
+            } = &mut m;
+            unless_exited(child, stderr, qmp, agent.sync(Duration::from_secs(30))).await?;
+        }
         let now = || {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -38,6 +38,9 @@ pub struct Scenario {
     pub checks: Vec<CheckId>,
 }
 
+/// The longest scenario name.
+const MAX_NAME: usize = 64;
+
 /// Refuses scenarios that cannot run (exit 2), before anything starts.
 pub(super) fn validate(scenarios: &[Scenario], lifecycle: bool) -> Result<(), RunError> {
     if scenarios.is_empty() {
@@ -50,13 +53,15 @@ pub(super) fn validate(scenarios: &[Scenario], lifecycle: bool) -> Result<(), Ru
     }
     let mut names: Vec<&str> = Vec::new();
     for s in scenarios {
+        // It names files too (the scenario's overlay, its journals).
         let valid = !s.name.is_empty()
+            && s.name.len() <= MAX_NAME
             && s.name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid {
             return Err(RunError::Input(format!(
-                "scenario name {:?}: use letters, digits, '-' and '_' (it prefixes report rows)",
+                "scenario name {:?}: use up to {MAX_NAME} letters, digits, '-' and '_' (it prefixes report rows)",
                 s.name
             )));
         }
@@ -222,6 +227,8 @@ mod tests {
         assert!(msg(validate(one, true)).contains("lifecycle"));
         assert!(msg(validate(&[ok.clone(), ok.clone()], false)).contains("given twice"));
         assert!(msg(validate(&[sc("a b", &[CheckId::Root])], false)).contains("letters"));
+        let long = "x".repeat(MAX_NAME + 1);
+        assert!(msg(validate(&[sc(&long, &[CheckId::Root])], false)).contains("up to 64"));
         assert!(msg(validate(&[sc("x", &[])], false)).contains("no check"));
     }
 }
