@@ -229,23 +229,20 @@ fn an_ordinary_user_builds_the_privileged_image_from_a_tar_archive() {
     let uuid = sh("cat /proc/sys/kernel/random/uuid").trim().to_owned();
 
     let rootless = out_dir.join("rootless.img");
-    let built = Command::new("runuser")
-        .args([
-            "-u",
-            USER,
-            "--",
-            "env",
-            &format!("HOME=/home/{USER}"),
-            &format!("USER={USER}"),
-        ])
-        .arg(&exe)
-        .args(["build", "--rootfs"])
-        .arg(&archive)
-        .arg("--output")
-        .arg(&rootless)
-        .args(["--size", "512M", "--fs-uuid", &uuid])
-        .output()
-        .unwrap();
+    let built = as_user(
+        &exe,
+        &[
+            "build",
+            "--rootfs",
+            archive.to_str().unwrap(),
+            "--output",
+            rootless.to_str().unwrap(),
+            "--size",
+            "512M",
+            "--fs-uuid",
+            &uuid,
+        ],
+    );
     assert!(
         built.status.success(),
         "rootless build as {USER} failed: {}",
@@ -307,14 +304,10 @@ fn an_ordinary_user_builds_the_privileged_image_from_a_tar_archive() {
     // The user inspects without root (the appliance serves the image over
     // FUSE to the same reader): byte for byte what root's loop mount shows.
     for args in [&["--json"][..], &["--lint", "--json"]] {
-        let as_user = Command::new("runuser")
-            .args(["-u", USER, "--", "env", &format!("HOME=/home/{USER}")])
-            .arg(&exe)
-            .arg("inspect")
-            .args(args)
-            .arg(&rootless)
-            .output()
-            .unwrap();
+        let by_user = as_user(
+            &exe,
+            &[&["inspect"][..], args, &[rootless.to_str().unwrap()]].concat(),
+        );
         let as_root = Command::new(env!("CARGO_BIN_EXE_strata"))
             .arg("inspect")
             .args(args)
@@ -322,18 +315,18 @@ fn an_ordinary_user_builds_the_privileged_image_from_a_tar_archive() {
             .output()
             .unwrap();
         assert!(
-            as_user.status.success(),
+            by_user.status.success(),
             "inspect {args:?} as {USER}: {}",
-            stderr(&as_user)
+            stderr(&by_user)
         );
         assert!(
-            stderr(&as_user).contains("libguestfs appliance"),
+            stderr(&by_user).contains("libguestfs appliance"),
             "{}",
-            stderr(&as_user)
+            stderr(&by_user)
         );
-        assert_eq!(as_user.status.code(), as_root.status.code(), "{args:?}");
+        assert_eq!(by_user.status.code(), as_root.status.code(), "{args:?}");
         assert_eq!(
-            String::from_utf8_lossy(&as_user.stdout),
+            String::from_utf8_lossy(&by_user.stdout),
             String::from_utf8_lossy(&as_root.stdout),
             "inspect {args:?}: {USER} (appliance) vs root (loop mount)"
         );
