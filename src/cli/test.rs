@@ -53,8 +53,8 @@ pub struct TestArgs {
     artifacts: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
-    /// With `--accel auto`: probe KVM even if this host's verdict is cached
-    /// (strata's cache dir, kvm-verdict.json), and store the fresh one.
+    /// With `--accel auto`: try KVM again even if this host's verdict is
+    /// cached (strata's cache dir, kvm-verdict.json), and store the outcome.
     #[arg(long)]
     accel_probe: bool,
     #[arg(long, value_enum, default_value_t = BusArg::VirtioBlk)]

@@ -27,6 +27,20 @@ pub fn scenario_journal(scenario: &str, boot: u32) -> String {
 
 const SCENARIO_PREFIX: &str = "scenario-";
 
+/// QEMU's stdout and stderr, one file per QEMU process, named by the boot
+/// it started: `attempt` is "-kvm" for a KVM boot 1 that was abandoned
+/// for TCG (so both attempts' words are kept).
+pub fn qemu_output(boot: u32, attempt: &str) -> String {
+    format!("{QEMU_OUTPUT_PREFIX}{boot}{attempt}.log")
+}
+
+/// A scenario's guest's QEMU output, by the scenario's own boot count.
+pub fn scenario_qemu_output(scenario: &str, boot: u32) -> String {
+    format!("{SCENARIO_PREFIX}{scenario}-{QEMU_OUTPUT_PREFIX}{boot}.log")
+}
+
+const QEMU_OUTPUT_PREFIX: &str = "qemu-stderr-boot";
+
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     dir: PathBuf,
@@ -91,7 +105,9 @@ impl Artifacts {
         // without them must not show them as its own.
         for entry in std::fs::read_dir(&self.dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(SCENARIO_PREFIX) && name.ends_with(".json") {
+            let scenario = name.starts_with(SCENARIO_PREFIX)
+                && (name.ends_with(".json") || name.ends_with(".log"));
+            if scenario || name.starts_with(QEMU_OUTPUT_PREFIX) {
                 names.push(name);
             }
         }

@@ -8,9 +8,7 @@ use crate::qmp::{EventLog, Qmp, QmpError, QmpEvent};
 use crate::serial::SerialWatch;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
 use tokio::process::Child;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,13 +78,67 @@ pub fn agent_missing(
     })
 }
 
+/// QEMU's stdout and stderr: a file (appended), read from where this
+/// process began writing. A file rather than a pipe: QEMU's last words
+/// survive strata, a pipe nobody drains cannot stall QEMU, and the file is
+/// the artifact.
+#[derive(Debug, Clone)]
+struct OutputLog {
+    path: PathBuf,
+    offset: u64,
+}
+
+/// The most of QEMU's output read back into a message.
+const OUTPUT_READ_MAX: u64 = 256 * 1024;
+
+impl OutputLog {
+    fn open(path: &Path) -> std::io::Result<(OutputLog, std::fs::File)> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let offset = file.metadata()?.len();
+        Ok((
+            OutputLog {
+                path: path.to_owned(),
+                offset,
+            },
+            file,
+        ))
+    }
+
+    /// This process's output so far (its last 256 KiB at most).
+    fn text(&self) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return String::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let from = self.offset.max(len.saturating_sub(OUTPUT_READ_MAX));
+        let mut bytes = Vec::new();
+        if f.seek(SeekFrom::Start(from)).is_ok() {
+            let _ = f.take(OUTPUT_READ_MAX).read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Its last lines, for an error message.
+    fn tail(&self) -> String {
+        crate::accel::last_lines(&self.text(), OUTPUT_TAIL_LINES)
+    }
+}
+
+/// Lines of QEMU's output an error message carries.
+pub const OUTPUT_TAIL_LINES: usize = 15;
+
 pub struct Machine {
     cmd: QemuCommand,
     child: Child,
     qmp: Qmp,
     pub agent: Agent,
     serial: SerialWatch,
-    stderr: Arc<Mutex<String>>,
+    /// QEMU's stdout and stderr, as it wrote them to `cmd.output_log`.
+    stderr: OutputLog,
     /// Host instant the CPUs were started (`cont`).
     started: Instant,
     pub command_timeout: Duration,
@@ -95,6 +147,11 @@ pub struct Machine {
     disk_node: String,
     /// Snapshots taken so far: names the next snapshot's node.
     saves: u32,
+    /// A boot that must show the kernel's first console line (or the
+    /// guest agent) within this long after the CPUs started, or be
+    /// declared stalled: how an `--accel auto` KVM attempt tells a vCPU
+    /// that does not run from a slow boot (see `accel`).
+    pub kernel_within: Option<Duration>,
 }
 
 /// A running guest saved for later restores ([`Machine::save`]): its RAM
@@ -147,37 +204,31 @@ impl Machine {
             .map(|m| m.len())
             .unwrap_or(0);
         // The chardev appends; start from what the previous boot left.
-        let mut child = cmd
-            .to_command()
-            .spawn()
-            .map_err(|source| MachineError::Spawn {
-                binary: cmd.binary.display().to_string(),
-                source,
-            })?;
-        let stderr = Arc::new(Mutex::new(String::new()));
-        if let Some(mut pipe) = child.stderr.take() {
-            let sink = stderr.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .expect("stderr poisoned")
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
+        let (stderr, file) = OutputLog::open(&cmd.output_log).map_err(|e| {
+            MachineError::Setup(format!(
+                "QEMU's output log {}: {e}",
+                cmd.output_log.display()
+            ))
+        })?;
+        let mut command = cmd.to_command();
+        let file2 = file.try_clone().map_err(|e| {
+            MachineError::Setup(format!(
+                "QEMU's output log {}: {e}",
+                cmd.output_log.display()
+            ))
+        })?;
+        command.stdout(file).stderr(file2);
+        let mut child = command.spawn().map_err(|source| MachineError::Spawn {
+            binary: cmd.binary.display().to_string(),
+            source,
+        })?;
         let serial = SerialWatch::follow(cmd.serial_log.clone(), serial_offset);
         let qmp = tokio::select! {
             r = Qmp::connect(&cmd.qmp_socket, Duration::from_secs(10), events) => r,
             status = child.wait() => {
-                // Give the stderr reader a moment to collect QEMU's last words.
-                tokio::time::sleep(Duration::from_millis(100)).await;
                 return Err(MachineError::Exited {
                     status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                    stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+                    stderr: stderr.tail(),
                 });
             }
         };
@@ -189,10 +240,9 @@ impl Machine {
                 if let Ok(Ok(status)) =
                     tokio::time::timeout(Duration::from_secs(2), child.wait()).await
                 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                     return Err(MachineError::Exited {
                         status: status.to_string(),
-                        stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+                        stderr: stderr.tail(),
                     });
                 }
                 let _ = child.start_kill();
@@ -211,6 +261,7 @@ impl Machine {
             command_timeout: Duration::from_secs(60),
             disk_node: DISK_NODE.to_owned(),
             saves: 0,
+            kernel_within: None,
         })
     }
 
@@ -274,10 +325,12 @@ impl Machine {
     pub async fn restore(
         saved: &SavedState,
         disk: &Path,
+        output_log: &Path,
         events: EventLog,
     ) -> Result<Machine, MachineError> {
         let cmd = QemuCommand {
             disk: disk.to_owned(),
+            output_log: output_log.to_owned(),
             disk_format: DiskFormat::Qcow2,
             incoming: true,
             start_paused: true,
@@ -341,12 +394,15 @@ impl Machine {
         self.started
     }
 
-    fn stderr_text(&self) -> String {
-        self.stderr
-            .lock()
-            .expect("stderr poisoned")
-            .trim()
-            .to_owned()
+    /// What this QEMU wrote on stdout and stderr, register dumps left
+    /// out (see [`crate::accel::qemu_words`]).
+    pub fn qemu_said(&self) -> String {
+        crate::accel::qemu_words(&self.stderr.text())
+    }
+
+    /// The file QEMU's stdout and stderr go to.
+    pub fn output_log(&self) -> &Path {
+        &self.cmd.output_log
     }
 
     /// Fails if QEMU died, the guest panicked or powered off, or its console
@@ -395,6 +451,8 @@ impl Machine {
                 qmp,
                 serial,
                 stderr,
+                kernel_within,
+                started,
                 ..
             } = self;
             let port_opened = qmp.agent_port_opened();
@@ -405,6 +463,8 @@ impl Machine {
             };
             tokio::pin!(sync);
             let mut watch = BootWatch::default();
+            let kernel_within = *kernel_within;
+            let started = *started;
             loop {
                 tokio::select! {
                     r = &mut sync => match r {
@@ -420,6 +480,16 @@ impl Machine {
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
                         health(child, stderr, qmp, serial, &mut watch)?;
                         let now = Instant::now();
+                        if let Some(bound) = kernel_within {
+                            let showed_life = serial.snapshot().kernel_start.is_some()
+                                || qmp.state().agent_port_opened.is_some();
+                            if !showed_life && now.saturating_duration_since(started) >= bound {
+                                return Err(MachineError::Timeout {
+                                    what: "the kernel's first console line (or the guest agent)".into(),
+                                    seconds: bound.as_secs_f64(),
+                                });
+                            }
+                        }
                         let up = serial.snapshot().up;
                         if let Some(e) = agent_missing(up.as_ref(), qmp.state().agent_port_open, now, AGENT_GRACE) {
                             return Err(e);
@@ -623,14 +693,10 @@ impl Machine {
     /// with it), or it did not happen in time.
     async fn no_event(&mut self, what: &str, within: Duration) -> MachineError {
         match tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await {
-            Ok(Ok(status)) => {
-                // Give the stderr reader a moment to collect QEMU's last words.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                MachineError::Exited {
-                    status: status.to_string(),
-                    stderr: self.stderr_text(),
-                }
-            }
+            Ok(Ok(status)) => MachineError::Exited {
+                status: status.to_string(),
+                stderr: self.stderr.tail(),
+            },
             _ => MachineError::Timeout {
                 what: what.into(),
                 seconds: within.as_secs_f64(),
@@ -666,7 +732,7 @@ impl Machine {
             Ok(Ok(status)) => Ok(status),
             Ok(Err(e)) => Err(MachineError::Exited {
                 status: e.to_string(),
-                stderr: self.stderr_text(),
+                stderr: self.stderr.tail(),
             }),
             Err(_) => {
                 self.kill().await;
@@ -697,7 +763,7 @@ impl Machine {
 /// cannot go on, and within half a second if QEMU dies under it.
 async fn unless_exited<T>(
     child: &mut Child,
-    stderr: &Mutex<String>,
+    stderr: &OutputLog,
     qmp: &Qmp,
     fut: impl std::future::Future<Output = Result<T, AgentError>>,
 ) -> Result<T, MachineError> {
@@ -710,7 +776,7 @@ async fn unless_exited<T>(
                 if let Ok(Some(status)) = child.try_wait() {
                     return Err(MachineError::Exited {
                         status: status.to_string(),
-                        stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+                        stderr: stderr.tail(),
                     });
                 }
             }
@@ -777,7 +843,7 @@ impl BootWatch {
 
 fn health(
     child: &mut Child,
-    stderr: &Mutex<String>,
+    stderr: &OutputLog,
     qmp: &mut Qmp,
     serial: &SerialWatch,
     watch: &mut BootWatch,
@@ -785,7 +851,7 @@ fn health(
     if let Ok(Some(status)) = child.try_wait() {
         return Err(MachineError::Exited {
             status: status.to_string(),
-            stderr: stderr.lock().expect("stderr poisoned").trim().to_owned(),
+            stderr: stderr.tail(),
         });
     }
     if let Some(e) = qmp.fatal_now() {

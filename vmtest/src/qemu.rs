@@ -116,6 +116,10 @@ pub struct QemuCommand {
     /// Wait for a saved state (`-incoming defer`, then QMP
     /// `migrate-incoming`) instead of booting: a scenario's restore.
     pub incoming: bool,
+    /// Where QEMU's stdout and stderr go (appended): its own words on why
+    /// it stopped or aborted ("KVM internal error", an assertion) are
+    /// evidence, kept as an artifact per QEMU process.
+    pub output_log: PathBuf,
 }
 
 impl QemuCommand {
@@ -135,6 +139,7 @@ impl QemuCommand {
             start_paused: true,
             debugcon: None,
             incoming: false,
+            output_log: socket_dir.join("qemu-output.log"),
         }
     }
 
@@ -246,10 +251,12 @@ impl QemuCommand {
 
     pub fn to_command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.binary);
+        // stdout and stderr go to `output_log`: `Machine` opens it and
+        // replaces these.
         cmd.args(self.args())
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         tie_to_us(&mut cmd);
         cmd
     }

@@ -201,6 +201,10 @@ pub struct Report {
     /// How the host's cached KVM verdict took part (`--accel auto` with
     /// /dev/kvm present; null otherwise): `used` means no probe ran.
     pub accel_cache: Option<crate::accel::cache::CacheUse>,
+    /// Where KVM failed and what QEMU said, when `auto` fell back to TCG
+    /// (in this run, or by a cached verdict that recorded it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel_kvm_failure: Option<crate::accel::KvmFailure>,
     /// "extlinux" or "direct".
     pub boot: String,
     pub disk_bus: crate::qemu::DiskBus,
@@ -386,8 +390,8 @@ impl Report {
             t.checks,
             t.total,
             match (t.accel_probe > 0.0, &self.accel_cache) {
-                (true, _) => format!(" (incl. {:.1}s KVM probe)", t.accel_probe),
-                (false, Some(c)) if c.used => " (cached KVM verdict, no probe)".to_owned(),
+                (true, _) => format!(" (incl. {:.1}s abandoned KVM attempt)", t.accel_probe),
+                (false, Some(c)) if c.used => " (cached KVM verdict)".to_owned(),
                 _ => String::new(),
             }
         );
@@ -473,6 +477,14 @@ impl Report {
             ("accel_reason", self.accel_reason.as_str()),
         ] {
             let _ = writeln!(o, r#"      <property name="{k}" value="{}"/>"#, xml(v));
+        }
+        if let Some(f) = &self.accel_kvm_failure {
+            for (k, v) in [
+                ("accel_kvm_stage", f.stage.name()),
+                ("accel_kvm_qemu_said", f.qemu_said.as_str()),
+            ] {
+                let _ = writeln!(o, r#"      <property name="{k}" value="{}"/>"#, xml(v));
+            }
         }
         if let Some(c) = &self.accel_cache {
             let value = match (c.used, &c.probed_at) {
@@ -744,9 +756,10 @@ mod tests {
             verdict: Report::verdict_of(&checks, None),
             accel: Accel::Tcg,
             accel_requested: AccelChoice::Auto,
-            accel_reason: "KVM unusable, fell back to TCG: /dev/kvm: No such file or directory"
-                .into(),
+            accel_reason:
+                "KVM unusable (/dev/kvm: No such file or directory); TCG used for this run".into(),
             accel_cache: None,
+            accel_kvm_failure: None,
             boot: "extlinux".into(),
             disk_bus: DiskBus::VirtioBlk,
             boots: 1,
@@ -1098,24 +1111,9 @@ mod tests {
         insta::assert_snapshot!(sample(true).to_junit());
     }
 
-    /// `--accel auto` trusting the host's cached "KVM unusable": said in the
-    /// table's first line and timings, in JSON (`accel_cache`, no probe
-    /// seconds) and in JUnit's properties.
-    #[test]
-    fn cached_kvm_verdict() {
-        let mut r = sample(false);
-        r.accel_reason =
-            "KVM unusable, fell back to TCG: QEMU with KVM and -cpu host exited at once \
-            (signal: 6 (SIGABRT)): qemu-system-x86_64: error: failed to set MSR 0x10a to 0xc000069 \
-            (cached verdict of 2026-11-27T04:00:00Z)"
-                .into();
-        r.accel_cache = Some(crate::accel::cache::CacheUse {
-            used: true,
-            probed_at: Some("2026-11-27T04:00:00Z".into()),
-            file: "/var/cache/strata/kvm-verdict.json".into(),
-            note: "verdict reused; `strata test --accel-probe` probes again".into(),
-        });
-        r.timings.accel_probe = 0.0;
+    /// What a report says of the accelerator: the table's first line and
+    /// timings, the JSON's accel fields, the JUnit properties.
+    fn accel_said(r: &Report) -> String {
         let table = r.to_table();
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         let junit = r.to_junit();
@@ -1123,6 +1121,7 @@ mod tests {
             "accel": json["accel"],
             "accel_requested": json["accel_requested"],
             "accel_reason": json["accel_reason"],
+            "accel_kvm_failure": json["accel_kvm_failure"],
             "accel_cache": json["accel_cache"],
             "timings.accel_probe": json["timings"]["accel_probe"],
         });
@@ -1133,13 +1132,61 @@ mod tests {
                 .join("\n")
         };
         let first_and_timings = |l: &str| l.starts_with("strata test") || l.starts_with("Timings");
-        let said = format!(
+        format!(
             "table:\n{}\n\njson:\n{}\n\njunit:\n{}\n",
             lines(&table, &first_and_timings),
             serde_json::to_string_pretty(&picked).unwrap(),
             lines(&junit, &|l| l.contains("property name=\"accel")),
-        );
-        insta::assert_snapshot!(said);
+        )
+    }
+
+    fn kvm_failure() -> crate::accel::KvmFailure {
+        crate::accel::KvmFailure {
+            stage: crate::accel::Stage::Bootloader,
+            qemu_said: "KVM internal error. Suberror: 1; emulation failure".into(),
+            error: "the VM stopped (QMP STOP): QEMU paused the guest, which cannot go on by \
+                    itself"
+                .into(),
+        }
+    }
+
+    /// `--accel auto` whose KVM boot 1 failed in this run: where, QEMU's
+    /// words, the seconds it cost, and the verdict stored for next time.
+    #[test]
+    fn kvm_failed_in_this_run() {
+        let mut r = sample(false);
+        r.accel_reason = "KVM failed at bootloader (KVM internal error. Suberror: 1; emulation \
+                          failure); TCG used for this run"
+            .into();
+        r.accel_kvm_failure = Some(kvm_failure());
+        r.accel_cache = Some(crate::accel::cache::CacheUse {
+            used: false,
+            probed_at: Some("2026-12-06T20:00:00Z".into()),
+            file: "/var/cache/strata/kvm-verdict.json".into(),
+            note: "no cached verdict yet; stored \"KVM unusable\" for the next runs".into(),
+        });
+        r.timings.accel_probe = 2.4;
+        insta::assert_snapshot!(accel_said(&r));
+    }
+
+    /// `--accel auto` trusting the host's cached "KVM unusable": said in the
+    /// table's first line and timings, in JSON (`accel_cache`, no attempt
+    /// seconds) and in JUnit's properties.
+    #[test]
+    fn cached_kvm_verdict() {
+        let mut r = sample(false);
+        r.accel_reason = "KVM failed at bootloader (KVM internal error. Suberror: 1; emulation \
+                          failure) (cached verdict of 2026-11-27T04:00:00Z); TCG used for this run"
+            .into();
+        r.accel_kvm_failure = Some(kvm_failure());
+        r.accel_cache = Some(crate::accel::cache::CacheUse {
+            used: true,
+            probed_at: Some("2026-11-27T04:00:00Z".into()),
+            file: "/var/cache/strata/kvm-verdict.json".into(),
+            note: "verdict reused; `strata test --accel-probe` tries KVM again".into(),
+        });
+        r.timings.accel_probe = 0.0;
+        insta::assert_snapshot!(accel_said(&r));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::bootfiles;
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
 use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
 use crate::machine::{Machine, MachineError, SavedState};
-use crate::qemu::{DiskBus, DiskFormat, KernelBoot, QemuCommand};
+use crate::qemu::{Accel, DiskBus, DiskFormat, KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
 use crate::report::{
     BootRecord, CheckResult, PhaseRecord, Report, ScenarioRecord, Status, Timings, Warning,
@@ -225,6 +225,9 @@ struct Session {
     scenario_boots: u32,
     /// How each scenario went, in order.
     scenario_log: Vec<ScenarioRecord>,
+    /// The newest QEMU's stdout and stderr (an artifact): its last lines
+    /// go into the message of an infrastructure failure.
+    last_qemu_log: Option<PathBuf>,
 }
 
 /// What an upgrade lifecycle has done so far.
@@ -476,6 +479,7 @@ impl Session {
                 .unwrap_or(crate::qemu::Accel::Tcg),
             accel_requested: self.cfg.accel,
             accel_cache: accel.as_ref().and_then(|a| a.cache.clone()),
+            accel_kvm_failure: accel.as_ref().and_then(|a| a.kvm_failure.clone()),
             accel_reason: accel
                 .map(|a| a.reason)
                 .unwrap_or_else(|| "not decided: the run stopped before QEMU started".into()),
@@ -586,6 +590,7 @@ pub async fn run_until(
         scenario: None,
         scenario_boots: 0,
         scenario_log: Vec::new(),
+        last_qemu_log: None,
     };
     if let Some(l) = &s.cfg.lifecycle {
         s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
@@ -626,16 +631,24 @@ pub async fn run_until(
     }
     s.machine = None;
     s.save_event_log();
-    let mut report = s.report(error.clone().map(|e| {
+    let mut report = s.report(error.clone().map(|mut e| {
         let tail = tail_of(&s.artifacts.path(artifacts::SERIAL_LOG), 15);
-        if tail.is_empty() {
-            e
-        } else {
-            format!(
+        if !tail.is_empty() {
+            e = format!(
                 "{e}\nlast console lines ({}):\n{tail}",
                 artifacts::SERIAL_LOG
-            )
+            );
         }
+        // QEMU's own last words: why it stopped, exited or aborted.
+        if let Some(log) = &s.last_qemu_log {
+            let out = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+            let said = accel::last_lines(&out, crate::machine::OUTPUT_TAIL_LINES);
+            if !said.is_empty() {
+                let name = log.file_name().unwrap_or_default().to_string_lossy();
+                e = format!("{e}\nlast QEMU output lines ({name}):\n{said}");
+            }
+        }
+        e
     }));
     report.interrupted = interrupted.clone();
     let _ = s.artifacts.write(artifacts::REPORT_JSON, report.to_json());
@@ -757,39 +770,63 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
 }
 
 impl Session {
-    /// Boot 1: picks the accelerator (a fallback from KVM starts again
-    /// from a fresh disk), then waits for the guest and takes its timings.
+    /// Boot 1, which also decides the accelerator (`accel::Plan`): under
+    /// KVM first unless that is known not to work, and when a KVM boot
+    /// fails before the guest is up, again under TCG from a fresh disk.
+    /// Then the guest's own boot timings.
     async fn first_boot(&mut self, why: &'static str) -> Result<(), String> {
         let template = self.template.clone().expect("template set");
         self.begin_boot(why, BootMode::of(&template.boot));
-        let fresh_disk = {
-            let disk = self.disk.clone();
-            let image = self.cfg.image.clone();
-            move || disk.recreate(&image)
+        let cache = self.cfg.kvm_cache.clone();
+        let mut plan = accel::Plan::new(self.cfg.accel, cache.as_ref(), &template.binary);
+        let decision = match plan.first().map_err(me)? {
+            Accel::Tcg => match self.boot_first_under(Accel::Tcg).await {
+                Ok(()) => plan.tcg_booted(),
+                Err(e) => {
+                    self.accel = Some(plan.tcg_failed());
+                    return Err(me(e));
+                }
+            },
+            Accel::Kvm => {
+                self.emit(Progress::Step(format!(
+                    "trying KVM: boot 1 itself is the proof (the kernel must print or the \
+                     guest agent appear within {} s)",
+                    accel::KVM_KERNEL_WITHIN.as_secs()
+                )));
+                let t = Instant::now();
+                match self.boot_first_under(Accel::Kvm).await {
+                    Ok(()) => {
+                        let how = self.kvm_proof();
+                        plan.kvm_booted(&how)
+                    }
+                    Err(e) => {
+                        let failure = self.abandon_kvm(&e).await;
+                        let summary = failure.summary();
+                        plan.kvm_failed(failure, t.elapsed().as_secs_f64())
+                            .map_err(me)?;
+                        self.emit(Progress::Step(format!(
+                            "{summary}: boot 1 starts again under TCG"
+                        )));
+                        self.disk.recreate(&self.cfg.image)?;
+                        accel::note_in_serial_log(&template.serial_log, &summary);
+                        match self.boot_first_under(Accel::Tcg).await {
+                            Ok(()) => plan.tcg_booted(),
+                            Err(e) => {
+                                self.accel = Some(plan.tcg_failed());
+                                return Err(format!(
+                                    "{} (boot 1 under TCG, after {summary})",
+                                    me(e)
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
         };
-        let (m, decision) = accel::start(
-            self.cfg.accel,
-            self.cfg.kvm_cache.as_ref(),
-            &template,
-            self.events.clone(),
-            &fresh_disk,
-        )
-        .await
-        .map_err(me)?;
         self.emit(Progress::Accel(decision.clone()));
         self.timings.accel_probe = decision.probe_seconds;
         self.accel = Some(decision);
-        let cmd_line = m.command().to_string();
-        let _ = self
-            .artifacts
-            .write(artifacts::QEMU_COMMAND, format!("{cmd_line}\n"));
-        self.emit(Progress::QemuCommand(cmd_line));
-        self.machine = Some(m);
-        let budget = self.boot_budget();
-        let state = self.machine().wait_booted(budget).await.map_err(me)?;
         let powered_on = self.machine().started();
-        self.timings.boot = powered_on.elapsed().as_secs_f64();
-        self.booted(self.timings.boot, state);
         let kernel_start = self.machine().serial().snapshot().kernel_start;
         if let Some(k) = kernel_start {
             self.timings.firmware = Some(k.saturating_duration_since(powered_on).as_secs_f64());
@@ -804,6 +841,110 @@ impl Session {
             self.timings.userspace = userspace;
         }
         Ok(())
+    }
+
+    /// Starts boot 1 under `accel` and waits for it to come up. A KVM
+    /// attempt shows its firmware's debug console (where it stopped, if it
+    /// fails) and must show the kernel within `accel::KVM_KERNEL_WITHIN`.
+    async fn boot_first_under(&mut self, accel: Accel) -> Result<(), MachineError> {
+        let template = self.template.clone().expect("template set");
+        let mut cmd = QemuCommand { accel, ..template };
+        if accel == Accel::Kvm {
+            let log = self.kvm_debugcon();
+            let _ = std::fs::remove_file(&log);
+            cmd.debugcon = Some(log);
+        }
+        let cmd_line = cmd.to_string();
+        let _ = self
+            .artifacts
+            .write(artifacts::QEMU_COMMAND, format!("{cmd_line}\n"));
+        self.emit(Progress::QemuCommand(cmd_line));
+        let attempt = match accel {
+            Accel::Kvm => "-kvm",
+            Accel::Tcg => "",
+        };
+        let mut m = self.start_machine(cmd, attempt).await?;
+        if accel == Accel::Kvm {
+            m.kernel_within = Some(accel::KVM_KERNEL_WITHIN);
+        }
+        self.machine = Some(m);
+        let budget = self.boot_budget();
+        let state = self.machine().wait_booted(budget).await?;
+        self.timings.boot = self.machine().started().elapsed().as_secs_f64();
+        self.booted(self.timings.boot, state);
+        Ok(())
+    }
+
+    /// Where a KVM attempt's firmware writes its debug console.
+    fn kvm_debugcon(&self) -> PathBuf {
+        self.workdir.path().join("kvm-debugcon.log")
+    }
+
+    /// What the KVM boot 1 that came up showed.
+    fn kvm_proof(&self) -> String {
+        let m = self.machine.as_ref().expect("the machine is running");
+        match m.serial().snapshot().kernel_start {
+            Some(k) => format!(
+                "boot 1 came up under KVM (kernel console after {:.1} s, system up after {:.1} s)",
+                k.saturating_duration_since(m.started()).as_secs_f64(),
+                self.timings.boot
+            ),
+            None => format!(
+                "boot 1 came up under KVM (system up after {:.1} s)",
+                self.timings.boot
+            ),
+        }
+    }
+
+    /// Ends a failed KVM boot 1 and says how far it got and what QEMU
+    /// said (its output stays in the artifacts).
+    async fn abandon_kvm(&mut self, e: &MachineError) -> accel::KvmFailure {
+        let debugcon =
+            String::from_utf8_lossy(&std::fs::read(self.kvm_debugcon()).unwrap_or_default())
+                .into_owned();
+        let (stage, qemu_said) = match self.machine.take() {
+            Some(mut m) => {
+                let kernel = m.serial().snapshot().kernel_start.is_some();
+                let agent = m.qmp().state().agent_port_opened.is_some();
+                m.kill().await;
+                (
+                    accel::stage_reached(true, &debugcon, kernel, agent),
+                    m.qemu_said(),
+                )
+            }
+            None => {
+                let out = self
+                    .last_qemu_log
+                    .as_ref()
+                    .and_then(|p| std::fs::read(p).ok())
+                    .unwrap_or_default();
+                (
+                    accel::stage_reached(false, &debugcon, false, false),
+                    accel::qemu_words(&String::from_utf8_lossy(&out)),
+                )
+            }
+        };
+        accel::KvmFailure {
+            stage,
+            qemu_said,
+            error: e.to_string(),
+        }
+    }
+
+    /// Starts QEMU for the current boot with its output in the artifacts
+    /// (`qemu-stderr-boot<N><attempt>.log`, a scenario's under its name).
+    async fn start_machine(
+        &mut self,
+        mut cmd: QemuCommand,
+        attempt: &str,
+    ) -> Result<Machine, MachineError> {
+        let name = match &self.scenario {
+            None => artifacts::qemu_output(self.boots, attempt),
+            Some(sc) => artifacts::scenario_qemu_output(sc, self.scenario_boots),
+        };
+        cmd.output_log = self.artifacts.path(&name);
+        self.last_qemu_log = Some(cmd.output_log.clone());
+        Machine::start(cmd, self.events.clone()).await
     }
 
     /// The checks that judge a boot as it came up, and its journal's
@@ -835,7 +976,8 @@ impl Session {
         let cmd = self.next_command(boot);
         self.begin_boot(why, BootMode::of(&cmd.boot));
         let t = Instant::now();
-        self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
+        let m = self.start_machine(cmd, "").await?;
+        self.machine = Some(m);
         let budget = self.boot_budget();
         let state = self.machine().wait_booted(budget).await?;
         self.booted(t.elapsed().as_secs_f64(), state);
@@ -976,7 +1118,8 @@ impl Vm for Session {
                 self.begin_boot(WHY, BootMode::Direct);
                 let m = self.machine.take().expect("the machine is running");
                 m.reboot_to_exit(budget).await?;
-                self.machine = Some(Machine::start(cmd, self.events.clone()).await?);
+                let m = self.start_machine(cmd, "").await?;
+                self.machine = Some(m);
                 let budget = self.boot_budget();
                 self.machine().wait_booted(budget).await?
             }

@@ -1,9 +1,12 @@
-//! The KVM verdict is a fact about the host, not the image: once the probe
-//! has said whether KVM works here, later `--accel auto` runs reuse the
-//! answer instead of starting a probe QEMU. The verdict is stored with what
-//! it depends on (`HostKey`: kernel, QEMU binary, CPU, /dev/kvm, the probe
-//! itself); any change there, an unreadable file, or `--accel-probe` means
-//! probing again and rewriting it.
+//! The KVM verdict is a fact about the host, not the image: once a real
+//! boot has shown whether KVM works here, later `--accel auto` runs reuse
+//! the answer. A cached "unusable" saves them the abandoned KVM attempt (a
+//! QEMU start, or up to `KVM_KERNEL_WITHIN` on a host whose vCPU stalls);
+//! a cached "usable" changes nothing but the report, since every KVM boot
+//! 1 is watched anyway and a verdict that proves wrong is replaced in that
+//! run. The verdict is stored with what it depends on (`HostKey`: kernel,
+//! QEMU binary, CPU, /dev/kvm, how it was judged); any change there, an
+//! unreadable file, or `--accel-probe` means trying KVM again.
 //!
 //! The QEMU binary is identified by its resolved path, size and mtime, not
 //! by `qemu-system-x86_64 --version`: a stat costs microseconds, running
@@ -14,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Bumped when the file's meaning changes: old files stop matching.
-const FORMAT: u32 = 1;
+/// Format 1 held the firmware-only probe's verdict, which said "usable"
+/// on hosts where SYSLINUX then dies under KVM: never trusted again.
+const FORMAT: u32 = 2;
 
 /// The cache file under strata's cache dir (the same rule as the fixture
 /// cache: `strata_builder::cache_dir`).
@@ -55,7 +60,8 @@ pub struct HostKey {
     /// /dev/kvm's device number and mtime: the node is recreated when the
     /// kvm module is reloaded (e.g. with other parameters).
     pub kvm_device: String,
-    /// What the probe runs: a different CPU model is a different question.
+    /// How the verdict was reached: a different CPU model or judge is a
+    /// different question.
     pub probe: String,
 }
 
@@ -70,7 +76,7 @@ impl HostKey {
             cpu: cpu_identity(&read("/proc/cpuinfo")),
             kvm_device: file_identity(Path::new("/dev/kvm"), true),
             probe: format!(
-                "SeaBIOS debugcon probe, -cpu {}",
+                "boot 1 under KVM, -cpu {}",
                 crate::qemu::Accel::Kvm.cpu_model()
             ),
         }
@@ -158,11 +164,14 @@ pub struct CachedVerdict {
     pub format: u32,
     pub key: HostKey,
     pub usable: bool,
-    /// The probe's words: why KVM works or does not.
+    /// Why KVM works or does not, as the run that found out said it.
     pub reason: String,
-    /// When the probe ran (seconds since the epoch).
+    /// Where KVM failed, for an "unusable" verdict.
+    #[serde(default)]
+    pub failure: Option<crate::accel::KvmFailure>,
+    /// When it was found out (seconds since the epoch).
     pub probed_at_unix: u64,
-    /// How long it took.
+    /// How long the abandoned KVM attempt took.
     pub probe_seconds: f64,
 }
 
@@ -173,6 +182,7 @@ impl CachedVerdict {
             key,
             usable,
             reason,
+            failure: None,
             probed_at_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -195,10 +205,11 @@ pub enum Lookup {
     Miss(String),
 }
 
-/// A cached "unusable" is probed again after this long: a probe can time out
-/// on a host that was merely busy for a moment, and re-probing a host whose
-/// KVM hangs costs a fraction of a second. A cached "usable" needs no expiry:
-/// the first boot under KVM is itself the probe (see `accel::start`).
+/// A cached "unusable" is tried again after this long: the host may have
+/// been fixed (a kernel module reloaded with other parameters changes
+/// /dev/kvm and so the key at once; a hypervisor-side fix may not). A
+/// cached "usable" needs no expiry: every boot 1 under KVM is watched and
+/// falls back by itself (see `accel::Plan`).
 pub const UNUSABLE_TTL_SECS: u64 = 24 * 3600;
 
 /// The most a verdict file can hold; anything larger is not one.
@@ -330,7 +341,7 @@ mod tests {
             qemu: "/usr/bin/qemu-system-x86_64, 28686560 bytes, mtime 1757030400.000000000".into(),
             cpu: "AMD EPYC, svm".into(),
             kvm_device: "/dev/kvm, device 10:232, mtime 1763585220.000000000".into(),
-            probe: "SeaBIOS debugcon probe, -cpu host".into(),
+            probe: "boot 1 under KVM, -cpu host".into(),
         }
     }
 
@@ -343,6 +354,7 @@ mod tests {
             key: key(),
             usable,
             reason: "QEMU with KVM and -cpu host exited at once".into(),
+            failure: None,
             probed_at_unix: 1_795_752_000,
             probe_seconds: 0.6,
         }
@@ -410,7 +422,7 @@ mod tests {
             |k| k.qemu = k.qemu.replace("28686560", "28690000"),
             |k| k.cpu = "AMD EPYC, no vmx/svm flag".into(),
             |k| k.kvm_device = k.kvm_device.replace("1763585220", "1763599999"),
-            |k| k.probe = "SeaBIOS debugcon probe, -cpu max".into(),
+            |k| k.probe = "boot 1 under KVM, -cpu max".into(),
         ];
         for change in changes {
             let mut k = key();

@@ -18,6 +18,7 @@
 //! forgives what the running system rewrote since boot, by design.
 
 use super::{me, RunError, Session};
+use crate::artifacts;
 use crate::checks::{CheckId, Vm};
 use crate::machine::Machine;
 use crate::qemu::DiskFormat;
@@ -131,7 +132,11 @@ impl Session {
             if let Some(tpl) = self.template.as_mut() {
                 tpl.disk = disk.clone();
             }
-            let m = Machine::restore(&saved, &disk, self.events.clone())
+            let output = self
+                .artifacts
+                .path(&artifacts::scenario_qemu_output(&sc.name, 1));
+            self.last_qemu_log = Some(output.clone());
+            let m = Machine::restore(&saved, &disk, &output, self.events.clone())
                 .await
                 .map_err(|e| format!("scenario {}: restoring the booted guest: {e}", sc.name))?;
             self.machine = Some(m);
