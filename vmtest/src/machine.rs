@@ -26,6 +26,11 @@ pub enum MachineError {
     Agent(#[from] AgentError),
     #[error("guest console: \"{line}\"")]
     GuestFatal { line: String },
+    #[error(
+        "the guest agent went away while strata waited for it (the guest closed the \
+         org.qemu.guest_agent.0 port: qemu-guest-agent stopped or was killed)"
+    )]
+    AgentGone,
     #[error("guest panicked (QMP GUEST_PANICKED)")]
     Panicked,
     #[error("guest powered off unexpectedly (QMP SHUTDOWN, reason {reason})")]
@@ -767,6 +772,7 @@ async fn unless_exited<T>(
     qmp: &Qmp,
     fut: impl std::future::Future<Output = Result<T, AgentError>>,
 ) -> Result<T, MachineError> {
+    let closes = qmp.state().agent_port_closes;
     let stopped = unless_stopped(qmp, fut);
     tokio::pin!(stopped);
     loop {
@@ -778,6 +784,9 @@ async fn unless_exited<T>(
                         status: status.to_string(),
                         stderr: stderr.tail(),
                     });
+                }
+                if qmp.state().agent_port_closes > closes {
+                    return Err(MachineError::AgentGone);
                 }
             }
         }

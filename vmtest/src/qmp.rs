@@ -122,6 +122,10 @@ pub struct VmState {
     pub agent_port_open: bool,
     /// When the agent's port was last opened (host clock).
     pub agent_port_opened: Option<Instant>,
+    /// How often the guest closed the agent's port (`VSERPORT_CHANGE`
+    /// with open false): a request in flight when it rises has lost the
+    /// agent that was to answer it (stopped, killed, the guest going down).
+    pub agent_port_closes: u32,
     /// The reader saw the socket close.
     pub closed: bool,
     /// strata stopped the vCPUs itself ([`Qmp::stop`], to save the guest):
@@ -145,6 +149,9 @@ impl VmState {
                 let open = ev.data.get("open").and_then(Value::as_bool) == Some(true);
                 if open && !self.agent_port_open {
                     self.agent_port_opened = Some(Instant::now());
+                }
+                if !open {
+                    self.agent_port_closes += 1;
                 }
                 self.agent_port_open = open;
             }

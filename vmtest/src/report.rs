@@ -129,6 +129,11 @@ pub struct ScenarioRecord {
     pub restore_seconds: f64,
     /// The whole scenario: restore, commands, checks, QEMU's exit.
     pub seconds: f64,
+    /// Why the scenario's guest could not be judged to the end (its
+    /// restore failed, a command failed or killed the guest agent): the
+    /// scenario's unjudged rows fail saying so; the run goes on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One line on how the run's boots were made, grouping neighbours made
@@ -357,9 +362,13 @@ impl Report {
                 .max()
                 .unwrap_or(0);
             for sc in &self.scenarios {
+                let failed = match &sc.error {
+                    Some(e) => format!("  guest failed: {e}"),
+                    None => String::new(),
+                };
                 let _ = writeln!(
                     o,
-                    "  {:<n_w$}  restored in {:>5.1}s  {:>6.1}s in all",
+                    "  {:<n_w$}  restored in {:>5.1}s  {:>6.1}s in all{failed}",
                     sc.name, sc.restore_seconds, sc.seconds
                 );
             }
@@ -988,11 +997,13 @@ mod tests {
                 name: "hidden".into(),
                 restore_seconds: 1.5,
                 seconds: 3.6,
+                error: None,
             },
             ScenarioRecord {
                 name: "tmpfs".into(),
                 restore_seconds: 0.8,
                 seconds: 2.9,
+                error: None,
             },
         ];
         r

@@ -491,6 +491,14 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
         checks: checks.to_vec(),
     };
     cfg.scenarios = vec![
+        // A command that takes the guest agent away: that scenario's
+        // infrastructure failure, reported as its own, and the scenarios
+        // after it still run.
+        scenario(
+            "agent-gone",
+            &["systemctl stop qemu-guest-agent"],
+            &[CheckId::Root],
+        ),
         // Files written into run's /var and /srv under their mounts: the
         // journal has no notice of them, only looking finds them.
         scenario(
@@ -526,6 +534,7 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
     assert_eq!(
         failing(r),
         [
+            "agent-gone/root",
             "hidden/overmount",
             "broken/state-mounts",
             "broken/moved-files",
@@ -544,7 +553,22 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
                 .all(|w| w.starts_with("scenario broken: ")),
         "{whose:?}"
     );
-    assert_eq!(r.scenarios.len(), 2);
+    assert_eq!(r.scenarios.len(), 3);
+    let gone = &r.scenarios[0];
+    assert!(
+        gone.error
+            .as_deref()
+            .is_some_and(|e| e.contains("the guest agent went away")),
+        "{gone:?}"
+    );
+    assert!(
+        check(r, "agent-gone/root")
+            .detail
+            .starts_with("not judged: the scenario's guest failed: "),
+        "{:?}",
+        check(r, "agent-gone/root")
+    );
+    assert!(r.scenarios[1..].iter().all(|s| s.error.is_none()));
     let hidden = check(r, "hidden/overmount");
     assert_eq!(hidden.detail, "files hidden under /srv /var", "{hidden:?}");
     assert!(

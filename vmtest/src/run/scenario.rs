@@ -22,7 +22,7 @@ use crate::artifacts;
 use crate::checks::{CheckId, Vm};
 use crate::machine::Machine;
 use crate::qemu::DiskFormat;
-use crate::report::ScenarioRecord;
+use crate::report::{CheckResult, ScenarioRecord, Status};
 use crate::run::Progress;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -109,77 +109,125 @@ impl Session {
     }
 
     /// Every scenario of the config, in order, each on its own restore of
-    /// the saved guest.
+    /// the saved guest. A scenario whose guest fails under it (its restore,
+    /// a command, the agent a command killed) is that scenario's failure:
+    /// its unjudged checks are failed rows saying why, and the scenarios
+    /// after it still run.
     pub(super) async fn run_scenarios(&mut self) -> Result<(), String> {
         let Some(saved) = self.saved.clone() else {
             return Ok(());
         };
         // The run's own guest is done: its CPU goes to the scenarios.
         self.quit_machine().await;
-        let expect = self.cfg.expect.clone();
         for sc in self.cfg.scenarios.clone() {
             let t = Instant::now();
-            self.emit(Progress::Step(format!(
-                "scenario {}: restoring the booted guest",
-                sc.name
-            )));
-            let disk = self
-                .workdir
-                .path()
-                .join(format!("scenario-{}.qcow2", sc.name));
-            overlay_on(&saved.disk, &disk)?;
-            // A reboot in the scenario (persistence) starts QEMU on its disk.
-            if let Some(tpl) = self.template.as_mut() {
-                tpl.disk = disk.clone();
-            }
-            let output = self
-                .artifacts
-                .path(&artifacts::scenario_qemu_output(&sc.name, 1));
-            self.last_qemu_log = Some(output.clone());
-            let m = Machine::restore(&saved, &disk, &output, self.events.clone())
-                .await
-                .map_err(|e| format!("scenario {}: restoring the booted guest: {e}", sc.name))?;
-            self.machine = Some(m);
-            let restore_seconds = t.elapsed().as_secs_f64();
-            self.scenario = Some(sc.name.clone());
-            self.scenario_boots = 1;
-            self.emit(Progress::Step(format!(
-                "scenario {} (restored in {restore_seconds:.1}s): {}",
-                sc.name,
-                sc.commands.join("; ")
-            )));
-            for c in &sc.commands {
-                self.machine()
-                    .succeed(c)
-                    .await
-                    .map_err(|e| format!("scenario {}: `{c}`: {e}", sc.name))?;
-            }
-            // A different guest from the one the first boot's rows saw.
-            self.seen = Default::default();
-            let ids = CheckId::ALL.into_iter().filter(|id| sc.checks.contains(id));
-            for id in ids {
-                let t_check = Instant::now();
-                self.emit(Progress::Step(format!("{}/{}", sc.name, id.name())));
-                let outcome = id
-                    .run(self, &expect)
-                    .await
-                    .map_err(|e| format!("scenario {}: {}: {}", sc.name, id.name(), me(e)))?;
-                let mut row = outcome.result;
-                row.name = format!("{}/{}", sc.name, row.name);
-                row.seconds = t_check.elapsed().as_secs_f64();
-                self.emit(Progress::CheckFinished(row.clone()));
-                self.scenario_rows.push(row);
-            }
+            let rows_before = self.scenario_rows.len();
+            let mut restore_seconds = 0.0;
+            let outcome = self
+                .one_scenario(&sc, &saved, t, &mut restore_seconds)
+                .await;
             self.quit_machine().await;
             self.scenario = None;
-            let _ = std::fs::remove_file(&disk);
+            let _ = std::fs::remove_file(self.scenario_disk(&sc));
+            let error = outcome.err();
+            if let Some(e) = &error {
+                self.emit(Progress::Step(format!("scenario {}: {e}", sc.name)));
+                let judged: Vec<String> = self.scenario_rows[rows_before..]
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .collect();
+                for id in CheckId::ALL.into_iter().filter(|id| sc.checks.contains(id)) {
+                    let name = format!("{}/{}", sc.name, id.name());
+                    if judged.contains(&name) {
+                        continue;
+                    }
+                    let row = CheckResult::new(
+                        &name,
+                        Status::Fail,
+                        &format!("not judged: the scenario's guest failed: {e}"),
+                        vec![],
+                    );
+                    self.emit(Progress::CheckFinished(row.clone()));
+                    self.scenario_rows.push(row);
+                }
+            }
             let seconds = t.elapsed().as_secs_f64();
             self.scenario_log.push(ScenarioRecord {
                 name: sc.name.clone(),
                 restore_seconds,
                 seconds,
+                error,
             });
             self.timings.scenarios += seconds;
+        }
+        Ok(())
+    }
+
+    /// The scenario's own overlay on the saved disk.
+    fn scenario_disk(&self, sc: &Scenario) -> std::path::PathBuf {
+        self.workdir
+            .path()
+            .join(format!("scenario-{}.qcow2", sc.name))
+    }
+
+    /// Restores the saved guest, runs the scenario's commands, then its
+    /// checks, recording each row as it is judged.
+    async fn one_scenario(
+        &mut self,
+        sc: &Scenario,
+        saved: &crate::machine::SavedState,
+        t: Instant,
+        restore_seconds: &mut f64,
+    ) -> Result<(), String> {
+        self.emit(Progress::Step(format!(
+            "scenario {}: restoring the booted guest",
+            sc.name
+        )));
+        let disk = self.scenario_disk(sc);
+        overlay_on(&saved.disk, &disk)?;
+        // A reboot in the scenario (persistence) starts QEMU on its disk.
+        if let Some(tpl) = self.template.as_mut() {
+            tpl.disk = disk.clone();
+        }
+        let output = self
+            .artifacts
+            .path(&artifacts::scenario_qemu_output(&sc.name, 1));
+        self.last_qemu_log = Some(output.clone());
+        let m = Machine::restore(saved, &disk, &output, self.events.clone())
+            .await
+            .map_err(|e| format!("restoring the booted guest: {e}"))?;
+        self.machine = Some(m);
+        *restore_seconds = t.elapsed().as_secs_f64();
+        self.scenario = Some(sc.name.clone());
+        self.scenario_boots = 1;
+        self.emit(Progress::Step(format!(
+            "scenario {} (restored in {:.1}s): {}",
+            sc.name,
+            *restore_seconds,
+            sc.commands.join("; ")
+        )));
+        for c in &sc.commands {
+            self.machine()
+                .succeed(c)
+                .await
+                .map_err(|e| format!("`{c}`: {e}"))?;
+        }
+        // A different guest from the one the first boot's rows saw.
+        self.seen = Default::default();
+        let expect = self.cfg.expect.clone();
+        let ids = CheckId::ALL.into_iter().filter(|id| sc.checks.contains(id));
+        for id in ids {
+            let t_check = Instant::now();
+            self.emit(Progress::Step(format!("{}/{}", sc.name, id.name())));
+            let outcome = id
+                .run(self, &expect)
+                .await
+                .map_err(|e| format!("{}: {}", id.name(), me(e)))?;
+            let mut row = outcome.result;
+            row.name = format!("{}/{}", sc.name, row.name);
+            row.seconds = t_check.elapsed().as_secs_f64();
+            self.emit(Progress::CheckFinished(row.clone()));
+            self.scenario_rows.push(row);
         }
         Ok(())
     }
