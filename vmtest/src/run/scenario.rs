@@ -144,7 +144,7 @@ impl Session {
                     let row = CheckResult::new(
                         &name,
                         Status::Fail,
-                        &format!("not judged: the scenario's guest failed: {e}"),
+                        format!("not judged: the scenario's guest failed: {e}"),
                         vec![],
                     );
                     self.emit(Progress::CheckFinished(row.clone()));
