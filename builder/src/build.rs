@@ -20,6 +20,7 @@ use crate::deploy::{self, DeployOptions, Deployed, Rootfs};
 use crate::error::{BuildError, Context, StepError};
 use crate::interrupt::Interrupt;
 use crate::layout::{self, Version};
+use crate::lock::ImageLock;
 use crate::loopdev::LoopDevice;
 use crate::manifest::{
     Backend, Deployment, Manifest, SkippedStateDir, StateDirs, VersionRecord, MANIFEST_VERSION,
@@ -261,6 +262,30 @@ pub(crate) fn check_rootfs_and_output(rootfs: &Path, output: &Path) -> Result<()
     Ok(())
 }
 
+/// The existing image `--force` replaces, locked exclusively for the whole
+/// build: an upgrade, `set-default` or `inspect` of it refuses the build
+/// (and the build them) instead of both writing it. Nothing to lock
+/// without `--force` or without an image there: the new file is locked
+/// from its creation (`create_file`).
+pub(crate) fn lock_output(opts: &BuildOptions) -> Result<Option<ImageLock>, BuildError> {
+    let replaces = opts.force && opts.output.symlink_metadata().is_ok_and(|m| m.is_file());
+    if !replaces {
+        return Ok(None);
+    }
+    crate::lock::ImageLock::exclusive(&opts.output)
+        .map(Some)
+        .map_err(|e| StepError::from(e).in_step(Step::CreateImage))
+}
+
+/// After the debris of killed runs is cleaned: an image to replace that a
+/// loop device outside strata is bound to (a mount, a VM) is in use.
+pub(crate) fn refuse_attached_output(opts: &BuildOptions) -> Result<(), BuildError> {
+    if opts.force {
+        crate::lock::refuse_attached(&opts.output).map_err(|e| input(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// btrfs knows a filesystem by its UUID: a second one with the UUID of a
 /// mounted btrfs cannot be mounted (the build would fail at its mount, or
 /// worse, be taken for the other). Every mounted btrfs has
@@ -316,6 +341,7 @@ impl<'a> Builder<'a> {
 
     pub fn run(mut self, prep: Prepared) -> Result<Manifest, BuildError> {
         self.clean_debris();
+        refuse_attached_output(self.opts)?;
         let (opts, steps) = (self.opts, &mut self.steps);
         for r in &prep.plan.fstab_rejected {
             steps.emit(Event::Note(r.to_string()));
@@ -438,6 +464,10 @@ pub(crate) fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile
         ))
         .tempfile_in(dir)
         .context(|| format!("creating an image in {}", dir.display()))?;
+    // Locked before anyone can find it, by its own descriptor: the lock
+    // stays with the file once it is renamed over the output (`persist`).
+    crate::lock::lock_new_file(tmp.as_file(), tmp.path())
+        .context(|| format!("locking {}", tmp.path().display()))?;
     tmp.as_file()
         .set_len(opts.size)
         .context(|| format!("sizing the image to {}", human(opts.size)))?;
@@ -539,15 +569,21 @@ pub(crate) fn persist(
     } else {
         image.persist_noclobber(&opts.output)
     };
-    if let Err(e) = placed {
-        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
-            return Err(StepError::input(format!(
-                "output image {} appeared while building (another build?); not replacing it without --force",
-                opts.output.display()
-            )));
+    // The open file keeps the new image locked until its manifest is
+    // written: an upgrade cannot start on an image without one.
+    let _locked = match placed {
+        Ok(f) => f,
+        Err(e) => {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                return Err(StepError::input(format!(
+                    "output image {} appeared while building (another build?); not replacing it without --force",
+                    opts.output.display()
+                )));
+            }
+            return Err(e.error)
+                .context(|| format!("moving the image to {}", opts.output.display()));
         }
-        return Err(e.error).context(|| format!("moving the image to {}", opts.output.display()));
-    }
+    };
     manifest
         .save(&opts.manifest)
         .context(|| format!("writing manifest {}", opts.manifest.display()))
@@ -559,6 +595,7 @@ pub fn build(
     interrupt: &Interrupt,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Manifest, BuildError> {
+    let _lock = lock_output(opts)?;
     match rootfs_tar::classify(&opts.rootfs).map_err(|e| input(e.to_string()))? {
         RootfsInput::Dir => {
             let prep = prepare(opts)?;

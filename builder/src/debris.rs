@@ -16,10 +16,9 @@
 //!   next to the output (`EXTRACT_MARKER`, `rootfs_tar::Extraction`).
 //!
 //! Only resources whose pid is gone are touched, and a loop device only when
-//! the dead run attached it itself (its mount dir says so). A loop device
-//! that is not mounted carries no pid: strata never detaches it blindly
-//! (killed between unmount and detach, it is left; `losetup -j IMG` shows
-//! it, `losetup -d` removes it).
+//! the dead run attached it itself (its mount dir says so). strata's loop
+//! devices are attached with autoclear (`loopdev`): one that is not mounted
+//! went away with the run that held it, one that is goes with the unmount.
 
 use crate::cmd;
 use std::os::unix::fs::MetadataExt;
@@ -266,8 +265,18 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
                 // Only a loop device that run attached: a device the user
                 // gave (`strata inspect /dev/loop5`) stays theirs.
                 if *own_loop {
+                    // strata attaches with autoclear (`loopdev`): the
+                    // unmount was the device's last close, and the kernel
+                    // detached it already. Older runs' devices need
+                    // `losetup -d`.
+                    let detached = || !loop_bound(device);
+                    if wait_for(detached) {
+                        done.push(Cleaned::Detached(device.clone()));
+                        continue;
+                    }
                     match cmd::run(Command::new("losetup").arg("-d").arg(device)) {
                         Ok(_) => done.push(Cleaned::Detached(device.clone())),
+                        Err(_) if detached() => done.push(Cleaned::Detached(device.clone())),
                         Err(_) => done.push(Cleaned::Failed {
                             what: format!("loop device {device}"),
                             command: format!("losetup -d {device}"),
@@ -308,6 +317,27 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
         }
     }
     done
+}
+
+/// `/dev/loopN` is bound to a file.
+fn loop_bound(device: &str) -> bool {
+    let name = Path::new(device).file_name().unwrap_or_default();
+    Path::new("/sys/block")
+        .join(name)
+        .join("loop/backing_file")
+        .exists()
+}
+
+/// `done` within a second (an autoclear detach follows the last close by
+/// a moment when udev probes the device).
+fn wait_for(done: impl Fn() -> bool) -> bool {
+    for _ in 0..20 {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    done()
 }
 
 /// Loop devices whose backing file is `file` (`losetup -j`).

@@ -24,6 +24,7 @@ pub mod image;
 pub mod interrupt;
 pub mod kernel;
 pub mod layout;
+pub mod lock;
 pub mod loopdev;
 pub mod manifest;
 pub mod migrate;

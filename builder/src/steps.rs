@@ -12,7 +12,43 @@ use std::time::Instant;
 /// (a `Step::name`, e.g. `sync-rootfs`) the process stops itself with
 /// SIGSTOP right after that step finished, so a test can SIGKILL it at that
 /// exact step boundary and check what a crash there leaves behind.
+///
+/// It also names two points inside a step, where a loop device is bound
+/// but not mounted: `loop-attached` (just after a loop device is attached,
+/// before the mount) and `loop-unmounted` (after the unmount, before the
+/// detach). Alone they stop at the first such point of the run; prefixed by
+/// a step name (`mount:loop-attached`, `finish:loop-unmounted`) only at
+/// the one inside that step.
 pub const STOP_AFTER_STEP_ENV: &str = "STRATA_STOP_AFTER_STEP";
+
+/// `stop_point` names: see `STOP_AFTER_STEP_ENV`.
+pub const LOOP_ATTACHED: &str = "loop-attached";
+pub const LOOP_UNMOUNTED: &str = "loop-unmounted";
+
+/// The step running now, for `stop_point` (a point deep in `image::open`
+/// does not see the runner).
+static CURRENT_STEP: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
+
+/// Test hook at a point inside a step: stops the process (SIGSTOP) when
+/// `STOP_AFTER_STEP_ENV` names `point`, alone or as `<step>:<point>` of
+/// the step running now. No effect otherwise.
+pub fn stop_point(point: &str) {
+    let Ok(want) = std::env::var(STOP_AFTER_STEP_ENV) else {
+        return;
+    };
+    let step = *CURRENT_STEP.lock().unwrap_or_else(|e| e.into_inner());
+    if stop_point_matches(&want, step, point) {
+        // SAFETY: as in `Steps::run`.
+        unsafe { libc::raise(libc::SIGSTOP) };
+    }
+}
+
+fn stop_point_matches(want: &str, step: Option<&str>, point: &str) -> bool {
+    match want.split_once(':') {
+        Some((s, p)) => p == point && step == Some(s),
+        None => want == point,
+    }
+}
 
 pub struct Steps<'a> {
     interrupt: &'a Interrupt,
@@ -43,7 +79,13 @@ impl<'a> Steps<'a> {
         }
         (self.on_event)(Event::StepStarted(step));
         let start = Instant::now();
-        let out = f(self).map_err(|e| {
+        let outer = CURRENT_STEP
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(step.name());
+        let out = f(self);
+        *CURRENT_STEP.lock().unwrap_or_else(|e| e.into_inner()) = outer;
+        let out = out.map_err(|e| {
             // A terminal's Ctrl-C reaches the whole process group: mkfs or
             // mount die of it and fail the step. With the flag raised the
             // failure is the interruption, not a failed step (exit 130).
@@ -89,6 +131,37 @@ impl<'a> Steps<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_points_match_alone_or_inside_their_step() {
+        assert!(stop_point_matches("loop-attached", None, LOOP_ATTACHED));
+        assert!(stop_point_matches(
+            "loop-attached",
+            Some("mount"),
+            LOOP_ATTACHED
+        ));
+        assert!(stop_point_matches(
+            "mount:loop-attached",
+            Some("mount"),
+            LOOP_ATTACHED
+        ));
+        assert!(!stop_point_matches(
+            "mount:loop-attached",
+            Some("check-image"),
+            LOOP_ATTACHED
+        ));
+        assert!(!stop_point_matches(
+            "mount:loop-attached",
+            None,
+            LOOP_ATTACHED
+        ));
+        assert!(!stop_point_matches(
+            "finish:loop-unmounted",
+            Some("finish"),
+            LOOP_ATTACHED
+        ));
+        assert!(!stop_point_matches("mount", Some("mount"), LOOP_ATTACHED));
+    }
 
     /// SIGINT to the process group kills the tool a step runs: that step
     /// fails, but the run was interrupted, and says so.

@@ -34,6 +34,7 @@ use crate::extlinux::BootEntry;
 use crate::image::model::{self, ImageLayout};
 use crate::image::{self, ImageError, Mode, OpenImage};
 use crate::layout::{self, Version};
+use crate::lock::ImageLock;
 use crate::manifest::{Manifest, VersionRecord};
 use crate::rootfs::RootDir;
 use crate::unshared::{self, Owner};
@@ -105,6 +106,7 @@ pub fn list(image: &Path) -> Result<Vec<VersionInfo>, ImageError> {
 /// mount. Uses `IMG.manifest.json` when it describes this image (kernel
 /// version names, required initramfs); never needs it.
 pub fn list_all(image: &Path) -> Result<Versions, ImageError> {
+    let _lock = ImageLock::shared(image)?;
     let fs = image::read_superblock(image)?;
     let manifest = Manifest::load(&Manifest::default_path(image))
         .ok()
@@ -132,6 +134,7 @@ pub fn list_all(image: &Path) -> Result<Versions, ImageError> {
 /// cannot rewrite.
 pub fn set_default(image: &Path, label: &str, manifest: Option<&Path>) -> Result<(), ImageError> {
     let version = Version::new(label).map_err(|e| ImageError::Input(e.to_string()))?;
+    let _lock = lock_to_write(image)?;
     let fs = image::read_superblock(image)?;
     let mut manifest = load_manifest(image, manifest, &fs.uuid)?;
     let record = manifest.as_ref();
@@ -250,6 +253,19 @@ fn entries_without(
         Some(label),
     )?;
     Ok((default, entries))
+}
+
+/// The exclusive lock for the whole command (the manifest too), then no
+/// loop device but a killed strata's (cleaned) on the image: refused
+/// before even the read-only look, which would mount the filesystem a
+/// second time beside a hand mount.
+fn lock_to_write(image: &Path) -> Result<ImageLock, ImageError> {
+    let lock = ImageLock::exclusive(image)?;
+    if std::fs::metadata(image).is_ok_and(|m| m.is_file()) {
+        crate::debris::clean(&crate::debris::find_for_image(image));
+        crate::lock::refuse_attached(image)?;
+    }
+    Ok(lock)
 }
 
 /// Decides on a read-only mount first, so that a refusal leaves the image

@@ -3,8 +3,9 @@
 //!
 //! Exit codes: 0 done, 2 refused or bad input (nothing changed: unknown
 //! label, the default version for remove, a partial version for
-//! set-default, not a strata image, a manifest of another image), 3 the
-//! tools failed (losetup, mount, btrfs).
+//! set-default, not a strata image, a manifest of another image, the image
+//! in use: another command holds its lock, or a loop device strata did not
+//! attach is bound to it), 3 the tools failed (mount, btrfs).
 
 use super::exit;
 use std::fmt::Write;

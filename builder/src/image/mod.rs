@@ -34,7 +34,7 @@ use crate::interrupt::Interrupt;
 use model::{ImageLayout, Lint};
 use std::path::Path;
 
-/// The layout of the image at `path`, read through a read-only mount (the
+/// The layout of the image at `path` (under its shared lock), read through a read-only mount (the
 /// appliance's when not root: `open_to_read`).
 pub fn read(path: &Path) -> Result<ImageLayout, ImageError> {
     read_with(path, &Interrupt::default())
@@ -43,6 +43,7 @@ pub fn read(path: &Path) -> Result<ImageLayout, ImageError> {
 /// `read`, stopped (`ImageError::Interrupted`) when `interrupt` is raised
 /// while the appliance starts.
 pub fn read_with(path: &Path, interrupt: &Interrupt) -> Result<ImageLayout, ImageError> {
+    let _lock = crate::lock::ImageLock::shared(path)?;
     let image = open_to_read(path, interrupt)?;
     let layout = image.layout();
     image.close()?;
@@ -57,6 +58,7 @@ pub fn lint(path: &Path) -> Result<Lint, ImageError> {
 
 /// `lint`, stopped when `interrupt` is raised while the appliance starts.
 pub fn lint_with(path: &Path, interrupt: &Interrupt) -> Result<Lint, ImageError> {
+    let _lock = crate::lock::ImageLock::shared(path)?;
     let image = open_to_read(path, interrupt)?;
     let lint = image.lint()?;
     image.close()?;

@@ -4,6 +4,9 @@
 //!
 //! Read-only is for looking (`strata inspect`, expectations of a foreign
 //! image); read-write is for changing an image in place (an upgrade).
+//!
+//! Opening takes no lock: the command does, once for its whole run
+//! (`crate::lock`), as an open of its own would conflict with it.
 
 use super::model::{Filesystem, ImageLayout, Lint, Subvolume};
 use super::{lint, read, subvolumes, ImageError};
@@ -221,6 +224,13 @@ pub fn open(image: &Path, mode: Mode) -> Result<OpenImage, ImageError> {
     } else {
         crate::debris::clean(&crate::debris::find_for_image(image))
     };
+    // A writer holds the image's exclusive lock (`crate::lock`): a loop
+    // device still bound to the file now is no strata's, and a second
+    // read-write mount beside it would corrupt the filesystem (the kernel
+    // mounts it as an independent copy).
+    if mode == Mode::ReadWrite && !is_block {
+        crate::lock::refuse_attached(image)?;
+    }
     let device = if is_block {
         None
     } else {

@@ -107,11 +107,14 @@ pub fn build(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Manifest, BuildError> {
     let kind = prereq::check(opts, rootless)?;
+    // As the privileged build: the image --force replaces stays locked.
+    let _lock = build::lock_output(opts)?;
     let mut steps = Steps::new(interrupt, on_event);
     let out_dir = build::parent_dir(&opts.output).to_owned();
     for c in debris::clean(&debris::find(Some(&out_dir))) {
         steps.emit(Event::Note(c.to_string()));
     }
+    build::refuse_attached_output(opts)?;
     let image = steps.run(Step::CreateImage, |_| build::create_file(opts))?;
     let staging = StagingDir::create(opts).map_err(|e| e.in_step(Step::CreateImage))?;
     let request = wire::Request {

@@ -5,7 +5,6 @@
 use super::existing::{existing_entries, menu_entry, new_kernel_args, record_from_image, root_of};
 use super::{input, UpgradeOptions};
 use crate::copy;
-use crate::debris;
 use crate::deploy::{self, BootSource, Rootfs};
 use crate::error::{BuildError, Context, StepError};
 use crate::extlinux::BootEntry;
@@ -116,20 +115,11 @@ fn load_manifest_and_check_free(
         })?),
         Err(_) => None,
     };
-    // Killed runs' mounts were cleaned in the step before (and by open):
-    // a loop device still attached to the image belongs to something
-    // running (a VM, a mount) or carries no pid to tell.
-    if fs::metadata(image).is_ok_and(|m| m.is_file()) {
-        let loops = debris::loops_backing(image);
-        if !loops.is_empty() {
-            return Err(input(format!(
-                "{} is attached to {}: in use (a VM, a mount) or left by a killed run; if nothing uses it, run `losetup -d {}`",
-                image.display(),
-                loops.join(", "),
-                loops.join(" ")
-            )));
-        }
-    }
+    // No other strata: `upgrade` holds the image's exclusive lock. Killed
+    // runs' mounts were cleaned in the step before (their loop devices
+    // detach themselves): a loop device still bound to the image is
+    // someone else's (a hand mount, a VM).
+    crate::lock::refuse_attached(image)?;
     Ok((manifest_path, loaded))
 }
 

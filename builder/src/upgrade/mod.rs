@@ -60,6 +60,7 @@ use crate::error::{BuildError, Context, StepError};
 use crate::image::{self, boot_entry, Mode, OpenImage};
 use crate::interrupt::Interrupt;
 use crate::layout;
+use crate::lock::ImageLock;
 use crate::manifest::{Deployment, StateData, VersionRecord};
 use crate::migrate::Migration;
 use crate::progress::{Event, Step};
@@ -165,6 +166,11 @@ pub fn upgrade(
         rootfs_tar::check_extraction_dir(&extract_in)
             .map_err(|e| BuildError::Input(e.to_string()))?;
     }
+    // One writer: held until the upgrade returns (the manifest is written
+    // under it too); refused, naming the holder, while anyone reads or
+    // changes the image.
+    let _lock = ImageLock::exclusive(image)
+        .map_err(|e| crate::error::StepError::from(e).in_step(Step::CheckImage))?;
     let mut steps = Steps::new(interrupt, on_event);
     // A run killed with SIGKILL could not clean up: its mounts and loop
     // devices carry its pid (a mount of this image would keep it from
@@ -333,8 +339,9 @@ fn open_rw(image: &Path, checked: &Checked, steps: &mut Steps) -> Result<OpenIma
         steps.emit(Event::Note(c.to_string()));
     }
     let top = rw.top();
-    // What was checked still holds (nothing else writes the image while a
-    // loop device of ours is attached, but the check's mount was closed).
+    // What was checked still holds (no other strata writes the image while
+    // we hold its lock, and `image::open` refused anyone else's loop
+    // device); checked again all the same, as cheap as it is.
     let default = fs::read_link(top.join(layout::DEFAULT_LINK))
         .ok()
         .and_then(|t| boot_entry::default_label(&t));
