@@ -437,3 +437,52 @@ fn sigkill_while_a_loop_device_is_unmounted_leaves_nothing_attached() {
     );
     fx.assert_fs_clean();
 }
+
+/// The review's reproducer: an upgrade while `strata test` booted the image
+/// (the backing file of its overlay) exited 0, and the test reported PASS
+/// for a default it never booted. `strata test` holds a shared lock while
+/// QEMU has the image: the upgrade is refused naming it, and the image is
+/// left as it was.
+#[test]
+fn an_upgrade_while_strata_test_boots_the_image_is_refused() {
+    let fx = Fixture::new();
+    // A QEMU that never answers: the test run holds the image while it
+    // waits for QMP (10 s), long enough to try the upgrade.
+    let qemu = fx.path("qemu-that-waits");
+    fs::write(&qemu, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    fs::set_permissions(&qemu, fs::Permissions::from_mode(0o755)).unwrap();
+    let before = fx.checksum();
+    let log = fx.path("test.log");
+    let mut test = strata()
+        .arg("test")
+        .arg(fx.image())
+        .arg("--qemu")
+        .arg(&qemu)
+        .args(["--accel", "tcg", "--checks", "root", "--artifacts"])
+        .arg(fx.path("art"))
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Until the test's QEMU has started, the lock is surely taken.
+    let start = Instant::now();
+    while !sh("pgrep -f qemu-that-waits || true").contains(char::is_numeric) {
+        assert!(
+            test.try_wait().unwrap().is_none(),
+            "strata test ended early: {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "QEMU never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = fx.upgrade_cmd("v2").output().unwrap();
+    let _ = test.kill();
+    let _ = test.wait();
+    assert_refused(&out, &["in use", "strata test"]);
+    assert_eq!(fx.checksum(), before, "the image changed");
+    fx.assert_fs_clean();
+    fx.assert_manifest_agrees();
+}

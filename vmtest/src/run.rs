@@ -540,6 +540,16 @@ pub async fn run_until(
     stop: impl std::future::Future<Output = String>,
 ) -> Result<Report, RunError> {
     prepare(&cfg)?;
+    // The image is read (an overlay's backing file, or the lifecycle's
+    // copy) until QEMU is gone: no strata may change it meanwhile, and a
+    // run does not start on an image a strata is changing. Held to the
+    // end of this function, after QEMU is killed.
+    let _image_lock = strata_builder::lock::ImageLock::shared(&cfg.image).map_err(|e| {
+        match strata_builder::error::Failure::kind(&e) {
+            FailureKind::Input => RunError::Input(e.to_string()),
+            _ => infra(e.to_string()),
+        }
+    })?;
     let artifacts = Artifacts::open(cfg.artifacts.as_deref())
         .map_err(|e| RunError::Input(format!("artifacts dir: {e}")))?;
     let workdir = WorkDir::create().map_err(|e| infra(format!("private temp dir: {e}")))?;
