@@ -449,7 +449,12 @@ fn an_upgrade_while_strata_test_boots_the_image_is_refused() {
     // A QEMU that never answers: the test run holds the image while it
     // waits for QMP (10 s), long enough to try the upgrade.
     let qemu = fx.path("qemu-that-waits");
-    fs::write(&qemu, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    let started = fx.path("qemu-started");
+    fs::write(
+        &qemu,
+        format!("#!/bin/sh\ntouch '{}'\nexec sleep 30\n", started.display()),
+    )
+    .unwrap();
     fs::set_permissions(&qemu, fs::Permissions::from_mode(0o755)).unwrap();
     let before = fx.checksum();
     let log = fx.path("test.log");
@@ -466,7 +471,7 @@ fn an_upgrade_while_strata_test_boots_the_image_is_refused() {
         .unwrap();
     // Until the test's QEMU has started, the lock is surely taken.
     let start = Instant::now();
-    while !sh("pgrep -f qemu-that-waits || true").contains(char::is_numeric) {
+    while !started.exists() {
         assert!(
             test.try_wait().unwrap().is_none(),
             "strata test ended early: {}",

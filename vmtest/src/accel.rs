@@ -86,6 +86,17 @@ pub struct KvmFailure {
 }
 
 impl KvmFailure {
+    /// Whether the failure is evidence against KVM itself, worth caching
+    /// for the host: QEMU exited (an abort setting up the vCPU), QEMU
+    /// named KVM, or the guest never got past the firmware or bootloader.
+    /// A stall once the kernel printed (or a QMP socket slow on a loaded
+    /// host) may be the moment's: the run falls back, nothing is stored.
+    pub fn is_kvms_own(&self) -> bool {
+        matches!(self.stage, Stage::Firmware | Stage::Bootloader)
+            || self.qemu_said.contains("KVM")
+            || self.error.starts_with("QEMU exited")
+    }
+
     /// "KVM failed at <stage> (<QEMU's words, else strata's>)".
     pub fn summary(&self) -> String {
         let words = match self.qemu_said.is_empty() {
@@ -127,6 +138,12 @@ pub fn kvm_device() -> Result<(), String> {
 /// kernel and initramfs through BIOS calls about one); a vCPU that does
 /// not run never does.
 pub const KVM_KERNEL_WITHIN: Duration = Duration::from_secs(20);
+
+/// The most a KVM boot 1 under `auto` may take to come up once it showed
+/// life: a working KVM brings a Debian guest to multi-user in seconds; one
+/// that printed and then stalls (timers, SMP bring-up on a nested host)
+/// must leave the TCG boot its time.
+pub const KVM_BOOT_WITHIN: Duration = Duration::from_secs(90);
 
 /// What SeaBIOS prints on its debug console once its power-on self test
 /// is done and it looks for something to boot.
@@ -321,13 +338,24 @@ impl<'a> Plan<'a> {
                 true => String::new(),
                 false => format!("; QEMU said: {}", failure.qemu_said),
             };
-            return Err(MachineError::NoKvm(format!(
+            let err = MachineError::NoKvm(format!(
                 "boot 1 failed at the {} stage: {}{words}",
                 failure.stage, failure.error
-            )));
+            ));
+            self.failed = Some((failure, seconds));
+            return Err(err);
         }
         self.failed = Some((failure, seconds));
         Ok(())
+    }
+
+    /// `--accel kvm` whose boot 1 failed: the decision for the report.
+    pub fn kvm_refused(self) -> AccelDecision {
+        let reason = match &self.failed {
+            Some((f, _)) => f.summary(),
+            None => "KVM failed".into(),
+        };
+        self.decision(Accel::Kvm, reason)
     }
 
     /// Boot 1 came up under TCG: after a KVM failure, that failure was
@@ -348,7 +376,15 @@ impl<'a> Plan<'a> {
                 };
                 let failure = f.clone();
                 if let Some(v) = self.verdicts.as_mut() {
-                    v.record(false, &summary, Some(failure), 0.0, why);
+                    if failure.is_kvms_own() {
+                        v.record(false, &summary, Some(failure), 0.0, why);
+                    } else {
+                        v.wrote = Some(format!(
+                            "nothing stored: a stall after the {} stage may be this moment's, \
+                             not this host's",
+                            failure.stage
+                        ));
+                    }
                 }
                 format!("{summary}; TCG used for this run")
             }

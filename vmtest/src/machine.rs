@@ -114,23 +114,33 @@ impl OutputLog {
 
     /// This process's output so far (its last 256 KiB at most).
     fn text(&self) -> String {
-        use std::io::{Read, Seek, SeekFrom};
-        let Ok(mut f) = std::fs::File::open(&self.path) else {
-            return String::new();
-        };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let from = self.offset.max(len.saturating_sub(OUTPUT_READ_MAX));
-        let mut bytes = Vec::new();
-        if f.seek(SeekFrom::Start(from)).is_ok() {
-            let _ = f.take(OUTPUT_READ_MAX).read_to_end(&mut bytes);
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
+        read_tail_from(&self.path, self.offset)
     }
 
     /// Its last lines, for an error message.
     fn tail(&self) -> String {
         crate::accel::last_lines(&self.text(), OUTPUT_TAIL_LINES)
     }
+}
+
+/// The last 256 KiB of QEMU's output file at `path`, from `offset` on.
+fn read_tail_from(path: &Path, offset: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = offset.max(len.saturating_sub(OUTPUT_READ_MAX));
+    let mut bytes = Vec::new();
+    if f.seek(SeekFrom::Start(from)).is_ok() {
+        let _ = f.take(OUTPUT_READ_MAX).read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The last 256 KiB of a QEMU output file (an artifact).
+pub fn read_tail(path: &Path) -> String {
+    read_tail_from(path, 0)
 }
 
 /// Lines of QEMU's output an error message carries.
@@ -777,6 +787,8 @@ async fn unless_exited<T>(
     tokio::pin!(stopped);
     loop {
         tokio::select! {
+            // An answer that is there wins over a port closed after it.
+            biased;
             r = &mut stopped => return r,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 if let Ok(Some(status)) = child.try_wait() {

@@ -544,12 +544,18 @@ pub async fn run_until(
     // copy) until QEMU is gone: no strata may change it meanwhile, and a
     // run does not start on an image a strata is changing. Held to the
     // end of this function, after QEMU is killed.
-    let _image_lock = strata_builder::lock::ImageLock::shared(&cfg.image).map_err(|e| {
-        match strata_builder::error::Failure::kind(&e) {
-            FailureKind::Input => RunError::Input(e.to_string()),
-            _ => infra(e.to_string()),
+    let _image_lock = match strata_builder::lock::ImageLock::shared(&cfg.image) {
+        Ok(lock) => Some(lock),
+        // A filesystem without flock (some NFS, 9p, FUSE mounts): a reader
+        // goes on unlocked rather than not at all.
+        Err(strata_builder::lock::LockError::Lock { .. }) => None,
+        Err(e) => {
+            return Err(match strata_builder::error::Failure::kind(&e) {
+                FailureKind::Input => RunError::Input(e.to_string()),
+                _ => infra(e.to_string()),
+            })
         }
-    })?;
+    };
     let artifacts = Artifacts::open(cfg.artifacts.as_deref())
         .map_err(|e| RunError::Input(format!("artifacts dir: {e}")))?;
     let workdir = WorkDir::create().map_err(|e| infra(format!("private temp dir: {e}")))?;
@@ -651,8 +657,10 @@ pub async fn run_until(
         }
         // QEMU's own last words: why it stopped, exited or aborted.
         if let Some(log) = &s.last_qemu_log {
-            let out = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
-            let said = accel::last_lines(&out, crate::machine::OUTPUT_TAIL_LINES);
+            let said = accel::last_lines(
+                &crate::machine::read_tail(log),
+                crate::machine::OUTPUT_TAIL_LINES,
+            );
             if !said.is_empty() {
                 let name = log.file_name().unwrap_or_default().to_string_lossy();
                 e = format!("{e}\nlast QEMU output lines ({name}):\n{said}");
@@ -812,12 +820,20 @@ impl Session {
                     Err(e) => {
                         let failure = self.abandon_kvm(&e).await;
                         let summary = failure.summary();
-                        plan.kvm_failed(failure, t.elapsed().as_secs_f64())
-                            .map_err(me)?;
+                        if let Err(e) = plan.kvm_failed(failure, t.elapsed().as_secs_f64()) {
+                            // --accel kvm: the report says where KVM failed.
+                            self.accel = Some(plan.kvm_refused());
+                            return Err(me(e));
+                        }
                         self.emit(Progress::Step(format!(
                             "{summary}: boot 1 starts again under TCG"
                         )));
-                        self.disk.recreate(&self.cfg.image)?;
+                        // A lifecycle's raw copy takes a while: a child
+                        // that a stop or the timeout ends.
+                        if let Err(e) = self.disk.create(&self.cfg.image).await {
+                            self.accel = Some(plan.tcg_failed());
+                            return Err(e);
+                        }
                         accel::note_in_serial_log(&template.serial_log, &summary);
                         match self.boot_first_under(Accel::Tcg).await {
                             Ok(()) => plan.tcg_booted(),
@@ -874,11 +890,19 @@ impl Session {
             Accel::Tcg => "",
         };
         let mut m = self.start_machine(cmd, attempt).await?;
-        if accel == Accel::Kvm {
+        // Only `auto` has somewhere to fall back to: `--accel kvm` waits
+        // for the guest as any boot does.
+        let watched = accel == Accel::Kvm && self.cfg.accel == AccelChoice::Auto;
+        if watched {
             m.kernel_within = Some(accel::KVM_KERNEL_WITHIN);
         }
         self.machine = Some(m);
-        let budget = self.boot_budget();
+        let mut budget = self.boot_budget();
+        if watched {
+            // A KVM boot that printed and then stalls must not eat the
+            // TCG boot's time: a working KVM is up long before this.
+            budget = budget.min(accel::KVM_BOOT_WITHIN);
+        }
         let state = self.machine().wait_booted(budget).await?;
         self.timings.boot = self.machine().started().elapsed().as_secs_f64();
         self.booted(self.timings.boot, state);
@@ -925,12 +949,12 @@ impl Session {
             None => {
                 let out = self
                     .last_qemu_log
-                    .as_ref()
-                    .and_then(|p| std::fs::read(p).ok())
+                    .as_deref()
+                    .map(crate::machine::read_tail)
                     .unwrap_or_default();
                 (
                     accel::stage_reached(false, &debugcon, false, false),
-                    accel::qemu_words(&String::from_utf8_lossy(&out)),
+                    accel::qemu_words(&out),
                 )
             }
         };

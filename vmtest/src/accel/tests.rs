@@ -258,3 +258,55 @@ fn a_cache_that_cannot_be_written_is_said_not_fatal() {
     let note = plan.tcg_booted().cache.unwrap().note;
     assert!(note.contains("could not store the verdict"), "{note}");
 }
+
+#[test]
+fn only_evidence_against_kvm_itself_is_stored_for_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cache_in(dir.path(), false);
+    // The kernel printed, then the boot stalled with QEMU silent: maybe a
+    // loaded moment. The run falls back; the next one tries KVM again.
+    let stall = KvmFailure {
+        stage: Stage::Kernel,
+        qemu_said: String::new(),
+        error: "the guest coming up did not happen within 90 s".into(),
+    };
+    assert!(!stall.is_kvms_own());
+    let mut plan = auto(&c);
+    plan.kvm_failed(stall, 90.0).unwrap();
+    let d = plan.tcg_booted();
+    assert_eq!(d.used, Accel::Tcg);
+    assert!(
+        d.cache.unwrap().note.contains("nothing stored"),
+        "the note says why"
+    );
+    assert!(!c.path.exists());
+    // What is KVM's own: QEMU exited, QEMU named KVM, or the guest never
+    // got past the firmware or bootloader.
+    assert!(failure(Stage::Bootloader).is_kvms_own());
+    assert!(KvmFailure {
+        stage: Stage::Start,
+        qemu_said: "qemu-system-x86_64: error: failed to set MSR 0x10a".into(),
+        error: "QEMU exited (signal: 6 (SIGABRT) (core dumped)): ...".into(),
+    }
+    .is_kvms_own());
+    assert!(!KvmFailure {
+        stage: Stage::Start,
+        qemu_said: String::new(),
+        error: "QMP connect timed out".into(),
+    }
+    .is_kvms_own());
+}
+
+#[test]
+fn accel_kvm_that_failed_is_reported_as_kvm_with_where_it_failed() {
+    let mut plan = Plan::with_device(AccelChoice::Kvm, None, Path::new(QEMU), Ok(()));
+    assert!(plan.kvm_failed(failure(Stage::Bootloader), 1.5).is_err());
+    let d = plan.kvm_refused();
+    assert_eq!(d.used, Accel::Kvm);
+    assert_eq!(d.kvm_failure.map(|f| f.stage), Some(Stage::Bootloader));
+    assert!(
+        d.reason.starts_with("KVM failed at bootloader ("),
+        "{}",
+        d.reason
+    );
+}

@@ -110,15 +110,17 @@ impl Session {
 
     /// Every scenario of the config, in order, each on its own restore of
     /// the saved guest. A scenario whose guest fails under it (its restore,
-    /// a command, the agent a command killed) is that scenario's failure:
-    /// its unjudged checks are failed rows saying why, and the scenarios
-    /// after it still run.
+    /// a command, the agent a command killed) is that scenario's: its
+    /// unjudged checks are rows saying why, the scenarios after it still
+    /// run and report, and only then does the run end as an
+    /// infrastructure failure (exit 3) naming the scenarios it hit.
     pub(super) async fn run_scenarios(&mut self) -> Result<(), String> {
         let Some(saved) = self.saved.clone() else {
             return Ok(());
         };
         // The run's own guest is done: its CPU goes to the scenarios.
         self.quit_machine().await;
+        let mut failed = Vec::new();
         for sc in self.cfg.scenarios.clone() {
             let t = Instant::now();
             let rows_before = self.scenario_rows.len();
@@ -143,13 +145,16 @@ impl Session {
                     }
                     let row = CheckResult::new(
                         &name,
-                        Status::Fail,
+                        Status::Skip,
                         format!("not judged: the scenario's guest failed: {e}"),
                         vec![],
                     );
                     self.emit(Progress::CheckFinished(row.clone()));
                     self.scenario_rows.push(row);
                 }
+            }
+            if let Some(e) = &error {
+                failed.push(format!("scenario {}: {e}", sc.name));
             }
             let seconds = t.elapsed().as_secs_f64();
             self.scenario_log.push(ScenarioRecord {
@@ -160,7 +165,10 @@ impl Session {
             });
             self.timings.scenarios += seconds;
         }
-        Ok(())
+        match failed.is_empty() {
+            true => Ok(()),
+            false => Err(failed.join("; ")),
+        }
     }
 
     /// The scenario's own overlay on the saved disk.
