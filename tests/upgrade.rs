@@ -1046,3 +1046,49 @@ fn debris_cleaning_never_touches_a_mount_strata_did_not_make() {
     assert!(e.contains("mode 755"), "{e}");
     drop(forged);
 }
+
+/// Issue 22, item 6: the new fstab mounts a tmpfs on /var/lib/db, where
+/// the live state (state/var) already has data. Refused (exit 2) naming
+/// the files; with --allow-hidden-state it goes through, and `inspect
+/// --lint` names the hidden state data with advice that fits it (the data
+/// is in the state subvolume already: drop the mount or move the data).
+#[test]
+fn an_upgrade_never_hides_live_state_without_being_told() {
+    let fx = Fixture::new();
+    fs::write(
+        fx.rootfs2().join("etc/fstab"),
+        "tmpfs /tmp tmpfs defaults 0 0\ntmpfs /var/lib/db tmpfs defaults 0 0\n",
+    )
+    .unwrap();
+    // The new rootfs brings nothing there itself: only the live state is
+    // hidden.
+    fs::remove_file(fx.rootfs2().join("var/lib/db/data")).unwrap();
+    let before = fx.checksum();
+    let out = fx.upgrade("v2", &[]);
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("/var/lib/db/data"), "{e}");
+    assert!(e.contains("state/var/lib/db"), "{e}");
+    assert!(e.contains("--allow-hidden-state"), "{e}");
+    assert_eq!(fx.checksum(), before, "a refusal changes nothing");
+
+    let out = fx.upgrade("v2", &["--allow-hidden-state"]);
+    let e = stderr(&out);
+    assert!(out.status.success(), "{e}");
+    assert!(e.contains("/var/lib/db/data"), "{e}");
+    let lint = strata()
+        .args(["inspect", "--lint"])
+        .arg(fx.image())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&lint.stdout).into_owned();
+    assert!(!lint.status.success(), "{text}");
+    assert!(text.contains("/var/lib/db/data"), "{text}");
+    assert!(text.contains("Already in a state subvolume"), "{text}");
+    assert!(text.contains("in state/var/lib/db"), "{text}");
+    assert!(
+        !text.contains("Fix: move them into the state subvolume"),
+        "{text}"
+    );
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}
