@@ -954,3 +954,141 @@ fn a_device_upgraded_from_a_tar_archive_extracts_under_tmpdir() {
     assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
     assert_eq!(whole_versions(&fx.layout()), ["factory", "v2"]);
 }
+
+/// A mount and loop device that are not this strata's, undone on drop.
+struct Forged {
+    mounts: Vec<PathBuf>,
+    loopdev: String,
+}
+
+impl Drop for Forged {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg(m).status();
+        }
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loopdev)
+            .status();
+    }
+}
+
+/// Issue 22, item 2: a mount named like a killed strata's (the review's
+/// FUSE `~/strata-mnt.999999.loop.x` with `fsname=/dev/loop0`, here a
+/// tmpfs whose source names a loop device; and a real btrfs on that loop
+/// device, on `fs` in a directory strata did not make) is someone else's.
+/// The upgrade that cleans debris reports both and touches neither: the
+/// mounts stay, the loop device stays attached.
+#[test]
+fn debris_cleaning_never_touches_a_mount_strata_did_not_make() {
+    let fx = Fixture::new();
+    let dead = 999_999;
+    assert!(
+        !Path::new(&format!("/proc/{dead}")).exists(),
+        "pid {dead} must be free for this test"
+    );
+    let scratch = fx.path("victim.img");
+    fs::File::create(&scratch)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    sh(&format!("mkfs.btrfs -q '{}'", scratch.display()));
+    // Not autoclear: a device someone set up by hand, which stays until
+    // they detach it.
+    let loopdev = sh(&format!("losetup -f --show '{}'", scratch.display()))
+        .trim()
+        .to_owned();
+    let mut forged = Forged {
+        mounts: Vec::new(),
+        loopdev: loopdev.clone(),
+    };
+    let fake = fx.path(&format!("strata-mnt.{dead}.loop.x"));
+    fs::create_dir(&fake).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=1m '{loopdev}' '{}'",
+        fake.display()
+    ));
+    forged.mounts.push(fake.clone());
+    let private = fx.path(&format!("strata-mnt.{}.loop.y", dead - 1));
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o755)).unwrap();
+    let real = private.join("fs");
+    fs::create_dir(&real).unwrap();
+    sh(&format!("mount -t btrfs '{loopdev}' '{}'", real.display()));
+    forged.mounts.push(real.clone());
+
+    let out = fx.upgrade("v2", &[]);
+    let e = stderr(&out);
+    assert!(out.status.success(), "{e}");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for m in [&fake, &real] {
+        let m = m.to_string_lossy().into_owned();
+        assert!(
+            mounts
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some(m.as_str())),
+            "{m} was unmounted: {e}"
+        );
+        assert!(
+            e.contains(&format!("left {loopdev} mounted on {m} alone")),
+            "{e}"
+        );
+    }
+    let name = loopdev.trim_start_matches("/dev/");
+    assert!(
+        Path::new(&format!("/sys/block/{name}/loop/backing_file")).exists(),
+        "{loopdev} was detached: {e}"
+    );
+    assert!(
+        e.contains("not on `fs` inside a strata mount directory"),
+        "{e}"
+    );
+    assert!(e.contains("mode 755"), "{e}");
+    drop(forged);
+}
+
+/// Issue 22, item 6: the new fstab mounts a tmpfs on /var/lib/db, where
+/// the live state (state/var) already has data. Refused (exit 2) naming
+/// the files; with --allow-hidden-state it goes through, and `inspect
+/// --lint` names the hidden state data with advice that fits it (the data
+/// is in the state subvolume already: drop the mount or move the data).
+#[test]
+fn an_upgrade_never_hides_live_state_without_being_told() {
+    let fx = Fixture::new();
+    fs::write(
+        fx.rootfs2().join("etc/fstab"),
+        "tmpfs /tmp tmpfs defaults 0 0\ntmpfs /var/lib/db tmpfs defaults 0 0\n",
+    )
+    .unwrap();
+    // The new rootfs brings nothing there itself: only the live state is
+    // hidden.
+    fs::remove_file(fx.rootfs2().join("var/lib/db/data")).unwrap();
+    let before = fx.checksum();
+    let out = fx.upgrade("v2", &[]);
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("/var/lib/db/data"), "{e}");
+    assert!(e.contains("state/var/lib/db"), "{e}");
+    assert!(e.contains("--allow-hidden-state"), "{e}");
+    assert_eq!(fx.checksum(), before, "a refusal changes nothing");
+
+    let out = fx.upgrade("v2", &["--allow-hidden-state"]);
+    let e = stderr(&out);
+    assert!(out.status.success(), "{e}");
+    assert!(e.contains("/var/lib/db/data"), "{e}");
+    let lint = strata()
+        .args(["inspect", "--lint"])
+        .arg(fx.image())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&lint.stdout).into_owned();
+    assert!(!lint.status.success(), "{text}");
+    assert!(text.contains("/var/lib/db/data"), "{text}");
+    assert!(text.contains("Already in a state subvolume"), "{text}");
+    assert!(text.contains("in state/var/lib/db"), "{text}");
+    assert!(
+        !text.contains("Fix: move them into the state subvolume"),
+        "{text}"
+    );
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}

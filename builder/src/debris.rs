@@ -3,7 +3,7 @@
 //! caught; SIGKILL cannot be, so every resource strata makes carries the
 //! pid of the run that made it:
 //!
-//! - mounts on `<tmp>/strata-mnt.<pid>.<random>` (`mount::MOUNT_DIR_PREFIX`),
+//! - mounts on `<tmp>/strata-mnt.<pid>.<random>/fs` (`mount::MOUNT_DIR_PREFIX`),
 //!   and the loop devices mounted there;
 //! - partial images `.<name>.strata-partial.<pid>.<random>` next to the
 //!   output (`PARTIAL_MARKER`);
@@ -16,7 +16,16 @@
 //!   next to the output (`EXTRACT_MARKER`, `rootfs_tar::Extraction`).
 //!
 //! Only resources whose pid is gone are touched, and a loop device only when
-//! the dead run attached it itself (its mount dir says so). strata's loop
+//! the dead run attached it itself (its mount dir says so).
+//!
+//! A name proves nothing: anyone can mount a FUSE filesystem on
+//! `~/strata-mnt.999999.loop.x` naming `/dev/loop0` as its source. A mount
+//! is cleaned only when this user's strata provably made it: its mount
+//! point is `fs` inside a directory of that name owned by this user with
+//! mode 0700 (which no other user can fill), it is btrfs, and a loop
+//! device strata attached still reads the file recorded beside it when it
+//! was attached (`mount::BACKING_RECORD`, by device and inode). Anything
+//! else named so is reported and left alone. strata's loop
 //! devices are attached with autoclear (`loopdev`): one that is not mounted
 //! went away with the run that held it, one that is goes with the unmount.
 
@@ -47,6 +56,13 @@ pub enum Leftover {
     Staging(PathBuf),
     /// A rootfs archive a dead run extracted (a directory).
     Extraction(PathBuf),
+    /// A mount named like a dead run's that strata cannot prove it made:
+    /// reported, never touched. `why` says what does not fit.
+    NotOurs {
+        dir: PathBuf,
+        device: String,
+        why: String,
+    },
 }
 
 /// What cleaning did, for the caller to report.
@@ -60,6 +76,12 @@ pub enum Cleaned {
     Removed(PathBuf),
     RemovedStaging(PathBuf),
     RemovedExtraction(PathBuf),
+    /// Named like a dead run's mount, but not provably strata's: left alone.
+    LeftAlone {
+        dir: PathBuf,
+        device: String,
+        why: String,
+    },
     /// Could not be cleaned: what failed and the command that would do it.
     Failed {
         what: String,
@@ -93,6 +115,12 @@ impl std::fmt::Display for Cleaned {
                 "removed extracted rootfs archive {} (left by a killed strata)",
                 p.display()
             ),
+            Cleaned::LeftAlone { dir, device, why } => write!(
+                f,
+                "left {device} mounted on {} alone: it is named like a killed strata's \
+                 mount, but {why}",
+                dir.display()
+            ),
             Cleaned::Failed { what, command } => {
                 write!(f, "could not clean {what}: run `{command}`")
             }
@@ -114,42 +142,155 @@ fn pid_after(name: &str, prefix: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// Mounts on strata mount dirs whose run is gone, from `mountinfo` text.
-pub fn dead_mounts(mountinfo: &str, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
+/// A mount named like a strata mount of a dead run, as `mountinfo` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub dir: PathBuf,
+    pub fstype: String,
+    pub device: String,
+    pub own_loop: bool,
+}
+
+/// Mounts named like strata mounts whose run is gone, from `mountinfo`
+/// text: those `judge` finds strata's as `Mount`, the others as `NotOurs`
+/// with its reason. Both the current layout (`<name>/fs`) and a mount
+/// point that itself has the name (older runs, or a forgery) are seen.
+pub fn dead_mounts(
+    mountinfo: &str,
+    alive: impl Fn(u32) -> bool,
+    judge: impl Fn(&Seen) -> Result<(), String>,
+) -> Vec<Leftover> {
     let mut out = Vec::new();
     for line in mountinfo.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(dir) = fields.get(4).map(|d| crate::fstab::unescape(d)) else {
             continue;
         };
-        let name = Path::new(&dir)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let dir = PathBuf::from(dir);
+        let named = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| pid_after(n, crate::mount::MOUNT_DIR_PREFIX).is_some())
+        };
+        let Some(name) = named(&dir).or_else(|| dir.parent().and_then(named)) else {
+            continue;
+        };
         let Some(pid) = pid_after(&name, crate::mount::MOUNT_DIR_PREFIX) else {
             continue;
         };
         if alive(pid) {
             continue;
         }
-        // The mount source comes after the " - " separator: fstype, source.
-        let device = fields
-            .iter()
-            .position(|f| *f == "-")
-            .and_then(|i| fields.get(i + 2))
-            .map(|s| crate::fstab::unescape(s))
-            .unwrap_or_default();
+        // After the " - " separator: fstype, source.
+        let sep = fields.iter().position(|f| *f == "-");
+        let after = |n: usize| {
+            sep.and_then(|i| fields.get(i + n))
+                .map(|s| crate::fstab::unescape(s))
+                .unwrap_or_default()
+        };
         let own_loop = name
             .strip_prefix(crate::mount::MOUNT_DIR_PREFIX)
             .and_then(|rest| rest.split_once('.'))
             .is_some_and(|(_, after_pid)| after_pid.starts_with(crate::mount::OWN_LOOP_MARK));
-        out.push(Leftover::Mount {
-            dir: PathBuf::from(dir),
-            device,
+        let seen = Seen {
+            dir,
+            fstype: after(1),
+            device: after(2),
             own_loop,
+        };
+        out.push(match judge(&seen) {
+            Ok(()) => Leftover::Mount {
+                dir: seen.dir,
+                device: seen.device,
+                own_loop: seen.own_loop,
+            },
+            Err(why) => Leftover::NotOurs {
+                dir: seen.dir,
+                device: seen.device,
+                why,
+            },
         });
     }
     out
+}
+
+/// Whether this user's strata provably made the mount `seen` (see the
+/// module's comment), or why not.
+pub fn provenance(seen: &Seen) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let private = seen
+        .dir
+        .parent()
+        .filter(|_| {
+            seen.dir
+                .file_name()
+                .is_some_and(|n| n == crate::mount::MOUNT_POINT_NAME)
+        })
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                pid_after(&n.to_string_lossy(), crate::mount::MOUNT_DIR_PREFIX).is_some()
+            })
+        })
+        .ok_or_else(|| {
+            format!(
+                "it is not on `{}` inside a strata mount directory",
+                crate::mount::MOUNT_POINT_NAME
+            )
+        })?;
+    // lstat: a symlink named so could point at any directory.
+    let md = std::fs::symlink_metadata(private)
+        .map_err(|e| format!("its directory {} cannot be read: {e}", private.display()))?;
+    let euid = rustix::process::geteuid().as_raw();
+    let mode = md.permissions().mode() & 0o7777;
+    if !md.is_dir() || md.uid() != euid || mode != 0o700 {
+        return Err(format!(
+            "its directory {} is {} owned by uid {} with mode {mode:o}, not a private \
+             (0700) directory of uid {euid}",
+            private.display(),
+            if md.is_dir() {
+                "a directory"
+            } else {
+                "not a directory"
+            },
+            md.uid(),
+        ));
+    }
+    if seen.fstype != "btrfs" {
+        return Err(format!(
+            "it is a {} mount, and strata mounts only btrfs",
+            seen.fstype
+        ));
+    }
+    if seen.own_loop {
+        let record = private.join(crate::mount::BACKING_RECORD);
+        let recorded = std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|t| {
+                let (d, i) = t.trim().split_once(' ')?;
+                Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+            })
+            .ok_or_else(|| {
+                format!(
+                    "{} does not record which file strata attached {} to",
+                    record.display(),
+                    seen.device
+                )
+            })?;
+        let is_loop = Path::new(&seen.device)
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("loop"))
+            && seen.device.starts_with("/dev/");
+        let reads = is_loop
+            .then(|| crate::loopdev::backing_id(Path::new(&seen.device)).ok())
+            .flatten();
+        if reads != Some(recorded) {
+            return Err(format!(
+                "{} is not the loop device strata attached to the file it recorded",
+                seen.device
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Partial images and staging directories of dead builds in `dir`. Each
@@ -215,7 +356,7 @@ pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover
 /// being worked on).
 pub fn find(image_dir: Option<&Path>) -> Vec<Leftover> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut out = dead_mounts(&info, pid_alive);
+    let mut out = dead_mounts(&info, pid_alive, provenance);
     if let Some(d) = image_dir {
         out.extend(dead_partials(d, pid_alive));
         out.extend(dead_extractions(d, pid_alive));
@@ -233,7 +374,10 @@ pub fn find_for_image(image: &Path) -> Vec<Leftover> {
     }
     find(None)
         .into_iter()
-        .filter(|l| matches!(l, Leftover::Mount { device, .. } if backing.contains(device)))
+        .filter(|l| {
+            matches!(l, Leftover::Mount { device, .. } | Leftover::NotOurs { device, .. }
+                if backing.contains(device))
+        })
         .collect()
 }
 
@@ -257,7 +401,13 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
                     });
                     continue;
                 }
+                // The mount point, then the private directory around it
+                // and its record (rmdir only: nothing else is ours there).
                 let _ = std::fs::remove_dir(dir);
+                if let Some(private) = dir.parent() {
+                    let _ = std::fs::remove_file(private.join(crate::mount::BACKING_RECORD));
+                    let _ = std::fs::remove_dir(private);
+                }
                 done.push(Cleaned::Unmounted {
                     dir: dir.clone(),
                     device: device.clone(),
@@ -284,6 +434,11 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
                     }
                 }
             }
+            Leftover::NotOurs { dir, device, why } => done.push(Cleaned::LeftAlone {
+                dir: dir.clone(),
+                device: device.clone(),
+                why: why.clone(),
+            }),
             Leftover::Extraction(path) => match std::fs::remove_dir_all(path) {
                 Ok(()) => done.push(Cleaned::RemovedExtraction(path.clone())),
                 Err(_) => done.push(Cleaned::Failed {
@@ -361,31 +516,80 @@ mod tests {
     use super::*;
 
     const INFO: &str = "\
-36 25 0:32 / /tmp/strata-mnt.999999.loop.AbC rw,relatime shared:1 - btrfs /dev/loop7 rw,space_cache=v2,subvolid=5,subvol=/
-37 25 0:33 / /tmp/strata-mnt.1.XyZ rw,relatime shared:2 - btrfs /dev/loop8 rw
-38 25 0:34 / /tmp/my\\040dir/strata-mnt.424242.q rw - btrfs /dev/loop9 rw
+36 25 0:32 / /tmp/strata-mnt.999999.loop.AbC/fs rw,relatime shared:1 - btrfs /dev/loop7 rw,space_cache=v2,subvolid=5,subvol=/
+37 25 0:33 / /tmp/strata-mnt.1.XyZ/fs rw,relatime shared:2 - btrfs /dev/loop8 rw
+38 25 0:34 / /tmp/my\\040dir/strata-mnt.424242.q/fs rw - btrfs /dev/loop9 rw
 39 25 0:35 / /mnt/strata-mnt.x rw - ext4 /dev/vdb rw
 40 25 0:36 / /proc rw - proc proc rw
+41 25 0:37 / /home/u/strata-mnt.999998.loop.x rw - fuse.sshfs /dev/loop0 rw
 ";
 
     #[test]
     fn dead_mounts_are_strata_dirs_of_gone_pids() {
-        let found = dead_mounts(INFO, |pid| pid == 1);
+        let found = dead_mounts(
+            INFO,
+            |pid| pid == 1,
+            |s| {
+                (s.fstype == "btrfs")
+                    .then_some(())
+                    .ok_or("not btrfs".into())
+            },
+        );
         assert_eq!(
             found,
             [
                 Leftover::Mount {
-                    dir: "/tmp/strata-mnt.999999.loop.AbC".into(),
+                    dir: "/tmp/strata-mnt.999999.loop.AbC/fs".into(),
                     device: "/dev/loop7".into(),
                     own_loop: true,
                 },
                 Leftover::Mount {
-                    dir: "/tmp/my dir/strata-mnt.424242.q".into(),
+                    dir: "/tmp/my dir/strata-mnt.424242.q/fs".into(),
                     device: "/dev/loop9".into(),
                     own_loop: false,
                 },
+                Leftover::NotOurs {
+                    dir: "/home/u/strata-mnt.999998.loop.x".into(),
+                    device: "/dev/loop0".into(),
+                    why: "not btrfs".into(),
+                },
             ]
         );
+    }
+
+    /// The review's forgery, judged for real: a mount point named like a
+    /// dead run's own-loop mount, outside any private strata directory.
+    #[test]
+    fn a_mount_named_like_strata_s_proves_nothing() {
+        let seen = Seen {
+            dir: "/home/u/strata-mnt.999999.loop.x".into(),
+            fstype: "fuse.x".into(),
+            device: "/dev/loop0".into(),
+            own_loop: true,
+        };
+        let why = provenance(&seen).unwrap_err();
+        assert!(why.contains("not on `fs`"), "{why}");
+        // The right shape, in a directory anyone could have made.
+        let d = tempfile::tempdir().unwrap();
+        let private = d.path().join("strata-mnt.999999.loop.x");
+        std::fs::create_dir(&private).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let seen = Seen {
+            dir: private.join("fs"),
+            ..seen
+        };
+        let why = provenance(&seen).unwrap_err();
+        assert!(why.contains("mode 755"), "{why}");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let why = provenance(&seen).unwrap_err();
+        assert!(why.contains("fuse.x mount"), "{why}");
+        let seen = Seen {
+            fstype: "btrfs".into(),
+            ..seen
+        };
+        let why = provenance(&seen).unwrap_err();
+        assert!(why.contains("does not record"), "{why}");
     }
 
     #[test]

@@ -12,9 +12,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Mount directories are `<tmp>/strata-mnt.<pid>.<random>`: the pid lets the
+/// Mounts are on `<tmp>/strata-mnt.<pid>.<random>/fs`: the pid lets the
 /// next run tell a dead run's debris from a live run's mount (`debris`).
+/// The directory around the mount point is private (0700, this user's) and
+/// stays visible while the mount hides `fs`: the next run trusts only a
+/// mount inside such a directory, which no other user can make.
 pub const MOUNT_DIR_PREFIX: &str = "strata-mnt.";
+
+/// The mount point's name inside the private directory.
+pub const MOUNT_POINT_NAME: &str = "fs";
+
+/// In the private directory of a mount of a loop device strata attached:
+/// `<st_dev> <st_ino>` of the loop device's backing file. The next run
+/// detaches a dead run's device only while it still reads that file.
+pub const BACKING_RECORD: &str = "backing";
 
 /// After the pid in a mount dir's name: the mounted device is a loop device
 /// strata attached (and may detach when cleaning a dead run's debris).
@@ -27,6 +38,9 @@ const BUSY_PAUSE: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Mount {
     mounted: bool,
+    /// The private directory (`MOUNT_DIR_PREFIX`), holding `dir`.
+    private: PathBuf,
+    /// The mount point.
     dir: PathBuf,
 }
 
@@ -61,16 +75,35 @@ impl Mount {
     }
 
     fn btrfs_named(device: &Path, options: &str, mark: &str) -> Result<Mount, MountError> {
-        let dir = tempfile::Builder::new()
+        let private = tempfile::Builder::new()
             .prefix(&format!("{MOUNT_DIR_PREFIX}{}.{mark}", std::process::id()))
             .tempdir()
             .map_err(MountError::TempDir)?
             .keep();
+        // 0700: only this user can put anything in it, which is what lets
+        // the next run trust a mount inside it (`debris::provenance`). Made
+        // with the umask's mode first, never writable by others meanwhile.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let private_mode =
+                std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700));
+            if let Err(e) = private_mode {
+                let _ = std::fs::remove_dir(&private);
+                return Err(MountError::TempDir(e));
+            }
+        }
         let mut guard = Mount {
             mounted: false,
-            dir,
+            dir: private.join(MOUNT_POINT_NAME),
+            private,
         };
-        // On failure the guard drops unmounted and removes its directory.
+        // On failure the guard drops unmounted and removes its directories.
+        if mark == OWN_LOOP_MARK {
+            let (dev, ino) = crate::loopdev::backing_id(device).map_err(MountError::TempDir)?;
+            std::fs::write(guard.private.join(BACKING_RECORD), format!("{dev} {ino}\n"))
+                .map_err(MountError::TempDir)?;
+        }
+        std::fs::create_dir(&guard.dir).map_err(MountError::TempDir)?;
         cmd::run(
             Command::new("mount")
                 .args(["-t", "btrfs", "-o", options])
@@ -94,7 +127,7 @@ impl Mount {
     fn release(&mut self) -> Result<(), MountError> {
         if !self.mounted {
             // Never mounted (the mount failed), or already released.
-            if self.dir.exists() {
+            if self.private.exists() {
                 self.remove_dir();
             }
             return Ok(());
@@ -128,7 +161,18 @@ impl Mount {
     /// rmdir only: an unexpected entry means something is wrong, and a
     /// leftover empty directory in /tmp costs nothing.
     fn remove_dir(&self) {
-        if let Err(e) = std::fs::remove_dir(&self.dir) {
+        let record = self.private.join(BACKING_RECORD);
+        let removed = std::fs::remove_dir(&self.dir)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .and_then(|()| match std::fs::remove_file(&record) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            })
+            .and_then(|()| std::fs::remove_dir(&self.private));
+        if let Err(e) = removed {
             tracing::warn!("leaving mount point {}: {e}", self.dir.display());
         }
     }
@@ -184,6 +228,8 @@ mod tests {
         let m = Mount::btrfs(dev.path(), "noatime").unwrap();
         let dir = m.path().to_owned();
         assert!(dir
+            .parent()
+            .unwrap()
             .file_name()
             .unwrap()
             .to_string_lossy()

@@ -44,6 +44,11 @@ pub struct UpgradeArgs {
     /// the image's layout when it does not exist).
     #[arg(long)]
     manifest: Option<PathBuf>,
+    /// Upgrade even when the new fstab mounts something over data already
+    /// in a live state subvolume (refused otherwise, naming the files):
+    /// the data stays in the image, hidden, and `inspect --lint` names it.
+    #[arg(long)]
+    allow_hidden_state: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -73,6 +78,7 @@ pub fn run(args: UpgradeArgs) -> u8 {
         },
         set_default: !args.no_default,
         manifest: args.manifest,
+        allow_hidden_state: args.allow_hidden_state,
     };
     let interrupt = match Interrupt::on_signals() {
         Ok(i) => i,

@@ -189,6 +189,42 @@ fn check_mountpoint(
     check
 }
 
+/// Everything under `dir_rel` (a directory of the image, looked up from
+/// `root` without following a symlink), shown under `shown`. `None` when
+/// there is no directory there. An entry that is there but not a
+/// directory is listed itself: a mount over it fails at boot.
+pub fn entries_under(
+    root: &RootDir,
+    dir_rel: &str,
+    shown: &str,
+    subvols: &[Subvolume],
+) -> Option<Vec<HiddenFile>> {
+    match root.open_dir_no_symlinks(dir_rel) {
+        Err(e @ (rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)) => Some(vec![HiddenFile {
+            path: shown.to_owned(),
+            kind: if e == rustix::io::Errno::LOOP {
+                FileKind::Symlink
+            } else {
+                FileKind::File
+            },
+            size: 0,
+        }]),
+        Err(_) => None,
+        Ok(fd) => {
+            let subvols: HashSet<&str> = subvols.iter().map(|s| s.path.as_str()).collect();
+            let at = Walk {
+                dev: rustix::fs::fstat(&fd).map(|st| st.st_dev).unwrap_or(0),
+                rel: dir_rel,
+                shown,
+            };
+            let mut out = Vec::new();
+            walk(&fd, at, &subvols, &mut out);
+            out.sort_by(|a, b| a.path.cmp(&b.path));
+            Some(out)
+        }
+    }
+}
+
 /// Where `walk` is: the directory's device, its path in the image, and
 /// how it is shown.
 #[derive(Clone, Copy)]

@@ -16,7 +16,7 @@
 pub mod appliance;
 pub mod boot_entry;
 mod error;
-mod lint;
+pub(crate) mod lint;
 pub mod model;
 mod open;
 mod read;

@@ -215,6 +215,24 @@ fn check_open(
         })
         .map(str::to_owned)
         .collect();
+    let hidden = hidden_state(ro, &new_entries, &plan, &live_state);
+    if !hidden.is_empty() {
+        if opts.allow_hidden_state {
+            steps.emit(Event::Note(format!(
+                "--allow-hidden-state: the new fstab hides data already in the state: {}",
+                hidden.join("; ")
+            )));
+        } else {
+            return Err(input(format!(
+                "rootfs {}'s /etc/fstab mounts over data already in the live state, which the \
+                 booted system could no longer see: {}. Move or remove that data in the image \
+                 first, drop the mount from the new fstab, or pass --allow-hidden-state to \
+                 upgrade anyway (`strata inspect --lint` will name the data)",
+                rootfs.path.display(),
+                hidden.join("; ")
+            )));
+        }
+    }
     check_fit(
         ro.top(),
         &old,
@@ -274,6 +292,75 @@ fn check_open(
         manifest,
         manifest_existed,
     })
+}
+
+/// How many hidden files a refusal names per mount; the rest are counted.
+const HIDDEN_NAMED: usize = 5;
+
+/// The live state the new version would hide: for each boot mount of the
+/// new fstab (`fstab::mounts_over_root`, the one rule for what mounts at
+/// boot) inside the mountpoint of a live state subvolume, what that
+/// subvolume already holds at the mount's path. One text per mount:
+/// `/var/lib/docker (tmpfs) over state/var/lib/docker: 3 entries
+/// (/var/lib/docker/a, …)`. Read through the read-only mount, never
+/// following a symlink of the image.
+fn hidden_state(
+    ro: &OpenImage,
+    entries: &[fstab::Entry],
+    plan: &Plan,
+    live: &[String],
+) -> Vec<String> {
+    let Ok(root) = crate::rootfs::RootDir::open(ro.top()) else {
+        return Vec::new();
+    };
+    let state_points: Vec<String> = plan
+        .created_state_dirs()
+        .map(layout::state_mountpoint)
+        .collect();
+    let subvols = &ro.layout().subvolumes;
+    let mut out = Vec::new();
+    for e in fstab::mounts_over_root(entries) {
+        // A state dir's own mount is strata's: its data is its subvolume.
+        if state_points.contains(&e.target) {
+            continue;
+        }
+        for d in live {
+            let point = layout::state_mountpoint(d);
+            let Some(rest) = e.target.strip_prefix(&point).filter(|r| r.starts_with('/')) else {
+                continue;
+            };
+            let dir_rel = format!("{}{rest}", layout::state(d));
+            let Some(files) = image::lint::entries_under(&root, &dir_rel, &e.target, subvols)
+            else {
+                continue;
+            };
+            if files.is_empty() {
+                continue;
+            }
+            let mut named: Vec<&str> = files
+                .iter()
+                .take(HIDDEN_NAMED)
+                .map(|f| f.path.as_str())
+                .collect();
+            let more = files.len().saturating_sub(HIDDEN_NAMED);
+            let more_text = format!("and {more} more");
+            if more > 0 {
+                named.push(&more_text);
+            }
+            out.push(format!(
+                "{} ({}) over {dir_rel}: {} ({})",
+                e.target,
+                e.fstype,
+                if files.len() == 1 {
+                    "1 entry".to_owned()
+                } else {
+                    format!("{} entries", files.len())
+                },
+                named.join(", ")
+            ));
+        }
+    }
+    out
 }
 
 /// The image is a strata layout with a whole default version and no

@@ -115,6 +115,11 @@ pub struct UpgradeOptions {
     /// The manifest to update; default `IMG.manifest.json`. Started from
     /// the image's layout when it does not exist.
     pub manifest: Option<PathBuf>,
+    /// Go on when the new fstab mounts something over data already in a
+    /// live state subvolume (`--allow-hidden-state`): that data stays on
+    /// the image, invisible in the booted system, and `inspect --lint`
+    /// names it. Without it the upgrade is refused, naming the files.
+    pub allow_hidden_state: bool,
 }
 
 /// What an upgrade did, for the CLI's summary.

@@ -286,16 +286,52 @@ pub fn lint(l: &Lint, all: bool) -> String {
         bytes(l.hidden_bytes),
         points.join(", ")
     );
-    let _ = writeln!(
-        o,
-        "These files are in the image but invisible in the booted system: a \
-         subvolume is mounted over the directory that holds them, and \
-         systemd logs \"Directory … to mount over is not empty, mounting \
-         anyway.\" for each. Fix: move them into the state subvolume (or \
-         delete them) so the directory is empty, or rebuild the image with \
-         `strata build`: its default `--state-migration move` leaves every \
-         mountpoint empty."
-    );
+    // Data already in a state subvolume, hidden by a mount the fstab nests
+    // inside the state dir, needs the opposite advice: it is where state
+    // belongs, and moving it "into the state subvolume" changes nothing.
+    let in_state = |m: &MountpointCheck| {
+        m.dir
+            .as_deref()
+            .and_then(|d| d.strip_prefix(layout::STATE_DIR))
+            .is_some_and(|rest| rest.starts_with('/'))
+    };
+    if bad.iter().any(|m| !in_state(m)) {
+        let _ = writeln!(
+            o,
+            "These files are in the image but invisible in the booted system: a \
+             subvolume is mounted over the directory that holds them, and \
+             systemd logs \"Directory … to mount over is not empty, mounting \
+             anyway.\" for each. Fix: move them into the state subvolume (or \
+             delete them) so the directory is empty, or rebuild the image with \
+             `strata build`: its default `--state-migration move` leaves every \
+             mountpoint empty."
+        );
+    }
+    let mut nested: Vec<String> = bad
+        .iter()
+        .filter(|m| in_state(m))
+        .map(|m| {
+            format!(
+                "{} (in {}, under {})",
+                m.mountpoint,
+                m.dir.as_deref().unwrap_or_default(),
+                m.mounted
+            )
+        })
+        .collect();
+    nested.sort();
+    nested.dedup();
+    if !nested.is_empty() {
+        let _ = writeln!(
+            o,
+            "Already in a state subvolume, hidden by a mount the version's fstab \
+             nests inside the state dir: {}. Moving them into the state subvolume \
+             changes nothing, they are in it. Fix: drop or move that mount in the \
+             version's /etc/fstab, or move the data out of that directory of the \
+             state subvolume (or delete it) if the mount should win.",
+            nested.join(", ")
+        );
+    }
     o
 }
 

@@ -33,6 +33,8 @@ fn upgrade_copy(
         set_default: true,
         // IMAGE.manifest.json next to the copy: the run copied it there.
         manifest: None,
+        // A scenario upgrade is refused like any other.
+        allow_hidden_state: false,
     };
     let mut on_event = |e: Event| match e {
         Event::StepFinished(step, took) => note(format!(
