@@ -6,6 +6,7 @@ use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::xattrs;
 
@@ -1346,5 +1347,90 @@ fn an_extraction_is_removed_after_sigterm_and_after_sigkill() {
         "{err}"
     );
     assert_eq!(extractions(), Vec::<String>::new());
+    fx.assert_nothing_left();
+}
+
+/// A sparse file under a state dir is hashed by its extents (holes as
+/// zeros, never read) to the digest `sha256sum` gives, and a SIGINT while
+/// a terabyte of holes is hashed stops the build (exit 130) with nothing
+/// left: no image, no loop device, no mount.
+#[test]
+fn sparse_files_under_a_state_dir_hash_by_extents_and_ctrl_c_stops_the_hash() {
+    use std::io::{BufRead, BufReader};
+    let fx = Fixture::new();
+    let sparse = fx.rootfs().join("srv/sparse");
+    sh(&format!(
+        "truncate -s 3G '{0}' && printf head | dd of='{0}' conv=notrunc status=none \
+         && printf middle | dd of='{0}' bs=1M seek=1500 conv=notrunc status=none \
+         && truncate -s 4G '{0}'",
+        sparse.display()
+    ));
+    let want = sh(&format!("sha256sum < '{}'", sparse.display()));
+    let want = want.split_whitespace().next().unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    let rec = m
+        .default_version()
+        .moved_files
+        .iter()
+        .find(|f| f.path == "/srv/sparse")
+        .expect("/srv/sparse recorded");
+    assert_eq!(rec.sha256.as_deref(), Some(want));
+    fs::remove_file(fx.image()).unwrap();
+    fs::remove_file(Manifest::default_path(&fx.image())).unwrap();
+    fs::remove_file(&sparse).unwrap();
+
+    // sha256 has no shortcut over zeros: a terabyte takes minutes to hash,
+    // so Ctrl-C at that step must be heard.
+    sh(&format!(
+        "truncate -s 1T '{}'",
+        fx.rootfs().join("srv/big").display()
+    ));
+    let mut child = strata()
+        .args(["build", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--size", "300M", "--fs-uuid", &fx.fs_uuid])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let at_hash = line.contains("hashing moved files");
+        seen.push(line);
+        if at_hash {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains("hashing")),
+        "{seen:?}"
+    );
+    // Well inside the hash (the step itself is running).
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = Instant::now();
+    sh(&format!("kill -INT {}", child.id()));
+    // Read the rest on a thread: a strata that ignores the signal would
+    // hold the pipe open for minutes.
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if sent.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            child.wait().unwrap();
+            panic!("SIGINT during the hash was not heard within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let rest = rest.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
+    assert_eq!(fx.outputs(), Vec::<String>::new());
     fx.assert_nothing_left();
 }

@@ -259,7 +259,9 @@ pub fn deploy(
     let mut moved = steps.run(Step::MigrateState, |s| {
         move_state(top, &orig_root, plan, opts.migration, s)
     })?;
-    steps.run(Step::HashMoved, |_| hash_moved(top.path(), &mut moved))?;
+    steps.run(Step::HashMoved, |s| {
+        hash_moved(top.path(), &mut moved, s.interrupt())
+    })?;
     steps.run(Step::CheckMountpoints, |_| {
         check_mountpoints(&orig_root, plan, opts.migration)
     })?;
@@ -410,9 +412,15 @@ fn move_state(
     Ok(moved)
 }
 
-fn hash_moved(top: &Path, moved: &mut [MovedFile]) -> Result<(), StepError> {
-    migrate::hash_moved(moved, &top.join(layout::STATE_DIR))
-        .context(|| "hashing moved files".into())
+fn hash_moved(
+    top: &Path,
+    moved: &mut [MovedFile],
+    interrupt: &crate::interrupt::Interrupt,
+) -> Result<(), StepError> {
+    match migrate::hash_moved(moved, &top.join(layout::STATE_DIR), interrupt) {
+        Err(MigrateError::Interrupted) => Err(StepError::Interrupted),
+        r => r.context(|| "hashing moved files".into()),
+    }
 }
 
 /// The image's etc/fstab: the plan's completed one, or the rootfs's own

@@ -49,6 +49,8 @@ pub enum MigrateError {
     },
     #[error("verifying {path}: {what} differs after the copy; originals left in place")]
     Mismatch { path: String, what: String },
+    #[error("interrupted")]
+    Interrupted,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
@@ -297,9 +299,13 @@ fn same_content(a: &Path, b: &Path) -> Result<bool, MigrateError> {
 /// it now lives (`state` is the top of the state subvolumes; record paths
 /// are in [`encode_path`] form). This is the one part of a move whose cost
 /// grows with data size, kept as its own step.
-pub fn hash_moved(files: &mut [MovedFile], state: &Path) -> Result<(), MigrateError> {
+pub fn hash_moved(
+    files: &mut [MovedFile],
+    state: &Path,
+    interrupt: &Interrupt,
+) -> Result<(), MigrateError> {
     for f in files.iter_mut().filter(|f| f.file_type == FileType::File) {
-        f.sha256 = Some(hash(&state_path(state, &f.path)?)?);
+        f.sha256 = Some(hash(&state_path(state, &f.path)?, interrupt)?);
     }
     Ok(())
 }
@@ -313,10 +319,72 @@ fn state_path(state: &Path, encoded: &str) -> Result<PathBuf, MigrateError> {
     })
 }
 
-pub(crate) fn hash(path: &Path) -> Result<String, MigrateError> {
-    let mut f = open_nofollow(path)?;
+/// Zeros fed to the hash for a hole: static, so a hole costs no read and
+/// no memory traffic beyond this buffer.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+/// Bytes hashed between two looks at the interrupt flag.
+const HASH_CHUNK: u64 = 1 << 20;
+
+/// The sha256 of the file's bytes (what `sha256sum` prints for it in the
+/// booted system), following its extents: data ranges (`SEEK_DATA` to
+/// `SEEK_HOLE`) are read, holes are hashed as the zeros they read as,
+/// without reading them. A sparse file of a terabyte is still a terabyte of
+/// input to sha256 (its compression function has no shortcut over a run of
+/// zeros), so the interrupt is looked at every [`HASH_CHUNK`] bytes.
+pub(crate) fn hash(path: &Path, interrupt: &Interrupt) -> Result<String, MigrateError> {
+    use rustix::fs::SeekFrom;
+    use std::os::unix::fs::FileExt;
+    let f = open_nofollow(path)?;
+    let len = f.metadata().map_err(io(path))?.len();
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(io(path))?;
+    let mut buf = vec![0u8; HASH_CHUNK as usize];
+    let mut pos = 0;
+    // Where the next data after `at` starts, and where it ends. ENXIO: no
+    // data after `at` (the rest is a hole). A filesystem without holes
+    // reports the whole file as data (the kernel's generic lseek).
+    let next = |at: u64, whence: fn(u64) -> SeekFrom| match rustix::fs::seek(&f, whence(at)) {
+        Ok(p) => Ok(p.min(len)),
+        Err(rustix::io::Errno::NXIO) => Ok(len),
+        Err(e) => Err(io(path)(e.into())),
+    };
+    while pos < len {
+        let data = next(pos, SeekFrom::Data)?;
+        while pos < data {
+            if interrupt.raised() {
+                return Err(MigrateError::Interrupted);
+            }
+            let n = (data - pos).min(HASH_CHUNK);
+            let mut left = n as usize;
+            while left > 0 {
+                let k = left.min(ZEROS.len());
+                h.update(&ZEROS[..k]);
+                left -= k;
+            }
+            pos += n;
+        }
+        if pos >= len {
+            break;
+        }
+        let hole = next(pos, SeekFrom::Hole)?;
+        while pos < hole {
+            if interrupt.raised() {
+                return Err(MigrateError::Interrupted);
+            }
+            let want = (hole - pos).min(HASH_CHUNK) as usize;
+            let got = f.read_at(&mut buf[..want], pos).map_err(io(path))?;
+            if got == 0 {
+                // Shorter than its size said: it changed under us.
+                return Err(MigrateError::Io {
+                    path: path.to_owned(),
+                    source: std::io::Error::other(format!(
+                        "ended at byte {pos} of {len} while it was hashed"
+                    )),
+                });
+            }
+            h.update(&buf[..got]);
+            pos += got as u64;
+        }
+    }
     Ok(format!("{:x}", h.finalize()))
 }
 
@@ -404,5 +472,61 @@ mod tests {
         fs::copy(b.join("sub/f"), b.join("link")).unwrap();
         let e = verify(&a, &b, "/x").unwrap_err().to_string();
         assert!(e.contains("differs"), "{e}");
+    }
+
+    /// The extent-following hash is the sha256 of every byte: data, holes
+    /// between data, a leading and a trailing hole, data across a chunk
+    /// boundary, and an empty file.
+    #[test]
+    fn extent_following_hash_equals_the_hash_of_all_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("sparse");
+        let f = fs::File::create(&p).unwrap();
+        use std::os::unix::fs::FileExt;
+        let mut data = vec![0u8; (3 << 20) + 123];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 7 + 1) as u8;
+        }
+        // Leading hole (1 MiB + 5), data, hole, data past a chunk boundary.
+        f.write_at(&data[..4096], (1 << 20) + 5).unwrap();
+        f.write_at(&data, 16 << 20).unwrap();
+        // A trailing hole.
+        f.set_len(40 << 20).unwrap();
+        drop(f);
+        let bytes = fs::read(&p).unwrap();
+        let want = format!("{:x}", Sha256::digest(&bytes));
+        assert_eq!(hash(&p, &Interrupt::default()).unwrap(), want);
+        // The file really has holes here (else the test proves less).
+        let allocated = fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(allocated < bytes.len() as u64 / 2, "{allocated}");
+
+        let empty = t.path().join("empty");
+        fs::write(&empty, b"").unwrap();
+        assert_eq!(
+            hash(&empty, &Interrupt::default()).unwrap(),
+            format!("{:x}", Sha256::digest(b""))
+        );
+        let all_hole = t.path().join("hole");
+        fs::File::create(&all_hole)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        assert_eq!(
+            hash(&all_hole, &Interrupt::default()).unwrap(),
+            format!("{:x}", Sha256::digest(vec![0u8; 3 << 20]))
+        );
+    }
+
+    #[test]
+    fn a_raised_interrupt_stops_the_hash() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("big");
+        fs::File::create(&p).unwrap().set_len(1 << 40).unwrap();
+        let interrupt = Interrupt::default();
+        interrupt.raise();
+        assert!(matches!(
+            hash(&p, &interrupt),
+            Err(MigrateError::Interrupted)
+        ));
     }
 }
