@@ -7,6 +7,7 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+use strata_builder::kernel::fake_kernel;
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::xattrs;
 
@@ -57,8 +58,12 @@ fn make_rootfs(root: &Path) {
         b"# configured by hand\ntmpfs\t/tmp\ttmpfs\tdefaults 0 0",
     )
     .unwrap();
-    fs::write(root.join("boot/vmlinuz-1.2.3"), b"not really a kernel").unwrap();
-    fs::write(root.join("boot/vmlinuz-1.10.0"), b"the newest fake kernel").unwrap();
+    fs::write(root.join("boot/vmlinuz-1.2.3"), fake_kernel(b"older")).unwrap();
+    fs::write(
+        root.join("boot/vmlinuz-1.10.0"),
+        fake_kernel(b"the newest fake kernel"),
+    )
+    .unwrap();
     fs::write(root.join("boot/initrd.img-1.10.0"), b"fake initramfs").unwrap();
     fs::write(root.join("usr/bin/tool"), b"#!/bin/sh\n").unwrap();
     // /root/.ssh as configure steps write it: 0700 dir, 0600 key.
@@ -345,7 +350,7 @@ fn builds_the_system_layout() {
     assert!(img.path("ldlinux.c32").is_file());
     assert_eq!(
         fs::read(img.path("systems/factory/kernel")).unwrap(),
-        b"the newest fake kernel"
+        fake_kernel(b"the newest fake kernel")
     );
     assert_eq!(
         fs::read(img.path("systems/factory/initramfs")).unwrap(),
@@ -973,7 +978,11 @@ fn symlinks_in_the_rootfs_never_reach_the_host() {
     ] {
         fs::remove_file(fx.rootfs().join(k)).unwrap();
     }
-    fs::write(fx.rootfs().join("boot/kernel-real"), b"rootfs kernel").unwrap();
+    fs::write(
+        fx.rootfs().join("boot/kernel-real"),
+        fake_kernel(b"rootfs kernel"),
+    )
+    .unwrap();
     symlink("/boot/kernel-real", fx.rootfs().join("vmlinuz")).unwrap();
     let out = fx.build(&["--size", "300M", "--root-device", "/dev/vda"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -982,7 +991,7 @@ fn symlinks_in_the_rootfs_never_reach_the_host() {
     assert!(fstab.starts_with("# the rootfs's own\n"), "{fstab}");
     assert_eq!(
         fs::read(img.path("systems/factory/kernel")).unwrap(),
-        b"rootfs kernel"
+        fake_kernel(b"rootfs kernel")
     );
     drop(img);
 
@@ -1433,4 +1442,32 @@ fn sparse_files_under_a_state_dir_hash_by_extents_and_ctrl_c_stops_the_hash() {
     assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
     assert_eq!(fx.outputs(), Vec::<String>::new());
     fx.assert_nothing_left();
+}
+
+/// A kernel that is not an x86 kernel (no "HdrS" boot header) is refused
+/// with exit 2 naming it: in the rootfs (a link to its own /etc/shadow)
+/// and as `--kernel` on the host.
+#[test]
+fn a_kernel_that_is_not_an_x86_kernel_is_refused() {
+    let fx = Fixture::new();
+    fs::write(fx.rootfs().join("etc/shadow"), "root:*:19000::::::\n").unwrap();
+    symlink("/etc/shadow", fx.rootfs().join("boot/vmlinuz-9.9")).unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    fx.assert_refused(
+        &out,
+        &[
+            "kernel boot/vmlinuz-9.9 in rootfs",
+            "not an x86 Linux kernel",
+        ],
+    );
+    fs::remove_file(fx.rootfs().join("boot/vmlinuz-9.9")).unwrap();
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let text = elsewhere.path().join("vmlinuz-text");
+    fs::write(&text, "#!/bin/sh\necho not a kernel\n").unwrap();
+    let out = fx.build(&["--size", "300M", "--kernel", text.to_str().unwrap()]);
+    fx.assert_refused(
+        &out,
+        &[text.to_str().unwrap(), "not an x86 Linux kernel", "shorter"],
+    );
 }

@@ -89,7 +89,11 @@ fn make_rootfs(root: &Path) {
     ] {
         fs::create_dir_all(root.join(d)).unwrap();
     }
-    fs::write(root.join("boot/vmlinuz-6.1.0"), b"a fake kernel").unwrap();
+    fs::write(
+        root.join("boot/vmlinuz-6.1.0"),
+        strata_builder::kernel::fake_kernel(b"a fake kernel"),
+    )
+    .unwrap();
     fs::write(root.join("boot/initrd.img-6.1.0"), b"a fake initramfs").unwrap();
     sh(&format!(
         "cd '{}' && printf '# fstab\\n' > etc/fstab \

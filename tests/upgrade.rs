@@ -51,6 +51,14 @@ fn random_file(path: &Path, bytes: usize) {
     fs::write(path, data).unwrap();
 }
 
+/// A file that passes for a kernel (the x86 boot header) followed by random
+/// bytes, big enough not to be stored inline.
+fn random_kernel(path: &Path, bytes: usize) {
+    random_file(path, bytes);
+    let tail = fs::read(path).unwrap();
+    fs::write(path, strata_builder::kernel::fake_kernel(&tail)).unwrap();
+}
+
 /// The first release: a kernel and initramfs big enough not to be stored
 /// inline (so their extents can be compared), files that will stay, change
 /// and go, and data under state dirs.
@@ -60,7 +68,7 @@ fn make_rootfs(root: &Path) {
     }
     fs::write(root.join("etc/fstab"), "tmpfs /tmp tmpfs defaults 0 0\n").unwrap();
     fs::write(root.join("etc/hostname"), "release-1\n").unwrap();
-    random_file(&root.join("boot/vmlinuz-1.0"), 96 << 10);
+    random_kernel(&root.join("boot/vmlinuz-1.0"), 96 << 10);
     random_file(&root.join("boot/initrd.img-1.0"), 64 << 10);
     random_file(&root.join("usr/bin/unchanged"), 256 << 10);
     random_file(&root.join("usr/bin/changed"), 128 << 10);
@@ -953,4 +961,37 @@ fn a_device_upgraded_from_a_tar_archive_extracts_under_tmpdir() {
     assert!(err.contains(&format!("under {}", tmp.display())), "{err}");
     assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
     assert_eq!(whole_versions(&fx.layout()), ["factory", "v2"]);
+}
+
+/// A rootfs whose newest `boot/vmlinuz-*` is a link to its own /etc/shadow
+/// (or any file that is not a kernel) is refused, naming the path: it
+/// would otherwise become a "whole" version with a shadow file as kernel,
+/// and the default.
+#[test]
+fn a_kernel_that_is_not_an_x86_kernel_is_refused() {
+    let fx = Fixture::new();
+    let before = fx.state();
+    let r3 = fx.path("rootfs3");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        fx.rootfs2().display(),
+        r3.display()
+    ));
+    // Longer than a boot header: refused for its bytes, not its length.
+    fs::write(
+        r3.join("etc/shadow"),
+        "root:$6$secret:19000:0:99999:7:::\n".repeat(40),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", r3.join("boot/vmlinuz-9.9")).unwrap();
+    let out = fx.upgrade_from(&r3, "v3", &[]);
+    fx.assert_refused(
+        &out,
+        &[
+            "kernel boot/vmlinuz-9.9",
+            "is not an x86 Linux kernel",
+            "HdrS",
+        ],
+        &before,
+    );
 }
