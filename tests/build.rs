@@ -1471,3 +1471,76 @@ fn a_kernel_that_is_not_an_x86_kernel_is_refused() {
         &[text.to_str().unwrap(), "not an x86 Linux kernel", "shorter"],
     );
 }
+
+/// A truncated archive ends with exit 2 naming it, whether tar or its
+/// decompressor finds the end (a truncated `.tar.gz` used to end with
+/// exit 1 and tar's command line), and nothing is left.
+#[test]
+fn truncated_archives_compressed_or_not_are_refused_naming_them() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    let whole = elsewhere.path().join("whole.tar");
+    sh(&format!(
+        "tar --numeric-owner -C '{}' -cf '{}' . && gzip -k '{1}' && xz -k '{1}'",
+        fx.rootfs().display(),
+        whole.display()
+    ));
+    for (from, keep) in [
+        ("whole.tar", "half"),
+        ("whole.tar.gz", "half"),
+        // gzip's header only: tar says no more than "Child returned
+        // status 1".
+        ("whole.tar.gz", "100"),
+        // All but gzip's trailer: the tar stream is whole.
+        ("whole.tar.gz", "-8"),
+        ("whole.tar.xz", "half"),
+    ] {
+        let src = elsewhere.path().join(from);
+        let len = fs::metadata(&src).unwrap().len();
+        let n = match keep {
+            "half" => len / 2,
+            "-8" => len - 8,
+            n => n.parse().unwrap(),
+        };
+        let cut = elsewhere.path().join(format!("cut-{keep}-{from}"));
+        sh(&format!(
+            "head -c {n} '{}' > '{}'",
+            src.display(),
+            cut.display()
+        ));
+        let out = fx.build_from(&cut, &["--size", "300M"]);
+        fx.assert_refused(&out, &[&cut.display().to_string(), "is damaged or unsafe"]);
+        assert!(!stderr(&out).contains("\"tar\""), "{}", stderr(&out));
+    }
+}
+
+/// An archive whose members add up to more than the image is refused on
+/// its listing, naming the largest member and the size, before a byte is
+/// extracted (it used to be extracted in full first).
+#[test]
+fn an_archive_bigger_than_the_image_is_refused_before_extraction() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    // Sparse in the archive (--sparse) so the test is quick; 2 GiB when
+    // extracted.
+    sh(&format!(
+        "truncate -s 2G '{}/usr/bin/huge'",
+        fx.rootfs().display()
+    ));
+    let archive = elsewhere.path().join("big.tar.zst");
+    sh(&format!(
+        "tar --numeric-owner --sparse --zstd -C '{}' -cf '{}' .",
+        fx.rootfs().display(),
+        archive.display()
+    ));
+    let out = fx.build_from(&archive, &["--size", "300M"]);
+    fx.assert_refused(
+        &out,
+        &[
+            &archive.display().to_string(),
+            "more than the 300.0 MiB image",
+            "./usr/bin/huge, 2.0 GiB",
+            "nothing was extracted",
+        ],
+    );
+}

@@ -197,6 +197,12 @@ pub fn upgrade(
                     image,
                     &opts.rootfs,
                     DeviceNodes::Create,
+                    // Nothing bigger than the image can fit in it: refused
+                    // on the listing, before it fills the disk.
+                    &rootfs_tar::Limits {
+                        max_bytes: image_size(image),
+                        ..Default::default()
+                    },
                     s.interrupt(),
                 )
                 .map_err(StepError::from)
@@ -210,6 +216,15 @@ pub fn upgrade(
             upgraded.map_err(|e| build::name_archive(e, &tree.rootfs, &opts.rootfs))
         }
     }
+}
+
+/// The size of the image file or device (None when it cannot be read: the
+/// checks after the extraction name that).
+fn image_size(image: &Path) -> Option<u64> {
+    use std::io::Seek;
+    std::fs::File::open(image)
+        .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+        .ok()
 }
 
 /// The upgrade from `check-image` on, `opts.rootfs` a directory.
