@@ -995,3 +995,69 @@ fn a_kernel_that_is_not_an_x86_kernel_is_refused() {
         &before,
     );
 }
+
+/// An upgrade that runs out of space mid-sync says so ("no space left",
+/// exit 2), leaves the image as it was, and gives the space back: the next
+/// upgrade, with a small change, succeeds. (Read-only, statvfs said 0 bytes
+/// free once every chunk was allocated, and every later upgrade was
+/// refused; rsync's ENOSPC could end as a raw "Broken pipe … code 10".)
+#[test]
+fn after_an_enospc_mid_sync_a_small_upgrade_still_fits() {
+    let fx = Fixture::empty();
+    make_rootfs(&fx.rootfs1());
+    let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
+    let out = strata()
+        .args(["build", "--size", "300M", "--rootfs"])
+        .arg(fx.rootfs1())
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--fs-uuid", uuid.trim()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "build: {}", stderr(&out));
+    // Files of 4097 bytes take two 4 KiB blocks each: the fit check
+    // (bytes to write plus a metadata margin) lets them in, and they fill
+    // the 300 MiB image mid-sync. Not zeros: rsync -S would write holes.
+    let big = fx.path("rootfs-big");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        fx.rootfs1().display(),
+        big.display()
+    ));
+    let many = big.join("usr/share/many");
+    fs::create_dir_all(&many).unwrap();
+    for i in 0..32_000u32 {
+        let mut data = vec![0u8; 4097];
+        for (j, b) in data.iter_mut().enumerate() {
+            *b = (i as usize * 31 + j * 7 + 1) as u8 | 1;
+        }
+        data[..4].copy_from_slice(&i.to_le_bytes());
+        fs::write(many.join(format!("f{i:05}")), data).unwrap();
+    }
+    let out = fx.upgrade_from(&big, "huge", &[]);
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    let last = e.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("strata: error: no space left on the image"),
+        "{e}"
+    );
+    assert!(!e.contains("Broken pipe"), "{e}");
+    // The half-made version is gone (the image's bytes changed: btrfs
+    // wrote and freed), the old one is whole and the default.
+    assert_eq!(whole_versions(&fx.layout()), ["factory"]);
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+
+    // A small change (one new file) after it.
+    let small = fx.path("rootfs-small");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        fx.rootfs1().display(),
+        small.display()
+    ));
+    fs::write(small.join("etc/motd"), "a small change\n").unwrap();
+    let out = fx.upgrade_from(&small, "small", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(whole_versions(&fx.layout()), ["factory", "small"]);
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+}

@@ -249,6 +249,17 @@ fn upgrade_from(
                     "could not remove {}: {u}; the next strata upgrade removes it",
                     partial.dir()
                 )));
+            } else if !matches!(e, BuildError::Interrupted) {
+                // Its space comes back only once btrfs's cleaner has run,
+                // which it does on a read-write mount only: wait for it
+                // here, or the next run's check (read-only) would find the
+                // image as full as this ENOSPC left it.
+                if let Err(u) = crate::btrfs::subvolume_sync(&top) {
+                    steps.emit(Event::Note(format!(
+                        "the space {} held may be freed only later: {u}",
+                        partial.dir()
+                    )));
+                }
             }
             drop(rw);
             return Err(e);
