@@ -355,10 +355,12 @@ fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Resul
     match rootfs_tar::classify(rootfs) {
         Ok(RootfsInput::Tar(_)) => {}
         Ok(RootfsInput::Dir) if rootfs.is_dir() => {}
-        Ok(RootfsInput::Dir) => return Err(bad(format!(
+        Ok(RootfsInput::Dir) => {
+            return Err(bad(format!(
             "--upgrade-to {}: no such directory or tar archive (a root filesystem to upgrade to)",
             rootfs.display()
-        ))),
+        )))
+        }
         Err(e) => return Err(bad(format!("--upgrade-to: {e}"))),
     }
     let label = match &args.upgrade_label {
