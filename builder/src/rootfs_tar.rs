@@ -246,7 +246,11 @@ struct Scan {
     /// Devices by member index, names still empty.
     devices: Vec<(usize, DeviceNode)>,
     members: usize,
+    /// The members' sizes added up (a sparse member counts its holes).
     bytes: u64,
+    /// The tar stream's length (`--totals`): headers and the data stored,
+    /// so a sparse member (`--sparse`) counts only its data.
+    stream_bytes: Option<u64>,
     /// The biggest member: (index, size).
     largest: Option<(usize, u64)>,
     /// The first member past a limit: (index, why).
@@ -269,8 +273,10 @@ fn scan(archive: &Path, limits: &Limits, interrupt: &Interrupt) -> Result<Scan, 
         "--quoting-style=escape",
         "--xattrs",
         "--xattrs-include=*",
+        // "Total bytes read: N (…)" on stderr at the end.
+        "--totals",
     ]);
-    cmd::run_interruptible(&mut cmd, interrupt, &mut |line| {
+    let stderr = cmd::run_interruptible_stderr(&mut cmd, interrupt, &mut |line| {
         if let Some(xattr) = line.strip_prefix(b"  x: ") {
             // "LEN NAME" of the member above.
             let name = xattr.splitn(2, |&b| b == b' ').nth(1).unwrap_or_default();
@@ -318,6 +324,13 @@ fn scan(archive: &Path, limits: &Limits, interrupt: &Interrupt) -> Result<Scan, 
         }
     })
     .map_err(|e| tool_error(archive, "listing", e))?;
+    out.stream_bytes = stderr.lines().find_map(|l| {
+        l.strip_prefix("Total bytes read: ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
     if let Some(line) = bad {
         return Err(TarError::Io {
             what: format!("listing {}", archive.display()),
@@ -387,13 +400,16 @@ pub fn list_device_nodes(
             shown(&name[0])
         )));
     }
+    // What extraction writes is at most the members' sizes and at most the
+    // tar stream (a sparse member stores only its data): the smaller.
+    let stored = scan.bytes.min(scan.stream_bytes.unwrap_or(scan.bytes));
     if let (Some(max), Some((index, size))) = (limits.max_bytes, scan.largest) {
-        if scan.bytes > max {
+        if stored > max {
             let name = names_at(archive, &[index], scan.members, interrupt)?;
             return Err(TarError::Input(format!(
                 "rootfs archive {} holds {} of files, more than the {} image can take (the largest member: {}, {}); nothing was extracted: give a bigger --size or a smaller archive",
                 archive.display(),
-                crate::size::human(scan.bytes),
+                crate::size::human(stored),
                 crate::size::human(max),
                 shown(&name[0]),
                 crate::size::human(size)
