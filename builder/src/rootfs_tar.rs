@@ -215,11 +215,13 @@ fn archive_arg(archive: &Path) -> PathBuf {
 /// nothing behind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Limits {
-    /// The members' sizes may add up to this much (the image's size): an
-    /// archive that cannot fit is refused before it fills the disk.
+    /// What extraction writes (the smaller of the members' sizes added up
+    /// and the tar stream's length) may be this much (the image's size):
+    /// an archive that cannot fit is refused before it fills the disk.
     pub max_bytes: Option<u64>,
-    /// Owners and groups above this id cannot be made (a user namespace
-    /// maps 65536 ids: 0 to 65535).
+    /// Owners and groups above this id cannot be made (the rootless
+    /// build's user namespace maps 65536 ids: 0 to 65535; its message says
+    /// so).
     pub max_id: Option<u32>,
     /// Xattr name prefixes that cannot be set (`trusted.` needs
     /// CAP_SYS_ADMIN in the host's namespace).
