@@ -6,6 +6,8 @@ use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use strata_builder::kernel::fake_kernel;
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::xattrs;
 
@@ -56,8 +58,12 @@ fn make_rootfs(root: &Path) {
         b"# configured by hand\ntmpfs\t/tmp\ttmpfs\tdefaults 0 0",
     )
     .unwrap();
-    fs::write(root.join("boot/vmlinuz-1.2.3"), b"not really a kernel").unwrap();
-    fs::write(root.join("boot/vmlinuz-1.10.0"), b"the newest fake kernel").unwrap();
+    fs::write(root.join("boot/vmlinuz-1.2.3"), fake_kernel(b"older")).unwrap();
+    fs::write(
+        root.join("boot/vmlinuz-1.10.0"),
+        fake_kernel(b"the newest fake kernel"),
+    )
+    .unwrap();
     fs::write(root.join("boot/initrd.img-1.10.0"), b"fake initramfs").unwrap();
     fs::write(root.join("usr/bin/tool"), b"#!/bin/sh\n").unwrap();
     // /root/.ssh as configure steps write it: 0700 dir, 0600 key.
@@ -344,7 +350,7 @@ fn builds_the_system_layout() {
     assert!(img.path("ldlinux.c32").is_file());
     assert_eq!(
         fs::read(img.path("systems/factory/kernel")).unwrap(),
-        b"the newest fake kernel"
+        fake_kernel(b"the newest fake kernel")
     );
     assert_eq!(
         fs::read(img.path("systems/factory/initramfs")).unwrap(),
@@ -972,7 +978,11 @@ fn symlinks_in_the_rootfs_never_reach_the_host() {
     ] {
         fs::remove_file(fx.rootfs().join(k)).unwrap();
     }
-    fs::write(fx.rootfs().join("boot/kernel-real"), b"rootfs kernel").unwrap();
+    fs::write(
+        fx.rootfs().join("boot/kernel-real"),
+        fake_kernel(b"rootfs kernel"),
+    )
+    .unwrap();
     symlink("/boot/kernel-real", fx.rootfs().join("vmlinuz")).unwrap();
     let out = fx.build(&["--size", "300M", "--root-device", "/dev/vda"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -981,7 +991,7 @@ fn symlinks_in_the_rootfs_never_reach_the_host() {
     assert!(fstab.starts_with("# the rootfs's own\n"), "{fstab}");
     assert_eq!(
         fs::read(img.path("systems/factory/kernel")).unwrap(),
-        b"rootfs kernel"
+        fake_kernel(b"rootfs kernel")
     );
     drop(img);
 
@@ -1347,4 +1357,209 @@ fn an_extraction_is_removed_after_sigterm_and_after_sigkill() {
     );
     assert_eq!(extractions(), Vec::<String>::new());
     fx.assert_nothing_left();
+}
+
+/// A sparse file under a state dir is hashed by its extents (holes as
+/// zeros, never read) to the digest `sha256sum` gives, and a SIGINT while
+/// a terabyte of holes is hashed stops the build (exit 130) with nothing
+/// left: no image, no loop device, no mount.
+#[test]
+fn sparse_files_under_a_state_dir_hash_by_extents_and_ctrl_c_stops_the_hash() {
+    use std::io::{BufRead, BufReader};
+    let fx = Fixture::new();
+    let sparse = fx.rootfs().join("srv/sparse");
+    sh(&format!(
+        "truncate -s 3G '{0}' && printf head | dd of='{0}' conv=notrunc status=none \
+         && printf middle | dd of='{0}' bs=1M seek=1500 conv=notrunc status=none \
+         && truncate -s 4G '{0}'",
+        sparse.display()
+    ));
+    let want = sh(&format!("sha256sum < '{}'", sparse.display()));
+    let want = want.split_whitespace().next().unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = Manifest::load(&Manifest::default_path(&fx.image())).unwrap();
+    let rec = m
+        .default_version()
+        .moved_files
+        .iter()
+        .find(|f| f.path == "/srv/sparse")
+        .expect("/srv/sparse recorded");
+    assert_eq!(rec.sha256.as_deref(), Some(want));
+    fs::remove_file(fx.image()).unwrap();
+    fs::remove_file(Manifest::default_path(&fx.image())).unwrap();
+    fs::remove_file(&sparse).unwrap();
+
+    // sha256 has no shortcut over zeros: a terabyte takes minutes to hash,
+    // so Ctrl-C at that step must be heard.
+    sh(&format!(
+        "truncate -s 1T '{}'",
+        fx.rootfs().join("srv/big").display()
+    ));
+    let mut child = strata()
+        .args(["build", "--rootfs"])
+        .arg(fx.rootfs())
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--size", "300M", "--fs-uuid", &fx.fs_uuid])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let at_hash = line.contains("hashing moved files");
+        seen.push(line);
+        if at_hash {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains("hashing")),
+        "{seen:?}"
+    );
+    // Well inside the hash (the step itself is running).
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = Instant::now();
+    sh(&format!("kill -INT {}", child.id()));
+    // Read the rest on a thread: a strata that ignores the signal would
+    // hold the pipe open for minutes.
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if sent.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            child.wait().unwrap();
+            panic!("SIGINT during the hash was not heard within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let rest = rest.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
+    assert_eq!(fx.outputs(), Vec::<String>::new());
+    fx.assert_nothing_left();
+}
+
+/// A kernel that is not an x86 kernel (no "HdrS" boot header) is refused
+/// with exit 2 naming it: in the rootfs (a link to its own /etc/shadow)
+/// and as `--kernel` on the host.
+#[test]
+fn a_kernel_that_is_not_an_x86_kernel_is_refused() {
+    let fx = Fixture::new();
+    fs::write(fx.rootfs().join("etc/shadow"), "root:*:19000::::::\n").unwrap();
+    symlink("/etc/shadow", fx.rootfs().join("boot/vmlinuz-9.9")).unwrap();
+    // Its own initramfs: nothing else stands in the way of using it.
+    fs::write(fx.rootfs().join("boot/initrd.img-9.9"), b"initramfs").unwrap();
+    let out = fx.build(&["--size", "300M"]);
+    fx.assert_refused(
+        &out,
+        &[
+            "kernel boot/vmlinuz-9.9 in rootfs",
+            "not an x86 Linux kernel",
+        ],
+    );
+    fs::remove_file(fx.rootfs().join("boot/vmlinuz-9.9")).unwrap();
+    fs::remove_file(fx.rootfs().join("boot/initrd.img-9.9")).unwrap();
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let text = elsewhere.path().join("vmlinuz-text");
+    fs::write(&text, "#!/bin/sh\necho not a kernel\n").unwrap();
+    let out = fx.build(&["--size", "300M", "--kernel", text.to_str().unwrap()]);
+    fx.assert_refused(
+        &out,
+        &[text.to_str().unwrap(), "not an x86 Linux kernel", "shorter"],
+    );
+}
+
+/// A truncated archive ends with exit 2 naming it, whether tar or its
+/// decompressor finds the end (a truncated `.tar.gz` used to end with
+/// exit 1 and tar's command line), and nothing is left.
+#[test]
+fn truncated_archives_compressed_or_not_are_refused_naming_them() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    let whole = elsewhere.path().join("whole.tar");
+    sh(&format!(
+        "tar --numeric-owner -C '{}' -cf '{}' . && gzip -k '{1}' && xz -k '{1}'",
+        fx.rootfs().display(),
+        whole.display()
+    ));
+    for (from, keep) in [
+        ("whole.tar", "half"),
+        ("whole.tar.gz", "half"),
+        // gzip's header only: tar says no more than "Child returned
+        // status 1".
+        ("whole.tar.gz", "100"),
+        // All but gzip's trailer: the tar stream is whole.
+        ("whole.tar.gz", "-8"),
+        ("whole.tar.xz", "half"),
+    ] {
+        let src = elsewhere.path().join(from);
+        let len = fs::metadata(&src).unwrap().len();
+        let n = match keep {
+            "half" => len / 2,
+            "-8" => len - 8,
+            n => n.parse().unwrap(),
+        };
+        let cut = elsewhere.path().join(format!("cut-{keep}-{from}"));
+        sh(&format!(
+            "head -c {n} '{}' > '{}'",
+            src.display(),
+            cut.display()
+        ));
+        let out = fx.build_from(&cut, &["--size", "300M"]);
+        fx.assert_refused(&out, &[&cut.display().to_string(), "is damaged or unsafe"]);
+        assert!(!stderr(&out).contains("\"tar\""), "{}", stderr(&out));
+    }
+}
+
+/// An archive whose members add up to more than the image is refused on
+/// its listing, naming the largest member and the size, before a byte is
+/// extracted (it used to be extracted in full first). A sparse member of an
+/// archive made with `--sparse` counts only its data: that one fits.
+#[test]
+fn an_archive_bigger_than_the_image_is_refused_before_extraction() {
+    let fx = Fixture::new();
+    let elsewhere = tempfile::tempdir_in("/var/tmp").unwrap();
+    let huge = fx.rootfs().join("usr/bin/huge");
+    // 2 GiB of holes: stored as data only with --sparse.
+    sh(&format!("truncate -s 2G '{}'", huge.display()));
+    let sparse = elsewhere.path().join("sparse.tar.zst");
+    sh(&format!(
+        "tar --numeric-owner --sparse --zstd -C '{}' -cf '{}' .",
+        fx.rootfs().display(),
+        sparse.display()
+    ));
+    let out = fx.build_from(&sparse, &["--size", "300M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fs::remove_file(fx.image()).unwrap();
+    fs::remove_file(Manifest::default_path(&fx.image())).unwrap();
+
+    // 400 MiB written out (zeros compress to nothing: the archive is small,
+    // its tar stream is not).
+    sh(&format!(
+        "rm '{0}' && head -c 400M /dev/zero > '{0}'",
+        huge.display()
+    ));
+    let archive = elsewhere.path().join("big.tar.zst");
+    sh(&format!(
+        "tar --numeric-owner --zstd -C '{}' -cf '{}' .",
+        fx.rootfs().display(),
+        archive.display()
+    ));
+    fs::remove_file(&huge).unwrap();
+    let out = fx.build_from(&archive, &["--size", "300M"]);
+    fx.assert_refused(
+        &out,
+        &[
+            &archive.display().to_string(),
+            "more than the 300.0 MiB image",
+            "./usr/bin/huge, 400.0 MiB",
+            "nothing was extracted",
+        ],
+    );
 }

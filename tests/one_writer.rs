@@ -56,6 +56,11 @@ fn make_rootfs(root: &Path, release: &str) {
     fs::write(root.join("etc/fstab"), "tmpfs /tmp tmpfs defaults 0 0\n").unwrap();
     fs::write(root.join("etc/hostname"), format!("{release}\n")).unwrap();
     random_file(&root.join("boot/vmlinuz-1.0"), 96 << 10);
+    // A kernel must look like one (the boot header strata checks).
+    let mut kernel = fs::read(root.join("boot/vmlinuz-1.0")).unwrap();
+    let header = strata_builder::kernel::fake_kernel(b"");
+    kernel[..header.len()].copy_from_slice(&header);
+    fs::write(root.join("boot/vmlinuz-1.0"), kernel).unwrap();
     random_file(&root.join("boot/initrd.img-1.0"), 64 << 10);
     // Enough files that an upgrade takes a while to sync.
     for i in 0..400 {

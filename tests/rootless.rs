@@ -89,7 +89,11 @@ fn make_rootfs(root: &Path) {
     ] {
         fs::create_dir_all(root.join(d)).unwrap();
     }
-    fs::write(root.join("boot/vmlinuz-6.1.0"), b"a fake kernel").unwrap();
+    fs::write(
+        root.join("boot/vmlinuz-6.1.0"),
+        strata_builder::kernel::fake_kernel(b"a fake kernel"),
+    )
+    .unwrap();
     fs::write(root.join("boot/initrd.img-6.1.0"), b"a fake initramfs").unwrap();
     sh(&format!(
         "cd '{}' && printf '# fstab\\n' > etc/fstab \
@@ -467,4 +471,87 @@ fn an_ordinary_user_builds_the_fixture_and_strata_test_passes_on_it() {
     let r: Value = serde_json::from_str(&report).unwrap();
     assert_eq!(r["verdict"], "pass", "{report}");
     assert_eq!(r["boots"], 3, "every check ran, persistence too: {report}");
+}
+
+/// What a user namespace cannot make is refused on the archive's listing,
+/// with exit 2 naming the member and the limit, before anything is
+/// extracted: an owner past the 65536 mapped ids, a `trusted.*` xattr
+/// (both used to end with exit 1 and a raw tar error).
+#[test]
+fn a_rootless_build_refuses_ids_and_xattrs_a_user_namespace_cannot_make() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    ensure_user();
+    let dir = tempfile::Builder::new()
+        .prefix("strata-rootless-test.")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("strata");
+    fs::copy(env!("CARGO_BIN_EXE_strata"), &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    let out_dir = dir.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    sh(&format!("chown {USER}: '{}'", out_dir.display()));
+    for (name, setup, want) in [
+        (
+            "big-uid",
+            "printf x > usr/bin/far && chown 70000:0 usr/bin/far",
+            &["./usr/bin/far", "70000:0", "0 to 65535"][..],
+        ),
+        (
+            "big-gid",
+            "printf x > usr/bin/far && chown 0:65536 usr/bin/far",
+            &["./usr/bin/far", "0:65536", "0 to 65535"][..],
+        ),
+        (
+            "trusted",
+            "setfattr -n trusted.overlay.opaque -v y usr/bin",
+            &["./usr/bin/", "trusted.overlay.opaque", "trusted.*"][..],
+        ),
+    ] {
+        let rootfs = dir.path().join(name);
+        fs::create_dir_all(rootfs.join("usr/bin")).unwrap();
+        fs::create_dir_all(rootfs.join("boot")).unwrap();
+        fs::create_dir_all(rootfs.join("etc")).unwrap();
+        fs::write(rootfs.join("etc/fstab"), "# fstab\n").unwrap();
+        fs::write(
+            rootfs.join("boot/vmlinuz-6.1.0"),
+            strata_builder::kernel::fake_kernel(b"k"),
+        )
+        .unwrap();
+        fs::write(rootfs.join("boot/initrd.img-6.1.0"), b"i").unwrap();
+        sh(&format!("cd '{}' && {setup}", rootfs.display()));
+        let archive = dir.path().join(format!("{name}.tar"));
+        sh(&format!(
+            "tar --xattrs --xattrs-include='*' --numeric-owner --format=posix -C '{}' -cf '{}' . && chmod 0644 '{}'",
+            rootfs.display(),
+            archive.display(),
+            archive.display()
+        ));
+        let image = out_dir.join(format!("{name}.img"));
+        let out = as_user(
+            &exe,
+            &[
+                "build",
+                "--rootfs",
+                archive.to_str().unwrap(),
+                "--output",
+                image.to_str().unwrap(),
+                "--size",
+                "300M",
+            ],
+        );
+        let e = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {e}");
+        assert!(e.contains("backend: rootless"), "{e}");
+        let last = e.trim().lines().last().unwrap_or_default();
+        for w in want.iter().chain(&[archive.to_str().unwrap()]) {
+            assert!(last.contains(w), "{name}: expected {w:?} in {e}");
+        }
+        let left: Vec<_> = fs::read_dir(&out_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{name}: left {left:?}");
+    }
 }

@@ -51,6 +51,14 @@ fn random_file(path: &Path, bytes: usize) {
     fs::write(path, data).unwrap();
 }
 
+/// A file that passes for a kernel (the x86 boot header) followed by random
+/// bytes, big enough not to be stored inline.
+fn random_kernel(path: &Path, bytes: usize) {
+    random_file(path, bytes);
+    let tail = fs::read(path).unwrap();
+    fs::write(path, strata_builder::kernel::fake_kernel(&tail)).unwrap();
+}
+
 /// The first release: a kernel and initramfs big enough not to be stored
 /// inline (so their extents can be compared), files that will stay, change
 /// and go, and data under state dirs.
@@ -60,7 +68,7 @@ fn make_rootfs(root: &Path) {
     }
     fs::write(root.join("etc/fstab"), "tmpfs /tmp tmpfs defaults 0 0\n").unwrap();
     fs::write(root.join("etc/hostname"), "release-1\n").unwrap();
-    random_file(&root.join("boot/vmlinuz-1.0"), 96 << 10);
+    random_kernel(&root.join("boot/vmlinuz-1.0"), 96 << 10);
     random_file(&root.join("boot/initrd.img-1.0"), 64 << 10);
     random_file(&root.join("usr/bin/unchanged"), 256 << 10);
     random_file(&root.join("usr/bin/changed"), 128 << 10);
@@ -1090,5 +1098,104 @@ fn an_upgrade_never_hides_live_state_without_being_told() {
         !text.contains("Fix: move them into the state subvolume"),
         "{text}"
     );
+}
+
+/// A rootfs whose newest `boot/vmlinuz-*` is a link to its own /etc/shadow
+/// (or any file that is not a kernel) is refused, naming the path: it
+/// would otherwise become a "whole" version with a shadow file as kernel,
+/// and the default.
+#[test]
+fn a_kernel_that_is_not_an_x86_kernel_is_refused() {
+    let fx = Fixture::new();
+    let before = fx.state();
+    let r3 = fx.path("rootfs3");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        fx.rootfs2().display(),
+        r3.display()
+    ));
+    // Longer than a boot header: refused for its bytes, not its length.
+    fs::write(
+        r3.join("etc/shadow"),
+        "root:$6$secret:19000:0:99999:7:::\n".repeat(40),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", r3.join("boot/vmlinuz-9.9")).unwrap();
+    let out = fx.upgrade_from(&r3, "v3", &[]);
+    fx.assert_refused(
+        &out,
+        &[
+            "kernel boot/vmlinuz-9.9",
+            "is not an x86 Linux kernel",
+            "HdrS",
+        ],
+        &before,
+    );
+}
+
+/// An upgrade that runs out of space mid-sync says so ("no space left",
+/// exit 2), leaves the image as it was, and gives the space back: the next
+/// upgrade, with a small change, succeeds. (Read-only, statvfs said 0 bytes
+/// free once every chunk was allocated, and every later upgrade was
+/// refused; rsync's ENOSPC could end as a raw "Broken pipe … code 10".)
+#[test]
+fn after_an_enospc_mid_sync_a_small_upgrade_still_fits() {
+    let fx = Fixture::empty();
+    make_rootfs(&fx.rootfs1());
+    let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
+    let out = strata()
+        .args(["build", "--size", "300M", "--rootfs"])
+        .arg(fx.rootfs1())
+        .arg("--output")
+        .arg(fx.image())
+        .args(["--fs-uuid", uuid.trim()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "build: {}", stderr(&out));
+    // Files of 4097 bytes take two 4 KiB blocks each: the fit check
+    // (bytes to write plus a metadata margin) lets 29,000 of them in (also
+    // the statvfs-based check of before), and they fill the 300 MiB image
+    // mid-sync. Not zeros: rsync -S would write holes.
+    let big = fx.path("rootfs-big");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        fx.rootfs1().display(),
+        big.display()
+    ));
+    let many = big.join("usr/share/many");
+    fs::create_dir_all(&many).unwrap();
+    for i in 0..29_000u32 {
+        let mut data = vec![0u8; 4097];
+        for (j, b) in data.iter_mut().enumerate() {
+            *b = (i as usize * 31 + j * 7 + 1) as u8 | 1;
+        }
+        data[..4].copy_from_slice(&i.to_le_bytes());
+        fs::write(many.join(format!("f{i:05}")), data).unwrap();
+    }
+    let out = fx.upgrade_from(&big, "huge", &[]);
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    let last = e.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("strata: error: no space left on the image"),
+        "{e}"
+    );
+    assert!(!e.contains("Broken pipe"), "{e}");
+    // The half-made version is gone (the image's bytes changed: btrfs
+    // wrote and freed), the old one is whole and the default.
+    assert_eq!(whole_versions(&fx.layout()), ["factory"]);
+    assert_eq!(fx.leftovers(), Vec::<String>::new());
+
+    // A small change (one new file) after it.
+    let small = fx.path("rootfs-small");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        fx.rootfs1().display(),
+        small.display()
+    ));
+    fs::write(small.join("etc/motd"), "a small change\n").unwrap();
+    let out = fx.upgrade_from(&small, "small", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(whole_versions(&fx.layout()), ["factory", "small"]);
     assert_eq!(fx.leftovers(), Vec::<String>::new());
 }

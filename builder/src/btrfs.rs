@@ -146,8 +146,108 @@ pub fn sync(path: &Path) -> Result<(), CmdError> {
     cmd::run(Command::new("btrfs").args(["filesystem", "sync"]).arg(path)).map(drop)
 }
 
+/// Waits until every deleted subvolume of the filesystem at `path` is
+/// cleaned: until then its extents are still allocated, and a read-only
+/// mount (where btrfs's cleaner does not run) would never see them free.
+pub fn subvolume_sync(path: &Path) -> Result<(), CmdError> {
+    cmd::run(Command::new("btrfs").args(["subvolume", "sync"]).arg(path)).map(drop)
+}
+
+/// The space of a mounted btrfs as `btrfs filesystem usage` reckons it.
+/// statvfs is not enough: on a read-only mount, once every chunk is
+/// allocated, it reports 0 bytes available whatever the chunks hold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    /// "Free (estimated)": room in the data chunks plus unallocated space
+    /// (divided by the data ratio).
+    pub data_free: u64,
+    /// Room left in the metadata chunks, less the global reserve.
+    pub metadata_free: u64,
+    /// Copies of each metadata byte (2 for DUP): what a new metadata chunk
+    /// takes out of the unallocated space, per byte it holds.
+    pub metadata_ratio: f64,
+}
+
+pub fn usage(path: &Path) -> Result<Usage, CmdError> {
+    let out = cmd::run(
+        Command::new("btrfs")
+            .env("LC_ALL", "C")
+            .args(["filesystem", "usage", "-b"])
+            .arg(path),
+    )?;
+    parse_usage(&out).ok_or_else(|| CmdError::Failed {
+        command: format!("btrfs filesystem usage -b {}", path.display()),
+        status: "exit status: 0".into(),
+        stderr: format!("no \"Free (estimated)\" in its output: {out}"),
+    })
+}
+
+/// Reads `btrfs filesystem usage -b` output (numbers in bytes).
+pub fn parse_usage(out: &str) -> Option<Usage> {
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(str::trim)
+    };
+    let first_number = |v: &str| v.split_whitespace().next()?.parse::<u64>().ok();
+    let data_free = field("Free (estimated):").and_then(first_number)?;
+    let metadata_ratio = field("Metadata ratio:")
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(1.0);
+    let reserve = field("Global reserve:").and_then(first_number).unwrap_or(0);
+    // "Metadata,DUP: Size:33554432, Used:8617984 (25.68%)"; a mixed
+    // filesystem ("Data+Metadata,…") has its metadata room in data_free.
+    let metadata_free = out
+        .lines()
+        .find(|l| l.starts_with("Metadata,"))
+        .and_then(|l| {
+            let num = |key: &str| {
+                let rest = &l[l.find(key)? + key.len()..];
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            };
+            Some(num("Size:")?.saturating_sub(num("Used:")?))
+        })
+        .unwrap_or(0)
+        .saturating_sub(reserve);
+    Some(Usage {
+        data_free,
+        metadata_free,
+        metadata_ratio,
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn usage_after_an_enospc_counts_the_free_chunks() {
+        // A 300 MiB image after an upgrade ran out of space, read-only:
+        // statfs says 0, the chunks hold 57 MiB of data room.
+        let out = "Overall:
+    Device size:\t\t         314572800
+    Device allocated:\t\t         313524224
+    Device unallocated:\t\t           1048576
+    Free (estimated):\t\t          59822080\t(min: 59822080)
+    Free (statfs, df):\t\t                 0
+    Data ratio:\t\t\t              1.00
+    Metadata ratio:\t\t              2.00
+    Global reserve:\t\t           5767168\t(used: 0)
+
+Data,single: Size:229638144, Used:169816064 (73.95%)
+   /dev/loop1\t 229638144
+
+Metadata,DUP: Size:33554432, Used:8617984 (25.68%)
+   /dev/loop1\t  67108864
+";
+        let u = super::parse_usage(out).unwrap();
+        assert_eq!(u.data_free, 59822080);
+        assert_eq!(u.metadata_free, 33554432 - 8617984 - 5767168);
+        assert_eq!(u.metadata_ratio, 2.0);
+        assert_eq!(super::parse_usage("garbage"), None);
+    }
+
     use super::*;
 
     #[test]

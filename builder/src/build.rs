@@ -625,6 +625,12 @@ fn build_from_tar(
             &opts.output,
             &opts.rootfs,
             DeviceNodes::Create,
+            // An archive bigger than the image is refused on its listing,
+            // before it fills the output's filesystem.
+            &rootfs_tar::Limits {
+                max_bytes: Some(opts.size),
+                ..Default::default()
+            },
             s.interrupt(),
         )
         .map_err(StepError::from)

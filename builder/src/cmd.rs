@@ -179,6 +179,17 @@ pub fn run_interruptible(
     interrupt: &crate::interrupt::Interrupt,
     on_line: &mut dyn FnMut(&[u8]),
 ) -> Result<(), CmdError> {
+    run_interruptible_stderr(cmd, interrupt, on_line).map(drop)
+}
+
+/// [`run_interruptible`], returning on success what it kept of stderr
+/// (the first and last lines): for tools that print a summary there
+/// (`tar --totals`).
+pub fn run_interruptible_stderr(
+    cmd: &mut Command,
+    interrupt: &crate::interrupt::Interrupt,
+    on_line: &mut dyn FnMut(&[u8]),
+) -> Result<String, CmdError> {
     use std::io::{BufRead, BufReader};
     use std::sync::mpsc::RecvTimeoutError;
     let program = cmd.get_program().to_string_lossy().into_owned();
@@ -263,7 +274,7 @@ pub fn run_interruptible(
     let _ = stdout_reader.join();
     let stderr = stderr_reader.join().unwrap_or_default();
     if status.success() {
-        Ok(())
+        Ok(stderr)
     } else {
         Err(CmdError::Failed {
             command: describe(cmd),

@@ -134,7 +134,35 @@ pub fn boot_sources(
             rootfs_file(source, p, what)?;
         }
     }
+    check_kernel(source, path, &kernel_source)?;
     Ok((kernel_source, initramfs_source))
+}
+
+/// Refuses a kernel that is not one (no x86 boot header): extlinux would
+/// copy it and fail at boot, and a link to any file of the rootfs (its
+/// /etc/shadow) would otherwise be installed as a kernel. The file was
+/// already checked to be a regular file (`rootfs_file`, `host_file`).
+fn check_kernel(source: &RootDir, path: &Path, kernel: &BootSource) -> Result<(), BuildError> {
+    let (shown, file) = match kernel {
+        BootSource::Rootfs(p) => (
+            format!("kernel {p} in rootfs {}", path.display()),
+            source
+                .open_file(p)
+                .map_err(|e| input(format!("kernel: {e}")))?,
+        ),
+        BootSource::Host(p) => (
+            format!("kernel {}", p.display()),
+            Some(fs::File::open(p).map_err(|e| input(format!("kernel {}: {e}", p.display())))?),
+        ),
+    };
+    let Some(mut file) = file else {
+        return Err(input(format!("{shown}: no such file")));
+    };
+    match kernel::check(&mut file) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(input(format!("{shown} is not an x86 Linux kernel: {why}"))),
+        Err(e) => Err(input(format!("{shown}: {e}"))),
+    }
 }
 
 /// A regular file inside the rootfs named by the user (`what` says how),
@@ -259,7 +287,9 @@ pub fn deploy(
     let mut moved = steps.run(Step::MigrateState, |s| {
         move_state(top, &orig_root, plan, opts.migration, s)
     })?;
-    steps.run(Step::HashMoved, |_| hash_moved(top.path(), &mut moved))?;
+    steps.run(Step::HashMoved, |s| {
+        hash_moved(top.path(), &mut moved, s.interrupt())
+    })?;
     steps.run(Step::CheckMountpoints, |_| {
         check_mountpoints(&orig_root, plan, opts.migration)
     })?;
@@ -410,9 +440,15 @@ fn move_state(
     Ok(moved)
 }
 
-fn hash_moved(top: &Path, moved: &mut [MovedFile]) -> Result<(), StepError> {
-    migrate::hash_moved(moved, &top.join(layout::STATE_DIR))
-        .context(|| "hashing moved files".into())
+fn hash_moved(
+    top: &Path,
+    moved: &mut [MovedFile],
+    interrupt: &crate::interrupt::Interrupt,
+) -> Result<(), StepError> {
+    match migrate::hash_moved(moved, &top.join(layout::STATE_DIR), interrupt) {
+        Err(MigrateError::Interrupted) => Err(StepError::Interrupted),
+        r => r.context(|| "hashing moved files".into()),
+    }
 }
 
 /// The image's etc/fstab: the plan's completed one, or the rootfs's own

@@ -2,6 +2,70 @@
 
 use crate::rootfs::{RootDir, RootfsError};
 use std::cmp::Ordering;
+use std::io::Read;
+
+/// The x86 boot protocol's setup header (Documentation/arch/x86/boot.rst):
+/// `boot_flag` 0xAA55 at 0x1FE, `header` "HdrS" at 0x202, `version` at
+/// 0x206. extlinux boots nothing else, so a file without them (a text
+/// file, a link to the rootfs's /etc/shadow) is refused as a kernel.
+const BOOT_FLAG_AT: usize = 0x1FE;
+const MAGIC_AT: usize = 0x202;
+const MAGIC: &[u8; 4] = b"HdrS";
+const VERSION_AT: usize = 0x206;
+/// Protocol 2.00 (Linux 1.3.73): the first with a loadable bzImage.
+const MIN_PROTOCOL: u16 = 0x0200;
+/// Bytes read to judge a file: the header up to and past the version.
+pub const HEADER_LEN: usize = 0x210;
+
+/// Why the file whose first bytes are `head` is not an x86 Linux kernel,
+/// or None when it carries the boot protocol's setup header.
+pub fn not_a_kernel(head: &[u8]) -> Option<String> {
+    if head.len() < HEADER_LEN {
+        return Some(format!(
+            "{} bytes long, shorter than an x86 boot header ({HEADER_LEN} bytes)",
+            head.len()
+        ));
+    }
+    if &head[MAGIC_AT..MAGIC_AT + 4] != MAGIC {
+        return Some(format!(
+            "no \"HdrS\" boot header magic at offset {MAGIC_AT:#x}"
+        ));
+    }
+    if head[BOOT_FLAG_AT..BOOT_FLAG_AT + 2] != [0x55, 0xAA] {
+        return Some(format!("no 0xAA55 boot flag at offset {BOOT_FLAG_AT:#x}"));
+    }
+    let version = u16::from_le_bytes([head[VERSION_AT], head[VERSION_AT + 1]]);
+    if version < MIN_PROTOCOL {
+        return Some(format!(
+            "boot protocol {}.{:02} is older than {}.{:02}",
+            version >> 8,
+            version & 0xff,
+            MIN_PROTOCOL >> 8,
+            MIN_PROTOCOL & 0xff
+        ));
+    }
+    None
+}
+
+/// Reads the first [`HEADER_LEN`] bytes of an open file (or fewer, if it is
+/// shorter) and judges them with [`not_a_kernel`].
+pub fn check(file: &mut impl Read) -> std::io::Result<Option<String>> {
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    file.take(HEADER_LEN as u64).read_to_end(&mut head)?;
+    Ok(not_a_kernel(&head))
+}
+
+/// A file that passes [`check`]: the setup header's boot flag, magic and
+/// protocol 2.15, zeros elsewhere, then `tail`. It boots nothing; tests
+/// and synthetic rootfs trees use it where a kernel must only be copied.
+pub fn fake_kernel(tail: &[u8]) -> Vec<u8> {
+    let mut k = vec![0u8; HEADER_LEN];
+    k[BOOT_FLAG_AT..BOOT_FLAG_AT + 2].copy_from_slice(&[0x55, 0xAA]);
+    k[MAGIC_AT..MAGIC_AT + 4].copy_from_slice(MAGIC);
+    k[VERSION_AT..VERSION_AT + 2].copy_from_slice(&0x020Fu16.to_le_bytes());
+    k.extend_from_slice(tail);
+    k
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
@@ -85,8 +149,22 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    use super::version_cmp;
+    use super::*;
     use std::cmp::Ordering::*;
+
+    #[test]
+    fn only_a_file_with_the_x86_boot_header_is_a_kernel() {
+        assert_eq!(not_a_kernel(&fake_kernel(b"payload")), None);
+        let shadow = b"root:*:19000:0:99999:7:::\n".repeat(30);
+        assert!(not_a_kernel(&shadow).unwrap().contains("HdrS"));
+        assert!(not_a_kernel(b"short").unwrap().contains("shorter"));
+        let mut old = fake_kernel(b"");
+        old[VERSION_AT..VERSION_AT + 2].copy_from_slice(&0x0105u16.to_le_bytes());
+        assert!(not_a_kernel(&old).unwrap().contains("1.05"));
+        let mut no_flag = fake_kernel(b"");
+        no_flag[BOOT_FLAG_AT] = 0;
+        assert!(not_a_kernel(&no_flag).unwrap().contains("0xAA55"));
+    }
 
     #[test]
     fn numeric_runs_compare_as_numbers() {

@@ -49,6 +49,8 @@ pub enum MigrateError {
     },
     #[error("verifying {path}: {what} differs after the copy; originals left in place")]
     Mismatch { path: String, what: String },
+    #[error("interrupted")]
+    Interrupted,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MigrateError + '_ {
@@ -73,7 +75,7 @@ pub fn migrate(
     // A rootless staging directory on another filesystem copies the bytes
     // (the verification below compares them).
     copy_tree(from, to, clone, interrupt, |_| {})?;
-    let moved = verify(from, to, &format!("/{name}"))?;
+    let moved = verify(from, to, &format!("/{name}"), interrupt)?;
     if how == Migration::Move {
         empty_dir(from)?;
     }
@@ -104,8 +106,13 @@ pub(crate) fn empty_dir(dir: &Path) -> Result<(), MigrateError> {
 }
 
 /// Compares the two trees entry by entry and describes what is in `to`.
-fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, MigrateError> {
-    compare(from, to, shown_as, false)?;
+fn verify(
+    from: &Path,
+    to: &Path,
+    shown_as: &str,
+    interrupt: &Interrupt,
+) -> Result<Vec<MovedFile>, MigrateError> {
+    compare(from, to, shown_as, false, interrupt)?;
     let mut moved = Vec::new();
     let mut links: HashMap<(u64, u64), u64> = HashMap::new();
     // Path of each moved entry that shares its inode, by that inode.
@@ -126,7 +133,7 @@ fn verify(from: &Path, to: &Path, shown_as: &str) -> Result<Vec<MovedFile>, Migr
             bytes.extend_from_slice(rel.as_os_str().as_bytes());
             let shown = encode_path(&bytes);
             let (a, b) = (from.join(&rel), to.join(&rel));
-            let (entry, ma, mb) = compare(&a, &b, &shown, true)?;
+            let (entry, ma, mb) = compare(&a, &b, &shown, true, interrupt)?;
             if ma.nlink() > 1 && !ma.is_dir() {
                 let first = *links.entry((ma.dev(), ma.ino())).or_insert(mb.ino());
                 if first != mb.ino() {
@@ -186,6 +193,7 @@ fn compare(
     b: &Path,
     shown: &str,
     record: bool,
+    interrupt: &Interrupt,
 ) -> Result<(Option<MovedFile>, Metadata, Metadata), MigrateError> {
     let ma = fs::symlink_metadata(a).map_err(io(a))?;
     let mb = fs::symlink_metadata(b).map_err(io(b))?;
@@ -212,7 +220,7 @@ fn compare(
     same("device number", ma.rdev() == mb.rdev())?;
     let mut target = None;
     match ty {
-        FileType::File => same("content", same_content(a, b)?)?,
+        FileType::File => same("content", same_content(a, b, ma.size(), interrupt)?)?,
         FileType::Symlink => {
             let t = fs::read_link(a).map_err(io(a))?;
             same("symlink target", t == fs::read_link(b).map_err(io(b))?)?;
@@ -267,8 +275,12 @@ fn open_nofollow(path: &Path) -> Result<fs::File, MigrateError> {
 
 /// Same bytes? Reflinked data shares its physical extents, which proves
 /// equality without reading it; only inline (tiny) data and anything
-/// unexpected is compared byte by byte.
-fn same_content(a: &Path, b: &Path) -> Result<bool, MigrateError> {
+/// unexpected (a copy onto another filesystem: the rootless staging) is
+/// compared byte by byte, range by range of their extents: a hole in both
+/// is equal without being read. Both are `len` bytes long (sizes were
+/// compared first).
+fn same_content(a: &Path, b: &Path, len: u64, interrupt: &Interrupt) -> Result<bool, MigrateError> {
+    use std::os::unix::fs::FileExt;
     let (fa, fb) = (open_nofollow(a)?, open_nofollow(b)?);
     // FIEMAP unsupported (not btrfs) is not an error: compare the bytes.
     if let (Ok(Some(ea)), Ok(Some(eb))) = (extents(&fa), extents(&fb)) {
@@ -276,30 +288,66 @@ fn same_content(a: &Path, b: &Path) -> Result<bool, MigrateError> {
             return Ok(true);
         }
     }
-    let (mut ra, mut rb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
-    loop {
-        use std::io::BufRead;
-        let ba = ra.fill_buf().map_err(io(a))?;
-        let bb = rb.fill_buf().map_err(io(b))?;
-        let n = ba.len().min(bb.len());
-        if ba[..n] != bb[..n] || (n == 0 && ba.len() != bb.len()) {
-            return Ok(false);
+    let (mut ba, mut bb) = (
+        vec![0u8; HASH_CHUNK as usize],
+        vec![0u8; HASH_CHUNK as usize],
+    );
+    let mut pos = 0;
+    while pos < len {
+        let (data_a, end_a) = region(&fa, a, pos, len)?;
+        let (data_b, end_b) = region(&fb, b, pos, len)?;
+        let end = end_a.min(end_b);
+        if !data_a && !data_b {
+            pos = end;
+            continue;
         }
-        if n == 0 {
-            return Ok(true);
+        // Data in either: read both (a hole reads as zeros).
+        while pos < end {
+            if interrupt.raised() {
+                return Err(MigrateError::Interrupted);
+            }
+            let n = (end - pos).min(HASH_CHUNK) as usize;
+            fa.read_exact_at(&mut ba[..n], pos).map_err(io(a))?;
+            fb.read_exact_at(&mut bb[..n], pos).map_err(io(b))?;
+            if ba[..n] != bb[..n] {
+                return Ok(false);
+            }
+            pos += n as u64;
         }
-        ra.consume(n);
-        rb.consume(n);
     }
+    Ok(true)
+}
+
+/// The region of `f` (`len` bytes long) that starts at `pos`: whether it
+/// is data (else a hole) and where it ends. A filesystem without holes
+/// reports the whole file as data (the kernel's generic lseek); ENXIO
+/// means no data after `pos`.
+fn region(f: &fs::File, path: &Path, pos: u64, len: u64) -> Result<(bool, u64), MigrateError> {
+    use rustix::fs::SeekFrom;
+    let seek = |whence: SeekFrom| match rustix::fs::seek(f, whence) {
+        Ok(p) => Ok(p.min(len)),
+        Err(rustix::io::Errno::NXIO) => Ok(len),
+        Err(e) => Err(io(path)(e.into())),
+    };
+    let data = seek(SeekFrom::Data(pos))?;
+    if data > pos {
+        return Ok((false, data));
+    }
+    // Past `pos` at least: a file can end in data only at `len`.
+    Ok((true, seek(SeekFrom::Hole(pos))?.max(pos + 1).min(len)))
 }
 
 /// Fills in the sha256 of every moved regular file, reading it from where
 /// it now lives (`state` is the top of the state subvolumes; record paths
 /// are in [`encode_path`] form). This is the one part of a move whose cost
 /// grows with data size, kept as its own step.
-pub fn hash_moved(files: &mut [MovedFile], state: &Path) -> Result<(), MigrateError> {
+pub fn hash_moved(
+    files: &mut [MovedFile],
+    state: &Path,
+    interrupt: &Interrupt,
+) -> Result<(), MigrateError> {
     for f in files.iter_mut().filter(|f| f.file_type == FileType::File) {
-        f.sha256 = Some(hash(&state_path(state, &f.path)?)?);
+        f.sha256 = Some(hash(&state_path(state, &f.path)?, interrupt)?);
     }
     Ok(())
 }
@@ -313,10 +361,56 @@ fn state_path(state: &Path, encoded: &str) -> Result<PathBuf, MigrateError> {
     })
 }
 
-pub(crate) fn hash(path: &Path) -> Result<String, MigrateError> {
-    let mut f = open_nofollow(path)?;
+/// Zeros fed to the hash for a hole: static, so a hole costs no read and
+/// no memory traffic beyond this buffer.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+/// Bytes hashed between two looks at the interrupt flag.
+const HASH_CHUNK: u64 = 1 << 20;
+
+/// The sha256 of the file's bytes (what `sha256sum` prints for it in the
+/// booted system), following its extents: data ranges (`SEEK_DATA` to
+/// `SEEK_HOLE`) are read, holes are hashed as the zeros they read as,
+/// without reading them. A sparse file of a terabyte is still a terabyte of
+/// input to sha256 (its compression function has no shortcut over a run of
+/// zeros), so the interrupt is looked at every [`HASH_CHUNK`] bytes.
+pub(crate) fn hash(path: &Path, interrupt: &Interrupt) -> Result<String, MigrateError> {
+    use std::os::unix::fs::FileExt;
+    let f = open_nofollow(path)?;
+    let len = f.metadata().map_err(io(path))?.len();
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(io(path))?;
+    let mut buf = vec![0u8; HASH_CHUNK as usize];
+    let mut pos = 0;
+    while pos < len {
+        let (data, end) = region(&f, path, pos, len)?;
+        while pos < end {
+            if interrupt.raised() {
+                return Err(MigrateError::Interrupted);
+            }
+            let n = (end - pos).min(HASH_CHUNK) as usize;
+            if data {
+                let got = f.read_at(&mut buf[..n], pos).map_err(io(path))?;
+                if got == 0 {
+                    // Shorter than its size said: it changed under us.
+                    return Err(MigrateError::Io {
+                        path: path.to_owned(),
+                        source: std::io::Error::other(format!(
+                            "ended at byte {pos} of {len} while it was hashed"
+                        )),
+                    });
+                }
+                h.update(&buf[..got]);
+                pos += got as u64;
+            } else {
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(ZEROS.len());
+                    h.update(&ZEROS[..k]);
+                    left -= k;
+                }
+                pos += n as u64;
+            }
+        }
+    }
     Ok(format!("{:x}", h.finalize()))
 }
 
@@ -368,7 +462,7 @@ mod tests {
     #[test]
     fn identical_copy_verifies() {
         let (_t, a, b) = pair();
-        let moved = verify(&a, &b, "/x").unwrap();
+        let moved = verify(&a, &b, "/x", &Interrupt::default()).unwrap();
         let paths: Vec<&str> = moved.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["/x/link", "/x/sub", "/x/sub/f"]);
     }
@@ -376,7 +470,7 @@ mod tests {
     #[test]
     fn hardlink_groups_and_xattrs_are_recorded() {
         let (_t, a, b) = pair();
-        let moved = verify(&a, &b, "/x").unwrap();
+        let moved = verify(&a, &b, "/x", &Interrupt::default()).unwrap();
         let link = |p: &str| moved.iter().find(|f| f.path == p).unwrap().hardlink.clone();
         assert_eq!(link("/x/link").as_deref(), Some("/x/link"));
         assert_eq!(link("/x/sub/f").as_deref(), Some("/x/link"));
@@ -391,18 +485,109 @@ mod tests {
         fs::write(b.join("sub/f"), b"same bytez").unwrap();
         fs::hard_link(b.join("sub/f"), b.join("link2")).unwrap();
         fs::remove_file(b.join("link2")).unwrap();
-        let e = verify(&a, &b, "/x").unwrap_err().to_string();
+        let e = verify(&a, &b, "/x", &Interrupt::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/x/") && e.contains("differs"), "{e}");
 
         let (_t, a, b) = pair();
         fs::set_permissions(b.join("sub"), fs::Permissions::from_mode(0o700)).unwrap();
-        let e = verify(&a, &b, "/x").unwrap_err().to_string();
+        let e = verify(&a, &b, "/x", &Interrupt::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/x/sub: mode differs"), "{e}");
 
         let (_t, a, b) = pair();
         fs::remove_file(b.join("link")).unwrap();
         fs::copy(b.join("sub/f"), b.join("link")).unwrap();
-        let e = verify(&a, &b, "/x").unwrap_err().to_string();
+        let e = verify(&a, &b, "/x", &Interrupt::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("differs"), "{e}");
+    }
+
+    /// The extent-following hash is the sha256 of every byte: data, holes
+    /// between data, a leading and a trailing hole, data across a chunk
+    /// boundary, and an empty file.
+    #[test]
+    fn extent_following_hash_equals_the_hash_of_all_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("sparse");
+        let f = fs::File::create(&p).unwrap();
+        use std::os::unix::fs::FileExt;
+        let mut data = vec![0u8; (3 << 20) + 123];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i * 7 + 1) as u8;
+        }
+        // Leading hole (1 MiB + 5), data, hole, data past a chunk boundary.
+        f.write_at(&data[..4096], (1 << 20) + 5).unwrap();
+        f.write_at(&data, 16 << 20).unwrap();
+        // A trailing hole.
+        f.set_len(40 << 20).unwrap();
+        drop(f);
+        let bytes = fs::read(&p).unwrap();
+        let want = format!("{:x}", Sha256::digest(&bytes));
+        assert_eq!(hash(&p, &Interrupt::default()).unwrap(), want);
+        // The file really has holes here (else the test proves less).
+        let allocated = fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(allocated < bytes.len() as u64 / 2, "{allocated}");
+
+        let empty = t.path().join("empty");
+        fs::write(&empty, b"").unwrap();
+        assert_eq!(
+            hash(&empty, &Interrupt::default()).unwrap(),
+            format!("{:x}", Sha256::digest(b""))
+        );
+        let all_hole = t.path().join("hole");
+        fs::File::create(&all_hole)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        assert_eq!(
+            hash(&all_hole, &Interrupt::default()).unwrap(),
+            format!("{:x}", Sha256::digest(vec![0u8; 3 << 20]))
+        );
+    }
+
+    #[test]
+    fn a_raised_interrupt_stops_the_hash() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("big");
+        fs::File::create(&p).unwrap().set_len(1 << 40).unwrap();
+        let interrupt = Interrupt::default();
+        interrupt.raise();
+        assert!(matches!(
+            hash(&p, &interrupt),
+            Err(MigrateError::Interrupted)
+        ));
+    }
+
+    /// A copy that is not a reflink (the rootless staging on another
+    /// filesystem) is compared range by range: holes in both are skipped,
+    /// a hole against zeros written out is equal, one changed byte is not,
+    /// and a raised interrupt stops the comparison.
+    #[test]
+    fn byte_comparison_follows_the_holes() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        let fa = fs::File::create(&a).unwrap();
+        fa.write_at(b"data", 5 << 20).unwrap();
+        fa.set_len(1 << 40).unwrap();
+        let fb = fs::File::create(&b).unwrap();
+        fb.write_at(b"data", 5 << 20).unwrap();
+        // Zeros written out where a has a hole.
+        fb.write_at(&[0u8; 8192], 1 << 20).unwrap();
+        fb.set_len(1 << 40).unwrap();
+        let none = Interrupt::default();
+        assert!(same_content(&a, &b, 1 << 40, &none).unwrap());
+        fb.write_at(b"x", (1 << 20) + 100).unwrap();
+        assert!(!same_content(&a, &b, 1 << 40, &none).unwrap());
+        let raised = Interrupt::default();
+        raised.raise();
+        assert!(matches!(
+            same_content(&a, &b, 1 << 40, &raised),
+            Err(MigrateError::Interrupted)
+        ));
     }
 }

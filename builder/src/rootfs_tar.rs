@@ -210,83 +210,228 @@ fn archive_arg(archive: &Path) -> PathBuf {
     }
 }
 
-/// Every character and block device in `archive`, in archive order.
-///
-/// Two listings, matched line by line: `tar --list --verbose` for each
-/// member's type, mode, owner and `major,minor` (its first three columns),
-/// and `tar --list` for the names, one escaped name per line. The name
-/// cannot be cut off the verbose line: the columns before it change shape
-/// (an mtime out of `localtime`'s range prints as one bare number instead
-/// of a date and a time; column widths grow as the listing goes), so no
-/// split tells a space in a name from padding.
-pub fn list_device_nodes(
-    archive: &Path,
-    interrupt: &Interrupt,
-) -> Result<Vec<DeviceNode>, TarError> {
-    let listing_error = |why: String| TarError::Io {
-        what: format!("listing {}", archive.display()),
-        source: std::io::Error::other(why),
-    };
-    // (line number, the device without its name)
-    let mut devices: Vec<(usize, DeviceNode)> = Vec::new();
-    let mut verbose_lines = 0;
+/// What an archive may hold, judged on its listing before anything is
+/// extracted: a refusal then costs one read of the archive and leaves
+/// nothing behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// What extraction writes (the smaller of the members' sizes added up
+    /// and the tar stream's length) may be this much (the image's size):
+    /// an archive that cannot fit is refused before it fills the disk.
+    pub max_bytes: Option<u64>,
+    /// Owners and groups above this id cannot be made (the rootless
+    /// build's user namespace maps 65536 ids: 0 to 65535; its message says
+    /// so).
+    pub max_id: Option<u32>,
+    /// Xattr name prefixes that cannot be set (`trusted.` needs
+    /// CAP_SYS_ADMIN in the host's namespace).
+    pub refused_xattrs: Vec<String>,
+}
+
+impl Limits {
+    /// What a rootless extraction (a user namespace, `rootless`) can make.
+    pub fn rootless(max_bytes: u64) -> Limits {
+        Limits {
+            max_bytes: Some(max_bytes),
+            max_id: Some(ROOTLESS_MAX_ID),
+            refused_xattrs: vec!["trusted.".into()],
+        }
+    }
+}
+
+/// The highest id a rootless build's user namespace maps (65536 ids from 0).
+pub const ROOTLESS_MAX_ID: u32 = 65535;
+
+/// What one listing of an archive says.
+#[derive(Debug, Default)]
+struct Scan {
+    /// Devices by member index, names still empty.
+    devices: Vec<(usize, DeviceNode)>,
+    members: usize,
+    /// The members' sizes added up (a sparse member counts its holes).
+    bytes: u64,
+    /// The tar stream's length (`--totals`): headers and the data stored,
+    /// so a sparse member (`--sparse`) counts only its data.
+    stream_bytes: Option<u64>,
+    /// The biggest member: (index, size).
+    largest: Option<(usize, u64)>,
+    /// The first member past a limit: (index, why).
+    refused: Option<(usize, String)>,
+}
+
+/// One pass of `tar --list -vv --xattrs` over `archive`: each member's
+/// type, mode, owner, size or device numbers, and its xattr names (the
+/// indented `  x: LEN NAME` lines after it), judged against `limits`.
+fn scan(archive: &Path, limits: &Limits, interrupt: &Interrupt) -> Result<Scan, TarError> {
+    let mut out = Scan::default();
     let mut bad = None;
     let mut cmd = tar_command(archive);
     // Escaped names here too: a newline in a name stays on its line.
     cmd.args([
         "--list",
         "--verbose",
+        "--verbose",
         "--numeric-owner",
         "--quoting-style=escape",
+        "--xattrs",
+        "--xattrs-include=*",
+        // "Total bytes read: N (…)" on stderr at the end.
+        "--totals",
     ]);
-    cmd::run_interruptible(&mut cmd, interrupt, &mut |line| {
-        match parse_listing_line(line) {
-            Ok(Some(n)) => devices.push((verbose_lines, n)),
-            Ok(None) => {}
+    let stderr = cmd::run_interruptible_stderr(&mut cmd, interrupt, &mut |line| {
+        if let Some(xattr) = line.strip_prefix(b"  x: ") {
+            // "LEN NAME" of the member above.
+            let name = xattr.splitn(2, |&b| b == b' ').nth(1).unwrap_or_default();
+            let name = String::from_utf8_lossy(name);
+            if let Some(p) = limits
+                .refused_xattrs
+                .iter()
+                .find(|p| name.starts_with(p.as_str()))
+            {
+                out.refused.get_or_insert((
+                    out.members.saturating_sub(1),
+                    format!(
+                        "it has the xattr {name}, and a rootless build cannot set {p}* xattrs (they need CAP_SYS_ADMIN on the host); build as root with --backend privileged"
+                    ),
+                ));
+            }
+            return;
+        }
+        let index = out.members;
+        out.members += 1;
+        match parse_member_line(line) {
+            Ok(m) => {
+                out.bytes = out.bytes.saturating_add(m.size);
+                if out.largest.is_none_or(|(_, l)| m.size > l) {
+                    out.largest = Some((index, m.size));
+                }
+                if let Some(max) = limits.max_id {
+                    if m.uid > max || m.gid > max {
+                        out.refused.get_or_insert((
+                            index,
+                            format!(
+                                "it is owned by {}:{}, and a rootless build maps ids 0 to {max} only (65536 subordinate ids); give its files smaller ids or build as root with --backend privileged",
+                                m.uid, m.gid
+                            ),
+                        ));
+                    }
+                }
+                if let Some(d) = m.device {
+                    out.devices.push((index, d));
+                }
+            }
             Err(()) => {
                 bad.get_or_insert_with(|| String::from_utf8_lossy(line).into_owned());
             }
         }
-        verbose_lines += 1;
     })
     .map_err(|e| tool_error(archive, "listing", e))?;
+    out.stream_bytes = stderr.lines().find_map(|l| {
+        l.strip_prefix("Total bytes read: ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
     if let Some(line) = bad {
-        return Err(listing_error(format!(
-            "unexpected `tar --list --verbose` line {line:?}"
-        )));
+        return Err(TarError::Io {
+            what: format!("listing {}", archive.display()),
+            source: std::io::Error::other(format!(
+                "unexpected `tar --list --verbose` line {line:?}"
+            )),
+        });
     }
-    if devices.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut names = Vec::with_capacity(devices.len());
-    let mut wanted = devices.iter().map(|(i, _)| *i).peekable();
+    Ok(out)
+}
+
+/// The names of the members at `indices` (ascending), from `tar --list`,
+/// which prints one escaped name per line. The name cannot be cut off the
+/// verbose line: the columns before it change shape (an mtime out of
+/// `localtime`'s range prints as one bare number instead of a date and a
+/// time; column widths grow as the listing goes), so no split tells a
+/// space in a name from padding.
+fn names_at(
+    archive: &Path,
+    indices: &[usize],
+    members: usize,
+    interrupt: &Interrupt,
+) -> Result<Vec<Vec<u8>>, TarError> {
+    let listing_error = |why: String| TarError::Io {
+        what: format!("listing {}", archive.display()),
+        source: std::io::Error::other(why),
+    };
+    let mut names = Vec::with_capacity(indices.len());
+    let mut wanted = indices.iter().copied().peekable();
     let mut name_lines = 0;
     let mut cmd = tar_command(archive);
     cmd.args(["--list", "--quoting-style=escape"]);
     cmd::run_interruptible(&mut cmd, interrupt, &mut |line| {
-        if wanted.peek() == Some(&name_lines) {
+        while wanted.peek() == Some(&name_lines) {
             wanted.next();
             names.push(unescape(line));
         }
         name_lines += 1;
     })
     .map_err(|e| tool_error(archive, "listing", e))?;
-    if name_lines != verbose_lines {
+    if name_lines != members {
         return Err(listing_error(format!(
-            "`tar --list` gave {name_lines} members, `tar --list --verbose` {verbose_lines}"
+            "`tar --list` gave {name_lines} members, `tar --list --verbose` {members}"
         )));
     }
-    devices
+    names
+        .into_iter()
+        .map(|n| n.map_err(|()| listing_error("a name tar escaped badly".into())))
+        .collect()
+}
+
+/// Every character and block device in `archive`, in archive order, after
+/// refusing (`TarError::Input`, naming the member and the limit) an archive
+/// that `limits` rule out.
+pub fn list_device_nodes(
+    archive: &Path,
+    limits: &Limits,
+    interrupt: &Interrupt,
+) -> Result<Vec<DeviceNode>, TarError> {
+    let scan = scan(archive, limits, interrupt)?;
+    let shown = |name: &[u8]| crate::pathenc::encode_path(name);
+    if let Some((index, why)) = &scan.refused {
+        let name = names_at(archive, &[*index], scan.members, interrupt)?;
+        return Err(TarError::Input(format!(
+            "rootfs archive {}: member {} cannot be extracted: {why} (nothing was extracted)",
+            archive.display(),
+            shown(&name[0])
+        )));
+    }
+    // What extraction writes is at most the members' sizes and at most the
+    // tar stream (a sparse member stores only its data): the smaller.
+    let stored = scan.bytes.min(scan.stream_bytes.unwrap_or(scan.bytes));
+    if let (Some(max), Some((index, size))) = (limits.max_bytes, scan.largest) {
+        if stored > max {
+            let name = names_at(archive, &[index], scan.members, interrupt)?;
+            return Err(TarError::Input(format!(
+                "rootfs archive {} holds {} of files, more than the {} image can take (the largest member: {}, {}); nothing was extracted: give a bigger --size or a smaller archive",
+                archive.display(),
+                crate::size::human(stored),
+                crate::size::human(max),
+                shown(&name[0]),
+                crate::size::human(size)
+            )));
+        }
+    }
+    if scan.devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let indices: Vec<usize> = scan.devices.iter().map(|(i, _)| *i).collect();
+    let names = names_at(archive, &indices, scan.members, interrupt)?;
+    Ok(scan
+        .devices
         .into_iter()
         .zip(names)
-        .map(|((_, node), name)| {
-            let name = name.map_err(|()| listing_error("a name tar escaped badly".into()))?;
-            Ok(DeviceNode {
-                path: PathBuf::from(OsString::from_vec(name)),
-                ..node
-            })
+        .map(|((_, node), name)| DeviceNode {
+            path: PathBuf::from(OsString::from_vec(name)),
+            ..node
         })
-        .collect()
+        .collect())
 }
 
 /// Extracts `archive` into `dest` (an existing, empty directory; its own
@@ -302,11 +447,16 @@ pub fn extract(
     archive: &Path,
     dest: &Path,
     device_nodes: DeviceNodes,
+    limits: &Limits,
     interrupt: &Interrupt,
 ) -> Result<Vec<DeviceNode>, TarError> {
+    // Listed first, always: what `limits` rule out is refused before a
+    // byte is written (an archive bigger than the image would fill the
+    // disk first), and a damaged archive is found by the listing too.
+    let devices = list_device_nodes(archive, limits, interrupt)?;
     let skipped = match device_nodes {
         DeviceNodes::Create => Vec::new(),
-        DeviceNodes::Skip => list_device_nodes(archive, interrupt)?,
+        DeviceNodes::Skip => devices,
     };
     let mut cmd = tar_command(archive);
     cmd.arg("-C").arg(dest).args([
@@ -346,19 +496,36 @@ pub fn extract(
 /// are input errors; anything else (no space, a missing decompressor) is a
 /// failed step.
 fn tool_error(archive: &Path, doing: &str, e: CmdError) -> TarError {
-    const ARCHIVE_PROBLEMS: [&str; 6] = [
+    const ARCHIVE_PROBLEMS: [&str; 15] = [
         "Member name contains '..'",
         "does not look like a tar archive",
         "Unexpected EOF in archive",
         "Skipping to next header",
         "Cannot open: Not a directory",
         "Cannot hard link to",
+        // The decompressors' words for a truncated or corrupt stream
+        // (gzip, xz, zstd, bzip2): tar itself then may say no more than
+        // "Child returned status 1".
+        "unexpected end of file",
+        "Unexpected end of input",
+        "premature end",
+        "Compressed file ends unexpectedly",
+        "invalid compressed data",
+        "not in gzip format",
+        "Compressed data is corrupt",
+        "File format not recognized",
+        "data integrity (CRC) error",
     ];
     match e {
         CmdError::Interrupted { .. } => TarError::Interrupted,
         e if ARCHIVE_PROBLEMS.iter().any(|p| e.stderr().contains(p)) => {
             // One line: GNU tar's complaints, in its order.
-            let said: Vec<&str> = e.stderr().lines().map(str::trim).collect();
+            let said: Vec<&str> = e
+                .stderr()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
             TarError::Input(format!(
                 "rootfs archive {} is damaged or unsafe (nothing was built): {}",
                 archive.display(),
@@ -372,40 +539,70 @@ fn tool_error(archive: &Path, doing: &str, e: CmdError) -> TarError {
     }
 }
 
-/// One line of `tar --list --verbose --numeric-owner` in the C locale:
+/// A member as one line of `tar --list --verbose --numeric-owner` in the
+/// C locale shows it:
 ///
 /// ```text
 /// crw-rw-rw- 0/0             1,3 2026-11-27 03:59 ./dev/null
+/// -rw-r--r--* 0/0           3 2026-11-27 03:59 ./etc/f
 /// ```
 ///
-/// Only the first three columns are read (mode, uid/gid, major,minor): the
-/// device comes back with an empty path, which `list_device_nodes` takes
-/// from the names-only listing. Ok(None) for members that are not devices;
-/// Err for a device line that does not parse.
-fn parse_listing_line(line: &[u8]) -> Result<Option<DeviceNode>, ()> {
-    let kind = match line.first() {
-        Some(b'c') => DeviceKind::Char,
-        Some(b'b') => DeviceKind::Block,
-        _ => return Ok(None),
-    };
+/// (`*`: the member has xattrs, `+`: ACLs.) Only the first three columns
+/// are read: mode, uid/gid, and the size or `major,minor`; the name comes
+/// from the names-only listing (`names_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Member {
+    uid: u32,
+    gid: u32,
+    /// Bytes of data (0 for what holds none: devices, links, directories).
+    size: u64,
+    /// A device, with an empty path.
+    device: Option<DeviceNode>,
+}
+
+fn parse_member_line(line: &[u8]) -> Result<Member, ()> {
     let mut fields = line
         .split(|&b| b == b' ')
         .filter(|f| !f.is_empty())
         .map(|f| std::str::from_utf8(f).map_err(|_| ()));
     let mut field = || fields.next().ok_or(())?;
-    let mode = parse_mode(field()?)?;
+    let mode_field = field()?.trim_end_matches(['*', '+']);
     let (uid, gid) = field()?.split_once('/').ok_or(())?;
-    let (major, minor) = field()?.split_once(',').ok_or(())?;
     let num = |s: &str| s.parse::<u32>().map_err(|_| ());
-    Ok(Some(DeviceNode {
-        path: PathBuf::new(),
-        kind,
-        major: num(major)?,
-        minor: num(minor)?,
-        mode,
-        uid: num(uid)?,
-        gid: num(gid)?,
-    }))
+    let (uid, gid) = (num(uid)?, num(gid)?);
+    let third = field()?;
+    let kind = match mode_field.as_bytes().first() {
+        Some(b'c') => Some(DeviceKind::Char),
+        Some(b'b') => Some(DeviceKind::Block),
+        _ => None,
+    };
+    let Some(kind) = kind else {
+        // Links and directories list 0; a hardlink's size is its target's
+        // (not extracted twice), but it shows 0 too.
+        let size = third.parse::<u64>().map_err(|_| ())?;
+        return Ok(Member {
+            uid,
+            gid,
+            size,
+            device: None,
+        });
+    };
+    let mode = parse_mode(mode_field)?;
+    let (major, minor) = third.split_once(',').ok_or(())?;
+    Ok(Member {
+        uid,
+        gid,
+        size: 0,
+        device: Some(DeviceNode {
+            path: PathBuf::new(),
+            kind,
+            major: num(major)?,
+            minor: num(minor)?,
+            mode,
+            uid,
+            gid,
+        }),
+    })
 }
 
 /// `crwsr-x--T` → 0o4750 | sticky: the nine permission letters with
@@ -554,6 +751,7 @@ impl Extraction {
         target: &Path,
         archive: &Path,
         device_nodes: DeviceNodes,
+        limits: &Limits,
         interrupt: &Interrupt,
     ) -> Result<Extraction, TarError> {
         check_extraction_dir(parent)?;
@@ -603,7 +801,7 @@ impl Extraction {
                 what: format!("creating {}", dir.path().join(ROOTFS_DIR).display()),
                 source: e.into(),
             })?;
-        let skipped_devices = extract(archive, &rootfs, device_nodes, interrupt)?;
+        let skipped_devices = extract(archive, &rootfs, device_nodes, limits, interrupt)?;
         Ok(Extraction {
             dir,
             _handle: handle,
@@ -732,8 +930,9 @@ mod tests {
 
     #[test]
     fn listing_lines_parse_to_device_nodes() {
-        let n = parse_listing_line(b"crwsr-x--T 12/34           1,3 99999999999999999 ./dev/n ull")
+        let n = parse_member_line(b"crwsr-x--T 12/34           1,3 99999999999999999 ./dev/n ull")
             .unwrap()
+            .device
             .unwrap();
         assert_eq!(
             n,
@@ -747,15 +946,21 @@ mod tests {
                 gid: 34,
             }
         );
-        let b = parse_listing_line(b"brw-rw---- 0/6          259,65536 2026-11-27 03:59 dev/x")
+        let b = parse_member_line(b"brw-rw---- 0/6          259,65536 2026-11-27 03:59 dev/x")
             .unwrap()
+            .device
             .unwrap();
         assert_eq!((b.kind, b.major, b.minor), (DeviceKind::Block, 259, 65536));
         assert_eq!(
-            parse_listing_line(b"-rw-r--r-- 0/0 5 2026-11-27 03:59 ./crw-fake").unwrap(),
-            None
+            parse_member_line(b"-rw-r--r--* 70000/0 5 2026-11-27 03:59 ./crw-fake").unwrap(),
+            Member {
+                uid: 70000,
+                gid: 0,
+                size: 5,
+                device: None
+            }
         );
-        assert!(parse_listing_line(b"crw-r--r-- garbage").is_err());
+        assert!(parse_member_line(b"crw-r--r-- garbage").is_err());
         assert_eq!(
             unescape(b"we ird\\nx\\\\y\\303\\251"),
             Ok(b"we ird\nx\\y\xc3\xa9".to_vec())
@@ -795,7 +1000,7 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
             .status()
             .unwrap();
         assert!(made.success());
-        let nodes = list_device_nodes(&path, &Interrupt::default()).unwrap();
+        let nodes = list_device_nodes(&path, &Limits::default(), &Interrupt::default()).unwrap();
         let names: Vec<&Path> = nodes.iter().map(|n| n.path.as_path()).collect();
         assert_eq!(
             names,
@@ -832,7 +1037,14 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
         let dest = d.path().join("dest");
         std::fs::create_dir(&dest).unwrap();
         let interrupt = Interrupt::default();
-        let skipped = extract(&path, &dest, DeviceNodes::Skip, &interrupt).unwrap();
+        let skipped = extract(
+            &path,
+            &dest,
+            DeviceNodes::Skip,
+            &Limits::default(),
+            &interrupt,
+        )
+        .unwrap();
         let names: Vec<&[u8]> = skipped
             .iter()
             .map(|n| n.path.as_os_str().as_encoded_bytes())
@@ -873,7 +1085,14 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
         std::fs::write(&path, &tar).unwrap();
         let dest = d.path().join("a/dest");
         std::fs::create_dir_all(&dest).unwrap();
-        let e = extract(&path, &dest, DeviceNodes::Create, &Interrupt::default()).unwrap_err();
+        let e = extract(
+            &path,
+            &dest,
+            DeviceNodes::Create,
+            &Limits::default(),
+            &Interrupt::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, TarError::Input(_)), "{e:?}");
         assert!(e.to_string().contains("evil.tar"), "{e}");
         assert!(!d.path().join("a/escape").exists());
@@ -896,6 +1115,7 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
             &out,
             &path,
             DeviceNodes::Create,
+            &Limits::default(),
             &Interrupt::default(),
         )
         .unwrap();
@@ -933,6 +1153,7 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
             &d.path().join("o.img"),
             &path,
             DeviceNodes::Create,
+            &Limits::default(),
             &Interrupt::default(),
         )
         .unwrap();
@@ -968,6 +1189,7 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
                 &dir.join("o.img"),
                 &path,
                 DeviceNodes::Create,
+                &Limits::default(),
                 &Interrupt::default(),
             );
             match got {

@@ -166,17 +166,32 @@ pub fn sync_tree(
     let mut c = sync_command(src, dest, &opts.exclude_contents_of, &[])?;
     let mut report = SyncReport::default();
     let mut bad = None;
-    cmd::run_interruptible(&mut c, interrupt, &mut |line| match parse_line(line) {
+    let ran = cmd::run_interruptible(&mut c, interrupt, &mut |line| match parse_line(line) {
         Ok(Line::Change(change)) => report.add(&change),
         Ok(Line::Message(m)) => report.messages.push(m),
         Err(e) => {
             bad.get_or_insert(e);
         }
-    })?;
+    });
+    if let Err(e) = ran {
+        return Err(match SyncError::from(e) {
+            // rsync's receiver can die of ENOSPC with its message lost: the
+            // sender then says only "Broken pipe (32)" and "code 10". A
+            // destination left with no room is the cause.
+            SyncError::Cmd(_) if no_room(dest) => SyncError::NoSpace,
+            e => e,
+        });
+    }
     match bad {
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// The filesystem of `path` has nothing left for ordinary writes
+/// (statvfs's available blocks: 0 also when btrfs's metadata is full).
+fn no_room(path: &Path) -> bool {
+    rustix::fs::statvfs(path).is_ok_and(|st| st.f_bavail.saturating_mul(st.f_frsize) < 1 << 20)
 }
 
 /// The bytes [`sync_tree`] would write into `dest`: rsync's dry run with the

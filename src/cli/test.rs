@@ -18,6 +18,7 @@ use strata_builder::interrupt::Interrupt;
 use strata_builder::layout;
 use strata_builder::manifest::{Manifest, VersionRecord};
 use strata_builder::migrate::Migration;
+use strata_builder::rootfs_tar::{self, RootfsInput};
 use strata_builder::sync::StatePolicy;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::checks::CheckId;
@@ -96,12 +97,12 @@ pub struct TestArgs {
     #[arg(long, env = "STRATA_QEMU", default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
     /// Upgrade lifecycle (needs root): on a private copy of IMAGE, boot the
-    /// current default; upgrade the copy offline to the rootfs DIR and boot
-    /// the new version; set the old one default again and boot it. The
-    /// first-boot checks run in each boot (not persistence: tokens written
-    /// to every state dir must survive both changes instead). IMAGE is not
-    /// modified.
-    #[arg(long, value_name = "DIR", conflicts_with = "label")]
+    /// current default; upgrade the copy offline to ROOTFS (a directory or
+    /// a tar archive, as `upgrade --rootfs` takes) and boot the new
+    /// version; set the old one default again and boot it. The first-boot
+    /// checks run in each boot (not persistence: tokens written to every
+    /// state dir must survive both changes instead). IMAGE is not modified.
+    #[arg(long, value_name = "ROOTFS", conflicts_with = "label")]
     upgrade_to: Option<PathBuf>,
     /// The new version's label (default: `upgrade`, or `upgrade-N` when
     /// the image has that one).
@@ -349,11 +350,18 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<(Expectations, ImageFac
 /// does not cost a boot first.
 fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Result<Lifecycle, u8> {
     let bad = exit::input;
-    if !rootfs.is_dir() {
-        return Err(bad(format!(
-            "--upgrade-to {}: not a directory (a root filesystem to upgrade to)",
+    // What `strata upgrade --rootfs` takes, told apart the same way: a
+    // directory, or a tar archive (by its bytes) that the upgrade extracts.
+    match rootfs_tar::classify(rootfs) {
+        Ok(RootfsInput::Tar(_)) => {}
+        Ok(RootfsInput::Dir) if rootfs.is_dir() => {}
+        Ok(RootfsInput::Dir) => {
+            return Err(bad(format!(
+            "--upgrade-to {}: no such directory or tar archive (a root filesystem to upgrade to)",
             rootfs.display()
-        )));
+        )))
+        }
+        Err(e) => return Err(bad(format!("--upgrade-to: {e}"))),
     }
     let label = match &args.upgrade_label {
         None => free_label(&facts.labels),
@@ -572,6 +580,50 @@ mod tests {
         ] {
             assert!(parse(alone).is_err(), "{alone:?}");
         }
+    }
+
+    /// `--upgrade-to` takes what `upgrade --rootfs` takes: a directory or
+    /// a tar archive (it was refused as "not a directory"); anything else
+    /// is exit 2 naming it.
+    #[test]
+    fn upgrade_to_takes_a_tar_archive_like_upgrade_rootfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+        let archive = dir.path().join("rootfs.tar.gz");
+        let made = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-czf")
+            .arg(&archive)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let facts = ImageFacts {
+            labels: vec!["factory".into()],
+            kernel_args: String::new(),
+        };
+        let args = |r: &Path| {
+            Cli::try_parse_from(["strata-test", "a.img", "--upgrade-to", r.to_str().unwrap()])
+                .expect("arguments parse")
+                .args
+        };
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the lifecycle needs root (it loop-mounts a copy): run this test as root"
+        );
+        for r in [&rootfs, &archive] {
+            let l = lifecycle_config(&args(r), r, &facts)
+                .unwrap_or_else(|code| panic!("{}: exit {code}", r.display()));
+            assert_eq!(l.label, "upgrade");
+        }
+        let garbage = dir.path().join("notes.txt");
+        std::fs::write(&garbage, "not a rootfs").unwrap();
+        assert_eq!(
+            lifecycle_config(&args(&garbage), &garbage, &facts).err(),
+            Some(2)
+        );
     }
 
     #[test]

@@ -116,8 +116,18 @@ fn run(
         }
         match req.rootfs_kind {
             RootfsKind::Tar => {
-                let skipped =
-                    rootfs_tar::extract(source, &scratch, DeviceNodes::Skip, s.interrupt())?;
+                // What a user namespace cannot make (ids past its map,
+                // trusted.* xattrs) and what cannot fit the image are
+                // refused on the listing, naming the member, before
+                // anything is extracted.
+                let limits = rootfs_tar::Limits::rootless(req.build.size);
+                let skipped = rootfs_tar::extract(
+                    source,
+                    &scratch,
+                    DeviceNodes::Skip,
+                    &limits,
+                    s.interrupt(),
+                )?;
                 skipped.iter().map(|n| from_archive(n, source)).collect()
             }
             RootfsKind::Dir => {

@@ -50,7 +50,9 @@ pub(super) fn assemble(
         deploy::complete_fstab(&orig, &partial, &c.plan)
     })?;
     let mut state = steps.run(Step::MergeState, |s| merge_state(top, &orig, c, opts, s))?;
-    steps.run(Step::HashMoved, |_| hash_state(top, &mut state))?;
+    steps.run(Step::HashMoved, |s| {
+        hash_state(top, &mut state, s.interrupt())
+    })?;
     steps.run(Step::CheckMountpoints, |_| {
         deploy::check_mountpoints(&orig_root, &c.plan, opts.migration)
     })?;

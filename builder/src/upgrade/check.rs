@@ -493,17 +493,24 @@ fn check_fit(
     live_state: &[String],
     interrupt: &Interrupt,
 ) -> Result<(), StepError> {
-    let free = {
-        let st = rustix::fs::statvfs(top)
-            .context(|| format!("reading the free space of {}", top.display()))?;
-        st.f_bavail.saturating_mul(st.f_frsize)
-    };
+    // btrfs's own estimate, not statvfs: on this read-only mount statvfs
+    // says 0 once every chunk is allocated (after an ENOSPC), however much
+    // room the chunks have.
+    let usage = crate::btrfs::usage(top)
+        .context(|| format!("reading the free space of {}", top.display()))?;
+    let free = usage.data_free;
     let boot_files: u64 = [Some(&rootfs.kernel), rootfs.initramfs.as_ref()]
         .into_iter()
         .flatten()
         .map(|b| boot_file_size(rootfs, b))
         .sum();
-    let margin = METADATA_MARGIN + METADATA_PER_ENTRY * rootfs.size.entries;
+    // The margin counts every copy (DUP: two). Metadata goes first into
+    // the room its chunks still have (each byte of it holding
+    // metadata_ratio copies); only the rest takes new chunks out of the
+    // space data could use.
+    let in_chunks = (usage.metadata_free as f64 * usage.metadata_ratio) as u64;
+    let margin =
+        (METADATA_MARGIN + METADATA_PER_ENTRY * rootfs.size.entries).saturating_sub(in_chunks);
     let fixed = boot_files + margin;
     if free >= rootfs.size.allocated + fixed {
         return Ok(());

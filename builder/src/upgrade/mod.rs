@@ -208,6 +208,12 @@ pub fn upgrade(
                     image,
                     &opts.rootfs,
                     DeviceNodes::Create,
+                    // Nothing bigger than the image can fit in it: refused
+                    // on the listing, before it fills the disk.
+                    &rootfs_tar::Limits {
+                        max_bytes: image_size(image),
+                        ..Default::default()
+                    },
                     s.interrupt(),
                 )
                 .map_err(StepError::from)
@@ -221,6 +227,15 @@ pub fn upgrade(
             upgraded.map_err(|e| build::name_archive(e, &tree.rootfs, &opts.rootfs))
         }
     }
+}
+
+/// The size of the image file or device (None when it cannot be read: the
+/// checks after the extraction name that).
+fn image_size(image: &Path) -> Option<u64> {
+    use std::io::Seek;
+    std::fs::File::open(image)
+        .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+        .ok()
 }
 
 /// The upgrade from `check-image` on, `opts.rootfs` a directory.
@@ -245,6 +260,17 @@ fn upgrade_from(
                     "could not remove {}: {u}; the next strata upgrade removes it",
                     partial.dir()
                 )));
+            } else if !matches!(e, BuildError::Interrupted) {
+                // Its space comes back only once btrfs's cleaner has run,
+                // which it does on a read-write mount only: wait for it
+                // here, or the next run's check (read-only) would find the
+                // image as full as this ENOSPC left it.
+                if let Err(u) = crate::btrfs::subvolume_sync(&top) {
+                    steps.emit(Event::Note(format!(
+                        "the space {} held may be freed only later: {u}",
+                        partial.dir()
+                    )));
+                }
             }
             drop(rw);
             return Err(e);

@@ -171,16 +171,26 @@ fn describe_state_entry(top: &Path, encoded: &str) -> std::io::Result<MovedFile>
     })
 }
 
-pub(super) fn hash_state(top: &Path, state: &mut StateChanges) -> Result<(), StepError> {
-    migrate::hash_moved(&mut state.moved, &top.join(layout::STATE_DIR))
-        .context(|| "hashing moved files".into())?;
+pub(super) fn hash_state(
+    top: &Path,
+    state: &mut StateChanges,
+    interrupt: &crate::interrupt::Interrupt,
+) -> Result<(), StepError> {
+    let interrupted = |e: &migrate::MigrateError| matches!(e, migrate::MigrateError::Interrupted);
+    match migrate::hash_moved(&mut state.moved, &top.join(layout::STATE_DIR), interrupt) {
+        Err(e) if interrupted(&e) => return Err(StepError::Interrupted),
+        r => r.context(|| "hashing moved files".into())?,
+    }
     for f in state
         .merged_files
         .iter_mut()
         .filter(|f| f.file_type == crate::manifest::FileType::File)
     {
         let path = state_path(top, &f.path).context(|| format!("hashing {}", f.path))?;
-        f.sha256 = Some(migrate::hash(&path).context(|| format!("hashing {}", f.path))?);
+        f.sha256 = Some(match migrate::hash(&path, interrupt) {
+            Err(e) if interrupted(&e) => return Err(StepError::Interrupted),
+            r => r.context(|| format!("hashing {}", f.path))?,
+        });
     }
     Ok(())
 }
