@@ -496,3 +496,48 @@ fn an_upgrade_while_strata_test_boots_the_image_is_refused() {
     fx.assert_fs_clean();
     fx.assert_manifest_agrees();
 }
+
+/// A QEMU started by hand holds no strata lock: an image it has open (its
+/// disk, written by the guest at any moment) is refused to every writer,
+/// naming the process.
+#[test]
+fn a_writer_is_refused_while_a_qemu_has_the_image_open() {
+    let fx = Fixture::new();
+    let before = fx.checksum();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-S", "-nodefaults", "-display", "none", "-drive"])
+        .arg(format!(
+            "file={},format=raw,if=none,id=d0",
+            fx.image().display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // QEMU opens its drives before it listens to anything: wait for it.
+    let image = fx.image();
+    let start = Instant::now();
+    while strata_builder::lock::opened_by_others(&image).is_empty() {
+        assert!(qemu.try_wait().unwrap().is_none(), "QEMU exited");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "QEMU never opened it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let upgrade = fx.upgrade_cmd("v2").output().unwrap();
+    let set_default = strata()
+        .arg("set-default")
+        .arg(fx.image())
+        .arg("factory")
+        .output()
+        .unwrap();
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    let pid = format!("pid {}", qemu.id());
+    assert_refused(&upgrade, &["is open in", &pid, "qemu-system-x86_64"]);
+    assert_refused(&set_default, &["is open in", &pid]);
+    assert_eq!(fx.checksum(), before, "the image changed");
+    fx.assert_manifest_agrees();
+}

@@ -94,6 +94,10 @@ pub enum LockError {
         #[source]
         source: io::Error,
     },
+    /// Open in another process (a VM, a copy, a hand-run tool) that
+    /// holds no strata lock.
+    #[error("{} is open in {}: strata changes an image only when nothing else has it open (a VM writing its disk meanwhile would corrupt both); stop it first", path.display(), holders_text(holders))]
+    OpenElsewhere { path: PathBuf, holders: Vec<Holder> },
     /// Bound to loop devices strata does not own.
     #[error("{} is attached to {} outside strata (a mount, a VM, a `losetup`): strata changes an image only when nothing else has it open; unmount it and detach it (`losetup -d {}`) first", path.display(), loops_text(loops), loops.iter().map(|l| l.device.as_str()).collect::<Vec<_>>().join(" "))]
     Attached { path: PathBuf, loops: Vec<LoopUse> },
@@ -404,19 +408,54 @@ pub fn mounted_from(mountinfo: &str, device: &str) -> Vec<String> {
         .collect()
 }
 
+/// The processes other than this one that have the file at `image` open
+/// (by device and inode), as far as /proc lets this user see: a QEMU
+/// booting it by hand holds no strata lock, and neither does a `dd`.
+pub fn opened_by_others(image: &Path) -> Vec<Holder> {
+    let Ok(md) = std::fs::metadata(image) else {
+        return Vec::new();
+    };
+    if !md.is_file() {
+        return Vec::new();
+    }
+    let me = std::process::id();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me && has_open(*pid, md.dev(), md.ino()))
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter()
+        .map(|pid| Holder {
+            pid: Some(pid),
+            command: command_line(pid),
+        })
+        .collect()
+}
+
 /// For a writer holding the exclusive lock, after cleaning what killed
 /// strata runs left (their mounts; their loop devices detach themselves,
 /// `loopdev`): any loop device still bound to the image is someone
-/// else's. Refused, naming the devices and their mounts.
+/// else's, and so is any other process that has it open. Refused, naming
+/// the devices and their mounts, or the processes.
 pub fn refuse_attached(image: &Path) -> Result<(), LockError> {
     let loops = attached_loops(image);
-    if loops.is_empty() {
-        return Ok(());
+    if !loops.is_empty() {
+        return Err(LockError::Attached {
+            path: image.to_owned(),
+            loops,
+        });
     }
-    Err(LockError::Attached {
-        path: image.to_owned(),
-        loops,
-    })
+    let holders = opened_by_others(image);
+    if !holders.is_empty() {
+        return Err(LockError::OpenElsewhere {
+            path: image.to_owned(),
+            holders,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -437,6 +476,33 @@ mod tests {
         assert_eq!(flock_pids(LOCKS, 131), [4242, 77]);
         assert_eq!(flock_pids(LOCKS, 9), Vec::<u32>::new());
         assert_eq!(flock_pids("", 131), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn a_process_that_has_the_image_open_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("x.img");
+        std::fs::write(&img, b"image").unwrap();
+        assert!(refuse_attached(&img).is_ok());
+        // Our own descriptors (the lock's) are never someone else's.
+        let _ours = File::open(&img).unwrap();
+        assert!(refuse_attached(&img).is_ok());
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(File::open(&img).unwrap())
+            .spawn()
+            .unwrap();
+        let err = refuse_attached(&img).unwrap_err();
+        let _ = other.kill();
+        let _ = other.wait();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("pid {} (sleep 30)", other.id()))
+                && msg.contains("stop it first"),
+            "{msg}"
+        );
+        assert_eq!(err.kind(), FailureKind::Input);
+        assert!(refuse_attached(&img).is_ok());
     }
 
     #[test]

@@ -618,10 +618,22 @@ fn delete_version(img: &OpenImage, version: &Version) -> Result<(), ImageError> 
     let dir = img.top().join(version.dir());
     match std::fs::remove_dir_all(&dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(ImageError::tool(format!("removing {}", version.dir()), e))
+            return Err(ImageError::tool(format!("removing {}", version.dir()), e))
         }
-        _ => Ok(()),
+        _ => {}
     }
+    // btrfs frees a deleted subvolume's extents in the background: wait
+    // for it, so that what `remove` gives back is there for the next
+    // command (an upgrade's space check) and not still being cleaned.
+    if !paths.is_empty() {
+        btrfs::subvolume_sync(img.top()).map_err(|e| {
+            ImageError::tool(
+                format!("waiting for the space of {} to be freed", version.dir()),
+                e,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// The manifest to keep up to date: `given` (must exist), else
