@@ -189,7 +189,8 @@ pub fn render(script: &[Cmd]) -> String {
 }
 
 /// libguestfs's environment: its own QEMU (no libvirt), TCG unless KVM
-/// was asked for (KVM hangs on some hosts; see machine.md).
+/// was asked for (on some hosts /dev/kvm exists but KVM hangs or stops
+/// the guest, measured on CI machines).
 pub fn environment(accel: Accel) -> Vec<(&'static str, &'static str)> {
     let mut env = vec![("LIBGUESTFS_BACKEND", "direct")];
     if accel == Accel::Tcg {

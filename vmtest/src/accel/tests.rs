@@ -1,8 +1,8 @@
 use super::*;
 
 /// What QEMU 10.0 printed on a host whose KVM runs SeaBIOS and then fails
-/// SYSLINUX in protected mode (shared/docs/machine.md), register dump
-/// shortened.
+/// SYSLINUX in protected mode (measured on a CI host whose /dev/kvm exists
+/// but cannot run the guest), register dump shortened.
 const INTERNAL_ERROR: &str = "KVM internal error. Suberror: 1
 extra data[0]: 0x0000000000000001
 extra data[1]: 0x0000000000000000
