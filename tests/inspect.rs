@@ -1,6 +1,7 @@
 //! `strata inspect` and `strata inspect --lint` on real Btrfs images made
 //! here with mkfs.btrfs, losetup and `btrfs subvolume` (not with the
-//! builder), plus the prototype image when it is around. Needs root.
+//! builder), plus images `strata build` makes here. Needs root: every test
+//! fails, and says so, without it (ci/test runs as root).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -24,14 +25,18 @@ fn sh(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
-fn is_root() -> bool {
+/// These tests attach loop devices and mount: without root they cannot
+/// run, and a test that returned early would pass having proven nothing.
+/// So they fail, and say what would let them run.
+fn require_root() {
     let root = std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false);
-    if !root {
-        eprintln!("skipped: needs root (loop devices, mounts)");
-    }
-    root
+    assert!(
+        root,
+        "tests/inspect.rs needs root (loop devices, mounts): run it as root, as ci/test does \
+         (ci/test must run as root: ci/setup installs mkfs.btrfs, losetup and mmdebstrap)"
+    );
 }
 
 /// A read-write mount of a test image, undone on drop (also on panic).
@@ -145,9 +150,7 @@ fn json(o: &Output) -> serde_json::Value {
 
 #[test]
 fn clean_image_lints_clean_and_shows_its_layout() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let d = tempfile::tempdir().unwrap();
     let img = make_image(d.path(), &[]);
 
@@ -226,9 +229,7 @@ fn clean_image_lints_clean_and_shows_its_layout() {
 
 #[test]
 fn lint_names_the_mountpoint_and_the_hidden_file() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let d = tempfile::tempdir().unwrap();
     let img = make_image(
         d.path(),
@@ -310,9 +311,7 @@ fn lint_names_the_mountpoint_and_the_hidden_file() {
 
 #[test]
 fn bad_input_exits_2() {
-    if !is_root() {
-        return;
-    }
+    require_root();
     let d = tempfile::tempdir().unwrap();
     let missing = d.path().join("missing.img");
     let o = strata(&["inspect", "--lint"], &missing);
@@ -378,57 +377,101 @@ fn bad_input_exits_2() {
     no_loop_left(&plain);
 }
 
-/// The prototype image from the contract work (/var/tmp/strata-dev, or
-/// STRATA_PROTO_IMG): clean as built; a copy with a file dropped into
-/// run/srv is caught. Skipped when the image is not on this machine.
-#[test]
-fn prototype_image_clean_and_broken_copy() {
-    if !is_root() {
-        return;
+/// A small rootfs `strata build` accepts: a kernel with a boot header and
+/// an initramfs (a UUID root device needs one), an fstab, and data under two state dirs for the build to move.
+fn synthetic_rootfs(root: &Path) {
+    for d in ["etc", "boot", "usr/bin", "srv/www", "home/alice"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    let proto = std::env::var_os("STRATA_PROTO_IMG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/strata-dev/proto.img"));
-    if !proto.is_file() {
-        eprintln!("skipped: {} not found", proto.display());
-        return;
-    }
-    // Read-only all the way down: the image itself is safe to inspect.
-    let before = std::fs::metadata(&proto).unwrap().modified().unwrap();
-    let o = strata(&["inspect", "--lint"], &proto);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    assert_eq!(
-        std::fs::metadata(&proto).unwrap().modified().unwrap(),
-        before
-    );
-    no_loop_left(&proto);
+    std::fs::write(root.join("etc/fstab"), "tmpfs /tmp tmpfs defaults 0 0\n").unwrap();
+    std::fs::write(root.join("usr/bin/tool"), "not state\n").unwrap();
+    std::fs::write(root.join("srv/www/index.html"), "<p>state</p>\n").unwrap();
+    std::fs::write(root.join("home/alice/notes.txt"), "state\n").unwrap();
+    // Strata refuses a kernel without the x86 boot header.
+    std::fs::write(
+        root.join("boot/vmlinuz-1.0"),
+        strata_builder::kernel::fake_kernel(b"synthetic kernel"),
+    )
+    .unwrap();
+    std::fs::write(root.join("boot/initrd.img-1.0"), "synthetic initramfs\n").unwrap();
+}
 
+/// What the builder makes (not the hand-made layout above): `inspect
+/// --lint` finds it clean and leaves it untouched; a copy with a file
+/// dropped into the default version's run/srv is caught and named.
+/// Built here, so it runs wherever the tests run (it used to look for a
+/// prototype image that CI never had, and passed without checking).
+#[test]
+fn built_image_lints_clean_untouched_and_a_dropped_file_is_caught() {
+    require_root();
     let d = tempfile::Builder::new()
         .prefix("strata-inspect-test-")
         .tempdir_in("/var/tmp")
         .unwrap();
+    let rootfs = d.path().join("rootfs");
+    synthetic_rootfs(&rootfs);
+    let img = d.path().join("built.img");
+    // A fresh filesystem UUID: the copy below is mounted while other tests
+    // may mount their own builds, and btrfs refuses two with one UUID.
+    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
+    let b = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "build",
+            "--size",
+            "300M",
+            "--fs-uuid",
+            uuid.trim(),
+            "--rootfs",
+        ])
+        .arg(&rootfs)
+        .arg("--output")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+
+    // Read-only all the way down: the image itself is safe to inspect.
+    let before = std::fs::metadata(&img).unwrap().modified().unwrap();
+    let o = strata(&["inspect", "--lint"], &img);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("Clean"), "{text}");
+    assert_eq!(std::fs::metadata(&img).unwrap().modified().unwrap(), before);
+    no_loop_left(&img);
+    let default = json(&strata(&["inspect", "--json"], &img))["default"]["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
     let copy = d.path().join("broken.img");
     sh(
         "cp",
         &[
             "--sparse=always",
-            proto.to_str().unwrap(),
+            img.to_str().unwrap(),
             copy.to_str().unwrap(),
         ],
     );
     {
         let m = Mounted::new(&copy);
-        std::fs::write(m.path("systems/factory/run/srv/dropped.txt"), "oops\n").unwrap();
+        std::fs::write(
+            m.path(&format!("systems/{default}/run/srv/dropped.txt")),
+            "oops\n",
+        )
+        .unwrap();
     }
     let o = strata(&["inspect", "--lint"], &copy);
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{text}");
-    assert!(text.contains("factory/run: /srv is not empty"), "{text}");
+    assert!(
+        text.contains(&format!("{default}/run: /srv is not empty")),
+        "{text}"
+    );
     assert!(text.contains("/srv/dropped.txt"), "{text}");
     no_loop_left(&copy);
 }
@@ -438,14 +481,13 @@ fn prototype_image_clean_and_broken_copy() {
 /// mmdebstrap for the fixture (cached: shared with ci/demo and ci/test).
 #[test]
 fn builder_copy_migration_is_caught_for_all_five_state_dirs() {
-    if !is_root()
-        || Command::new("mmdebstrap")
-            .arg("--version")
-            .output()
-            .is_err()
-    {
-        return;
-    }
+    require_root();
+    // ci/setup vm installs it (ci/test runs that); without it the fixture
+    // cannot be made, and passing would prove nothing.
+    assert!(
+        Command::new("mmdebstrap").arg("--version").output().is_ok(),
+        "needs mmdebstrap for the Debian fixture: run ci/setup vm (ci/test does)"
+    );
     let fx = Command::new(env!("CARGO_BIN_EXE_strata"))
         .args(["fixture", "debian"])
         .output()

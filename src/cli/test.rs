@@ -222,10 +222,17 @@ pub fn run(args: TestArgs) -> u8 {
             exit::of(run::failure(&report))
         }
         Err(e @ RunError::Input(_)) => exit::fail(e),
-        Err(e @ (RunError::Infra { .. } | RunError::Interrupted { .. })) => {
-            // Stopped by a failure or a signal: the report so far is still
-            // shown and written where it was asked for.
+        Err(
+            e @ (RunError::Infra { .. } | RunError::Refused { .. } | RunError::Interrupted { .. }),
+        ) => {
+            // Stopped by a failure, a refused upgrade or a signal: the
+            // report so far is still shown and written where it was asked
+            // for.
             if let RunError::Infra {
+                report: Some(report),
+                ..
+            }
+            | RunError::Refused {
                 report: Some(report),
                 ..
             }
@@ -244,6 +251,11 @@ pub fn run(args: TestArgs) -> u8 {
                     "infrastructure failure: {}",
                     message.lines().next().unwrap_or("")
                 ),
+                // The console lines after it are the report's, not the
+                // refusal's.
+                RunError::Refused { message, .. } => {
+                    message.lines().next().unwrap_or("").to_owned()
+                }
                 other => other.to_string(),
             };
             exit::fail_with(e.kind(), &anyhow::anyhow!("{msg}"))

@@ -18,6 +18,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
 use strata_builder::interrupt::Interrupt;
 
@@ -31,10 +32,49 @@ pub struct Changed {
     pub summary: String,
 }
 
+/// Why an image change failed, and the kind of failure it is. The kind is
+/// kept, not flattened into the message: an upgrade refused for its input
+/// (the rootfs, the label) ends the run as bad input (exit 2), as `strata
+/// upgrade` would, not as an infrastructure failure (exit 3).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ChangeError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl ChangeError {
+    /// The builder's error, with its own kind.
+    pub fn of<E: Failure>(err: &E) -> ChangeError {
+        ChangeError {
+            kind: err.kind(),
+            message: err.to_string(),
+        }
+    }
+}
+
+impl Failure for ChangeError {
+    fn kind(&self) -> FailureKind {
+        self.kind
+    }
+}
+
+/// Reading the changed image back (its manifest, its layout) is the
+/// runner's own work: a failure there is infrastructure.
+impl From<String> for ChangeError {
+    fn from(message: String) -> ChangeError {
+        ChangeError {
+            kind: FailureKind::Infrastructure,
+            message,
+        }
+    }
+}
+
 /// Changes a powered-off image between two boots. Called from a blocking
 /// thread with the image's QEMU gone; `note` shows progress lines, and a
 /// raised `interrupt` (SIGINT, SIGTERM, the run's timeout) asks the change
-/// to stop. Errors end the run (exit 3) with the report so far.
+/// to stop. Errors end the run with the report so far, with the exit code
+/// of their kind (bad input 2, else 3).
 pub trait ImageChanges: Send + Sync {
     /// Deploys the new version `label` beside the existing ones and makes
     /// it the default (`strata upgrade IMG --rootfs … --label LABEL`).
@@ -44,7 +84,7 @@ pub trait ImageChanges: Send + Sync {
         label: &str,
         interrupt: &Interrupt,
         note: &mut dyn FnMut(String),
-    ) -> Result<Changed, String>;
+    ) -> Result<Changed, ChangeError>;
 
     /// Makes the existing version `label` the default (`strata set-default`).
     fn set_default(
@@ -53,7 +93,7 @@ pub trait ImageChanges: Send + Sync {
         label: &str,
         interrupt: &Interrupt,
         note: &mut dyn FnMut(String),
-    ) -> Result<Changed, String>;
+    ) -> Result<Changed, ChangeError>;
 }
 
 /// `TestConfig::lifecycle`: run the upgrade lifecycle instead of the plain

@@ -142,6 +142,14 @@ pub enum RunError {
     /// Bad usage or input: exit 2.
     #[error("{0}")]
     Input(String),
+    /// The lifecycle's image change refused its input (the upgrade's
+    /// rootfs or label) once the run had begun: exit 2, as `strata upgrade`
+    /// would. The report has what was proven before.
+    #[error("{message}")]
+    Refused {
+        message: String,
+        report: Option<Box<Report>>,
+    },
     /// QEMU, the agent, a timeout or an image that does not boot: exit 3.
     /// The report (when there is one) has what was proven before it happened.
     #[error("{message}")]
@@ -161,7 +169,7 @@ pub enum RunError {
 impl strata_builder::error::Failure for RunError {
     fn kind(&self) -> FailureKind {
         match self {
-            RunError::Input(_) => FailureKind::Input,
+            RunError::Input(_) | RunError::Refused { .. } => FailureKind::Input,
             RunError::Infra { .. } => FailureKind::Infrastructure,
             RunError::Interrupted { .. } => FailureKind::Interrupted,
         }
@@ -243,6 +251,10 @@ struct LifeState {
     /// Resolves when the image change in progress (on its blocking thread)
     /// has returned; None when no change runs.
     changing: Option<lifecycle::InFlight>,
+    /// The kind of the error that ended the story, when the story knew it
+    /// (its errors are messages): a refused upgrade is bad input. None:
+    /// infrastructure, as every other error of the story.
+    error_kind: Option<FailureKind>,
 }
 
 /// The disk QEMU boots and how to make it from the image.
@@ -619,6 +631,9 @@ pub async fn run_until(
     };
     // Stopped by the timeout or the stop future, not at the story's end.
     let stopped = !matches!(outcome, Some(Ok(_)));
+    // Only an error the story returned has the kind it noted.
+    let refused =
+        matches!(outcome, Some(Ok(Err(_)))) && s.life.error_kind == Some(FailureKind::Input);
     let error = match outcome {
         Some(Ok(Ok(()))) => None,
         Some(Ok(Err(e))) => Some(e),
@@ -674,6 +689,10 @@ pub async fn run_until(
         (None, _) => Ok(report),
         (Some(_), Some(why)) => Err(RunError::Interrupted {
             message: interruption(&why),
+            report: Some(Box::new(report)),
+        }),
+        (Some(_), None) if refused => Err(RunError::Refused {
+            message: report.error.clone().unwrap_or_default(),
             report: Some(Box::new(report)),
         }),
         (Some(_), None) => Err(RunError::Infra {
@@ -1346,7 +1365,7 @@ mod tests {
             _: &str,
             _: &strata_builder::interrupt::Interrupt,
             _: &mut dyn FnMut(String),
-        ) -> Result<life::Changed, String> {
+        ) -> Result<life::Changed, life::ChangeError> {
             panic!("upgrade called")
         }
 
@@ -1356,7 +1375,7 @@ mod tests {
             _: &str,
             _: &strata_builder::interrupt::Interrupt,
             _: &mut dyn FnMut(String),
-        ) -> Result<life::Changed, String> {
+        ) -> Result<life::Changed, life::ChangeError> {
             panic!("set_default called")
         }
     }
@@ -1423,6 +1442,45 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
         assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 1 << 20]);
         assert_eq!(std::fs::read_to_string(&manifest).unwrap(), "{}");
+    }
+
+    /// A lifecycle refused for its input ends as bad input (exit 2), with
+    /// its report, and before anything boots: the QEMU here does not
+    /// exist, so a boot would have ended in "starting QEMU" (exit 3). This
+    /// is the path of every refusal the story notes, the upgrade's too.
+    #[test]
+    fn a_lifecycle_refused_for_its_input_is_exit_2_before_any_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+        let expect = expectations();
+        let current = expect.version.label().to_owned();
+        let mut cfg = TestConfig::new(img.clone(), expect);
+        cfg.accel = AccelChoice::Tcg;
+        cfg.qemu_binary = "/nonexistent/qemu-system-x86_64".into();
+        cfg.artifacts = Some(dir.path().join("art"));
+        cfg.lifecycle = Some(Lifecycle {
+            changes: std::sync::Arc::new(Untouchable),
+            label: current.clone(),
+            interrupt: Default::default(),
+        });
+        let err = run_blocking(cfg, |_| {}).unwrap_err();
+        assert_eq!(err.kind(), FailureKind::Input, "{err}");
+        let RunError::Refused {
+            message,
+            report: Some(r),
+        } = err
+        else {
+            panic!("expected a refusal with a report: {err}")
+        };
+        assert!(
+            message.contains(&format!(
+                "the upgrade label {current:?} is the current default's"
+            )),
+            "{message}"
+        );
+        assert_eq!(r.boots, 0, "nothing booted");
+        assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 1 << 20]);
     }
 
     #[test]

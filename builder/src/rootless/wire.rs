@@ -234,11 +234,60 @@ mod tests {
         }
     }
 
+    /// Every variant of `Step`, taken from the enum rather than from
+    /// `Step::ALL` (which is what is under test). One list feeds both an
+    /// exhaustive match without a wildcard and the array returned, so a new
+    /// variant fails to compile here until it is listed, and then is in
+    /// the array.
+    macro_rules! every_variant {
+        ($($v:ident),* $(,)?) => {{
+            #[allow(dead_code)]
+            fn exhaustive(s: Step) {
+                match s {
+                    $(Step::$v)|* => {}
+                }
+            }
+            [$(Step::$v),*]
+        }};
+    }
+
     #[test]
     fn every_step_name_reads_back() {
-        for s in Step::ALL {
-            assert_eq!(Step::from_name(s.name()), Some(s));
+        let variants = every_variant![
+            CleanDebris,
+            CheckImage,
+            SnapshotOrig,
+            SyncRootfs,
+            MergeState,
+            CommitVersion,
+            ExtractRootfs,
+            CreateImage,
+            Mkfs,
+            Mount,
+            CreateOrig,
+            CopyRootfs,
+            CompleteFstab,
+            MigrateState,
+            HashMoved,
+            CheckMountpoints,
+            Snapshot,
+            InstallKernel,
+            WriteBootConfig,
+            SetDefault,
+            InstallBootloader,
+            Appliance,
+            Finish,
+        ];
+        for s in variants {
+            assert!(Step::ALL.contains(&s), "{s:?} is missing from Step::ALL");
+            assert_eq!(Step::from_name(s.name()), Some(s), "{s:?}");
         }
+        // Each once: no variant listed twice in ALL in place of another.
+        assert_eq!(Step::ALL.len(), variants.len(), "{:?}", Step::ALL);
+        let mut names: Vec<&str> = variants.iter().map(|s| s.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), variants.len(), "two steps share a name");
         assert_eq!(Step::from_name("no-such-step"), None);
     }
 }

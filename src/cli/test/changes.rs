@@ -5,13 +5,14 @@
 //! keeps up to date, or off the copy itself when there is none.
 
 use std::path::{Path, PathBuf};
+use strata_builder::error::FailureKind;
 use strata_builder::expect::Expectations;
 use strata_builder::image;
 use strata_builder::interrupt::Interrupt;
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::Migration;
 use strata_builder::sync::StatePolicy;
-use strata_vmtest::lifecycle::{Changed, ImageChanges};
+use strata_vmtest::lifecycle::{ChangeError, Changed, ImageChanges};
 
 /// What `--upgrade-to` asks of the upgrade.
 #[derive(Debug, Clone)]
@@ -25,17 +26,18 @@ pub struct UpgradePlan {
 
 /// `strata upgrade IMAGE --rootfs … --label LABEL` on the copy, its
 /// manifest (IMAGE.manifest.json) updated when there is one; progress lines
-/// to `note`.
+/// to `note`. The error keeps the upgrade's kind: a refused rootfs is bad
+/// input (exit 2).
 pub type UpgradeFn = fn(
     image: &Path,
     plan: &UpgradePlan,
     label: &str,
     interrupt: &Interrupt,
     note: &mut dyn FnMut(String),
-) -> Result<(), String>;
+) -> Result<(), ChangeError>;
 
 /// `strata set-default IMAGE LABEL` on the copy (manifest updated too).
-pub type SetDefaultFn = fn(image: &Path, label: &str) -> Result<(), String>;
+pub type SetDefaultFn = fn(image: &Path, label: &str) -> Result<(), ChangeError>;
 
 /// The builder's two operations the lifecycle needs.
 #[derive(Clone, Copy)]
@@ -56,7 +58,7 @@ impl ImageChanges for CliChanges {
         label: &str,
         interrupt: &Interrupt,
         note: &mut dyn FnMut(String),
-    ) -> Result<Changed, String> {
+    ) -> Result<Changed, ChangeError> {
         (self.ops.upgrade)(image, &self.plan, label, interrupt, note)?;
         let expect = expectations_of(image, label)?;
         let mut summary = format!(
@@ -80,10 +82,13 @@ impl ImageChanges for CliChanges {
         label: &str,
         interrupt: &Interrupt,
         _note: &mut dyn FnMut(String),
-    ) -> Result<Changed, String> {
+    ) -> Result<Changed, ChangeError> {
         // A quick rename: checking before is enough.
         if interrupt.raised() {
-            return Err("interrupted".into());
+            return Err(ChangeError {
+                kind: FailureKind::Interrupted,
+                message: "interrupted".into(),
+            });
         }
         (self.ops.set_default)(image, label)?;
         Ok(Changed {
@@ -163,20 +168,20 @@ mod tests {
         label: &str,
         _: &Interrupt,
         note: &mut dyn FnMut(String),
-    ) -> Result<(), String> {
+    ) -> Result<(), ChangeError> {
         assert_eq!(label, "v2");
         assert_eq!(plan.rootfs, Path::new("/r2"));
         note("upgrade: done".into());
         manifest("v2", true)
             .save(&Manifest::default_path(image))
-            .map_err(|e| e.to_string())
+            .map_err(|e| ChangeError::from(e.to_string()))
     }
 
-    fn fake_set_default(image: &Path, label: &str) -> Result<(), String> {
+    fn fake_set_default(image: &Path, label: &str) -> Result<(), ChangeError> {
         let path = Manifest::default_path(image);
         let mut m = Manifest::load(&path).map_err(|e| e.to_string())?;
         m.default = label.into();
-        m.save(&path).map_err(|e| e.to_string())
+        Ok(m.save(&path).map_err(|e| e.to_string())?)
     }
 
     fn failing_upgrade(
@@ -185,8 +190,11 @@ mod tests {
         _: &str,
         _: &Interrupt,
         _: &mut dyn FnMut(String),
-    ) -> Result<(), String> {
-        Err("not enough space: 120 MiB missing".into())
+    ) -> Result<(), ChangeError> {
+        Err(ChangeError {
+            kind: FailureKind::Input,
+            message: "rootfs /r2 has no etc/ directory: is it a root filesystem?".into(),
+        })
     }
 
     fn changes(upgrade: UpgradeFn) -> CliChanges {
@@ -244,12 +252,18 @@ mod tests {
         let err = c
             .upgrade(&img, "v2", &Interrupt::default(), &mut |_| {})
             .unwrap_err();
-        assert_eq!(err, "not enough space: 120 MiB missing");
+        // The upgrade's kind comes through, not only its message.
+        assert_eq!(err.kind, FailureKind::Input);
+        assert_eq!(
+            err.message,
+            "rootfs /r2 has no etc/ directory: is it a root filesystem?"
+        );
         let stop = Interrupt::default();
         stop.raise();
         let err = c
             .set_default(&img, "factory", &stop, &mut |_| {})
             .unwrap_err();
-        assert_eq!(err, "interrupted");
+        assert_eq!(err.kind, FailureKind::Interrupted);
+        assert_eq!(err.message, "interrupted");
     }
 }

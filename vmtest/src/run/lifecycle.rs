@@ -11,6 +11,7 @@ use crate::lifecycle::tokens::{self, Token};
 use crate::lifecycle::{Changed, Lifecycle, Row, Stage};
 use std::path::Path;
 use std::time::{Duration, Instant};
+use strata_builder::error::FailureKind;
 use strata_builder::expect::{Expectations, Source};
 use strata_builder::interrupt::Interrupt;
 use strata_builder::manifest::Manifest;
@@ -56,6 +57,8 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     let before = s.cfg.expect.clone();
     let old = before.version.label().to_owned();
     if l.label == old {
+        // The caller's mistake, found before anything boots: exit 2.
+        s.life.error_kind = Some(FailureKind::Input);
         return Err(format!(
             "the upgrade label {:?} is the current default's: pick a new one",
             l.label
@@ -152,7 +155,12 @@ impl Session {
         })
         .await;
         let changed = changed.map_err(|e| format!("{what}: {e}"))?;
-        let (changed, label) = changed.map_err(|e| format!("{what}: {e}"))?;
+        let (changed, label) = changed.map_err(|e| {
+            // The story's error is a message; its kind goes beside it, so
+            // a refused upgrade ends the run as bad input (exit 2).
+            self.life.error_kind = Some(e.kind);
+            format!("{what}: {e}")
+        })?;
         if changed.expect.version.label() != label {
             return Err(format!(
                 "{what}: the change reports {} as what boots now, not {label}",
