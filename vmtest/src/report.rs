@@ -459,59 +459,35 @@ impl Report {
         self.checks.iter().filter(|c| c.status == status).count()
     }
 
+    /// JUnit XML, written by `quick-junit` (the crate cargo-nextest uses):
+    /// one suite, one test case per check row, an `error` case named `boot`
+    /// when the run itself failed, and the run's facts as properties.
     pub fn to_junit(&self) -> String {
-        let failures = self.count(Status::Fail);
-        let skipped = self.count(Status::Skip);
-        let errors = usize::from(self.error.is_some());
-        let mut o = String::new();
-        let _ = writeln!(o, r#"<?xml version="1.0" encoding="UTF-8"?>"#);
-        let _ = writeln!(
-            o,
-            r#"<testsuites name="strata test" tests="{}" failures="{failures}" errors="{errors}" skipped="{skipped}" time="{:.3}">"#,
-            self.checks.len(),
-            self.timings.total
-        );
-        let suite = format!("strata.{}.{}.{}", self.boot, self.disk_bus, self.accel);
-        let _ = writeln!(
-            o,
-            r#"  <testsuite name="{}" tests="{}" failures="{failures}" errors="{errors}" skipped="{skipped}" time="{:.3}">"#,
-            xml(&suite),
-            self.checks.len(),
-            self.timings.total
-        );
-        let _ = writeln!(o, "    <properties>");
-        for (k, v) in [
-            ("image", self.image.as_str()),
-            ("label", self.label.as_str()),
-            ("accel_reason", self.accel_reason.as_str()),
-        ] {
-            let _ = writeln!(o, r#"      <property name="{k}" value="{}"/>"#, xml(v));
-        }
+        use quick_junit::{
+            NonSuccessKind, Property, Report as Junit, TestCase, TestCaseStatus, TestSuite,
+        };
+        // Seconds as the report holds them; a negative or non-finite one
+        // (never expected) is written as 0 rather than panicking.
+        let secs = |s: f64| std::time::Duration::try_from_secs_f64(s).unwrap_or_default();
+        let name = format!("strata.{}.{}.{}", self.boot, self.disk_bus, self.accel);
+        let mut suite = TestSuite::new(name.as_str());
+        suite.set_time(secs(self.timings.total));
+        suite.add_property(Property::new("image", &self.image));
+        suite.add_property(Property::new("label", &self.label));
+        suite.add_property(Property::new("accel_reason", &self.accel_reason));
         if let Some(f) = &self.accel_kvm_failure {
-            for (k, v) in [
-                ("accel_kvm_stage", f.stage.name()),
-                ("accel_kvm_qemu_said", f.qemu_said.as_str()),
-            ] {
-                let _ = writeln!(o, r#"      <property name="{k}" value="{}"/>"#, xml(v));
-            }
+            suite.add_property(Property::new("accel_kvm_stage", f.stage.name()));
+            suite.add_property(Property::new("accel_kvm_qemu_said", &f.qemu_said));
         }
         if let Some(c) = &self.accel_cache {
             let value = match (c.used, &c.probed_at) {
                 (true, Some(at)) => format!("used, probed {at}, {}: {}", c.file, c.note),
                 _ => format!("not used, {}: {}", c.file, c.note),
             };
-            let _ = writeln!(
-                o,
-                r#"      <property name="accel_cache" value="{}"/>"#,
-                xml(&value)
-            );
+            suite.add_property(Property::new("accel_cache", value));
         }
         if !self.boot_log.is_empty() {
-            let _ = writeln!(
-                o,
-                r#"      <property name="boots" value="{}"/>"#,
-                xml(&describe_boots(&self.boot_log))
-            );
+            suite.add_property(Property::new("boots", describe_boots(&self.boot_log)));
         }
         for b in &self.boot_log {
             let value = format!(
@@ -521,19 +497,10 @@ impl Report {
                     .map_or("did not come up".to_owned(), |v| format!("{v:.1} s")),
                 b.why
             );
-            let _ = writeln!(
-                o,
-                r#"      <property name="boot.{}" value="{}"/>"#,
-                b.boot,
-                xml(&value)
-            );
+            suite.add_property(Property::new(format!("boot.{}", b.boot), value));
         }
         if let Some(why) = &self.later_boots_fallback {
-            let _ = writeln!(
-                o,
-                r#"      <property name="later_boots_fallback" value="{}"/>"#,
-                xml(why)
-            );
+            suite.add_property(Property::new("later_boots_fallback", why));
         }
         for p in &self.phases {
             let value = format!(
@@ -546,58 +513,45 @@ impl Report {
                     .map(|c| format!(", after: {c}"))
                     .unwrap_or_default()
             );
-            let _ = writeln!(
-                o,
-                r#"      <property name="phase.{}" value="{}"/>"#,
-                p.phase.name(),
-                xml(&value)
-            );
+            suite.add_property(Property::new(format!("phase.{}", p.phase.name()), value));
         }
-        let _ = writeln!(o, "    </properties>");
         for c in &self.checks {
-            let _ = write!(
-                o,
-                r#"    <testcase classname="{}" name="{}" time="{:.3}""#,
-                xml(&suite),
-                xml(&c.name),
-                c.seconds
-            );
-            match c.status {
-                Status::Pass => {
-                    let _ = writeln!(o, "/>");
-                }
+            let status = match c.status {
+                Status::Pass => TestCaseStatus::success(),
                 Status::Fail => {
-                    let _ = writeln!(o, ">");
-                    let _ = writeln!(
-                        o,
-                        r#"      <failure message="{}">{}</failure>"#,
-                        xml(&c.detail),
-                        xml(&c.evidence.join("\n"))
-                    );
-                    let _ = writeln!(o, "    </testcase>");
+                    let mut s = TestCaseStatus::non_success(NonSuccessKind::Failure);
+                    s.set_message(&c.detail)
+                        .set_description(c.evidence.join("\n"));
+                    s
                 }
                 Status::Skip => {
-                    let _ = writeln!(o, ">");
-                    let _ = writeln!(o, r#"      <skipped message="{}"/>"#, xml(&c.detail));
-                    let _ = writeln!(o, "    </testcase>");
+                    let mut s = TestCaseStatus::skipped();
+                    s.set_message(&c.detail);
+                    s
                 }
-            }
+            };
+            let mut case = TestCase::new(&c.name, status);
+            case.set_classname(name.as_str()).set_time(secs(c.seconds));
+            suite.add_test_case(case);
         }
         if let Some(e) = &self.error {
-            let _ = writeln!(
-                o,
-                r#"    <testcase classname="{}" name="boot"><error message="{}"/></testcase>"#,
-                xml(&suite),
-                xml(e)
-            );
+            let mut status = TestCaseStatus::non_success(NonSuccessKind::Error);
+            status.set_message(e);
+            let mut case = TestCase::new("boot", status);
+            case.set_classname(name.as_str());
+            suite.add_test_case(case);
         }
         if !self.warnings.is_empty() {
             let text: String = self.warnings.iter().map(explain).collect();
-            let _ = writeln!(o, "    <system-out>{}</system-out>", xml(&text));
+            suite.set_system_out(text);
         }
-        let _ = writeln!(o, "  </testsuite>");
-        let _ = writeln!(o, "</testsuites>");
-        o
+        let mut junit = Junit::new("strata test");
+        junit.set_time(secs(self.timings.total));
+        junit.add_test_suite(suite);
+        // Into a Vec: the only errors quick-xml could report are I/O errors.
+        junit
+            .to_string()
+            .unwrap_or_else(|e| unreachable!("JUnit XML written into memory cannot fail: {e}"))
     }
 }
 
@@ -668,23 +622,6 @@ pub fn human_bytes(b: u64) -> String {
     } else {
         strata_builder::size::human(b)
     }
-}
-
-fn xml(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&apos;"),
-            // XML 1.0 forbids most control characters even when escaped.
-            c if (c as u32) < 0x20 && !matches!(c, '\n' | '\t' | '\r') => o.push('\u{fffd}'),
-            c => o.push(c),
-        }
-    }
-    o
 }
 
 #[cfg(test)]
@@ -1209,6 +1146,35 @@ mod tests {
         assert!(r
             .to_junit()
             .contains("<error message=\"guest console: &quot;Kernel panic&quot;\"/>"));
+    }
+
+    /// The JUnit XML reads back with quick-junit's own parser: what a run
+    /// failed with, QEMU's colours and control characters included, stays
+    /// well-formed, and the `boot` error case counts as a test.
+    #[test]
+    fn junit_reads_back_with_an_error_and_control_characters() {
+        let mut r = sample(true);
+        r.error = Some("guest console: \u{1b}[31m\"Kernel panic\"\u{1b}[0m <&> \u{7}".into());
+        let xml = r.to_junit();
+        let back = quick_junit::Report::deserialize_from_str(&xml).expect(&xml);
+        assert_eq!(
+            (back.tests, back.failures, back.errors, back.skipped),
+            (7, 2, 1, 1)
+        );
+        let suite = &back.test_suites[0];
+        let boot = suite.test_cases.last().unwrap();
+        assert_eq!(boot.name.as_str(), "boot");
+        match &boot.status {
+            quick_junit::TestCaseStatus::NonSuccess { kind, message, .. } => {
+                assert_eq!(*kind, quick_junit::NonSuccessKind::Error);
+                assert_eq!(
+                    message.as_deref(),
+                    Some("guest console: \"Kernel panic\" <&> ")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(suite.properties.len(), 5);
     }
 
     #[test]
