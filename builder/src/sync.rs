@@ -315,14 +315,18 @@ fn require_dir(path: &Path, follow: bool) -> Result<(), SyncError> {
 /// What happens to the data a new rootfs has under a state dir D, given
 /// the live `state/D` subvolume. In both cases nothing in `state/D` is
 /// changed or deleted: the state subvolumes hold the machine's data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `--state-data` takes it as it is (`keep`, `merge`); `help = None` keeps
+/// these docs out of `--help`, which explains the values itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StatePolicy {
     /// State untouched; everything the new rootfs has under D is left out.
+    #[value(help = None::<&str>)]
     Keep,
     /// Entries absent from `state/D` are copied in (new files a new release
     /// ships, e.g. a new package's `/var/lib/foo`); entries that exist are
     /// never overwritten and are listed as left out.
+    #[value(help = None::<&str>)]
     Merge,
 }
 
