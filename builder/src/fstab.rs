@@ -2,6 +2,7 @@
 //! systemd uses at boot: what libmount does not see as an entry never gets
 //! mounted, whatever it looks like to a human.
 
+use crate::octal;
 use serde::Serialize;
 use std::fmt;
 
@@ -324,21 +325,7 @@ fn parse_line(body: &[u8]) -> Result<Fields<'_>, Reason> {
 /// unmangle: exactly three octal digits, the value taken modulo 256; a
 /// decoded NUL ends the field, as it ends libmount's C string.
 fn unescape_bytes(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        match field.get(i..i + 4) {
-            Some([b'\\', d @ ..]) if d.iter().all(|b| (b'0'..=b'7').contains(b)) => {
-                let v = d.iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
-                out.push(v as u8);
-                i += 4;
-            }
-            _ => {
-                out.push(field[i]);
-                i += 1;
-            }
-        }
-    }
+    let mut out = octal::unescape(field, &octal::LIBMOUNT).expect("LIBMOUNT never fails");
     if let Some(nul) = out.iter().position(|&b| b == 0) {
         out.truncate(nul);
     }

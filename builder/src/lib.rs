@@ -29,6 +29,7 @@ pub mod loopdev;
 pub mod manifest;
 pub mod migrate;
 pub mod mount;
+pub mod octal;
 pub mod pathenc;
 pub mod plan;
 pub mod progress;

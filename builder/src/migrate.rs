@@ -18,14 +18,21 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// `--state-migration`. The CLI takes it as it is (`ValueEnum`: `move`,
+/// `copy`); `help = None` keeps these docs out of `--help`, which explains
+/// the values in the option's own text.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Migration {
     /// Move: the mountpoint is left empty (the default, and the only way to
     /// get a boot without "not empty" warnings).
+    #[value(help = None::<&str>)]
     Move,
     /// Copy: the data stays under the mountpoint too. Reproduces the 2014
     /// deployments' warnings on purpose.
+    #[value(help = None::<&str>)]
     Copy,
 }
 

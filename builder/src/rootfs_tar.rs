@@ -33,6 +33,7 @@
 
 use crate::cmd::{self, CmdError};
 use crate::interrupt::Interrupt;
+use crate::octal;
 use rustix::fs::Mode;
 use std::ffi::OsString;
 use std::io::Read;
@@ -368,7 +369,7 @@ fn names_at(
     cmd::run_interruptible(&mut cmd, interrupt, &mut |line| {
         while wanted.peek() == Some(&name_lines) {
             wanted.next();
-            names.push(unescape(line));
+            names.push(octal::unescape(line, &octal::GNU_TAR));
         }
         name_lines += 1;
     })
@@ -380,7 +381,7 @@ fn names_at(
     }
     names
         .into_iter()
-        .map(|n| n.map_err(|()| listing_error("a name tar escaped badly".into())))
+        .map(|n| n.map_err(|_| listing_error("a name tar escaped badly".into())))
         .collect()
 }
 
@@ -630,48 +631,6 @@ fn parse_mode(s: &str) -> Result<u32, ()> {
         };
     }
     Ok(mode)
-}
-
-/// Undoes GNU tar's `escape` quoting style: `\\`, `\n` and friends, and
-/// `\ooo` for any other byte.
-fn unescape(s: &[u8]) -> Result<Vec<u8>, ()> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] != b'\\' {
-            out.push(s[i]);
-            i += 1;
-            continue;
-        }
-        let c = *s.get(i + 1).ok_or(())?;
-        i += 2;
-        out.push(match c {
-            b'\\' => b'\\',
-            b'a' => 0x07,
-            b'b' => 0x08,
-            b'f' => 0x0c,
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
-            b'v' => 0x0b,
-            b'0'..=b'7' => {
-                let digits = s[i - 1..]
-                    .iter()
-                    .take(3)
-                    .take_while(|d| (b'0'..=b'7').contains(d));
-                let mut v: u32 = 0;
-                let mut n = 0;
-                for d in digits {
-                    v = v * 8 + u32::from(d - b'0');
-                    n += 1;
-                }
-                i += n - 1;
-                u8::try_from(v).map_err(|_| ())?
-            }
-            other => other,
-        });
-    }
-    Ok(out)
 }
 
 /// Where the archive for `target` (the output of a build, the image of an
@@ -961,10 +920,6 @@ mod tests {
             }
         );
         assert!(parse_member_line(b"crw-r--r-- garbage").is_err());
-        assert_eq!(
-            unescape(b"we ird\\nx\\\\y\\303\\251"),
-            Ok(b"we ird\nx\\y\xc3\xa9".to_vec())
-        );
         assert_eq!(parse_mode("-rwxr-sr-x"), Ok(0o2755));
         assert_eq!(parse_mode("drwxrwxrwt"), Ok(0o1777));
         assert_eq!(parse_mode("-rwSr--r--"), Ok(0o4644));

@@ -29,6 +29,7 @@ use crate::cmd::{self, CmdError};
 use crate::interrupt::Interrupt;
 use crate::layout::{self, NameError};
 use crate::manifest::FileType;
+use crate::octal;
 pub use crate::pathenc::{decode_path, decode_to_path, encode_path};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -315,14 +316,18 @@ fn require_dir(path: &Path, follow: bool) -> Result<(), SyncError> {
 /// What happens to the data a new rootfs has under a state dir D, given
 /// the live `state/D` subvolume. In both cases nothing in `state/D` is
 /// changed or deleted: the state subvolumes hold the machine's data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `--state-data` takes it as it is (`keep`, `merge`); `help = None` keeps
+/// these docs out of `--help`, which explains the values itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum StatePolicy {
     /// State untouched; everything the new rootfs has under D is left out.
+    #[value(help = None::<&str>)]
     Keep,
     /// Entries absent from `state/D` are copied in (new files a new release
     /// ships, e.g. a new package's `/var/lib/foo`); entries that exist are
     /// never overwritten and are listed as left out.
+    #[value(help = None::<&str>)]
     Merge,
 }
 
@@ -594,7 +599,9 @@ pub fn parse_line(line: &[u8]) -> Result<Line, SyncError> {
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or_else(|| bad("length is not a number"))?;
-    let mut path = unescape(&rest[space + 1..]);
+    // rsync escapes control characters other than tab, bytes not printable
+    // in its locale, and the backslash of a literal `\#ddd` in a name.
+    let mut path = octal::unescape(&rest[space + 1..], &octal::RSYNC).expect("RSYNC never fails");
     let is_dir_name = path.ends_with(b"/");
     while path.ends_with(b"/") {
         path.pop();
@@ -635,33 +642,6 @@ pub fn parse_line(line: &[u8]) -> Result<Line, SyncError> {
         path,
         data_written: matches!(flags[0], b'<' | b'>') && item == ItemType::File,
     }))
-}
-
-/// Undoes rsync's output escaping: `\#ooo` (three octal digits) is the
-/// byte ooo. rsync escapes control characters other than tab, bytes that
-/// are not printable in its locale, and the backslash of a literal `\#ddd`
-/// in a name, so the result is exactly the name's bytes.
-pub fn unescape(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'\\' && s.len() - i >= 5 && s[i + 1] == b'#' {
-            let digits = &s[i + 2..i + 5];
-            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let v = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                if let Ok(byte) = u8::try_from(v) {
-                    out.push(byte);
-                    i += 5;
-                    continue;
-                }
-            }
-        }
-        out.push(s[i]);
-        i += 1;
-    }
-    out
 }
 
 /// `prefix` + `/` + `rel`, or `prefix` alone (`/` when empty) for the root.
@@ -739,11 +719,9 @@ mod tests {
         // A literal "\#123" in a name: rsync escapes its backslash.
         let c = change(r"=strata= >f+++++++++ 2 etc/a b\#134#123");
         assert_eq!(c.path, b"etc/a b\\#123");
-        // A backslash not followed by # and 3 octal digits is itself.
-        assert_eq!(unescape(br"a\b\#12x\#9999"), br"a\b\#12x\#9999");
-        assert_eq!(unescape(br"\#000\#101"), b"\0A");
         // -8 output (raw high bytes) needs no unescaping at all.
-        assert_eq!(unescape(b"caf\xc3\xa9"), b"caf\xc3\xa9");
+        let c = change("=strata= >f+++++++++ 3 etc/caf\u{e9}");
+        assert_eq!(c.path, "etc/caf\u{e9}".as_bytes());
     }
 
     #[test]

@@ -45,8 +45,8 @@ pub struct BuildArgs {
     kernel_args: String,
     /// `move` (default) empties the mountpoints; `copy` leaves the data under
     /// them too, reproducing the "mountpoint not empty" boot warnings.
-    #[arg(long, value_enum, default_value_t = MigrationArg::Move)]
-    state_migration: MigrationArg,
+    #[arg(long, value_enum, default_value_t = Migration::Move)]
+    state_migration: Migration,
     /// Where to write the build manifest (default: OUTPUT.manifest.json).
     #[arg(long)]
     manifest: Option<PathBuf>,
@@ -59,31 +59,12 @@ pub struct BuildArgs {
     /// `privileged` (root: loop device and mounts), `rootless` (an ordinary
     /// user: user namespace, mkfs.btrfs --rootdir and a libguestfs
     /// appliance VM), or `auto`: privileged when running as root.
-    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
-    backend: BackendArg,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
     /// How the rootless build's appliance VM runs: `tcg` (software, works
     /// everywhere) or `kvm`.
-    #[arg(long, value_enum, default_value_t = AccelArg::Tcg)]
-    appliance_accel: AccelArg,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum BackendArg {
-    Auto,
-    Privileged,
-    Rootless,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum AccelArg {
-    Tcg,
-    Kvm,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum MigrationArg {
-    Move,
-    Copy,
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    appliance_accel: Accel,
 }
 
 pub fn run(args: BuildArgs) -> u8 {
@@ -112,10 +93,7 @@ pub fn run(args: BuildArgs) -> u8 {
             .filter(|p| !p.is_empty() && args.initramfs.is_none()),
         initramfs: args.initramfs,
         kernel_args: args.kernel_args,
-        migration: match args.state_migration {
-            MigrationArg::Move => Migration::Move,
-            MigrationArg::Copy => Migration::Copy,
-        },
+        migration: args.state_migration,
         manifest,
         force: args.force,
         fs_uuid: args.fs_uuid,
@@ -130,18 +108,12 @@ pub fn run(args: BuildArgs) -> u8 {
         }
     };
     let mut ui = super::progress::Progress::new();
-    let backend = match args.backend {
-        BackendArg::Auto => BackendChoice::Auto,
-        BackendArg::Privileged => BackendChoice::Privileged,
-        BackendArg::Rootless => BackendChoice::Rootless,
-    };
     let rootless = RootlessOptions {
-        accel: match args.appliance_accel {
-            AccelArg::Tcg => Accel::Tcg,
-            AccelArg::Kvm => Accel::Kvm,
-        },
+        accel: args.appliance_accel,
     };
-    let result = rootless::build_with(backend, &opts, &rootless, &interrupt, &mut |e| ui.event(e));
+    let result = rootless::build_with(args.backend, &opts, &rootless, &interrupt, &mut |e| {
+        ui.event(e)
+    });
     ui.finish();
     match result {
         Ok(m) => {

@@ -52,18 +52,18 @@ pub struct TestArgs {
     /// (default: a new directory under the temp dir).
     #[arg(long, value_name = "DIR")]
     artifacts: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
-    accel: AccelArg,
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    accel: AccelChoice,
     /// With `--accel auto`: try KVM again even if this host's verdict is
     /// cached (strata's cache dir, kvm-verdict.json), and store the outcome.
     #[arg(long)]
     accel_probe: bool,
-    #[arg(long, value_enum, default_value_t = BusArg::VirtioBlk)]
-    disk_bus: BusArg,
+    #[arg(long, value_enum, default_value_t = DiskBus::VirtioBlk)]
+    disk_bus: DiskBus,
     /// `extlinux` boots through the image's bootloader; `direct` hands the
     /// image's kernel and initramfs to QEMU (-kernel/-initrd).
-    #[arg(long, value_enum, default_value_t = BootArg::Extlinux)]
-    boot: BootArg,
+    #[arg(long, value_enum, default_value_t = BootMode::Extlinux)]
+    boot: BootMode,
     /// How the boots after the first are made (the clean reboot, the
     /// fresh start after the power cut). Boot 1 proves the image's
     /// bootloader; `direct` hands the later boots the same kernel,
@@ -71,8 +71,8 @@ pub struct TestArgs {
     /// still runs its whole `systemctl reboot`), `extlinux` takes each
     /// through firmware and bootloader again. Only with `--boot extlinux`;
     /// `--upgrade-to` boots every time through extlinux.
-    #[arg(long, value_enum, value_name = "HOW", default_value_t = BootArg::Direct)]
-    later_boots: BootArg,
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = BootMode::Direct)]
+    later_boots: BootMode,
     /// Limit for the whole run, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     timeout: u64,
@@ -113,43 +113,12 @@ pub struct TestArgs {
     /// "not empty" warnings (overmount then fails in the upgrade boot)
     /// [default: move].
     #[arg(long, value_enum, value_name = "HOW", requires = "upgrade_to")]
-    state_migration: Option<MigrationArg>,
+    state_migration: Option<Migration>,
     /// The upgrade's `--state-data`: what becomes of the new rootfs's data
     /// under state dirs (the state subvolumes stay authoritative); the same
     /// default as `strata upgrade` [default: merge].
     #[arg(long, value_enum, value_name = "POLICY", requires = "upgrade_to")]
-    state_data: Option<StateDataArg>,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum MigrationArg {
-    Move,
-    Copy,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum StateDataArg {
-    Keep,
-    Merge,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum AccelArg {
-    Auto,
-    Kvm,
-    Tcg,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum BusArg {
-    VirtioBlk,
-    VirtioScsi,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum BootArg {
-    Extlinux,
-    Direct,
+    state_data: Option<StatePolicy>,
 }
 
 pub fn run(args: TestArgs) -> u8 {
@@ -181,26 +150,13 @@ pub fn run(args: TestArgs) -> u8 {
     };
     let mut cfg = TestConfig::new(image, expect);
     cfg.artifacts = args.artifacts.clone();
-    cfg.accel = match args.accel {
-        AccelArg::Auto => AccelChoice::Auto,
-        AccelArg::Kvm => AccelChoice::Kvm,
-        AccelArg::Tcg => AccelChoice::Tcg,
-    };
+    cfg.accel = args.accel;
     if let Some(c) = cfg.kvm_cache.as_mut() {
         c.reprobe = args.accel_probe;
     }
-    cfg.disk_bus = match args.disk_bus {
-        BusArg::VirtioBlk => DiskBus::VirtioBlk,
-        BusArg::VirtioScsi => DiskBus::VirtioScsi,
-    };
-    cfg.boot = match args.boot {
-        BootArg::Extlinux => BootMode::Extlinux,
-        BootArg::Direct => BootMode::Direct,
-    };
-    cfg.later_boots = match args.later_boots {
-        BootArg::Extlinux => BootMode::Extlinux,
-        BootArg::Direct => BootMode::Direct,
-    };
+    cfg.disk_bus = args.disk_bus;
+    cfg.boot = args.boot;
+    cfg.later_boots = args.later_boots;
     cfg.timeout = Duration::from_secs(args.timeout);
     if let Some(c) = checks {
         cfg.checks = c;
@@ -417,14 +373,8 @@ fn upgrade_plan(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> UpgradePl
     UpgradePlan {
         rootfs: rootfs.to_owned(),
         kernel_args: facts.kernel_args.clone(),
-        migration: match args.state_migration.unwrap_or(MigrationArg::Move) {
-            MigrationArg::Move => Migration::Move,
-            MigrationArg::Copy => Migration::Copy,
-        },
-        state_data: match args.state_data.unwrap_or(StateDataArg::Merge) {
-            StateDataArg::Keep => StatePolicy::Keep,
-            StateDataArg::Merge => StatePolicy::Merge,
-        },
+        migration: args.state_migration.unwrap_or(Migration::Move),
+        state_data: args.state_data.unwrap_or(StatePolicy::Merge),
     }
 }
 

@@ -29,14 +29,14 @@ pub struct UpgradeArgs {
     /// `move` (default) leaves the new version's mountpoints empty; `copy`
     /// leaves the new rootfs's state data under them too, reproducing the
     /// 2014 upgrades' "mountpoint not empty" boot warnings.
-    #[arg(long, value_enum, default_value_t = MigrationArg::Move)]
-    state_migration: MigrationArg,
+    #[arg(long, value_enum, default_value_t = Migration::Move)]
+    state_migration: Migration,
     /// What happens to the new rootfs's data under the state dirs: `merge`
     /// (default) adds what the live state lacks and overwrites nothing;
     /// `keep` leaves the state untouched. Either way the state stays
     /// authoritative and the summary and manifest list what was left out.
-    #[arg(long, value_enum, default_value_t = StateDataArg::Merge)]
-    state_data: StateDataArg,
+    #[arg(long, value_enum, default_value_t = StatePolicy::Merge)]
+    state_data: StatePolicy,
     /// Add the version without making it the default.
     #[arg(long)]
     no_default: bool,
@@ -51,31 +51,13 @@ pub struct UpgradeArgs {
     allow_hidden_state: bool,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum MigrationArg {
-    Move,
-    Copy,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum StateDataArg {
-    Keep,
-    Merge,
-}
-
 pub fn run(args: UpgradeArgs) -> u8 {
     let opts = UpgradeOptions {
         rootfs: args.rootfs,
         label: args.label,
         kernel_args: args.kernel_args,
-        migration: match args.state_migration {
-            MigrationArg::Move => Migration::Move,
-            MigrationArg::Copy => Migration::Copy,
-        },
-        state_data: match args.state_data {
-            StateDataArg::Keep => StatePolicy::Keep,
-            StateDataArg::Merge => StatePolicy::Merge,
-        },
+        migration: args.state_migration,
+        state_data: args.state_data,
         set_default: !args.no_default,
         manifest: args.manifest,
         allow_hidden_state: args.allow_hidden_state,

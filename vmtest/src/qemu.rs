@@ -35,7 +35,9 @@ impl fmt::Display for Accel {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// `strata test --disk-bus` (`virtio-blk`, `virtio-scsi`: clap's kebab
+/// case, as serde's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskBus {
     VirtioBlk,

@@ -34,7 +34,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// How QEMU gets to the guest kernel: through the firmware and the
 /// image's own extlinux, or directly (`-kernel/-initrd/-append`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// `strata test --boot`/`--later-boots` (`extlinux`, `direct`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BootMode {
     Extlinux,

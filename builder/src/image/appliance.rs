@@ -453,6 +453,10 @@ mod tests {
     #[test]
     fn mountinfo_escaping() {
         assert_eq!(escape_mountinfo(b"/tmp/a b\\c"), b"/tmp/a\\040b\\134c");
+        // What the kernel escapes, the one mountinfo reader decodes back.
+        let odd = b"/tmp/a b\tc\nd\\e\\040f\xff";
+        let read = crate::octal::unescape(&escape_mountinfo(odd), &crate::octal::LIBMOUNT);
+        assert_eq!(read.unwrap(), odd);
         assert!(is_mountpoint(Path::new("/proc")));
         assert!(!is_mountpoint(Path::new("/proc/self")));
     }

@@ -42,12 +42,14 @@ pub const WORKER_COMMAND: &str = "rootless-worker";
 /// after it is the outer process's (`debris`).
 pub const STAGING_MARKER: &str = ".strata-staging.";
 
-/// How the appliance VM runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How the appliance VM runs: `--appliance-accel` (`tcg`, `kvm`); `help =
+/// None` keeps the variant's docs out of `--help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Accel {
     /// Software emulation: slower, works everywhere (the default: KVM hangs
     /// on some hosts).
     #[default]
+    #[value(help = None::<&str>)]
     Tcg,
     Kvm,
 }
@@ -57,11 +59,13 @@ pub struct RootlessOptions {
     pub accel: Accel,
 }
 
-/// `--backend`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// `--backend` (`auto`, `privileged`, `rootless`); `help = None` keeps the
+/// variant's docs out of `--help`, which explains the values itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum BackendChoice {
     /// Privileged when running as root (it is the fastest), else rootless.
     #[default]
+    #[value(help = None::<&str>)]
     Auto,
     Privileged,
     Rootless,

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use strata_builder::expect::Expectations;
 use strata_builder::layout::{self, Tree};
 use strata_builder::manifest::{FileType, MovedFile};
+use strata_builder::octal;
 use strata_builder::pathenc::{decode_path, encode_path};
 
 const ID: CheckId = CheckId::MovedFiles;
@@ -252,7 +253,7 @@ pub fn parse_getfattr(raw: &[u8]) -> HashMap<String, BTreeMap<String, String>> {
     let mut file: Option<String> = None;
     for line in raw.split(|b| *b == b'\n') {
         if let Some(name) = line.strip_prefix(b"# file: ") {
-            let key = encode_path(&unescape_octal(name));
+            let key = encode_path(&getfattr_name(name));
             out.entry(key.clone()).or_default();
             file = Some(key);
             continue;
@@ -272,35 +273,14 @@ pub fn parse_getfattr(raw: &[u8]) -> HashMap<String, BTreeMap<String, String>> {
             .unwrap_or_default();
         out.entry(f.clone())
             .or_default()
-            .insert(encode_path(&unescape_octal(name)), hex);
+            .insert(encode_path(&getfattr_name(name)), hex);
     }
     out
 }
 
-/// Undoes getfattr's quoting: `\ooo` (octal) and `\\`.
-fn unescape_octal(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        let oct = s
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (s[i], oct) {
-            (b'\\', Some(d)) => {
-                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
-                i += 4;
-            }
-            (b'\\', None) if s.get(i + 1) == Some(&b'\\') => {
-                out.push(b'\\');
-                i += 2;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
+/// A name as getfattr quotes it: `\ooo` (octal) and `\\`.
+fn getfattr_name(s: &[u8]) -> Vec<u8> {
+    octal::unescape(s, &octal::GETFATTR).expect("GETFATTR never fails")
 }
 
 /// What the move must keep beyond one entry's own stat: every xattr the
