@@ -19,7 +19,8 @@
 //! once: the host's verdict is cached (`cache`), written from what the
 //! real boots showed — "unusable" only when TCG then booted where KVM had
 //! failed (so an image that fails either way says nothing about KVM).
-//! `--accel kvm` runs the same watched boot and fails, saying why.
+//! `--accel kvm` boots under KVM without the 20 s bound (there is nothing
+//! to fall back to) and, when boot 1 fails, says where and what QEMU said.
 
 pub mod cache;
 
