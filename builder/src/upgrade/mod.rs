@@ -289,10 +289,15 @@ fn upgrade_from(
     if opts.set_default {
         steps.run(Step::SetDefault, |_| {
             boot::set_default(&top, version)?;
-            // A menu whose default entry boots through systems/default
-            // (layout.md §6) already boots the new version; one that names
-            // the default by label is rewritten to name it. A crash between
-            // the two boots the old version, whole.
+            // The default entry boots through systems/default (layout.md
+            // §4), so the flip alone boots the new version; the rewrite
+            // gives that entry the new version's root device, arguments
+            // and initramfs line. Where the versions share those the menu
+            // does not change. Where they differ, a crash between the two
+            // boots the new kernel with the old version's command line
+            // (each version's own entry still boots it whole): the mirror
+            // of `versions::set_default`'s window, which writes the menu
+            // first. Proving both under power cuts is issue 19's matrix.
             boot::write_menu(&top, version, &entries)
         })?;
     }
