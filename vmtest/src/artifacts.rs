@@ -11,6 +11,9 @@ pub const QEMU_COMMAND: &str = "qemu-command.txt";
 /// The later boots' command line when they are direct (`--later-boots`).
 pub const QEMU_COMMAND_LATER: &str = "qemu-command-later.txt";
 pub const REPORT_JSON: &str = "report.json";
+/// SeaBIOS's debug console during a KVM boot 1 that `--accel auto`
+/// abandoned: how far the firmware got.
+pub const KVM_DEBUGCON: &str = "firmware-debugcon-boot1-kvm.log";
 /// Held (flock) by the run using the directory; says which run that is.
 pub const LOCK: &str = ".strata-test.lock";
 
@@ -96,6 +99,7 @@ impl Artifacts {
             QEMU_COMMAND,
             QEMU_COMMAND_LATER,
             REPORT_JSON,
+            KVM_DEBUGCON,
         ]
         .iter()
         .map(|s| (*s).to_owned())

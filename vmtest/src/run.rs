@@ -956,6 +956,10 @@ impl Session {
         let debugcon =
             String::from_utf8_lossy(&std::fs::read(self.kvm_debugcon()).unwrap_or_default())
                 .into_owned();
+        // Where the firmware got to is evidence too: kept beside QEMU's words.
+        if !debugcon.is_empty() {
+            let _ = self.artifacts.write(artifacts::KVM_DEBUGCON, &debugcon);
+        }
         let (stage, qemu_said) = match self.machine.take() {
             Some(mut m) => {
                 let kernel = m.serial().snapshot().kernel_start.is_some();

@@ -1126,6 +1126,10 @@ fn auto_falls_back_to_tcg_when_kvm_stops_the_guest_after_the_firmware() {
     let f = report(&o).accel_kvm_failure.clone().unwrap();
     assert!(f.error.contains("QMP STOP"), "{f:?}");
     assert!(kvm_attempt_output(&o).contains("EFER=0000000000000000"));
+    // How far the firmware got is kept too.
+    let firmware =
+        std::fs::read_to_string(o.artifacts.join("firmware-debugcon-boot1-kvm.log")).unwrap();
+    assert!(firmware.contains("Booting from"), "{firmware}");
     // The serial log says where the KVM attempt ended.
     let serial = std::fs::read_to_string(o.artifacts.join("serial.log")).unwrap();
     assert!(serial.contains("KVM attempt abandoned"), "{serial}");
