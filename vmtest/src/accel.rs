@@ -192,14 +192,21 @@ fn register_dump(line: &str) -> bool {
     }
 }
 
+/// The lines of QEMU's output worth reading: not blank, not a register
+/// dump (trailing white space trimmed).
+fn worth_reading(output: &str) -> impl Iterator<Item = &str> {
+    output
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty() && !register_dump(l))
+}
+
 /// QEMU's own words: its output without register dumps, one line each,
 /// the first few joined with "; ".
 pub fn qemu_words(output: &str) -> String {
     const MAX: usize = 4;
-    output
-        .lines()
+    worth_reading(output)
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !register_dump(l))
         .take(MAX)
         .collect::<Vec<_>>()
         .join("; ")
@@ -208,11 +215,7 @@ pub fn qemu_words(output: &str) -> String {
 /// The last `n` lines of QEMU's output worth reading, register dumps
 /// left out.
 pub fn last_lines(output: &str, n: usize) -> String {
-    let lines: Vec<&str> = output
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.trim().is_empty() && !register_dump(l))
-        .collect();
+    let lines: Vec<&str> = worth_reading(output).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
@@ -227,6 +230,8 @@ pub struct Plan<'a> {
     skip_kvm: Option<Skip>,
     /// The KVM attempt that was abandoned, and its seconds.
     failed: Option<(KvmFailure, f64)>,
+    /// `--accel kvm` without a usable /dev/kvm: why (said by `first`).
+    no_device: Option<String>,
 }
 
 struct Skip {
@@ -257,6 +262,7 @@ impl<'a> Plan<'a> {
             verdicts: None,
             skip_kvm: None,
             failed: None,
+            no_device: None,
         };
         match (choice, device) {
             (AccelChoice::Tcg, _) => {
@@ -266,7 +272,7 @@ impl<'a> Plan<'a> {
                 })
             }
             // `--accel kvm` says so in `first`.
-            (AccelChoice::Kvm, _) => {}
+            (AccelChoice::Kvm, device) => plan.no_device = device.err(),
             // A missing or forbidden /dev/kvm is known at once, and may
             // differ between users: the cache takes no part.
             (AccelChoice::Auto, Err(e)) => {
@@ -301,8 +307,8 @@ impl<'a> Plan<'a> {
     /// The accelerator boot 1 starts under; `--accel kvm` without a
     /// usable /dev/kvm is an error here.
     pub fn first(&self) -> Result<Accel, MachineError> {
-        if self.choice == AccelChoice::Kvm {
-            kvm_device().map_err(MachineError::NoKvm)?;
+        if let Some(e) = &self.no_device {
+            return Err(MachineError::NoKvm(e.clone()));
         }
         Ok(match self.skip_kvm {
             Some(_) => Accel::Tcg,
@@ -310,14 +316,20 @@ impl<'a> Plan<'a> {
         })
     }
 
+    /// The host's cached verdict this run found, if any.
+    fn cached(&self) -> Option<&CachedVerdict> {
+        self.verdicts.as_ref().and_then(|v| v.hit.as_ref())
+    }
+
+    /// Whether the cached verdict this run found says "usable".
+    fn cached_usable(&self) -> bool {
+        self.cached().is_some_and(|v| v.usable)
+    }
+
     /// Boot 1 came up under KVM (`how`: what it showed): KVM is usable.
     pub fn kvm_booted(mut self, how: &str) -> AccelDecision {
-        let cached_usable = self
-            .verdicts
-            .as_ref()
-            .and_then(|v| v.hit.as_ref())
-            .is_some_and(|v| v.usable);
-        let reason = match self.verdicts.as_ref().and_then(|v| v.hit.as_ref()) {
+        let cached_usable = self.cached_usable();
+        let reason = match self.cached() {
             Some(v) if cached_usable => format!(
                 "KVM usable (cached verdict of {}); this boot: {how}",
                 v.probed_at()
@@ -365,21 +377,17 @@ impl<'a> Plan<'a> {
     pub fn tcg_booted(mut self) -> AccelDecision {
         let reason = match (&self.skip_kvm, &self.failed) {
             (Some(skip), _) => skip.reason.clone(),
-            (None, Some((f, _))) => {
+            (None, Some((f, seconds))) => {
                 let summary = f.summary();
-                let proved_wrong = self
-                    .verdicts
-                    .as_ref()
-                    .and_then(|v| v.hit.as_ref())
-                    .is_some_and(|v| v.usable);
-                let why = match proved_wrong {
+                let why = match self.cached_usable() {
                     true => "the cached verdict proved wrong",
                     false => "",
                 };
-                let failure = f.clone();
+                let (failure, seconds) = (f.clone(), *seconds);
                 if let Some(v) = self.verdicts.as_mut() {
                     if failure.is_kvms_own() {
-                        v.record(false, &summary, Some(failure), 0.0, why);
+                        // The attempt's cost: what the cache saves the next runs.
+                        v.record(false, &summary, Some(failure), seconds, why);
                     } else {
                         v.wrote = Some(format!(
                             "nothing stored: a stall after the {} stage may be this moment's, \

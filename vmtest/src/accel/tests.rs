@@ -116,6 +116,11 @@ fn kvm_that_fails_where_tcg_boots_is_stored_unusable_and_the_next_run_goes_strai
         used.note,
         "no cached verdict yet; stored \"KVM unusable\" for the next runs"
     );
+    // The stored verdict keeps what the attempt cost: what it saves the next runs.
+    match cache::lookup(&c.path, &HostKey::of_this_host(Path::new(QEMU))) {
+        Lookup::Hit(v) => assert_eq!(v.probe_seconds, 2.4),
+        miss => panic!("{miss:?}"),
+    }
 
     // The next run: no KVM attempt, and it says the verdict is the cache's.
     let plan = auto(&c);
