@@ -13,41 +13,8 @@ use std::time::{Duration, Instant};
 use strata_builder::manifest::Manifest;
 use strata_builder::steps::{LOOP_ATTACHED, LOOP_UNMOUNTED, STOP_AFTER_STEP_ENV};
 
-fn strata() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    for v in [
-        "DISK_SIZE",
-        "VERSION_LABEL",
-        "ROOT_DEVICE",
-        "KERNEL_ARGS",
-        STOP_AFTER_STEP_ENV,
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-ec", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn random_file(path: &Path, bytes: usize) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut f = fs::File::open("/dev/urandom").unwrap();
-    let mut data = vec![0u8; bytes];
-    std::io::Read::read_exact(&mut f, &mut data).unwrap();
-    fs::write(path, data).unwrap();
-}
+mod common;
+use common::{random_file, sh, stderr, strata};
 
 fn make_rootfs(root: &Path, release: &str) {
     for d in ["etc", "boot", "usr/bin", "tmp", "var/lib/db", "home/alice"] {

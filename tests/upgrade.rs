@@ -15,41 +15,8 @@ use strata_builder::progress::Step;
 use strata_builder::steps::STOP_AFTER_STEP_ENV;
 use strata_builder::upgrade::STEPS;
 
-fn strata() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    for v in [
-        "DISK_SIZE",
-        "VERSION_LABEL",
-        "ROOT_DEVICE",
-        "KERNEL_ARGS",
-        STOP_AFTER_STEP_ENV,
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-ec", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn random_file(path: &Path, bytes: usize) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut f = fs::File::open("/dev/urandom").unwrap();
-    let mut data = vec![0u8; bytes];
-    std::io::Read::read_exact(&mut f, &mut data).unwrap();
-    fs::write(path, data).unwrap();
-}
+mod common;
+use common::{random_file, sh, stderr, strata};
 
 /// A file that passes for a kernel (the x86 boot header) followed by random
 /// bytes, big enough not to be stored inline.
