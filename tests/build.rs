@@ -11,32 +11,10 @@ use strata_builder::kernel::fake_kernel;
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::xattrs;
 
+mod common;
+use common::{sh, stderr, strata};
+
 const FS_UUID: &str = "0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40";
-
-fn strata() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    // Env fallbacks must not leak in from the caller's environment.
-    for v in [
-        "DISK_SIZE",
-        "VERSION_LABEL",
-        "ROOT_DEVICE",
-        "KERNEL_ARGS",
-        "INITRAMFS_PATH",
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-ec", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A rootfs with the kinds of thing configure steps leave in state dirs.
 fn make_rootfs(root: &Path) {
@@ -223,10 +201,6 @@ impl Drop for Inspect {
         let _ = Command::new("umount").arg(self.mnt.path()).status();
         let _ = Command::new("losetup").args(["-d", &self.loopdev]).status();
     }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn subvolume_field(path: &Path, field: &str) -> String {

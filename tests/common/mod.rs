@@ -4,6 +4,9 @@
 //! hook leaking in from the caller's environment) and of the shell and
 //! file helpers around it.
 
+// Each test binary compiles its own copy and uses a subset of it.
+#![allow(dead_code)]
+
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -16,6 +19,7 @@ pub fn strata() -> Command {
         "VERSION_LABEL",
         "ROOT_DEVICE",
         "KERNEL_ARGS",
+        "INITRAMFS_PATH",
         STOP_AFTER_STEP_ENV,
     ] {
         c.env_remove(v);
