@@ -14,7 +14,7 @@ use strata_builder::manifest::Manifest;
 use strata_builder::steps::{LOOP_ATTACHED, LOOP_UNMOUNTED, STOP_AFTER_STEP_ENV};
 
 mod common;
-use common::{random_file, sh, stderr, strata};
+use common::{random_file, sh, stderr, strata, wait_until_stopped};
 
 fn make_rootfs(root: &Path, release: &str) {
     for d in ["etc", "boot", "usr/bin", "tmp", "var/lib/db", "home/alice"] {
@@ -171,33 +171,6 @@ fn assert_refused(out: &Output, want: &[&str]) {
     assert!(last.starts_with("strata: error: "), "{e}");
     for w in want {
         assert!(last.contains(w), "expected {w:?} in {e}");
-    }
-}
-
-/// Waits until `child` has stopped itself (the stop hook), failing with its
-/// stderr (in `log`) if it ends first.
-fn wait_until_stopped(child: &mut Child, log: &Path) {
-    let stat = format!("/proc/{}/stat", child.id());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "strata ended ({status}) before it stopped: {}",
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        let state = fs::read_to_string(&stat).unwrap_or_default();
-        // "pid (comm) S ...": the state follows the command's ')'.
-        if state
-            .rsplit(')')
-            .next()
-            .map(str::trim_start)
-            .is_some_and(|s| s.starts_with('T'))
-        {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "never stopped");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

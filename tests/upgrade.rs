@@ -7,7 +7,6 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 use strata_builder::image::{self, boot_entry, model::ImageLayout};
 use strata_builder::layout::{self, Version};
 use strata_builder::manifest::{Deployment, Manifest};
@@ -16,7 +15,7 @@ use strata_builder::steps::STOP_AFTER_STEP_ENV;
 use strata_builder::upgrade::STEPS;
 
 mod common;
-use common::{random_file, sh, stderr, strata};
+use common::{random_file, sh, stderr, strata, wait_until_stopped};
 
 /// A file that passes for a kernel (the x86 boot header) followed by random
 /// bytes, big enough not to be stored inline.
@@ -709,33 +708,6 @@ fn kill_after(fx: &Fixture, step: Step, label: &str) {
     wait_until_stopped(&mut child, &fx.path(&format!("killed-{}.log", step.name())));
     child.kill().unwrap();
     child.wait().unwrap();
-}
-
-/// Waits until `child` has stopped itself (the stop hook), failing with its
-/// stderr (in `log`) if it ends first.
-fn wait_until_stopped(child: &mut std::process::Child, log: &Path) {
-    let stat = format!("/proc/{}/stat", child.id());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "strata upgrade ended ({status}) before it stopped: {}",
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        let state = fs::read_to_string(&stat).unwrap_or_default();
-        // "pid (comm) S ...": the state follows the command's ')'.
-        if state
-            .rsplit(')')
-            .next()
-            .map(str::trim_start)
-            .is_some_and(|s| s.starts_with('T'))
-        {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "never stopped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// SIGKILL at every step boundary: the image boots a consistent default

@@ -10,6 +10,7 @@
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 use strata_builder::steps::STOP_AFTER_STEP_ENV;
 
 pub fn strata() -> Command {
@@ -47,4 +48,31 @@ pub fn random_file(path: &Path, bytes: usize) {
     let mut data = vec![0u8; bytes];
     std::io::Read::read_exact(&mut f, &mut data).unwrap();
     fs::write(path, data).unwrap();
+}
+
+/// Waits until `child` has stopped itself (the stop hook), failing with its
+/// stderr (in `log`) if it ends first.
+pub fn wait_until_stopped(child: &mut std::process::Child, log: &Path) {
+    let stat = format!("/proc/{}/stat", child.id());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "strata ended ({status}) before it stopped: {}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        let state = fs::read_to_string(&stat).unwrap_or_default();
+        // "pid (comm) S ...": the state follows the command's ')'.
+        if state
+            .rsplit(')')
+            .next()
+            .map(str::trim_start)
+            .is_some_and(|s| s.starts_with('T'))
+        {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "never stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
