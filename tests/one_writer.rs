@@ -75,6 +75,15 @@ impl Fixture {
         let out = self.build_cmd().output().unwrap();
         assert!(out.status.success(), "build: {}", stderr(&out));
     }
+    /// `strata SUBCOMMAND IMG LABEL` (set-default, remove), run to its end.
+    fn on_image(&self, subcommand: &str, label: &str) -> Output {
+        strata()
+            .arg(subcommand)
+            .arg(self.image())
+            .arg(label)
+            .output()
+            .unwrap()
+    }
     fn upgrade_cmd(&self, label: &str) -> Command {
         let mut c = strata();
         c.arg("upgrade")
@@ -246,12 +255,7 @@ fn set_default_during_an_upgrade_is_refused() {
     wait_until_stopped(&mut up, &log);
     std::thread::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()));
     let before = fx.checksum();
-    let out = strata()
-        .arg("set-default")
-        .arg(fx.image())
-        .arg("factory")
-        .output()
-        .unwrap();
+    let out = fx.on_image("set-default", "factory");
     assert_refused(
         &out,
         &["is in use", &format!("pid {} (strata upgrade", up.id())],
@@ -285,20 +289,10 @@ fn set_default_on_a_hand_mounted_image_is_refused() {
     let manifest_before = fs::read(Manifest::default_path(&fx.image())).unwrap();
     let hand = HandMount::mount(&fx.image());
     let before = fx.checksum();
-    let out = strata()
-        .arg("set-default")
-        .arg(fx.image())
-        .arg("factory")
-        .output()
-        .unwrap();
+    let out = fx.on_image("set-default", "factory");
     let mnt = hand.mnt.as_ref().unwrap().path().display().to_string();
     assert_refused(&out, &[&hand.dev, &mnt, "outside strata"]);
-    let out = strata()
-        .arg("remove")
-        .arg(fx.image())
-        .arg("factory")
-        .output()
-        .unwrap();
+    let out = fx.on_image("remove", "factory");
     assert_refused(&out, &[&hand.dev, "outside strata"]);
     let out = fx.upgrade_cmd("v3").output().unwrap();
     assert_refused(&out, &[&hand.dev, "outside strata"]);
@@ -467,12 +461,7 @@ fn a_writer_is_refused_while_a_qemu_has_the_image_open() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let upgrade = fx.upgrade_cmd("v2").output().unwrap();
-    let set_default = strata()
-        .arg("set-default")
-        .arg(fx.image())
-        .arg("factory")
-        .output()
-        .unwrap();
+    let set_default = fx.on_image("set-default", "factory");
     let _ = qemu.kill();
     let _ = qemu.wait();
     let pid = format!("pid {}", qemu.id());
