@@ -677,7 +677,9 @@ pub async fn run_until(
                 &crate::machine::read_tail(log),
                 crate::machine::OUTPUT_TAIL_LINES,
             );
-            if !said.is_empty() {
+            // A QEMU that exited already said them in the error itself
+            // (MachineError::Exited carries the same tail): not twice.
+            if !said.is_empty() && !e.contains(&said) {
                 let name = log.file_name().unwrap_or_default().to_string_lossy();
                 e = format!("{e}\nlast QEMU output lines ({name}):\n{said}");
             }
