@@ -240,6 +240,7 @@ fn parse_scenario(arg: &str) -> Result<Scenario, String> {
         name: name.to_owned(),
         commands: vec![command.to_owned()],
         checks,
+        user_checks: vec![],
     })
 }
 

@@ -93,6 +93,16 @@ pub struct TestConfig {
     /// guest saved after boot 1's checks, judged by its checks without a
     /// boot of its own (`scenario`).
     pub scenarios: Vec<Scenario>,
+    /// Guest commands run once after boot 1, before any check (`[[setup]]`):
+    /// the data the user cares about, services enabled.
+    pub setup: Vec<String>,
+    /// The user's own checks, each in the phases it names.
+    pub user_checks: Vec<crate::checks::user::UserCheck>,
+    /// Guest paths (globs allowed) recorded after setup and compared after
+    /// every later phase (`[state] preserve`, the `state-contract` check).
+    pub preserve: Vec<String>,
+    /// boot-health excuses console and journal lines matching these.
+    pub boot_health_ignore: Vec<regex::Regex>,
 }
 
 impl TestConfig {
@@ -113,6 +123,10 @@ impl TestConfig {
             cpus: 2,
             lifecycle: None,
             scenarios: Vec::new(),
+            setup: Vec::new(),
+            user_checks: Vec::new(),
+            preserve: Vec::new(),
+            boot_health_ignore: Vec::new(),
         }
     }
 }

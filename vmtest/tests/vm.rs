@@ -311,6 +311,7 @@ fn fixture_passes_every_check_via_direct_boot_on_virtio_scsi() {
         name: "noop".into(),
         commands: vec!["true".into()],
         checks: vec![CheckId::Root, CheckId::StateMounts],
+        user_checks: vec![],
     }];
     let o = boot(cfg);
     let r = report(&o);
@@ -489,6 +490,7 @@ fn changes_in_the_running_guest_fail_the_checks_that_judge_them() {
         name: name.into(),
         commands: commands.iter().map(|c| c.to_string()).collect(),
         checks: checks.to_vec(),
+        user_checks: vec![],
     };
     cfg.scenarios = vec![
         // A command that takes the guest agent away: that scenario's

@@ -12,6 +12,7 @@ pub mod overmount;
 pub mod persistence;
 pub mod root;
 pub mod state_mounts;
+pub mod user;
 
 #[cfg(test)]
 pub(crate) mod testdata;

@@ -37,6 +37,9 @@ pub struct Scenario {
     /// Judged after the commands, in the registry's order; persistence
     /// reboots and power-cuts the scenario's own guest.
     pub checks: Vec<CheckId>,
+    /// The user checks (`TestConfig::user_checks`, by name) judged after
+    /// the built-in ones.
+    pub user_checks: Vec<String>,
 }
 
 /// The longest scenario name.
@@ -273,6 +276,7 @@ mod tests {
             name: name.into(),
             commands: vec!["true".into()],
             checks: checks.to_vec(),
+            user_checks: vec![],
         }
     }
 
