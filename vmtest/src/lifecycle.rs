@@ -12,6 +12,7 @@
 
 pub mod tokens;
 
+use crate::checks::user::{UserCheck, When};
 use crate::checks::{CheckId, Phase};
 use crate::report::{CheckResult, PhaseRecord, Status};
 use serde::Serialize;
@@ -156,18 +157,32 @@ impl std::fmt::Display for Stage {
     }
 }
 
-/// One row of a stage: a layout check, or the tokens written earlier.
+/// One row of a stage: a layout check, the tokens written earlier, or a
+/// user check (its index in `TestConfig::user_checks`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Row {
     Check(CheckId),
     Tokens,
+    User(usize),
+}
+
+impl Stage {
+    /// The test file's phase this stage's boot is (`phases = ["boot", …]`).
+    pub fn when(self) -> When {
+        match self {
+            Stage::Before => When::Boot,
+            Stage::Upgrade => When::Upgrade,
+            Stage::Rollback => When::Rollback,
+        }
+    }
 }
 
 /// The rows each stage reports, in order. Only the first-boot checks run
 /// in a lifecycle: persistence's reboot and power cut would double the
 /// boots, and the tokens prove the state dirs across two clean shutdowns
-/// and two image changes instead (no power cut: see the README).
-pub fn rows_of(stage: Stage) -> Vec<Row> {
+/// and two image changes instead (no power cut: see the README). The user
+/// checks that run in the stage's phase come last.
+pub fn rows_of(stage: Stage, user: &[UserCheck]) -> Vec<Row> {
     let mut rows: Vec<Row> = CheckId::ALL
         .into_iter()
         .filter(|id| id.phase() == Phase::FirstBoot)
@@ -176,16 +191,23 @@ pub fn rows_of(stage: Stage) -> Vec<Row> {
     if stage != Stage::Before {
         rows.push(Row::Tokens);
     }
+    rows.extend(
+        user.iter()
+            .enumerate()
+            .filter(|(_, c)| c.runs_in(stage.when()))
+            .map(|(i, _)| Row::User(i)),
+    );
     rows
 }
 
 /// Name of the token row (`upgrade/tokens`).
 pub const TOKENS: &str = "tokens";
 
-fn row_name(row: Row) -> &'static str {
+fn row_name(row: Row, user: &[UserCheck]) -> &str {
     match row {
         Row::Check(id) => id.name(),
         Row::Tokens => TOKENS,
+        Row::User(i) => user.get(i).map(|c| c.name.as_str()).unwrap_or("?"),
     }
 }
 
@@ -220,10 +242,15 @@ pub type Results = BTreeMap<(Stage, Row), CheckResult>;
 
 /// Every row of every stage, in order: what ran, and a skip row saying why
 /// for what did not, so every report of a lifecycle has the same rows.
-pub fn rows(phases: &[PhaseRecord], wanted: &[CheckId], results: &Results) -> Vec<CheckResult> {
+pub fn rows(
+    phases: &[PhaseRecord],
+    wanted: &[CheckId],
+    user: &[UserCheck],
+    results: &Results,
+) -> Vec<CheckResult> {
     let mut out = Vec::new();
     for p in phases {
-        for row in rows_of(p.phase) {
+        for row in rows_of(p.phase, user) {
             let c = match results.get(&(p.phase, row)) {
                 Some(c) => c.clone(),
                 None => {
@@ -234,7 +261,7 @@ pub fn rows(phases: &[PhaseRecord], wanted: &[CheckId], results: &Results) -> Ve
                     tag(
                         p.phase,
                         &p.label,
-                        CheckResult::new(row_name(row), Status::Skip, why, vec![]),
+                        CheckResult::new(row_name(row, user), Status::Skip, why, vec![]),
                     )
                 }
             };
@@ -251,9 +278,9 @@ mod tests {
     #[test]
     fn every_stage_has_the_first_boot_checks_and_later_ones_the_tokens() {
         let names = |s| {
-            rows_of(s)
+            rows_of(s, &[])
                 .into_iter()
-                .map(row_name)
+                .map(|r| row_name(r, &[]).to_owned())
                 .collect::<Vec<_>>()
                 .join(",")
         };
@@ -281,7 +308,7 @@ mod tests {
                 CheckResult::new("root", Status::Pass, "ok", vec![]),
             ),
         );
-        let rows = rows(&phases, &wanted, &results);
+        let rows = rows(&phases, &wanted, &[], &results);
         assert_eq!(rows.len(), 5 + 6 + 6);
         let row = |name: &str| rows.iter().find(|c| c.name == name).unwrap();
         assert_eq!(row("before/root").status, Status::Pass);

@@ -14,6 +14,7 @@ use crate::accel::{self, AccelChoice, AccelDecision};
 use crate::agent::Running;
 use crate::artifacts::{self, Artifacts};
 use crate::bootfiles;
+use crate::checks::user::{self, When};
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
 use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
 use crate::machine::{Machine, MachineError, SavedState};
@@ -251,6 +252,9 @@ struct Session {
     /// The newest QEMU's stdout and stderr (an artifact): its last lines
     /// go into the message of an infrastructure failure.
     last_qemu_log: Option<PathBuf>,
+    /// The plain run's user-check rows (`PHASE/NAME`) and a failed setup's
+    /// row, in the order they ran.
+    user_rows: Vec<CheckResult>,
 }
 
 /// What an upgrade lifecycle has done so far.
@@ -437,6 +441,7 @@ impl Session {
             (None, Row::Check(id)) => {
                 self.checks.insert(id, c);
             }
+            (None, Row::User(_)) => self.user_rows.push(c),
             (None, Row::Tokens) => unreachable!("tokens are only written in a lifecycle"),
         }
     }
@@ -461,6 +466,7 @@ impl Session {
             .values()
             .chain(self.life.results.values())
             .chain(&self.scenario_rows)
+            .chain(&self.user_rows)
             .any(|c| c.status == Status::Fail)
     }
 
@@ -486,6 +492,7 @@ impl Session {
                 )),
             }
         }
+        checks.extend(self.user_rows.iter().cloned());
         checks.extend(self.scenario_rows.iter().cloned());
         checks
     }
@@ -493,7 +500,17 @@ impl Session {
     fn report(&self, error: Option<String>) -> Report {
         let checks = match self.cfg.lifecycle {
             None => self.plain_rows(),
-            Some(_) => life::rows(&self.life.phases, &self.cfg.checks, &self.life.results),
+            Some(_) => {
+                let mut rows = life::rows(
+                    &self.life.phases,
+                    &self.cfg.checks,
+                    &self.cfg.user_checks,
+                    &self.life.results,
+                );
+                // A failed setup's row.
+                rows.extend(self.user_rows.iter().cloned());
+                rows
+            }
         };
         let mut timings = self.timings.clone();
         timings.total = self.started.elapsed().as_secs_f64();
@@ -541,6 +558,7 @@ impl Session {
 /// Validates the inputs; errors here are the user's (exit 2).
 fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
     scenario::validate(&cfg.scenarios, cfg.lifecycle.is_some())?;
+    validate_user_checks(cfg)?;
     let meta = std::fs::metadata(&cfg.image)
         .map_err(|e| RunError::Input(format!("image {}: {e}", cfg.image.display())))?;
     if !meta.is_file() {
@@ -548,6 +566,63 @@ fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
             "image {} is not a regular file",
             cfg.image.display()
         )));
+    }
+    Ok(())
+}
+
+/// The phases a run has: a plain run boots, reboots and loses power; a
+/// lifecycle boots the image's version, the upgrade and the rollback.
+pub fn phases_of(lifecycle: bool) -> [When; 3] {
+    match lifecycle {
+        false => [When::Boot, When::Reboot, When::PowerCut],
+        true => [When::Boot, When::Upgrade, When::Rollback],
+    }
+}
+
+/// User checks the run could not run as asked are the caller's mistake
+/// (exit 2), found before anything starts: a name taken twice or by a
+/// built-in check, a phase the run does not have, a scenario naming a
+/// check nobody defined.
+fn validate_user_checks(cfg: &TestConfig) -> Result<(), RunError> {
+    let has = phases_of(cfg.lifecycle.is_some());
+    let mut names: Vec<&str> = Vec::new();
+    for c in &cfg.user_checks {
+        if c.name.parse::<CheckId>().is_ok() {
+            return Err(RunError::Input(format!(
+                "user check {:?}: a built-in check has that name",
+                c.name
+            )));
+        }
+        if names.contains(&c.name.as_str()) {
+            return Err(RunError::Input(format!(
+                "user check {:?} defined twice",
+                c.name
+            )));
+        }
+        names.push(&c.name);
+        if c.run.is_none() && c.wait_for_unit.is_none() {
+            return Err(RunError::Input(format!(
+                "user check {:?} has neither a command nor a unit to wait for",
+                c.name
+            )));
+        }
+        for w in c.phases.iter().flatten() {
+            if !has.contains(w) {
+                return Err(RunError::Input(format!(
+                    "user check {:?}: this run has no phase {w} (it has: {})",
+                    c.name,
+                    has.map(When::name).join(", ")
+                )));
+            }
+        }
+    }
+    for sc in &cfg.scenarios {
+        if let Some(n) = sc.user_checks.iter().find(|n| !names.contains(&n.as_str())) {
+            return Err(RunError::Input(format!(
+                "scenario {:?} names the check {n:?}, which is neither built in nor defined",
+                sc.name
+            )));
+        }
     }
     Ok(())
 }
@@ -634,6 +709,7 @@ pub async fn run_until(
         scenario_boots: 0,
         scenario_log: Vec::new(),
         last_qemu_log: None,
+        user_rows: Vec::new(),
     };
     if let Some(l) = &s.cfg.lifecycle {
         s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
@@ -805,9 +881,13 @@ async fn story(s: &mut Session) -> Result<(), String> {
 /// that reboot and cut the power.
 async fn plain_story(s: &mut Session) -> Result<(), String> {
     s.first_boot("first boot").await?;
+    if !s.setup().await? {
+        return Ok(());
+    }
     let expect = s.cfg.expect.clone();
     let t_checks = Instant::now();
     s.layout_checks(&expect).await?;
+    s.user_checks(When::Boot).await.map_err(me)?;
     s.timings.checks = t_checks.elapsed().as_secs_f64();
     // The scenarios start from this moment: saved before the reboots.
     if !s.cfg.scenarios.is_empty() {
@@ -815,15 +895,94 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
     }
 
     // Boots 2 and 3: a clean reboot and a power cut, driven by the checks
-    // that need them.
+    // that need them; without such a check, by the phases the user's
+    // checks asked for (their checks run in the `Vm` hooks of each boot).
     let t = Instant::now();
     if s.run_checks(Phase::Reboots, &expect).await? > 0 {
+        s.timings.persistence = t.elapsed().as_secs_f64();
+    } else if s.wants_later_boots() {
+        s.reboot().await.map_err(me)?;
+        s.crash().await.map_err(me)?;
         s.timings.persistence = t.elapsed().as_secs_f64();
     }
     s.run_scenarios().await
 }
 
 impl Session {
+    /// Whether the plain run has its reboot and power-cut phases although
+    /// no built-in check drives them: a user check asks for one.
+    fn wants_later_boots(&self) -> bool {
+        self.cfg.user_checks.iter().any(|c| {
+            c.phases
+                .as_ref()
+                .is_some_and(|p| p.contains(&When::Reboot) || p.contains(&When::PowerCut))
+        })
+    }
+
+    /// The test file's `[[setup]]` commands, once, after boot 1 and before
+    /// any check. False when one failed: that is the run's verdict (a
+    /// `setup` row saying which and why) and nothing after it can be
+    /// judged on the system the user meant.
+    async fn setup(&mut self) -> Result<bool, String> {
+        for (i, command) in self.cfg.setup.clone().iter().enumerate() {
+            let t = Instant::now();
+            self.emit(Progress::Step(format!("setup {}: {command}", i + 1)));
+            let out = self.machine().exec(command).await.map_err(me)?;
+            if !out.success() {
+                let exit = match out.exit_code {
+                    Some(c) => format!("exit {c}"),
+                    None => format!("signal {:?}", out.signal),
+                };
+                let mut evidence = vec![format!("command: {command}"), exit.clone()];
+                for (what, text) in [("stdout", out.stdout_str()), ("stderr", out.stderr_str())] {
+                    let lines: Vec<&str> = text.lines().collect();
+                    for l in &lines[lines.len().saturating_sub(10)..] {
+                        evidence.push(format!("{what}: {l}"));
+                    }
+                }
+                let mut row = CheckResult::new(
+                    "setup",
+                    Status::Fail,
+                    format!(
+                        "setup command {} failed ({exit}): nothing else was judged",
+                        i + 1
+                    ),
+                    evidence,
+                );
+                row.seconds = t.elapsed().as_secs_f64();
+                self.emit(Progress::CheckFinished(row.clone()));
+                match &self.life.current {
+                    None => self.user_rows.push(row),
+                    Some((stage, label)) => {
+                        let row = life::tag(*stage, label, row);
+                        self.user_rows.push(row)
+                    }
+                }
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The user's checks of phase `when`, in the order of the test file.
+    async fn user_checks(&mut self, when: When) -> Result<(), MachineError> {
+        for (i, check) in self.cfg.user_checks.clone().iter().enumerate() {
+            if !check.runs_in(when) {
+                continue;
+            }
+            let t = Instant::now();
+            self.emit(Progress::Step(user::row_name(when, check)));
+            let seen = user::observe(self.machine(), check).await?;
+            let mut row = user::judge(when, check, &seen);
+            if self.life.current.is_some() {
+                // The lifecycle prefixes its stage.
+                row.name = check.name.clone();
+            }
+            self.record(Row::User(i), row, t);
+        }
+        Ok(())
+    }
+
     /// Boot 1, which also decides the accelerator (`accel::Plan`): under
     /// KVM first unless that is known not to work, and when a KVM boot
     /// fails before the guest is up, again under TCG from a fresh disk.
@@ -1199,7 +1358,8 @@ impl Vm for Session {
             }
         };
         self.booted(t.elapsed().as_secs_f64(), state);
-        self.overmount_again().await
+        self.overmount_again().await?;
+        self.later_phase(When::Reboot).await
     }
 
     async fn crash(&mut self) -> Result<(), MachineError> {
@@ -1209,7 +1369,8 @@ impl Vm for Session {
         let direct = self.later_direct().await;
         self.start_again("fresh start after the power cut", direct)
             .await?;
-        self.overmount_again().await
+        self.overmount_again().await?;
+        self.later_phase(When::PowerCut).await
     }
 
     /// A scenario's guest was booted before the save: its files were
@@ -1223,6 +1384,15 @@ impl Vm for Session {
 }
 
 impl Session {
+    /// What the plain run judges in each later boot besides overmount:
+    /// the user's checks of that phase. A scenario's reboots are its own.
+    async fn later_phase(&mut self, when: When) -> Result<(), MachineError> {
+        if self.scenario.is_some() || self.life.current.is_some() {
+            return Ok(());
+        }
+        self.user_checks(when).await
+    }
+
     /// overmount judges every boot of the run, not only the first: after a
     /// later boot of the plain run (the reboot, the power cut) it looks
     /// again, and its verdict takes this boot in. (Each boot of a lifecycle

@@ -16,6 +16,7 @@ use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
 use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
+use strata_vmtest::checks::user::{UserCheck, When};
 use strata_vmtest::checks::CheckId;
 use strata_vmtest::qemu::{Accel, DiskBus};
 use strata_vmtest::report::{Report, Status};
@@ -1199,4 +1200,97 @@ fn auto_falls_back_to_tcg_when_the_guest_hangs_silently_under_kvm() {
     let t = r.timings.accel_probe;
     let bound = KVM_KERNEL_WITHIN.as_secs_f64();
     assert!(t >= bound && t < bound + 15.0, "{t}");
+}
+
+// ---------------------------------------------------- the user's checks
+
+fn user_check(name: &str, run: &str, stdout: Option<&str>, phases: Option<&[When]>) -> UserCheck {
+    UserCheck {
+        name: name.into(),
+        run: Some(run.into()),
+        wait_for_unit: None,
+        expect_exit: 0,
+        stdout_matches: stdout.map(|p| strata_vmtest::checks::user::pattern(p).unwrap()),
+        stdout_contains: None,
+        stderr_matches: None,
+        phases: phases.map(<[When]>::to_vec),
+    }
+}
+
+/// The user's checks in the three phases of a plain run: each judged by
+/// its exit code and output, in the phases it names, after the setup
+/// commands; the built-in checks are left out but for root, so that the
+/// reboot and the power cut happen because a user check asked for them.
+#[test]
+fn user_checks_fail_on_exit_code_output_unit_and_phase() {
+    let (image, manifest, _) = fixture();
+    let mut cfg = config(&image, &manifest);
+    cfg.checks = vec![CheckId::Root];
+    cfg.setup = vec![
+        "mkdir -p /var/lib/app && echo hello > /var/lib/app/greeting".into(),
+        // /run is a tmpfs: the marker is gone after any reboot.
+        ": > /run/strata-setup-ran".into(),
+        "systemd-run --unit strata-broken /bin/false".into(),
+    ];
+    let every = [When::Boot, When::Reboot, When::PowerCut];
+    let mut unit = user_check("broken-unit", "true", None, Some(&[When::Boot]));
+    unit.wait_for_unit = Some("strata-broken.service".into());
+    cfg.user_checks = vec![
+        user_check(
+            "greeting",
+            "cat /var/lib/app/greeting",
+            Some("^hello$"),
+            None,
+        ),
+        user_check(
+            "exit-code",
+            "echo trying; exit 3",
+            None,
+            Some(&[When::Boot]),
+        ),
+        user_check("output", "echo degraded", Some("^ok$"), Some(&[When::Boot])),
+        user_check(
+            "first-boot-only",
+            "test -e /run/strata-setup-ran",
+            None,
+            Some(&every),
+        ),
+        unit,
+    ];
+    let o = boot(cfg);
+    let r = report(&o);
+    assert_eq!(r.boots, 3, "the user's reboot and power-cut phases boot");
+    let mut failed = failing(r);
+    failed.sort();
+    assert_eq!(
+        failed,
+        [
+            "boot/broken-unit",
+            "boot/exit-code",
+            "boot/output",
+            "power-cut/first-boot-only",
+            "reboot/first-boot-only",
+        ]
+    );
+    for phase in ["boot", "reboot", "power-cut"] {
+        assert_eq!(check(r, &format!("{phase}/greeting")).status, Status::Pass);
+    }
+    assert_eq!(check(r, "boot/first-boot-only").status, Status::Pass);
+    let exit = check(r, "boot/exit-code");
+    assert!(
+        exit.detail.starts_with("exit 3, expected exit 0"),
+        "{exit:?}"
+    );
+    assert!(evidence_has(r, "boot/exit-code", "stdout: trying"));
+    assert_eq!(
+        check(r, "boot/output").detail,
+        "stdout does not match /^ok$/"
+    );
+    let unit = check(r, "boot/broken-unit");
+    assert!(
+        unit.detail
+            .contains("strata-broken.service did not become active"),
+        "{unit:?}"
+    );
+    assert!(unit.detail.contains("failed/failed"), "{unit:?}");
 }

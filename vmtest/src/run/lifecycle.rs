@@ -70,6 +70,9 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     // so the copy is consistent for the offline upgrade.
     s.enter(Stage::Before, &before);
     s.first_boot(Stage::Before.why()).await?;
+    if !s.setup().await? {
+        return Ok(());
+    }
     let btime = s
         .machine()
         .succeed("awk '/^btime /{print $2}' /proc/stat")
@@ -78,6 +81,7 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     s.life.running_since = btime.trim().parse().ok();
     let t = Instant::now();
     s.layout_checks(&before).await?;
+    s.user_checks(Stage::Before.when()).await.map_err(me)?;
     s.timings.checks = t.elapsed().as_secs_f64();
     let mut written = s.write_tokens(&before, Stage::Before).await?;
     s.shutdown().await.map_err(me)?;
@@ -86,6 +90,7 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     let upgraded = s.change(&l, Stage::Upgrade, &l.label).await?;
     s.boot_stage(Stage::Upgrade, &upgraded.expect).await?;
     s.layout_checks(&upgraded.expect).await?;
+    s.user_checks(Stage::Upgrade.when()).await.map_err(me)?;
     s.check_tokens(&written, &upgraded.expect).await?;
     written.extend(s.write_tokens(&upgraded.expect, Stage::Upgrade).await?);
     s.shutdown().await.map_err(me)?;
@@ -94,6 +99,7 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     let rolled_back = s.change(&l, Stage::Rollback, &old).await?;
     s.boot_stage(Stage::Rollback, &rolled_back.expect).await?;
     s.layout_checks(&rolled_back.expect).await?;
+    s.user_checks(Stage::Rollback.when()).await.map_err(me)?;
     s.check_tokens(&written, &rolled_back.expect).await?;
     Ok(())
 }

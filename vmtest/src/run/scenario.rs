@@ -19,6 +19,7 @@
 
 use super::{me, RunError, Session};
 use crate::artifacts;
+use crate::checks::user::{self, When};
 use crate::checks::{CheckId, Vm};
 use crate::machine::Machine;
 use crate::qemu::DiskFormat;
@@ -76,7 +77,7 @@ pub(super) fn validate(scenarios: &[Scenario], lifecycle: bool) -> Result<(), Ru
             )));
         }
         names.push(&s.name);
-        if s.checks.is_empty() {
+        if s.checks.is_empty() && s.user_checks.is_empty() {
             return Err(RunError::Input(format!(
                 "scenario {:?} names no check to judge it",
                 s.name
@@ -141,8 +142,13 @@ impl Session {
                     .iter()
                     .map(|r| r.name.clone())
                     .collect();
-                for id in CheckId::ALL.into_iter().filter(|id| sc.checks.contains(id)) {
-                    let name = format!("{}/{}", sc.name, id.name());
+                let wanted = CheckId::ALL
+                    .into_iter()
+                    .filter(|id| sc.checks.contains(id))
+                    .map(|id| id.name().to_owned())
+                    .chain(sc.user_checks.iter().cloned());
+                for check in wanted {
+                    let name = format!("{}/{check}", sc.name);
                     if judged.contains(&name) {
                         continue;
                     }
@@ -236,6 +242,27 @@ impl Session {
                 .map_err(|e| format!("{}: {}", id.name(), me(e)))?;
             let mut row = outcome.result;
             row.name = format!("{}/{}", sc.name, row.name);
+            row.seconds = t_check.elapsed().as_secs_f64();
+            self.emit(Progress::CheckFinished(row.clone()));
+            self.scenario_rows.push(row);
+        }
+        for name in &sc.user_checks {
+            let Some(check) = self
+                .cfg
+                .user_checks
+                .iter()
+                .find(|c| &c.name == name)
+                .cloned()
+            else {
+                return Err(format!("no user check named {name:?}"));
+            };
+            let t_check = Instant::now();
+            self.emit(Progress::Step(format!("{}/{name}", sc.name)));
+            let seen = user::observe(self.machine(), &check)
+                .await
+                .map_err(|e| format!("{name}: {}", me(e)))?;
+            let mut row = user::judge(When::Boot, &check, &seen);
+            row.name = format!("{}/{name}", sc.name);
             row.seconds = t_check.elapsed().as_secs_f64();
             self.emit(Progress::CheckFinished(row.clone()));
             self.scenario_rows.push(row);
