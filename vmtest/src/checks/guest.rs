@@ -1,9 +1,13 @@
-//! What several checks read from the guest: the mount table (`findmnt`) and
-//! the boot journal. The session takes each once per boot (see `Vm`).
+//! What several checks read from the guest: the mount table (`findmnt`),
+//! the boot journal (the session takes each once per boot, see `Vm`), and
+//! files' xattrs (`getfattr`, for `moved-files` and `state-contract`).
 
 use crate::agent::Running;
 use crate::machine::{Machine, MachineError};
 use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use strata_builder::octal;
+use strata_builder::pathenc::encode_path;
 
 /// One row of `findmnt -J -l`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -78,4 +82,68 @@ pub async fn finish_journal_export(
         });
     }
     Ok(out.stdout_str())
+}
+
+/// Every xattr of the NUL-separated paths on its stdin, not following
+/// symlinks (`-h`), values in hex (`-m -`: all namespaces, so
+/// `system.posix_acl_*` and `security.capability` too). getfattr reads
+/// names with `lgetxattr`: it never opens a file, so fifos and device nodes
+/// are safe. Its output is [`parse_getfattr`]'s input.
+pub const GETFATTR_XARGS: &str = "xargs -0 -r getfattr -h -d -m - -e hex --absolute-names --";
+
+/// The exit code of a guest script that found no getfattr (package `attr`).
+pub const NO_GETFATTR: i64 = 98;
+
+/// `getfattr -d -e hex` output: `# file: NAME` then `name=0xHEX` lines,
+/// names with odd bytes escaped as `\ooo`. Keyed by path and name in
+/// `encode_path` form; values lower-case hex without `0x`.
+pub fn parse_getfattr(raw: &[u8]) -> HashMap<String, BTreeMap<String, String>> {
+    let mut out: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    let mut file: Option<String> = None;
+    for line in raw.split(|b| *b == b'\n') {
+        if let Some(name) = line.strip_prefix(b"# file: ") {
+            let key = encode_path(&getfattr_name(name));
+            out.entry(key.clone()).or_default();
+            file = Some(key);
+            continue;
+        }
+        let Some(f) = &file else { continue };
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        let (name, value) = match line.iter().position(|b| *b == b'=') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, &b""[..]),
+        };
+        let value = String::from_utf8_lossy(value);
+        let hex = value
+            .strip_prefix("0x")
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        out.entry(f.clone())
+            .or_default()
+            .insert(encode_path(&getfattr_name(name)), hex);
+    }
+    out
+}
+
+/// A name as getfattr quotes it: `\ooo` (octal) and `\\`.
+fn getfattr_name(s: &[u8]) -> Vec<u8> {
+    octal::unescape(s, &octal::GETFATTR).expect("GETFATTR never fails")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn getfattr_output_is_parsed_losslessly() {
+        let raw = b"# file: /srv/caf\\351\nsystem.posix_acl_access=0x0200AB\nsecurity.capability=0x01\nuser.empty\n\n# file: /srv/plain\nuser.x=0x6869\n\n";
+        let x = parse_getfattr(raw);
+        let caf = &x["/srv/caf%E9"];
+        assert_eq!(caf["system.posix_acl_access"], "0200ab");
+        assert_eq!(caf["security.capability"], "01");
+        assert_eq!(caf["user.empty"], "");
+        assert_eq!(x["/srv/plain"]["user.x"], "6869");
+    }
 }

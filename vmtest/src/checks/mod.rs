@@ -11,6 +11,7 @@ pub mod moved_files;
 pub mod overmount;
 pub mod persistence;
 pub mod root;
+pub mod state_contract;
 pub mod state_mounts;
 pub mod user;
 

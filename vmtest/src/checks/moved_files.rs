@@ -4,6 +4,7 @@
 //! and the mountpoints of the system subvolumes under the state mounts are
 //! empty.
 
+use super::guest::{parse_getfattr, GETFATTR_XARGS, NO_GETFATTR};
 use super::{CheckId, Vm};
 use crate::machine::{Machine, MachineError};
 use crate::report::{CheckResult, Status};
@@ -11,7 +12,6 @@ use std::collections::{BTreeMap, HashMap};
 use strata_builder::expect::Expectations;
 use strata_builder::layout::{self, Tree};
 use strata_builder::manifest::{FileType, MovedFile};
-use strata_builder::octal;
 use strata_builder::pathenc::{decode_path, encode_path};
 
 const ID: CheckId = CheckId::MovedFiles;
@@ -216,9 +216,11 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
     })
 }
 
-/// Every xattr, not following symlinks, values in hex (`-m -`: all
-/// namespaces, so `system.posix_acl_*` and `security.*` too).
-const XATTR_SCRIPT: &str = "command -v getfattr >/dev/null || exit 98; xargs -0 -r getfattr -h -d -m - -e hex --absolute-names -- 2>/dev/null; exit 0";
+/// The xattrs of the NUL-separated paths on stdin; exit [`NO_GETFATTR`]
+/// without getfattr in the guest.
+fn xattr_script() -> String {
+    format!("command -v getfattr >/dev/null || exit {NO_GETFATTR}; {GETFATTR_XARGS} 2>/dev/null; exit 0")
+}
 
 /// Reads the xattrs of the entries whose record has some into `stats`.
 /// Without getfattr in the guest they stay unread (None), which the judge
@@ -230,8 +232,8 @@ async fn read_xattrs(
 ) -> Result<(), MachineError> {
     let wanted = expect.moved_files.iter().filter(|f| !f.xattrs.is_empty());
     for batch in batches(wanted.map(|f| guest_path(&f.path))) {
-        let out = m.exec_stdin(XATTR_SCRIPT, &batch).await?;
-        if out.exit_code == Some(98) {
+        let out = m.exec_stdin(&xattr_script(), &batch).await?;
+        if out.exit_code == Some(NO_GETFATTR) {
             return Ok(());
         }
         let got = parse_getfattr(&out.stdout);
@@ -243,44 +245,6 @@ async fn read_xattrs(
         }
     }
     Ok(())
-}
-
-/// `getfattr -d -e hex` output: `# file: NAME` then `name=0xHEX` lines,
-/// names with odd bytes escaped as `\ooo`. Keyed by path and name in
-/// `encode_path` form; values lower-case hex without `0x`.
-pub fn parse_getfattr(raw: &[u8]) -> HashMap<String, BTreeMap<String, String>> {
-    let mut out: HashMap<String, BTreeMap<String, String>> = HashMap::new();
-    let mut file: Option<String> = None;
-    for line in raw.split(|b| *b == b'\n') {
-        if let Some(name) = line.strip_prefix(b"# file: ") {
-            let key = encode_path(&getfattr_name(name));
-            out.entry(key.clone()).or_default();
-            file = Some(key);
-            continue;
-        }
-        let Some(f) = &file else { continue };
-        if line.is_empty() || line.starts_with(b"#") {
-            continue;
-        }
-        let (name, value) = match line.iter().position(|b| *b == b'=') {
-            Some(i) => (&line[..i], &line[i + 1..]),
-            None => (line, &b""[..]),
-        };
-        let value = String::from_utf8_lossy(value);
-        let hex = value
-            .strip_prefix("0x")
-            .map(str::to_ascii_lowercase)
-            .unwrap_or_default();
-        out.entry(f.clone())
-            .or_default()
-            .insert(encode_path(&getfattr_name(name)), hex);
-    }
-    out
-}
-
-/// A name as getfattr quotes it: `\ooo` (octal) and `\\`.
-fn getfattr_name(s: &[u8]) -> Vec<u8> {
-    octal::unescape(s, &octal::GETFATTR).expect("GETFATTR never fails")
 }
 
 /// What the move must keep beyond one entry's own stat: every xattr the
@@ -916,16 +880,5 @@ mod tests {
             ev.contains(&"/var/lib/current: symlink to \"v2\", expected \"v1%25\"".to_owned()),
             "{ev:?}"
         );
-    }
-
-    #[test]
-    fn getfattr_output_is_parsed_losslessly() {
-        let raw = b"# file: /srv/caf\\351\nsystem.posix_acl_access=0x0200AB\nsecurity.capability=0x01\nuser.empty\n\n# file: /srv/plain\nuser.x=0x6869\n\n";
-        let x = parse_getfattr(raw);
-        let caf = &x["/srv/caf%E9"];
-        assert_eq!(caf["system.posix_acl_access"], "0200ab");
-        assert_eq!(caf["security.capability"], "01");
-        assert_eq!(caf["user.empty"], "");
-        assert_eq!(x["/srv/plain"]["user.x"], "6869");
     }
 }
