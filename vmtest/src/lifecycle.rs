@@ -182,7 +182,7 @@ impl Stage {
 /// boots, and the tokens prove the state dirs across two clean shutdowns
 /// and two image changes instead (no power cut: see the README). The user
 /// checks that run in the stage's phase come last.
-pub fn rows_of(stage: Stage, user: &[UserCheck]) -> Vec<Row> {
+pub fn rows_of(stage: Stage, user: &[UserCheck], contract: bool) -> Vec<Row> {
     let mut rows: Vec<Row> = CheckId::ALL
         .into_iter()
         .filter(|id| id.phase() == Phase::FirstBoot)
@@ -190,6 +190,11 @@ pub fn rows_of(stage: Stage, user: &[UserCheck]) -> Vec<Row> {
         .collect();
     if stage != Stage::Before {
         rows.push(Row::Tokens);
+    }
+    // With `[state] preserve`: recorded in the first stage, compared in
+    // the others.
+    if contract {
+        rows.push(Row::Check(CheckId::StateContract));
     }
     rows.extend(
         user.iter()
@@ -246,11 +251,12 @@ pub fn rows(
     phases: &[PhaseRecord],
     wanted: &[CheckId],
     user: &[UserCheck],
+    contract: bool,
     results: &Results,
 ) -> Vec<CheckResult> {
     let mut out = Vec::new();
     for p in phases {
-        for row in rows_of(p.phase, user) {
+        for row in rows_of(p.phase, user, contract) {
             let c = match results.get(&(p.phase, row)) {
                 Some(c) => c.clone(),
                 None => {
@@ -278,7 +284,7 @@ mod tests {
     #[test]
     fn every_stage_has_the_first_boot_checks_and_later_ones_the_tokens() {
         let names = |s| {
-            rows_of(s, &[])
+            rows_of(s, &[], false)
                 .into_iter()
                 .map(|r| row_name(r, &[]).to_owned())
                 .collect::<Vec<_>>()
@@ -308,7 +314,7 @@ mod tests {
                 CheckResult::new("root", Status::Pass, "ok", vec![]),
             ),
         );
-        let rows = rows(&phases, &wanted, &[], &results);
+        let rows = rows(&phases, &wanted, &[], false, &results);
         assert_eq!(rows.len(), 5 + 6 + 6);
         let row = |name: &str| rows.iter().find(|c| c.name == name).unwrap();
         assert_eq!(row("before/root").status, Status::Pass);

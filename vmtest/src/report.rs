@@ -193,6 +193,9 @@ pub struct Timings {
     /// The scenarios: restores, commands and checks.
     #[serde(skip_serializing_if = "is_zero")]
     pub scenarios: f64,
+    /// Recording and comparing the `[state] preserve` paths.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub contract: f64,
     /// Whole run, overlay creation to verdict.
     pub total: f64,
 }
@@ -731,6 +734,7 @@ mod tests {
                 persistence: 0.0,
                 save: 0.0,
                 scenarios: 0.0,
+                contract: 0.0,
                 total: 33.0,
             },
             artifacts: Some("/tmp/artifacts".into()),

@@ -14,6 +14,7 @@ use crate::accel::{self, AccelChoice, AccelDecision};
 use crate::agent::Running;
 use crate::artifacts::{self, Artifacts};
 use crate::bootfiles;
+use crate::checks::state_contract;
 use crate::checks::user::{self, When};
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
 use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
@@ -255,6 +256,11 @@ struct Session {
     /// The plain run's user-check rows (`PHASE/NAME`) and a failed setup's
     /// row, in the order they ran.
     user_rows: Vec<CheckResult>,
+    /// The `[state] preserve` paths as recorded after setup: what every
+    /// later phase is compared with (the `state-contract` check).
+    contract_base: Option<state_contract::Record>,
+    /// The plain run's comparisons, one per later phase.
+    contract_rows: Vec<CheckResult>,
 }
 
 /// What an upgrade lifecycle has done so far.
@@ -484,6 +490,13 @@ impl Session {
                     "not requested (--checks)",
                     vec![],
                 )),
+                None if id == CheckId::StateContract && self.cfg.preserve.is_empty() => checks
+                    .push(CheckResult::new(
+                        name,
+                        Status::Skip,
+                        "no [state] preserve paths to hold to",
+                        vec![],
+                    )),
                 None => checks.push(CheckResult::new(
                     name,
                     Status::Skip,
@@ -505,6 +518,7 @@ impl Session {
                     &self.life.phases,
                     &self.cfg.checks,
                     &self.cfg.user_checks,
+                    !self.cfg.preserve.is_empty() && self.wanted(CheckId::StateContract),
                     &self.life.results,
                 );
                 // A failed setup's row.
@@ -710,6 +724,8 @@ pub async fn run_until(
         scenario_log: Vec::new(),
         last_qemu_log: None,
         user_rows: Vec::new(),
+        contract_base: None,
+        contract_rows: Vec::new(),
     };
     if let Some(l) = &s.cfg.lifecycle {
         s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
@@ -888,6 +904,7 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
     let t_checks = Instant::now();
     s.layout_checks(&expect).await?;
     s.user_checks(When::Boot).await.map_err(me)?;
+    s.record_contract().await?;
     s.timings.checks = t_checks.elapsed().as_secs_f64();
     // The scenarios start from this moment: saved before the reboots.
     if !s.cfg.scenarios.is_empty() {
@@ -912,11 +929,78 @@ impl Session {
     /// Whether the plain run has its reboot and power-cut phases although
     /// no built-in check drives them: a user check asks for one.
     fn wants_later_boots(&self) -> bool {
-        self.cfg.user_checks.iter().any(|c| {
-            c.phases
-                .as_ref()
-                .is_some_and(|p| p.contains(&When::Reboot) || p.contains(&When::PowerCut))
-        })
+        self.contract_base.is_some()
+            || self.cfg.user_checks.iter().any(|c| {
+                c.phases
+                    .as_ref()
+                    .is_some_and(|p| p.contains(&When::Reboot) || p.contains(&When::PowerCut))
+            })
+    }
+
+    /// Records the `[state] preserve` paths (after setup and the first
+    /// boot's checks): the state every later phase must show unchanged.
+    /// Paths that match nothing are the caller's mistake (exit 2).
+    async fn record_contract(&mut self) -> Result<(), String> {
+        if self.cfg.preserve.is_empty() || !self.wanted(CheckId::StateContract) {
+            return Ok(());
+        }
+        self.emit(Progress::Step(format!(
+            "state contract: recording {}",
+            self.cfg.preserve.join(" ")
+        )));
+        let t = Instant::now();
+        let preserve = self.cfg.preserve.clone();
+        match state_contract::record(self.machine(), &preserve).await {
+            Ok(base) => {
+                if let Err(e) = base.require_matched() {
+                    self.life.error_kind = Some(FailureKind::Input);
+                    return Err(e.to_string());
+                }
+                self.timings.contract += t.elapsed().as_secs_f64();
+                if self.life.current.is_some() {
+                    // The lifecycle's first stage shows what later ones are held to.
+                    let (files, bytes) = base.files_and_bytes();
+                    let row = CheckResult::new(
+                        state_contract::NAME,
+                        Status::Pass,
+                        format!(
+                            "recorded {} entries ({files} files, {}): the later stages are held to them",
+                            base.entries.len(),
+                            crate::report::human_bytes(bytes)
+                        ),
+                        self.cfg.preserve.clone(),
+                    );
+                    self.record(Row::Check(CheckId::StateContract), row, t);
+                }
+                self.contract_base = Some(base);
+                Ok(())
+            }
+            // The guest cannot record (no getfattr): the check's failure.
+            Err(e) => {
+                let row =
+                    checks::verdict_of_failed_command(CheckId::StateContract, e).map_err(me)?;
+                self.record(Row::Check(CheckId::StateContract), row, t);
+                Ok(())
+            }
+        }
+    }
+
+    /// Records the preserved paths again and judges them against the
+    /// record taken after setup (None: nothing to compare).
+    async fn compare_contract(&mut self, phase: &str) -> Result<Option<CheckResult>, MachineError> {
+        let Some(base) = self.contract_base.clone() else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        self.emit(Progress::Step(format!("state contract after {phase}")));
+        let preserve = self.cfg.preserve.clone();
+        let mut row = match state_contract::record(self.machine(), &preserve).await {
+            Ok(now) => state_contract::judge(phase, &base, &now),
+            Err(e) => checks::verdict_of_failed_command(CheckId::StateContract, e)?,
+        };
+        row.seconds = t.elapsed().as_secs_f64();
+        self.timings.contract += row.seconds;
+        Ok(Some(row))
     }
 
     /// The test file's `[[setup]]` commands, once, after boot 1 and before
@@ -1373,6 +1457,29 @@ impl Vm for Session {
         self.later_phase(When::PowerCut).await
     }
 
+    /// In a scenario: the preserved paths on the scenario's guest now,
+    /// against the record taken after setup.
+    async fn across_phases(&mut self, id: CheckId) -> Result<CheckResult, MachineError> {
+        let phase = match &self.scenario {
+            Some(sc) => format!("scenario {sc}"),
+            None => "this phase".into(),
+        };
+        match id {
+            CheckId::StateContract => match self.compare_contract(&phase).await? {
+                Some(row) => Ok(row),
+                None => Ok(CheckResult::new(
+                    id.name(),
+                    Status::Skip,
+                    "no [state] preserve paths to hold to",
+                    vec![],
+                )),
+            },
+            other => Err(MachineError::Setup(format!(
+                "{other} is not judged across phases"
+            ))),
+        }
+    }
+
     /// A scenario's guest was booted before the save: its files were
     /// rewritten since that boot, whatever btime its reset clock now shows.
     fn running_since(&self) -> Option<f64> {
@@ -1390,7 +1497,14 @@ impl Session {
         if self.scenario.is_some() || self.life.current.is_some() {
             return Ok(());
         }
-        self.user_checks(when).await
+        self.user_checks(when).await?;
+        if let Some(row) = self.compare_contract(when.name()).await? {
+            self.contract_rows.push(row);
+            let merged = merge_phases(&self.contract_rows);
+            self.emit(Progress::CheckFinished(merged.clone()));
+            self.checks.insert(CheckId::StateContract, merged);
+        }
+        Ok(())
     }
 
     /// overmount judges every boot of the run, not only the first: after a
@@ -1420,6 +1534,40 @@ impl Session {
         self.checks.insert(CheckId::Overmount, result);
         Ok(())
     }
+}
+
+/// One row of a check judged in several phases (each row's detail says
+/// after which): failed when any failed, each phase's evidence prefixed
+/// with its detail.
+fn merge_phases(rows: &[CheckResult]) -> CheckResult {
+    let failed: Vec<&CheckResult> = rows.iter().filter(|r| r.status == Status::Fail).collect();
+    let name = rows.first().map(|r| r.name.as_str()).unwrap_or("?");
+    let (status, detail) = match failed.as_slice() {
+        [] => (
+            Status::Pass,
+            rows.iter()
+                .map(|r| r.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        f => (
+            Status::Fail,
+            f.iter()
+                .map(|r| r.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    };
+    let mut evidence = Vec::new();
+    for r in rows {
+        if rows.len() > 1 && !r.evidence.is_empty() {
+            evidence.push(format!("{}:", r.detail));
+        }
+        evidence.extend(r.evidence.iter().cloned());
+    }
+    let mut merged = CheckResult::new(name, status, detail, evidence);
+    merged.seconds = rows.iter().map(|r| r.seconds).sum();
+    merged
 }
 
 /// Where the lifecycle's copy goes: beside the image, so that

@@ -35,6 +35,7 @@ pub enum CheckId {
     MovedFiles,
     Overmount,
     Persistence,
+    StateContract,
 }
 
 /// When a check runs in the story of a test.
@@ -44,6 +45,9 @@ pub enum Phase {
     FirstBoot,
     /// The check reboots the machine and cuts its power (boots 2 and 3).
     Reboots,
+    /// The session judges it from what it kept across every phase of the
+    /// run (`Vm::across_phases`); in a scenario, on the scenario's guest.
+    AcrossPhases,
 }
 
 impl Phase {
@@ -51,18 +55,20 @@ impl Phase {
         match self {
             Phase::FirstBoot => "first boot",
             Phase::Reboots => "reboot and power cut",
+            Phase::AcrossPhases => "every phase",
         }
     }
 }
 
 impl CheckId {
-    pub const ALL: [CheckId; 6] = [
+    pub const ALL: [CheckId; 7] = [
         CheckId::Root,
         CheckId::StateMounts,
         CheckId::Fstab,
         CheckId::MovedFiles,
         CheckId::Overmount,
         CheckId::Persistence,
+        CheckId::StateContract,
     ];
 
     /// The name in `--checks`, the report and JUnit.
@@ -74,6 +80,7 @@ impl CheckId {
             CheckId::MovedFiles => "moved-files",
             CheckId::Overmount => "overmount",
             CheckId::Persistence => "persistence",
+            CheckId::StateContract => state_contract::NAME,
         }
     }
 
@@ -98,6 +105,9 @@ impl CheckId {
             CheckId::Persistence => {
                 "a token written to each state dir survives a clean reboot and a power cut"
             }
+            CheckId::StateContract => {
+                "the [state] preserve paths keep contents, type, mode, owner, xattrs, links after every later phase"
+            }
         }
     }
 
@@ -109,6 +119,7 @@ impl CheckId {
             | CheckId::MovedFiles
             | CheckId::Overmount => Phase::FirstBoot,
             CheckId::Persistence => Phase::Reboots,
+            CheckId::StateContract => Phase::AcrossPhases,
         }
     }
 
@@ -148,6 +159,7 @@ impl CheckId {
                 });
             }
             CheckId::Persistence => persistence::run(vm, expect).await?,
+            CheckId::StateContract => vm.across_phases(self).await?,
         };
         Ok(Outcome {
             result,
@@ -259,6 +271,13 @@ pub trait Vm {
     fn running_since(&self) -> Option<f64> {
         None
     }
+
+    /// A check of `Phase::AcrossPhases` judged now, on this guest, against
+    /// what the session kept (the state record taken after setup).
+    fn across_phases(
+        &mut self,
+        id: CheckId,
+    ) -> impl Future<Output = Result<CheckResult, MachineError>>;
 }
 
 #[cfg(test)]
@@ -287,7 +306,8 @@ mod tests {
                 "fstab",
                 "moved-files",
                 "overmount",
-                "persistence"
+                "persistence",
+                "state-contract"
             ]
         );
         let mut sorted = CheckId::ALL;
@@ -331,7 +351,7 @@ mod tests {
         let err = "bogus".parse::<CheckId>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown check \"bogus\" (known: root, state-mounts, fstab, moved-files, overmount, persistence)"
+            "unknown check \"bogus\" (known: root, state-mounts, fstab, moved-files, overmount, persistence, state-contract)"
         );
     }
 }

@@ -486,11 +486,30 @@ pub async fn record(m: &mut Machine, patterns: &[String]) -> Result<Record, Mach
             stderr: out.stderr_str().trim().to_owned(),
         });
     }
-    parse_record(&out.stdout).map_err(|e| MachineError::CommandFailed {
+    let mut record = parse_record(&out.stdout).map_err(|e| MachineError::CommandFailed {
         command: COMMAND.into(),
         code: "0".into(),
         stderr: e.to_string(),
-    })
+    })?;
+    record.forget_strata_tokens();
+    Ok(record)
+}
+
+impl Record {
+    /// strata writes its own tokens into the state dirs between phases
+    /// (persistence, the lifecycle): they are the run's, not the user's
+    /// state, and a preserved state dir must not fail for holding them.
+    pub fn forget_strata_tokens(&mut self) {
+        let ours = |p: &str| {
+            let base = p.rsplit('/').next().unwrap_or(p);
+            base.starts_with(crate::checks::persistence::TOKEN_FILE)
+                || base.starts_with(crate::lifecycle::tokens::TOKEN_FILE)
+        };
+        self.entries.retain(|p, _| !ours(p));
+        for e in self.entries.values_mut() {
+            e.hardlinks.retain(|p| !ours(p));
+        }
+    }
 }
 
 /// What changed about one path.

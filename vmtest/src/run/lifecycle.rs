@@ -82,6 +82,7 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     let t = Instant::now();
     s.layout_checks(&before).await?;
     s.user_checks(Stage::Before.when()).await.map_err(me)?;
+    s.record_contract().await?;
     s.timings.checks = t.elapsed().as_secs_f64();
     let mut written = s.write_tokens(&before, Stage::Before).await?;
     s.shutdown().await.map_err(me)?;
@@ -91,6 +92,7 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     s.boot_stage(Stage::Upgrade, &upgraded.expect).await?;
     s.layout_checks(&upgraded.expect).await?;
     s.user_checks(Stage::Upgrade.when()).await.map_err(me)?;
+    s.stage_contract(Stage::Upgrade).await.map_err(me)?;
     s.check_tokens(&written, &upgraded.expect).await?;
     written.extend(s.write_tokens(&upgraded.expect, Stage::Upgrade).await?);
     s.shutdown().await.map_err(me)?;
@@ -100,6 +102,7 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     s.boot_stage(Stage::Rollback, &rolled_back.expect).await?;
     s.layout_checks(&rolled_back.expect).await?;
     s.user_checks(Stage::Rollback.when()).await.map_err(me)?;
+    s.stage_contract(Stage::Rollback).await.map_err(me)?;
     s.check_tokens(&written, &rolled_back.expect).await?;
     Ok(())
 }
@@ -121,6 +124,15 @@ fn copy_manifest(source: &Source, copy: &Path) -> Result<(), String> {
 }
 
 impl Session {
+    /// The state contract after a later stage's boot: its own row.
+    async fn stage_contract(&mut self, stage: Stage) -> Result<(), crate::machine::MachineError> {
+        let t = Instant::now();
+        if let Some(row) = self.compare_contract(stage.name()).await? {
+            self.record(Row::Check(crate::checks::CheckId::StateContract), row, t);
+        }
+        Ok(())
+    }
+
     /// From here on, boots and results belong to `stage`, which must run
     /// `expect`'s version.
     fn enter(&mut self, stage: Stage, expect: &Expectations) {
