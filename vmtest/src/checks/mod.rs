@@ -5,6 +5,7 @@
 //! order, `run` dispatches on it, `--checks` and `--list-checks` read its
 //! names. A new check is a module here and an arm in each `CheckId` match.
 
+pub mod boot_health;
 pub mod fstab;
 pub mod guest;
 pub mod moved_files;
