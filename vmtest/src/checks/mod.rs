@@ -12,6 +12,7 @@ pub mod moved_files;
 pub mod overmount;
 pub mod persistence;
 pub mod root;
+pub mod shutdown;
 pub mod state_mounts;
 pub mod user;
 
