@@ -52,14 +52,7 @@ pub struct JournalWarning {
 pub fn mount_warnings(text: &str) -> Vec<JournalWarning> {
     let mut out: Vec<JournalWarning> = Vec::new();
     let mut seen: HashSet<(String, String)> = HashSet::new();
-    for line in text.lines() {
-        let line = line.trim_start_matches('\u{1e}').trim();
-        if !line.starts_with('{') {
-            continue;
-        }
-        let Ok(Value::Object(entry)) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
+    for entry in entries(text) {
         let entry = Entry(&entry);
         let Some(w) = classify(&entry) else {
             continue;
@@ -102,11 +95,29 @@ pub fn mount_warnings(text: &str) -> Vec<JournalWarning> {
     out
 }
 
-struct Entry<'a>(&'a serde_json::Map<String, Value>);
+/// The entries of a `journalctl -o json` export, in order. Lines that are
+/// not JSON objects are skipped (a `json-seq` record separator is
+/// tolerated), so a truncated export still yields what it has.
+pub(crate) fn entries(text: &str) -> impl Iterator<Item = serde_json::Map<String, Value>> + '_ {
+    text.lines().filter_map(|line| {
+        let line = line.trim_start_matches('\u{1e}').trim();
+        if !line.starts_with('{') {
+            return None;
+        }
+        match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(entry)) => Some(entry),
+            _ => None,
+        }
+    })
+}
+
+/// One journal entry, read field by field (see the module doc for the
+/// shapes a field value takes).
+pub(crate) struct Entry<'a>(pub(crate) &'a serde_json::Map<String, Value>);
 
 impl Entry<'_> {
     /// Every value of a field, decoded (lossy UTF-8 for byte arrays).
-    fn values(&self, name: &str) -> Vec<String> {
+    pub(crate) fn values(&self, name: &str) -> Vec<String> {
         match self.0.get(name) {
             None | Some(Value::Null) => Vec::new(),
             Some(v @ Value::Array(items)) if is_byte_array(items) => {
@@ -118,11 +129,11 @@ impl Entry<'_> {
     }
 
     /// The first value of a field.
-    fn get(&self, name: &str) -> Option<String> {
+    pub(crate) fn get(&self, name: &str) -> Option<String> {
         self.values(name).into_iter().next()
     }
 
-    fn has_value(&self, name: &str, wanted: &str) -> bool {
+    pub(crate) fn has_value(&self, name: &str, wanted: &str) -> bool {
         self.values(name).iter().any(|v| v == wanted)
     }
 }

@@ -208,7 +208,7 @@ pub fn shows_guest_up(line: &str) -> bool {
 /// The text of a console line without terminal escape sequences (systemd
 /// colours its status lines: `[\x1b[0;32m  OK  \x1b[0m] Reached target
 /// \x1b[0;1;39mmulti-user.target\x1b[0m …`).
-fn plain(line: &str) -> String {
+pub(crate) fn plain(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars().peekable();
     while let Some(c) = chars.next() {

@@ -5,12 +5,14 @@
 //! order, `run` dispatches on it, `--checks` and `--list-checks` read its
 //! names. A new check is a module here and an arm in each `CheckId` match.
 
+pub mod boot_health;
 pub mod fstab;
 pub mod guest;
 pub mod moved_files;
 pub mod overmount;
 pub mod persistence;
 pub mod root;
+pub mod shutdown;
 pub mod state_contract;
 pub mod state_mounts;
 pub mod user;
