@@ -191,6 +191,11 @@ pub fn rows_of(stage: Stage, user: &[UserCheck], contract: bool) -> Vec<Row> {
     if stage != Stage::Before {
         rows.push(Row::Tokens);
     }
+    rows.push(Row::Check(CheckId::BootHealth));
+    // Every stage but the last ends in a clean poweroff.
+    if stage != Stage::Rollback {
+        rows.push(Row::Check(CheckId::Shutdown));
+    }
     // With `[state] preserve`: recorded in the first stage, compared in
     // the others.
     if contract {
@@ -292,13 +297,16 @@ mod tests {
         };
         assert_eq!(
             names(Stage::Before),
-            "root,state-mounts,fstab,moved-files,overmount"
+            "root,state-mounts,fstab,moved-files,overmount,boot-health,shutdown"
         );
         assert_eq!(
             names(Stage::Upgrade),
-            "root,state-mounts,fstab,moved-files,overmount,tokens"
+            "root,state-mounts,fstab,moved-files,overmount,tokens,boot-health,shutdown"
         );
-        assert_eq!(names(Stage::Rollback), names(Stage::Upgrade));
+        assert_eq!(
+            names(Stage::Rollback),
+            "root,state-mounts,fstab,moved-files,overmount,tokens,boot-health"
+        );
     }
 
     #[test]
@@ -315,7 +323,7 @@ mod tests {
             ),
         );
         let rows = rows(&phases, &wanted, &[], false, &results);
-        assert_eq!(rows.len(), 5 + 6 + 6);
+        assert_eq!(rows.len(), 7 + 8 + 7);
         let row = |name: &str| rows.iter().find(|c| c.name == name).unwrap();
         assert_eq!(row("before/root").status, Status::Pass);
         assert_eq!(row("before/fstab").detail, "not requested (--checks)");

@@ -14,9 +14,9 @@ use crate::accel::{self, AccelChoice, AccelDecision};
 use crate::agent::Running;
 use crate::artifacts::{self, Artifacts};
 use crate::bootfiles;
-use crate::checks::state_contract;
 use crate::checks::user::{self, When};
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
+use crate::checks::{boot_health, shutdown, state_contract};
 use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
 use crate::machine::{Machine, MachineError, SavedState};
 use crate::qemu::{Accel, DiskBus, DiskFormat, KernelBoot, QemuCommand};
@@ -261,6 +261,17 @@ struct Session {
     contract_base: Option<state_contract::Record>,
     /// The plain run's comparisons, one per later phase.
     contract_rows: Vec<CheckResult>,
+    /// Where each boot's console starts in the serial log (its size when
+    /// the boot began: before a reboot's `systemctl reboot`), by boot, and
+    /// where the running scenario's restored guest starts.
+    console_marks: BTreeMap<u32, u64>,
+    scenario_mark: Option<u64>,
+    /// What each boot of the run (not a scenario's) showed besides its
+    /// console, for boot-health: its journal and `systemctl --failed`.
+    boot_seen: BTreeMap<u32, (Option<String>, Option<String>)>,
+    /// The judged shutdowns of the clean reboots (and a lifecycle's
+    /// poweroffs), newest last.
+    shutdowns: Vec<CheckResult>,
 }
 
 /// What an upgrade lifecycle has done so far.
@@ -371,6 +382,10 @@ impl Session {
             firmware: None,
         });
         self.seen = Seen::default();
+        if self.scenario.is_none() {
+            let at = self.console_size();
+            self.console_marks.insert(self.boots, at);
+        }
         if let Some((stage, _)) = &self.life.current {
             let boot = self.boots;
             if let Some(p) = self.life.phases.iter_mut().find(|p| p.phase == *stage) {
@@ -726,6 +741,10 @@ pub async fn run_until(
         user_rows: Vec::new(),
         contract_base: None,
         contract_rows: Vec::new(),
+        console_marks: BTreeMap::new(),
+        scenario_mark: None,
+        boot_seen: BTreeMap::new(),
+        shutdowns: Vec::new(),
     };
     if let Some(l) = &s.cfg.lifecycle {
         s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
@@ -922,6 +941,7 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
         s.crash().await.map_err(me)?;
         s.timings.persistence = t.elapsed().as_secs_f64();
     }
+    s.judge_boots();
     s.run_scenarios().await
 }
 
@@ -930,11 +950,89 @@ impl Session {
     /// no built-in check drives them: a user check asks for one.
     fn wants_later_boots(&self) -> bool {
         self.contract_base.is_some()
+            || self.wanted(CheckId::Shutdown)
             || self.cfg.user_checks.iter().any(|c| {
                 c.phases
                     .as_ref()
                     .is_some_and(|p| p.contains(&When::Reboot) || p.contains(&When::PowerCut))
             })
+    }
+
+    /// The serial log's size now: where what the guest prints next starts.
+    fn console_size(&self) -> u64 {
+        let log = self.template.as_ref().map(|t| t.serial_log.clone());
+        log.and_then(|l| std::fs::metadata(l).ok())
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// The serial log from `from` to `to` (None: its end).
+    fn console(&self, from: u64, to: Option<u64>) -> String {
+        let log = self.template.as_ref().map(|t| t.serial_log.clone());
+        let bytes = log.and_then(|l| std::fs::read(l).ok()).unwrap_or_default();
+        boot_health::console_between(&bytes, from, to)
+    }
+
+    /// Keeps what this boot showed for boot-health: its journal (exported
+    /// once per boot, shared with the checks) and its failed units.
+    async fn keep_boot_health(&mut self) -> Result<(), MachineError> {
+        if self.scenario.is_some() || !self.wanted(CheckId::BootHealth) {
+            return Ok(());
+        }
+        let journal = self.journal().await?.to_owned();
+        let failed = boot_health::failed_units(self.machine()).await?;
+        self.boot_seen
+            .insert(self.boots, (Some(journal), Some(failed)));
+        Ok(())
+    }
+
+    /// What boot `boot` of the run showed, its console cut out of the
+    /// serial log (without the previous boot's shutdown at its head).
+    fn boot_observation(&self, boot: u32) -> boot_health::BootObservation {
+        let from = self.console_marks.get(&boot).copied().unwrap_or(0);
+        let to = self
+            .console_marks
+            .range(boot + 1..)
+            .next()
+            .map(|(_, at)| *at);
+        let text = self.console(from, to);
+        let console = match boot {
+            1 => text,
+            _ => boot_health::split_at_next_kernel(&text).1.to_owned(),
+        };
+        let (journal, failed_units) = self.boot_seen.get(&boot).cloned().unwrap_or_default();
+        boot_health::BootObservation {
+            boot,
+            console,
+            journal,
+            failed_units,
+        }
+    }
+
+    /// The plain run's boot-health and shutdown rows, from every boot it
+    /// kept (before the scenarios, whose consoles follow in the same log).
+    fn judge_boots(&mut self) {
+        if self.wanted(CheckId::BootHealth) {
+            let t = Instant::now();
+            let boots: Vec<u32> = self.boot_seen.keys().copied().collect();
+            let all: Vec<_> = boots.iter().map(|b| self.boot_observation(*b)).collect();
+            let row = boot_health::judge(&all, &self.cfg.boot_health_ignore);
+            self.record(Row::Check(CheckId::BootHealth), row, t);
+        }
+        if self.wanted(CheckId::Shutdown) {
+            if let Some(row) = self.shutdowns.first().cloned() {
+                self.emit(Progress::CheckFinished(row.clone()));
+                self.checks.insert(CheckId::Shutdown, row);
+            }
+        }
+    }
+
+    /// Judges the shutdown of boot `boot`, whose console starts at `from`
+    /// (before `systemctl reboot`/`poweroff`) and ends at the next kernel.
+    fn judge_shutdown(&mut self, boot: u32, from: u64) {
+        let console = self.console(from, None);
+        let row = shutdown::judge(boot, &console, None, &self.cfg.boot_health_ignore);
+        self.shutdowns.push(row);
     }
 
     /// Records the `[state] preserve` paths (after setup and the first
@@ -1279,6 +1377,7 @@ impl Session {
         let journal = self.journal().await.map_err(me)?;
         let warnings = checks::overmount::unexamined(journal);
         self.set_warnings(warnings, false);
+        self.keep_boot_health().await.map_err(me)?;
         Ok(())
     }
 
@@ -1368,9 +1467,13 @@ impl Session {
         self.emit(Progress::Step(
             "clean shutdown (systemctl poweroff), waiting for QEMU to exit".into(),
         ));
+        let from = self.console_size();
+        let boot = self.boots;
         let m = self.machine.take().expect("the machine is running");
         let budget = self.boot_budget();
-        m.shutdown(budget).await.map(drop)
+        m.shutdown(budget).await?;
+        self.judge_shutdown(boot, from);
+        Ok(())
     }
 }
 
@@ -1412,6 +1515,12 @@ impl Vm for Session {
     /// firmware, as a reset does.
     async fn reboot(&mut self) -> Result<(), MachineError> {
         const WHY: &str = "clean reboot (systemctl reboot)";
+        // The shutdown's console starts here, before `systemctl reboot`.
+        let shutdown_from = self.console_size();
+        let shut_down = match &self.scenario {
+            None => self.boots,
+            Some(_) => self.scenario_boots,
+        };
         let mut direct = self.later_direct().await;
         if direct.is_some() {
             if let Err(e) = self.machine().qmp().exit_on_guest_reset().await {
@@ -1442,6 +1551,7 @@ impl Vm for Session {
             }
         };
         self.booted(t.elapsed().as_secs_f64(), state);
+        self.judge_shutdown(shut_down, shutdown_from);
         self.overmount_again().await?;
         self.later_phase(When::Reboot).await
     }
@@ -1474,6 +1584,37 @@ impl Vm for Session {
                     vec![],
                 )),
             },
+            CheckId::BootHealth => {
+                let (journal, failed) = match self.scenario.is_some() {
+                    true => {
+                        self.seen = Default::default();
+                        let journal = self.journal().await?.to_owned();
+                        (
+                            Some(journal),
+                            Some(boot_health::failed_units(self.machine()).await?),
+                        )
+                    }
+                    false => (None, None),
+                };
+                let from = self.scenario_mark.unwrap_or(0);
+                let obs = boot_health::BootObservation {
+                    boot: self.scenario_boots,
+                    console: self.console(from, None),
+                    journal,
+                    failed_units: failed,
+                };
+                Ok(boot_health::judge(&[obs], &self.cfg.boot_health_ignore))
+            }
+            CheckId::Shutdown => {
+                // A scenario's guest shuts down for this check: its own
+                // clean reboot, judged like the run's.
+                let before = self.shutdowns.len();
+                self.reboot().await?;
+                match self.shutdowns.get(before) {
+                    Some(row) => Ok(row.clone()),
+                    None => Err(MachineError::Setup("the reboot kept no shutdown".into())),
+                }
+            }
             other => Err(MachineError::Setup(format!(
                 "{other} is not judged across phases"
             ))),
@@ -1497,6 +1638,7 @@ impl Session {
         if self.scenario.is_some() || self.life.current.is_some() {
             return Ok(());
         }
+        self.keep_boot_health().await?;
         self.user_checks(when).await?;
         if let Some(row) = self.compare_contract(when.name()).await? {
             self.contract_rows.push(row);
@@ -1766,7 +1908,7 @@ mod tests {
             phases,
             [("factory", Some(1)), ("v2", None), ("factory", None)]
         );
-        assert_eq!(r.checks.len(), 17);
+        assert_eq!(r.checks.len(), 7 + 8 + 7);
         assert!(r
             .checks
             .iter()

@@ -37,6 +37,8 @@ pub enum CheckId {
     MovedFiles,
     Overmount,
     Persistence,
+    BootHealth,
+    Shutdown,
     StateContract,
 }
 
@@ -63,13 +65,15 @@ impl Phase {
 }
 
 impl CheckId {
-    pub const ALL: [CheckId; 7] = [
+    pub const ALL: [CheckId; 9] = [
         CheckId::Root,
         CheckId::StateMounts,
         CheckId::Fstab,
         CheckId::MovedFiles,
         CheckId::Overmount,
         CheckId::Persistence,
+        CheckId::BootHealth,
+        CheckId::Shutdown,
         CheckId::StateContract,
     ];
 
@@ -82,6 +86,8 @@ impl CheckId {
             CheckId::MovedFiles => "moved-files",
             CheckId::Overmount => "overmount",
             CheckId::Persistence => "persistence",
+            CheckId::BootHealth => boot_health::NAME,
+            CheckId::Shutdown => shutdown::NAME,
             CheckId::StateContract => state_contract::NAME,
         }
     }
@@ -107,6 +113,12 @@ impl CheckId {
             CheckId::Persistence => {
                 "a token written to each state dir survives a clean reboot and a power cut"
             }
+            CheckId::BootHealth => {
+                "no panic, oops, BUG, kernel warning, emergency mode, failed unit, ordering cycle, segfault or OOM kill in any boot"
+            }
+            CheckId::Shutdown => {
+                "the clean reboot's shutdown unmounts every filesystem and stops every unit in time"
+            }
             CheckId::StateContract => {
                 "the [state] preserve paths keep contents, type, mode, owner, xattrs, links after every later phase"
             }
@@ -121,7 +133,7 @@ impl CheckId {
             | CheckId::MovedFiles
             | CheckId::Overmount => Phase::FirstBoot,
             CheckId::Persistence => Phase::Reboots,
-            CheckId::StateContract => Phase::AcrossPhases,
+            CheckId::BootHealth | CheckId::Shutdown | CheckId::StateContract => Phase::AcrossPhases,
         }
     }
 
@@ -161,7 +173,9 @@ impl CheckId {
                 });
             }
             CheckId::Persistence => persistence::run(vm, expect).await?,
-            CheckId::StateContract => vm.across_phases(self).await?,
+            CheckId::BootHealth | CheckId::Shutdown | CheckId::StateContract => {
+                vm.across_phases(self).await?
+            }
         };
         Ok(Outcome {
             result,
@@ -309,6 +323,8 @@ mod tests {
                 "moved-files",
                 "overmount",
                 "persistence",
+                "boot-health",
+                "shutdown",
                 "state-contract"
             ]
         );
@@ -353,7 +369,7 @@ mod tests {
         let err = "bogus".parse::<CheckId>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unknown check \"bogus\" (known: root, state-mounts, fstab, moved-files, overmount, persistence, state-contract)"
+            "unknown check \"bogus\" (known: root, state-mounts, fstab, moved-files, overmount, persistence, boot-health, shutdown, state-contract)"
         );
     }
 }

@@ -6,7 +6,7 @@
 //! `crate::lifecycle`.
 
 use super::{me, BootMode, Progress, Session};
-use crate::checks::Vm;
+use crate::checks::{CheckId, Vm};
 use crate::lifecycle::tokens::{self, Token};
 use crate::lifecycle::{Changed, Lifecycle, Row, Stage};
 use std::path::Path;
@@ -83,9 +83,11 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     s.layout_checks(&before).await?;
     s.user_checks(Stage::Before.when()).await.map_err(me)?;
     s.record_contract().await?;
+    s.stage_health();
     s.timings.checks = t.elapsed().as_secs_f64();
     let mut written = s.write_tokens(&before, Stage::Before).await?;
     s.shutdown().await.map_err(me)?;
+    s.stage_shutdown();
 
     // 2. Upgrade the copy; the new version boots, with every token.
     let upgraded = s.change(&l, Stage::Upgrade, &l.label).await?;
@@ -93,9 +95,11 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     s.layout_checks(&upgraded.expect).await?;
     s.user_checks(Stage::Upgrade.when()).await.map_err(me)?;
     s.stage_contract(Stage::Upgrade).await.map_err(me)?;
+    s.stage_health();
     s.check_tokens(&written, &upgraded.expect).await?;
     written.extend(s.write_tokens(&upgraded.expect, Stage::Upgrade).await?);
     s.shutdown().await.map_err(me)?;
+    s.stage_shutdown();
 
     // 3. Back to the old version: it boots, with the tokens of both.
     let rolled_back = s.change(&l, Stage::Rollback, &old).await?;
@@ -103,6 +107,7 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     s.layout_checks(&rolled_back.expect).await?;
     s.user_checks(Stage::Rollback.when()).await.map_err(me)?;
     s.stage_contract(Stage::Rollback).await.map_err(me)?;
+    s.stage_health();
     s.check_tokens(&written, &rolled_back.expect).await?;
     Ok(())
 }
@@ -124,11 +129,33 @@ fn copy_manifest(source: &Source, copy: &Path) -> Result<(), String> {
 }
 
 impl Session {
+    /// The stage's boot-health row: its boot's console so far, journal
+    /// and failed units.
+    fn stage_health(&mut self) {
+        if !self.wanted(CheckId::BootHealth) {
+            return;
+        }
+        let t = Instant::now();
+        let obs = self.boot_observation(self.boots);
+        let row = crate::checks::boot_health::judge(&[obs], &self.cfg.boot_health_ignore);
+        self.record(Row::Check(CheckId::BootHealth), row, t);
+    }
+
+    /// The stage's shutdown row: its clean poweroff, just judged.
+    fn stage_shutdown(&mut self) {
+        if let (true, Some(row)) = (
+            self.wanted(CheckId::Shutdown),
+            self.shutdowns.last().cloned(),
+        ) {
+            self.record(Row::Check(CheckId::Shutdown), row, Instant::now());
+        }
+    }
+
     /// The state contract after a later stage's boot: its own row.
     async fn stage_contract(&mut self, stage: Stage) -> Result<(), crate::machine::MachineError> {
         let t = Instant::now();
         if let Some(row) = self.compare_contract(stage.name()).await? {
-            self.record(Row::Check(crate::checks::CheckId::StateContract), row, t);
+            self.record(Row::Check(CheckId::StateContract), row, t);
         }
         Ok(())
     }

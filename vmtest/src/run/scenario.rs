@@ -20,7 +20,7 @@
 use super::{me, RunError, Session};
 use crate::artifacts;
 use crate::checks::user::{self, When};
-use crate::checks::{CheckId, Vm};
+use crate::checks::{self, CheckId, Vm};
 use crate::machine::Machine;
 use crate::qemu::DiskFormat;
 use crate::report::{CheckResult, ScenarioRecord, Status};
@@ -135,8 +135,33 @@ impl Session {
             self.quit_machine().await;
             self.scenario = None;
             let _ = std::fs::remove_file(self.scenario_disk(&sc));
-            let error = outcome.err();
+            let mut error = outcome.err();
+            let mut unjudged = error
+                .as_ref()
+                .map(|e| format!("not judged: the scenario's guest failed: {e}"));
+            // A guest that panicked under the scenario is the scenario's
+            // verdict (boot-health, with the panic line), not strata's
+            // failure: the kernel said what happened.
             if let Some(e) = &error {
+                let console = self.console(self.scenario_mark.unwrap_or(0), None);
+                if let Some(line) = checks::boot_health::panic_line(&console) {
+                    let row = CheckResult::new(
+                        &format!("{}/{}", sc.name, CheckId::BootHealth.name()),
+                        Status::Fail,
+                        format!("the guest panicked: {line}"),
+                        vec![
+                            format!("console: {line}"),
+                            format!("the scenario stopped there: {e}"),
+                        ],
+                    );
+                    self.emit(Progress::CheckFinished(row.clone()));
+                    self.scenario_rows.push(row);
+                    unjudged = Some("not judged: the guest panicked".into());
+                    error = None;
+                }
+            }
+            self.scenario_mark = None;
+            if let Some(e) = &unjudged {
                 self.emit(Progress::Step(format!("scenario {}: {e}", sc.name)));
                 let judged: Vec<String> = self.scenario_rows[rows_before..]
                     .iter()
@@ -152,12 +177,7 @@ impl Session {
                     if judged.contains(&name) {
                         continue;
                     }
-                    let row = CheckResult::new(
-                        &name,
-                        Status::Skip,
-                        format!("not judged: the scenario's guest failed: {e}"),
-                        vec![],
-                    );
+                    let row = CheckResult::new(&name, Status::Skip, e.clone(), vec![]);
                     self.emit(Progress::CheckFinished(row.clone()));
                     self.scenario_rows.push(row);
                 }
@@ -209,6 +229,7 @@ impl Session {
         let output = self
             .artifacts
             .path(&artifacts::scenario_qemu_output(&sc.name, 1));
+        self.scenario_mark = Some(self.console_size());
         self.last_qemu_log = Some(output.clone());
         let m = Machine::restore(saved, &disk, &output, self.events.clone())
             .await
