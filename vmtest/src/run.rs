@@ -1913,7 +1913,7 @@ mod tests {
             .checks
             .iter()
             .all(|c| c.status == Status::Skip && c.detail == "not run: the run stopped before it"));
-        assert_eq!(r.checks[5].name, "upgrade/root");
+        assert_eq!(r.checks[7].name, "upgrade/root");
         // The private copy went beside the image and is gone with its directory.
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
