@@ -26,6 +26,7 @@ pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod serial;
+pub mod spec;
 pub mod workdir;
 
 /// Non-cryptographic randomness for guest-sync ids and persistence tokens:
