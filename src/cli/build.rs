@@ -132,3 +132,23 @@ pub fn run(args: BuildArgs) -> u8 {
         Err(e) => exit::fail(e),
     }
 }
+
+/// `strata build` with arguments made elsewhere (a test file's `[build]`,
+/// `BuildSpec::build_args`): parsed by this command's own definition and
+/// run by `run`, so a test file builds exactly as `strata build` does
+/// (environment fallbacks included).
+pub fn run_with_args(argv: Vec<std::ffi::OsString>) -> u8 {
+    #[derive(clap::Parser)]
+    #[command(name = "strata build", no_binary_name = true)]
+    struct Build {
+        #[command(flatten)]
+        args: BuildArgs,
+    }
+    match <Build as clap::Parser>::try_parse_from(argv) {
+        Ok(b) => run(b.args),
+        Err(e) => exit::input(format!(
+            "[build]: {}",
+            e.to_string().lines().next().unwrap_or("")
+        )),
+    }
+}

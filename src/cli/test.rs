@@ -1,6 +1,8 @@
 //! `strata test`: arguments, progress lines on stderr, the report on stdout.
 //! `--upgrade-to` runs vmtest's upgrade lifecycle; the image changes it
-//! needs are the builder's (`changes`, `lifecycle`).
+//! needs are the builder's (`changes`, `lifecycle`). `--spec FILE` reads a
+//! test file (`strata_vmtest::spec`); the flags are shorthand for the same
+//! settings, and a flag given on the command line overrides the file.
 
 mod changes;
 mod lifecycle;
@@ -26,12 +28,27 @@ use strata_vmtest::lifecycle::Lifecycle;
 use strata_vmtest::qemu::DiskBus;
 use strata_vmtest::report::{Report, Status};
 use strata_vmtest::run::{self, BootMode, Progress, RunError, Scenario, TestConfig};
+use strata_vmtest::spec::{self, BuildSpec, Spec};
 
+// The upgrade's options need an upgrade: `--upgrade-to`, or a test file
+// (whose `[upgrade]` is checked for once it is read).
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("upgrade_source").args(["upgrade_to", "spec"]).multiple(true)))]
 pub struct TestArgs {
     /// The raw image to boot (never modified: QEMU writes to a qcow2 overlay).
-    #[arg(required_unless_present = "list_checks")]
+    /// With --spec it replaces the file's `image`, and the file's [build]
+    /// is not run.
+    #[arg(required_unless_present_any = ["list_checks", "spec"])]
     image: Option<PathBuf>,
+    /// A test file (TOML): image or how to build it, machine, setup
+    /// commands, checks of your own, paths to preserve, scenarios, upgrade
+    /// (README, "Test files"). Options given here override it.
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// Print what the run would do, boot by boot, and exit 0 without
+    /// building, reading or booting the image.
+    #[arg(long)]
+    dry_run: bool,
     /// Print each check's name and a one-line description, then exit.
     #[arg(long)]
     list_checks: bool,
@@ -52,31 +69,36 @@ pub struct TestArgs {
     /// (default: a new directory under the temp dir).
     #[arg(long, value_name = "DIR")]
     artifacts: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
-    accel: AccelChoice,
+    /// [default: auto]
+    #[arg(long, value_enum)]
+    accel: Option<AccelChoice>,
     /// With `--accel auto`: try KVM again even if this host's verdict is
     /// cached (strata's cache dir, kvm-verdict.json), and store the outcome.
     #[arg(long)]
     accel_probe: bool,
-    #[arg(long, value_enum, default_value_t = DiskBus::VirtioBlk)]
-    disk_bus: DiskBus,
+    /// [default: virtio-blk]
+    #[arg(long, value_enum)]
+    disk_bus: Option<DiskBus>,
     /// `extlinux` boots through the image's bootloader; `direct` hands the
-    /// image's kernel and initramfs to QEMU (-kernel/-initrd).
-    #[arg(long, value_enum, default_value_t = BootMode::Extlinux)]
-    boot: BootMode,
+    /// image's kernel and initramfs to QEMU (-kernel/-initrd)
+    /// [default: extlinux].
+    #[arg(long, value_enum)]
+    boot: Option<BootMode>,
     /// How the boots after the first are made (the clean reboot, the
     /// fresh start after the power cut). Boot 1 proves the image's
     /// bootloader; `direct` hands the later boots the same kernel,
     /// initramfs and command line (-kernel/-initrd/-append; the guest
     /// still runs its whole `systemctl reboot`), `extlinux` takes each
     /// through firmware and bootloader again. Only with `--boot extlinux`;
-    /// `--upgrade-to` boots every time through extlinux.
-    #[arg(long, value_enum, value_name = "HOW", default_value_t = BootMode::Direct)]
-    later_boots: BootMode,
-    /// Limit for the whole run, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    timeout: u64,
-    /// Run only these checks (comma-separated); the others are reported as skipped.
+    /// `--upgrade-to` boots every time through extlinux [default: direct].
+    #[arg(long, value_enum, value_name = "HOW")]
+    later_boots: Option<BootMode>,
+    /// Limit for the whole run, in seconds [default: 600].
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Run only these checks (comma-separated); the others are reported as
+    /// skipped. Replaces a test file's `checks` (its user checks' names are
+    /// accepted and change nothing: user checks always run).
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     checks: Option<Vec<String>>,
     /// A change to judge in the running guest, as NAME:CHECKS:COMMAND
@@ -84,18 +106,19 @@ pub struct TestArgs {
     /// root). After the first boot's checks the booted guest is saved;
     /// each scenario starts from that moment in a QEMU of its own, runs
     /// COMMAND, and its checks report as NAME/CHECK. Seconds each, not a
-    /// boot (persistence in a scenario reboots its own guest).
+    /// boot (persistence in a scenario reboots its own guest). Added to a
+    /// test file's scenarios.
     #[arg(long, value_name = "NAME:CHECKS:COMMAND", value_parser = parse_scenario)]
     scenario: Vec<Scenario>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 1024)]
-    memory: u32,
-    /// Guest vCPUs (TCG runs one host thread per vCPU).
-    #[arg(long, default_value_t = 2)]
-    cpus: u32,
-    /// The QEMU binary.
-    #[arg(long, env = "STRATA_QEMU", default_value = "qemu-system-x86_64")]
-    qemu: PathBuf,
+    /// Guest memory in MiB [default: 1024].
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Guest vCPUs (TCG runs one host thread per vCPU) [default: 2].
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// The QEMU binary [default: qemu-system-x86_64].
+    #[arg(long, env = "STRATA_QEMU")]
+    qemu: Option<PathBuf>,
     /// Upgrade lifecycle (needs root): on a private copy of IMAGE, boot the
     /// current default; upgrade the copy offline to ROOTFS (a directory or
     /// a tar archive, as `upgrade --rootfs` takes) and boot the new
@@ -106,18 +129,18 @@ pub struct TestArgs {
     upgrade_to: Option<PathBuf>,
     /// The new version's label (default: `upgrade`, or `upgrade-N` when
     /// the image has that one).
-    #[arg(long, value_name = "LABEL", requires = "upgrade_to")]
+    #[arg(long, value_name = "LABEL", requires = "upgrade_source")]
     upgrade_label: Option<String>,
     /// The upgrade's `--state-migration`: `copy` leaves the new rootfs's
     /// state data under the new version's mountpoints, reproducing the
     /// "not empty" warnings (overmount then fails in the upgrade boot)
     /// [default: move].
-    #[arg(long, value_enum, value_name = "HOW", requires = "upgrade_to")]
+    #[arg(long, value_enum, value_name = "HOW", requires = "upgrade_source")]
     state_migration: Option<Migration>,
     /// The upgrade's `--state-data`: what becomes of the new rootfs's data
     /// under state dirs (the state subvolumes stay authoritative); the same
     /// default as `strata upgrade` [default: merge].
-    #[arg(long, value_enum, value_name = "POLICY", requires = "upgrade_to")]
+    #[arg(long, value_enum, value_name = "POLICY", requires = "upgrade_source")]
     state_data: Option<StatePolicy>,
 }
 
@@ -126,53 +149,65 @@ pub fn run(args: TestArgs) -> u8 {
         print!("{}", check_list());
         return exit::SUCCESS;
     }
-    let Some(image) = args.image.clone() else {
-        return exit::input("an IMAGE to test is required");
-    };
-    // Names first: a typo should not wait for an image to be read.
-    let checks: Option<Vec<CheckId>> = match &args.checks {
+    // The file first, and everything about it, before any image is read:
+    // a typo should not wait for an image (or a build).
+    let spec = match &args.spec {
         None => None,
-        Some(names) => match names.iter().map(|n| n.parse()).collect() {
-            Ok(ids) => Some(ids),
+        Some(f) => match Spec::load(f) {
+            Ok(s) => Some(s),
             Err(e) => return exit::input(e),
         },
     };
-    let (expect, facts) = match expectations(&args, &image) {
+    let plan = match resolve(&args, spec.as_ref()) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if args.dry_run {
+        let cfg = config(&args, spec.as_ref(), &plan, dry_run_expectations(), None);
+        let mut cfg = cfg;
+        cfg.lifecycle = plan.upgrade.as_ref().map(|u| Lifecycle {
+            changes: Arc::new(CliChanges {
+                plan: upgrade_plan(u, &ImageFacts::default()),
+                ops: lifecycle::OPS,
+            }),
+            // The image is not read: the label the run would pick when
+            // none is given is `upgrade` unless the image has it.
+            label: u.label.clone().unwrap_or_else(|| "upgrade".into()),
+            interrupt: Interrupt::default(),
+        });
+        print!("{}", spec::plan::render(&cfg, plan.build.as_ref()));
+        return exit::SUCCESS;
+    }
+    if let Some(b) = &plan.build {
+        eprintln!(
+            "building {} from {} first (as strata build)",
+            b.output.display(),
+            b.rootfs.value.display()
+        );
+        let code = super::build::run_with_args(b.build_args());
+        if code != exit::SUCCESS {
+            return code;
+        }
+    }
+    let (expect, facts) = match expectations(&args, &plan.image) {
         Ok(e) => e,
         Err(code) => return code,
     };
-    let lifecycle = match &args.upgrade_to {
+    let lifecycle = match &plan.upgrade {
         None => None,
-        Some(rootfs) => match lifecycle_config(&args, rootfs, &facts) {
+        Some(u) => match lifecycle_config(u, &facts) {
             Ok(l) => Some(l),
             Err(code) => return code,
         },
     };
-    let mut cfg = TestConfig::new(image, expect);
-    cfg.artifacts = args.artifacts.clone();
-    cfg.accel = args.accel;
-    if let Some(c) = cfg.kvm_cache.as_mut() {
-        c.reprobe = args.accel_probe;
-    }
-    cfg.disk_bus = args.disk_bus;
-    cfg.boot = args.boot;
-    cfg.later_boots = args.later_boots;
-    cfg.timeout = Duration::from_secs(args.timeout);
-    if let Some(c) = checks {
-        cfg.checks = c;
-    }
-    cfg.memory_mib = args.memory;
-    cfg.cpus = args.cpus;
-    cfg.qemu_binary = args.qemu.clone();
-    cfg.lifecycle = lifecycle;
-    cfg.scenarios = args.scenario.clone();
+    let cfg = config(&args, spec.as_ref(), &plan, expect, lifecycle);
 
     let started = std::time::Instant::now();
     let result = run::run_blocking(cfg, |p| show(&p, started));
     match result {
         Ok(report) => {
             print!("{}", report.to_table());
-            if let Err(code) = write_outputs(&args, &report) {
+            if let Err(code) = write_outputs(&plan, &report) {
                 return code;
             }
             exit::of(run::failure(&report))
@@ -198,7 +233,7 @@ pub fn run(args: TestArgs) -> u8 {
             } = &e
             {
                 print!("{}", report.to_table());
-                if let Err(c) = write_outputs(&args, report) {
+                if let Err(c) = write_outputs(&plan, report) {
                     return c;
                 }
             }
@@ -242,6 +277,185 @@ fn parse_scenario(arg: &str) -> Result<Scenario, String> {
         checks,
         user_checks: vec![],
     })
+}
+
+/// What the command line and the test file settle before anything is read
+/// or booted (exit 2 for what cannot run).
+#[derive(Debug)]
+struct Plan {
+    image: PathBuf,
+    /// The file's `[build]`, when the image is built first (not when
+    /// IMAGE was given on the command line).
+    build: Option<BuildSpec>,
+    /// The built-in checks to run: `--checks`, else the file's, else all.
+    checks: Option<Vec<CheckId>>,
+    upgrade: Option<UpgradeRequest>,
+    json: Option<PathBuf>,
+    junit: Option<PathBuf>,
+}
+
+/// The lifecycle asked for, by `--upgrade-*` flags or `[upgrade]`, each
+/// value with where it came from (for messages).
+#[derive(Debug, Clone)]
+struct UpgradeRequest {
+    rootfs: PathBuf,
+    /// `--upgrade-to`, or `FILE:LINE: upgrade.rootfs`.
+    rootfs_from: String,
+    label: Option<String>,
+    label_from: String,
+    migration: Option<Migration>,
+    state_data: Option<StatePolicy>,
+}
+
+fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
+    let file_upgrade = spec.and_then(|s| s.upgrade.as_ref());
+    let upgrade = match (&args.upgrade_to, file_upgrade) {
+        (None, None) => {
+            if args.upgrade_label.is_some()
+                || args.state_migration.is_some()
+                || args.state_data.is_some()
+            {
+                return Err(exit::input(
+                    "--upgrade-label, --state-migration and --state-data need an upgrade: --upgrade-to ROOTFS or [upgrade] in the test file",
+                ));
+            }
+            None
+        }
+        (flag, file) => {
+            let (rootfs, rootfs_from) = match (flag, file) {
+                (Some(r), _) => (r.clone(), "--upgrade-to".to_owned()),
+                (None, Some(u)) => (u.rootfs.value.clone(), place(spec, &u.rootfs.site)),
+                (None, None) => unreachable!("matched above"),
+            };
+            let file_label = file.and_then(|u| u.label.as_ref());
+            let (label, label_from) = match (&args.upgrade_label, file_label) {
+                (Some(l), _) => (Some(l.clone()), "--upgrade-label".to_owned()),
+                (None, Some(l)) => (Some(l.value.clone()), place(spec, &l.site)),
+                (None, None) => (None, "--upgrade-label".to_owned()),
+            };
+            Some(UpgradeRequest {
+                rootfs,
+                rootfs_from,
+                label,
+                label_from,
+                migration: args
+                    .state_migration
+                    .or(file.and_then(|u| u.state_migration)),
+                state_data: args.state_data.or(file.and_then(|u| u.state_data)),
+            })
+        }
+    };
+    if upgrade.is_some() && args.label.is_some() {
+        return Err(exit::input(
+            "--label checks a version that boots; an upgrade lifecycle boots the image's default and the new version",
+        ));
+    }
+    if let Some(s) = spec {
+        s.check_run_shape(upgrade.is_some()).map_err(exit::input)?;
+    }
+    let user: Vec<&str> = spec.map(Spec::user_check_names).unwrap_or_default();
+    let checks = match &args.checks {
+        Some(names) => Some(spec::builtin_checks(names, &user).map_err(exit::input)?),
+        None => spec.and_then(|s| s.checks.clone()),
+    };
+    let (image, build) = match (&args.image, spec) {
+        (Some(i), _) => (i.clone(), None),
+        (None, Some(s)) => match (&s.build, &s.image) {
+            (Some(b), _) => (b.output.clone(), Some(b.clone())),
+            (None, Some(i)) => (i.value.clone(), None),
+            (None, None) => {
+                return Err(exit::input(format!(
+                    "{}: no image to test: give `image = \"…\"` or a [build] section, or IMAGE on the command line",
+                    s.file.display()
+                )))
+            }
+        },
+        (None, None) => return Err(exit::input("an IMAGE to test is required")),
+    };
+    if let Some(s) = spec {
+        if !args.dry_run {
+            s.check_inputs(args.image.is_some(), args.upgrade_to.is_some())
+                .map_err(exit::input)?;
+        }
+    }
+    let out = spec.map(|s| s.output.clone()).unwrap_or_default();
+    Ok(Plan {
+        image,
+        build,
+        checks,
+        upgrade,
+        json: args.json.clone().or(out.json),
+        junit: args.junit.clone().or(out.junit),
+    })
+}
+
+/// `FILE:LINE: KEY` of a value the test file gave.
+fn place(spec: Option<&Spec>, site: &spec::Site) -> String {
+    spec.map(|s| s.place(site)).unwrap_or_default()
+}
+
+/// The run's config: the defaults, then the test file, then every flag
+/// given on the command line (scenarios are added, not replaced).
+fn config(
+    args: &TestArgs,
+    spec: Option<&Spec>,
+    plan: &Plan,
+    expect: Expectations,
+    lifecycle: Option<Lifecycle>,
+) -> TestConfig {
+    let mut cfg = TestConfig::new(plan.image.clone(), expect);
+    if let Some(s) = spec {
+        s.apply(&mut cfg);
+    }
+    if let Some(a) = &args.artifacts {
+        cfg.artifacts = Some(a.clone());
+    }
+    if let Some(v) = args.accel {
+        cfg.accel = v;
+    }
+    if let Some(c) = cfg.kvm_cache.as_mut() {
+        c.reprobe = args.accel_probe;
+    }
+    if let Some(v) = args.disk_bus {
+        cfg.disk_bus = v;
+    }
+    if let Some(v) = args.boot {
+        cfg.boot = v;
+    }
+    if let Some(v) = args.later_boots {
+        cfg.later_boots = v;
+    }
+    if let Some(v) = args.timeout {
+        cfg.timeout = Duration::from_secs(v);
+    }
+    if let Some(c) = &plan.checks {
+        cfg.checks = c.clone();
+    }
+    if let Some(v) = args.memory {
+        cfg.memory_mib = v;
+    }
+    if let Some(v) = args.cpus {
+        cfg.cpus = v;
+    }
+    if let Some(v) = &args.qemu {
+        cfg.qemu_binary = v.clone();
+    }
+    cfg.lifecycle = lifecycle;
+    cfg.scenarios.extend(args.scenario.iter().cloned());
+    cfg
+}
+
+/// A dry run reads nothing of the image; the plan does not depend on what
+/// the boot must show. This stands in for it, and is never judged.
+fn dry_run_expectations() -> Expectations {
+    Expectations {
+        version: layout::Version::new(layout::DEFAULT_LABEL).expect("the default label is valid"),
+        fs_uuid: String::new(),
+        root_device: String::new(),
+        state_dirs: Vec::new(),
+        moved_files: Vec::new(),
+        source: strata_builder::expect::Source::Image,
+    }
 }
 
 /// What else the lifecycle needs to know of the image.
@@ -315,10 +529,12 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<(Expectations, ImageFac
     Ok((expect, facts))
 }
 
-/// `--upgrade-to`: checked before anything boots (exit 2), so a mistake
-/// does not cost a boot first.
-fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Result<Lifecycle, u8> {
+/// `--upgrade-to` (or `[upgrade]`): checked before anything boots (exit
+/// 2), so a mistake does not cost a boot first.
+fn lifecycle_config(req: &UpgradeRequest, facts: &ImageFacts) -> Result<Lifecycle, u8> {
     let bad = exit::input;
+    let rootfs = &req.rootfs;
+    let from = &req.rootfs_from;
     // What `strata upgrade --rootfs` takes, told apart the same way: a
     // directory, or a tar archive (by its bytes) that the upgrade extracts.
     match rootfs_tar::classify(rootfs) {
@@ -326,19 +542,20 @@ fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Resul
         Ok(RootfsInput::Dir) if rootfs.is_dir() => {}
         Ok(RootfsInput::Dir) => {
             return Err(bad(format!(
-            "--upgrade-to {}: no such directory or tar archive (a root filesystem to upgrade to)",
-            rootfs.display()
-        )))
+                "{from} {}: no such directory or tar archive (a root filesystem to upgrade to)",
+                rootfs.display()
+            )))
         }
-        Err(e) => return Err(bad(format!("--upgrade-to: {e}"))),
+        Err(e) => return Err(bad(format!("{from}: {e}"))),
     }
-    let label = match &args.upgrade_label {
+    let label = match &req.label {
         None => free_label(&facts.labels),
         Some(l) => {
-            layout::validate_label(l).map_err(|e| bad(format!("--upgrade-label: {e}")))?;
+            let from = &req.label_from;
+            layout::validate_label(l).map_err(|e| bad(format!("{from}: {e}")))?;
             if facts.labels.contains(l) {
                 return Err(bad(format!(
-                    "--upgrade-label {l}: the image already has that version (it has {})",
+                    "{from} {l}: the image already has that version (it has {})",
                     facts.labels.join(", ")
                 )));
             }
@@ -351,7 +568,7 @@ fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Resul
             "--upgrade-to upgrades a copy of the image through a loop mount: run as root".into(),
         ));
     }
-    let plan = upgrade_plan(args, rootfs, facts);
+    let plan = upgrade_plan(req, facts);
     Ok(Lifecycle {
         changes: Arc::new(CliChanges {
             plan,
@@ -370,12 +587,12 @@ fn lifecycle_config(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> Resul
 /// The upgrade `--upgrade-to` asks for: `strata upgrade`'s defaults
 /// (`--state-migration move`, `--state-data merge`), so the lifecycle
 /// proves the upgrade a user gets.
-fn upgrade_plan(args: &TestArgs, rootfs: &Path, facts: &ImageFacts) -> UpgradePlan {
+fn upgrade_plan(req: &UpgradeRequest, facts: &ImageFacts) -> UpgradePlan {
     UpgradePlan {
-        rootfs: rootfs.to_owned(),
+        rootfs: req.rootfs.clone(),
         kernel_args: facts.kernel_args.clone(),
-        migration: args.state_migration.unwrap_or(Migration::Move),
-        state_data: args.state_data.unwrap_or(StatePolicy::Merge),
+        migration: req.migration.unwrap_or(Migration::Move),
+        state_data: req.state_data.unwrap_or(StatePolicy::Merge),
     }
 }
 
@@ -403,7 +620,7 @@ fn check_list() -> String {
         .collect()
 }
 
-fn write_outputs(args: &TestArgs, report: &Report) -> Result<(), u8> {
+fn write_outputs(plan: &Plan, report: &Report) -> Result<(), u8> {
     let write = |path: &PathBuf, text: String, what: &str| {
         std::fs::write(path, text).map_err(|e| {
             exit::fail_with(
@@ -412,10 +629,10 @@ fn write_outputs(args: &TestArgs, report: &Report) -> Result<(), u8> {
             )
         })
     };
-    if let Some(p) = &args.json {
+    if let Some(p) = &plan.json {
         write(p, report.to_json(), "JSON")?;
     }
-    if let Some(p) = &args.junit {
+    if let Some(p) = &plan.junit {
         write(p, report.to_junit(), "JUnit")?;
     }
     Ok(())
@@ -567,26 +784,25 @@ mod tests {
             labels: vec!["factory".into()],
             kernel_args: String::new(),
         };
-        let args = |r: &Path| {
-            Cli::try_parse_from(["strata-test", "a.img", "--upgrade-to", r.to_str().unwrap()])
-                .expect("arguments parse")
-                .args
+        let req = |r: &Path| {
+            let args =
+                Cli::try_parse_from(["strata-test", "a.img", "--upgrade-to", r.to_str().unwrap()])
+                    .expect("arguments parse")
+                    .args;
+            resolve(&args, None).unwrap().upgrade.unwrap()
         };
         assert!(
             unsafe { libc::geteuid() } == 0,
             "the lifecycle needs root (it loop-mounts a copy): run this test as root"
         );
         for r in [&rootfs, &archive] {
-            let l = lifecycle_config(&args(r), r, &facts)
+            let l = lifecycle_config(&req(r), &facts)
                 .unwrap_or_else(|code| panic!("{}: exit {code}", r.display()));
             assert_eq!(l.label, "upgrade");
         }
         let garbage = dir.path().join("notes.txt");
         std::fs::write(&garbage, "not a rootfs").unwrap();
-        assert_eq!(
-            lifecycle_config(&args(&garbage), &garbage, &facts).err(),
-            Some(2)
-        );
+        assert_eq!(lifecycle_config(&req(&garbage), &facts).err(), Some(2));
     }
 
     #[test]
@@ -651,7 +867,8 @@ mod tests {
             let mut full = vec!["strata-test", "a.img", "--upgrade-to", "/r"];
             full.extend_from_slice(argv);
             let args = Cli::try_parse_from(full).unwrap().args;
-            upgrade_plan(&args, Path::new("/r"), &ImageFacts::default())
+            let req = resolve(&args, None).unwrap().upgrade.unwrap();
+            upgrade_plan(&req, &ImageFacts::default())
         };
         let p = plan(&[]);
         assert_eq!(
@@ -698,6 +915,121 @@ mod tests {
         }
         // Without --list-checks an IMAGE is still required.
         assert!(Cli::try_parse_from(["strata-test"]).is_err());
+    }
+
+    fn spec_file(dir: &Path, text: &str) -> PathBuf {
+        let f = dir.join("t.toml");
+        std::fs::write(&f, text).unwrap();
+        f
+    }
+
+    /// The file fills the config; a flag given on the command line wins,
+    /// `--checks` replaces the file's list, `--scenario` adds to its
+    /// scenarios, IMAGE replaces `image`, and what neither says keeps the
+    /// flags' defaults.
+    #[test]
+    fn flags_given_override_the_test_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = spec_file(
+            dir.path(),
+            "image = \"sys.img\"\nchecks = [\"root\", \"app\"]\n\n[machine]\nmemory = 2048\ncpus = 4\naccel = \"tcg\"\n\n[[check]]\nname = \"app\"\nrun = \"true\"\n\n[[scenario]]\nname = \"s\"\nrun = \"true\"\nchecks = [\"root\"]\n\n[output]\njson = \"r.json\"\n",
+        );
+        let f = f.to_str().unwrap();
+        let cfg_of = |argv: &[&str]| {
+            let mut full = vec!["strata-test", "--spec", f];
+            full.extend_from_slice(argv);
+            let args = Cli::try_parse_from(full).unwrap().args;
+            let spec = Spec::load(args.spec.as_ref().unwrap()).unwrap();
+            let plan = resolve(&args, Some(&spec)).map_err(|c| format!("exit {c}"));
+            plan.map(|p| {
+                let json = p.json.clone();
+                (
+                    config(&args, Some(&spec), &p, dry_run_expectations(), None),
+                    json,
+                )
+            })
+        };
+        let (from_file, json) = cfg_of(&["--dry-run"]).unwrap();
+        assert_eq!(from_file.image, dir.path().join("sys.img"));
+        assert_eq!((from_file.memory_mib, from_file.cpus), (2048, 4));
+        assert_eq!(from_file.accel, AccelChoice::Tcg);
+        assert_eq!(from_file.checks, [CheckId::Root]);
+        assert_eq!(from_file.timeout, Duration::from_secs(600));
+        assert_eq!(from_file.scenarios.len(), 1);
+        assert_eq!(json, Some(dir.path().join("r.json")));
+
+        let (c, json) = cfg_of(&[
+            "--dry-run",
+            "other.img",
+            "--memory",
+            "512",
+            "--accel",
+            "auto",
+            "--checks",
+            "persistence,app",
+            "--scenario",
+            "x:root:true",
+            "--json",
+            "mine.json",
+        ])
+        .unwrap();
+        assert_eq!(c.image, Path::new("other.img"));
+        assert_eq!((c.memory_mib, c.cpus), (512, 4));
+        assert_eq!(c.accel, AccelChoice::Auto);
+        assert_eq!(c.checks, [CheckId::Persistence]);
+        assert_eq!(
+            c.scenarios
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["s", "x"]
+        );
+        assert_eq!(json, Some(PathBuf::from("mine.json")));
+        // --checks knows the file's user checks, and nothing else.
+        assert_eq!(
+            cfg_of(&["--dry-run", "--checks", "root,nope"]).err(),
+            Some("exit 2".into())
+        );
+    }
+
+    #[test]
+    fn a_test_file_that_cannot_run_is_exit_2_before_any_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = spec_file(
+            dir.path(),
+            "image = \"x.img\"\n[[check]]\nname = \"a\"\nrun = \"\"\n",
+        );
+        assert_eq!(run_with(&["--spec", f.to_str().unwrap()]), 2);
+        // Valid, but its image does not exist (and a dry run does not read it).
+        let f = spec_file(dir.path(), "image = \"x.img\"\n");
+        assert_eq!(run_with(&["--spec", f.to_str().unwrap()]), 2);
+        assert_eq!(run_with(&["--spec", f.to_str().unwrap(), "--dry-run"]), 0);
+        // The upgrade's options need an upgrade, from a flag or the file.
+        assert_eq!(
+            run_with(&["--spec", f.to_str().unwrap(), "--upgrade-label", "v2"]),
+            2
+        );
+        // A phase the lifecycle lacks, when --upgrade-to makes the run one.
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir(&rootfs).unwrap();
+        let f = spec_file(
+            dir.path(),
+            "image = \"x.img\"\n[[check]]\nname = \"a\"\nrun = \"true\"\nphases = [\"reboot\"]\n",
+        );
+        assert_eq!(
+            run_with(&[
+                "--spec",
+                f.to_str().unwrap(),
+                "--dry-run",
+                "--upgrade-to",
+                rootfs.to_str().unwrap()
+            ]),
+            2
+        );
+        assert_eq!(
+            run_with(&["--spec", dir.path().join("none.toml").to_str().unwrap()]),
+            2
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! scratch dir (and sweeps up after runs that were killed), `interrupt`
 //! turns SIGINT/SIGTERM into an orderly stop. `lifecycle` is the upgrade
 //! lifecycle's (`--upgrade-to`) part that needs no VM: the trait through
-//! which the binary changes the image between boots, phases, tokens.
+//! which the binary changes the image between boots, phases, tokens. `spec`
+//! reads test files (`strata test --spec`) and renders a run's plan.
 
 pub mod accel;
 pub mod agent;
@@ -26,6 +27,7 @@ pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod serial;
+pub mod spec;
 pub mod workdir;
 
 /// Non-cryptographic randomness for guest-sync ids and persistence tokens:

@@ -8,7 +8,7 @@
 mod lifecycle;
 mod scenario;
 
-pub use scenario::Scenario;
+pub use scenario::{valid_name, Scenario};
 
 use crate::accel::{self, AccelChoice, AccelDecision};
 use crate::agent::Running;

@@ -46,6 +46,17 @@ pub struct Scenario {
 /// The longest scenario name.
 const MAX_NAME: usize = 64;
 
+/// A scenario's (or a user check's) name: it prefixes report rows and
+/// names files too (the scenario's overlay, its journals). The test file
+/// refuses a bad one with its line; `validate` refuses it from the flags.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Refuses scenarios that cannot run (exit 2), before anything starts.
 pub(super) fn validate(scenarios: &[Scenario], lifecycle: bool) -> Result<(), RunError> {
     if scenarios.is_empty() {
@@ -58,13 +69,7 @@ pub(super) fn validate(scenarios: &[Scenario], lifecycle: bool) -> Result<(), Ru
     }
     let mut names: Vec<&str> = Vec::new();
     for s in scenarios {
-        // It names files too (the scenario's overlay, its journals).
-        let valid = !s.name.is_empty()
-            && s.name.len() <= MAX_NAME
-            && s.name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid {
+        if !valid_name(&s.name) {
             return Err(RunError::Input(format!(
                 "scenario name {:?}: use up to {MAX_NAME} letters, digits, '-' and '_' (it prefixes report rows)",
                 s.name
