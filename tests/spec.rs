@@ -50,13 +50,17 @@ fn the_fixture_example_plans_three_boots_with_its_own_checks() {
     // Flags given override the file.
     let plan = dry_run(
         "examples/fixture.toml",
-        &["--timeout", "60", "--checks", "root"],
+        &["--timeout", "60", "--checks", "root,state-contract"],
     );
     assert!(plan.contains("timeout 60 s"), "{plan}");
     assert!(plan.contains("not run (skipped): state-mounts"), "{plan}");
     // The paths to preserve still need the reboot and the power cut.
     let reboot = plan.lines().find(|l| l.starts_with("boot 2 ")).unwrap();
     assert!(!reboot.contains("persistence"), "{reboot}");
+    assert!(reboot.contains("state-contract"), "{reboot}");
+    // Without the state contract, nothing needs them.
+    let plan = dry_run("examples/fixture.toml", &["--checks", "root"]);
+    assert!(!plan.contains("boot 2 "), "{plan}");
 }
 
 #[test]

@@ -23,6 +23,7 @@ use strata_builder::migrate::Migration;
 use strata_builder::rootfs_tar::{self, RootfsInput};
 use strata_builder::sync::StatePolicy;
 use strata_vmtest::accel::AccelChoice;
+use strata_vmtest::checks::user::UserCheck;
 use strata_vmtest::checks::CheckId;
 use strata_vmtest::lifecycle::Lifecycle;
 use strata_vmtest::qemu::DiskBus;
@@ -145,10 +146,6 @@ pub struct TestArgs {
 }
 
 pub fn run(args: TestArgs) -> u8 {
-    if args.list_checks {
-        print!("{}", check_list());
-        return exit::SUCCESS;
-    }
     // The file first, and everything about it, before any image is read:
     // a typo should not wait for an image (or a build).
     let spec = match &args.spec {
@@ -158,6 +155,14 @@ pub fn run(args: TestArgs) -> u8 {
             Err(e) => return exit::input(e),
         },
     };
+    if args.list_checks {
+        let user = spec
+            .as_ref()
+            .map(|s| s.user_checks.as_slice())
+            .unwrap_or_default();
+        print!("{}", check_list(user));
+        return exit::SUCCESS;
+    }
     let plan = match resolve(&args, spec.as_ref()) {
         Ok(p) => p,
         Err(code) => return code,
@@ -608,15 +613,33 @@ fn free_label(taken: &[String]) -> String {
 }
 
 /// `--list-checks`: one check a line, in report order, names aligned.
-fn check_list() -> String {
-    let width = CheckId::ALL
-        .map(|c| c.name().len())
-        .into_iter()
-        .max()
-        .unwrap_or(0);
-    CheckId::ALL
+/// The one registry as a list: the built-in checks, then the test
+/// file's own (`--spec`), each with what it does.
+fn check_list(user: &[UserCheck]) -> String {
+    let mut rows: Vec<(String, String)> = CheckId::ALL
         .iter()
-        .map(|c| format!("{:<width$}  {}\n", c.name(), c.description()))
+        .map(|c| (c.name().to_owned(), c.description().to_owned()))
+        .collect();
+    for c in user {
+        let mut what = Vec::new();
+        if let Some(u) = &c.wait_for_unit {
+            what.push(format!("waits for {u}"));
+        }
+        if let Some(r) = &c.run {
+            what.push(format!("runs `{r}`"));
+        }
+        let phases = match &c.phases {
+            None => "every phase".to_owned(),
+            Some(p) => p.iter().map(|w| w.name()).collect::<Vec<_>>().join(", "),
+        };
+        rows.push((
+            c.name.clone(),
+            format!("(user) {}; in {phases}", what.join(", then ")),
+        ));
+    }
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(n, d)| format!("{n:<width$}  {d}\n"))
         .collect()
 }
 
@@ -894,7 +917,7 @@ mod tests {
     #[test]
     fn list_checks_needs_no_image_and_names_every_check() {
         assert_eq!(run_with(&["--list-checks"]), 0);
-        let list = check_list();
+        let list = check_list(&[]);
         let names: Vec<&str> = list
             .lines()
             .map(|l| l.split_whitespace().next().unwrap())
@@ -907,7 +930,10 @@ mod tests {
                 "fstab",
                 "moved-files",
                 "overmount",
-                "persistence"
+                "persistence",
+                "boot-health",
+                "shutdown",
+                "state-contract"
             ]
         );
         for (line, id) in list.lines().zip(CheckId::ALL) {

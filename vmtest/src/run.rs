@@ -599,6 +599,22 @@ fn prepare(cfg: &TestConfig) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Whether a plain run has its reboot and power-cut boots: a check that
+/// needs them (persistence, shutdown), paths to preserve across them, or a
+/// user check that names one of their phases. (A user check with default
+/// phases runs in them when they happen; it does not make them happen.)
+pub fn plain_run_reboots(cfg: &TestConfig) -> bool {
+    let wants = |id| cfg.checks.contains(&id);
+    wants(CheckId::Persistence)
+        || wants(CheckId::Shutdown)
+        || (!cfg.preserve.is_empty() && wants(CheckId::StateContract))
+        || cfg.user_checks.iter().any(|c| {
+            c.phases
+                .as_ref()
+                .is_some_and(|p| p.contains(&When::Reboot) || p.contains(&When::PowerCut))
+        })
+}
+
 /// The phases a run has: a plain run boots, reboots and loses power; a
 /// lifecycle boots the image's version, the upgrade and the rollback.
 pub fn phases_of(lifecycle: bool) -> [When; 3] {
@@ -936,7 +952,7 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
     let t = Instant::now();
     if s.run_checks(Phase::Reboots, &expect).await? > 0 {
         s.timings.persistence = t.elapsed().as_secs_f64();
-    } else if s.wants_later_boots() {
+    } else if plain_run_reboots(&s.cfg) {
         s.reboot().await.map_err(me)?;
         s.crash().await.map_err(me)?;
         s.timings.persistence = t.elapsed().as_secs_f64();
@@ -946,18 +962,6 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
 }
 
 impl Session {
-    /// Whether the plain run has its reboot and power-cut phases although
-    /// no built-in check drives them: a user check asks for one.
-    fn wants_later_boots(&self) -> bool {
-        self.contract_base.is_some()
-            || self.wanted(CheckId::Shutdown)
-            || self.cfg.user_checks.iter().any(|c| {
-                c.phases
-                    .as_ref()
-                    .is_some_and(|p| p.contains(&When::Reboot) || p.contains(&When::PowerCut))
-            })
-    }
-
     /// The serial log's size now: where what the guest prints next starts.
     fn console_size(&self) -> u64 {
         let log = self.template.as_ref().map(|t| t.serial_log.clone());

@@ -2,55 +2,17 @@
 //! boot, without booting. A pure function of the config, kept next to the
 //! engine it describes: whoever changes which boots the engine makes or
 //! which checks run in them changes this too (its snapshot shows it).
-//!
-//! Where it depends on the built-in checks that the engine adds
-//! (`boot-health`, `shutdown`, `state-contract`), it finds them by name in
-//! the registry, so until a check exists it is simply not listed (and
-//! `state-contract` is shown whenever `[state] preserve` names paths).
+//! Whether the plain run reboots is the engine's rule
+//! (`run::plain_run_reboots`), asked, not restated.
 
 use super::BuildSpec;
 use crate::checks::user::When;
 use crate::checks::{CheckId, Phase};
-use crate::run::{BootMode, TestConfig};
+use crate::run::{self, BootMode, TestConfig};
 use std::fmt::Write;
 
-/// The built-in check of that name, if the registry has it.
-fn builtin(name: &str) -> Option<CheckId> {
-    name.parse().ok()
-}
-
-fn selected(cfg: &TestConfig, name: &str) -> bool {
-    builtin(name).is_some_and(|id| cfg.checks.contains(&id))
-}
-
-/// Checks rendered in their own place, not in boot 1's list of first-boot
-/// checks: `shutdown` judges the clean shutdown before a later boot,
-/// `state-contract` records after setup and compares in later phases.
-const OWN_PLACE: [&str; 2] = ["shutdown", "state-contract"];
-
-/// Built-in checks that run again in the plain run's later boots (after
-/// `shutdown`, which only the clean reboot has), in this order.
-const LATER: [&str; 3] = ["boot-health", "overmount", "persistence"];
-
-/// Whether `state-contract` runs: paths to preserve, and the check selected
-/// (always, before the registry has it).
-fn state_contract(cfg: &TestConfig) -> bool {
-    !cfg.preserve.is_empty() && builtin("state-contract").is_none_or(|id| cfg.checks.contains(&id))
-}
-
-/// Whether the plain run has its reboot and power-cut boots: a check that
-/// needs them (persistence, shutdown), paths to preserve across them, or a
-/// user check that names one of their phases. A user check with default
-/// phases runs in them when they happen but does not make them happen.
-pub fn plain_run_reboots(cfg: &TestConfig) -> bool {
-    selected(cfg, "persistence")
-        || selected(cfg, "shutdown")
-        || !cfg.preserve.is_empty()
-        || cfg.user_checks.iter().any(|c| {
-            c.phases
-                .as_ref()
-                .is_some_and(|p| p.contains(&When::Reboot) || p.contains(&When::PowerCut))
-        })
+fn selected(cfg: &TestConfig, id: CheckId) -> bool {
+    cfg.checks.contains(&id)
 }
 
 /// The plan, one line per boot and per scenario, after a header with the
@@ -115,11 +77,7 @@ pub fn render(cfg: &TestConfig, build: Option<&BuildSpec>) -> String {
 fn first_boot_checks(cfg: &TestConfig) -> Vec<&'static str> {
     CheckId::ALL
         .into_iter()
-        .filter(|id| {
-            id.phase() == Phase::FirstBoot
-                && cfg.checks.contains(id)
-                && !OWN_PLACE.contains(&id.name())
-        })
+        .filter(|id| id.phase() == Phase::FirstBoot && cfg.checks.contains(id))
         .map(CheckId::name)
         .collect()
 }
@@ -164,7 +122,7 @@ fn user_part(cfg: &TestConfig, when: When) -> String {
 
 /// Boot 1 records the paths to preserve; later phases compare.
 fn contract_part(cfg: &TestConfig, first: bool) -> String {
-    if !state_contract(cfg) {
+    if cfg.preserve.is_empty() || !selected(cfg, CheckId::StateContract) {
         String::new()
     } else if first {
         let n = cfg.preserve.len();
@@ -174,6 +132,16 @@ fn contract_part(cfg: &TestConfig, first: bool) -> String {
         )
     } else {
         "state-contract".into()
+    }
+}
+
+/// The closing line: boot-health judges every boot the plan lists.
+fn health_line(cfg: &TestConfig, out: &mut String) {
+    if selected(cfg, CheckId::BootHealth) {
+        let _ = writeln!(
+            out,
+            "boot-health: the console, journal and failed units of every boot above"
+        );
     }
 }
 
@@ -191,40 +159,48 @@ fn plain(cfg: &TestConfig, out: &mut String) {
             contract_part(cfg, true),
         ],
     );
-    if !plain_run_reboots(cfg) {
-        return;
-    }
-    // `later_boots` applies only to an extlinux run (TestConfig).
-    let via = match cfg.boot {
-        BootMode::Direct => BootMode::Direct,
-        BootMode::Extlinux => cfg.later_boots,
-    };
-    for (n, why, when) in [
-        (2, "clean reboot", When::Reboot),
-        (3, "power cut", When::PowerCut),
-    ] {
-        let mut builtins: Vec<&str> = Vec::new();
-        if when == When::Reboot && selected(cfg, "shutdown") {
-            builtins.push("shutdown");
+    if run::plain_run_reboots(cfg) {
+        // `later_boots` applies only to an extlinux run (TestConfig).
+        let via = match cfg.boot {
+            BootMode::Direct => BootMode::Direct,
+            BootMode::Extlinux => cfg.later_boots,
+        };
+        for (n, why, when) in [
+            (2, "clean reboot", When::Reboot),
+            (3, "power cut", When::PowerCut),
+        ] {
+            let mut builtins: Vec<&str> = Vec::new();
+            if when == When::Reboot && selected(cfg, CheckId::Shutdown) {
+                builtins.push("shutdown (of boot 1)");
+            }
+            for id in [CheckId::Overmount, CheckId::Persistence] {
+                if selected(cfg, id) {
+                    builtins.push(id.name());
+                }
+            }
+            boot_line(
+                out,
+                n,
+                why,
+                via,
+                when,
+                vec![
+                    builtins.join(", "),
+                    user_part(cfg, when),
+                    contract_part(cfg, false),
+                ],
+            );
         }
-        builtins.extend(LATER.into_iter().filter(|n| selected(cfg, n)));
-        boot_line(
-            out,
-            n,
-            why,
-            via,
-            when,
-            vec![
-                builtins.join(", "),
-                user_part(cfg, when),
-                contract_part(cfg, false),
-            ],
-        );
     }
+    health_line(cfg, out);
 }
 
 fn lifecycle(cfg: &TestConfig, label: &str, out: &mut String) {
     let checks = first_boot_checks(cfg).join(", ");
+    let shutdown = match selected(cfg, CheckId::Shutdown) {
+        true => "clean poweroff: shutdown".to_owned(),
+        false => "clean poweroff".to_owned(),
+    };
     boot_line(
         out,
         1,
@@ -236,6 +212,7 @@ fn lifecycle(cfg: &TestConfig, label: &str, out: &mut String) {
             checks.clone(),
             user_part(cfg, When::Boot),
             contract_part(cfg, true),
+            shutdown.clone(),
         ],
     );
     let upgrade = format!("upgrade to {label}");
@@ -243,24 +220,28 @@ fn lifecycle(cfg: &TestConfig, label: &str, out: &mut String) {
         (2, upgrade.as_str(), When::Upgrade),
         (3, "rollback to the old default", When::Rollback),
     ] {
-        let mut builtins = String::new();
-        if selected(cfg, "shutdown") {
-            builtins.push_str("shutdown, ");
-        }
-        builtins.push_str(&checks);
-        // The lifecycle's own row: tokens written before each change.
-        builtins.push_str(if checks.is_empty() {
-            "tokens"
-        } else {
-            ", tokens"
-        });
+        // The lifecycle's own row: the tokens written before each change.
+        let builtins = match checks.is_empty() {
+            true => "tokens".to_owned(),
+            false => format!("{checks}, tokens"),
+        };
+        let last = match when {
+            When::Upgrade => shutdown.clone(),
+            _ => String::new(),
+        };
         boot_line(
             out,
             n,
             why,
             cfg.boot,
             when,
-            vec![builtins, user_part(cfg, when), contract_part(cfg, false)],
+            vec![
+                builtins,
+                user_part(cfg, when),
+                contract_part(cfg, false),
+                last,
+            ],
         );
     }
+    health_line(cfg, out);
 }

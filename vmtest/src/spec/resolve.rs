@@ -85,8 +85,10 @@ impl Ctx<'_> {
         })
     }
 
+    /// Every pattern of a test file is multi-line (`^`/`$` at each line):
+    /// the user's checks match command output, the ignores single lines.
     fn regex(&self, v: &S<String>, key: &str) -> Result<regex::Regex, SpecError> {
-        regex::Regex::new(v.get_ref()).map_err(|e| {
+        crate::checks::user::pattern(v.get_ref()).map_err(|e| {
             // The regex crate's message is a multi-line picture; its last
             // line says what is wrong.
             let why = e.to_string();

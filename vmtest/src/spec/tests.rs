@@ -10,7 +10,7 @@ use strata_builder::interrupt::Interrupt;
 const FULL: &str = r#"
 image = "sys.img"
 
-checks = ["root", "state-mounts", "fstab", "moved-files", "overmount", "persistence", "app-up"]
+checks = ["root", "state-mounts", "fstab", "moved-files", "overmount", "persistence", "boot-health", "shutdown", "state-contract", "app-up"]
 
 [machine]
 memory = 2048
@@ -101,7 +101,10 @@ fn a_full_file_fills_every_field() {
                 CheckId::Fstab,
                 CheckId::MovedFiles,
                 CheckId::Overmount,
-                CheckId::Persistence
+                CheckId::Persistence,
+                CheckId::BootHealth,
+                CheckId::Shutdown,
+                CheckId::StateContract
             ][..]
         )
     );
@@ -373,7 +376,7 @@ fn the_plan_of_a_first_boot_only_run_with_a_build() {
     s.apply(&mut c);
     c.image = s.build.as_ref().unwrap().output.clone();
     // A user check with default phases does not add the later boots.
-    assert!(!plan::plain_run_reboots(&c));
+    assert!(!crate::run::plain_run_reboots(&c));
     insta::assert_snapshot!("plan_first_boot_only", plan::render(&c, s.build.as_ref()));
 }
 
