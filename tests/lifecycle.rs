@@ -145,11 +145,16 @@ fn lifecycle(extra: &[&str]) -> Run {
     }
 }
 
+/// The lifecycle as the README's example test file tells it
+/// (examples/upgrade.toml: setup data, the user's checks in each phase,
+/// the preserved paths), with the fixture's image and second rootfs given
+/// on the command line.
 #[test]
 fn upgrade_then_rollback_keeps_every_token_and_boots_the_right_version() {
     let (_, m) = fixture();
     let old = m.default.clone();
-    let r = lifecycle(&[]);
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/upgrade.toml");
+    let r = lifecycle(&["--spec", spec.to_str().unwrap()]);
     assert_eq!(r.code, Some(0), "{}", r.says());
     assert_eq!(r.failing(), Vec::<&str>::new());
     assert_eq!(r.report["boots"], 3, "{}", r.says());
@@ -220,7 +225,25 @@ fn upgrade_then_rollback_keeps_every_token_and_boots_the_right_version() {
         }
     }
     for phase in ["before", "upgrade", "rollback"] {
-        assert_eq!(r.status(&format!("{phase}/overmount")), "pass");
+        for check in ["overmount", "boot-health", "app-data", "state-contract"] {
+            assert_eq!(
+                r.status(&format!("{phase}/{check}")),
+                "pass",
+                "{phase}/{check}"
+            );
+        }
+    }
+    // The example's own checks, each in the phases it names.
+    assert_eq!(r.status("before/runs-factory"), "pass");
+    assert_eq!(r.status("upgrade/runs-v2"), "pass");
+    assert_eq!(r.status("rollback/runs-factory"), "pass");
+    for (row, n) in [("before/shutdown", 1), ("upgrade/shutdown", 2)] {
+        assert_eq!(r.status(row), "pass", "{}", r.says());
+        let detail = r.row(row)["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with(&format!("shutdown of boot {n}")),
+            "{detail}"
+        );
     }
     assert!(r.stdout.contains("Upgrade lifecycle"), "{}", r.says());
     assert!(r.junit.contains(r#"name="upgrade/root""#), "{}", r.junit);
@@ -248,7 +271,17 @@ fn an_upgrade_that_copies_state_data_fails_overmount_for_exactly_those_dirs() {
         .map(|d| format!("/{d}"))
         .collect();
     assert!(expected.contains("/srv"), "{expected:?}");
-    let r = lifecycle(&["--state-migration", "copy"]);
+    // The state-data merge copies the new rootfs's /srv/www/new.html into
+    // the state subvolume: a change to a preserved path the upgrade made.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("preserve-www.toml");
+    std::fs::write(&spec, "[state]\npreserve = [\"/srv/www\"]\n").unwrap();
+    let r = lifecycle(&[
+        "--state-migration",
+        "copy",
+        "--spec",
+        spec.to_str().unwrap(),
+    ]);
     assert_eq!(r.code, Some(1), "{}", r.says());
     assert_eq!(r.status("upgrade/overmount"), "fail", "{}", r.says());
     assert_eq!(r.status("before/overmount"), "pass", "{}", r.says());
@@ -286,6 +319,15 @@ fn an_upgrade_that_copies_state_data_fails_overmount_for_exactly_those_dirs() {
     let detail = r.row("upgrade/overmount")["detail"].as_str().unwrap();
     for mp in &expected {
         assert!(detail.contains(mp.as_str()), "{detail}");
+    }
+    assert_eq!(r.status("before/state-contract"), "pass", "{}", r.says());
+    for row in ["upgrade/state-contract", "rollback/state-contract"] {
+        assert_eq!(r.status(row), "fail", "{}", r.says());
+        let evidence = r.row(row)["evidence"].to_string();
+        assert!(
+            evidence.contains("/srv/www/new.html: new file"),
+            "{row}: {evidence}"
+        );
     }
 }
 

@@ -1294,3 +1294,90 @@ fn user_checks_fail_on_exit_code_output_unit_and_phase() {
     );
     assert!(unit.detail.contains("failed/failed"), "{unit:?}");
 }
+
+/// Every built-in check on the fixture with the user's data preserved:
+/// boot-health, shutdown and the state contract pass on the run's own
+/// boots; a scenario breaks each of them for its own reason (a failed
+/// unit, a kernel panic, a state dir kept busy through shutdown, a
+/// preserved file changed), without boots of their own but the one the
+/// shutdown scenario needs.
+#[test]
+fn boot_health_shutdown_and_state_contract_pass_and_each_fails_in_its_scenario() {
+    let (image, manifest, _) = fixture();
+    let mut cfg = config(&image, &manifest);
+    cfg.setup = vec![
+        "mkdir -p /var/lib/app/cache && echo 'orders: 3' > /var/lib/app/db.txt \
+         && ln -s db.txt /var/lib/app/current && setfattr -n user.app -v 1 /var/lib/app/db.txt"
+            .into(),
+    ];
+    cfg.preserve = vec!["/var/lib/app".into(), "/root/.bashrc".into()];
+    let scenario = |name: &str, command: &str, checks: &[CheckId]| Scenario {
+        name: name.into(),
+        commands: vec![command.into()],
+        checks: checks.to_vec(),
+        user_checks: vec![],
+    };
+    cfg.scenarios = vec![
+        scenario(
+            "failed-unit",
+            "systemd-run --unit strata-broken /bin/false; sleep 1",
+            &[CheckId::BootHealth],
+        ),
+        scenario(
+            "panic",
+            "echo c > /proc/sysrq-trigger",
+            &[CheckId::BootHealth, CheckId::Root],
+        ),
+        scenario(
+            "busy-srv",
+            "systemd-run --unit busy -p DefaultDependencies=no -p KillMode=none \
+             -p WorkingDirectory=/srv sleep infinity",
+            &[CheckId::Shutdown],
+        ),
+        scenario(
+            "changed",
+            "echo 'orders: 4' > /var/lib/app/db.txt && chmod 600 /root/.bashrc",
+            &[CheckId::StateContract],
+        ),
+    ];
+    let o = boot(cfg);
+    let r = report(&o);
+    let mut failed = failing(r);
+    failed.sort();
+    assert_eq!(
+        failed,
+        [
+            "busy-srv/shutdown",
+            "changed/state-contract",
+            "failed-unit/boot-health",
+            "panic/boot-health"
+        ],
+        "(artifacts {})",
+        o.artifacts.display()
+    );
+    for name in ["boot-health", "shutdown", "state-contract", "persistence"] {
+        assert_eq!(check(r, name).status, Status::Pass, "{name}");
+    }
+    assert!(evidence_has(
+        r,
+        "failed-unit/boot-health",
+        "strata-broken.service"
+    ));
+    assert!(evidence_has(
+        r,
+        "panic/boot-health",
+        "Kernel panic - not syncing"
+    ));
+    assert_eq!(check(r, "panic/root").status, Status::Skip);
+    assert!(evidence_has(r, "busy-srv/shutdown", "/srv"));
+    assert!(evidence_has(
+        r,
+        "changed/state-contract",
+        "/var/lib/app/db.txt: content changed"
+    ));
+    assert!(evidence_has(
+        r,
+        "changed/state-contract",
+        "/root/.bashrc: mode 0644 → 0600"
+    ));
+}
