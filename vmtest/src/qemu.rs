@@ -122,7 +122,15 @@ pub struct QemuCommand {
     /// it stopped or aborted ("KVM internal error", an assertion) are
     /// evidence, kept as an artifact per QEMU process.
     pub output_log: PathBuf,
+    /// A second disk, raw and read-only, with what the guest is to be
+    /// handed (an in-guest upgrade's strata binary and new rootfs): the
+    /// guest sees it as `/dev/disk/by-id/virtio-strata-payload`. Faster
+    /// than the agent's file transfer and needs no network.
+    pub payload: Option<PathBuf>,
 }
+
+/// The payload disk's serial: its name under `/dev/disk/by-id/virtio-…`.
+pub const PAYLOAD_SERIAL: &str = "strata-payload";
 
 impl QemuCommand {
     pub fn new(binary: PathBuf, accel: Accel, disk: PathBuf, socket_dir: &std::path::Path) -> Self {
@@ -142,6 +150,7 @@ impl QemuCommand {
             debugcon: None,
             incoming: false,
             output_log: socket_dir.join("qemu-output.log"),
+            payload: None,
         }
     }
 
@@ -222,6 +231,17 @@ impl QemuCommand {
                 push("-device");
                 push(&format!("scsi-hd,bus=scsi0.0,drive={DISK_NODE}{bootindex}"));
             }
+        }
+        if let Some(p) = &self.payload {
+            push("-blockdev");
+            push(&format!(
+                "driver=raw,node-name=payload0,read-only=on,file.driver=file,file.filename={}",
+                path_arg(p)
+            ));
+            push("-device");
+            push(&format!(
+                "virtio-blk-pci,drive=payload0,serial={PAYLOAD_SERIAL}"
+            ));
         }
         if let KernelBoot::Direct {
             kernel,
@@ -350,6 +370,18 @@ mod tests {
     #[test]
     fn extlinux_virtio_blk_tcg() {
         insta::assert_snapshot!(base(Accel::Tcg).to_string());
+    }
+
+    #[test]
+    fn a_payload_is_a_second_read_only_disk_the_guest_finds_by_serial() {
+        let mut q = base(Accel::Tcg);
+        q.payload = Some("/tmp/strata-x/payload.img".into());
+        let line = q.to_string();
+        assert!(line.contains(
+            "-blockdev driver=raw,node-name=payload0,read-only=on,file.driver=file,file.filename=/tmp/strata-x/payload.img -device virtio-blk-pci,drive=payload0,serial=strata-payload"
+        ), "{line}");
+        // After the system disk: the guest's vda stays the system.
+        assert!(line.find("drive=disk0") < line.find("drive=payload0"));
     }
 
     #[test]
