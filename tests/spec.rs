@@ -1,7 +1,10 @@
 //! `strata test --spec`: the examples in `examples/` are valid test files
 //! and their dry run is the plan; a malformed file is exit 2 naming the
-//! file, the line and the key, before any image is read. No VM, no root:
-//! a dry run reads nothing of the image.
+//! file, the line and the key, before any image is read (no VM, no root: a
+//! dry run reads nothing of the image). And `examples/fixture.toml` passes
+//! on the fixture image in a real run (STRATA_TEST_IMAGE, which `ci/test`
+//! builds; without it that test FAILS). `examples/upgrade.toml` is run by
+//! tests/lifecycle.rs.
 
 mod common;
 
@@ -96,4 +99,58 @@ fn a_malformed_file_is_exit_2_naming_file_line_and_key() {
             file.display()
         )
     );
+}
+
+/// The README's example test file, for real: three boots of the fixture
+/// image, every built-in check, the file's setup, its own checks in their
+/// phases and its preserved paths, all passing.
+#[test]
+fn the_fixture_example_passes_on_the_fixture_image() {
+    let image = std::env::var_os("STRATA_TEST_IMAGE").unwrap_or_else(|| {
+        panic!(
+            "STRATA_TEST_IMAGE is not set: this test boots the fixture image (ci/test builds it)"
+        )
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let out = strata()
+        .current_dir(repo())
+        .args(["test", "--spec", "examples/fixture.toml"])
+        .arg(&image)
+        .args(["--accel", "tcg", "--cpus", "1", "--json"])
+        .arg(&json)
+        .arg("--artifacts")
+        .arg(dir.path().join("artifacts"))
+        .output()
+        .unwrap();
+    let said = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let status = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no row {name}\n{said}"))["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    for row in [
+        "root",
+        "moved-files",
+        "overmount",
+        "persistence",
+        "boot-health",
+        "shutdown",
+        "state-contract",
+        "boot/system-running",
+        "reboot/system-running",
+        "power-cut/system-running",
+        "boot/os-release",
+    ] {
+        assert_eq!(status(row), "pass", "{row}\n{said}");
+    }
+    assert_eq!(report["boots"], 3, "{said}");
 }
