@@ -23,6 +23,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod machine;
 pub mod qemu;
+pub mod payload;
 pub mod qmp;
 pub mod report;
 pub mod run;
