@@ -117,6 +117,10 @@ pub struct TestArgs {
     /// Guest vCPUs (TCG runs one host thread per vCPU) [default: 2].
     #[arg(long)]
     cpus: Option<u32>,
+    /// Boot the power cut's disk after the clean reboot instead of beside
+    /// it (the default on a host with one CPU): one guest at a time.
+    #[arg(long)]
+    one_guest_at_a_time: bool,
     /// The QEMU binary [default: qemu-system-x86_64].
     #[arg(long, env = "STRATA_QEMU")]
     qemu: Option<PathBuf>,
@@ -441,6 +445,9 @@ fn config(
     }
     if let Some(v) = args.cpus {
         cfg.cpus = v;
+    }
+    if args.one_guest_at_a_time {
+        cfg.power_cut_beside = false;
     }
     if let Some(v) = &args.qemu {
         cfg.qemu_binary = v.clone();

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const SERIAL_LOG: &str = "serial.log";
+/// The power-cut branch's console: it boots beside the clean reboot, so
+/// its lines go to a file of their own, not between the reboot's.
+pub const SERIAL_LOG_POWER_CUT: &str = "serial-power-cut.log";
 pub const QMP_EVENTS: &str = "qmp-events.json";
 pub const SCREENDUMP: &str = "screen.png";
 pub const QEMU_COMMAND: &str = "qemu-command.txt";

@@ -333,6 +333,28 @@ impl Machine {
         })
     }
 
+    /// Freezes the disk as it is now and lets the guest run on: its writes
+    /// move to `next_disk` (an external snapshot), the current disk file
+    /// keeps this instant's contents, which is what a power cut now would
+    /// leave. Returns that frozen disk. No RAM is saved (`save` does that).
+    pub async fn freeze_disk(&mut self, next_disk: &Path) -> Result<PathBuf, MachineError> {
+        let frozen = self.cmd.disk.clone();
+        let new_node = format!("{DISK_NODE}-after-save{}", self.saves + 1);
+        self.qmp.stop().await?;
+        let snap = self
+            .qmp
+            .snapshot_disk(&self.disk_node, next_disk, &new_node)
+            .await;
+        let resumed = self.qmp.cont().await;
+        snap?;
+        resumed?;
+        self.saves += 1;
+        self.disk_node = new_node;
+        self.cmd.disk = next_disk.to_owned();
+        self.cmd.disk_format = DiskFormat::Qcow2;
+        Ok(frozen)
+    }
+
     /// A new QEMU that continues the saved guest from the moment of the
     /// save, on `disk`: a qcow2 overlay backed by `saved.disk` (made by
     /// the caller; this machine writes only there). Its clock is set to

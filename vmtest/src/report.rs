@@ -117,6 +117,10 @@ pub struct BootRecord {
     /// From power-on (or the guest's reset) to the kernel's first console
     /// line: firmware and bootloader, or QEMU's loader.
     pub firmware: Option<f64>,
+    /// The boot that ran at the same time as this one (the power cut's
+    /// cold boot beside the clean reboot), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beside: Option<u32>,
 }
 
 /// One scenario of the run (`run::Scenario`): each starts from the
@@ -167,6 +171,11 @@ pub fn describe_boots(log: &[BootRecord]) -> String {
             }
         };
         parts.push(format!("{which} {how}"));
+    }
+    for r in log {
+        if let Some(b) = r.beside {
+            parts.push(format!("boot {} ran beside boot {b}", r.boot));
+        }
     }
     parts.join("; ")
 }
@@ -718,6 +727,7 @@ mod tests {
                 via: BootMode::Extlinux,
                 seconds: Some(23.4),
                 firmware: Some(1.9),
+                beside: None,
             }],
             later_boots_fallback: None,
             image: "/images/debian.img".into(),
@@ -846,6 +856,7 @@ mod tests {
                 via: BootMode::Extlinux,
                 seconds: Some(seconds),
                 firmware: Some(8.1),
+                beside: None,
             })
             .collect();
         r.phases = phases;
@@ -871,6 +882,7 @@ mod tests {
                 via: BootMode::Direct,
                 seconds: Some(17.9),
                 firmware: Some(0.4),
+                beside: None,
             },
             BootRecord {
                 boot: 3,
@@ -878,6 +890,7 @@ mod tests {
                 via: BootMode::Direct,
                 seconds: Some(14.6),
                 firmware: Some(0.4),
+                beside: None,
             },
         ]);
         r.timings.persistence = 33.8;
@@ -1000,6 +1013,7 @@ mod tests {
             via,
             seconds: None,
             firmware: None,
+            beside: None,
         };
         use BootMode::{Direct, Extlinux};
         assert_eq!(describe_boots(&[]), "");

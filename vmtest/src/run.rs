@@ -105,6 +105,10 @@ pub struct TestConfig {
     pub preserve: Vec<String>,
     /// boot-health excuses console and journal lines matching these.
     pub boot_health_ignore: Vec<regex::Regex>,
+    /// The plain run's power cut boots beside its clean reboot: its disk
+    /// is taken once the tokens are synced, and its cold boot runs while
+    /// the clean reboot does (default: when the host has two CPUs or more).
+    pub power_cut_beside: bool,
 }
 
 impl TestConfig {
@@ -129,6 +133,7 @@ impl TestConfig {
             user_checks: Vec::new(),
             preserve: Vec::new(),
             boot_health_ignore: Vec::new(),
+            power_cut_beside: std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
         }
     }
 }
@@ -264,7 +269,7 @@ struct Session {
     /// Where each boot's console starts in the serial log (its size when
     /// the boot began: before a reboot's `systemctl reboot`), by boot, and
     /// where the running scenario's restored guest starts.
-    console_marks: BTreeMap<u32, u64>,
+    console_marks: BTreeMap<u32, (PathBuf, u64)>,
     scenario_mark: Option<u64>,
     /// What each boot of the run (not a scenario's) showed besides its
     /// console, for boot-health: its journal and `systemctl --failed`.
@@ -272,6 +277,9 @@ struct Session {
     /// The judged shutdowns of the clean reboots (and a lifecycle's
     /// poweroffs), newest last.
     shutdowns: Vec<CheckResult>,
+    /// The power cut's cold boot, running beside the clean reboot until
+    /// `crash` takes it over (`TestConfig::power_cut_beside`).
+    cut_branch: Option<(Machine, Instant)>,
 }
 
 /// What an upgrade lifecycle has done so far.
@@ -380,11 +388,13 @@ impl Session {
             via,
             seconds: None,
             firmware: None,
+            beside: None,
         });
         self.seen = Seen::default();
         if self.scenario.is_none() {
             let at = self.console_size();
-            self.console_marks.insert(self.boots, at);
+            let log = self.serial_log();
+            self.console_marks.insert(self.boots, (log, at));
         }
         if let Some((stage, _)) = &self.life.current {
             let boot = self.boots;
@@ -761,6 +771,7 @@ pub async fn run_until(
         scenario_mark: None,
         boot_seen: BTreeMap::new(),
         shutdowns: Vec::new(),
+        cut_branch: None,
     };
     if let Some(l) = &s.cfg.lifecycle {
         s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
@@ -953,6 +964,9 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
     if s.run_checks(Phase::Reboots, &expect).await? > 0 {
         s.timings.persistence = t.elapsed().as_secs_f64();
     } else if plain_run_reboots(&s.cfg) {
+        if s.power_cut_beside() {
+            s.fork_power_cut().await.map_err(me)?;
+        }
         s.reboot().await.map_err(me)?;
         s.crash().await.map_err(me)?;
         s.timings.persistence = t.elapsed().as_secs_f64();
@@ -962,19 +976,24 @@ async fn plain_story(s: &mut Session) -> Result<(), String> {
 }
 
 impl Session {
+    /// The run's serial log (the power-cut branch's boot has its own).
+    fn serial_log(&self) -> PathBuf {
+        self.template
+            .as_ref()
+            .map(|t| t.serial_log.clone())
+            .unwrap_or_default()
+    }
+
     /// The serial log's size now: where what the guest prints next starts.
     fn console_size(&self) -> u64 {
-        let log = self.template.as_ref().map(|t| t.serial_log.clone());
-        log.and_then(|l| std::fs::metadata(l).ok())
+        std::fs::metadata(self.serial_log())
             .map(|m| m.len())
             .unwrap_or(0)
     }
 
     /// The serial log from `from` to `to` (None: its end).
     fn console(&self, from: u64, to: Option<u64>) -> String {
-        let log = self.template.as_ref().map(|t| t.serial_log.clone());
-        let bytes = log.and_then(|l| std::fs::read(l).ok()).unwrap_or_default();
-        boot_health::console_between(&bytes, from, to)
+        console_of(&self.serial_log(), from, to)
     }
 
     /// Keeps what this boot showed for boot-health: its journal (exported
@@ -993,13 +1012,18 @@ impl Session {
     /// What boot `boot` of the run showed, its console cut out of the
     /// serial log (without the previous boot's shutdown at its head).
     fn boot_observation(&self, boot: u32) -> boot_health::BootObservation {
-        let from = self.console_marks.get(&boot).copied().unwrap_or(0);
+        let (log, from) = self
+            .console_marks
+            .get(&boot)
+            .cloned()
+            .unwrap_or_else(|| (self.serial_log(), 0));
+        // Up to where the next boot on the same log began.
         let to = self
             .console_marks
             .range(boot + 1..)
-            .next()
-            .map(|(_, at)| *at);
-        let text = self.console(from, to);
+            .find(|(_, (l, _))| *l == log)
+            .map(|(_, (_, at))| *at);
+        let text = console_of(&log, from, to);
         let console = match boot {
             1 => text,
             _ => boot_health::split_at_next_kernel(&text).1.to_owned(),
@@ -1560,7 +1584,45 @@ impl Vm for Session {
         self.later_phase(When::Reboot).await
     }
 
+    fn power_cut_beside(&self) -> bool {
+        self.cfg.power_cut_beside && self.scenario.is_none() && self.life.current.is_none()
+    }
+
+    async fn fork_power_cut(&mut self) -> Result<(), MachineError> {
+        self.emit(Progress::Step(
+            "sync; the disk as a power cut now leaves it starts booting beside the clean reboot"
+                .into(),
+        ));
+        self.machine().succeed("sync").await?;
+        let next = self.workdir.path().join("after-power-cut-fork.qcow2");
+        let frozen = self.machine().freeze_disk(&next).await?;
+        if let Some(t) = self.template.as_mut() {
+            t.disk = next;
+            t.disk_format = DiskFormat::Qcow2;
+        }
+        let disk = self.workdir.path().join("power-cut.qcow2");
+        scenario::overlay_on(&frozen, &disk).map_err(MachineError::Setup)?;
+        let direct = self.later_direct().await;
+        let mut cmd = self.next_command(direct);
+        cmd.disk = disk;
+        cmd.disk_format = DiskFormat::Qcow2;
+        // Its own console, sockets and output log: two guests run at once.
+        cmd.serial_log = self.artifacts.path(artifacts::SERIAL_LOG_POWER_CUT);
+        cmd.qmp_socket = self.workdir.path().join("qmp-power-cut.sock");
+        cmd.qga_socket = self.workdir.path().join("qga-power-cut.sock");
+        // The clean reboot is the next boot; this one follows it.
+        cmd.output_log = self
+            .artifacts
+            .path(&artifacts::qemu_output(self.boots + 2, ""));
+        let m = Machine::start(cmd, self.events.clone()).await?;
+        self.cut_branch = Some((m, Instant::now()));
+        Ok(())
+    }
+
     async fn crash(&mut self) -> Result<(), MachineError> {
+        if let Some((m, started)) = self.cut_branch.take() {
+            return self.take_over_cut_branch(m, started).await;
+        }
         self.emit(Progress::Step("sync, then power cut (QMP quit)".into()));
         let m = self.machine.take().expect("the machine is running");
         m.power_cut().await?;
@@ -1636,6 +1698,45 @@ impl Vm for Session {
 }
 
 impl Session {
+    /// The power cut that branched off before the clean reboot: the clean
+    /// reboot's guest is done, the cut's cold boot (running since the
+    /// fork) is the machine now.
+    async fn take_over_cut_branch(
+        &mut self,
+        m: Machine,
+        started: Instant,
+    ) -> Result<(), MachineError> {
+        self.emit(Progress::Step(format!(
+            "power cut: the disk as it was when the tokens were synced, booting beside the clean \
+             reboot for {:.1}s",
+            started.elapsed().as_secs_f64()
+        )));
+        if let Some(mut done) = self.machine.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), done.qmp().quit()).await;
+            done.kill().await;
+        }
+        let via = BootMode::of(&m.command().boot);
+        let log = m.command().serial_log.clone();
+        self.begin_boot("fresh start after the power cut", via);
+        self.console_marks.insert(self.boots, (log, 0));
+        let beside = self.boots - 1;
+        if let Some(r) = self.boot_log.last_mut() {
+            r.beside = Some(beside);
+        }
+        self.last_qemu_log = Some(m.output_log().to_owned());
+        self.machine = Some(m);
+        let budget = self.boot_budget();
+        let state = self.machine().wait_booted(budget).await?;
+        // It came up while nobody waited: its console says when.
+        let up = self.machine().serial().snapshot().up.map(|(t, _)| t);
+        let seconds = up
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(started);
+        self.booted(seconds.as_secs_f64(), state);
+        self.overmount_again().await?;
+        self.later_phase(When::PowerCut).await
+    }
+
     /// What the plain run judges in each later boot besides overmount:
     /// the user's checks of that phase. A scenario's reboots are its own.
     async fn later_phase(&mut self, when: When) -> Result<(), MachineError> {
@@ -1680,6 +1781,12 @@ impl Session {
         self.checks.insert(CheckId::Overmount, result);
         Ok(())
     }
+}
+
+/// `log` from `from` to `to` (None: its end), as text.
+fn console_of(log: &Path, from: u64, to: Option<u64>) -> String {
+    let bytes = std::fs::read(log).unwrap_or_default();
+    boot_health::console_between(&bytes, from, to)
 }
 
 /// One row of a check judged in several phases (each row's detail says

@@ -166,8 +166,11 @@ fn config(image: &Path, manifest: &Path) -> TestConfig {
     let mut cfg = TestConfig::new(image.to_owned(), expect);
     cfg.accel = AccelChoice::Tcg;
     cfg.timeout = Duration::from_secs(420);
-    // Two VMs run at once on this two-core machine: one vCPU each.
+    // Two VMs run at once on this two-core machine: one vCPU each, and one
+    // guest per test (the power cut after the reboot); the first test
+    // below boots them side by side.
     cfg.cpus = 1;
+    cfg.power_cut_beside = false;
     cfg
 }
 
@@ -236,10 +239,20 @@ fn fixture_passes_every_check_via_extlinux_on_virtio_blk_with_auto_accel() {
     let (image, manifest, _) = fixture();
     let mut cfg = config(&image, &manifest);
     cfg.accel = AccelChoice::Auto;
+    cfg.power_cut_beside = true;
+    // Every built-in check runs: the state contract needs paths.
+    cfg.preserve = vec!["/root".into(), "/etc/fstab".into()];
     let o = boot(cfg);
     let r = report(&o);
     assert_eq!(failing(r), Vec::<&str>::new());
     assert!(r.checks.iter().all(|c| c.status == Status::Pass));
+    // The power cut's disk booted beside the clean reboot, on its own console.
+    assert_eq!(r.boot_log[2].beside, Some(2), "{:?}", r.boot_log);
+    assert!(o
+        .artifacts
+        .join("serial-power-cut.log")
+        .metadata()
+        .is_ok_and(|m| m.len() > 0));
     assert_eq!(run::failure(r), None);
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     assert!(!r.accel_reason.is_empty());
@@ -317,7 +330,14 @@ fn fixture_passes_every_check_via_direct_boot_on_virtio_scsi() {
     let o = boot(cfg);
     let r = report(&o);
     assert_eq!(failing(r), Vec::<&str>::new());
-    assert!(r.checks.iter().all(|c| c.status == Status::Pass));
+    assert!(r
+        .checks
+        .iter()
+        .all(|c| c.status == Status::Pass || c.name == "state-contract"));
+    assert_eq!(
+        check(r, "state-contract").detail,
+        "no [state] preserve paths to hold to"
+    );
     assert_eq!(r.boots, 3, "the scenario's restore is no boot");
     assert_eq!(r.scenarios.len(), 1);
     assert!(r.timings.save > 0.0);

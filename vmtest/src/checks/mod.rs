@@ -276,8 +276,18 @@ pub trait Vm {
     /// `systemctl reboot`, then waits for the new boot to settle.
     fn reboot(&mut self) -> impl Future<Output = Result<(), MachineError>>;
 
-    /// Syncs, cuts the power, starts the machine again from the same disk
-    /// and waits for the boot to settle.
+    /// Whether the power cut branches off before the clean reboot
+    /// (`fork_power_cut`) rather than following it.
+    fn power_cut_beside(&self) -> bool;
+
+    /// Syncs and takes the disk as a power cut now would leave it, for
+    /// `crash`; its cold boot starts now and runs beside what comes next
+    /// (the clean reboot). Only when `power_cut_beside`.
+    fn fork_power_cut(&mut self) -> impl Future<Output = Result<(), MachineError>>;
+
+    /// The power cut: the boot of the disk as `fork_power_cut` took it, or
+    /// (without a fork) syncs, cuts the power now and starts the machine
+    /// again from the same disk; then waits for the boot to settle.
     fn crash(&mut self) -> impl Future<Output = Result<(), MachineError>>;
 
     /// Since when (guest clock, seconds since the epoch) the system has been

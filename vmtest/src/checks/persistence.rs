@@ -50,12 +50,24 @@ pub struct Observation {
 pub async fn run(vm: &mut impl Vm, expect: &Expectations) -> Result<CheckResult, MachineError> {
     let dirs = &expect.state_dirs;
     let (before_reboot, mut unwritable) = write_tokens(vm.machine(), dirs, "reboot").await?;
+    // Each set of tokens is written, then synced by its disruption and
+    // nothing else: the power cut's right before its disk is taken. When
+    // it branches off (its cold boot beside the clean reboot), that is now.
+    let beside = vm.power_cut_beside();
+    let mut before_cut = Vec::new();
+    if beside {
+        let (written, refused) = write_tokens(vm.machine(), dirs, "powercut").await?;
+        (before_cut, unwritable) = (written, [unwritable, refused].concat());
+        vm.fork_power_cut().await?;
+    }
     vm.reboot().await?;
     let after_reboot = read_tokens(vm.machine(), &before_reboot).await?;
     keep_journal(vm).await;
 
-    let (before_cut, refused) = write_tokens(vm.machine(), dirs, "powercut").await?;
-    unwritable.extend(refused);
+    if !beside {
+        let (written, refused) = write_tokens(vm.machine(), dirs, "powercut").await?;
+        (before_cut, unwritable) = (written, [unwritable, refused].concat());
+    }
     vm.crash().await?;
     let reboot_tokens_after_cut = read_tokens(vm.machine(), &before_reboot).await?;
     let after_cut = read_tokens(vm.machine(), &before_cut).await?;

@@ -306,7 +306,7 @@ impl Session {
 }
 
 /// A fresh qcow2 overlay on the saved (frozen, qcow2) disk.
-fn overlay_on(saved: &Path, overlay: &Path) -> Result<(), String> {
+pub(super) fn overlay_on(saved: &Path, overlay: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(overlay);
     // qemu-img resolves a relative backing path against the overlay's dir.
     let saved = std::path::absolute(saved).map_err(|e| format!("{}: {e}", saved.display()))?;
