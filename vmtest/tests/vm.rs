@@ -1255,7 +1255,10 @@ fn user_checks_fail_on_exit_code_output_unit_and_phase() {
     let every = [When::Boot, When::Reboot, When::PowerCut];
     let mut unit = user_check("broken-unit", "true", None, Some(&[When::Boot]));
     unit.wait_for_unit = Some("strata-broken.service".into());
+    let mut missing = user_check("missing-unit", "true", None, Some(&[When::Boot]));
+    missing.wait_for_unit = Some("strata-no-such.service".into());
     cfg.user_checks = vec![
+        missing,
         user_check(
             "greeting",
             "cat /var/lib/app/greeting",
@@ -1287,6 +1290,7 @@ fn user_checks_fail_on_exit_code_output_unit_and_phase() {
         [
             "boot/broken-unit",
             "boot/exit-code",
+            "boot/missing-unit",
             "boot/output",
             "power-cut/first-boot-only",
             "reboot/first-boot-only",
@@ -1313,6 +1317,9 @@ fn user_checks_fail_on_exit_code_output_unit_and_phase() {
         "{unit:?}"
     );
     assert!(unit.detail.contains("failed/failed"), "{unit:?}");
+    // A unit that does not exist is said as such (and at once).
+    let missing = check(r, "boot/missing-unit");
+    assert!(missing.detail.contains("load not-found"), "{missing:?}");
 }
 
 /// Every built-in check on the fixture with the user's data preserved:

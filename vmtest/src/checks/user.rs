@@ -171,8 +171,9 @@ pub async fn observe(
     Ok(seen)
 }
 
-/// Polls `systemctl is-active` until the unit is active, has failed, or
-/// `UNIT_WITHIN` passed; then its state and journal when it is not up.
+/// Polls `systemctl is-active` until the unit is active, has failed, does
+/// not exist, or `UNIT_WITHIN` passed; then its state and journal when it
+/// is not up.
 async fn wait_for_unit(
     m: &mut crate::machine::Machine,
     unit: &str,
@@ -183,6 +184,7 @@ async fn wait_for_unit(
          while :; do\n\
            s=$(systemctl is-active {q})\n\
            case \"$s\" in active) echo active; exit 0;; failed) break;; esac\n\
+           [ \"$(systemctl show -P LoadState {q})\" = not-found ] && break\n\
            [ \"$(date +%s)\" -ge \"$end\" ] && break\n\
            sleep 0.25\n\
          done\n\
