@@ -98,6 +98,13 @@ pub fn enter_private_mount_namespace() -> Result<(), ImageError> {
         context: format!("--running: {what}"),
         error: e.into(),
     };
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(ImageError::Input(format!(
+            "--running must run as root (uid {euid}): it mounts the running system's filesystem"
+        )));
+    }
     let threads = std::fs::read_dir("/proc/self/task")
         .map_err(|e| tool("counting this process's threads", e))?
         .count();

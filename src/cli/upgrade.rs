@@ -304,6 +304,36 @@ mod tests {
         );
     }
 
+    /// The running system: named as such, no manifest, and the next
+    /// command said with --running.
+    #[test]
+    fn summary_of_a_running_upgrade() {
+        let mut s = summary_of(false, &[], &[]);
+        s.manifest = None;
+        s.default_before = "v1".into();
+        let line = summary(
+            "the running system (/dev/vda, booted factory)",
+            "--running",
+            &s,
+        );
+        assert!(
+            line.starts_with(
+                "upgraded the running system (/dev/vda, booted factory): version v2 (from factory)"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains(
+                "systems/default still names v1; `strata set-default --running v2` boots it"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("no manifest (--running keeps one only with --manifest PATH)"),
+            "{line}"
+        );
+    }
+
     #[test]
     fn summary_names_the_kernel_args_used() {
         let line = |args: &str, kept: bool| {
