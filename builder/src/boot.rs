@@ -101,6 +101,24 @@ pub fn set_default(top: &Path, version: &Version) -> Result<(), StepError> {
     sync_dir(dir).context(what)
 }
 
+/// TEST ONLY, unsafe: `systems/default` pointed at `version` whether or
+/// not it exists (`steps::UnsafeUpgrade::FlipFirst`), by the same rename.
+/// A boot through the link fails until the version is there.
+pub fn set_default_unchecked(top: &Path, version: &Version) -> Result<(), StepError> {
+    let what = || format!("pointing {} at {version} (unsafe)", layout::DEFAULT_LINK);
+    let link = top.join(layout::DEFAULT_LINK);
+    let dir = link.parent().expect("DEFAULT_LINK is inside a directory");
+    let tmp = tempfile::Builder::new()
+        .prefix(layout::TEMP_PREFIX)
+        .make_in(dir, |p| {
+            std::os::unix::fs::symlink(version.default_link_target(), p)
+        })
+        .context(what)?;
+    fs::rename(tmp.path(), &link).context(what)?;
+    let _ = tmp.into_temp_path().keep();
+    sync_dir(dir).context(what)
+}
+
 /// `extlinux --install` on the top level. Whole-disk btrfs: extlinux's boot
 /// sector is sector 0, so syslinux's mbr.bin must NOT be written there (it
 /// would make the image unbootable).

@@ -36,6 +36,7 @@ pub mod progress;
 pub mod rootfs;
 pub mod rootfs_tar;
 pub mod rootless;
+pub mod running;
 pub mod size;
 pub mod steps;
 pub mod sync;

@@ -31,6 +31,9 @@ pub enum Step {
     Snapshot,
     InstallKernel,
     WriteBootConfig,
+    // Upgrade only: the new version and the menu made durable (a full
+    // btrfs commit) before the flip.
+    Flush,
     SetDefault,
     InstallBootloader,
     // Rootless build only: the appliance VM's part (after `Mkfs`, which a
@@ -41,7 +44,7 @@ pub enum Step {
 
 impl Step {
     /// Every step, for reading a name back (`from_name`).
-    pub const ALL: [Step; 23] = [
+    pub const ALL: [Step; 24] = [
         Step::CleanDebris,
         Step::CheckImage,
         Step::SnapshotOrig,
@@ -60,6 +63,7 @@ impl Step {
         Step::Snapshot,
         Step::InstallKernel,
         Step::WriteBootConfig,
+        Step::Flush,
         Step::SetDefault,
         Step::InstallBootloader,
         Step::ExtractRootfs,
@@ -95,6 +99,7 @@ impl Step {
             Step::Snapshot => "snapshotting orig as run",
             Step::InstallKernel => "installing kernel and initramfs",
             Step::WriteBootConfig => "writing extlinux.conf",
+            Step::Flush => "making the new version durable before the flip",
             Step::SetDefault => "setting the default version",
             Step::InstallBootloader => "installing extlinux",
             Step::Appliance => "snapshotting run and installing extlinux (appliance VM)",
@@ -124,6 +129,7 @@ impl Step {
             Step::Snapshot => "snapshot",
             Step::InstallKernel => "install-kernel",
             Step::WriteBootConfig => "write-boot-config",
+            Step::Flush => "flush",
             Step::SetDefault => "set-default",
             Step::InstallBootloader => "install-bootloader",
             Step::Appliance => "appliance",

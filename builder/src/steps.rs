@@ -21,6 +21,56 @@ use std::time::Instant;
 /// the one inside that step.
 pub const STOP_AFTER_STEP_ENV: &str = "STRATA_STOP_AFTER_STEP";
 
+/// Test hook, test-only and UNSAFE: with `STRATA_UNSAFE_UPGRADE=<mode>` an
+/// upgrade breaks its own crash-safety on purpose, so that the power-cut
+/// matrix (issue 19) can show it catches a broken order. Never set it on a
+/// system whose data matters. Modes (`UnsafeUpgrade`):
+///
+/// - `skip-flush`: the `flush` step does not commit the filesystem, so the
+///   flip may reach the disk (through the fsync of `systems/`) before the
+///   new version and the menu do;
+/// - `flip-first`: `systems/default` and the menu's default name the new
+///   version at the end of `mount`, before any of it exists.
+///
+/// The CLI warns on stderr whenever it is set; an unknown mode is refused.
+pub const UNSAFE_UPGRADE_ENV: &str = "STRATA_UNSAFE_UPGRADE";
+
+/// The modes of `UNSAFE_UPGRADE_ENV`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsafeUpgrade {
+    SkipFlush,
+    FlipFirst,
+}
+
+impl UnsafeUpgrade {
+    pub const ALL: [UnsafeUpgrade; 2] = [UnsafeUpgrade::SkipFlush, UnsafeUpgrade::FlipFirst];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            UnsafeUpgrade::SkipFlush => "skip-flush",
+            UnsafeUpgrade::FlipFirst => "flip-first",
+        }
+    }
+
+    /// The mode the environment asks for: `Ok(None)` when unset or empty,
+    /// an error naming the value and the modes when unknown.
+    pub fn from_env() -> Result<Option<UnsafeUpgrade>, String> {
+        match std::env::var(UNSAFE_UPGRADE_ENV) {
+            Err(_) => Ok(None),
+            Ok(v) if v.is_empty() => Ok(None),
+            Ok(v) => UnsafeUpgrade::ALL
+                .into_iter()
+                .find(|m| m.name() == v)
+                .map(Some)
+                .ok_or_else(|| {
+                    format!(
+                        "{UNSAFE_UPGRADE_ENV}={v:?} is no mode (test-only: skip-flush or flip-first)"
+                    )
+                }),
+        }
+    }
+}
+
 /// `stop_point` names: see `STOP_AFTER_STEP_ENV`.
 pub const LOOP_ATTACHED: &str = "loop-attached";
 pub const LOOP_UNMOUNTED: &str = "loop-unmounted";

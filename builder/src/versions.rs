@@ -212,6 +212,30 @@ pub fn remove(image: &Path, label: &str, manifest: Option<&Path>) -> Result<(), 
     Ok(())
 }
 
+/// `remove` on the running system (`crate::running`): the booted version
+/// is refused first, naming it (its `run` is `/`; deleting it would pull
+/// the system from under itself), then `remove` on its device.
+pub fn remove_running(
+    running: &crate::running::Running,
+    label: &str,
+    manifest: Option<&Path>,
+) -> Result<(), ImageError> {
+    refuse_booted(running, label)?;
+    remove(&running.device, label, manifest)
+}
+
+/// The refusal of `remove_running`.
+pub fn refuse_booted(running: &crate::running::Running, label: &str) -> Result<(), ImageError> {
+    if running.booted.label() == label {
+        return Err(ImageError::Input(format!(
+            "{label} is the booted version (/ is {} of {}): it cannot be removed while it runs; boot another version first",
+            layout::fsroot(&running.booted.run()),
+            running.device.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The default and the menu entries once `label` is gone, or why it may
 /// not go.
 fn entries_without(
@@ -695,6 +719,28 @@ mod tests {
     use crate::image::model::{Filesystem, Subvolume};
     use crate::layout::Tree;
     use crate::manifest::{Deployment, StateDirs};
+
+    /// `remove --running` of the booted version: refused as input (exit
+    /// 2), naming it and where `/` comes from; another version passes.
+    #[test]
+    fn the_booted_version_is_never_removed() {
+        let running = crate::running::parse(
+            "28 1 0:26 /systems/v2/run / rw,noatime shared:1 - btrfs /dev/vda rw,subvolid=262,subvol=/systems/v2/run\n",
+        )
+        .unwrap();
+        let e = refuse_booted(&running, "v2").unwrap_err();
+        assert!(e.is_input(), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("v2 is the booted version (/ is /systems/v2/run of /dev/vda)"),
+            "{msg}"
+        );
+        // Refused before the device is even looked at (a path that is no
+        // device would fail otherwise).
+        let e = remove_running(&running, "v2", None).unwrap_err();
+        assert!(e.to_string().contains("booted version"), "{e}");
+        assert!(refuse_booted(&running, "factory").is_ok());
+    }
 
     /// A plain directory shaped like a top level, and the subvolumes a
     /// real one would list.

@@ -7,20 +7,37 @@ use strata_builder::interrupt::Interrupt;
 use strata_builder::layout::DEFAULT_LINK;
 use strata_builder::migrate::Migration;
 use strata_builder::size::human;
+use strata_builder::steps::{UnsafeUpgrade, UNSAFE_UPGRADE_ENV};
 use strata_builder::sync::StatePolicy;
-use strata_builder::upgrade::{self, UpgradeOptions, UpgradeSummary};
+use strata_builder::upgrade::{self, Target, UpgradeOptions, UpgradeSummary};
+use strata_builder::{rootfs_tar, running};
 
 #[derive(clap::Args)]
 pub struct UpgradeArgs {
-    /// The image to upgrade in place.
-    image: PathBuf,
+    /// The image to upgrade in place (or --running).
+    #[arg(
+        required_unless_present_any = ["running", "list_steps"],
+        conflicts_with = "running"
+    )]
+    image: Option<PathBuf>,
+    /// Upgrade the strata system this runs in (as root, inside it): the
+    /// new version goes beside the booted one, starting from its orig,
+    /// and boots next time; the running system goes on. No manifest is
+    /// kept unless --manifest is given.
+    #[arg(long)]
+    running: bool,
+    /// Print the names of the upgrade's steps, one a line, in order (what
+    /// STRATA_STOP_AFTER_STEP takes), and exit. With --rootfs and
+    /// --no-default, those of that upgrade.
+    #[arg(long)]
+    list_steps: bool,
     /// The new root filesystem: a directory or a tar archive (plain or
     /// gzip/xz/zstd/bzip2, as mmdebstrap, docker export or tar make it).
-    #[arg(long)]
-    rootfs: PathBuf,
+    #[arg(long, required_unless_present = "list_steps")]
+    rootfs: Option<PathBuf>,
     /// The new version's label: it lives in systems/<LABEL>/.
-    #[arg(long)]
-    label: String,
+    #[arg(long, required_unless_present = "list_steps")]
+    label: Option<String>,
     /// Extra kernel command line arguments for the new version, replacing
     /// those of the version it starts from (`--kernel-args ""`: none).
     /// Without it the new version keeps the current default's.
@@ -40,8 +57,8 @@ pub struct UpgradeArgs {
     /// Add the version without making it the default.
     #[arg(long)]
     no_default: bool,
-    /// The manifest to update (default: IMAGE.manifest.json; started from
-    /// the image's layout when it does not exist).
+    /// The manifest to update (default: IMAGE.manifest.json, none with
+    /// --running; started from the image's layout when it does not exist).
     #[arg(long)]
     manifest: Option<PathBuf>,
     /// Upgrade even when the new fstab mounts something over data already
@@ -52,9 +69,50 @@ pub struct UpgradeArgs {
 }
 
 pub fn run(args: UpgradeArgs) -> u8 {
+    if args.list_steps {
+        let tar = match &args.rootfs {
+            None => false,
+            Some(r) => match rootfs_tar::classify(r) {
+                Ok(i) => matches!(i, rootfs_tar::RootfsInput::Tar(_)),
+                Err(e) => return exit::fail_with(FailureKind::Input, &anyhow::anyhow!("{e}")),
+            },
+        };
+        for name in upgrade::step_names(tar, !args.no_default) {
+            println!("{name}");
+        }
+        return exit::SUCCESS;
+    }
+    // Loud, before anything: an upgrade that is not crash-safe on purpose.
+    if let Ok(Some(m)) = UnsafeUpgrade::from_env() {
+        eprintln!(
+            "WARNING: {UNSAFE_UPGRADE_ENV}={}: TEST-ONLY UNSAFE MODE, this upgrade is NOT crash-safe \
+             (a power cut can leave the system unbootable). Unset it unless you are testing strata.",
+            m.name()
+        );
+    }
+    // First, while strata has one thread: the mounts of a --running
+    // upgrade happen in a private mount namespace (`running::enter`).
+    let (target, shown, again) = match (args.running, args.image) {
+        (true, _) => match running::enter() {
+            Ok(r) => {
+                let shown = format!(
+                    "the running system ({}, booted {})",
+                    r.device.display(),
+                    r.booted
+                );
+                (Target::Running(r), shown, "--running".to_owned())
+            }
+            Err(e) => return exit::fail(e),
+        },
+        (false, Some(image)) => {
+            let shown = image.display().to_string();
+            (Target::Image(image), shown.clone(), shown)
+        }
+        (false, None) => unreachable!("clap requires IMAGE or --running"),
+    };
     let opts = UpgradeOptions {
-        rootfs: args.rootfs,
-        label: args.label,
+        rootfs: args.rootfs.expect("clap requires --rootfs"),
+        label: args.label.expect("clap requires --label"),
         kernel_args: args.kernel_args,
         migration: args.state_migration,
         state_data: args.state_data,
@@ -72,11 +130,11 @@ pub fn run(args: UpgradeArgs) -> u8 {
         }
     };
     let mut ui = super::progress::Progress::new();
-    let result = upgrade::upgrade(&args.image, &opts, &interrupt, &mut |e| ui.event(e));
+    let result = upgrade::upgrade_target(&target, &opts, &interrupt, &mut |e| ui.event(e));
     ui.finish();
     match result {
         Ok(s) => {
-            println!("{}", summary(&args.image.display().to_string(), &s));
+            println!("{}", summary(&shown, &again, &s));
             0
         }
         Err(e) => exit::fail(e),
@@ -106,14 +164,28 @@ fn count(paths: &[String], what: &str) -> String {
     }
 }
 
-fn summary(image: &str, s: &UpgradeSummary) -> String {
+/// `image`: what was upgraded, as shown; `again`: how a next command
+/// names it (the image, or `--running`).
+fn summary(image: &str, again: &str, s: &UpgradeSummary) -> String {
     let default = if s.is_default {
         "now the default".to_owned()
     } else {
         format!(
-            "not the default ({} still names {}; `strata set-default {image} {}` boots it)",
-            DEFAULT_LINK, s.based_on, s.label
+            "not the default ({} still names {}; `strata set-default {again} {}` boots it)",
+            DEFAULT_LINK, s.default_before, s.label
         )
+    };
+    let manifest = match &s.manifest {
+        Some(m) => format!(
+            "manifest {}{}",
+            m.display(),
+            if s.manifest_created {
+                " (new: read off the image)"
+            } else {
+                ""
+            }
+        ),
+        None => "no manifest (--running keeps one only with --manifest PATH)".to_owned(),
     };
     let kernel_args = match (s.kernel_args.is_empty(), s.kernel_args_kept) {
         (true, _) => String::new(),
@@ -124,7 +196,7 @@ fn summary(image: &str, s: &UpgradeSummary) -> String {
         (false, false) => format!("; kernel args {:?}", s.kernel_args),
     };
     format!(
-        "upgraded {image}: version {} (from {}) is {default}{kernel_args}; {} written ({} new, {} changed, {} removed files); state data ({}): {}, {}; manifest {}{}",
+        "upgraded {image}: version {} (from {}) is {default}{kernel_args}; {} written ({} new, {} changed, {} removed files); state data ({}): {}, {}; {manifest}",
         s.label,
         s.based_on,
         human(s.bytes_written),
@@ -134,12 +206,6 @@ fn summary(image: &str, s: &UpgradeSummary) -> String {
         s.state_data.policy,
         count(&s.state_data.merged, "merged"),
         count(&s.state_data.left_out, "left out"),
-        s.manifest.display(),
-        if s.manifest_created {
-            " (new: read off the image)"
-        } else {
-            ""
-        }
     )
 }
 
@@ -169,6 +235,7 @@ mod tests {
         UpgradeSummary {
             label: "v2".into(),
             based_on: "factory".into(),
+            default_before: "factory".into(),
             is_default,
             kernel_args: kernel_args.into(),
             kernel_args_kept: kept,
@@ -181,7 +248,7 @@ mod tests {
             },
             bytes_written: (1 << 20) + 18,
             state_data: state_data.clone(),
-            manifest: "/var/tmp/sys.img.manifest.json".into(),
+            manifest: Some("/var/tmp/sys.img.manifest.json".into()),
             manifest_created: !is_default,
             record: VersionRecord {
                 label: "v2".into(),
@@ -214,12 +281,14 @@ mod tests {
             "default",
             summary(
                 "/var/tmp/sys.img",
+                "/var/tmp/sys.img",
                 &summary_of(true, &["/var/lib/newpkg", "/var/lib/newpkg/state"], &[])
             )
         );
         insta::assert_snapshot!(
             "not-default",
             summary(
+                "/var/tmp/sys.img",
                 "/var/tmp/sys.img",
                 &summary_of(
                     false,
@@ -235,10 +304,41 @@ mod tests {
         );
     }
 
+    /// The running system: named as such, no manifest, and the next
+    /// command said with --running.
+    #[test]
+    fn summary_of_a_running_upgrade() {
+        let mut s = summary_of(false, &[], &[]);
+        s.manifest = None;
+        s.default_before = "v1".into();
+        let line = summary(
+            "the running system (/dev/vda, booted factory)",
+            "--running",
+            &s,
+        );
+        assert!(
+            line.starts_with(
+                "upgraded the running system (/dev/vda, booted factory): version v2 (from factory)"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains(
+                "systems/default still names v1; `strata set-default --running v2` boots it"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("no manifest (--running keeps one only with --manifest PATH)"),
+            "{line}"
+        );
+    }
+
     #[test]
     fn summary_names_the_kernel_args_used() {
         let line = |args: &str, kept: bool| {
             summary(
+                "/var/tmp/sys.img",
                 "/var/tmp/sys.img",
                 &summary_with_args(true, &[], &[], args, kept),
             )

@@ -1,5 +1,8 @@
 //! `strata versions IMG [--json]`, `strata set-default IMG LABEL` and
 //! `strata remove IMG LABEL`: the versions of an image (layout.md §6).
+//! With `--running` instead of IMG, of the strata system strata runs in
+//! (its device, `strata_builder::running`); `remove --running` refuses the
+//! booted version. A manifest is used there only when --manifest names it.
 //!
 //! Exit codes: 0 done, 2 refused or bad input (nothing changed: unknown
 //! label, the default version for remove, a partial version for
@@ -11,13 +14,18 @@ use super::exit;
 use std::fmt::Write;
 use std::path::PathBuf;
 use strata_builder::image::ImageError;
+use strata_builder::running::{self, Running};
 use strata_builder::size::human;
 use strata_builder::versions::{self, Status, Versions};
 
 #[derive(clap::Args)]
 pub struct VersionsArgs {
     /// The image (a raw whole-disk Btrfs file, or a block device).
-    image: PathBuf,
+    #[arg(required_unless_present = "running", conflicts_with = "running")]
+    image: Option<PathBuf>,
+    /// The strata system this runs in, instead of an image.
+    #[arg(long)]
+    running: bool,
     /// Print JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -25,10 +33,16 @@ pub struct VersionsArgs {
 
 #[derive(clap::Args)]
 pub struct SetDefaultArgs {
-    /// The image.
-    image: PathBuf,
+    /// The image (or --running: LABEL alone).
+    #[arg(required_unless_present = "running")]
+    image: Option<PathBuf>,
     /// The version to boot from now on (rollback or roll-forward).
-    label: String,
+    /// Required; with --running the only word (clap fills IMAGE first,
+    /// `image_and_label` sorts them out).
+    label: Option<String>,
+    /// The strata system this runs in, instead of an image.
+    #[arg(long)]
+    running: bool,
     /// The manifest to update (default: IMAGE.manifest.json, when it exists).
     #[arg(long)]
     manifest: Option<PathBuf>,
@@ -36,10 +50,15 @@ pub struct SetDefaultArgs {
 
 #[derive(clap::Args)]
 pub struct RemoveArgs {
-    /// The image.
-    image: PathBuf,
-    /// The version to delete (not the default one).
-    label: String,
+    /// The image (or --running: LABEL alone).
+    #[arg(required_unless_present = "running")]
+    image: Option<PathBuf>,
+    /// The version to delete (not the default one, nor the booted one).
+    /// Required; with --running the only word.
+    label: Option<String>,
+    /// The strata system this runs in, instead of an image.
+    #[arg(long)]
+    running: bool,
     /// The manifest to update (default: IMAGE.manifest.json, when it exists).
     #[arg(long)]
     manifest: Option<PathBuf>,
@@ -55,8 +74,54 @@ fn finish(r: Result<String, ImageError>) -> u8 {
     }
 }
 
+/// What a command works on: the image, or the running system's device
+/// (its mounts then in a private namespace, `running::enter`).
+enum On {
+    Image(PathBuf),
+    Running(Running),
+}
+
+impl On {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            On::Image(p) => p,
+            On::Running(r) => &r.device,
+        }
+    }
+}
+
+fn on(image: Option<PathBuf>, running: bool) -> Result<On, ImageError> {
+    match (running, image) {
+        (true, _) => running::enter().map(On::Running),
+        (false, Some(i)) => Ok(On::Image(i)),
+        (false, None) => Err(ImageError::Input("give an IMAGE or --running".into())),
+    }
+}
+
+/// `strata set-default --running v1` puts the label where IMAGE goes:
+/// clap fills positionals in order, so the one word is the IMAGE field.
+fn image_and_label(
+    image: Option<PathBuf>,
+    label: Option<String>,
+    running: bool,
+) -> Result<(Option<PathBuf>, String), ImageError> {
+    match (running, image, label) {
+        (true, Some(l), None) => Ok((None, l.to_string_lossy().into_owned())),
+        (true, Some(i), Some(_)) => Err(ImageError::Input(format!(
+            "--running works on the system this runs in: give LABEL alone, not the image {}",
+            i.display()
+        ))),
+        (_, i, Some(l)) => Ok((i, l)),
+        (_, _, None) => Err(ImageError::Input("give the version's LABEL".into())),
+    }
+}
+
 pub fn list(args: VersionsArgs) -> u8 {
-    finish(versions::list_all(&args.image).map(|v| {
+    let target = match on(args.image, args.running) {
+        Ok(t) => t,
+        Err(e) => return exit::fail(e),
+    };
+    finish(versions::list_all(target.path()).map(|v| {
         if args.json {
             serde_json::to_string_pretty(&v).expect("serialisable") + "\n"
         } else {
@@ -66,17 +131,30 @@ pub fn list(args: VersionsArgs) -> u8 {
 }
 
 pub fn set_default(args: SetDefaultArgs) -> u8 {
+    let (target, label) = match image_and_label(args.image, args.label, args.running)
+        .and_then(|(i, l)| Ok((on(i, args.running)?, l)))
+    {
+        Ok(t) => t,
+        Err(e) => return exit::fail(e),
+    };
     finish(
-        versions::set_default(&args.image, &args.label, args.manifest.as_deref())
-            .map(|()| format!("default version: {}\n", args.label)),
+        versions::set_default(target.path(), &label, args.manifest.as_deref())
+            .map(|()| format!("default version: {label}\n")),
     )
 }
 
 pub fn remove(args: RemoveArgs) -> u8 {
-    finish(
-        versions::remove(&args.image, &args.label, args.manifest.as_deref())
-            .map(|()| format!("removed version {}\n", args.label)),
-    )
+    let (target, label) = match image_and_label(args.image, args.label, args.running)
+        .and_then(|(i, l)| Ok((on(i, args.running)?, l)))
+    {
+        Ok(t) => t,
+        Err(e) => return exit::fail(e),
+    };
+    let removed = match &target {
+        On::Image(image) => versions::remove(image, &label, args.manifest.as_deref()),
+        On::Running(r) => versions::remove_running(r, &label, args.manifest.as_deref()),
+    };
+    finish(removed.map(|()| format!("removed version {label}\n")))
 }
 
 /// The table `strata versions` prints.

@@ -273,6 +273,7 @@ mod tests {
             Snapshot,
             InstallKernel,
             WriteBootConfig,
+            Flush,
             SetDefault,
             InstallBootloader,
             Appliance,

@@ -7,7 +7,6 @@ use super::{input, UpgradeOptions};
 use crate::btrfs;
 use crate::deploy::{self, BootSource, Deployed, Rootfs};
 use crate::error::{BuildError, Context, StepError};
-use crate::extlinux::BootEntry;
 use crate::interrupt::Interrupt;
 use crate::layout::Version;
 use crate::manifest::StateData;
@@ -73,12 +72,7 @@ pub(super) fn assemble(
     Ok(Assembled {
         deployed: Deployed {
             version: c.version.clone(),
-            boot: BootEntry {
-                version: c.version.clone(),
-                root_device: c.plan.root_device.clone(),
-                has_initramfs: rootfs.initramfs.is_some(),
-                kernel_args: c.kernel_args.clone(),
-            },
+            boot: c.new_entry(),
             moved_files,
             kernel: c.version.kernel(),
             initramfs: rootfs.initramfs.as_ref().map(|_| c.version.initramfs()),

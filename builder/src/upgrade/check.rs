@@ -3,7 +3,7 @@
 //! written.
 
 use super::existing::{existing_entries, menu_entry, new_kernel_args, record_from_image, root_of};
-use super::{input, UpgradeOptions};
+use super::{input, Target, UpgradeOptions};
 use crate::copy;
 use crate::deploy::{self, BootSource, Rootfs};
 use crate::error::{BuildError, Context, StepError};
@@ -32,8 +32,12 @@ const METADATA_PER_ENTRY: u64 = 2 << 10;
 pub(super) struct Checked {
     pub(super) rootfs: Rootfs,
     pub(super) version: Version,
-    /// The current default: the new orig starts as a snapshot of its orig.
+    /// The version the new one starts from (a snapshot of its orig, its
+    /// kernel arguments and root device): the default of an image, the
+    /// booted version of the running system.
     pub(super) old: Version,
+    /// What `systems/default` names now: the menu's default until the flip.
+    pub(super) default: Version,
     pub(super) plan: Plan,
     /// State dirs of the plan whose subvolume exists: the live data. Their
     /// contents are excluded from the sync and the policy applies.
@@ -42,7 +46,8 @@ pub(super) struct Checked {
     pub(super) entries: Vec<BootEntry>,
     /// The new version's extra kernel arguments (`new_kernel_args`).
     pub(super) kernel_args: String,
-    pub(super) manifest_path: PathBuf,
+    /// None: the running system without `--manifest` (nothing is saved).
+    pub(super) manifest_path: Option<PathBuf>,
     /// Loaded, or started from the image's layout.
     pub(super) manifest: Manifest,
     pub(super) manifest_existed: bool,
@@ -58,17 +63,30 @@ pub(super) fn image_error(what: impl FnOnce() -> String) -> impl FnOnce(ImageErr
     }
 }
 
+impl Checked {
+    /// The new version's menu entry.
+    pub(super) fn new_entry(&self) -> BootEntry {
+        BootEntry {
+            version: self.version.clone(),
+            root_device: self.plan.root_device.clone(),
+            has_initramfs: self.rootfs.initramfs.is_some(),
+            kernel_args: self.kernel_args.clone(),
+        }
+    }
+}
+
 pub(super) fn check(
-    image: &Path,
+    target: &Target,
     opts: &UpgradeOptions,
     steps: &mut Steps,
 ) -> Result<Checked, StepError> {
+    let image = target.path();
     let version = Version::new(&opts.label).map_err(|e| input(e.to_string()))?;
     let rootfs = deploy::prepare_rootfs(&opts.rootfs, None, None).map_err(into_step_error)?;
-    let (manifest_path, loaded) = load_manifest_and_check_free(image, opts)?;
+    let (manifest_path, loaded) = load_manifest_and_check_free(target, opts)?;
     let ro = open_ro(image, steps)?;
     let checked = check_open(
-        image,
+        target,
         &ro,
         opts,
         version,
@@ -87,33 +105,38 @@ pub(super) fn check(
 /// label yet). An upgrade from an archive runs it before the (long)
 /// extraction; `check` runs it all again after (through the same code).
 pub(super) fn check_without_rootfs(
-    image: &Path,
+    target: &Target,
     opts: &UpgradeOptions,
     steps: &mut Steps,
 ) -> Result<(), StepError> {
+    let image = target.path();
     let version = Version::new(&opts.label).map_err(|e| input(e.to_string()))?;
-    let (manifest_path, loaded) = load_manifest_and_check_free(image, opts)?;
+    let (manifest_path, loaded) = load_manifest_and_check_free(target, opts)?;
     let ro = open_ro(image, steps)?;
-    check_layout(image, &ro, &version, loaded.as_ref(), &manifest_path)?;
+    check_layout(
+        target,
+        &ro,
+        &version,
+        loaded.as_ref(),
+        manifest_path.as_deref(),
+    )?;
     ro.close()
         .map_err(image_error(|| format!("closing {}", image.display())))
 }
 
 fn load_manifest_and_check_free(
-    image: &Path,
+    target: &Target,
     opts: &UpgradeOptions,
-) -> Result<(PathBuf, Option<Manifest>), StepError> {
-    let manifest_path = opts
-        .manifest
-        .clone()
-        .unwrap_or_else(|| Manifest::default_path(image));
-    let loaded = match manifest_path.symlink_metadata() {
-        Ok(_) => Some(Manifest::load(&manifest_path).map_err(|e| {
+) -> Result<(Option<PathBuf>, Option<Manifest>), StepError> {
+    let image = target.path();
+    let manifest_path = opts.manifest.clone().or_else(|| target.default_manifest());
+    let loaded = match manifest_path.as_deref().map(|p| (p, p.symlink_metadata())) {
+        Some((p, Ok(_))) => Some(Manifest::load(p).map_err(|e| {
             input(format!(
                 "{e} (give --manifest PATH for this image's manifest, or move that file away)"
             ))
         })?),
-        Err(_) => None,
+        _ => None,
     };
     // No other strata: `upgrade` holds the image's exclusive lock. Killed
     // runs' mounts were cleaned in the step before (their loop devices
@@ -148,17 +171,25 @@ pub(super) fn is_whole(v: &model::Version) -> bool {
 
 #[allow(clippy::too_many_arguments)]
 fn check_open(
-    image: &Path,
+    target: &Target,
     ro: &OpenImage,
     opts: &UpgradeOptions,
     version: Version,
     rootfs: Rootfs,
     loaded: Option<Manifest>,
-    manifest_path: PathBuf,
+    manifest_path: Option<PathBuf>,
     steps: &mut Steps,
 ) -> Result<Checked, StepError> {
+    let image = target.path();
     let layout = ro.layout();
-    let (old_label, old) = check_layout(image, ro, &version, loaded.as_ref(), &manifest_path)?;
+    let (old, default) = check_layout(
+        target,
+        ro,
+        &version,
+        loaded.as_ref(),
+        manifest_path.as_deref(),
+    )?;
+    let old_label = old.label().to_owned();
     let fs_uuid = layout.filesystem.uuid.clone();
 
     // The image's root device: as the default version was deployed with,
@@ -258,7 +289,7 @@ fn check_open(
     // off the image; a record of a version no longer there goes.
     for e in &entries {
         if manifest.version(e.version.label()).is_none() {
-            if manifest_existed {
+            if let (true, Some(manifest_path)) = (manifest_existed, &manifest_path) {
                 steps.emit(Event::Note(format!(
                     "manifest {}: no record of version {}; adding one read off the image",
                     manifest_path.display(),
@@ -270,7 +301,7 @@ fn check_open(
     }
     manifest.versions.retain(|r| {
         let there = layout.versions.iter().any(|v| v.label == r.label);
-        if !there {
+        if let (false, Some(manifest_path)) = (there, &manifest_path) {
             steps.emit(Event::Note(format!(
                 "manifest {}: dropping the record of version {}, which is not on the image",
                 manifest_path.display(),
@@ -279,11 +310,12 @@ fn check_open(
         }
         there
     });
-    manifest.default = old_label;
+    manifest.default = default.label().to_owned();
     Ok(Checked {
         rootfs,
         version,
         old,
+        default,
         plan,
         live_state,
         entries,
@@ -365,15 +397,16 @@ fn hidden_state(
 
 /// The image is a strata layout with a whole default version and no
 /// version called `version` yet; the manifest, if any, is this image's.
-/// Returns the default's label and version.
+/// Returns the version to start from (the default, or the running
+/// system's booted version, which must be whole too) and the default.
 fn check_layout(
-    image: &Path,
+    target: &Target,
     ro: &OpenImage,
     version: &Version,
     loaded: Option<&Manifest>,
-    manifest_path: &Path,
-) -> Result<(String, Version), StepError> {
-    let shown = image.display();
+    manifest_path: Option<&Path>,
+) -> Result<(Version, Version), StepError> {
+    let shown = target.path().display();
     let layout = ro.layout();
     let not_layout = |why: String| {
         let problems = if layout.problems.is_empty() {
@@ -404,7 +437,26 @@ fn check_layout(
             Version::found(&old_label).kernel()
         )));
     }
-    let old = Version::new(&old_label).map_err(|e| not_layout(e.to_string()))?;
+    let default = Version::new(&old_label).map_err(|e| not_layout(e.to_string()))?;
+    let old = match target.base() {
+        None => default.clone(),
+        Some(booted) => {
+            let whole = layout
+                .versions
+                .iter()
+                .find(|v| v.label == booted.label())
+                .is_some_and(is_whole);
+            if !whole {
+                return Err(not_layout(format!(
+                    "the booted version {booted} is not a whole version of it (it needs {}, {} and {})",
+                    booted.orig(),
+                    booted.run(),
+                    booted.kernel()
+                )));
+            }
+            booted.clone()
+        }
+    };
     if layout.versions.iter().any(|v| v.label == version.label())
         || ro.top().join(version.dir()).symlink_metadata().is_ok()
     {
@@ -419,7 +471,7 @@ fn check_layout(
         )));
     }
     let fs_uuid = layout.filesystem.uuid.clone();
-    if let Some(m) = loaded {
+    if let (Some(m), Some(manifest_path)) = (loaded, manifest_path) {
         if m.fs_uuid != fs_uuid {
             return Err(input(format!(
                 "manifest {} describes filesystem {}, but {shown} is filesystem {fs_uuid}: give --manifest PATH for this image's manifest",
@@ -428,7 +480,7 @@ fn check_layout(
             )));
         }
     }
-    Ok((old_label, old))
+    Ok((old, default))
 }
 
 /// The state dirs the new version mounts: the image's configured list

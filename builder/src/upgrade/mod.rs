@@ -22,18 +22,36 @@
 //! install-kernel     kernel and initramfs beside them
 //! commit-version     one rename(2): systems/.strata-partial-L -> systems/L
 //! write-boot-config  one menu entry per version (temp file + rename)
+//! flush              the filesystem committed (`btrfs filesystem sync`):
+//!                    the new version and the menu are on disk before
+//!                    anything can make them the default
 //! set-default        systems/default -> L (one rename(2)), LAST
 //! finish             sync, unmount, detach
 //! ```
 //!
 //! and then the manifest gets the version's record (atomic rewrite).
 //!
+//! Two targets, one code path (`Target`): an image (a file, loop-attached,
+//! or a device nobody has mounted) and the running system
+//! (`strata upgrade --running`: the device behind `/`, whose top level is
+//! mounted a second time in strata's private mount namespace,
+//! `crate::running`). They differ only in what surrounds the steps: the
+//! lock is the image's flock either way (on the device node for
+//! `--running`); the new version starts from the booted version's orig
+//! instead of the default's (never from its live run); the manifest is
+//! `IMG.manifest.json` for an image and only `--manifest PATH` for the
+//! running system (a device has no file beside it).
+//!
 //! Crash safety (SIGKILL included): until `commit-version` the new version
 //! exists only under a partial name that no reader lists as a version and
 //! the next upgrade removes; the old default, its menu entry and the link
 //! are untouched. After it the new version is whole (listed, bootable from
 //! the menu once written); `systems/default` still names the old one until
-//! the flip. The mount and loop device of a killed run carry its pid
+//! the flip. Power cuts: the snapshots, the sync and the rename live in
+//! btrfs's running transaction, and the flip's fsync of `systems/` may
+//! reach the disk through the log tree without it; `flush` commits the
+//! transaction first, so a flip that survives a power cut always names a
+//! version (and a menu) that survived too. The mount and loop device of a killed run carry its pid
 //! (`debris`): the next strata command that opens the image cleans them.
 //! State data merged before a crash stays in the state subvolumes: they
 //! are files the live state lacked, no existing byte is changed.
@@ -59,13 +77,15 @@ use crate::debris;
 use crate::error::{BuildError, Context, StepError};
 use crate::image::{self, boot_entry, Mode, OpenImage};
 use crate::interrupt::Interrupt;
-use crate::layout;
+use crate::layout::{self, Version};
 use crate::lock::ImageLock;
+use crate::manifest::Manifest;
 use crate::manifest::{Deployment, StateData, VersionRecord};
 use crate::migrate::Migration;
 use crate::progress::{Event, Step};
 use crate::rootfs_tar::{self, DeviceNodes, Extraction, RootfsInput};
-use crate::steps::Steps;
+use crate::running::Running;
+use crate::steps::{Steps, UnsafeUpgrade, UNSAFE_UPGRADE_ENV};
 use crate::sync::{StatePolicy, SyncReport};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -77,7 +97,7 @@ use partial::{own_subvolumes, partial_dirs, remove_partial};
 /// Every step of an upgrade from a directory, in order (`set-default` is
 /// skipped with `set_default: false`; a tar archive adds `extract-rootfs`
 /// after `clean-debris`).
-pub const STEPS: [Step; 15] = [
+pub const STEPS: [Step; 16] = [
     Step::CleanDebris,
     Step::CheckImage,
     Step::Mount,
@@ -91,9 +111,68 @@ pub const STEPS: [Step; 15] = [
     Step::InstallKernel,
     Step::CommitVersion,
     Step::WriteBootConfig,
+    Step::Flush,
     Step::SetDefault,
     Step::Finish,
 ];
+
+/// The names of the steps an upgrade runs, in order (what
+/// `STRATA_STOP_AFTER_STEP` takes; `strata upgrade --list-steps` prints
+/// them): `STEPS`, with `extract-rootfs` after `clean-debris` for a tar
+/// archive and without `set-default` for `--no-default`.
+pub fn step_names(tar: bool, set_default: bool) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    for s in STEPS {
+        if s == Step::SetDefault && !set_default {
+            continue;
+        }
+        out.push(s.name());
+        if s == Step::CleanDebris && tar {
+            out.push(Step::ExtractRootfs.name());
+        }
+    }
+    out
+}
+
+/// What an upgrade changes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// An image file (loop-attached) or a block device nobody has mounted.
+    Image(PathBuf),
+    /// The system strata runs in (`crate::running`): its device, whose top
+    /// level strata mounts again beside `/`. Enter the private mount
+    /// namespace first (`running::enter`).
+    Running(Running),
+}
+
+impl Target {
+    /// The image file or the device.
+    pub fn path(&self) -> &Path {
+        match self {
+            Target::Image(p) => p,
+            Target::Running(r) => &r.device,
+        }
+    }
+
+    /// The version the new one starts from when it is not the default:
+    /// the booted one.
+    fn base(&self) -> Option<&Version> {
+        match self {
+            Target::Image(_) => None,
+            Target::Running(r) => Some(&r.booted),
+        }
+    }
+
+    /// The manifest kept when none is given: beside an image; none for the
+    /// running system (nothing is beside a device, and the image's
+    /// manifest, if any, is on the host that built it).
+    fn default_manifest(&self) -> Option<PathBuf> {
+        match self {
+            Target::Image(p) => Some(Manifest::default_path(p)),
+            Target::Running(_) => None,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct UpgradeOptions {
@@ -112,8 +191,9 @@ pub struct UpgradeOptions {
     pub state_data: StatePolicy,
     /// Flip `systems/default` to the new version (the last step).
     pub set_default: bool,
-    /// The manifest to update; default `IMG.manifest.json`. Started from
-    /// the image's layout when it does not exist.
+    /// The manifest to update; default `IMG.manifest.json` (none for the
+    /// running system). Started from the image's layout when it does not
+    /// exist.
     pub manifest: Option<PathBuf>,
     /// Go on when the new fstab mounts something over data already in a
     /// live state subvolume (`--allow-hidden-state`): that data stays on
@@ -126,8 +206,11 @@ pub struct UpgradeOptions {
 #[derive(Debug, Clone)]
 pub struct UpgradeSummary {
     pub label: String,
-    /// The version whose orig the new one started from (the old default).
+    /// The version whose orig the new one started from: the default (an
+    /// image) or the booted version (the running system).
     pub based_on: String,
+    /// What `systems/default` named before.
+    pub default_before: String,
     /// The new version is the default now.
     pub is_default: bool,
     /// The new version's extra kernel arguments, as its entry has them.
@@ -140,7 +223,8 @@ pub struct UpgradeSummary {
     /// data merged, kernel and initramfs unless unchanged (then shared).
     pub bytes_written: u64,
     pub state_data: StateData,
-    pub manifest: PathBuf,
+    /// None: the running system's upgrade without `--manifest`.
+    pub manifest: Option<PathBuf>,
     /// The manifest did not exist and was started from the image's layout.
     pub manifest_created: bool,
     pub record: VersionRecord,
@@ -157,6 +241,36 @@ pub fn upgrade(
     interrupt: &Interrupt,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<UpgradeSummary, BuildError> {
+    upgrade_target(&Target::Image(image.to_owned()), opts, interrupt, on_event)
+}
+
+/// Upgrades the system this process runs in (`running::enter` found it
+/// and entered the private mount namespace): the same steps as `upgrade`.
+pub fn upgrade_running(
+    running: &Running,
+    opts: &UpgradeOptions,
+    interrupt: &Interrupt,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<UpgradeSummary, BuildError> {
+    upgrade_target(&Target::Running(running.clone()), opts, interrupt, on_event)
+}
+
+/// Upgrades `target` in place: see the module documentation.
+pub fn upgrade_target(
+    target: &Target,
+    opts: &UpgradeOptions,
+    interrupt: &Interrupt,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<UpgradeSummary, BuildError> {
+    let image = target.path();
+    // Refused before anything happens: a typo must not run the safe path.
+    let unsafe_mode = UnsafeUpgrade::from_env().map_err(BuildError::Input)?;
+    if let Some(m) = unsafe_mode {
+        on_event(Event::Note(format!(
+            "UNSAFE (test only): {UNSAFE_UPGRADE_ENV}={}: this upgrade is not crash-safe",
+            m.name()
+        )));
+    }
     if !rustix::process::geteuid().is_root() {
         return Err(BuildError::Input(format!(
             "strata upgrade must run as root (it attaches a loop device and mounts the image); running as uid {}",
@@ -187,11 +301,11 @@ pub fn upgrade(
         Ok(())
     })?;
     match input {
-        RootfsInput::Dir => upgrade_from(image, opts, steps),
+        RootfsInput::Dir => upgrade_from(target, opts, unsafe_mode, steps),
         RootfsInput::Tar(_) => {
             // What check-image refuses without the rootfs, refused before
             // the long extraction (a read-only look, no step of its own).
-            check_without_rootfs(image, opts, &mut steps)
+            check_without_rootfs(target, opts, &mut steps)
                 .map_err(|e| e.in_step(Step::CheckImage))?;
             // Removed on every way out.
             let extraction = steps.run(Step::ExtractRootfs, |s| {
@@ -222,7 +336,7 @@ pub fn upgrade(
                 rootfs: extraction.rootfs().to_owned(),
                 ..opts.clone()
             };
-            let upgraded = upgrade_from(image, &tree, steps);
+            let upgraded = upgrade_from(target, &tree, unsafe_mode, steps);
             on_event(Event::Note(extraction.remove()));
             upgraded.map_err(|e| build::name_archive(e, &tree.rootfs, &opts.rootfs))
         }
@@ -240,12 +354,30 @@ fn image_size(image: &Path) -> Option<u64> {
 
 /// The upgrade from `check-image` on, `opts.rootfs` a directory.
 fn upgrade_from(
-    image: &Path,
+    target: &Target,
     opts: &UpgradeOptions,
+    unsafe_mode: Option<UnsafeUpgrade>,
     mut steps: Steps,
 ) -> Result<UpgradeSummary, BuildError> {
-    let checked = steps.run(Step::CheckImage, |s| check(image, opts, s))?;
-    let rw = steps.run(Step::Mount, |s| open_rw(image, &checked, s))?;
+    let image = target.path();
+    let checked = steps.run(Step::CheckImage, |s| check(target, opts, s))?;
+    let rw = steps.run(Step::Mount, |s| {
+        let rw = open_rw(image, &checked, s)?;
+        if unsafe_mode == Some(UnsafeUpgrade::FlipFirst) {
+            // The broken order the power-cut matrix must catch: the link
+            // and the menu name a version that does not exist yet.
+            let mut entries = checked.entries.clone();
+            entries.push(checked.new_entry());
+            boot::write_menu(rw.top(), &checked.version, &entries)?;
+            boot::set_default_unchecked(rw.top(), &checked.version)?;
+            s.emit(Event::Note(format!(
+                "UNSAFE flip-first: {} already names {}, which does not exist yet",
+                layout::DEFAULT_LINK,
+                checked.version
+            )));
+        }
+        Ok(rw)
+    })?;
     let top = rw.top().to_owned();
 
     let partial = checked.version.partial();
@@ -278,13 +410,28 @@ fn upgrade_from(
     };
 
     // The new version is whole and named. The menu gets one entry per
-    // version with the old default still the default: a crash before the
-    // flip boots the old version, as the link says.
+    // version with the current default still the default: a crash before
+    // the flip boots that version, as the link says.
     let (version, old) = (&checked.version, &checked.old);
+    let default_before = checked.default.label().to_owned();
     let mut entries = checked.entries.clone();
     entries.push(assembled.deployed.boot.clone());
     steps.run(Step::WriteBootConfig, |_| {
-        boot::write_menu(&top, old, &entries)
+        boot::write_menu(&top, &checked.default, &entries)
+    })?;
+    // The flip is made durable by its own fsync of `systems/`, which btrfs
+    // may satisfy from its log tree without committing the transaction
+    // that holds the new subvolumes; replayed after a power cut, the link
+    // would name a version that is not there. One commit here puts all of
+    // it on disk before the flip exists.
+    steps.run(Step::Flush, |s| {
+        if unsafe_mode == Some(UnsafeUpgrade::SkipFlush) {
+            s.emit(Event::Note(
+                "UNSAFE skip-flush: the filesystem is not committed before the flip".into(),
+            ));
+            return Ok(());
+        }
+        btrfs::sync(&top).context(|| "committing the filesystem before the flip".into())
     })?;
     if opts.set_default {
         steps.run(Step::SetDefault, |_| {
@@ -338,13 +485,16 @@ fn upgrade_from(
     }
     // After the image is complete: a crash before this leaves the manifest
     // one version behind, never ahead of the image.
-    manifest
-        .save(&manifest_path)
-        .context(|| format!("writing manifest {}", manifest_path.display()))
-        .map_err(|e| e.in_step(Step::Finish))?;
+    if let Some(manifest_path) = &manifest_path {
+        manifest
+            .save(manifest_path)
+            .context(|| format!("writing manifest {}", manifest_path.display()))
+            .map_err(|e| e.in_step(Step::Finish))?;
+    }
     Ok(UpgradeSummary {
         label: record.label.clone(),
         based_on: old.label().to_owned(),
+        default_before,
         is_default: opts.set_default,
         kernel_args,
         kernel_args_kept: opts.kernel_args.is_none(),
@@ -381,12 +531,12 @@ fn open_rw(image: &Path, checked: &Checked, steps: &mut Steps) -> Result<OpenIma
     let default = fs::read_link(top.join(layout::DEFAULT_LINK))
         .ok()
         .and_then(|t| boot_entry::default_label(&t));
-    if default.as_deref() != Some(checked.old.label()) {
+    if default.as_deref() != Some(checked.default.label()) {
         return Err(input(format!(
             "{} changed while strata was checking it ({} no longer names {})",
             image.display(),
             layout::DEFAULT_LINK,
-            checked.old
+            checked.default
         )));
     }
     if top.join(checked.version.dir()).symlink_metadata().is_ok() {
@@ -418,5 +568,19 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), STEPS.len());
+    }
+
+    /// What the harness pauses at: the flush before the flip, the archive's
+    /// extraction second, no flip with --no-default.
+    #[test]
+    fn step_names_follow_the_input() {
+        let dir = step_names(false, true);
+        assert_eq!(dir.len(), STEPS.len());
+        let at = |names: &[&str], n: &str| names.iter().position(|x| *x == n).unwrap();
+        assert_eq!(at(&dir, "flush") + 1, at(&dir, "set-default"));
+        assert_eq!(at(&dir, "write-boot-config") + 1, at(&dir, "flush"));
+        let tar = step_names(true, true);
+        assert_eq!(&tar[..3], ["clean-debris", "extract-rootfs", "check-image"]);
+        assert!(!step_names(false, false).contains(&"set-default"));
     }
 }
