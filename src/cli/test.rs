@@ -25,7 +25,7 @@ use strata_builder::sync::StatePolicy;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::checks::user::UserCheck;
 use strata_vmtest::checks::CheckId;
-use strata_vmtest::lifecycle::Lifecycle;
+use strata_vmtest::lifecycle::{InGuest, Lifecycle};
 use strata_vmtest::qemu::DiskBus;
 use strata_vmtest::report::{Report, Status};
 use strata_vmtest::run::{self, BootMode, Progress, RunError, Scenario, TestConfig};
@@ -147,6 +147,12 @@ pub struct TestArgs {
     /// default as `strata upgrade` [default: merge].
     #[arg(long, value_enum, value_name = "POLICY", requires = "upgrade_source")]
     state_data: Option<StatePolicy>,
+    /// The upgrade and the rollback are made by strata inside the running
+    /// guest (`upgrade --running`, `set-default --running`), handed the
+    /// strata binary and ROOTFS on a second, read-only disk; the guest needs
+    /// no network [spec: `[upgrade] in_guest = true`].
+    #[arg(long, requires = "upgrade_source")]
+    in_guest: bool,
 }
 
 pub fn run(args: TestArgs) -> u8 {
@@ -183,6 +189,7 @@ pub fn run(args: TestArgs) -> u8 {
             // none is given is `upgrade` unless the image has it.
             label: u.label.clone().unwrap_or_else(|| "upgrade".into()),
             interrupt: Interrupt::default(),
+            in_guest: None,
         });
         print!("{}", spec::plan::render(&cfg, plan.build.as_ref()));
         return exit::SUCCESS;
@@ -314,6 +321,8 @@ struct UpgradeRequest {
     label_from: String,
     migration: Option<Migration>,
     state_data: Option<StatePolicy>,
+    /// `--in-guest` or `[upgrade] in_guest = true`.
+    in_guest: bool,
 }
 
 fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
@@ -323,9 +332,10 @@ fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
             if args.upgrade_label.is_some()
                 || args.state_migration.is_some()
                 || args.state_data.is_some()
+                || args.in_guest
             {
                 return Err(exit::input(
-                    "--upgrade-label, --state-migration and --state-data need an upgrade: --upgrade-to ROOTFS or [upgrade] in the test file",
+                    "--upgrade-label, --state-migration, --state-data and --in-guest need an upgrade: --upgrade-to ROOTFS or [upgrade] in the test file",
                 ));
             }
             None
@@ -351,6 +361,7 @@ fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
                     .state_migration
                     .or(file.and_then(|u| u.state_migration)),
                 state_data: args.state_data.or(file.and_then(|u| u.state_data)),
+                in_guest: args.in_guest || file.is_some_and(|u| u.in_guest),
             })
         }
     };
@@ -581,12 +592,30 @@ fn lifecycle_config(req: &UpgradeRequest, facts: &ImageFacts) -> Result<Lifecycl
         ));
     }
     let plan = upgrade_plan(req, facts);
+    let in_guest = match req.in_guest {
+        false => None,
+        true => Some(InGuest {
+            strata: std::env::current_exe().map_err(|e| {
+                bad(format!(
+                    "--in-guest: the strata binary to hand the guest: {e}"
+                ))
+            })?,
+            rootfs: plan.rootfs.clone(),
+            upgrade_args: vec![
+                "--state-migration".into(),
+                plan.migration.name().into(),
+                "--state-data".into(),
+                plan.state_data.name().into(),
+            ],
+        }),
+    };
     Ok(Lifecycle {
         changes: Arc::new(CliChanges {
             plan,
             ops: lifecycle::OPS,
         }),
         label,
+        in_guest,
         // The upgrade polls this flag and then undoes what it began. The
         // run raises it once it has stopped (SIGINT/SIGTERM, --timeout),
         // not the signal itself: an upgrade that returned "interrupted"

@@ -95,6 +95,26 @@ pub trait ImageChanges: Send + Sync {
         interrupt: &Interrupt,
         note: &mut dyn FnMut(String),
     ) -> Result<Changed, ChangeError>;
+
+    /// What the powered-off image must show booting `label`, changed by
+    /// someone else (the guest itself, `InGuest`): read back, not changed.
+    fn read(&self, image: &Path, label: &str) -> Result<Changed, ChangeError>;
+}
+
+/// The lifecycle's changes made by the running system itself (`strata
+/// test --upgrade-to … --in-guest`): strata inside the guest runs `upgrade
+/// --running` and `set-default --running`, handed the binary and the new
+/// rootfs on the payload disk (`crate::payload`); the host only reads the
+/// image back between boots.
+#[derive(Debug, Clone)]
+pub struct InGuest {
+    /// The strata binary to run in the guest (the host's own: host and
+    /// guest must share a C library the binary runs on).
+    pub strata: std::path::PathBuf,
+    /// The new rootfs (a directory or a tar archive).
+    pub rootfs: std::path::PathBuf,
+    /// `upgrade`'s own options, passed as they are (`--state-data merge`).
+    pub upgrade_args: Vec<String>,
 }
 
 /// `TestConfig::lifecycle`: run the upgrade lifecycle instead of the plain
@@ -107,6 +127,9 @@ pub struct Lifecycle {
     /// Raised by the run's timeout so a change in progress stops; the
     /// caller may register it for signals too.
     pub interrupt: Interrupt,
+    /// The changes are made by the guest, not by `changes` (which then
+    /// only reads the image back).
+    pub in_guest: Option<InGuest>,
 }
 
 impl std::fmt::Debug for Lifecycle {

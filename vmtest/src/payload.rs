@@ -48,12 +48,24 @@ pub fn make(disk: &Path, staging: &Path, entries: &[(&str, &Path)]) -> Result<()
     let mut bytes = 0;
     for (name, from) in entries {
         let to = staging.join(name);
-        cmd::run(
+        // Hard links where the staging dir shares the source's filesystem
+        // (mke2fs only reads them), else a copy.
+        let linked = cmd::run(
             Command::new("cp")
-                .args(["-a", "--reflink=auto", "--"])
+                .args(["-a", "--link", "--"])
                 .arg(from)
                 .arg(&to),
-        )?;
+        );
+        if linked.is_err() {
+            let _ = std::fs::remove_dir_all(&to);
+            let _ = std::fs::remove_file(&to);
+            cmd::run(
+                Command::new("cp")
+                    .args(["-a", "--reflink=auto", "--"])
+                    .arg(from)
+                    .arg(&to),
+            )?;
+        }
         bytes += du_bytes(&to)?;
     }
     let size = bytes + bytes / 5 + SLACK_BYTES;
@@ -67,6 +79,7 @@ pub fn make(disk: &Path, staging: &Path, entries: &[(&str, &Path)]) -> Result<()
             .arg(staging)
             .arg(disk),
     )?;
+    let _ = std::fs::remove_dir_all(staging);
     Ok(())
 }
 

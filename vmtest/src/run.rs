@@ -932,6 +932,9 @@ async fn story(s: &mut Session) -> Result<(), String> {
         template.boot = direct_boot(&s.cfg.image, &s.workdir.path().join("boot"))
             .map_err(|e| format!("--boot direct: {e}"))?;
     }
+    if let Some(g) = s.cfg.lifecycle.as_ref().and_then(|l| l.in_guest.clone()) {
+        template.payload = Some(lifecycle::payload_for(s, &g).await?);
+    }
     s.template = Some(template);
     match s.cfg.lifecycle.clone() {
         None => plain_story(s).await,
@@ -1970,6 +1973,10 @@ mod tests {
         ) -> Result<life::Changed, life::ChangeError> {
             panic!("set_default called")
         }
+
+        fn read(&self, _: &Path, _: &str) -> Result<life::Changed, life::ChangeError> {
+            panic!("read called")
+        }
     }
 
     #[test]
@@ -1990,6 +1997,7 @@ mod tests {
             changes: std::sync::Arc::new(Untouchable),
             label: "v2".into(),
             interrupt: Default::default(),
+            in_guest: None,
         });
         let mut steps = Vec::new();
         let err = run_blocking(cfg, |p| {
@@ -2055,6 +2063,7 @@ mod tests {
             changes: std::sync::Arc::new(Untouchable),
             label: current.clone(),
             interrupt: Default::default(),
+            in_guest: None,
         });
         let err = run_blocking(cfg, |_| {}).unwrap_err();
         assert_eq!(err.kind(), FailureKind::Input, "{err}");
@@ -2089,6 +2098,7 @@ mod tests {
             changes: std::sync::Arc::new(Untouchable),
             label: "v2".into(),
             interrupt: Default::default(),
+            in_guest: None,
         });
         assert!(
             !later_boots_direct(&cfg),

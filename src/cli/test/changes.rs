@@ -96,6 +96,27 @@ impl ImageChanges for CliChanges {
             summary: format!("set {label} as the default"),
         })
     }
+
+    /// The guest changed the copy (`--in-guest`): its manifest knows only
+    /// the versions the host made, so a version the guest made is read off
+    /// the copy itself.
+    fn read(&self, image: &Path, label: &str) -> Result<Changed, ChangeError> {
+        let path = Manifest::default_path(image);
+        let known = Manifest::load(&path)
+            .ok()
+            .is_some_and(|m| m.version(label).is_some());
+        let expect = match known {
+            true => expectations_of(image, label)?,
+            false => {
+                let layout = image::read(image).map_err(|e| e.to_string())?;
+                Expectations::from_layout(&layout, Some(label))?
+            }
+        };
+        Ok(Changed {
+            expect,
+            summary: format!("{label} is the default (read back from the copy)"),
+        })
+    }
 }
 
 /// What `image` must show booting `label`: from the manifest next to it

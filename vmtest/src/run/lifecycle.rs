@@ -6,9 +6,11 @@
 //! `crate::lifecycle`.
 
 use super::{me, BootMode, Progress, Session};
+use crate::checks::user;
 use crate::checks::{CheckId, Vm};
 use crate::lifecycle::tokens::{self, Token};
-use crate::lifecycle::{Changed, Lifecycle, Row, Stage};
+use crate::lifecycle::{Changed, InGuest, Lifecycle, Row, Stage};
+use crate::payload;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use strata_builder::error::FailureKind;
@@ -86,11 +88,17 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     s.stage_health();
     s.timings.checks = t.elapsed().as_secs_f64();
     let mut written = s.write_tokens(&before, Stage::Before).await?;
+    if let Some(g) = &l.in_guest {
+        s.change_in_guest(g, Stage::Upgrade, &l.label).await?;
+    }
     s.shutdown().await.map_err(me)?;
     s.stage_shutdown();
 
     // 2. Upgrade the copy; the new version boots, with every token.
-    let upgraded = s.change(&l, Stage::Upgrade, &l.label).await?;
+    let upgraded = match &l.in_guest {
+        None => s.change(&l, Stage::Upgrade, &l.label).await?,
+        Some(_) => s.read_back(&l, &l.label).await?,
+    };
     s.boot_stage(Stage::Upgrade, &upgraded.expect).await?;
     s.layout_checks(&upgraded.expect).await?;
     s.user_checks(Stage::Upgrade.when()).await.map_err(me)?;
@@ -98,11 +106,17 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle) -> Result<(), String> {
     s.stage_health();
     s.check_tokens(&written, &upgraded.expect).await?;
     written.extend(s.write_tokens(&upgraded.expect, Stage::Upgrade).await?);
+    if let Some(g) = &l.in_guest {
+        s.change_in_guest(g, Stage::Rollback, &old).await?;
+    }
     s.shutdown().await.map_err(me)?;
     s.stage_shutdown();
 
     // 3. Back to the old version: it boots, with the tokens of both.
-    let rolled_back = s.change(&l, Stage::Rollback, &old).await?;
+    let rolled_back = match &l.in_guest {
+        None => s.change(&l, Stage::Rollback, &old).await?,
+        Some(_) => s.read_back(&l, &old).await?,
+    };
     s.boot_stage(Stage::Rollback, &rolled_back.expect).await?;
     s.layout_checks(&rolled_back.expect).await?;
     s.user_checks(Stage::Rollback.when()).await.map_err(me)?;
@@ -128,7 +142,113 @@ fn copy_manifest(source: &Source, copy: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The payload disk of an in-guest lifecycle: the strata binary and the
+/// new rootfs (a tar archive keeps its file name), in the run's work dir.
+pub(super) async fn payload_for(s: &Session, g: &InGuest) -> Result<std::path::PathBuf, String> {
+    s.emit(Progress::Step(format!(
+        "writing the payload disk for the guest: {} and {}",
+        g.strata.display(),
+        g.rootfs.display()
+    )));
+    let disk = s.workdir.path().join("payload.img");
+    let staging = s.workdir.path().join("payload");
+    let (g, d) = (g.clone(), disk.clone());
+    tokio::task::spawn_blocking(move || {
+        let rootfs_name = rootfs_payload_name(&g.rootfs);
+        payload::make(
+            &d,
+            &staging,
+            &[("strata", &g.strata), (&rootfs_name, &g.rootfs)],
+        )
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(disk)
+}
+
+/// A directory is `rootfs`; an archive keeps its name (its suffix says
+/// how it is compressed).
+fn rootfs_payload_name(rootfs: &Path) -> String {
+    match rootfs.is_dir() {
+        true => "rootfs".into(),
+        false => rootfs
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "rootfs.tar".into()),
+    }
+}
+
 impl Session {
+    /// The change of `stage` made by strata inside the running guest:
+    /// `upgrade --running` to `label`, or `set-default --running label`.
+    /// Its refusals are bad input (exit 2), as on the host.
+    async fn change_in_guest(
+        &mut self,
+        g: &InGuest,
+        stage: Stage,
+        label: &str,
+    ) -> Result<(), String> {
+        let strata = format!("{}/strata", payload::GUEST_DIR);
+        let command = match stage {
+            Stage::Upgrade => format!(
+                "{strata} upgrade --running --rootfs {}/{} --label {} {}",
+                payload::GUEST_DIR,
+                user::sh_quote(&rootfs_payload_name(&g.rootfs)),
+                user::sh_quote(label),
+                g.upgrade_args
+                    .iter()
+                    .map(|a| user::sh_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            Stage::Before | Stage::Rollback => {
+                format!("{strata} set-default --running {}", user::sh_quote(label))
+            }
+        };
+        self.emit(Progress::Step(format!("in the guest: {command}")));
+        let t = Instant::now();
+        self.machine()
+            .succeed(&payload::mount_command())
+            .await
+            .map_err(|e| format!("mounting the payload disk in the guest: {}", me(e)))?;
+        let budget = self.remaining();
+        let m = self.machine();
+        let saved = m.command_timeout;
+        m.command_timeout = budget;
+        let out = m.exec(&command).await;
+        m.command_timeout = saved;
+        let out = out.map_err(|e| format!("in the guest: {command}: {}", me(e)))?;
+        if !out.success() {
+            let code = out.exit_code;
+            if code == Some(2) {
+                self.life.error_kind = Some(FailureKind::Input);
+            }
+            return Err(format!(
+                "in the guest: {command}: exit {}: {}",
+                code.map(|c| c.to_string())
+                    .unwrap_or_else(|| format!("signal {:?}", out.signal)),
+                out.stderr_str().trim()
+            ));
+        }
+        if let Some(p) = self.life.phases.iter_mut().find(|p| p.phase == stage) {
+            p.change = Some(format!("in the guest: {command}"));
+            p.change_seconds = Some(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// What the copy shows now that the guest changed it: read back on a
+    /// blocking thread (the copy is powered off).
+    async fn read_back(&mut self, l: &Lifecycle, label: &str) -> Result<Changed, String> {
+        let (changes, image, label) = (l.changes.clone(), self.disk.path.clone(), label.to_owned());
+        let changed = tokio::task::spawn_blocking(move || changes.read(&image, &label))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading the copy back: {e}"))?;
+        Ok(changed)
+    }
+
     /// The stage's boot-health row: its boot's console so far, journal
     /// and failed units.
     fn stage_health(&mut self) {

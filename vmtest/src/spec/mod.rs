@@ -181,6 +181,9 @@ pub struct UpgradeSpec {
     pub label: Option<Located<String>>,
     pub state_migration: Option<Migration>,
     pub state_data: Option<StatePolicy>,
+    /// The upgrade and the rollback made by strata inside the running
+    /// guest (`--in-guest`), not by the host on the powered-off copy.
+    pub in_guest: bool,
 }
 
 /// `[output]`: what `--json`, `--junit`, `--artifacts` say.

@@ -111,6 +111,7 @@ pub(super) struct RawUpgrade {
     pub label: Option<S<String>>,
     pub state_migration: Option<S<String>>,
     pub state_data: Option<S<String>>,
+    pub in_guest: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -622,5 +622,6 @@ fn upgrade(cx: &Ctx, u: &S<raw::RawUpgrade>) -> Result<UpgradeSpec, SpecError> {
             .as_ref()
             .map(|v| cx.value(v, "upgrade.state_data"))
             .transpose()?,
+        in_guest: r.in_guest.unwrap_or(false),
     })
 }

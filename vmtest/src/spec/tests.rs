@@ -356,6 +356,10 @@ impl ImageChanges for NotCalled {
     ) -> Result<Changed, ChangeError> {
         unreachable!("a plan changes no image")
     }
+
+    fn read(&self, _: &Path, _: &str) -> Result<Changed, ChangeError> {
+        unreachable!("a plan reads no image")
+    }
 }
 
 #[test]
@@ -392,6 +396,7 @@ fn the_plan_of_an_upgrade_lifecycle() {
         changes: Arc::new(NotCalled),
         label: "v2".into(),
         interrupt: Interrupt::default(),
+        in_guest: None,
     });
     insta::assert_snapshot!("plan_lifecycle", plan::render(&c, None));
 }
