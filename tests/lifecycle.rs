@@ -442,3 +442,40 @@ fn an_upgrade_killed_mid_way_leaves_an_image_that_boots_its_old_default() {
         "{said}"
     );
 }
+
+/// The lifecycle with the changes made by the running system itself
+/// (`--in-guest`): strata inside the guest, handed on the payload disk with
+/// the new rootfs, runs `upgrade --running` (from the booted version's
+/// orig, the default flipped last) and later `set-default --running`; the
+/// host only reads the copy back between boots. Every boot through
+/// extlinux: the guest's own flip is what the next boot shows.
+#[test]
+fn an_upgrade_made_by_the_running_system_boots_and_rolls_back() {
+    let (_, m) = fixture();
+    let old = m.default.clone();
+    let r = lifecycle(&["--in-guest"]);
+    assert_eq!(r.code, Some(0), "{}", r.says());
+    assert_eq!(r.failing(), Vec::<&str>::new());
+    for (row, label) in [
+        ("before/root", old.as_str()),
+        ("upgrade/root", NEW),
+        ("rollback/root", old.as_str()),
+    ] {
+        let detail = r.row(row)["detail"].as_str().unwrap();
+        assert!(
+            detail.ends_with(&format!("/systems/{label}/run")),
+            "{row}: {detail}"
+        );
+    }
+    for row in ["upgrade/tokens", "rollback/tokens", "upgrade/overmount"] {
+        assert_eq!(r.status(row), "pass", "{}", r.says());
+    }
+    let phases = r.report["phases"].as_array().unwrap();
+    let change = phases[1]["change"].as_str().unwrap();
+    assert!(
+        change.starts_with("in the guest: ") && change.contains("upgrade --running"),
+        "{change}"
+    );
+    let change = phases[2]["change"].as_str().unwrap();
+    assert!(change.contains("set-default --running"), "{change}");
+}

@@ -153,6 +153,14 @@ pub struct TestArgs {
     /// no network [spec: `[upgrade] in_guest = true`].
     #[arg(long, requires = "upgrade_source")]
     in_guest: bool,
+    /// Instead of the three stages: the power-cut matrix of the in-guest
+    /// upgrade (implies --in-guest). `steps`: a cut after every step of
+    /// the upgrade; `random:N[:SEED]`: N moments within it; `all`: both
+    /// (2 random). Each point starts from the guest saved after boot 1,
+    /// cuts the power there, boots what was left and judges it
+    /// [spec: `[upgrade] power_cut = "steps"`].
+    #[arg(long, value_name = "PLAN", requires = "upgrade_source")]
+    power_cut: Option<strata_vmtest::power_cut::Plan>,
 }
 
 pub fn run(args: TestArgs) -> u8 {
@@ -190,6 +198,7 @@ pub fn run(args: TestArgs) -> u8 {
             label: u.label.clone().unwrap_or_else(|| "upgrade".into()),
             interrupt: Interrupt::default(),
             in_guest: None,
+            power_cut: None,
         });
         print!("{}", spec::plan::render(&cfg, plan.build.as_ref()));
         return exit::SUCCESS;
@@ -323,6 +332,8 @@ struct UpgradeRequest {
     state_data: Option<StatePolicy>,
     /// `--in-guest` or `[upgrade] in_guest = true`.
     in_guest: bool,
+    /// `--power-cut` or `[upgrade] power_cut`.
+    power_cut: Option<strata_vmtest::power_cut::Plan>,
 }
 
 fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
@@ -333,9 +344,10 @@ fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
                 || args.state_migration.is_some()
                 || args.state_data.is_some()
                 || args.in_guest
+                || args.power_cut.is_some()
             {
                 return Err(exit::input(
-                    "--upgrade-label, --state-migration, --state-data and --in-guest need an upgrade: --upgrade-to ROOTFS or [upgrade] in the test file",
+                    "--upgrade-label, --state-migration, --state-data, --in-guest and --power-cut need an upgrade: --upgrade-to ROOTFS or [upgrade] in the test file",
                 ));
             }
             None
@@ -361,7 +373,14 @@ fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
                     .state_migration
                     .or(file.and_then(|u| u.state_migration)),
                 state_data: args.state_data.or(file.and_then(|u| u.state_data)),
-                in_guest: args.in_guest || file.is_some_and(|u| u.in_guest),
+                // The matrix cuts the upgrade the guest runs.
+                in_guest: args.in_guest
+                    || args.power_cut.is_some()
+                    || file.is_some_and(|u| u.in_guest || u.power_cut.is_some()),
+                power_cut: args
+                    .power_cut
+                    .clone()
+                    .or_else(|| file.and_then(|u| u.power_cut.clone())),
             })
         }
     };
@@ -616,6 +635,7 @@ fn lifecycle_config(req: &UpgradeRequest, facts: &ImageFacts) -> Result<Lifecycl
         }),
         label,
         in_guest,
+        power_cut: req.power_cut.clone(),
         // The upgrade polls this flag and then undoes what it began. The
         // run raises it once it has stopped (SIGINT/SIGTERM, --timeout),
         // not the signal itself: an upgrade that returned "interrupted"

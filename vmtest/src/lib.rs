@@ -23,6 +23,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod machine;
 pub mod payload;
+pub mod power_cut;
 pub mod qemu;
 pub mod qmp;
 pub mod report;

@@ -130,6 +130,9 @@ pub struct Lifecycle {
     /// The changes are made by the guest, not by `changes` (which then
     /// only reads the image back).
     pub in_guest: Option<InGuest>,
+    /// Instead of the three stages: the power-cut matrix of the in-guest
+    /// upgrade (`crate::power_cut`).
+    pub power_cut: Option<crate::power_cut::Plan>,
 }
 
 impl std::fmt::Debug for Lifecycle {

@@ -6,6 +6,7 @@
 //! lifecycle instead (`lifecycle`): three boots of a private copy.
 
 mod lifecycle;
+mod power_cut;
 mod scenario;
 
 pub use scenario::{valid_name, Scenario};
@@ -280,6 +281,8 @@ struct Session {
     /// The power cut's cold boot, running beside the clean reboot until
     /// `crash` takes it over (`TestConfig::power_cut_beside`).
     cut_branch: Option<(Machine, Instant)>,
+    /// The power-cut matrix's rows, one per cut point.
+    cut_rows: Vec<CheckResult>,
 }
 
 /// What an upgrade lifecycle has done so far.
@@ -498,6 +501,7 @@ impl Session {
             .chain(self.life.results.values())
             .chain(&self.scenario_rows)
             .chain(&self.user_rows)
+            .chain(&self.cut_rows)
             .any(|c| c.status == Status::Fail)
     }
 
@@ -546,8 +550,9 @@ impl Session {
                     !self.cfg.preserve.is_empty() && self.wanted(CheckId::StateContract),
                     &self.life.results,
                 );
-                // A failed setup's row.
+                // A failed setup's row, the power-cut matrix.
                 rows.extend(self.user_rows.iter().cloned());
+                rows.extend(power_cut::rows(self));
                 rows
             }
         };
@@ -772,6 +777,7 @@ pub async fn run_until(
         boot_seen: BTreeMap::new(),
         shutdowns: Vec::new(),
         cut_branch: None,
+        cut_rows: Vec::new(),
     };
     if let Some(l) = &s.cfg.lifecycle {
         s.life.phases = life::plan(s.cfg.expect.version.label(), &l.label);
@@ -938,7 +944,10 @@ async fn story(s: &mut Session) -> Result<(), String> {
     s.template = Some(template);
     match s.cfg.lifecycle.clone() {
         None => plain_story(s).await,
-        Some(l) => lifecycle::story(s, l).await,
+        Some(l) => match l.power_cut.clone() {
+            None => lifecycle::story(s, l).await,
+            Some(plan) => power_cut::story(s, l, plan).await,
+        },
     }
 }
 
@@ -1998,6 +2007,7 @@ mod tests {
             label: "v2".into(),
             interrupt: Default::default(),
             in_guest: None,
+            power_cut: None,
         });
         let mut steps = Vec::new();
         let err = run_blocking(cfg, |p| {
@@ -2064,6 +2074,7 @@ mod tests {
             label: current.clone(),
             interrupt: Default::default(),
             in_guest: None,
+            power_cut: None,
         });
         let err = run_blocking(cfg, |_| {}).unwrap_err();
         assert_eq!(err.kind(), FailureKind::Input, "{err}");
@@ -2099,6 +2110,7 @@ mod tests {
             label: "v2".into(),
             interrupt: Default::default(),
             in_guest: None,
+            power_cut: None,
         });
         assert!(
             !later_boots_direct(&cfg),

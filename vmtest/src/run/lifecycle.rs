@@ -169,7 +169,7 @@ pub(super) async fn payload_for(s: &Session, g: &InGuest) -> Result<std::path::P
 
 /// A directory is `rootfs`; an archive keeps its name (its suffix says
 /// how it is compressed).
-fn rootfs_payload_name(rootfs: &Path) -> String {
+pub(super) fn rootfs_payload_name(rootfs: &Path) -> String {
     match rootfs.is_dir() {
         true => "rootfs".into(),
         false => rootfs
@@ -251,7 +251,7 @@ impl Session {
 
     /// The stage's boot-health row: its boot's console so far, journal
     /// and failed units.
-    fn stage_health(&mut self) {
+    pub(super) fn stage_health(&mut self) {
         if !self.wanted(CheckId::BootHealth) {
             return;
         }
@@ -282,7 +282,7 @@ impl Session {
 
     /// From here on, boots and results belong to `stage`, which must run
     /// `expect`'s version.
-    fn enter(&mut self, stage: Stage, expect: &Expectations) {
+    pub(super) fn enter(&mut self, stage: Stage, expect: &Expectations) {
         self.life.current = Some((stage, expect.version.label().to_owned()));
     }
 
@@ -381,7 +381,7 @@ impl Session {
         self.start_again(stage.why(), None).await.map_err(me)
     }
 
-    async fn write_tokens(
+    pub(super) async fn write_tokens(
         &mut self,
         expect: &Expectations,
         stage: Stage,

@@ -184,6 +184,8 @@ pub struct UpgradeSpec {
     /// The upgrade and the rollback made by strata inside the running
     /// guest (`--in-guest`), not by the host on the powered-off copy.
     pub in_guest: bool,
+    /// The power-cut matrix instead of the three stages.
+    pub power_cut: Option<crate::power_cut::Plan>,
 }
 
 /// `[output]`: what `--json`, `--junit`, `--artifacts` say.

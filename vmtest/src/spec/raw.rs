@@ -112,6 +112,7 @@ pub(super) struct RawUpgrade {
     pub state_migration: Option<S<String>>,
     pub state_data: Option<S<String>>,
     pub in_guest: Option<bool>,
+    pub power_cut: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -623,5 +623,13 @@ fn upgrade(cx: &Ctx, u: &S<raw::RawUpgrade>) -> Result<UpgradeSpec, SpecError> {
             .map(|v| cx.value(v, "upgrade.state_data"))
             .transpose()?,
         in_guest: r.in_guest.unwrap_or(false),
+        power_cut: match &r.power_cut {
+            None => None,
+            Some(p) => Some(
+                p.get_ref()
+                    .parse()
+                    .map_err(|e: String| cx.err(p.span(), "upgrade.power_cut", e))?,
+            ),
+        },
     })
 }

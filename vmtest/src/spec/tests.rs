@@ -397,6 +397,7 @@ fn the_plan_of_an_upgrade_lifecycle() {
         label: "v2".into(),
         interrupt: Interrupt::default(),
         in_guest: None,
+        power_cut: None,
     });
     insta::assert_snapshot!("plan_lifecycle", plan::render(&c, None));
 }
