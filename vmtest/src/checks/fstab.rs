@@ -21,19 +21,69 @@ pub async fn run(vm: &mut impl Vm) -> Result<CheckResult, MachineError> {
     Ok(judge(&obs, vm.mount_table().await?))
 }
 
+/// The three readings in one guest command (each command is a round trip
+/// and a shell, costly under TCG): each tool's exit code and output,
+/// NUL-terminated fields, in this order. A tool's stderr goes to the
+/// script's, for the error when it fails.
+const OBSERVE_SCRIPT: &str = r#"v=$(findmnt --verify 2>&1); ve=$?
+f=$(findmnt -J -l --fstab -o TARGET,SOURCE,FSTYPE,OPTIONS); fe=$?
+u=$(systemctl --failed --plain --no-legend --no-pager); ue=$?
+printf '%s\0%s\0%s\0%s\0%s\0%s\0' "$ve" "$v" "$fe" "$f" "$ue" "$u"
+"#;
+
+/// The commands of [`OBSERVE_SCRIPT`] after `findmnt --verify`, as their
+/// failures name them.
+const FSTAB_COMMAND: &str = "findmnt -J -l --fstab -o TARGET,SOURCE,FSTYPE,OPTIONS";
+const FAILED_COMMAND: &str = "systemctl --failed --plain --no-legend --no-pager";
+
+/// One tool's part of [`OBSERVE_SCRIPT`]'s output.
+#[derive(Debug, PartialEq)]
+pub struct Ran {
+    pub exit: Option<i64>,
+    pub stdout: String,
+}
+
+/// [`OBSERVE_SCRIPT`]'s stdout as (verify, fstab, failed units); None when
+/// it is not six fields (the script died half-way).
+pub fn parse_observed(raw: &[u8]) -> Option<[Ran; 3]> {
+    let fields: Vec<&[u8]> = raw.strip_suffix(b"\0")?.split(|b| *b == 0).collect();
+    let [ve, v, fe, f, ue, u] = fields[..] else {
+        return None;
+    };
+    let ran = |exit: &[u8], out: &[u8]| Ran {
+        exit: std::str::from_utf8(exit)
+            .ok()
+            .and_then(|e| e.trim().parse().ok()),
+        stdout: String::from_utf8_lossy(out).into_owned(),
+    };
+    Some([ran(ve, v), ran(fe, f), ran(ue, u)])
+}
+
 pub async fn observe(m: &mut Machine) -> Result<Observation, MachineError> {
-    let verify = m.exec("findmnt --verify 2>&1").await?;
-    let entries = m
-        .succeed("findmnt -J -l --fstab -o TARGET,SOURCE,FSTYPE,OPTIONS")
-        .await?;
-    let failed = m
-        .succeed("systemctl --failed --plain --no-legend --no-pager")
-        .await?;
+    let out = m.exec(OBSERVE_SCRIPT).await?;
+    let failed = |command: &str, code: String| MachineError::CommandFailed {
+        command: command.into(),
+        code,
+        stderr: out.stderr_str().trim().to_owned(),
+    };
+    let Some([verify, entries, units]) = parse_observed(&out.stdout) else {
+        return Err(failed(
+            "findmnt --verify; findmnt --fstab; systemctl --failed",
+            format!("{:?}", out.exit_code),
+        ));
+    };
+    // As before, fstab and the failed units must be read; verify's exit
+    // code is a finding of its own.
+    for (ran, command) in [(&entries, FSTAB_COMMAND), (&units, FAILED_COMMAND)] {
+        if ran.exit != Some(0) {
+            return Err(failed(command, format!("{:?}", ran.exit)));
+        }
+    }
     Ok(Observation {
-        verify_output: verify.stdout_str(),
-        verify_exit: verify.exit_code,
-        entries: findmnt(&entries, "findmnt --fstab -J")?,
-        failed_units: failed,
+        verify_output: verify.stdout,
+        verify_exit: verify.exit,
+        entries: findmnt(&entries.stdout, "findmnt --fstab -J")?,
+        failed_units: units.stdout,
     })
 }
 
@@ -167,6 +217,34 @@ mod tests {
             .push(entry("/swapfile", "/swapfile", "swap", "sw"));
         let r = judge(&obs, &table("/state/var"));
         assert_eq!(r.status, Status::Pass, "{r:?}");
+    }
+
+    #[test]
+    fn the_one_commands_fields_are_cut_at_nuls() {
+        let raw = b"1\x00/srv\n   [W] x\x000\x00{\"filesystems\": []}\x000\x00a.mount loaded failed failed A\nb.service loaded failed failed B\0";
+        let [v, f, u] = parse_observed(raw).expect("parsed");
+        assert_eq!(v.exit, Some(1));
+        assert_eq!(v.stdout, "/srv\n   [W] x");
+        assert_eq!(f.exit, Some(0));
+        assert!(findmnt(&f.stdout, "t").unwrap().is_empty());
+        assert_eq!(u.stdout.lines().count(), 2);
+        // Cut short or not ours: no observation.
+        assert!(parse_observed(&raw[..raw.len() - 1]).is_none());
+        assert!(parse_observed(b"0\0x\0").is_none());
+        assert!(parse_observed(b"").is_none());
+    }
+
+    #[test]
+    fn the_one_command_is_valid_shell() {
+        let out = std::process::Command::new("sh")
+            .args(["-n", "-c", OBSERVE_SCRIPT])
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! and the mountpoints of the system subvolumes under the state mounts are
 //! empty.
 
-use super::guest::{parse_getfattr, GETFATTR_XARGS, NO_GETFATTR};
+use super::guest::{parse_getfattr, GETFATTR_XARGS};
 use super::{CheckId, Vm};
 use crate::machine::{Machine, MachineError};
 use crate::report::{CheckResult, Status};
@@ -116,135 +116,233 @@ fn batches(paths: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
     out
 }
 
-const STAT_SCRIPT: &str = r#"xargs -0 -r sh -c 'find "$@" -maxdepth 0 -printf "%y %m %U %G %s %D %C@ %i\0%p\0%l\0" 2>/dev/null; exit 0' sh"#;
-const SHA_SCRIPT: &str = "xargs -0 -r sha256sum -- 2>/dev/null; exit 0";
+/// The record tags of [`observe_script`]'s stdin: which of its tools a
+/// path goes to.
+const TAG_STAT: u8 = b'S';
+const TAG_HASH: u8 = b'H';
+const TAG_XATTR: u8 = b'X';
 
-/// Exit code of [`with_toplevel`] when the mount fails (its stderr says why).
-const TOPLEVEL_MOUNT_FAILED: i64 = 97;
+/// The sections [`observe_script`] prints, in order, each as `wc -c`
+/// sized it; the host cuts its stdout by these sizes, so a section may hold
+/// any bytes (NULs, newlines in names).
+const SECTIONS: [&str; 5] = ["stat", "sha", "xattr", "top", "misc"];
 
-/// Mounts the top-level subvolume (id 5) of /'s filesystem for `body`, which
-/// sees its path as $top. The trap unmounts on every exit.
-fn with_toplevel(body: &str) -> String {
+/// First line of the `top` section when the top-level subvolume could not
+/// be mounted; the rest is mount's complaint.
+const TOPLEVEL_MOUNT_FAILED: &str = "mount-failed";
+
+/// One guest command that observes everything `moved-files` judges: each
+/// guest command costs a round trip and a shell, and every process started
+/// under TCG costs tens of milliseconds, so the observation is one script.
+/// Its stdin is NUL-terminated records `<tag><path>` (tags above); it
+/// hashes the `H` paths (in the background: hashing is the slow part),
+/// stats the `S` paths, reads the xattrs of the `X` paths, and, when
+/// `whole` (the first batch), counts the entries of the orig/ and run/
+/// mountpoints in the top-level view and reads the guest's boot time and
+/// clock. It prints `wc -c` of its [`SECTIONS`] files, then their bytes.
+fn observe_script(whole: bool, expect: &Expectations) -> String {
+    let mut top = String::new();
+    if whole {
+        // Entries are counted by globbing, a shell builtin: no process per
+        // directory. A glob that matches nothing stays literal, which
+        // neither -e nor -L accepts unless such an entry exists.
+        top.push_str(
+            r#"count() { n=0; for e in "$1"/* "$1"/.[!.]* "$1"/..?*; do if [ -e "$e" ] || [ -L "$e" ]; then n=$((n+1)); fi; done; echo "$n"; }
+dev=$(findmnt -n -o SOURCE --nofsroot /)
+if err=$(mount -o subvolid=5 "$dev" "$top" 2>&1); then
+mounted=1
+"#,
+        );
+        for d in &expect.state_dirs {
+            for tree in Tree::BOTH {
+                let side = tree.name();
+                top.push_str(&format!(
+                    "p=\"$top/{dir}/{d}\"; if [ -d \"$p\" ]; then echo \"{side}/{d} $(count \"$p\")\"; else echo '{side}/{d} missing'; fi\n",
+                    dir = expect.version.tree(tree)
+                ));
+            }
+        }
+        top.push_str(&format!(
+            "else printf '{TOPLEVEL_MOUNT_FAILED}\\n%s\\n' \"$err\"; fi > \"$t/top\"\n\
+             {{ awk '/^btime /{{print $2}}' /proc/stat; date +%s.%N; }} > \"$t/misc\"\n"
+        ));
+    }
     format!(
         r#"set -u
-dev=$(findmnt -n -o SOURCE --nofsroot /)
-top=$(mktemp -d /run/strata-top.XXXXXX)
-trap 'umount "$top" 2>/dev/null; rmdir "$top"' EXIT
-mount -o subvolid=5 "$dev" "$top" || exit {TOPLEVEL_MOUNT_FAILED}
-{body}
-"#
+t=$(mktemp -d /run/strata-moved.XXXXXX) || exit 96
+top="$t/mnt"
+mounted=
+mkdir "$top" || exit 96
+# Never rm -r: the top-level subvolume may still be mounted under $t.
+trap 'if [ -n "$mounted" ]; then umount "$top"; fi; rmdir "$top" && rm -f "$t"/in "$t"/stat "$t"/sha "$t"/xattr "$t"/top "$t"/misc && rmdir "$t"' EXIT
+: > "$t/top"; : > "$t/misc"; : > "$t/xattr"
+cat > "$t/in"
+sed -z -n 's/^{h}//p' "$t/in" | xargs -0 -r sha256sum -- > "$t/sha" 2>/dev/null &
+hashing=$!
+sed -z -n 's/^{s}//p' "$t/in" | xargs -0 -r sh -c 'find "$@" -maxdepth 0 -printf "%y %m %U %G %s %D %C@ %i\0%p\0%l\0" 2>/dev/null; exit 0' sh > "$t/stat"
+if command -v getfattr >/dev/null; then
+sed -z -n 's/^{x}//p' "$t/in" | {GETFATTR_XARGS} > "$t/xattr" 2>/dev/null
+else echo no-getfattr > "$t/xattr"; fi
+{top}wait "$hashing"
+cd "$t" && wc -c {sections} && cat {sections}
+"#,
+        h = TAG_HASH as char,
+        s = TAG_STAT as char,
+        x = TAG_XATTR as char,
+        sections = SECTIONS.join(" "),
     )
 }
 
-pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observation, MachineError> {
-    let mountpoints: Vec<String> = expect
+/// The stdin of [`observe_script`] for every path `expect` names,
+/// split into batches for separate guest commands.
+fn observe_input(expect: &Expectations) -> Vec<Vec<u8>> {
+    let tagged = |tag: u8, p: Vec<u8>| {
+        let mut r = Vec::with_capacity(p.len() + 1);
+        r.push(tag);
+        r.extend_from_slice(&p);
+        r
+    };
+    let mountpoints = expect
         .state_dirs
         .iter()
-        .map(|d| layout::state_mountpoint(d))
-        .collect();
-    let all = mountpoints
-        .iter()
-        .map(|m| m.as_bytes().to_vec())
-        .chain(expect.moved_files.iter().map(|f| guest_path(&f.path)));
-    let files = expect
-        .moved_files
-        .iter()
-        .filter(|f| f.file_type == FileType::File)
-        .map(|f| guest_path(&f.path));
-    // Hashing is the slow part: let it run while the rest is gathered.
-    let mut hashing = Vec::new();
-    for batch in batches(files) {
-        hashing.push(m.start_script(SHA_SCRIPT, Some(&batch)).await?);
-    }
-    let mut stats = HashMap::new();
-    for batch in batches(all) {
-        let out = m.exec_stdin(STAT_SCRIPT, &batch).await?;
-        stats.extend(parse_stats(&out.stdout));
-    }
-    read_xattrs(m, expect, &mut stats).await?;
-    let mut body = String::new();
-    for d in &expect.state_dirs {
-        for tree in Tree::BOTH {
-            let side = tree.name();
-            body.push_str(&format!(
-                "p=\"$top/{dir}/{d}\"; if [ -d \"$p\" ]; then printf '{side}/{d} %s\\n' \"$(ls -A \"$p\" | wc -l)\"; else echo '{side}/{d} missing'; fi\n",
-                dir = expect.version.tree(tree)
-            ));
+        .map(|d| tagged(TAG_STAT, layout::state_mountpoint(d).into_bytes()));
+    let files = expect.moved_files.iter().flat_map(|f| {
+        let p = guest_path(&f.path);
+        let mut recs = vec![tagged(TAG_STAT, p.clone())];
+        if f.file_type == FileType::File {
+            recs.push(tagged(TAG_HASH, p.clone()));
         }
-    }
-    let top = m.exec(&with_toplevel(&body)).await?;
-    let (toplevel_entries, toplevel_error) = match top.exit_code {
-        Some(0) => (parse_toplevel(&top.stdout_str()), None),
-        Some(TOPLEVEL_MOUNT_FAILED) => (
-            BTreeMap::new(),
-            Some(format!(
-                "cannot mount the top-level subvolume (subvolid=5) of /'s filesystem: {}",
-                top.stderr_str().trim()
-            )),
-        ),
-        code => {
-            return Err(MachineError::CommandFailed {
-                command: "list orig/ and run/ mountpoints in the top-level view".into(),
-                code: format!("{code:?}"),
-                stderr: top.stderr_str().trim().to_owned(),
-            })
+        if !f.xattrs.is_empty() {
+            recs.push(tagged(TAG_XATTR, p));
         }
+        recs
+    });
+    batches(mountpoints.chain(files))
+}
+
+/// What one run of [`observe_script`] printed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Observed {
+    pub stats: HashMap<String, Stat>,
+    pub sha256: HashMap<String, String>,
+    /// Path -> xattrs; None when the guest has no getfattr.
+    pub xattrs: Option<HashMap<String, BTreeMap<String, String>>>,
+    pub toplevel_entries: BTreeMap<String, Option<usize>>,
+    pub toplevel_error: Option<String>,
+    pub boot_epoch: Option<f64>,
+    pub guest_clock: Option<f64>,
+}
+
+/// Cuts [`observe_script`]'s stdout into its sections: `wc -c` lines
+/// (`SIZE NAME`, then a `total` line), then the sections' bytes back to
+/// back. None when it is not that (the script died half-way).
+pub fn parse_observed(raw: &[u8]) -> Option<Observed> {
+    let mut rest = raw;
+    let mut sizes = Vec::new();
+    for name in SECTIONS {
+        let nl = rest.iter().position(|b| *b == b'\n')?;
+        let line = std::str::from_utf8(&rest[..nl]).ok()?;
+        rest = &rest[nl + 1..];
+        let (size, got) = line.trim_start().split_once(' ')?;
+        if got != name {
+            return None;
+        }
+        sizes.push(size.parse::<usize>().ok()?);
+    }
+    // The `total` line.
+    let nl = rest.iter().position(|b| *b == b'\n')?;
+    rest = &rest[nl + 1..];
+    if rest.len() != sizes.iter().sum::<usize>() {
+        return None;
+    }
+    let mut sections = Vec::new();
+    for size in sizes {
+        let (section, after) = rest.split_at(size);
+        sections.push(section);
+        rest = after;
+    }
+    let [stat, sha, xattr, top, misc] = sections[..] else {
+        return None;
     };
-    let host_before = crate::qmp::now_epoch();
-    let times = m
-        .succeed("awk '/^btime /{print $2}' /proc/stat; date +%s.%N")
-        .await?;
-    let host_after = crate::qmp::now_epoch();
-    let mut times = times.lines().map(|l| l.trim().parse::<f64>().ok());
-    let boot_epoch = times.next().flatten().unwrap_or(0.0);
-    let clock = times.next().flatten().map(|guest| Clock {
+    let xattrs = (xattr != b"no-getfattr\n").then(|| parse_getfattr(xattr));
+    let top = String::from_utf8_lossy(top);
+    let (toplevel_entries, toplevel_error) =
+        match top.strip_prefix(&format!("{TOPLEVEL_MOUNT_FAILED}\n")) {
+            Some(why) => (
+                BTreeMap::new(),
+                Some(format!(
+                    "cannot mount the top-level subvolume (subvolid=5) of /'s filesystem: {}",
+                    why.trim()
+                )),
+            ),
+            None => (parse_toplevel(&top), None),
+        };
+    let misc = String::from_utf8_lossy(misc);
+    let mut times = misc.lines().map(|l| l.trim().parse::<f64>().ok());
+    Some(Observed {
+        stats: parse_stats(stat),
+        sha256: parse_sha256sum(sha),
+        xattrs,
+        toplevel_entries,
+        toplevel_error,
+        boot_epoch: times.next().flatten(),
+        guest_clock: times.next().flatten(),
+    })
+}
+
+pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observation, MachineError> {
+    let mut stats = HashMap::new();
+    let mut sha256 = HashMap::new();
+    let mut xattrs: Option<HashMap<String, BTreeMap<String, String>>> = Some(HashMap::new());
+    let mut first: Option<(Observed, f64, f64)> = None;
+    for (i, batch) in observe_input(expect).iter().enumerate() {
+        let whole = i == 0;
+        let host_before = crate::qmp::now_epoch();
+        let out = m.exec_stdin(&observe_script(whole, expect), batch).await?;
+        let host_after = crate::qmp::now_epoch();
+        let mut parsed = match (out.exit_code, parse_observed(&out.stdout)) {
+            (Some(0), Some(p)) => p,
+            (code, _) => {
+                return Err(MachineError::CommandFailed {
+                    command: "stat, hash and read the xattrs of the moved files; list the orig/ and run/ mountpoints in the top-level view".into(),
+                    code: format!("{code:?}"),
+                    stderr: out.stderr_str().trim().to_owned(),
+                })
+            }
+        };
+        stats.extend(std::mem::take(&mut parsed.stats));
+        sha256.extend(std::mem::take(&mut parsed.sha256));
+        match (&mut xattrs, parsed.xattrs.take()) {
+            (Some(all), Some(got)) => all.extend(got),
+            _ => xattrs = None,
+        }
+        if whole {
+            first = Some((parsed, host_before, host_after));
+        }
+    }
+    // Xattrs are judged only for the entries whose record has some; without
+    // getfattr in the guest they stay unread (None), which the judge reports.
+    if let Some(got) = &xattrs {
+        for f in expect.moved_files.iter().filter(|f| !f.xattrs.is_empty()) {
+            if let Some(st) = stats.get_mut(&f.path) {
+                st.xattrs = Some(got.get(&f.path).cloned().unwrap_or_default());
+            }
+        }
+    }
+    let (top, host_before, host_after) = first.unwrap_or_default();
+    let clock = top.guest_clock.map(|guest| Clock {
         guest,
         host: (host_before + host_after) / 2.0,
         uncertainty: (host_after - host_before) / 2.0,
     });
-    let mut sha256 = HashMap::new();
-    for running in &hashing {
-        sha256.extend(parse_sha256sum(&m.finish(running).await?.stdout));
-    }
     Ok(Observation {
         stats,
         sha256,
-        toplevel_entries,
-        toplevel_error,
-        boot_epoch,
+        toplevel_entries: top.toplevel_entries,
+        toplevel_error: top.toplevel_error,
+        boot_epoch: top.boot_epoch.unwrap_or(0.0),
         clock,
     })
-}
-
-/// The xattrs of the NUL-separated paths on stdin; exit [`NO_GETFATTR`]
-/// without getfattr in the guest.
-fn xattr_script() -> String {
-    format!("command -v getfattr >/dev/null || exit {NO_GETFATTR}; {GETFATTR_XARGS} 2>/dev/null; exit 0")
-}
-
-/// Reads the xattrs of the entries whose record has some into `stats`.
-/// Without getfattr in the guest they stay unread (None), which the judge
-/// reports.
-async fn read_xattrs(
-    m: &mut Machine,
-    expect: &Expectations,
-    stats: &mut HashMap<String, Stat>,
-) -> Result<(), MachineError> {
-    let wanted = expect.moved_files.iter().filter(|f| !f.xattrs.is_empty());
-    for batch in batches(wanted.map(|f| guest_path(&f.path))) {
-        let out = m.exec_stdin(&xattr_script(), &batch).await?;
-        if out.exit_code == Some(NO_GETFATTR) {
-            return Ok(());
-        }
-        let got = parse_getfattr(&out.stdout);
-        for p in batch.split(|b| *b == 0).filter(|p| !p.is_empty()) {
-            let key = encode_path(p);
-            if let Some(st) = stats.get_mut(&key) {
-                st.xattrs = Some(got.get(&key).cloned().unwrap_or_default());
-            }
-        }
-    }
-    Ok(())
 }
 
 /// What the move must keep beyond one entry's own stat: every xattr the
@@ -718,6 +816,122 @@ mod tests {
         assert_eq!(r.status, Status::Fail);
         assert!(r.evidence[0].starts_with("/root/.ssh/authorized_keys: mode 0644, expected 0600; on device 7 but /root is device 40"), "{:?}", r.evidence);
         assert!(r.detail.contains("run/var has 1 entries"));
+    }
+
+    /// `observe_script`'s stdout for these sections, as `wc -c` and `cat`
+    /// print them.
+    fn printed(sections: [&[u8]; 5]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, bytes) in SECTIONS.iter().zip(sections) {
+            out.extend_from_slice(format!("{:>4} {name}\n", bytes.len()).as_bytes());
+        }
+        let total: usize = sections.iter().map(|s| s.len()).sum();
+        out.extend_from_slice(format!("{total:>4} total\n").as_bytes());
+        for s in sections {
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
+    #[test]
+    fn the_one_commands_sections_are_cut_by_size_whatever_the_names_hold() {
+        // Names with spaces, newlines and a byte that is no UTF-8, in every
+        // section that carries names.
+        let stat: &[u8] = b"f 600 0 0 99 40 1700000000.5 12\0/srv/a b\nc\0\0d 755 0 0 0 41 1.0 7\0/srv/caf\xe9\0\0";
+        let sha: &[u8] = b"\\abc  /srv/a b\\nc\n12  /srv/x y\n";
+        let xattr: &[u8] = b"# file: /srv/a b\\012c\nuser.note=0x6869\n\n";
+        let top: &[u8] = b"orig/srv 0\nrun/srv 2\norig/var missing\n";
+        let misc: &[u8] = b"1700000000\n1700000100.25\n";
+        let o = parse_observed(&printed([stat, sha, xattr, top, misc])).expect("parsed");
+        assert_eq!(o.stats["/srv/a b\nc"].mode, 0o600);
+        assert_eq!(o.stats["/srv/caf%E9"].kind, 'd');
+        assert_eq!(o.sha256["/srv/a b\nc"], "abc");
+        assert_eq!(o.sha256["/srv/x y"], "12");
+        assert_eq!(
+            o.xattrs.as_ref().unwrap()["/srv/a b\nc"]["user.note"],
+            "6869"
+        );
+        assert_eq!(o.toplevel_entries["orig/srv"], Some(0));
+        assert_eq!(o.toplevel_entries["run/srv"], Some(2));
+        assert_eq!(o.toplevel_entries["orig/var"], None);
+        assert_eq!(o.toplevel_error, None);
+        assert_eq!(o.boot_epoch, Some(1_700_000_000.0));
+        assert_eq!(o.guest_clock, Some(1_700_000_100.25));
+
+        // No getfattr in the guest: xattrs unread, not empty.
+        let o = parse_observed(&printed([stat, sha, b"no-getfattr\n", top, misc])).unwrap();
+        assert_eq!(o.xattrs, None);
+        // The top-level view could not be mounted: said, with mount's words.
+        let o = parse_observed(&printed([
+            stat,
+            sha,
+            xattr,
+            b"mount-failed\nmount: /run/x: wrong fs type\n",
+            misc,
+        ]))
+        .unwrap();
+        assert!(o.toplevel_entries.is_empty());
+        assert_eq!(
+            o.toplevel_error.as_deref(),
+            Some("cannot mount the top-level subvolume (subvolid=5) of /'s filesystem: mount: /run/x: wrong fs type")
+        );
+        // A later batch: no top-level view, no clock.
+        let o = parse_observed(&printed([stat, sha, xattr, b"", b""])).unwrap();
+        assert!(o.toplevel_entries.is_empty() && o.boot_epoch.is_none());
+    }
+
+    #[test]
+    fn output_cut_short_is_no_observation() {
+        let full = printed([b"a", b"b", b"c", b"d", b"e"]);
+        assert!(parse_observed(&full).is_some());
+        // A section missing its bytes, a header missing, nothing at all.
+        assert!(parse_observed(&full[..full.len() - 1]).is_none());
+        let headless: Vec<u8> = full.splitn(2, |b| *b == b'\n').nth(1).unwrap().to_vec();
+        assert!(parse_observed(&headless).is_none());
+        assert!(parse_observed(b"").is_none());
+    }
+
+    #[test]
+    fn every_path_goes_to_the_tools_its_record_needs() {
+        let (_, e) = kept();
+        let input = observe_input(&e);
+        assert_eq!(input.len(), 1);
+        let recs: Vec<&[u8]> = input[0]
+            .split(|b| *b == 0)
+            .filter(|r| !r.is_empty())
+            .collect();
+        let has = |r: &[u8]| recs.contains(&r);
+        // The mountpoints are stat'ed, to compare devices.
+        assert!(has(b"S/root") && has(b"S/var"));
+        // A file: stat, hash; with xattrs recorded: xattrs too.
+        assert!(has(b"S/root/.ssh/authorized_keys"));
+        assert!(has(b"H/root/.ssh/authorized_keys"));
+        assert!(has(b"X/root/.ssh/authorized_keys"));
+        // A symlink is stat'ed only (its target is in the stat).
+        assert!(has(b"S/var/lib/current") && !has(b"H/var/lib/current"));
+        assert!(!has(b"X/var/lib/current"));
+        // The manifest's `%` escapes are decoded to the guest's bytes.
+        let mut e = expectations();
+        e.moved_files[0].path = "/root/caf%E9".into();
+        assert!(observe_input(&e)[0]
+            .split(|b| *b == 0)
+            .any(|r| r == b"H/root/caf\xe9"));
+    }
+
+    #[test]
+    fn the_one_command_is_valid_shell() {
+        for whole in [true, false] {
+            let script = observe_script(whole, &expectations());
+            let out = std::process::Command::new("sh")
+                .args(["-n", "-c", &script])
+                .output()
+                .expect("sh");
+            assert!(
+                out.status.success(),
+                "{script}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     #[test]
