@@ -190,6 +190,13 @@ pub struct SavedState {
     cmd: QemuCommand,
 }
 
+impl SavedState {
+    /// The format of `disk`: an overlay's qcow2, a lifecycle copy's raw.
+    pub fn disk_format(&self) -> DiskFormat {
+        self.cmd.disk_format
+    }
+}
+
 /// How long writing or loading a saved state may take: a GiB of RAM at
 /// disk speed (measured: 1.5 s for the fixture's 200 MB under TCG).
 const MIGRATION_WITHIN: Duration = Duration::from_secs(120);
@@ -337,8 +344,11 @@ impl Machine {
     /// move to `next_disk` (an external snapshot), the current disk file
     /// keeps this instant's contents, which is what a power cut now would
     /// leave. Returns that frozen disk. No RAM is saved (`save` does that).
-    pub async fn freeze_disk(&mut self, next_disk: &Path) -> Result<PathBuf, MachineError> {
-        let frozen = self.cmd.disk.clone();
+    pub async fn freeze_disk(
+        &mut self,
+        next_disk: &Path,
+    ) -> Result<(PathBuf, DiskFormat), MachineError> {
+        let frozen = (self.cmd.disk.clone(), self.cmd.disk_format);
         let new_node = format!("{DISK_NODE}-after-save{}", self.saves + 1);
         self.qmp.stop().await?;
         let snap = self

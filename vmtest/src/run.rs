@@ -1619,13 +1619,13 @@ impl Vm for Session {
         ));
         self.machine().succeed("sync").await?;
         let next = self.workdir.path().join("after-power-cut-fork.qcow2");
-        let frozen = self.machine().freeze_disk(&next).await?;
+        let (frozen, format) = self.machine().freeze_disk(&next).await?;
         if let Some(t) = self.template.as_mut() {
             t.disk = next;
             t.disk_format = DiskFormat::Qcow2;
         }
         let disk = self.workdir.path().join("power-cut.qcow2");
-        scenario::overlay_on(&frozen, &disk).map_err(MachineError::Setup)?;
+        scenario::overlay_on(&frozen, format, &disk).map_err(MachineError::Setup)?;
         let direct = self.later_direct().await;
         let mut cmd = self.next_command(direct);
         cmd.disk = disk;

@@ -60,7 +60,7 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle, plan: Plan) -> Result<(
         .map_err(me)?;
     s.save_for_scenarios().await?;
     let saved = s.saved.clone().expect("just saved");
-    s.quit_running().await;
+    s.quit_machine().await;
     let tar = !g.rootfs.is_dir();
     let steps: Vec<String> = strata_builder::upgrade::step_names(tar, true)
         .into_iter()
@@ -111,14 +111,6 @@ pub(super) async fn story(s: &mut Session, l: Lifecycle, plan: Plan) -> Result<(
 }
 
 impl Session {
-    /// Quits the running guest (nothing of it is judged again).
-    async fn quit_running(&mut self) {
-        if let Some(mut m) = self.machine.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), m.qmp().quit()).await;
-            m.kill().await;
-        }
-    }
-
     /// One cut point: restore, upgrade up to the point, cut, boot, look,
     /// run the upgrade again, boot. Returns what it saw and how long the
     /// upgrade ran before the cut. Errors are the machine's (exit 3).
@@ -136,7 +128,7 @@ impl Session {
         let row = point.row();
         self.emit(Progress::Step(format!("{row}: restoring the booted guest")));
         let disk = self.workdir.path().join(format!("cut-{i}.qcow2"));
-        scenario::overlay_on(&saved.disk, &disk)?;
+        scenario::overlay_on(&saved.disk, saved.disk_format(), &disk)?;
         if let Some(t) = self.template.as_mut() {
             t.disk = disk.clone();
         }
@@ -197,19 +189,19 @@ impl Session {
         self.emit(Progress::Step(format!(
             "{row}: power cut (QMP quit, nothing flushed)"
         )));
-        self.quit_running().await;
+        self.quit_machine().await;
 
         let mut seen = AfterCut::default();
         if let Err(e) = self.boot_after_cut().await {
             seen.booted_error = Some(format!("{e}"));
-            self.quit_running().await;
+            self.quit_machine().await;
             return Ok((seen, upgrade_ms));
         }
         self.look_after_cut(&mut seen, written, before)
             .await
             .map_err(me)?;
         seen.rerun = Some(self.run_again(g, new, &seen).await);
-        self.quit_running().await;
+        self.quit_machine().await;
         Ok((seen, upgrade_ms))
     }
 

@@ -226,7 +226,7 @@ impl Session {
             sc.name
         )));
         let disk = self.scenario_disk(sc);
-        overlay_on(&saved.disk, &disk)?;
+        overlay_on(&saved.disk, saved.disk_format(), &disk)?;
         // A reboot in the scenario (persistence) starts QEMU on its disk.
         if let Some(tpl) = self.template.as_mut() {
             tpl.disk = disk.clone();
@@ -297,7 +297,7 @@ impl Session {
     }
 
     /// Ends the running guest (a power cut: nothing of it is judged again).
-    async fn quit_machine(&mut self) {
+    pub(super) async fn quit_machine(&mut self) {
         if let Some(mut m) = self.machine.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), m.qmp().quit()).await;
             m.kill().await;
@@ -305,14 +305,15 @@ impl Session {
     }
 }
 
-/// A fresh qcow2 overlay on the saved (frozen, qcow2) disk.
-pub(super) fn overlay_on(saved: &Path, overlay: &Path) -> Result<(), String> {
+/// A fresh qcow2 overlay on a saved (frozen) disk of format `format`: a
+/// plain run's qcow2 overlay, a lifecycle's raw copy.
+pub(super) fn overlay_on(saved: &Path, format: DiskFormat, overlay: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(overlay);
     // qemu-img resolves a relative backing path against the overlay's dir.
     let saved = std::path::absolute(saved).map_err(|e| format!("{}: {e}", saved.display()))?;
     strata_builder::cmd::run(
         std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .args(["create", "-q", "-f", "qcow2", "-F", format.driver(), "-b"])
             .arg(&saved)
             .arg(overlay),
     )
