@@ -18,6 +18,7 @@
 
 pub mod appliance;
 pub mod extract;
+pub mod kernel;
 pub mod prereq;
 pub mod staging;
 pub mod wire;
