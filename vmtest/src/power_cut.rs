@@ -28,10 +28,14 @@ impl CutPoint {
     }
 }
 
-/// `--power-cut`: every step boundary, N random moments (seeded), or both.
+/// `--power-cut`: every step boundary (or the named ones), N random
+/// moments (seeded), or both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub steps: bool,
+    /// `steps:NAME,…`: only these boundaries (to run one point again, or
+    /// to show where an unsafe upgrade breaks); empty: every one.
+    pub only: Vec<String>,
     pub random: u32,
     pub seed: u64,
 }
@@ -40,8 +44,12 @@ impl std::str::FromStr for Plan {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Plan, String> {
-        let bad =
-            || format!("--power-cut {s:?}: say steps, all, or random:N[:SEED] (N moments, seeded)");
+        let bad = || {
+            format!(
+                "--power-cut {s:?}: say steps, steps:STEP[,STEP…], all, or random:N[:SEED] \
+                 (N moments, seeded)"
+            )
+        };
         let random = |rest: &str| -> Result<(u32, u64), String> {
             let mut parts = rest.split(':');
             let n = parts.next().and_then(|n| n.parse().ok()).ok_or_else(bad)?;
@@ -57,25 +65,42 @@ impl std::str::FromStr for Plan {
         match s {
             "steps" => Ok(Plan {
                 steps: true,
+                only: Vec::new(),
                 random: 0,
                 seed: 0,
             }),
             "all" => Ok(Plan {
                 steps: true,
+                only: Vec::new(),
                 random: 2,
                 seed: seed_now(),
             }),
-            _ => match s.strip_prefix("random:") {
-                Some(rest) => {
-                    let (random, seed) = random(rest)?;
-                    Ok(Plan {
-                        steps: false,
-                        random,
-                        seed,
-                    })
+            _ => {
+                if let Some(rest) = s.strip_prefix("steps:") {
+                    let only: Vec<String> = rest.split(',').map(str::to_owned).collect();
+                    if only.iter().any(|x| x.is_empty()) {
+                        return Err(bad());
+                    }
+                    return Ok(Plan {
+                        steps: true,
+                        only,
+                        random: 0,
+                        seed: 0,
+                    });
                 }
-                None => Err(bad()),
-            },
+                match s.strip_prefix("random:") {
+                    Some(rest) => {
+                        let (random, seed) = random(rest)?;
+                        Ok(Plan {
+                            steps: false,
+                            only: Vec::new(),
+                            random,
+                            seed,
+                        })
+                    }
+                    None => Err(bad()),
+                }
+            }
         }
     }
 }
@@ -89,6 +114,18 @@ fn seed_now() -> u64 {
 pub const FLIP_STEP: &str = "set-default";
 
 impl Plan {
+    /// Refuses a named step the upgrade does not have (`steps`: its list,
+    /// `strata upgrade --list-steps`).
+    pub fn check(&self, steps: &[String]) -> Result<(), String> {
+        match self.only.iter().find(|x| !steps.contains(x)) {
+            Some(x) => Err(format!(
+                "--power-cut: the upgrade has no step {x:?}; its steps: {}",
+                steps.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The cut points, in order: after each step (`steps`, the upgrade's
     /// own list), then `random` moments within `span_ms` (the length of a
     /// whole upgrade), drawn from `seed` (reported, so a failure can be
@@ -96,7 +133,13 @@ impl Plan {
     pub fn points(&self, steps: &[String], span_ms: u64) -> Vec<CutPoint> {
         let mut out: Vec<CutPoint> = Vec::new();
         if self.steps {
-            out.extend(steps.iter().cloned().map(CutPoint::AfterStep));
+            out.extend(
+                steps
+                    .iter()
+                    .filter(|x| self.only.is_empty() || self.only.contains(x))
+                    .cloned()
+                    .map(CutPoint::AfterStep),
+            );
         }
         let mut x = self
             .seed
@@ -128,6 +171,12 @@ pub struct AfterCut {
     pub partial: Vec<String>,
     /// The tokens written before the upgrade, as the `tokens` check judged them.
     pub tokens: Option<CheckResult>,
+    /// The `[state] preserve` paths against their record after setup (the
+    /// `state-contract` check's verdict); None when there are none.
+    pub contract: Option<CheckResult>,
+    /// The console's last lines, when no version came up: what it did
+    /// instead.
+    pub console: Vec<String>,
     /// The upgrade run again (or the new version made the default when it
     /// was whole already), and the version the next boot ran.
     pub rerun: Option<Result<String, String>>,
@@ -163,10 +212,13 @@ pub fn judge(
                 ));
             }
         }
-        (None, e) => problems.push(format!(
-            "the machine did not boot a whole version: {}",
-            e.as_deref().unwrap_or("no version came up")
-        )),
+        (None, e) => {
+            problems.push(format!(
+                "the machine did not boot a whole version: {}",
+                e.as_deref().unwrap_or("no version came up")
+            ));
+            evidence.extend(seen.console.iter().cloned());
+        }
     }
     if seen.booted.is_some() {
         evidence.push(format!(
@@ -197,6 +249,15 @@ pub fn judge(
             }
             Some(t) => evidence.push(format!("tokens: {}", t.detail)),
             None => problems.push("the state tokens were not read".into()),
+        }
+        if let Some(c) = &seen.contract {
+            match c.status {
+                Status::Fail => {
+                    problems.push(format!("[state] preserve: {}", c.detail));
+                    evidence.extend(c.evidence.iter().cloned());
+                }
+                _ => evidence.push(format!("[state] preserve: {}", c.detail)),
+            }
         }
         match &seen.rerun {
             Some(Ok(b)) if b == new => evidence.push(format!("upgrade run again: {new} boots")),
@@ -252,6 +313,8 @@ mod tests {
             default: Some(booted.into()),
             partial: vec![],
             tokens: Some(CheckResult::new("tokens", Status::Pass, "6 intact", vec![])),
+            contract: None,
+            console: vec![],
             rerun: Some(Ok("v2".into())),
         }
     }
@@ -285,7 +348,14 @@ mod tests {
         let mut s = seen("factory");
         s.booted = None;
         s.booted_error = Some("no kernel line within 240 s".into());
+        s.console = vec!["console: Could not find kernel image: /systems/default/vmlinuz".into()];
         let r = judge(&p, None, "factory", "v2", &s);
+        assert!(
+            r.evidence
+                .iter()
+                .any(|e| e.contains("Could not find kernel")),
+            "{r:?}"
+        );
         assert!(
             r.detail
                 .starts_with("the machine did not boot a whole version"),
@@ -297,7 +367,17 @@ mod tests {
         s.default = Some("v2".into());
         s.partial = vec!["v2".into()];
         s.rerun = Some(Err("exit 2: label exists".into()));
+        s.contract = Some(CheckResult::new(
+            "state-contract",
+            Status::Fail,
+            "/var/lib/app/db: changed",
+            vec![],
+        ));
         let d = judge(&p, None, "factory", "v2", &s).detail;
+        assert!(
+            d.contains("[state] preserve: /var/lib/app/db: changed"),
+            "{d}"
+        );
         assert!(d.contains("default is v2, but factory booted"), "{d}");
         assert!(d.contains("v2 as a version that is not whole"), "{d}");
         assert!(d.contains("run again failed: exit 2"), "{d}");
@@ -315,6 +395,21 @@ mod tests {
             all.points(&steps, 1)[1],
             CutPoint::AfterStep("flush".into())
         );
+        let two: Plan = "steps:flush,mount".parse().unwrap();
+        assert_eq!(
+            two.points(&steps, 1),
+            [
+                CutPoint::AfterStep("mount".into()),
+                CutPoint::AfterStep("flush".into())
+            ],
+            "in the upgrade's order"
+        );
+        assert!(two.check(&steps).is_ok());
+        let e = "steps:flush,sink".parse::<Plan>().unwrap().check(&steps);
+        assert!(e
+            .unwrap_err()
+            .contains("no step \"sink\"; its steps: mount, flush"));
+        assert!("steps:".parse::<Plan>().is_err());
         assert!("random:0".parse::<Plan>().is_err());
         assert!("sometimes".parse::<Plan>().is_err());
     }
