@@ -157,9 +157,10 @@ pub struct TestArgs {
     /// Instead of the three stages: the power-cut matrix of the in-guest
     /// upgrade (implies --in-guest). `steps`: a cut after every step of
     /// the upgrade (`steps:STEP,…`: after these only); `random:N[:SEED]`:
-    /// N moments within it; `all`: both (2 random). Each point starts from
-    /// the guest saved after boot 1,
-    /// cuts the power there, boots what was left and judges it
+    /// N moments within it; `all[:SEED]`: both (2 random); parts join
+    /// with `+` (`steps:flush,set-default+random:1:7`). Each point
+    /// starts from the guest saved after boot 1, cuts the power there,
+    /// boots what was left and judges it
     /// [spec: `[upgrade] power_cut = "steps"`].
     #[arg(long, value_name = "PLAN", requires = "upgrade_source")]
     power_cut: Option<strata_vmtest::power_cut::Plan>,

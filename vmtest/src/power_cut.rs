@@ -43,65 +43,64 @@ pub struct Plan {
 impl std::str::FromStr for Plan {
     type Err = String;
 
+    /// `steps`, `steps:STEP,…`, `random:N[:SEED]`, `all[:SEED]` (every step
+    /// and 2 random moments), or parts of those joined by `+`
+    /// (`steps:flush,set-default+random:1:7`).
     fn from_str(s: &str) -> Result<Plan, String> {
         let bad = || {
             format!(
-                "--power-cut {s:?}: say steps, steps:STEP[,STEP…], all, or random:N[:SEED] \
-                 (N moments, seeded)"
+                "--power-cut {s:?}: say steps, steps:STEP[,STEP…], random:N[:SEED], all[:SEED], \
+                 or such parts joined by + (N moments, seeded)"
             )
         };
-        let random = |rest: &str| -> Result<(u32, u64), String> {
-            let mut parts = rest.split(':');
-            let n = parts.next().and_then(|n| n.parse().ok()).ok_or_else(bad)?;
-            let seed = match parts.next() {
-                None => seed_now(),
-                Some(x) => x.parse().map_err(|_| bad())?,
-            };
-            if parts.next().is_some() || n == 0 {
-                return Err(bad());
-            }
-            Ok((n, seed))
+        let seed = |x: Option<&str>| match x {
+            None => Ok(seed_now()),
+            Some(x) => x.parse().map_err(|_| bad()),
         };
-        match s {
-            "steps" => Ok(Plan {
-                steps: true,
-                only: Vec::new(),
-                random: 0,
-                seed: 0,
-            }),
-            "all" => Ok(Plan {
-                steps: true,
-                only: Vec::new(),
-                random: 2,
-                seed: seed_now(),
-            }),
-            _ => {
-                if let Some(rest) = s.strip_prefix("steps:") {
-                    let only: Vec<String> = rest.split(',').map(str::to_owned).collect();
-                    if only.iter().any(|x| x.is_empty()) {
+        let mut plan = Plan {
+            steps: false,
+            only: Vec::new(),
+            random: 0,
+            seed: 0,
+        };
+        let mut seeded = false;
+        for part in s.split('+') {
+            let (kind, rest) = match part.split_once(':') {
+                Some((k, r)) => (k, Some(r)),
+                None => (part, None),
+            };
+            match (kind, rest) {
+                ("steps", None) if !plan.steps => plan.steps = true,
+                ("steps", Some(list)) if !plan.steps => {
+                    plan.steps = true;
+                    plan.only = list.split(',').map(str::to_owned).collect();
+                    if plan.only.iter().any(|x| x.is_empty()) {
                         return Err(bad());
                     }
-                    return Ok(Plan {
-                        steps: true,
-                        only,
-                        random: 0,
-                        seed: 0,
-                    });
                 }
-                match s.strip_prefix("random:") {
-                    Some(rest) => {
-                        let (random, seed) = random(rest)?;
-                        Ok(Plan {
-                            steps: false,
-                            only: Vec::new(),
-                            random,
-                            seed,
-                        })
+                ("random", Some(args)) if !seeded => {
+                    let mut args = args.split(':');
+                    plan.random = args
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|n| *n > 0)
+                        .ok_or_else(bad)?;
+                    plan.seed = seed(args.next())?;
+                    if args.next().is_some() {
+                        return Err(bad());
                     }
-                    None => Err(bad()),
+                    seeded = true;
                 }
+                ("all", x) if !plan.steps && !seeded => {
+                    plan.steps = true;
+                    plan.random = 2;
+                    plan.seed = seed(x)?;
+                    seeded = true;
+                }
+                _ => return Err(bad()),
             }
         }
+        Ok(plan)
     }
 }
 
@@ -410,6 +409,22 @@ mod tests {
             .unwrap_err()
             .contains("no step \"sink\"; its steps: mount, flush"));
         assert!("steps:".parse::<Plan>().is_err());
+        let all: Plan = "all:7".parse().unwrap();
+        assert_eq!((all.steps, all.random, all.seed), (true, 2, 7));
+        assert!("all:x".parse::<Plan>().is_err());
+        let both: Plan = "steps:flush+random:1:7".parse().unwrap();
+        assert_eq!((both.steps, both.random, both.seed), (true, 1, 7));
+        assert_eq!(both.only, ["flush"]);
+        assert_eq!(both.points(&steps, 1000).len(), 2);
+        for bad in [
+            "steps+steps",
+            "all+random:1",
+            "random:1+random:2",
+            "steps:+random:1",
+            "",
+        ] {
+            assert!(bad.parse::<Plan>().is_err(), "{bad}");
+        }
         assert!("random:0".parse::<Plan>().is_err());
         assert!("sometimes".parse::<Plan>().is_err());
     }

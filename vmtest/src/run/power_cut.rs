@@ -45,6 +45,9 @@ const UNSAFE_ENV: &str = strata_builder::steps::UNSAFE_UPGRADE_ENV;
 /// How long the upgrade in the guest may take to reach a point.
 const UPGRADE_WITHIN: Duration = Duration::from_secs(900);
 
+/// How long `strata versions --running` in the guest may take.
+const LOOK_WITHIN: Duration = Duration::from_secs(300);
+
 /// Random moments fall within a whole upgrade: as long as the `finish`
 /// point's upgrade took (it runs first), or this before one was timed.
 const SPAN_BEFORE_TIMED_MS: u64 = 60_000;
@@ -510,14 +513,20 @@ impl<'a> Lane<'a> {
                 },
             );
         }
-        let json = self
-            .machine()
+        // Bounded like the upgrade: strata is read cold from the payload
+        // disk and mounts the top level, which takes a minute under TCG
+        // while the other lane's guest upgrades.
+        let machine = self.machine();
+        let within = machine.command_timeout;
+        machine.command_timeout = LOOK_WITHIN;
+        let json = machine
             .succeed(&format!(
                 "{} && {}/strata versions --running --json",
                 payload::mount_command(),
                 payload::GUEST_DIR
             ))
             .await;
+        machine.command_timeout = within;
         match json {
             Ok(j) => {
                 if let Err(e) = power_cut::parse_versions(&j, seen) {
