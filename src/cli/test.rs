@@ -94,7 +94,8 @@ pub struct TestArgs {
     /// `--upgrade-to` boots every time through extlinux [default: direct].
     #[arg(long, value_enum, value_name = "HOW")]
     later_boots: Option<BootMode>,
-    /// Limit for the whole run, in seconds [default: 600].
+    /// Limit for the whole run, in seconds [default: 600; with --power-cut
+    /// 600 more per cut point].
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
     /// Run only these checks (comma-separated); the others are reported as
@@ -155,9 +156,11 @@ pub struct TestArgs {
     in_guest: bool,
     /// Instead of the three stages: the power-cut matrix of the in-guest
     /// upgrade (implies --in-guest). `steps`: a cut after every step of
-    /// the upgrade; `random:N[:SEED]`: N moments within it; `all`: both
-    /// (2 random). Each point starts from the guest saved after boot 1,
-    /// cuts the power there, boots what was left and judges it
+    /// the upgrade (`steps:STEP,…`: after these only); `random:N[:SEED]`:
+    /// N moments within it; `all[:SEED]`: both (2 random); parts join
+    /// with `+` (`steps:flush,set-default+random:1:7`). Each point
+    /// starts from the guest saved after boot 1, cuts the power there,
+    /// boots what was left and judges it
     /// [spec: `[upgrade] power_cut = "steps"`].
     #[arg(long, value_name = "PLAN", requires = "upgrade_source")]
     power_cut: Option<strata_vmtest::power_cut::Plan>,
@@ -392,6 +395,12 @@ fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
     if let Some(s) = spec {
         s.check_run_shape(upgrade.is_some()).map_err(exit::input)?;
     }
+    // A cut point the upgrade does not have is refused before anything boots.
+    if let Some(u) = &upgrade {
+        if let Some(p) = &u.power_cut {
+            p.check(&power_cut_steps(&u.rootfs)).map_err(exit::input)?;
+        }
+    }
     let user: Vec<&str> = spec.map(Spec::user_check_names).unwrap_or_default();
     let checks = match &args.checks {
         Some(names) => Some(spec::builtin_checks(names, &user).map_err(exit::input)?),
@@ -426,6 +435,19 @@ fn resolve(args: &TestArgs, spec: Option<&Spec>) -> Result<Plan, u8> {
         json: args.json.clone().or(out.json),
         junit: args.junit.clone().or(out.junit),
     })
+}
+
+/// What `--timeout` adds for each cut point of a power-cut matrix when it
+/// is not given: a restore, an upgrade, two boots (about 4 minutes under
+/// TCG on the fixture), with room.
+const POWER_CUT_POINT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The steps of the upgrade a matrix cuts (`strata upgrade --list-steps`).
+fn power_cut_steps(rootfs: &std::path::Path) -> Vec<String> {
+    strata_builder::upgrade::step_names(!rootfs.is_dir(), true)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `FILE:LINE: KEY` of a value the test file gave.
@@ -463,6 +485,17 @@ fn config(
     }
     if let Some(v) = args.later_boots {
         cfg.later_boots = v;
+    }
+    // A matrix runs an upgrade and two boots per point: unless a limit was
+    // given, each point gets its own on top of the run's.
+    if let Some((p, g)) = lifecycle
+        .as_ref()
+        .and_then(|l| l.power_cut.as_ref().zip(l.in_guest.as_ref()))
+    {
+        if spec.is_none_or(|s| s.machine.timeout.is_none()) {
+            let points = p.points(&power_cut_steps(&g.rootfs), 1).len() as u32;
+            cfg.timeout += POWER_CUT_POINT_TIMEOUT * points;
+        }
     }
     if let Some(v) = args.timeout {
         cfg.timeout = Duration::from_secs(v);

@@ -47,6 +47,14 @@ pub fn scenario_qemu_output(scenario: &str, boot: u32) -> String {
 
 const QEMU_OUTPUT_PREFIX: &str = "qemu-stderr-boot";
 
+/// A power-cut point's own files (`run::power_cut`), by its place in the
+/// matrix: `serial` (the restored guest's console, then the cold boot's),
+/// `upgrade` (what the upgrade in the guest said up to the cut),
+/// `qemu-restore` (the restoring QEMU's stdout and stderr).
+pub fn cut_point(i: usize, what: &str) -> String {
+    format!("cut{i:02}-{what}.log")
+}
+
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     dir: PathBuf,

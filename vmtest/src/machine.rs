@@ -195,6 +195,12 @@ impl SavedState {
     pub fn disk_format(&self) -> DiskFormat {
         self.cmd.disk_format
     }
+
+    /// The saved machine's command line, for a restore that needs its own
+    /// sockets and console ([`Machine::restore_as`]).
+    pub fn command(&self) -> &QemuCommand {
+        &self.cmd
+    }
 }
 
 /// How long writing or loading a saved state may take: a GiB of RAM at
@@ -379,9 +385,23 @@ impl Machine {
             disk: disk.to_owned(),
             output_log: output_log.to_owned(),
             disk_format: DiskFormat::Qcow2,
+            ..saved.cmd.clone()
+        };
+        Machine::restore_as(saved, cmd, events).await
+    }
+
+    /// [`Machine::restore`] with a command line of the caller's: the saved
+    /// one (`SavedState::command`) with its own disk overlay, sockets and
+    /// console, so that two restores of one save run at once.
+    pub async fn restore_as(
+        saved: &SavedState,
+        cmd: QemuCommand,
+        events: EventLog,
+    ) -> Result<Machine, MachineError> {
+        let cmd = QemuCommand {
             incoming: true,
             start_paused: true,
-            ..saved.cmd.clone()
+            ..cmd
         };
         let mut m = Machine::spawn(cmd, events).await?;
         m.qmp

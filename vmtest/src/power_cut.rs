@@ -28,10 +28,14 @@ impl CutPoint {
     }
 }
 
-/// `--power-cut`: every step boundary, N random moments (seeded), or both.
+/// `--power-cut`: every step boundary (or the named ones), N random
+/// moments (seeded), or both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub steps: bool,
+    /// `steps:NAME,…`: only these boundaries (to run one point again, or
+    /// to show where an unsafe upgrade breaks); empty: every one.
+    pub only: Vec<String>,
     pub random: u32,
     pub seed: u64,
 }
@@ -39,44 +43,64 @@ pub struct Plan {
 impl std::str::FromStr for Plan {
     type Err = String;
 
+    /// `steps`, `steps:STEP,…`, `random:N[:SEED]`, `all[:SEED]` (every step
+    /// and 2 random moments), or parts of those joined by `+`
+    /// (`steps:flush,set-default+random:1:7`).
     fn from_str(s: &str) -> Result<Plan, String> {
-        let bad =
-            || format!("--power-cut {s:?}: say steps, all, or random:N[:SEED] (N moments, seeded)");
-        let random = |rest: &str| -> Result<(u32, u64), String> {
-            let mut parts = rest.split(':');
-            let n = parts.next().and_then(|n| n.parse().ok()).ok_or_else(bad)?;
-            let seed = match parts.next() {
-                None => seed_now(),
-                Some(x) => x.parse().map_err(|_| bad())?,
-            };
-            if parts.next().is_some() || n == 0 {
-                return Err(bad());
-            }
-            Ok((n, seed))
+        let bad = || {
+            format!(
+                "--power-cut {s:?}: say steps, steps:STEP[,STEP…], random:N[:SEED], all[:SEED], \
+                 or such parts joined by + (N moments, seeded)"
+            )
         };
-        match s {
-            "steps" => Ok(Plan {
-                steps: true,
-                random: 0,
-                seed: 0,
-            }),
-            "all" => Ok(Plan {
-                steps: true,
-                random: 2,
-                seed: seed_now(),
-            }),
-            _ => match s.strip_prefix("random:") {
-                Some(rest) => {
-                    let (random, seed) = random(rest)?;
-                    Ok(Plan {
-                        steps: false,
-                        random,
-                        seed,
-                    })
+        let seed = |x: Option<&str>| match x {
+            None => Ok(seed_now()),
+            Some(x) => x.parse().map_err(|_| bad()),
+        };
+        let mut plan = Plan {
+            steps: false,
+            only: Vec::new(),
+            random: 0,
+            seed: 0,
+        };
+        let mut seeded = false;
+        for part in s.split('+') {
+            let (kind, rest) = match part.split_once(':') {
+                Some((k, r)) => (k, Some(r)),
+                None => (part, None),
+            };
+            match (kind, rest) {
+                ("steps", None) if !plan.steps => plan.steps = true,
+                ("steps", Some(list)) if !plan.steps => {
+                    plan.steps = true;
+                    plan.only = list.split(',').map(str::to_owned).collect();
+                    if plan.only.iter().any(|x| x.is_empty()) {
+                        return Err(bad());
+                    }
                 }
-                None => Err(bad()),
-            },
+                ("random", Some(args)) if !seeded => {
+                    let mut args = args.split(':');
+                    plan.random = args
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|n| *n > 0)
+                        .ok_or_else(bad)?;
+                    plan.seed = seed(args.next())?;
+                    if args.next().is_some() {
+                        return Err(bad());
+                    }
+                    seeded = true;
+                }
+                ("all", x) if !plan.steps && !seeded => {
+                    plan.steps = true;
+                    plan.random = 2;
+                    plan.seed = seed(x)?;
+                    seeded = true;
+                }
+                _ => return Err(bad()),
+            }
         }
+        Ok(plan)
     }
 }
 
@@ -89,6 +113,18 @@ fn seed_now() -> u64 {
 pub const FLIP_STEP: &str = "set-default";
 
 impl Plan {
+    /// Refuses a named step the upgrade does not have (`steps`: its list,
+    /// `strata upgrade --list-steps`).
+    pub fn check(&self, steps: &[String]) -> Result<(), String> {
+        match self.only.iter().find(|x| !steps.contains(x)) {
+            Some(x) => Err(format!(
+                "--power-cut: the upgrade has no step {x:?}; its steps: {}",
+                steps.join(", ")
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The cut points, in order: after each step (`steps`, the upgrade's
     /// own list), then `random` moments within `span_ms` (the length of a
     /// whole upgrade), drawn from `seed` (reported, so a failure can be
@@ -96,7 +132,13 @@ impl Plan {
     pub fn points(&self, steps: &[String], span_ms: u64) -> Vec<CutPoint> {
         let mut out: Vec<CutPoint> = Vec::new();
         if self.steps {
-            out.extend(steps.iter().cloned().map(CutPoint::AfterStep));
+            out.extend(
+                steps
+                    .iter()
+                    .filter(|x| self.only.is_empty() || self.only.contains(x))
+                    .cloned()
+                    .map(CutPoint::AfterStep),
+            );
         }
         let mut x = self
             .seed
@@ -128,6 +170,12 @@ pub struct AfterCut {
     pub partial: Vec<String>,
     /// The tokens written before the upgrade, as the `tokens` check judged them.
     pub tokens: Option<CheckResult>,
+    /// The `[state] preserve` paths against their record after setup (the
+    /// `state-contract` check's verdict); None when there are none.
+    pub contract: Option<CheckResult>,
+    /// The console's last lines, when no version came up: what it did
+    /// instead.
+    pub console: Vec<String>,
     /// The upgrade run again (or the new version made the default when it
     /// was whole already), and the version the next boot ran.
     pub rerun: Option<Result<String, String>>,
@@ -163,10 +211,13 @@ pub fn judge(
                 ));
             }
         }
-        (None, e) => problems.push(format!(
-            "the machine did not boot a whole version: {}",
-            e.as_deref().unwrap_or("no version came up")
-        )),
+        (None, e) => {
+            problems.push(format!(
+                "the machine did not boot a whole version: {}",
+                e.as_deref().unwrap_or("no version came up")
+            ));
+            evidence.extend(seen.console.iter().cloned());
+        }
     }
     if seen.booted.is_some() {
         evidence.push(format!(
@@ -197,6 +248,15 @@ pub fn judge(
             }
             Some(t) => evidence.push(format!("tokens: {}", t.detail)),
             None => problems.push("the state tokens were not read".into()),
+        }
+        if let Some(c) = &seen.contract {
+            match c.status {
+                Status::Fail => {
+                    problems.push(format!("[state] preserve: {}", c.detail));
+                    evidence.extend(c.evidence.iter().cloned());
+                }
+                _ => evidence.push(format!("[state] preserve: {}", c.detail)),
+            }
         }
         match &seen.rerun {
             Some(Ok(b)) if b == new => evidence.push(format!("upgrade run again: {new} boots")),
@@ -252,6 +312,8 @@ mod tests {
             default: Some(booted.into()),
             partial: vec![],
             tokens: Some(CheckResult::new("tokens", Status::Pass, "6 intact", vec![])),
+            contract: None,
+            console: vec![],
             rerun: Some(Ok("v2".into())),
         }
     }
@@ -285,7 +347,14 @@ mod tests {
         let mut s = seen("factory");
         s.booted = None;
         s.booted_error = Some("no kernel line within 240 s".into());
+        s.console = vec!["console: Could not find kernel image: /systems/default/vmlinuz".into()];
         let r = judge(&p, None, "factory", "v2", &s);
+        assert!(
+            r.evidence
+                .iter()
+                .any(|e| e.contains("Could not find kernel")),
+            "{r:?}"
+        );
         assert!(
             r.detail
                 .starts_with("the machine did not boot a whole version"),
@@ -297,7 +366,17 @@ mod tests {
         s.default = Some("v2".into());
         s.partial = vec!["v2".into()];
         s.rerun = Some(Err("exit 2: label exists".into()));
+        s.contract = Some(CheckResult::new(
+            "state-contract",
+            Status::Fail,
+            "/var/lib/app/db: changed",
+            vec![],
+        ));
         let d = judge(&p, None, "factory", "v2", &s).detail;
+        assert!(
+            d.contains("[state] preserve: /var/lib/app/db: changed"),
+            "{d}"
+        );
         assert!(d.contains("default is v2, but factory booted"), "{d}");
         assert!(d.contains("v2 as a version that is not whole"), "{d}");
         assert!(d.contains("run again failed: exit 2"), "{d}");
@@ -315,6 +394,37 @@ mod tests {
             all.points(&steps, 1)[1],
             CutPoint::AfterStep("flush".into())
         );
+        let two: Plan = "steps:flush,mount".parse().unwrap();
+        assert_eq!(
+            two.points(&steps, 1),
+            [
+                CutPoint::AfterStep("mount".into()),
+                CutPoint::AfterStep("flush".into())
+            ],
+            "in the upgrade's order"
+        );
+        assert!(two.check(&steps).is_ok());
+        let e = "steps:flush,sink".parse::<Plan>().unwrap().check(&steps);
+        assert!(e
+            .unwrap_err()
+            .contains("no step \"sink\"; its steps: mount, flush"));
+        assert!("steps:".parse::<Plan>().is_err());
+        let all: Plan = "all:7".parse().unwrap();
+        assert_eq!((all.steps, all.random, all.seed), (true, 2, 7));
+        assert!("all:x".parse::<Plan>().is_err());
+        let both: Plan = "steps:flush+random:1:7".parse().unwrap();
+        assert_eq!((both.steps, both.random, both.seed), (true, 1, 7));
+        assert_eq!(both.only, ["flush"]);
+        assert_eq!(both.points(&steps, 1000).len(), 2);
+        for bad in [
+            "steps+steps",
+            "all+random:1",
+            "random:1+random:2",
+            "steps:+random:1",
+            "",
+        ] {
+            assert!(bad.parse::<Plan>().is_err(), "{bad}");
+        }
         assert!("random:0".parse::<Plan>().is_err());
         assert!("sometimes".parse::<Plan>().is_err());
     }

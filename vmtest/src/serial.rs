@@ -14,6 +14,9 @@ const FATAL: &[&str] = &[
     "Gave up waiting for root file system device",
     "ALERT! ",
     "Dropping to a shell!",
+    // initramfs-tools when the root subvolume it was told to mount is not
+    // there (a menu naming a version that does not exist): its shell next.
+    "as root file system.",
     "Could not find kernel image",
     "Invalid or corrupt kernel image",
     "No DEFAULT or UI configuration directive found",
@@ -262,6 +265,7 @@ mod tests {
         assert!(is_fatal(
             "ALERT!  UUID=1234 does not exist.  Dropping to a shell!"
         ));
+        assert!(is_fatal("Failed to mount /dev/vda as root file system."));
         assert!(!is_fatal("[  OK  ] Reached target multi-user.target"));
     }
 

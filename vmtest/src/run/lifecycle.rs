@@ -159,6 +159,7 @@ pub(super) async fn payload_for(s: &Session, g: &InGuest) -> Result<std::path::P
             &d,
             &staging,
             &[("strata", &g.strata), (&rootfs_name, &g.rootfs)],
+            "strata",
         )
     })
     .await
