@@ -9,9 +9,9 @@
 //! versions agree on root device, arguments and initramfs, the menu written
 //! before the flip is the menu that was already there.
 
+use crate::bootloader::{extlinux, BootEntry};
 use crate::cmd;
 use crate::error::{Context, StepError};
-use crate::extlinux::{self, BootEntry};
 use crate::layout::{self, Version};
 use std::fs;
 use std::io::Write;

@@ -4,6 +4,7 @@
 //! default version, its state subvolumes, the root device of its boot
 //! entry; no list of moved files).
 
+use crate::bootloader::cmdline;
 use crate::image::boot_entry;
 use crate::image::model::{BootEntry, ImageLayout};
 use crate::layout::{self, NameError, Version};
@@ -141,11 +142,8 @@ impl Expectations {
                     .or_else(|| b.entries.iter().find(boots_it))
             })
             .and_then(|e| e.append.as_deref())
-            .and_then(|a| {
-                a.split_whitespace()
-                    .find_map(|w| w.strip_prefix("root="))
-                    .map(str::to_owned)
-            })
+            .and_then(cmdline::root_device)
+            .map(str::to_owned)
             .unwrap_or_else(|| format!("UUID={}", layout.filesystem.uuid));
         Ok(Expectations {
             version,

@@ -28,9 +28,9 @@
 //! debris, not versions: listed apart.
 
 use crate::boot;
+use crate::bootloader::BootEntry;
 use crate::btrfs;
 use crate::error::StepError;
-use crate::extlinux::BootEntry;
 use crate::image::model::{self, ImageLayout};
 use crate::image::{self, ImageError, Mode, OpenImage};
 use crate::layout::{self, Version};
@@ -715,7 +715,7 @@ fn step(e: StepError) -> ImageError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extlinux;
+    use crate::bootloader::extlinux;
     use crate::image::model::{Filesystem, Subvolume};
     use crate::layout::Tree;
     use crate::manifest::{Deployment, StateDirs};

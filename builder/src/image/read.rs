@@ -4,9 +4,10 @@
 use super::boot_entry;
 use super::model::{self, *};
 use super::subvolumes;
+use crate::bootloader::extlinux;
+use crate::fstab;
 use crate::layout::{self, Tree, Version};
 use crate::rootfs::RootDir;
-use crate::{extlinux, fstab};
 use rustix::fs::FileType;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -558,7 +559,7 @@ mod tests {
             if initramfs {
                 std::fs::write(top.join(v.initramfs()), "i").unwrap();
             }
-            entries.push(extlinux::BootEntry {
+            entries.push(crate::bootloader::BootEntry {
                 version: v,
                 root_device: "UUID=abcd".into(),
                 has_initramfs: initramfs,

@@ -2,12 +2,12 @@
 //! through a read-only mount, every refusal (exit 2) before anything is
 //! written.
 
-use super::existing::{existing_entries, menu_entry, new_kernel_args, record_from_image, root_of};
+use super::existing::{existing_entries, menu_entry, new_kernel_args, record_from_image};
 use super::{input, Target, UpgradeOptions};
+use crate::bootloader::{cmdline, BootEntry};
 use crate::copy;
 use crate::deploy::{self, BootSource, Rootfs};
 use crate::error::{BuildError, Context, StepError};
-use crate::extlinux::BootEntry;
 use crate::fstab;
 use crate::image::{self, model, ImageError, Mode, OpenImage};
 use crate::interrupt::Interrupt;
@@ -198,7 +198,10 @@ fn check_open(
         .as_ref()
         .and_then(|m| m.version(&old_label))
         .map(|r| r.root_device.clone())
-        .or_else(|| menu_entry(&layout, &old_label).and_then(|e| root_of(e.append.as_deref()?)))
+        .or_else(|| {
+            menu_entry(&layout, &old_label)
+                .and_then(|e| Some(cmdline::root_device(e.append.as_deref()?)?.to_owned()))
+        })
         .unwrap_or_else(|| format!("UUID={fs_uuid}"));
 
     let state_dirs = state_dir_list(loaded.as_ref(), &old_label, &layout);

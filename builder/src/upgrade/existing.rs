@@ -4,8 +4,8 @@
 
 use super::check::is_whole;
 use super::input;
+use crate::bootloader::{cmdline, BootEntry};
 use crate::error::StepError;
-use crate::extlinux::BootEntry;
 use crate::image::{boot_entry, model};
 use crate::layout::{self, Version};
 use crate::manifest::{Deployment, Manifest, StateDirs, VersionRecord};
@@ -29,41 +29,6 @@ pub(super) fn menu_entry<'a>(
                 boot_entry::version_booted(e.append.as_deref(), default).as_deref() == Some(label)
             })
         })
-}
-
-/// The root device of a kernel command line (the kernel takes the last
-/// `root=`).
-pub(super) fn root_of(append: &str) -> Option<String> {
-    append
-        .split_whitespace()
-        .rev()
-        .find_map(|w| w.strip_prefix("root="))
-        .map(str::to_owned)
-}
-
-/// The extra arguments of a command line strata wrote for `version`: what
-/// follows its standard arguments; for a line in another form, every word
-/// but the ones strata writes itself.
-fn extra_args(append: &str, version: &Version, root_device: &str) -> String {
-    let standard = BootEntry {
-        version: version.clone(),
-        root_device: root_device.to_owned(),
-        has_initramfs: false,
-        kernel_args: String::new(),
-    }
-    .append();
-    if let Some(rest) = append.trim().strip_prefix(&standard) {
-        if rest.is_empty() || rest.starts_with(' ') {
-            return rest.trim().to_owned();
-        }
-    }
-    const OWN: [&str; 3] = ["rw", "console=tty0", "console=ttyS0,115200"];
-    const OWN_PREFIXES: [&str; 5] = ["root=", "rootfstype=", "rootflags=", "init=", "initrd="];
-    append
-        .split_whitespace()
-        .filter(|w| !OWN.contains(w) && !OWN_PREFIXES.iter().any(|p| w.starts_with(p)))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// The new version's extra kernel arguments: `--kernel-args` when given
@@ -115,9 +80,9 @@ pub(super) fn existing_entries(
             .unwrap_or_default();
         let root_device = record
             .map(|r| r.root_device.clone())
-            .or_else(|| root_of(&append))
+            .or_else(|| cmdline::root_device(&append).map(str::to_owned))
             .unwrap_or_else(|| image_root.to_owned());
-        let kernel_args = extra_args(&append, &version, &root_device);
+        let kernel_args = cmdline::extra_args(&append, &version);
         entries.push(BootEntry {
             has_initramfs: v.initramfs_size.is_some(),
             version,
@@ -189,40 +154,6 @@ pub(super) fn record_from_image(layout: &model::ImageLayout, entry: &BootEntry) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn extra_arguments_of_a_command_line() {
-        let v = Version::new("v1").unwrap();
-        let mine = BootEntry {
-            version: v.clone(),
-            root_device: "UUID=abc".into(),
-            has_initramfs: true,
-            kernel_args: "quiet loglevel=3".into(),
-        };
-        assert_eq!(
-            extra_args(&mine.append(), &v, "UUID=abc"),
-            "quiet loglevel=3"
-        );
-        let plain = BootEntry {
-            kernel_args: String::new(),
-            ..mine.clone()
-        };
-        assert_eq!(extra_args(&plain.append(), &v, "UUID=abc"), "");
-        // Another tool's line: strata's own words go, the rest stays.
-        assert_eq!(
-            extra_args(
-                "root=/dev/sda rootflags=subvol=systems/default/run rw quiet",
-                &v,
-                "/dev/sda"
-            ),
-            "quiet"
-        );
-        assert_eq!(
-            root_of("root=/dev/sda x root=/dev/vda").as_deref(),
-            Some("/dev/vda")
-        );
-        assert_eq!(root_of("quiet"), None);
-    }
 
     #[test]
     fn new_version_keeps_the_old_ones_args_unless_given() {

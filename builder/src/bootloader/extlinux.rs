@@ -17,76 +17,22 @@
 //! right, so the old version can be picked by hand, and re-running the
 //! command completes the change.
 
+use super::BootEntry;
 use crate::layout::{self, Version};
 
-/// One boot menu entry: one deployed system version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootEntry {
-    pub version: Version,
-    pub root_device: String,
-    pub has_initramfs: bool,
-    pub kernel_args: String,
-}
-
-impl BootEntry {
-    /// The kernel command line; `strata test --boot direct` uses the same.
-    pub fn append(&self) -> String {
-        let mut s = format!(
-            "root={} rootfstype=btrfs rootflags=subvol={} init=/sbin/init rw console=tty0 console=ttyS0,115200",
-            self.root_device,
-            layout::rootflags_subvol(&self.version)
-        );
-        let extra = self.kernel_args.trim();
-        if !extra.is_empty() {
-            s.push(' ');
-            s.push_str(extra);
-        }
-        s
-    }
-
-    /// The entry `append` made for `version`, read back from its command
-    /// line: the root device and the extra arguments. None when the line
-    /// is not one `append` makes for `version` (another tool's menu, an
-    /// entry booting another version).
-    pub fn from_append(version: &Version, append: &str, has_initramfs: bool) -> Option<BootEntry> {
-        let words: Vec<&str> = append.split_whitespace().collect();
-        let root_device = words.first()?.strip_prefix("root=")?.to_owned();
-        let mut entry = BootEntry {
-            version: version.clone(),
-            root_device,
-            has_initramfs,
-            kernel_args: String::new(),
-        };
-        let fixed = entry.append();
-        let fixed: Vec<&str> = fixed.split_whitespace().collect();
-        if !words.starts_with(&fixed) {
-            return None;
-        }
-        entry.kernel_args = words[fixed.len()..].join(" ");
-        Some(entry)
-    }
-
-    /// The same entry booting through `systems/default`.
-    fn via_default_link(&self) -> BootEntry {
-        BootEntry {
-            version: layout::via_default_link(),
-            ..self.clone()
-        }
-    }
-
-    fn stanza(&self, label: &str, s: &mut String) {
+/// One `label` stanza for `entry`.
+fn stanza(entry: &BootEntry, label: &str, s: &mut String) {
+    s.push_str(&format!(
+        "label {label}\n  kernel {}\n",
+        layout::boot_kernel_path(&entry.version)
+    ));
+    if entry.has_initramfs {
         s.push_str(&format!(
-            "label {label}\n  kernel {}\n",
-            layout::boot_kernel_path(&self.version)
+            "  initrd {}\n",
+            layout::boot_initramfs_path(&entry.version)
         ));
-        if self.has_initramfs {
-            s.push_str(&format!(
-                "  initrd {}\n",
-                layout::boot_initramfs_path(&self.version)
-            ));
-        }
-        s.push_str(&format!("  append {}\n", self.append()));
     }
+    s.push_str(&format!("  append {}\n", entry.append()));
 }
 
 /// The whole menu: `default default`, the `default` entry booting through
@@ -102,11 +48,10 @@ pub fn render(default: &Version, entries: &[BootEntry]) -> String {
     }
     s.push_str("timeout 10\n");
     if let Some(e) = through_link {
-        e.via_default_link()
-            .stanza(layout::DEFAULT_ENTRY_LABEL, &mut s);
+        stanza(&e.via_default_link(), layout::DEFAULT_ENTRY_LABEL, &mut s);
     }
     for e in entries {
-        e.stanza(e.version.label(), &mut s);
+        stanza(e, e.version.label(), &mut s);
     }
     s
 }
@@ -281,30 +226,6 @@ mod tests {
         let c = entry("v3", "UUID=u", true, "quiet debug");
         let all = [a.clone(), c.clone()];
         assert_ne!(render(&a.version, &all), render(&c.version, &all));
-    }
-
-    #[test]
-    fn entries_read_back_from_their_command_line() {
-        for e in [
-            entry("factory", "UUID=u", true, ""),
-            entry("v2", "/dev/vda", false, "quiet  loglevel=3"),
-        ] {
-            let back = BootEntry::from_append(&e.version, &e.append(), e.has_initramfs).unwrap();
-            let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
-            assert_eq!(back.root_device, e.root_device);
-            assert_eq!(back.kernel_args, words(&e.kernel_args));
-            assert_eq!(back.append(), words(&e.append()));
-        }
-        let v1 = Version::new("v1").unwrap();
-        // Another version's line, another tool's line, no root.
-        let other = entry("v2", "/dev/vda", true, "");
-        assert_eq!(BootEntry::from_append(&v1, &other.append(), true), None);
-        assert_eq!(
-            BootEntry::from_append(&v1, "root=/dev/sda1 ro quiet", true),
-            None
-        );
-        assert_eq!(BootEntry::from_append(&v1, "quiet", true), None);
-        assert_eq!(BootEntry::from_append(&v1, "", true), None);
     }
 
     #[test]
