@@ -12,7 +12,7 @@ use changes::{CliChanges, UpgradePlan};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use strata_builder::bootloader::cmdline;
+use strata_builder::bootloader::{self, cmdline};
 use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
 use strata_builder::image;
@@ -524,6 +524,16 @@ fn extra_kernel_args(record: &VersionRecord) -> String {
         .unwrap_or_default()
 }
 
+/// The extra kernel arguments of `version` as its menu entry boots it, for
+/// an image without a manifest: the ones `strata upgrade` keeps from it
+/// (`bootloader::menu_entries`), by the same rule.
+fn menu_kernel_args(read: &image::model::ImageLayout, version: &layout::Version) -> String {
+    bootloader::menu_entry(read, version.label())
+        .and_then(|e| e.append.as_deref())
+        .map(|line| cmdline::extra_args(line, version))
+        .unwrap_or_default()
+}
+
 /// What the booted image must show: from the build manifest (given, or
 /// IMG.manifest.json), or — for an image built by someone else, with no
 /// manifest — read off the image through a read-only mount.
@@ -559,7 +569,7 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<(Expectations, ImageFac
     let expect = Expectations::from_layout(&layout, args.label.as_deref()).map_err(bad)?;
     let facts = ImageFacts {
         labels: layout.versions.iter().map(|v| v.label.clone()).collect(),
-        kernel_args: String::new(),
+        kernel_args: menu_kernel_args(&layout, &expect.version),
     };
     eprintln!(
         "no build manifest next to {}: expecting what the image itself says (version {}, root {}, state dirs {}); moved-files can only check that mountpoints are empty",
