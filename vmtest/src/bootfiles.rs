@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use strata_builder::bootloader::{Bootloader, BOOTLOADER};
 use strata_builder::image::boot_entry;
 use strata_builder::layout;
 
@@ -39,7 +40,7 @@ pub struct BootEntry {
 /// for every reader of boot menus). Stricter than syslinux on one point: a
 /// `default` naming no label is an error rather than a guess.
 pub fn default_entry(conf: &str) -> Result<BootEntry, String> {
-    let config = strata_builder::bootloader::extlinux::parse(conf);
+    let config = BOOTLOADER.read_menu(conf);
     if let Some(d) = &config.default {
         if !config.entries.iter().any(|e| &e.label == d) {
             let labels: Vec<&str> = config.entries.iter().map(|e| e.label.as_str()).collect();

@@ -1,3 +1,4 @@
+//! `Extlinux`, the boot loader strata's images boot with, and its menu,
 //! extlinux.conf, byte for byte as layout.md §4 and §6 give it.
 //!
 //! The menu's default entry boots THROUGH `systems/default` (kernel, initrd
@@ -17,8 +18,43 @@
 //! right, so the old version can be picked by hand, and re-running the
 //! command completes the change.
 
-use super::BootEntry;
+use super::{BootEntry, Bootloader, Menu, MenuEntry};
+use crate::cmd::{self, CmdError};
 use crate::layout::{self, Version};
+use std::path::Path;
+use std::process::Command;
+
+/// syslinux's extlinux, on the whole-disk btrfs.
+#[derive(Debug, Clone, Copy)]
+pub struct Extlinux;
+
+impl Bootloader for Extlinux {
+    fn config_path(&self) -> &'static str {
+        layout::BOOT_MENU
+    }
+
+    /// syslinux 6.04 does not search `extlinux/` on its own (measured: "No
+    /// configuration file found"); it follows the top-level link.
+    fn config_link(&self) -> Option<(&'static str, &'static str)> {
+        Some((layout::BOOT_MENU_LINK, layout::BOOT_MENU_LINK_TARGET))
+    }
+
+    fn render_menu(&self, default: &Version, entries: &[BootEntry]) -> String {
+        render(default, entries)
+    }
+
+    fn read_menu(&self, text: &str) -> Menu {
+        parse(text)
+    }
+
+    /// `extlinux --install` on the top level. Whole-disk btrfs: extlinux's
+    /// boot sector is sector 0, so syslinux's mbr.bin must NOT be written
+    /// there (it would make the image unbootable). The rootless build runs
+    /// the same command in its appliance (`rootless::appliance`).
+    fn install(&self, top: &Path) -> Result<(), CmdError> {
+        cmd::run(Command::new("extlinux").arg("--install").arg(top)).map(drop)
+    }
+}
 
 /// One `label` stanza for `entry`.
 fn stanza(entry: &BootEntry, label: &str, s: &mut String) {
@@ -56,53 +92,11 @@ pub fn render(default: &Version, entries: &[BootEntry]) -> String {
     s
 }
 
-/// An extlinux.conf read back, from any image (not only strata's).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Config {
-    pub default: Option<String>,
-    pub timeout: Option<String>,
-    pub entries: Vec<ConfigEntry>,
-}
-
-/// One `label` stanza.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigEntry {
-    pub label: String,
-    pub kernel: Option<String>,
-    /// From an `initrd` line, or syslinux's `initrd=` inside `append`.
-    pub initrd: Option<String>,
-    /// The `append` line as written.
-    pub append: Option<String>,
-}
-
-impl ConfigEntry {
-    /// The kernel command line: `append` without syslinux's own `initrd=`.
-    pub fn cmdline(&self) -> String {
-        self.append
-            .as_deref()
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter(|w| !w.starts_with("initrd="))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-impl Config {
-    /// The entry syslinux boots: the one named by `default`, else the first.
-    pub fn default_entry(&self) -> Option<&ConfigEntry> {
-        self.default
-            .as_deref()
-            .and_then(|d| self.entries.iter().find(|e| e.label == d))
-            .or_else(|| self.entries.first())
-    }
-}
-
 /// Parses the subset of syslinux's config language a boot menu like ours
 /// uses: global `default`/`timeout`, `label` stanzas with `kernel`/`linux`,
 /// `initrd` and `append`. Keywords are case-insensitive, as in syslinux.
-pub fn parse(text: &str) -> Config {
-    let mut config = Config::default();
+pub fn parse(text: &str) -> Menu {
+    let mut config = Menu::default();
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -115,7 +109,7 @@ pub fn parse(text: &str) -> Config {
         match (key.as_str(), config.entries.last_mut()) {
             ("default", _) => config.default = Some(value),
             ("timeout", _) => config.timeout = Some(value),
-            ("label", _) => config.entries.push(ConfigEntry {
+            ("label", _) => config.entries.push(MenuEntry {
                 label: value,
                 kernel: None,
                 initrd: None,
@@ -226,6 +220,27 @@ mod tests {
         let c = entry("v3", "UUID=u", true, "quiet debug");
         let all = [a.clone(), c.clone()];
         assert_ne!(render(&a.version, &all), render(&c.version, &all));
+    }
+
+    /// Through the trait (as a `dyn`, as a second loader would be used):
+    /// the menu strata writes and reads back.
+    #[test]
+    fn extlinux_is_the_bootloader_of_this_format() {
+        let e = entry("factory", "UUID=u", true, "");
+        let b: &dyn Bootloader = &Extlinux;
+        let text = b.render_menu(&e.version, std::slice::from_ref(&e));
+        assert_eq!(text, render(&e.version, std::slice::from_ref(&e)));
+        assert_eq!(b.read_menu(&text), parse(&text));
+        assert_eq!(b.config_path(), layout::BOOT_MENU);
+        let (link, target) = b.config_link().unwrap();
+        assert_eq!(
+            std::path::Path::new(link)
+                .parent()
+                .unwrap()
+                .join(target)
+                .as_path(),
+            std::path::Path::new(b.config_path())
+        );
     }
 
     #[test]
