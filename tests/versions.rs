@@ -8,10 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use strata_builder::boot;
+use strata_builder::bootloader::{self, extlinux, BootEntry};
 use strata_builder::build::version_record;
 use strata_builder::copy;
 use strata_builder::deploy::{self, BootSource, DeployOptions, Rootfs};
-use strata_builder::extlinux::{self, BootEntry};
 use strata_builder::image::{self, boot_entry, Mode};
 use strata_builder::interrupt::Interrupt;
 use strata_builder::layout::{self, Version, DEFAULT_STATE_DIRS};
@@ -20,7 +20,6 @@ use strata_builder::migrate::Migration;
 use strata_builder::plan::{self, PlanOptions};
 use strata_builder::rootfs::RootDir;
 use strata_builder::steps::Steps;
-use strata_builder::versions;
 
 const MIB: usize = 1 << 20;
 const SIZE: u64 = 300 << 20;
@@ -153,7 +152,8 @@ impl Fixture {
     fn add_snapshot_version(&self) {
         let img = image::open(&self.image(), Mode::ReadWrite).unwrap();
         let mut m = self.manifest();
-        let mut entries = versions::boot_entries(&img, Some(&m)).unwrap();
+        let mut entries =
+            bootloader::menu_entries(img.top(), &img.layout(), Some(&m), None, None).unwrap();
         let top = img.top();
         let (factory, v2) = (
             Version::new("factory").unwrap(),
@@ -204,7 +204,8 @@ impl Fixture {
         }
         let img = image::open(&self.image(), Mode::ReadWrite).unwrap();
         let mut m = self.manifest();
-        let mut entries = versions::boot_entries(&img, Some(&m)).unwrap();
+        let mut entries =
+            bootloader::menu_entries(img.top(), &img.layout(), Some(&m), None, None).unwrap();
         let v3 = Version::new("v3").unwrap();
         let plan = plan::plan(
             Some(&fs::read(rootfs.join("etc/fstab")).unwrap()),

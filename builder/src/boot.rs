@@ -1,5 +1,6 @@
 //! What makes a version boot, on an image mounted at its top level: the
-//! extlinux menu for every version, the default flip, and the bootloader.
+//! menu for every version (in the boot loader's format, `BOOTLOADER`) and
+//! the default flip.
 //!
 //! Both writes are crash-safe on their own (layout.md §6): the menu is a temp
 //! file renamed over the old one, the default link one rename(2) of a fresh
@@ -9,37 +10,37 @@
 //! versions agree on root device, arguments and initramfs, the menu written
 //! before the flip is the menu that was already there.
 
-use crate::cmd;
+use crate::bootloader::{BootEntry, Bootloader, BOOTLOADER};
 use crate::error::{Context, StepError};
-use crate::extlinux::{self, BootEntry};
 use crate::layout::{self, Version};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
-/// Writes the boot menu (`layout::BOOT_MENU`) with one entry per version in
-/// `entries`, booting `default` unless the user picks another, and makes sure
-/// the top-level link syslinux reads (`layout::BOOT_MENU_LINK`) points at it.
+/// Writes the boot menu (`Bootloader::config_path`) with one entry per
+/// version in `entries`, booting `default` unless the user picks another,
+/// and makes sure the link the loader reads it through, if any
+/// (`Bootloader::config_link`), points at it.
 ///
 /// The new menu goes to a temp file in the same directory, reaches the disk,
 /// and is renamed over the old one: a crash leaves the old menu or the new
 /// one, never half of either.
 pub fn write_menu(top: &Path, default: &Version, entries: &[BootEntry]) -> Result<(), StepError> {
-    let what = || format!("writing {}", layout::BOOT_MENU);
+    let path = BOOTLOADER.config_path();
+    let what = || format!("writing {path}");
     if !entries.iter().any(|e| &e.version == default) {
         return Err(format!("the default version {default} has no menu entry")).context(what);
     }
-    let menu = top.join(layout::BOOT_MENU);
-    let dir = menu.parent().expect("BOOT_MENU is inside a directory");
+    let menu = top.join(path);
+    let dir = menu.parent().expect("the menu is inside a directory");
     fs::create_dir_all(dir).context(what)?;
     remove_debris(dir).context(what)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(layout::TEMP_PREFIX)
         .tempfile_in(dir)
         .context(what)?;
-    tmp.write_all(extlinux::render(default, entries).as_bytes())
+    tmp.write_all(BOOTLOADER.render_menu(default, entries).as_bytes())
         .context(what)?;
     // tempfile makes 0600; a menu is as readable as any boot file.
     tmp.as_file()
@@ -48,30 +49,31 @@ pub fn write_menu(top: &Path, default: &Version, entries: &[BootEntry]) -> Resul
     tmp.as_file().sync_all().context(what)?;
     tmp.persist(&menu).map_err(|e| e.error).context(what)?;
     sync_dir(dir).context(what)?;
-    link_menu(top)
+    match BOOTLOADER.config_link() {
+        Some((at, target)) => link_menu(top, at, target),
+        None => Ok(()),
+    }
 }
 
-/// syslinux 6.04 does not search `extlinux/` on its own (measured: "No
-/// configuration file found"); it follows the top-level link. Created if
-/// missing; anything else there would be booted instead of our menu.
-fn link_menu(top: &Path) -> Result<(), StepError> {
-    let what = || format!("linking {}", layout::BOOT_MENU_LINK);
-    let link = top.join(layout::BOOT_MENU_LINK);
+/// The link `at` (from the top level) the loader reads the menu through,
+/// pointing at `target`: created if missing; anything else there would be
+/// booted instead of our menu.
+fn link_menu(top: &Path, at: &str, target: &str) -> Result<(), StepError> {
+    let what = || format!("linking {at}");
+    let link = top.join(at);
     match fs::read_link(&link) {
-        Ok(t) if t == Path::new(layout::BOOT_MENU_LINK_TARGET) => Ok(()),
+        Ok(t) if t == Path::new(target) => Ok(()),
         Ok(t) => Err(format!(
-            "it points at {} instead of {}: syslinux would not boot from the menu",
+            "it points at {} instead of {target}: the boot loader would not boot from the menu",
             t.display(),
-            layout::BOOT_MENU_LINK_TARGET
         ))
         .context(what),
         Err(_) if link.symlink_metadata().is_ok() => Err(format!(
-            "it exists and is not a link to {}: syslinux would boot from it, not from the menu",
-            layout::BOOT_MENU_LINK_TARGET
+            "it exists and is not a link to {target}: the boot loader would boot from it, not from the menu",
         ))
         .context(what),
         Err(_) => {
-            std::os::unix::fs::symlink(layout::BOOT_MENU_LINK_TARGET, &link).context(what)?;
+            std::os::unix::fs::symlink(target, &link).context(what)?;
             sync_dir(top).context(what)
         }
     }
@@ -117,13 +119,6 @@ pub fn set_default_unchecked(top: &Path, version: &Version) -> Result<(), StepEr
     fs::rename(tmp.path(), &link).context(what)?;
     let _ = tmp.into_temp_path().keep();
     sync_dir(dir).context(what)
-}
-
-/// `extlinux --install` on the top level. Whole-disk btrfs: extlinux's boot
-/// sector is sector 0, so syslinux's mbr.bin must NOT be written there (it
-/// would make the image unbootable).
-pub fn install_bootloader(top: &Path) -> Result<(), cmd::CmdError> {
-    cmd::run(Command::new("extlinux").arg("--install").arg(top)).map(drop)
 }
 
 /// Temp files and links a crash left in `dir` (named `layout::TEMP_PREFIX…`).
@@ -191,7 +186,7 @@ mod tests {
         let menu = top.path().join(layout::BOOT_MENU);
         assert_eq!(
             fs::read_to_string(&menu).unwrap(),
-            extlinux::render(&v2.version, &both)
+            BOOTLOADER.render_menu(&v2.version, &both)
         );
         assert_eq!(names(menu.parent().unwrap()), ["extlinux.conf"]);
         assert_eq!(

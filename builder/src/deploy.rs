@@ -9,10 +9,10 @@
 //! writes the boot menu and flips the default afterwards (`boot`). `build`
 //! calls it on a fresh image; an upgrade calls it on an open one.
 
+use crate::bootloader::BootEntry;
 use crate::copy::{self, CopyError, TreeSize};
 use crate::error::{BuildError, Context, StepError};
 use crate::etcfile;
-use crate::extlinux::BootEntry;
 use crate::fstab;
 use crate::kernel::{self, BootFiles};
 use crate::layout::{self, Version};

@@ -4,8 +4,8 @@
 //! default version, its state subvolumes, the root device of its boot
 //! entry; no list of moved files).
 
-use crate::image::boot_entry;
-use crate::image::model::{BootEntry, ImageLayout};
+use crate::bootloader::{self, cmdline};
+use crate::image::model::ImageLayout;
 use crate::layout::{self, NameError, Version};
 use crate::manifest::{Manifest, MovedFile};
 use std::path::PathBuf;
@@ -128,24 +128,13 @@ impl Expectations {
                 .unwrap_or(layout::DEFAULT_STATE_DIRS.len())
         };
         state_dirs.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
-        // The entry for the version: by its label, else the one that boots
-        // it (a 2014-style `label default` entry going through the link).
-        let boots_it = |e: &&BootEntry| {
-            boot_entry::version_booted(e.append.as_deref(), Some(&label)).as_ref() == Some(&label)
-        };
-        let root_device = layout
-            .boot
-            .as_ref()
-            .and_then(|b| {
-                (b.entries.iter().find(|e| e.label == label))
-                    .or_else(|| b.entries.iter().find(boots_it))
-            })
+        // The entry for the version, as upgrades and versions find it: by
+        // its label, else the one that boots it (a 2014-style `label
+        // default` entry going through the link).
+        let root_device = bootloader::menu_entry(layout, &label)
             .and_then(|e| e.append.as_deref())
-            .and_then(|a| {
-                a.split_whitespace()
-                    .find_map(|w| w.strip_prefix("root="))
-                    .map(str::to_owned)
-            })
+            .and_then(cmdline::root_device)
+            .map(str::to_owned)
             .unwrap_or_else(|| format!("UUID={}", layout.filesystem.uuid));
         Ok(Expectations {
             version,
@@ -161,7 +150,7 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::model::{Boot, DefaultLink, Filesystem, StateDir};
+    use crate::image::model::{Boot, BootEntry, DefaultLink, Filesystem, StateDir};
 
     fn layout(default: &str, states: &[(&str, bool)]) -> ImageLayout {
         ImageLayout {

@@ -1,10 +1,11 @@
 //! Plans and builds Btrfs "system layout" raw disk images.
 //!
-//! Planning (`fstab`, `plan`, `extlinux`) is pure and tested with snapshots;
+//! Planning (`fstab`, `plan`, `bootloader`) is pure and tested with snapshots;
 //! doing (`build` and the modules it drives) touches disks, mounts and loop
 //! devices and always cleans up after itself.
 
 pub mod boot;
+pub mod bootloader;
 pub mod btrfs;
 pub mod build;
 pub mod cache_dir;
@@ -17,7 +18,6 @@ pub mod error;
 pub mod etcfile;
 pub mod expect;
 pub mod extents;
-pub mod extlinux;
 pub mod fixture;
 pub mod fstab;
 pub mod image;

@@ -11,7 +11,7 @@
 //!   image through `mkfs.btrfs --rootdir`; what needs a mounted btrfs (the
 //!   run snapshot, extlinux) is recorded for the appliance VM.
 
-use crate::boot;
+use crate::bootloader::{Bootloader, BOOTLOADER};
 use crate::btrfs;
 use crate::error::BoxError;
 use std::path::Path;
@@ -25,7 +25,7 @@ pub trait TopLevel {
     fn create_subvolume(&mut self, rel: &str) -> Result<(), BoxError>;
     /// A writable snapshot of the subvolume `from` as `to`.
     fn snapshot(&mut self, from: &str, to: &str) -> Result<(), BoxError>;
-    /// The bootloader for the whole image (`extlinux --install`).
+    /// The bootloader for the whole image (`Bootloader::install`).
     fn install_bootloader(&mut self) -> Result<(), BoxError>;
     /// Whether moving state may clone extents (`cp --reflink=always`): true
     /// on btrfs; a staging directory on another filesystem copies bytes
@@ -58,7 +58,7 @@ impl TopLevel for Mounted<'_> {
     }
 
     fn install_bootloader(&mut self) -> Result<(), BoxError> {
-        Ok(boot::install_bootloader(self.top)?)
+        Ok(BOOTLOADER.install(self.top)?)
     }
 
     fn clones_extents(&self) -> bool {

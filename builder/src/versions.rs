@@ -21,17 +21,17 @@
 //! Both decide on a read-only mount before changing anything, so a refusal
 //! leaves the image byte for byte as it was.
 //!
-//! A version is whole when its `orig` and `run` are subvolumes and its
-//! kernel (and the initramfs its entry or record names) is there; anything
-//! else under `systems/<label>/` is a partial version, never made the
+//! Which versions are whole, and the menu entries they get, is
+//! `bootloader`'s rule (`bootloader::problems`, `bootloader::menu_entries`),
+//! the one the upgrade follows too; a partial version is never made the
 //! default. Names starting with `layout::RESERVED_PREFIX` are strata's
 //! debris, not versions: listed apart.
 
 use crate::boot;
+use crate::bootloader::{self, BootEntry};
 use crate::btrfs;
 use crate::error::StepError;
-use crate::extlinux::BootEntry;
-use crate::image::model::{self, ImageLayout};
+use crate::image::model::ImageLayout;
 use crate::image::{self, ImageError, Mode, OpenImage};
 use crate::layout::{self, Version};
 use crate::lock::ImageLock;
@@ -178,7 +178,7 @@ fn entries_for_default(
             )));
         }
     }
-    menu_entries(&shown, &layout, &versions, manifest.map(|m| &m.1), None)
+    menu_entries(img, &layout, manifest.map(|m| &m.1), None)
 }
 
 /// Removes version `label`: the menu without it first, then its
@@ -269,13 +269,7 @@ fn entries_without(
             )));
         }
     }
-    let entries = menu_entries(
-        &shown,
-        &layout,
-        &versions,
-        manifest.map(|m| &m.1),
-        Some(label),
-    )?;
+    let entries = menu_entries(img, &layout, manifest.map(|m| &m.1), Some(label))?;
     Ok((default, entries))
 }
 
@@ -310,26 +304,6 @@ fn decide_then_act<T>(
     img.close()
 }
 
-/// The boot entries of the whole versions of an open image, for a menu:
-/// each from its current menu entry, else its manifest record, else (the
-/// default only) the menu's `default` entry. In the current menu's order,
-/// then the manifest's, then by label. For a caller adding a version (an
-/// upgrade): these, then the new version's entry.
-pub fn boot_entries(
-    img: &OpenImage,
-    manifest: Option<&Manifest>,
-) -> Result<Vec<BootEntry>, ImageError> {
-    let layout = img.layout();
-    let versions = examine(img.top(), &layout, manifest);
-    menu_entries(
-        &img.path().display().to_string(),
-        &layout,
-        &versions,
-        manifest,
-        None,
-    )
-}
-
 // ---------------------------------------------------------------------------
 
 /// The versions as found, without the costly measures (`measure`).
@@ -346,32 +320,7 @@ fn examine(top: &Path, layout: &ImageLayout, manifest: Option<&Manifest>) -> Ver
         }
         let record = manifest.and_then(|m| m.version(&v.label));
         let version = Version::found(&v.label);
-        let mut problems = Vec::new();
-        for (id, rel) in [(v.orig, version.orig()), (v.run, version.run())] {
-            if id.is_none() {
-                problems.push(if top.join(&rel).exists() {
-                    format!("{rel} is not a subvolume")
-                } else {
-                    format!("{rel} is missing")
-                });
-            }
-        }
-        if v.kernel_size.is_none() {
-            problems.push(format!("{} is missing", version.kernel()));
-        }
-        let entry_has_initrd = menu_entry(layout, &v.label).is_some_and(|e| e.initrd.is_some());
-        let record_has_initramfs = record.is_some_and(|r| r.initramfs.is_some());
-        if v.initramfs_size.is_none() && (entry_has_initrd || record_has_initramfs) {
-            problems.push(format!(
-                "{} is missing (its {} names one)",
-                version.initramfs(),
-                if entry_has_initrd {
-                    "boot entry"
-                } else {
-                    "manifest record"
-                }
-            ));
-        }
+        let problems = bootloader::problems(top, layout, manifest, v);
         versions.push(VersionInfo {
             label: v.label.clone(),
             default: default.as_deref() == Some(v.label.as_str()),
@@ -497,17 +446,6 @@ fn same_bytes(mut a: std::fs::File, b: &Path) -> bool {
     }
 }
 
-/// The menu's entry labelled `label`, when the menu is strata's.
-fn menu_entry<'a>(layout: &'a ImageLayout, label: &str) -> Option<&'a model::BootEntry> {
-    layout
-        .boot
-        .as_ref()
-        .filter(|b| b.path == layout::BOOT_MENU)?
-        .entries
-        .iter()
-        .find(|e| e.label == label)
-}
-
 /// The version labelled `label`, or an input error naming the versions.
 fn known<'a>(
     shown: &str,
@@ -531,93 +469,16 @@ fn labels_of<'a>(labels: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
-/// The entries of a new menu: every whole version but `without`.
+/// The entries of a new menu: every whole version but `without`
+/// (`bootloader::menu_entries`; a version no menu entry or record
+/// describes is refused: its root device is unknown).
 fn menu_entries(
-    shown: &str,
+    img: &OpenImage,
     layout: &ImageLayout,
-    versions: &Versions,
     manifest: Option<&Manifest>,
     without: Option<&str>,
 ) -> Result<Vec<BootEntry>, ImageError> {
-    if let Some(b) = layout.boot.as_ref().filter(|b| b.path != layout::BOOT_MENU) {
-        return Err(ImageError::Input(format!(
-            "{shown}: its boot menu is {}, not {}: not a menu strata writes; rewrite it by hand",
-            b.path,
-            layout::BOOT_MENU
-        )));
-    }
-    let position = |label: &str| {
-        let in_menu = layout
-            .boot
-            .as_ref()
-            .and_then(|b| b.entries.iter().position(|e| e.label == label));
-        let in_manifest = manifest.and_then(|m| m.versions.iter().position(|v| v.label == label));
-        (
-            in_menu.unwrap_or(usize::MAX),
-            in_manifest.unwrap_or(usize::MAX),
-        )
-    };
-    let mut whole: Vec<&VersionInfo> = versions
-        .versions
-        .iter()
-        .filter(|v| v.status == Status::Whole && Some(v.label.as_str()) != without)
-        .collect();
-    whole.sort_by(|a, b| {
-        position(&a.label)
-            .cmp(&position(&b.label))
-            .then(a.label.cmp(&b.label))
-    });
-    let mut entries = Vec::new();
-    for v in whole {
-        let version = Version::new(&v.label).map_err(|e| {
-            ImageError::Input(format!(
-                "{shown}: {e}: strata writes no boot entry for it; rename or remove it by hand"
-            ))
-        })?;
-        let has_initramfs = v.initramfs_bytes.is_some();
-        let from_menu = menu_entry(layout, &v.label)
-            .and_then(|e| e.append.as_deref())
-            .and_then(|a| BootEntry::from_append(&version, a, has_initramfs));
-        let from_record = || {
-            let r = manifest?.version(&v.label)?;
-            Some(
-                BootEntry::from_append(&version, &r.kernel_args, has_initramfs).unwrap_or(
-                    BootEntry {
-                        version: version.clone(),
-                        root_device: r.root_device.clone(),
-                        has_initramfs,
-                        kernel_args: r.kernel_args.clone(),
-                    },
-                ),
-            )
-        };
-        // A menu with only a `default` entry (as the 2014 layout wrote it)
-        // still says how the default version boots.
-        let from_default_entry = || {
-            if versions.default.as_deref() != Some(v.label.as_str()) {
-                return None;
-            }
-            let e = menu_entry(layout, layout::DEFAULT_ENTRY_LABEL)?;
-            let mut entry = BootEntry::from_append(
-                &layout::via_default_link(),
-                e.append.as_deref()?,
-                has_initramfs,
-            )?;
-            entry.version = version.clone();
-            Some(entry)
-        };
-        let entry = from_menu
-            .or_else(from_record)
-            .or_else(from_default_entry)
-            .ok_or_else(|| {
-                ImageError::Input(format!(
-                    "{shown}: version {} has no boot entry strata can read and no manifest record: its root device and kernel arguments are unknown; give --manifest",
-                    v.label
-                ))
-            })?;
-        entries.push(entry);
-    }
-    Ok(entries)
+    bootloader::menu_entries(img.top(), layout, manifest, without, None).map_err(ImageError::Input)
 }
 
 /// Deletes `systems/<label>/`: the subvolumes in it, deepest first, then
@@ -715,7 +576,7 @@ fn step(e: StepError) -> ImageError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extlinux;
+    use crate::bootloader::extlinux;
     use crate::image::model::{Filesystem, Subvolume};
     use crate::layout::Tree;
     use crate::manifest::{Deployment, StateDirs};
@@ -949,9 +810,7 @@ mod tests {
         let menu = extlinux::render(&v2.version, &[factory.clone(), v2.clone()]);
         t.write(layout::BOOT_MENU, menu.as_bytes());
         let l = t.layout();
-        let v = examine(t.path(), &l, None);
-        let e = menu_entries("img", &l, &v, None, None).unwrap_err();
-        assert!(e.is_input());
+        let e = bootloader::menu_entries(t.path(), &l, None, None, None).unwrap_err();
         assert!(
             e.to_string().contains("version v3 has no boot entry"),
             "{e}"
@@ -965,10 +824,10 @@ mod tests {
                 record("factory", "x", "x", ""),
             ],
         );
-        let got = menu_entries("img", &l, &v, Some(&m), None).unwrap();
+        let got = bootloader::menu_entries(t.path(), &l, Some(&m), None, None).unwrap();
         assert_eq!(got, [factory.clone(), v2.clone(), v3.clone()]);
         // Without one of them.
-        let got = menu_entries("img", &l, &v, Some(&m), Some("factory")).unwrap();
+        let got = bootloader::menu_entries(t.path(), &l, Some(&m), Some("factory"), None).unwrap();
         assert_eq!(got, [v2.clone(), v3]);
     }
 
@@ -983,8 +842,7 @@ mod tests {
               append root=/dev/sda rootfstype=btrfs rootflags=subvol=systems/default/run init=/sbin/init rw console=tty0 console=ttyS0,115200 quiet\n",
         );
         let l = t.layout();
-        let v = examine(t.path(), &l, None);
-        let got = menu_entries("img", &l, &v, None, None).unwrap();
+        let got = bootloader::menu_entries(t.path(), &l, None, None, None).unwrap();
         assert_eq!(got, [entry("old", "/dev/sda", false, "quiet")]);
     }
 
@@ -998,9 +856,7 @@ mod tests {
             b"default old\nlabel old\n  kernel /systems/old/kernel\n",
         );
         let l = t.layout();
-        let v = examine(t.path(), &l, None);
-        let e = menu_entries("img", &l, &v, None, None).unwrap_err();
-        assert!(e.is_input());
+        let e = bootloader::menu_entries(t.path(), &l, None, None, None).unwrap_err();
         assert!(
             e.to_string().contains("its boot menu is extlinux.conf"),
             "{e}"

@@ -12,9 +12,9 @@ use changes::{CliChanges, UpgradePlan};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use strata_builder::bootloader::{self, cmdline};
 use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
-use strata_builder::extlinux::BootEntry;
 use strata_builder::image;
 use strata_builder::interrupt::Interrupt;
 use strata_builder::layout;
@@ -548,12 +548,22 @@ struct ImageFacts {
 /// and the upgrade wants only what follows strata's own words. Passing the
 /// whole line made the new version's entry end in the old version's
 /// `rootflags=`, which the kernel takes (the last one wins): the "upgraded"
-/// version booted the old run. A line strata did not write: none.
+/// version booted the old run. Read by the builder's one rule
+/// (`cmdline::extra_args`), the one `strata upgrade` keeps them by when
+/// not given, so both upgrades give the new version the same arguments.
 fn extra_kernel_args(record: &VersionRecord) -> String {
     layout::Version::new(&record.label)
-        .ok()
-        .and_then(|v| BootEntry::from_append(&v, &record.kernel_args, false))
-        .map(|e| e.kernel_args)
+        .map(|v| cmdline::extra_args(&record.kernel_args, &v))
+        .unwrap_or_default()
+}
+
+/// The extra kernel arguments of `version` as its menu entry boots it, for
+/// an image without a manifest: the ones `strata upgrade` keeps from it
+/// (`bootloader::menu_entries`), by the same rule.
+fn menu_kernel_args(read: &image::model::ImageLayout, version: &layout::Version) -> String {
+    bootloader::menu_entry(read, version.label())
+        .and_then(|e| e.append.as_deref())
+        .map(|line| cmdline::extra_args(line, version))
         .unwrap_or_default()
 }
 
@@ -592,7 +602,7 @@ fn expectations(args: &TestArgs, image: &Path) -> Result<(Expectations, ImageFac
     let expect = Expectations::from_layout(&layout, args.label.as_deref()).map_err(bad)?;
     let facts = ImageFacts {
         labels: layout.versions.iter().map(|v| v.label.clone()).collect(),
-        kernel_args: String::new(),
+        kernel_args: menu_kernel_args(&layout, &expect.version),
     };
     eprintln!(
         "no build manifest next to {}: expecting what the image itself says (version {}, root {}, state dirs {}); moved-files can only check that mountpoints are empty",
@@ -957,8 +967,9 @@ mod tests {
             extra_kernel_args(&record("factory", &quiet)),
             "quiet loglevel=3"
         );
-        // Not a line strata wrote for this version: nothing carried over.
-        assert_eq!(extra_kernel_args(&record("v2", &quiet)), "");
+        // Not a line strata wrote for this version: strata's own words
+        // (another version's root among them) are not carried over.
+        assert_eq!(extra_kernel_args(&record("v2", &quiet)), "quiet loglevel=3");
         assert_eq!(extra_kernel_args(&record("factory", "")), "");
     }
 

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use strata_builder::bootloader::{Bootloader, BOOTLOADER};
 use strata_builder::image::boot_entry;
 use strata_builder::layout;
 
@@ -39,7 +40,7 @@ pub struct BootEntry {
 /// for every reader of boot menus). Stricter than syslinux on one point: a
 /// `default` naming no label is an error rather than a guess.
 pub fn default_entry(conf: &str) -> Result<BootEntry, String> {
-    let config = strata_builder::extlinux::parse(conf);
+    let config = BOOTLOADER.read_menu(conf);
     if let Some(d) = &config.default {
         if !config.entries.iter().any(|e| &e.label == d) {
             let labels: Vec<&str> = config.entries.iter().map(|e| e.label.as_str()).collect();
@@ -268,7 +269,7 @@ mod tests {
     /// version the link names.
     #[test]
     fn stratas_menu_boots_the_version_the_link_names() {
-        use strata_builder::extlinux::{render, BootEntry as Entry};
+        use strata_builder::bootloader::{extlinux::render, BootEntry as Entry};
         use strata_builder::layout::Version;
         let entry = |label: &str, initramfs: bool| Entry {
             version: Version::new(label).unwrap(),

@@ -837,11 +837,9 @@ fn missing_root_device_is_an_infrastructure_failure_with_serial_log() {
     b.edit(|top| {
         let conf = top.join("extlinux/extlinux.conf");
         let text = std::fs::read_to_string(&conf).unwrap();
-        let re = text
-            .split_whitespace()
-            .find(|w| w.starts_with("root="))
-            .unwrap()
-            .to_owned();
+        // Every entry has the one root device: read as the kernel does.
+        let dev = strata_builder::bootloader::cmdline::root_device(&text).unwrap();
+        let re = format!("root={dev}");
         // The 2014 layout's assumption, wrong under virtio.
         std::fs::write(&conf, text.replace(&re, "root=/dev/sda")).unwrap();
     });

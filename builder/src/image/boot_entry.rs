@@ -5,6 +5,7 @@
 //! an entry may say `kernel /systems/default/kernel`,
 //! `rootflags=subvol=systems/default/run`).
 
+use crate::bootloader::cmdline;
 use crate::layout::{self, Version};
 use std::path::Path;
 
@@ -48,14 +49,7 @@ pub fn resolve(config: &str, path: &str, default_label: Option<&str>) -> Option<
 /// names none, or no subvolume at all (the root is then whatever the
 /// filesystem's default subvolume is).
 pub fn version_booted(append: Option<&str>, default_label: Option<&str>) -> Option<String> {
-    // The kernel takes the last `rootflags=`, and btrfs the last `subvol=`.
-    let subvol = append?
-        .split_whitespace()
-        .rev()
-        .find_map(|w| w.strip_prefix("rootflags="))?
-        .split(',')
-        .rev()
-        .find_map(|f| f.strip_prefix("subvol="))?;
+    let subvol = cmdline::root_subvol(append?)?;
     let path = layout::resolve_default_link(subvol.trim_matches('/'), default_label)?;
     let (label, _) = layout::split_version_path(&path)?;
     (Version::found(label).run() == path).then(|| label.to_owned())

@@ -4,9 +4,10 @@
 use super::boot_entry;
 use super::model::{self, *};
 use super::subvolumes;
+use crate::bootloader::{Bootloader, BOOTLOADER};
+use crate::fstab;
 use crate::layout::{self, Tree, Version};
 use crate::rootfs::RootDir;
-use crate::{extlinux, fstab};
 use rustix::fs::FileType;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -180,7 +181,7 @@ fn read_boot(top: &Path, root: Option<&RootDir>, default_label: Option<&str>) ->
         .iter()
         .find_map(|p| read_in_image(top, p).map(|b| (p, b)))?;
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    let config = extlinux::parse(&text);
+    let config = BOOTLOADER.read_menu(&text);
     let present = |p: &str| {
         boot_entry::resolve(path, p, default_label)
             .is_some_and(|rel| is_type(root, &rel, FileType::RegularFile))
@@ -558,7 +559,7 @@ mod tests {
             if initramfs {
                 std::fs::write(top.join(v.initramfs()), "i").unwrap();
             }
-            entries.push(extlinux::BootEntry {
+            entries.push(crate::bootloader::BootEntry {
                 version: v,
                 root_device: "UUID=abcd".into(),
                 has_initramfs: initramfs,

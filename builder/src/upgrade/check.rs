@@ -2,12 +2,12 @@
 //! through a read-only mount, every refusal (exit 2) before anything is
 //! written.
 
-use super::existing::{existing_entries, menu_entry, new_kernel_args, record_from_image, root_of};
+use super::existing::{new_kernel_args, record_from_image};
 use super::{input, Target, UpgradeOptions};
+use crate::bootloader::{self, cmdline, BootEntry};
 use crate::copy;
 use crate::deploy::{self, BootSource, Rootfs};
 use crate::error::{BuildError, Context, StepError};
-use crate::extlinux::BootEntry;
 use crate::fstab;
 use crate::image::{self, model, ImageError, Mode, OpenImage};
 use crate::interrupt::Interrupt;
@@ -164,11 +164,6 @@ fn into_step_error(e: BuildError) -> StepError {
     }
 }
 
-/// A version with both subvolumes and a kernel: bootable, listed.
-pub(super) fn is_whole(v: &model::Version) -> bool {
-    v.orig.is_some() && v.run.is_some() && v.kernel_size.is_some()
-}
-
 #[allow(clippy::too_many_arguments)]
 fn check_open(
     target: &Target,
@@ -198,7 +193,10 @@ fn check_open(
         .as_ref()
         .and_then(|m| m.version(&old_label))
         .map(|r| r.root_device.clone())
-        .or_else(|| menu_entry(&layout, &old_label).and_then(|e| root_of(e.append.as_deref()?)))
+        .or_else(|| {
+            bootloader::menu_entry(&layout, &old_label)
+                .and_then(|e| Some(cmdline::root_device(e.append.as_deref()?)?.to_owned()))
+        })
         .unwrap_or_else(|| format!("UUID={fs_uuid}"));
 
     let state_dirs = state_dir_list(loaded.as_ref(), &old_label, &layout);
@@ -273,7 +271,12 @@ fn check_open(
         steps.interrupt(),
     )?;
 
-    let entries = existing_entries(&layout, loaded.as_ref(), &root_device)?;
+    // A whole version nothing describes (an upgrade killed between its
+    // rename and its menu, before its manifest record) was deployed with
+    // the image's root device: it keeps it.
+    let entries =
+        bootloader::menu_entries(ro.top(), &layout, loaded.as_ref(), None, Some(&root_device))
+            .map_err(input)?;
     let kernel_args = new_kernel_args(opts.kernel_args.as_deref(), &entries, &old);
     let manifest_existed = loaded.is_some();
     let mut manifest = loaded.unwrap_or_else(|| Manifest {
@@ -424,34 +427,27 @@ fn check_layout(
             layout::DEFAULT_LINK
         )));
     };
-    let old_info = layout
-        .versions
-        .iter()
-        .find(|v| v.label == old_label)
-        .expect("the default link names a listed version");
-    if !is_whole(old_info) {
+    // Whole by the one rule (`bootloader::problems`): the initramfs its
+    // entry or record names is there too.
+    let not_whole = |label: &str| match layout.versions.iter().find(|v| v.label == label) {
+        None => Some("it is not on the image".to_owned()),
+        Some(v) => {
+            let problems = bootloader::problems(ro.top(), &layout, loaded, v);
+            (!problems.is_empty()).then(|| problems.join("; "))
+        }
+    };
+    if let Some(why) = not_whole(&old_label) {
         return Err(not_layout(format!(
-            "the default version {old_label} is not whole (it needs {}, {} and {})",
-            Version::found(&old_label).orig(),
-            Version::found(&old_label).run(),
-            Version::found(&old_label).kernel()
+            "the default version {old_label} is not whole ({why})"
         )));
     }
     let default = Version::new(&old_label).map_err(|e| not_layout(e.to_string()))?;
     let old = match target.base() {
         None => default.clone(),
         Some(booted) => {
-            let whole = layout
-                .versions
-                .iter()
-                .find(|v| v.label == booted.label())
-                .is_some_and(is_whole);
-            if !whole {
+            if let Some(why) = not_whole(booted.label()) {
                 return Err(not_layout(format!(
-                    "the booted version {booted} is not a whole version of it (it needs {}, {} and {})",
-                    booted.orig(),
-                    booted.run(),
-                    booted.kernel()
+                    "the booted version {booted} is not a whole version of it ({why})"
                 )));
             }
             booted.clone()

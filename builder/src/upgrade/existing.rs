@@ -1,70 +1,12 @@
-//! The versions already on the image, as they boot today: their menu
-//! entries (kept in the new menu) and, for an image without a manifest,
-//! their records read off the image.
+//! The versions already on the image, as they boot today (their menu
+//! entries are `bootloader::menu_entries`'): the kernel arguments the new
+//! version keeps from the one it starts from and, for an image without a
+//! manifest, their records read off the image.
 
-use super::check::is_whole;
-use super::input;
-use crate::error::StepError;
-use crate::extlinux::BootEntry;
-use crate::image::{boot_entry, model};
+use crate::bootloader::BootEntry;
+use crate::image::model;
 use crate::layout::{self, Version};
-use crate::manifest::{Deployment, Manifest, StateDirs, VersionRecord};
-
-/// The menu entry of `label`: by its label, else one that boots it.
-pub(super) fn menu_entry<'a>(
-    layout: &'a model::ImageLayout,
-    label: &str,
-) -> Option<&'a model::BootEntry> {
-    let boot = layout.boot.as_ref()?;
-    let default = layout.default.version.as_deref();
-    boot.entries
-        .iter()
-        .find(|e| {
-            e.label == label
-                && boot_entry::version_booted(e.append.as_deref(), default).as_deref()
-                    == Some(label)
-        })
-        .or_else(|| {
-            boot.entries.iter().find(|e| {
-                boot_entry::version_booted(e.append.as_deref(), default).as_deref() == Some(label)
-            })
-        })
-}
-
-/// The root device of a kernel command line (the kernel takes the last
-/// `root=`).
-pub(super) fn root_of(append: &str) -> Option<String> {
-    append
-        .split_whitespace()
-        .rev()
-        .find_map(|w| w.strip_prefix("root="))
-        .map(str::to_owned)
-}
-
-/// The extra arguments of a command line strata wrote for `version`: what
-/// follows its standard arguments; for a line in another form, every word
-/// but the ones strata writes itself.
-fn extra_args(append: &str, version: &Version, root_device: &str) -> String {
-    let standard = BootEntry {
-        version: version.clone(),
-        root_device: root_device.to_owned(),
-        has_initramfs: false,
-        kernel_args: String::new(),
-    }
-    .append();
-    if let Some(rest) = append.trim().strip_prefix(&standard) {
-        if rest.is_empty() || rest.starts_with(' ') {
-            return rest.trim().to_owned();
-        }
-    }
-    const OWN: [&str; 3] = ["rw", "console=tty0", "console=ttyS0,115200"];
-    const OWN_PREFIXES: [&str; 5] = ["root=", "rootfstype=", "rootflags=", "init=", "initrd="];
-    append
-        .split_whitespace()
-        .filter(|w| !OWN.contains(w) && !OWN_PREFIXES.iter().any(|p| w.starts_with(p)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+use crate::manifest::{Deployment, StateDirs, VersionRecord};
 
 /// The new version's extra kernel arguments: `--kernel-args` when given
 /// (empty meaning none), else those of the version the upgrade starts from
@@ -79,53 +21,6 @@ pub(super) fn new_kernel_args(given: Option<&str>, entries: &[BootEntry], old: &
             .map(|e| e.kernel_args.clone())
             .unwrap_or_default(),
     }
-}
-
-/// One menu entry per whole version on the image (in the manifest's
-/// order, then by label), as it boots today: root device and extra
-/// arguments from the manifest's record, else from its menu entry.
-pub(super) fn existing_entries(
-    layout: &model::ImageLayout,
-    manifest: Option<&Manifest>,
-    image_root: &str,
-) -> Result<Vec<BootEntry>, StepError> {
-    let rank = |label: &str| {
-        manifest
-            .and_then(|m| m.versions.iter().position(|v| v.label == label))
-            .unwrap_or(usize::MAX)
-    };
-    let mut whole: Vec<&model::Version> = layout.versions.iter().filter(|v| is_whole(v)).collect();
-    whole.sort_by(|a, b| {
-        rank(&a.label)
-            .cmp(&rank(&b.label))
-            .then(a.label.cmp(&b.label))
-    });
-    let mut entries = Vec::new();
-    for v in whole {
-        let version = Version::new(&v.label).map_err(|e| {
-            input(format!(
-                "{}: version {}: {e}: strata cannot write a boot entry for it",
-                layout.image, v.label
-            ))
-        })?;
-        let record = manifest.and_then(|m| m.version(&v.label));
-        let append = record
-            .map(|r| r.kernel_args.clone())
-            .or_else(|| menu_entry(layout, &v.label).and_then(|e| e.append.clone()))
-            .unwrap_or_default();
-        let root_device = record
-            .map(|r| r.root_device.clone())
-            .or_else(|| root_of(&append))
-            .unwrap_or_else(|| image_root.to_owned());
-        let kernel_args = extra_args(&append, &version, &root_device);
-        entries.push(BootEntry {
-            has_initramfs: v.initramfs_size.is_some(),
-            version,
-            root_device,
-            kernel_args,
-        });
-    }
-    Ok(entries)
 }
 
 /// A manifest record for a version read off the image (no manifest):
@@ -189,40 +84,6 @@ pub(super) fn record_from_image(layout: &model::ImageLayout, entry: &BootEntry) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn extra_arguments_of_a_command_line() {
-        let v = Version::new("v1").unwrap();
-        let mine = BootEntry {
-            version: v.clone(),
-            root_device: "UUID=abc".into(),
-            has_initramfs: true,
-            kernel_args: "quiet loglevel=3".into(),
-        };
-        assert_eq!(
-            extra_args(&mine.append(), &v, "UUID=abc"),
-            "quiet loglevel=3"
-        );
-        let plain = BootEntry {
-            kernel_args: String::new(),
-            ..mine.clone()
-        };
-        assert_eq!(extra_args(&plain.append(), &v, "UUID=abc"), "");
-        // Another tool's line: strata's own words go, the rest stays.
-        assert_eq!(
-            extra_args(
-                "root=/dev/sda rootflags=subvol=systems/default/run rw quiet",
-                &v,
-                "/dev/sda"
-            ),
-            "quiet"
-        );
-        assert_eq!(
-            root_of("root=/dev/sda x root=/dev/vda").as_deref(),
-            Some("/dev/vda")
-        );
-        assert_eq!(root_of("quiet"), None);
-    }
 
     #[test]
     fn new_version_keeps_the_old_ones_args_unless_given() {

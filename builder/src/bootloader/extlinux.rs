@@ -1,3 +1,4 @@
+//! `Extlinux`, the boot loader strata's images boot with, and its menu,
 //! extlinux.conf, byte for byte as layout.md §4 and §6 give it.
 //!
 //! The menu's default entry boots THROUGH `systems/default` (kernel, initrd
@@ -17,76 +18,57 @@
 //! right, so the old version can be picked by hand, and re-running the
 //! command completes the change.
 
+use super::{BootEntry, Bootloader, Menu, MenuEntry};
+use crate::cmd::{self, CmdError};
 use crate::layout::{self, Version};
+use std::path::Path;
+use std::process::Command;
 
-/// One boot menu entry: one deployed system version.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootEntry {
-    pub version: Version,
-    pub root_device: String,
-    pub has_initramfs: bool,
-    pub kernel_args: String,
+/// syslinux's extlinux, on the whole-disk btrfs.
+#[derive(Debug, Clone, Copy)]
+pub struct Extlinux;
+
+impl Bootloader for Extlinux {
+    fn config_path(&self) -> &'static str {
+        layout::BOOT_MENU
+    }
+
+    /// syslinux 6.04 does not search `extlinux/` on its own (measured: "No
+    /// configuration file found"); it follows the top-level link.
+    fn config_link(&self) -> Option<(&'static str, &'static str)> {
+        Some((layout::BOOT_MENU_LINK, layout::BOOT_MENU_LINK_TARGET))
+    }
+
+    fn render_menu(&self, default: &Version, entries: &[BootEntry]) -> String {
+        render(default, entries)
+    }
+
+    fn read_menu(&self, text: &str) -> Menu {
+        parse(text)
+    }
+
+    /// `extlinux --install` on the top level. Whole-disk btrfs: extlinux's
+    /// boot sector is sector 0, so syslinux's mbr.bin must NOT be written
+    /// there (it would make the image unbootable). The rootless build runs
+    /// the same command in its appliance (`rootless::appliance`).
+    fn install(&self, top: &Path) -> Result<(), CmdError> {
+        cmd::run(Command::new("extlinux").arg("--install").arg(top)).map(drop)
+    }
 }
 
-impl BootEntry {
-    /// The kernel command line; `strata test --boot direct` uses the same.
-    pub fn append(&self) -> String {
-        let mut s = format!(
-            "root={} rootfstype=btrfs rootflags=subvol={} init=/sbin/init rw console=tty0 console=ttyS0,115200",
-            self.root_device,
-            layout::rootflags_subvol(&self.version)
-        );
-        let extra = self.kernel_args.trim();
-        if !extra.is_empty() {
-            s.push(' ');
-            s.push_str(extra);
-        }
-        s
-    }
-
-    /// The entry `append` made for `version`, read back from its command
-    /// line: the root device and the extra arguments. None when the line
-    /// is not one `append` makes for `version` (another tool's menu, an
-    /// entry booting another version).
-    pub fn from_append(version: &Version, append: &str, has_initramfs: bool) -> Option<BootEntry> {
-        let words: Vec<&str> = append.split_whitespace().collect();
-        let root_device = words.first()?.strip_prefix("root=")?.to_owned();
-        let mut entry = BootEntry {
-            version: version.clone(),
-            root_device,
-            has_initramfs,
-            kernel_args: String::new(),
-        };
-        let fixed = entry.append();
-        let fixed: Vec<&str> = fixed.split_whitespace().collect();
-        if !words.starts_with(&fixed) {
-            return None;
-        }
-        entry.kernel_args = words[fixed.len()..].join(" ");
-        Some(entry)
-    }
-
-    /// The same entry booting through `systems/default`.
-    fn via_default_link(&self) -> BootEntry {
-        BootEntry {
-            version: layout::via_default_link(),
-            ..self.clone()
-        }
-    }
-
-    fn stanza(&self, label: &str, s: &mut String) {
+/// One `label` stanza for `entry`.
+fn stanza(entry: &BootEntry, label: &str, s: &mut String) {
+    s.push_str(&format!(
+        "label {label}\n  kernel {}\n",
+        layout::boot_kernel_path(&entry.version)
+    ));
+    if entry.has_initramfs {
         s.push_str(&format!(
-            "label {label}\n  kernel {}\n",
-            layout::boot_kernel_path(&self.version)
+            "  initrd {}\n",
+            layout::boot_initramfs_path(&entry.version)
         ));
-        if self.has_initramfs {
-            s.push_str(&format!(
-                "  initrd {}\n",
-                layout::boot_initramfs_path(&self.version)
-            ));
-        }
-        s.push_str(&format!("  append {}\n", self.append()));
     }
+    s.push_str(&format!("  append {}\n", entry.append()));
 }
 
 /// The whole menu: `default default`, the `default` entry booting through
@@ -102,62 +84,19 @@ pub fn render(default: &Version, entries: &[BootEntry]) -> String {
     }
     s.push_str("timeout 10\n");
     if let Some(e) = through_link {
-        e.via_default_link()
-            .stanza(layout::DEFAULT_ENTRY_LABEL, &mut s);
+        stanza(&e.via_default_link(), layout::DEFAULT_ENTRY_LABEL, &mut s);
     }
     for e in entries {
-        e.stanza(e.version.label(), &mut s);
+        stanza(e, e.version.label(), &mut s);
     }
     s
-}
-
-/// An extlinux.conf read back, from any image (not only strata's).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Config {
-    pub default: Option<String>,
-    pub timeout: Option<String>,
-    pub entries: Vec<ConfigEntry>,
-}
-
-/// One `label` stanza.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigEntry {
-    pub label: String,
-    pub kernel: Option<String>,
-    /// From an `initrd` line, or syslinux's `initrd=` inside `append`.
-    pub initrd: Option<String>,
-    /// The `append` line as written.
-    pub append: Option<String>,
-}
-
-impl ConfigEntry {
-    /// The kernel command line: `append` without syslinux's own `initrd=`.
-    pub fn cmdline(&self) -> String {
-        self.append
-            .as_deref()
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter(|w| !w.starts_with("initrd="))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-impl Config {
-    /// The entry syslinux boots: the one named by `default`, else the first.
-    pub fn default_entry(&self) -> Option<&ConfigEntry> {
-        self.default
-            .as_deref()
-            .and_then(|d| self.entries.iter().find(|e| e.label == d))
-            .or_else(|| self.entries.first())
-    }
 }
 
 /// Parses the subset of syslinux's config language a boot menu like ours
 /// uses: global `default`/`timeout`, `label` stanzas with `kernel`/`linux`,
 /// `initrd` and `append`. Keywords are case-insensitive, as in syslinux.
-pub fn parse(text: &str) -> Config {
-    let mut config = Config::default();
+pub fn parse(text: &str) -> Menu {
+    let mut config = Menu::default();
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -170,7 +109,7 @@ pub fn parse(text: &str) -> Config {
         match (key.as_str(), config.entries.last_mut()) {
             ("default", _) => config.default = Some(value),
             ("timeout", _) => config.timeout = Some(value),
-            ("label", _) => config.entries.push(ConfigEntry {
+            ("label", _) => config.entries.push(MenuEntry {
                 label: value,
                 kernel: None,
                 initrd: None,
@@ -283,28 +222,25 @@ mod tests {
         assert_ne!(render(&a.version, &all), render(&c.version, &all));
     }
 
+    /// Through the trait (as a `dyn`, as a second loader would be used):
+    /// the menu strata writes and reads back.
     #[test]
-    fn entries_read_back_from_their_command_line() {
-        for e in [
-            entry("factory", "UUID=u", true, ""),
-            entry("v2", "/dev/vda", false, "quiet  loglevel=3"),
-        ] {
-            let back = BootEntry::from_append(&e.version, &e.append(), e.has_initramfs).unwrap();
-            let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
-            assert_eq!(back.root_device, e.root_device);
-            assert_eq!(back.kernel_args, words(&e.kernel_args));
-            assert_eq!(back.append(), words(&e.append()));
-        }
-        let v1 = Version::new("v1").unwrap();
-        // Another version's line, another tool's line, no root.
-        let other = entry("v2", "/dev/vda", true, "");
-        assert_eq!(BootEntry::from_append(&v1, &other.append(), true), None);
+    fn extlinux_is_the_bootloader_of_this_format() {
+        let e = entry("factory", "UUID=u", true, "");
+        let b: &dyn Bootloader = &Extlinux;
+        let text = b.render_menu(&e.version, std::slice::from_ref(&e));
+        assert_eq!(text, render(&e.version, std::slice::from_ref(&e)));
+        assert_eq!(b.read_menu(&text), parse(&text));
+        assert_eq!(b.config_path(), layout::BOOT_MENU);
+        let (link, target) = b.config_link().unwrap();
         assert_eq!(
-            BootEntry::from_append(&v1, "root=/dev/sda1 ro quiet", true),
-            None
+            std::path::Path::new(link)
+                .parent()
+                .unwrap()
+                .join(target)
+                .as_path(),
+            std::path::Path::new(b.config_path())
         );
-        assert_eq!(BootEntry::from_append(&v1, "quiet", true), None);
-        assert_eq!(BootEntry::from_append(&v1, "", true), None);
     }
 
     #[test]
