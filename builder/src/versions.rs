@@ -470,15 +470,21 @@ fn labels_of<'a>(labels: impl Iterator<Item = &'a str>) -> String {
 }
 
 /// The entries of a new menu: every whole version but `without`
-/// (`bootloader::menu_entries`; a version no menu entry or record
-/// describes is refused: its root device is unknown).
+/// (`bootloader::menu_entries`). A whole version no menu entry or record
+/// describes (an upgrade cut between its rename and its menu entry) gets
+/// the image's root device, as `upgrade` gives it: a version `versions`
+/// calls whole can be made the default, and the upgrade so cut can be
+/// completed with `set-default` (the power-cut matrix's
+/// `power-cut/commit-version` found it refused here).
 fn menu_entries(
     img: &OpenImage,
     layout: &ImageLayout,
     manifest: Option<&Manifest>,
     without: Option<&str>,
 ) -> Result<Vec<BootEntry>, ImageError> {
-    bootloader::menu_entries(img.top(), layout, manifest, without, None).map_err(ImageError::Input)
+    let root = bootloader::image_root_device(layout, manifest);
+    bootloader::menu_entries(img.top(), layout, manifest, without, Some(&root))
+        .map_err(ImageError::Input)
 }
 
 /// Deletes `systems/<label>/`: the subvolumes in it, deepest first, then
@@ -815,6 +821,12 @@ mod tests {
             e.to_string().contains("version v3 has no boot entry"),
             "{e}"
         );
+        // What versions (set-default, remove) and upgrade give it: the
+        // image's root device, the default's (v2's entry's), no extras.
+        let root = bootloader::image_root_device(&l, None);
+        assert_eq!(root, "/dev/vda");
+        let got = bootloader::menu_entries(t.path(), &l, None, None, Some(&root)).unwrap();
+        assert_eq!(got[2], entry("v3", "/dev/vda", false, ""));
         // Its record says how it boots (the manifest keeps the whole line).
         let v3 = entry("v3", "UUID=w", false, "debug");
         let m = manifest(

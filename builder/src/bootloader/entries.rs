@@ -33,6 +33,24 @@ pub fn menu_entry<'a>(layout: &'a ImageLayout, label: &str) -> Option<&'a model:
         })
 }
 
+/// The image's root device: as its default version was deployed with (its
+/// manifest record), else as that version's menu entry says, else the
+/// filesystem's UUID. A whole version nothing describes (an upgrade cut
+/// between renaming it into place and writing its menu entry, with no
+/// record) was deployed with it, so that is the device it boots from.
+pub fn image_root_device(layout: &ImageLayout, manifest: Option<&Manifest>) -> String {
+    let default = layout.default.version.as_deref();
+    default
+        .and_then(|d| manifest.and_then(|m| m.version(d)))
+        .map(|r| r.root_device.clone())
+        .or_else(|| {
+            default
+                .and_then(|d| menu_entry(layout, d))
+                .and_then(|e| Some(cmdline::root_device(e.append.as_deref()?)?.to_owned()))
+        })
+        .unwrap_or_else(|| format!("UUID={}", layout.filesystem.uuid))
+}
+
 /// Why version `v` of the image whose top level is `top` is not whole, in
 /// plain words; empty when it is whole.
 pub fn problems(

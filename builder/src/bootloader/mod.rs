@@ -14,7 +14,7 @@ mod entry;
 pub mod extlinux;
 mod menu;
 
-pub use entries::{menu_entries, menu_entry, problems};
+pub use entries::{image_root_device, menu_entries, menu_entry, problems};
 pub use entry::BootEntry;
 pub use extlinux::Extlinux;
 pub use menu::{Menu, MenuEntry};

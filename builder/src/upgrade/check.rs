@@ -4,7 +4,7 @@
 
 use super::existing::{new_kernel_args, record_from_image};
 use super::{input, Target, UpgradeOptions};
-use crate::bootloader::{self, cmdline, BootEntry};
+use crate::bootloader::{self, BootEntry};
 use crate::copy;
 use crate::deploy::{self, BootSource, Rootfs};
 use crate::error::{BuildError, Context, StepError};
@@ -187,17 +187,7 @@ fn check_open(
     let old_label = old.label().to_owned();
     let fs_uuid = layout.filesystem.uuid.clone();
 
-    // The image's root device: as the default version was deployed with,
-    // else as its boot entry says, else the filesystem's UUID.
-    let root_device = loaded
-        .as_ref()
-        .and_then(|m| m.version(&old_label))
-        .map(|r| r.root_device.clone())
-        .or_else(|| {
-            bootloader::menu_entry(&layout, &old_label)
-                .and_then(|e| Some(cmdline::root_device(e.append.as_deref()?)?.to_owned()))
-        })
-        .unwrap_or_else(|| format!("UUID={fs_uuid}"));
+    let root_device = bootloader::image_root_device(&layout, loaded.as_ref());
 
     let state_dirs = state_dir_list(loaded.as_ref(), &old_label, &layout);
     let fstab_bytes = rootfs
