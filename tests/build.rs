@@ -1293,7 +1293,7 @@ fn an_extraction_is_removed_after_sigterm_and_after_sigkill() {
             .arg(fx.image())
             .args(["--size", "300M", "--fs-uuid", &fx.fs_uuid])
             .env(
-                strata_builder::steps::STOP_AFTER_STEP_ENV,
+                strata_builder::host::stop_point::STOP_AFTER_STEP_ENV,
                 strata_builder::progress::Step::ExtractRootfs.name(),
             )
             .stderr(std::process::Stdio::null())

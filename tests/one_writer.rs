@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use strata_builder::host::stop_point::{LOOP_ATTACHED, LOOP_UNMOUNTED, STOP_AFTER_STEP_ENV};
 use strata_builder::manifest::Manifest;
-use strata_builder::steps::{LOOP_ATTACHED, LOOP_UNMOUNTED, STOP_AFTER_STEP_ENV};
 
 mod common;
 use common::{random_file, sh, stderr, strata, wait_until_stopped};

@@ -10,9 +10,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
+use strata_builder::host::stop_point::STOP_AFTER_STEP_ENV;
 use strata_builder::image::{self, Mode};
 use strata_builder::layout;
-use strata_builder::steps::{STOP_AFTER_STEP_ENV, UNSAFE_UPGRADE_ENV};
+use strata_builder::steps::UNSAFE_UPGRADE_ENV;
 
 mod common;
 use common::{random_file, sh, stderr, strata, wait_until_stopped};
@@ -138,7 +139,7 @@ fn nothing_left(img: &Path) {
     assert!(
         !info.contains(&format!(
             "{}{}.",
-            strata_builder::mount::MOUNT_DIR_PREFIX,
+            strata_builder::host::mount::MOUNT_DIR_PREFIX,
             std::process::id()
         )),
         "{info}"
@@ -256,12 +257,16 @@ fn unsafe_modes_do_what_they_say_and_warn() {
         .spawn()
         .unwrap();
     wait_until_stopped(&mut child, &log);
-    let prefix = format!("{}{}.", strata_builder::mount::MOUNT_DIR_PREFIX, child.id());
+    let prefix = format!(
+        "{}{}.",
+        strata_builder::host::mount::MOUNT_DIR_PREFIX,
+        child.id()
+    );
     let top = fs::read_dir(std::env::temp_dir())
         .unwrap()
         .flatten()
         .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path().join(strata_builder::mount::MOUNT_POINT_NAME))
+        .map(|e| e.path().join(strata_builder::host::mount::MOUNT_POINT_NAME))
         .expect("strata's mount of the image");
     let link = fs::read_link(top.join(layout::DEFAULT_LINK)).unwrap();
     let exists = top.join("systems/v2").exists();

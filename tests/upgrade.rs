@@ -7,11 +7,13 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use strata_builder::image::{self, boot_entry, model::ImageLayout};
+use strata_builder::bootloader::boot_entry;
+use strata_builder::host::stop_point::STOP_AFTER_STEP_ENV;
+use strata_builder::image;
 use strata_builder::layout::{self, Version};
 use strata_builder::manifest::{Deployment, Manifest};
+use strata_builder::model::ImageLayout;
 use strata_builder::progress::Step;
-use strata_builder::steps::STOP_AFTER_STEP_ENV;
 use strata_builder::upgrade::STEPS;
 
 mod common;

@@ -13,20 +13,20 @@
 //! that undoes itself on any error or interruption.
 
 use crate::boot;
-use crate::btrfs;
 use crate::copy;
-use crate::debris;
 use crate::deploy::{self, DeployOptions, Deployed, Rootfs};
 use crate::error::{BuildError, Context, StepError};
-use crate::interrupt::Interrupt;
+use crate::host::btrfs;
+use crate::host::debris;
+use crate::host::interrupt::Interrupt;
+use crate::host::loopdev::LoopDevice;
+use crate::host::mount::Mount;
 use crate::layout::{self, Version};
 use crate::lock::ImageLock;
-use crate::loopdev::LoopDevice;
 use crate::manifest::{
     Backend, Deployment, Manifest, SkippedStateDir, StateDirs, VersionRecord, MANIFEST_VERSION,
 };
 use crate::migrate::Migration;
-use crate::mount::Mount;
 use crate::plan::{self, Plan, PlanOptions, StateDirAction};
 use crate::progress::{Event, Step};
 use crate::rootfs_tar;

@@ -3,8 +3,8 @@
 //! hardlinks, symlinks, device nodes, fifos, holes) and is the floor the
 //! benchmark measures against.
 
-use crate::cmd::{self, CmdError};
-use crate::interrupt::Interrupt;
+use crate::host::cmd::{self, CmdError};
+use crate::host::interrupt::Interrupt;
 use std::path::Path;
 use std::process::Command;
 

@@ -443,7 +443,7 @@ fn move_state(
 fn hash_moved(
     top: &Path,
     moved: &mut [MovedFile],
-    interrupt: &crate::interrupt::Interrupt,
+    interrupt: &crate::host::interrupt::Interrupt,
 ) -> Result<(), StepError> {
     match migrate::hash_moved(moved, &top.join(layout::STATE_DIR), interrupt) {
         Err(MigrateError::Interrupted) => Err(StepError::Interrupted),

@@ -3,7 +3,7 @@
 //! holds. A version's `orig` that shares most of its extents with the
 //! previous one costs only its exclusive bytes.
 
-use crate::cmd::{self, CmdError};
+use crate::host::cmd::{self, CmdError};
 use std::path::Path;
 use std::process::Command;
 

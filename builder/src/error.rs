@@ -39,34 +39,9 @@ impl Failure for BuildError {
     }
 }
 
-impl Failure for crate::cmd::CmdError {
+impl Failure for crate::host::cmd::CmdError {
     fn kind(&self) -> FailureKind {
         FailureKind::Infrastructure
-    }
-}
-
-impl Failure for crate::image::ImageError {
-    fn kind(&self) -> FailureKind {
-        match self {
-            crate::image::ImageError::Input(_) => FailureKind::Input,
-            crate::image::ImageError::Tool { .. } => FailureKind::Infrastructure,
-            crate::image::ImageError::Interrupted => FailureKind::Interrupted,
-        }
-    }
-}
-
-impl Failure for crate::fixture::FixtureError {
-    fn kind(&self) -> FailureKind {
-        match self {
-            crate::fixture::FixtureError::Input(_) => FailureKind::Input,
-            _ => FailureKind::Infrastructure,
-        }
-    }
-}
-
-impl Failure for crate::manifest::ManifestError {
-    fn kind(&self) -> FailureKind {
-        FailureKind::Input
     }
 }
 
@@ -153,7 +128,7 @@ impl<T, E: Into<BoxError>> Context<T> for Result<T, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cmd::CmdError;
+    use crate::host::cmd::CmdError;
 
     /// What `strata: error: {:#}` prints: the message, then every source.
     fn chain(e: &dyn std::error::Error) -> String {

@@ -5,9 +5,9 @@
 //! entry; no list of moved files).
 
 use crate::bootloader::{self, cmdline};
-use crate::image::model::ImageLayout;
 use crate::layout::{self, NameError, Version};
 use crate::manifest::{Manifest, MovedFile};
+use crate::model::ImageLayout;
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +150,7 @@ impl Expectations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::model::{Boot, BootEntry, DefaultLink, Filesystem, StateDir};
+    use crate::model::{Boot, BootEntry, DefaultLink, Filesystem, StateDir};
 
     fn layout(default: &str, states: &[(&str, bool)]) -> ImageLayout {
         ImageLayout {

@@ -147,16 +147,6 @@ impl LockError {
     }
 }
 
-impl From<LockError> for crate::image::ImageError {
-    fn from(e: LockError) -> Self {
-        if e.is_input() {
-            crate::image::ImageError::Input(e.to_string())
-        } else {
-            crate::image::ImageError::tool("locking the image", e)
-        }
-    }
-}
-
 impl From<LockError> for crate::error::StepError {
     fn from(e: LockError) -> Self {
         if e.is_input() {
@@ -374,7 +364,7 @@ pub fn attached_loops(image: &Path) -> Vec<LoopUse> {
             continue; // not bound
         };
         let device = format!("/dev/{name}");
-        let id = crate::loopdev::backing_id(Path::new(&device))
+        let id = crate::host::loopdev::backing_id(Path::new(&device))
             .ok()
             .or_else(|| {
                 // Not allowed to open the device (not root): by the path the

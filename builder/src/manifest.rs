@@ -351,6 +351,12 @@ pub enum ManifestError {
     },
 }
 
+impl crate::error::Failure for ManifestError {
+    fn kind(&self) -> crate::error::FailureKind {
+        crate::error::FailureKind::Input
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 
 use crate::copy::{copy_tree, CopyError};
 use crate::extents::extents;
-use crate::interrupt::Interrupt;
+use crate::host::interrupt::Interrupt;
 use crate::manifest::{FileType, MovedFile};
 use crate::pathenc::encode_path;
 use sha2::{Digest, Sha256};

@@ -31,8 +31,8 @@
 //! The extracted tree holds the archive's setuid binaries and device nodes
 //! on the host: it lives in a directory only root can enter (`Extraction`).
 
-use crate::cmd::{self, CmdError};
-use crate::interrupt::Interrupt;
+use crate::host::cmd::{self, CmdError};
+use crate::host::interrupt::Interrupt;
 use crate::octal;
 use rustix::fs::Mode;
 use std::ffi::OsString;
@@ -721,7 +721,7 @@ impl Extraction {
         let dir = tempfile::Builder::new()
             .prefix(&format!(
                 ".{name}{}{}.",
-                crate::debris::EXTRACT_MARKER,
+                crate::host::debris::EXTRACT_MARKER,
                 std::process::id()
             ))
             // Created closed to others (mkdir's mode; the umask can only
@@ -1078,7 +1078,7 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as t:
         assert!(
             name.starts_with(&format!(
                 ".sys.img{}{}.",
-                crate::debris::EXTRACT_MARKER,
+                crate::host::debris::EXTRACT_MARKER,
                 std::process::id()
             )),
             "{name}"

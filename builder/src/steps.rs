@@ -3,23 +3,11 @@
 //! an interrupt, and tags a failure with the step it happened in.
 
 use crate::error::{BuildError, StepError};
-use crate::interrupt::Interrupt;
+use crate::host::interrupt::Interrupt;
+use crate::host::stop_point::{self, STOP_AFTER_STEP_ENV};
 use crate::manifest::StepTiming;
 use crate::progress::{Event, Step};
 use std::time::Instant;
-
-/// Test hook, no other effect: with `STRATA_STOP_AFTER_STEP=<step name>`
-/// (a `Step::name`, e.g. `sync-rootfs`) the process stops itself with
-/// SIGSTOP right after that step finished, so a test can SIGKILL it at that
-/// exact step boundary and check what a crash there leaves behind.
-///
-/// It also names two points inside a step, where a loop device is bound
-/// but not mounted: `loop-attached` (just after a loop device is attached,
-/// before the mount) and `loop-unmounted` (after the unmount, before the
-/// detach). Alone they stop at the first such point of the run; prefixed by
-/// a step name (`mount:loop-attached`, `finish:loop-unmounted`) only at
-/// the one inside that step.
-pub const STOP_AFTER_STEP_ENV: &str = "STRATA_STOP_AFTER_STEP";
 
 /// Test hook, test-only and UNSAFE: with `STRATA_UNSAFE_UPGRADE=<mode>` an
 /// upgrade breaks its own crash-safety on purpose, so that the power-cut
@@ -71,35 +59,6 @@ impl UnsafeUpgrade {
     }
 }
 
-/// `stop_point` names: see `STOP_AFTER_STEP_ENV`.
-pub const LOOP_ATTACHED: &str = "loop-attached";
-pub const LOOP_UNMOUNTED: &str = "loop-unmounted";
-
-/// The step running now, for `stop_point` (a point deep in `image::open`
-/// does not see the runner).
-static CURRENT_STEP: std::sync::Mutex<Option<&'static str>> = std::sync::Mutex::new(None);
-
-/// Test hook at a point inside a step: stops the process (SIGSTOP) when
-/// `STOP_AFTER_STEP_ENV` names `point`, alone or as `<step>:<point>` of
-/// the step running now. No effect otherwise.
-pub fn stop_point(point: &str) {
-    let Ok(want) = std::env::var(STOP_AFTER_STEP_ENV) else {
-        return;
-    };
-    let step = *CURRENT_STEP.lock().unwrap_or_else(|e| e.into_inner());
-    if stop_point_matches(&want, step, point) {
-        // SAFETY: as in `Steps::run`.
-        unsafe { libc::raise(libc::SIGSTOP) };
-    }
-}
-
-fn stop_point_matches(want: &str, step: Option<&str>, point: &str) -> bool {
-    match want.split_once(':') {
-        Some((s, p)) => p == point && step == Some(s),
-        None => want == point,
-    }
-}
-
 pub struct Steps<'a> {
     interrupt: &'a Interrupt,
     on_event: &'a mut dyn FnMut(Event),
@@ -129,12 +88,9 @@ impl<'a> Steps<'a> {
         }
         (self.on_event)(Event::StepStarted(step));
         let start = Instant::now();
-        let outer = CURRENT_STEP
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(step.name());
+        let outer = stop_point::enter_step(Some(step.name()));
         let out = f(self);
-        *CURRENT_STEP.lock().unwrap_or_else(|e| e.into_inner()) = outer;
+        stop_point::enter_step(outer);
         let out = out.map_err(|e| {
             // A terminal's Ctrl-C reaches the whole process group: mkfs or
             // mount die of it and fail the step. With the flag raised the
@@ -152,9 +108,7 @@ impl<'a> Steps<'a> {
         });
         (self.on_event)(Event::StepFinished(step, took));
         if self.stop_after.as_deref() == Some(step.name()) {
-            // SAFETY: raise has no preconditions; SIGSTOP cannot be caught,
-            // the process simply stops until continued or killed.
-            unsafe { libc::raise(libc::SIGSTOP) };
+            stop_point::stop();
         }
         if self.interrupt.raised() {
             return Err(BuildError::Interrupted);
@@ -181,37 +135,6 @@ impl<'a> Steps<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stop_points_match_alone_or_inside_their_step() {
-        assert!(stop_point_matches("loop-attached", None, LOOP_ATTACHED));
-        assert!(stop_point_matches(
-            "loop-attached",
-            Some("mount"),
-            LOOP_ATTACHED
-        ));
-        assert!(stop_point_matches(
-            "mount:loop-attached",
-            Some("mount"),
-            LOOP_ATTACHED
-        ));
-        assert!(!stop_point_matches(
-            "mount:loop-attached",
-            Some("check-image"),
-            LOOP_ATTACHED
-        ));
-        assert!(!stop_point_matches(
-            "mount:loop-attached",
-            None,
-            LOOP_ATTACHED
-        ));
-        assert!(!stop_point_matches(
-            "finish:loop-unmounted",
-            Some("finish"),
-            LOOP_ATTACHED
-        ));
-        assert!(!stop_point_matches("mount", Some("mount"), LOOP_ATTACHED));
-    }
 
     /// SIGINT to the process group kills the tool a step runs: that step
     /// fails, but the run was interrupted, and says so.

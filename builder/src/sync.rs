@@ -25,8 +25,8 @@
 //! [`unescape`] turns them back into the exact bytes, and the lists handed
 //! to people and manifests use the lossless [`encode_path`] form.
 
-use crate::cmd::{self, CmdError};
-use crate::interrupt::Interrupt;
+use crate::host::cmd::{self, CmdError};
+use crate::host::interrupt::Interrupt;
 use crate::layout::{self, NameError};
 use crate::manifest::FileType;
 use crate::octal;

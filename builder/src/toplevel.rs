@@ -12,8 +12,8 @@
 //!   run snapshot, extlinux) is recorded for the appliance VM.
 
 use crate::bootloader::{Bootloader, BOOTLOADER};
-use crate::btrfs;
 use crate::error::BoxError;
+use crate::host::btrfs;
 use std::path::Path;
 
 /// Where a version is deployed: a directory that is (or becomes) the top

@@ -29,13 +29,13 @@
 
 use crate::boot;
 use crate::bootloader::{self, BootEntry};
-use crate::btrfs;
 use crate::error::StepError;
-use crate::image::model::ImageLayout;
+use crate::host::btrfs;
 use crate::image::{self, ImageError, Mode, OpenImage};
 use crate::layout::{self, Version};
 use crate::lock::ImageLock;
 use crate::manifest::{Manifest, VersionRecord};
+use crate::model::ImageLayout;
 use crate::rootfs::RootDir;
 use crate::unshared::{self, Owner};
 use serde::Serialize;
@@ -280,7 +280,7 @@ fn entries_without(
 fn lock_to_write(image: &Path) -> Result<ImageLock, ImageError> {
     let lock = ImageLock::exclusive(image)?;
     if std::fs::metadata(image).is_ok_and(|m| m.is_file()) {
-        crate::debris::clean(&crate::debris::find_for_image(image));
+        crate::host::debris::clean(&crate::host::debris::find_for_image(image));
         crate::lock::refuse_attached(image)?;
     }
     Ok(lock)
@@ -583,9 +583,9 @@ fn step(e: StepError) -> ImageError {
 mod tests {
     use super::*;
     use crate::bootloader::extlinux;
-    use crate::image::model::{Filesystem, Subvolume};
     use crate::layout::Tree;
     use crate::manifest::{Deployment, StateDirs};
+    use crate::model::{Filesystem, Subvolume};
 
     /// `remove --running` of the booted version: refused as input (exit
     /// 2), naming it and where `/` comes from; another version passes.

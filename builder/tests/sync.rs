@@ -9,7 +9,7 @@ use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use strata_builder::interrupt::Interrupt;
+use strata_builder::host::interrupt::Interrupt;
 use strata_builder::manifest::FileType;
 use strata_builder::sync::{
     apply_state_policy, decode_to_path, estimate_sync_bytes, sync_tree, PathEntry, StatePolicy,
@@ -642,8 +642,8 @@ mod btrfs_image {
     use super::*;
     use strata_builder::du::filesystem_du;
     use strata_builder::extents::extents;
-    use strata_builder::loopdev::LoopDevice;
-    use strata_builder::mount::Mount;
+    use strata_builder::host::loopdev::LoopDevice;
+    use strata_builder::host::mount::Mount;
 
     pub struct Fs {
         // Field order: unmount, then detach, then remove the image.
@@ -656,7 +656,7 @@ mod btrfs_image {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("image.raw");
         sh(&format!("truncate -s {size} {}", q(&image)));
-        strata_builder::btrfs::mkfs(&image, "synctest", &uuid()).unwrap();
+        strata_builder::host::btrfs::mkfs(&image, "synctest", &uuid()).unwrap();
         let lo = LoopDevice::attach(&image, false).unwrap();
         let mount = Mount::btrfs(lo.path(), "rw,noatime").unwrap();
         Fs {
@@ -693,7 +693,7 @@ mod btrfs_image {
         let fs_ = btrfs("512M");
         let top = fs_.mount.path();
         let (a, b) = (top.join("A"), top.join("B"));
-        strata_builder::btrfs::subvolume_create(&a).unwrap();
+        strata_builder::host::btrfs::subvolume_create(&a).unwrap();
         for d in ["usr/lib", "etc", "var"] {
             fs::create_dir_all(a.join(d)).unwrap();
         }
@@ -712,7 +712,7 @@ mod btrfs_image {
             q(&newroot.join("usr/lib/change.bin"))
         ));
 
-        strata_builder::btrfs::snapshot(&a, &b).unwrap();
+        strata_builder::host::btrfs::snapshot(&a, &b).unwrap();
         let report = sync_tree(&newroot, &b, &opts(&["var"]), &no_interrupt()).unwrap();
         assert_eq!(report.updated, ["/usr/lib/change.bin"], "{report:#?}");
         assert!(report.created.is_empty() && report.deleted.is_empty());
@@ -730,7 +730,7 @@ mod btrfs_image {
         );
         assert!(!overlaps(&ch_a, &ch_b), "{ch_a:?} vs {ch_b:?}");
 
-        strata_builder::btrfs::sync(top).unwrap();
+        strata_builder::host::btrfs::sync(top).unwrap();
         let du = filesystem_du(&[&a, &b]).unwrap();
         let (du_a, du_b) = (&du[0], &du[1]);
         eprintln!("fi du A: {du_a:?}\nfi du B: {du_b:?}");
@@ -751,7 +751,7 @@ mod btrfs_image {
         let fs_ = btrfs("2G");
         let top = fs_.mount.path();
         let (a, b, c) = (top.join("A"), top.join("B"), top.join("C"));
-        strata_builder::btrfs::subvolume_create(&a).unwrap();
+        strata_builder::host::btrfs::subvolume_create(&a).unwrap();
         let t = tempfile::tempdir().unwrap();
         let newroot = t.path().join("newroot");
         fs::create_dir_all(newroot.join("usr/lib")).unwrap();
@@ -765,19 +765,19 @@ mod btrfs_image {
         fill(&newroot.join("usr/lib/changed"), 1 << 20, 999);
         sync_tree(&newroot, &a, &opts(&[]), &no_interrupt()).unwrap();
         fill(&newroot.join("usr/lib/changed"), 1 << 20, 1000);
-        strata_builder::btrfs::sync(top).unwrap();
+        strata_builder::host::btrfs::sync(top).unwrap();
 
         let start = Instant::now();
-        strata_builder::btrfs::snapshot(&a, &b).unwrap();
+        strata_builder::host::btrfs::snapshot(&a, &b).unwrap();
         let r = sync_tree(&newroot, &b, &opts(&[]), &no_interrupt()).unwrap();
-        strata_builder::btrfs::sync(top).unwrap();
+        strata_builder::host::btrfs::sync(top).unwrap();
         let incremental = start.elapsed();
         assert_eq!(r.updated, ["/usr/lib/changed"]);
 
         let start = Instant::now();
-        strata_builder::btrfs::subvolume_create(&c).unwrap();
+        strata_builder::host::btrfs::subvolume_create(&c).unwrap();
         sync_tree(&newroot, &c, &opts(&[]), &no_interrupt()).unwrap();
-        strata_builder::btrfs::sync(top).unwrap();
+        strata_builder::host::btrfs::sync(top).unwrap();
         let full = start.elapsed();
 
         let du = filesystem_du(&[&b, &c]).unwrap();

@@ -5,10 +5,10 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use strata_builder::btrfs::{snapshot, subvolume_create, sync};
 use strata_builder::du::filesystem_du;
-use strata_builder::loopdev::LoopDevice;
-use strata_builder::mount::Mount;
+use strata_builder::host::btrfs::{snapshot, subvolume_create, sync};
+use strata_builder::host::loopdev::LoopDevice;
+use strata_builder::host::mount::Mount;
 use strata_builder::unshared::{unshared_bytes, Owner};
 
 const MIB: usize = 1 << 20;
@@ -46,7 +46,7 @@ fn btrfs() -> Fs {
         .set_len(300 << 20)
         .unwrap();
     let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap();
-    strata_builder::btrfs::mkfs(&image, "unshared", uuid.trim()).unwrap();
+    strata_builder::host::btrfs::mkfs(&image, "unshared", uuid.trim()).unwrap();
     let lo = LoopDevice::attach(&image, false).unwrap();
     let mount = Mount::btrfs(lo.path(), "rw,noatime").unwrap();
     Fs {

@@ -4,11 +4,12 @@ use super::exit;
 use std::path::PathBuf;
 use strata_builder::build::BuildOptions;
 use strata_builder::error::FailureKind;
-use strata_builder::interrupt::Interrupt;
+use strata_builder::host::guestfish::Accel;
+use strata_builder::host::interrupt::Interrupt;
 use strata_builder::layout::{DEFAULT_LABEL, DEFAULT_STATE_DIRS};
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::Migration;
-use strata_builder::rootless::{self, Accel, BackendChoice, RootlessOptions};
+use strata_builder::rootless::{self, BackendChoice, RootlessOptions};
 use strata_builder::size::parse_size;
 
 #[derive(clap::Args)]

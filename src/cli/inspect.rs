@@ -15,8 +15,8 @@ mod render;
 use super::exit;
 use std::path::PathBuf;
 use strata_builder::error::FailureKind;
+use strata_builder::host::interrupt::Interrupt;
 use strata_builder::image::{self, ImageError};
-use strata_builder::interrupt::Interrupt;
 
 #[derive(clap::Args)]
 pub struct InspectArgs {

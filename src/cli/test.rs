@@ -15,8 +15,8 @@ use std::time::Duration;
 use strata_builder::bootloader::{self, cmdline};
 use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
+use strata_builder::host::interrupt::Interrupt;
 use strata_builder::image;
-use strata_builder::interrupt::Interrupt;
 use strata_builder::layout;
 use strata_builder::manifest::{Manifest, VersionRecord};
 use strata_builder::migrate::Migration;
@@ -26,9 +26,10 @@ use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::checks::user::UserCheck;
 use strata_vmtest::checks::CheckId;
 use strata_vmtest::lifecycle::{InGuest, Lifecycle};
+use strata_vmtest::qemu::BootMode;
 use strata_vmtest::qemu::DiskBus;
 use strata_vmtest::report::{Report, Status};
-use strata_vmtest::run::{self, BootMode, Progress, RunError, Scenario, TestConfig};
+use strata_vmtest::run::{self, Progress, RunError, Scenario, TestConfig};
 use strata_vmtest::spec::{self, BuildSpec, Spec};
 
 // The upgrade's options need an upgrade: `--upgrade-to`, or a test file
@@ -560,7 +561,10 @@ fn extra_kernel_args(record: &VersionRecord) -> String {
 /// The extra kernel arguments of `version` as its menu entry boots it, for
 /// an image without a manifest: the ones `strata upgrade` keeps from it
 /// (`bootloader::menu_entries`), by the same rule.
-fn menu_kernel_args(read: &image::model::ImageLayout, version: &layout::Version) -> String {
+fn menu_kernel_args(
+    read: &strata_builder::model::ImageLayout,
+    version: &layout::Version,
+) -> String {
     bootloader::menu_entry(read, version.label())
         .and_then(|e| e.append.as_deref())
         .map(|line| cmdline::extra_args(line, version))

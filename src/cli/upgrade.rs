@@ -3,7 +3,7 @@
 use super::exit;
 use std::path::PathBuf;
 use strata_builder::error::FailureKind;
-use strata_builder::interrupt::Interrupt;
+use strata_builder::host::interrupt::Interrupt;
 use strata_builder::layout::DEFAULT_LINK;
 use strata_builder::migrate::Migration;
 use strata_builder::size::human;

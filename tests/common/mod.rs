@@ -11,7 +11,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use strata_builder::steps::STOP_AFTER_STEP_ENV;
+use strata_builder::host::stop_point::STOP_AFTER_STEP_ENV;
 
 pub fn strata() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use strata_builder::bootloader::boot_entry;
 use strata_builder::bootloader::{Bootloader, BOOTLOADER};
-use strata_builder::image::boot_entry;
 use strata_builder::layout;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +17,7 @@ pub enum BootFilesError {
     Restore {
         image: String,
         wanted: String,
-        error: strata_builder::cmd::CmdError,
+        error: strata_builder::host::cmd::CmdError,
     },
     #[error("the image has no boot menu (looked for {})", layout::BOOT_CONFIGS.join(", "))]
     NoConfig,
@@ -200,7 +200,7 @@ fn restore(
     symlinks: bool,
 ) -> Result<(), BootFilesError> {
     std::fs::create_dir_all(into).map_err(BootFilesError::Spawn)?;
-    strata_builder::cmd::run(
+    strata_builder::host::cmd::run(
         Command::new("btrfs")
             .args(["restore", "-i", "--path-regex", regex])
             .args(symlinks.then_some("-S"))

@@ -25,11 +25,14 @@ pub mod machine;
 pub mod payload;
 pub mod power_cut;
 pub mod qemu;
+pub mod qemu_output;
 pub mod qmp;
 pub mod report;
 pub mod run;
 pub mod serial;
 pub mod spec;
+pub mod stage;
+pub mod tokens;
 pub mod workdir;
 
 /// Non-cryptographic randomness for guest-sync ids and persistence tokens:

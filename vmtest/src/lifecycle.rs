@@ -10,18 +10,16 @@
 //! holds what needs no VM: the trait, the phases, the rows of the report,
 //! and the tokens (`tokens`). The story itself is `run::lifecycle`.
 
-pub mod tokens;
-
 use crate::checks::user::{UserCheck, When};
 use crate::checks::{CheckId, Phase};
 use crate::report::{CheckResult, PhaseRecord, Status};
-use serde::Serialize;
+use crate::stage::Stage;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use strata_builder::error::{Failure, FailureKind};
 use strata_builder::expect::Expectations;
-use strata_builder::interrupt::Interrupt;
+use strata_builder::host::interrupt::Interrupt;
 
 /// What the image is after a change: what its next boot must show.
 #[derive(Debug, Clone)]
@@ -143,46 +141,6 @@ impl std::fmt::Debug for Lifecycle {
     }
 }
 
-/// The three boots of a lifecycle, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// The current default version, as the image came.
-    Before,
-    /// The new version, after the upgrade.
-    Upgrade,
-    /// The old version again, after `set-default` back to it.
-    Rollback,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 3] = [Stage::Before, Stage::Upgrade, Stage::Rollback];
-
-    /// The prefix of the stage's rows (`upgrade/root`) and its JSON name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Before => "before",
-            Stage::Upgrade => "upgrade",
-            Stage::Rollback => "rollback",
-        }
-    }
-
-    /// Why the machine boots, for the progress lines.
-    pub fn why(self) -> &'static str {
-        match self {
-            Stage::Before => "the current default version",
-            Stage::Upgrade => "the new version, after the upgrade",
-            Stage::Rollback => "the old version again, after set-default",
-        }
-    }
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// One row of a stage: a layout check, the tokens written earlier, or a
 /// user check (its index in `TestConfig::user_checks`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -236,13 +194,10 @@ pub fn rows_of(stage: Stage, user: &[UserCheck], contract: bool) -> Vec<Row> {
     rows
 }
 
-/// Name of the token row (`upgrade/tokens`).
-pub const TOKENS: &str = "tokens";
-
 fn row_name(row: Row, user: &[UserCheck]) -> &str {
     match row {
         Row::Check(id) => id.name(),
-        Row::Tokens => TOKENS,
+        Row::Tokens => crate::tokens::TOKENS,
         Row::User(i) => user.get(i).map(|c| c.name.as_str()).unwrap_or("?"),
     }
 }

@@ -119,7 +119,7 @@ impl OutputLog {
 
     /// Its last lines, for an error message.
     fn tail(&self) -> String {
-        crate::accel::last_lines(&self.text(), OUTPUT_TAIL_LINES)
+        crate::qemu_output::last_lines(&self.text(), OUTPUT_TAIL_LINES)
     }
 }
 
@@ -462,9 +462,9 @@ impl Machine {
     }
 
     /// What this QEMU wrote on stdout and stderr, register dumps left
-    /// out (see [`crate::accel::qemu_words`]).
+    /// out (see [`crate::qemu_output::qemu_words`]).
     pub fn qemu_said(&self) -> String {
-        crate::accel::qemu_words(&self.stderr.text())
+        crate::qemu_output::qemu_words(&self.stderr.text())
     }
 
     /// The file QEMU's stdout and stderr go to.

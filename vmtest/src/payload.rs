@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use strata_builder::cmd;
+use strata_builder::host::cmd;
 
 /// Where the guest mounts the payload.
 pub const GUEST_DIR: &str = "/run/strata-payload";

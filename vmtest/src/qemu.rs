@@ -353,6 +353,31 @@ pub(crate) fn shell_quote(s: &str) -> String {
     }
 }
 
+/// `strata test --boot`/`--later-boots` (`extlinux`, `direct`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BootMode {
+    Extlinux,
+    Direct,
+}
+
+impl BootMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BootMode::Extlinux => "extlinux",
+            BootMode::Direct => "direct",
+        }
+    }
+
+    /// How a QEMU command line boots.
+    pub fn of(boot: &KernelBoot) -> BootMode {
+        match boot {
+            KernelBoot::Firmware => BootMode::Extlinux,
+            KernelBoot::Direct { .. } => BootMode::Direct,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

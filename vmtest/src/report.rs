@@ -2,8 +2,8 @@
 //! JUnit XML for CI servers. Rendering is pure so it can be snapshot-tested.
 
 use crate::journal::WarningKind;
-use crate::lifecycle::Stage;
-use crate::run::BootMode;
+use crate::qemu::BootMode;
+use crate::stage::Stage;
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -759,7 +759,8 @@ mod tests {
     /// (`--state-migration copy`): phase 2 fails overmount, the rollback
     /// passes.
     fn lifecycle_sample() -> Report {
-        use crate::lifecycle::{self, Stage};
+        use crate::lifecycle;
+        use crate::stage::Stage;
         let mut phases = lifecycle::plan("factory", "v2");
         for (i, p) in phases.iter_mut().enumerate() {
             p.boot = Some(i as u32 + 1);

@@ -18,50 +18,26 @@ use crate::bootfiles;
 use crate::checks::user::{self, When};
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
 use crate::checks::{boot_health, shutdown, state_contract};
-use crate::lifecycle::{self as life, Lifecycle, Row, Stage};
+use crate::lifecycle::{self as life, Lifecycle, Row};
 use crate::machine::{Machine, MachineError, SavedState};
-use crate::qemu::{Accel, DiskBus, DiskFormat, KernelBoot, QemuCommand};
+use crate::qemu::{Accel, BootMode, DiskBus, DiskFormat, KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
 use crate::report::{
     BootRecord, CheckResult, PhaseRecord, Report, ScenarioRecord, Status, Timings, Warning,
 };
+use crate::stage::Stage;
 use crate::workdir::{self, WorkDir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use strata_builder::cmd;
 use strata_builder::error::FailureKind;
 use strata_builder::expect::Expectations;
+use strata_builder::host::cmd;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// How QEMU gets to the guest kernel: through the firmware and the
 /// image's own extlinux, or directly (`-kernel/-initrd/-append`).
-/// `strata test --boot`/`--later-boots` (`extlinux`, `direct`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum BootMode {
-    Extlinux,
-    Direct,
-}
-
-impl BootMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            BootMode::Extlinux => "extlinux",
-            BootMode::Direct => "direct",
-        }
-    }
-
-    /// How a QEMU command line boots.
-    pub fn of(boot: &KernelBoot) -> BootMode {
-        match boot {
-            KernelBoot::Firmware => BootMode::Extlinux,
-            KernelBoot::Direct { .. } => BootMode::Direct,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct TestConfig {
     pub image: PathBuf,
@@ -831,7 +807,7 @@ pub async fn run_until(
         }
         // QEMU's own last words: why it stopped, exited or aborted.
         if let Some(log) = &s.last_qemu_log {
-            let said = accel::last_lines(
+            let said = crate::qemu_output::last_lines(
                 &crate::machine::read_tail(log),
                 crate::machine::OUTPUT_TAIL_LINES,
             );
@@ -1380,7 +1356,7 @@ impl Session {
                     .unwrap_or_default();
                 (
                     accel::stage_reached(false, &debugcon, false, false),
-                    accel::qemu_words(&out),
+                    crate::qemu_output::qemu_words(&out),
                 )
             }
         };
@@ -1979,7 +1955,7 @@ mod tests {
             &self,
             _: &Path,
             _: &str,
-            _: &strata_builder::interrupt::Interrupt,
+            _: &strata_builder::host::interrupt::Interrupt,
             _: &mut dyn FnMut(String),
         ) -> Result<life::Changed, life::ChangeError> {
             panic!("upgrade called")
@@ -1989,7 +1965,7 @@ mod tests {
             &self,
             _: &Path,
             _: &str,
-            _: &strata_builder::interrupt::Interrupt,
+            _: &strata_builder::host::interrupt::Interrupt,
             _: &mut dyn FnMut(String),
         ) -> Result<life::Changed, life::ChangeError> {
             panic!("set_default called")

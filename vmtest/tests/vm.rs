@@ -18,9 +18,10 @@ use strata_builder::manifest::Manifest;
 use strata_vmtest::accel::AccelChoice;
 use strata_vmtest::checks::user::{UserCheck, When};
 use strata_vmtest::checks::CheckId;
+use strata_vmtest::qemu::BootMode;
 use strata_vmtest::qemu::{Accel, DiskBus};
 use strata_vmtest::report::{Report, Status};
-use strata_vmtest::run::{self, BootMode, RunError, Scenario, TestConfig};
+use strata_vmtest::run::{self, RunError, Scenario, TestConfig};
 
 // ------------------------------------------------------------ fixtures
 

@@ -10,10 +10,10 @@
 //! entry.
 
 use super::{cmdline, BootEntry};
-use crate::image::boot_entry;
-use crate::image::model::{self, ImageLayout};
+use crate::bootloader::boot_entry;
 use crate::layout::{self, Version};
 use crate::manifest::Manifest;
+use crate::model::{self, ImageLayout};
 use std::path::Path;
 
 /// The menu's entry for version `label`: the one labelled `label` unless
@@ -175,8 +175,8 @@ pub fn menu_entries(
 mod tests {
     use super::*;
     use crate::bootloader::extlinux;
-    use crate::image::model::{Boot, DefaultLink, Filesystem};
     use crate::manifest::{Deployment, StateDirs, VersionRecord, MANIFEST_VERSION};
+    use crate::model::{Boot, DefaultLink, Filesystem};
 
     /// An image with whole versions `labels` (kernel, and an initramfs
     /// where `initramfs` says), `default` the default, and `menu`.

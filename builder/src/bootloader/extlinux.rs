@@ -19,7 +19,7 @@
 //! command completes the change.
 
 use super::{BootEntry, Bootloader, Menu, MenuEntry};
-use crate::cmd::{self, CmdError};
+use crate::host::cmd::{self, CmdError};
 use crate::layout::{self, Version};
 use std::path::Path;
 use std::process::Command;

@@ -8,6 +8,7 @@
 //! command line, the entries and which versions are whole do not depend on
 //! the loader that boots them.
 
+pub mod boot_entry;
 pub mod cmdline;
 mod entries;
 mod entry;
@@ -19,7 +20,7 @@ pub use entry::BootEntry;
 pub use extlinux::Extlinux;
 pub use menu::{Menu, MenuEntry};
 
-use crate::cmd::CmdError;
+use crate::host::cmd::CmdError;
 use crate::layout::Version;
 use std::path::Path;
 

@@ -1,5 +1,5 @@
 //! An image opened read-only without root: a libguestfs appliance (the
-//! same one as the rootless build, `rootless::appliance`) mounts its top
+//! same guestfish as the rootless build, `host::guestfish`) mounts its top
 //! level, lists the subvolumes, and serves the filesystem over FUSE at a
 //! host directory (`mount-local`), where the ordinary reader (`read`,
 //! `lint`) reads it like a loop mount. One appliance session:
@@ -27,13 +27,12 @@
 //! mount on `<tmp>/strata-inspect.<pid>.<random>`: the next appliance
 //! session unmounts and removes those of dead pids (`clean_dead`).
 
-use super::model::Subvolume;
 use super::{subvolumes, ImageError};
-use crate::cmd;
-use crate::debris::Cleaned;
-use crate::interrupt::Interrupt;
-use crate::rootless::appliance::{self, Cmd};
-use crate::rootless::Accel;
+use crate::host::cmd;
+use crate::host::debris::Cleaned;
+use crate::host::guestfish::{self, Accel, Cmd};
+use crate::host::interrupt::Interrupt;
+use crate::model::Subvolume;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -97,7 +96,7 @@ pub fn open(
     accel: Accel,
     interrupt: &Interrupt,
 ) -> Result<(Session, Vec<Subvolume>, Vec<Cleaned>), ImageError> {
-    if let Some(missing) = crate::rootless::prereq::appliance_missing(accel) {
+    if let Some(missing) = guestfish::missing(accel) {
         return Err(ImageError::Input(format!(
             "opening {} without root: {missing}",
             image.display()
@@ -125,8 +124,8 @@ pub fn open(
         .canonicalize()
         .map_err(|e| tool(starting, format!("{}: {e}", made.path().display())))?;
     let _ = made.keep();
-    let text = appliance::render(&script(image, &dir));
-    let mut c = appliance::guestfish(accel);
+    let text = guestfish::render(&script(image, &dir));
+    let mut c = guestfish::guestfish(accel);
     c.arg("--ro")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -363,7 +362,7 @@ fn kill_group(child: &mut Child) -> Option<ExitStatus> {
 fn fusermount() -> Option<PathBuf> {
     ["fusermount3", "fusermount"]
         .into_iter()
-        .find_map(crate::rootless::prereq::on_path)
+        .find_map(guestfish::on_path)
 }
 
 /// `fusermount -u`, lazily when busy (a reader still holding a file) or
@@ -421,7 +420,7 @@ mod tests {
 
     #[test]
     fn the_script_for_an_inspect() {
-        insta::assert_snapshot!(appliance::render(&script(
+        insta::assert_snapshot!(guestfish::render(&script(
             Path::new("/var/tmp/my \"sys\".img"),
             Path::new("/tmp/strata-inspect.42.x")
         )));

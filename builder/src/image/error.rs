@@ -18,6 +18,17 @@ pub enum ImageError {
     Interrupted,
 }
 
+impl crate::error::Failure for ImageError {
+    fn kind(&self) -> crate::error::FailureKind {
+        use crate::error::FailureKind;
+        match self {
+            ImageError::Input(_) => FailureKind::Input,
+            ImageError::Tool { .. } => FailureKind::Infrastructure,
+            ImageError::Interrupted => FailureKind::Interrupted,
+        }
+    }
+}
+
 impl ImageError {
     pub fn is_input(&self) -> bool {
         matches!(self, ImageError::Input(_))
@@ -27,6 +38,16 @@ impl ImageError {
         ImageError::Tool {
             context: context.into(),
             error: error.into(),
+        }
+    }
+}
+
+impl From<crate::lock::LockError> for ImageError {
+    fn from(e: crate::lock::LockError) -> Self {
+        if e.is_input() {
+            ImageError::Input(e.to_string())
+        } else {
+            ImageError::tool("locking the image", e)
         }
     }
 }

@@ -7,11 +7,11 @@
 //! /home/user` in a tree, or `systems` itself a symlink, must not make lint
 //! list the host's directories through the mount).
 
-use super::model::*;
 use super::read::{state_names, tree_fstab, versions};
 use super::subvolumes;
 use crate::fstab;
 use crate::layout::{self, Tree};
+use crate::model::*;
 use crate::rootfs::RootDir;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::HashSet;

@@ -1,7 +1,7 @@
 //! An existing image: opened read-only or read-write (`open`: superblock
 //! check, loop device and mount, undone on drop), its layout read back
 //! (versions, default, subvolumes, state dirs, boot entries) and its
-//! mountpoints linted for hidden files. The data is `model`, serialised as
+//! mountpoints linted for hidden files. The data is `crate::model`, serialised as
 //! `strata inspect --json`; rendering it is the CLI's business.
 //!
 //! - `open`: superblock, `Mode`, the `OpenImage` guard.
@@ -9,15 +9,13 @@
 //! - `appliance`: the read-only image served over FUSE by the libguestfs
 //!   appliance, for a user who is not root.
 //! - `subvolumes`: `btrfs subvolume list` and what an fstab entry mounts.
-//! - `boot_entry`: where a boot entry's paths point, which version it boots.
+//! - what a menu's entry points at and boots is `bootloader::boot_entry`'s.
 //!
 //! Every path comes from `crate::layout`.
 
 pub mod appliance;
-pub mod boot_entry;
 mod error;
 pub(crate) mod lint;
-pub mod model;
 mod open;
 mod read;
 mod subvolumes;
@@ -30,8 +28,8 @@ pub use read::fstab as read_fstab;
 #[cfg(test)]
 pub(crate) use read::layout as read_dir_layout;
 
-use crate::interrupt::Interrupt;
-use model::{ImageLayout, Lint};
+use crate::host::interrupt::Interrupt;
+use crate::model::{ImageLayout, Lint};
 use std::path::Path;
 
 /// The layout of the image at `path` (under its shared lock), read through a read-only mount (the

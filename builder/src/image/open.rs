@@ -8,10 +8,10 @@
 //! Opening takes no lock: the command does, once for its whole run
 //! (`crate::lock`), as an open of its own would conflict with it.
 
-use super::model::{Filesystem, ImageLayout, Lint, Subvolume};
 use super::{lint, read, subvolumes, ImageError};
-use crate::interrupt::Interrupt;
-use crate::{loopdev::LoopDevice, mount::Mount};
+use crate::host::interrupt::Interrupt;
+use crate::host::{loopdev::LoopDevice, mount::Mount};
+use crate::model::{Filesystem, ImageLayout, Lint, Subvolume};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -84,7 +84,7 @@ pub struct OpenImage {
     pub filesystem: Filesystem,
     /// What a killed strata had left mounted on this image, cleaned before
     /// opening it (for the caller to report).
-    pub cleaned: Vec<crate::debris::Cleaned>,
+    pub cleaned: Vec<crate::host::debris::Cleaned>,
     /// As listed when the image was opened.
     pub subvolumes: Vec<Subvolume>,
     path: PathBuf,
@@ -186,7 +186,7 @@ pub fn open_to_read(image: &Path, interrupt: &Interrupt) -> Result<OpenImage, Im
     }
     let filesystem = read_superblock(image)?;
     let (session, subvolumes, cleaned) =
-        super::appliance::open(image, crate::rootless::Accel::default(), interrupt)?;
+        super::appliance::open(image, crate::host::guestfish::Accel::default(), interrupt)?;
     Ok(OpenImage {
         filesystem,
         cleaned,
@@ -222,7 +222,7 @@ pub fn open(image: &Path, mode: Mode) -> Result<OpenImage, ImageError> {
     let cleaned = if is_block {
         Vec::new()
     } else {
-        crate::debris::clean(&crate::debris::find_for_image(image))
+        crate::host::debris::clean(&crate::host::debris::find_for_image(image))
     };
     // A writer holds the image's exclusive lock (`crate::lock`): a loop
     // device still bound to the file now is no strata's, and a second

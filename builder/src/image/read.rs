@@ -1,12 +1,12 @@
 //! Reading a layout from a mounted top-level subvolume (or any directory
 //! shaped like one: the tests use plain temp dirs). Never writes.
 
-use super::boot_entry;
-use super::model::{self, *};
 use super::subvolumes;
+use crate::bootloader::boot_entry;
 use crate::bootloader::{Bootloader, BOOTLOADER};
 use crate::fstab;
 use crate::layout::{self, Tree, Version};
+use crate::model::{self, *};
 use crate::rootfs::RootDir;
 use rustix::fs::FileType;
 use std::collections::{BTreeMap, HashMap};

@@ -1,9 +1,9 @@
 //! The subvolumes of a mounted image, from `btrfs subvolume list`, and
 //! which of them an fstab entry mounts.
 
-use super::model::{FstabMount, Subvolume};
 use super::ImageError;
-use crate::cmd;
+use crate::host::cmd;
+use crate::model::{FstabMount, Subvolume};
 use std::collections::HashMap;
 use std::path::Path;
 

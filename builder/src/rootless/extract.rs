@@ -7,9 +7,9 @@
 //! node): its device nodes are found by a walk and excluded by name.
 
 use super::wire::DeviceNode;
-use crate::cmd::{self, CmdError};
 use crate::error::{Context, StepError};
-use crate::interrupt::Interrupt;
+use crate::host::cmd::{self, CmdError};
+use crate::host::interrupt::Interrupt;
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
@@ -124,7 +124,7 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interrupt::Interrupt;
+    use crate::host::interrupt::Interrupt;
 
     #[test]
     fn a_directory_is_staged_without_its_device_nodes_which_are_listed() {

@@ -18,42 +18,26 @@
 
 pub mod appliance;
 pub mod extract;
-pub mod kernel;
 pub mod prereq;
 pub mod staging;
 pub mod wire;
 pub mod worker;
 
 use crate::build::{self, BuildOptions};
-use crate::cmd;
-use crate::debris;
 use crate::error::{BuildError, Context, StepError};
-use crate::interrupt::Interrupt;
+use crate::host::cmd;
+use crate::host::debris;
+use crate::host::guestfish::Accel;
+use crate::host::interrupt::Interrupt;
 use crate::manifest::{Backend, Manifest};
 use crate::progress::{Event, Step};
 use crate::steps::Steps;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 /// The hidden subcommand of the `strata` binary that runs `worker::serve`.
 pub const WORKER_COMMAND: &str = "rootless-worker";
-
-/// The part of a staging directory's name after `.<output name>`; the pid
-/// after it is the outer process's (`debris`).
-pub const STAGING_MARKER: &str = ".strata-staging.";
-
-/// How the appliance VM runs: `--appliance-accel` (`tcg`, `kvm`); `help =
-/// None` keeps the variant's docs out of `--help`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Accel {
-    /// Software emulation: slower, works everywhere (the default: KVM hangs
-    /// on some hosts).
-    #[default]
-    #[value(help = None::<&str>)]
-    Tcg,
-    Kvm,
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct RootlessOptions {
@@ -165,7 +149,11 @@ impl StagingDir {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}{STAGING_MARKER}{}.", std::process::id()))
+            .prefix(&format!(
+                ".{name}{}{}.",
+                debris::STAGING_MARKER,
+                std::process::id()
+            ))
             .tempdir_in(dir)
             .context(|| format!("creating a staging directory in {}", dir.display()))?;
         Ok(StagingDir { path: tmp.keep() })
@@ -178,29 +166,8 @@ impl StagingDir {
 
 impl Drop for StagingDir {
     fn drop(&mut self) {
-        let _ = remove_tree(&self.path);
+        let _ = crate::host::debris::remove_tree(&self.path);
     }
-}
-
-/// Removes a staging directory whatever ids its files have: directly when
-/// that works (root, or already empty), else from inside a user namespace
-/// where those ids are the user's.
-pub fn remove_tree(path: &Path) -> Result<(), cmd::CmdError> {
-    if std::fs::remove_dir(path).is_ok() || !path.exists() {
-        return Ok(());
-    }
-    if rustix::process::geteuid().is_root() {
-        return std::fs::remove_dir_all(path).map_err(|source| cmd::CmdError::Spawn {
-            program: "rm".into(),
-            source,
-        });
-    }
-    cmd::run(
-        Command::new("unshare")
-            .args(["--map-auto", "--map-root-user", "--", "rm", "-rf", "--"])
-            .arg(path),
-    )
-    .map(drop)
 }
 
 /// Starts the worker in a user namespace, hands it the request, forwards

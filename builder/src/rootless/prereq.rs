@@ -2,11 +2,12 @@
 //! created; each refusal names what is missing and how to get it.
 
 use super::wire::RootfsKind;
-use super::{Accel, RootlessOptions};
+use super::RootlessOptions;
 use crate::build::{self, BuildOptions};
 use crate::error::BuildError;
+use crate::host::guestfish::{missing as appliance_missing, on_path};
 use crate::rootfs_tar::{self, RootfsInput};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn input(msg: impl Into<String>) -> BuildError {
@@ -64,14 +65,6 @@ fn rootfs_kind(path: &Path) -> Result<RootfsKind, BuildError> {
         RootfsInput::Dir => Ok(RootfsKind::Dir),
         RootfsInput::Tar(_) => Ok(RootfsKind::Tar),
     }
-}
-
-/// A program on PATH.
-pub fn on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
 }
 
 /// The name newuidmap looks up in /etc/subuid: the passwd entry of our uid
@@ -168,41 +161,6 @@ fn extlinux() -> Result<(), BuildError> {
         ));
     }
     Ok(())
-}
-
-/// guestfish and a kernel it can read for its appliance; /dev/kvm for KVM.
-/// What is missing and how to get it, for the caller to prefix with what
-/// it was doing (a rootless build, a rootless inspect).
-pub fn appliance_missing(accel: Accel) -> Option<String> {
-    if on_path("guestfish").is_none() {
-        return Some(
-            "guestfish not found: install libguestfs-tools (the appliance VM that works on the image without root)".into(),
-        );
-    }
-    let readable_kernel = std::fs::read_dir("/boot")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
-        .any(|e| std::fs::File::open(e.path()).is_ok());
-    if !readable_kernel {
-        return Some(
-            "no readable /boot/vmlinuz-* for the libguestfs appliance: install a kernel (Debian: linux-image-amd64) and make it readable (chmod 0644 /boot/vmlinuz-*)".into(),
-        );
-    }
-    if accel == Accel::Kvm
-        && std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-    {
-        return Some(
-            "--accel kvm but /dev/kvm cannot be opened: add the user to group kvm, or use TCG"
-                .into(),
-        );
-    }
-    None
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 //! snapshot, extlinux) is recorded for the appliance.
 
 use super::wire::Work;
-use crate::cmd::{self, CmdError};
 use crate::error::BoxError;
-use crate::interrupt::Interrupt;
+use crate::host::cmd::{self, CmdError};
+use crate::host::interrupt::Interrupt;
 use crate::toplevel::TopLevel;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

@@ -12,7 +12,7 @@ use crate::build;
 use crate::deploy;
 use crate::error::{BuildError, Context, StepError};
 use crate::fstab;
-use crate::interrupt::Interrupt;
+use crate::host::interrupt::Interrupt;
 use crate::layout::{self, Version};
 use crate::manifest::{Backend, FileType, Manifest, MovedFile};
 use crate::migrate::Migration;
@@ -134,7 +134,7 @@ fn run(
                 let devices = extract::devices_in_dir(source)?;
                 extract::extract(source, &scratch, &devices, s.interrupt()).map_err(
                     |e| match e {
-                        crate::cmd::CmdError::Interrupted { .. } => StepError::Interrupted,
+                        crate::host::cmd::CmdError::Interrupted { .. } => StepError::Interrupted,
                         e => StepError::Failed {
                             what: format!("copying rootfs {} into staging", source.display()),
                             cause: e.into(),
@@ -195,7 +195,7 @@ fn run(
             s.interrupt(),
         )
         .map_err(|e| match e {
-            crate::cmd::CmdError::Interrupted { .. } => StepError::Interrupted,
+            crate::host::cmd::CmdError::Interrupted { .. } => StepError::Interrupted,
             e => StepError::Failed {
                 what: "making the btrfs filesystem from the staging directory".into(),
                 cause: e.into(),

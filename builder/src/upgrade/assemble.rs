@@ -4,10 +4,10 @@
 use super::check::Checked;
 use super::state::{hash_state, merge_state};
 use super::{input, UpgradeOptions};
-use crate::btrfs;
 use crate::deploy::{self, BootSource, Deployed, Rootfs};
 use crate::error::{BuildError, Context, StepError};
-use crate::interrupt::Interrupt;
+use crate::host::btrfs;
+use crate::host::interrupt::Interrupt;
 use crate::layout::Version;
 use crate::manifest::StateData;
 use crate::migrate::Migration;

@@ -9,11 +9,12 @@ use crate::copy;
 use crate::deploy::{self, BootSource, Rootfs};
 use crate::error::{BuildError, Context, StepError};
 use crate::fstab;
-use crate::image::{self, model, ImageError, Mode, OpenImage};
-use crate::interrupt::Interrupt;
+use crate::host::interrupt::Interrupt;
+use crate::image::{self, ImageError, Mode, OpenImage};
 use crate::layout::{self, Version};
 use crate::manifest::{Manifest, MANIFEST_VERSION};
 use crate::migrate::Migration;
+use crate::model;
 use crate::plan::{self, Plan, PlanOptions};
 use crate::progress::Event;
 use crate::size::human;
@@ -534,7 +535,7 @@ fn check_fit(
     // btrfs's own estimate, not statvfs: on this read-only mount statvfs
     // says 0 once every chunk is allocated (after an ENOSPC), however much
     // room the chunks have.
-    let usage = crate::btrfs::usage(top)
+    let usage = crate::host::btrfs::usage(top)
         .context(|| format!("reading the free space of {}", top.display()))?;
     let free = usage.data_free;
     let boot_files: u64 = [Some(&rootfs.kernel), rootfs.initramfs.as_ref()]

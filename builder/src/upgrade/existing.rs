@@ -4,9 +4,9 @@
 //! manifest, their records read off the image.
 
 use crate::bootloader::BootEntry;
-use crate::image::model;
 use crate::layout::{self, Version};
 use crate::manifest::{Deployment, StateDirs, VersionRecord};
+use crate::model;
 
 /// The new version's extra kernel arguments: `--kernel-args` when given
 /// (empty meaning none), else those of the version the upgrade starts from

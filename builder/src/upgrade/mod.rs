@@ -71,12 +71,13 @@ mod partial;
 mod state;
 
 use crate::boot;
-use crate::btrfs;
+use crate::bootloader::boot_entry;
 use crate::build;
-use crate::debris;
 use crate::error::{BuildError, Context, StepError};
-use crate::image::{self, boot_entry, Mode, OpenImage};
-use crate::interrupt::Interrupt;
+use crate::host::btrfs;
+use crate::host::debris;
+use crate::host::interrupt::Interrupt;
+use crate::image::{self, Mode, OpenImage};
 use crate::layout::{self, Version};
 use crate::lock::ImageLock;
 use crate::manifest::Manifest;
@@ -397,7 +398,7 @@ fn upgrade_from(
                 // which it does on a read-write mount only: wait for it
                 // here, or the next run's check (read-only) would find the
                 // image as full as this ENOSPC left it.
-                if let Err(u) = crate::btrfs::subvolume_sync(&top) {
+                if let Err(u) = crate::host::btrfs::subvolume_sync(&top) {
                     steps.emit(Event::Note(format!(
                         "the space {} held may be freed only later: {u}",
                         partial.dir()

@@ -1,7 +1,7 @@
 //! `systems/.strata-partial-<label>`: where an upgrade assembles a version,
 //! and its removal (undo on failure, debris of a killed run).
 
-use crate::btrfs;
+use crate::host::btrfs;
 use crate::layout::{self, Version};
 use std::fs;
 use std::os::unix::fs::MetadataExt;

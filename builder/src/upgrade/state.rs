@@ -3,9 +3,9 @@
 
 use super::check::Checked;
 use super::{input, UpgradeOptions};
-use crate::btrfs;
 use crate::copy;
 use crate::error::{Context, StepError};
+use crate::host::btrfs;
 use crate::layout;
 use crate::manifest::MovedFile;
 use crate::migrate::{self, Migration};
@@ -174,7 +174,7 @@ fn describe_state_entry(top: &Path, encoded: &str) -> std::io::Result<MovedFile>
 pub(super) fn hash_state(
     top: &Path,
     state: &mut StateChanges,
-    interrupt: &crate::interrupt::Interrupt,
+    interrupt: &crate::host::interrupt::Interrupt,
 ) -> Result<(), StepError> {
     let interrupted = |e: &migrate::MigrateError| matches!(e, migrate::MigrateError::Interrupted);
     match migrate::hash_moved(&mut state.moved, &top.join(layout::STATE_DIR), interrupt) {

@@ -2,8 +2,8 @@
 //! Pure functions over the model: snapshot-tested without any image.
 
 use std::fmt::Write;
-use strata_builder::image::model::*;
 use strata_builder::layout;
+use strata_builder::model::*;
 
 pub use strata_builder::size::human as bytes;
 

@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use strata_builder::error::FailureKind;
 use strata_builder::expect::Expectations;
+use strata_builder::host::interrupt::Interrupt;
 use strata_builder::image;
-use strata_builder::interrupt::Interrupt;
 use strata_builder::manifest::Manifest;
 use strata_builder::migrate::Migration;
 use strata_builder::sync::StatePolicy;

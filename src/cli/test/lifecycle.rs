@@ -5,7 +5,7 @@
 
 use super::changes::{Ops, UpgradePlan};
 use std::path::Path;
-use strata_builder::interrupt::Interrupt;
+use strata_builder::host::interrupt::Interrupt;
 use strata_builder::progress::Event;
 use strata_builder::upgrade::{self, UpgradeOptions};
 use strata_builder::versions;

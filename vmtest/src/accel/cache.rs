@@ -22,9 +22,9 @@ use std::path::{Path, PathBuf};
 const FORMAT: u32 = 2;
 
 /// The cache file under strata's cache dir (the same rule as the fixture
-/// cache: `strata_builder::cache_dir`).
+/// cache: `strata_builder::host::cache_dir`).
 pub fn default_path() -> PathBuf {
-    strata_builder::cache_dir::default_cache_dir().join("kvm-verdict.json")
+    strata_builder::host::cache_dir::default_cache_dir().join("kvm-verdict.json")
 }
 
 /// How a run uses the cache (`TestConfig::kvm_cache`; `--accel auto` only).
@@ -193,7 +193,7 @@ impl CachedVerdict {
 
     /// When it was probed, e.g. `2026-11-27T04:01:02Z`.
     pub fn probed_at(&self) -> String {
-        strata_builder::btrfs::rfc3339_of_unix(self.probed_at_unix as i64)
+        strata_builder::host::btrfs::rfc3339_of_unix(self.probed_at_unix as i64)
     }
 }
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::qemu_output::{last_lines, qemu_words};
 
 /// What QEMU 10.0 printed on a host whose KVM runs SeaBIOS and then fails
 /// SYSLINUX in protected mode (measured on a CI host whose /dev/kvm exists

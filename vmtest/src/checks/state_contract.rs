@@ -503,7 +503,7 @@ impl Record {
         let ours = |p: &str| {
             let base = p.rsplit('/').next().unwrap_or(p);
             base.starts_with(crate::checks::persistence::TOKEN_FILE)
-                || base.starts_with(crate::lifecycle::tokens::TOKEN_FILE)
+                || base.starts_with(crate::tokens::TOKEN_FILE)
         };
         self.entries.retain(|p, _| !ours(p));
         for e in self.entries.values_mut() {

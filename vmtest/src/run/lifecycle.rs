@@ -5,17 +5,19 @@
 //! (the trait the image is changed through, the rows, the tokens) is in
 //! `crate::lifecycle`.
 
-use super::{me, BootMode, Progress, Session};
+use super::{me, Progress, Session};
 use crate::checks::user;
 use crate::checks::{CheckId, Vm};
-use crate::lifecycle::tokens::{self, Token};
-use crate::lifecycle::{Changed, InGuest, Lifecycle, Row, Stage};
+use crate::lifecycle::{Changed, InGuest, Lifecycle, Row};
 use crate::payload;
+use crate::qemu::BootMode;
+use crate::stage::Stage;
+use crate::tokens::{self, Token};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use strata_builder::error::FailureKind;
 use strata_builder::expect::{Expectations, Source};
-use strata_builder::interrupt::Interrupt;
+use strata_builder::host::interrupt::Interrupt;
 use strata_builder::manifest::Manifest;
 use tokio::sync::oneshot;
 

@@ -15,19 +15,21 @@
 //! QEMU logs (`TestConfig::power_cut_beside`; `--one-guest-at-a-time`
 //! runs one).
 
-use super::{me, scenario, BootMode, Progress, Session, MAX_BOOT};
+use super::{me, scenario, Progress, Session, MAX_BOOT};
 use crate::artifacts::{self, Artifacts};
 use crate::checks::state_contract;
 use crate::checks::user::sh_quote;
 use crate::checks::Vm;
-use crate::lifecycle::tokens::{self, Token};
-use crate::lifecycle::{InGuest, Lifecycle, Stage};
+use crate::lifecycle::{InGuest, Lifecycle};
 use crate::machine::{Machine, MachineError, SavedState};
 use crate::payload;
 use crate::power_cut::{self, AfterCut, CutPoint, Plan};
+use crate::qemu::BootMode;
 use crate::qemu::{KernelBoot, QemuCommand};
 use crate::qmp::EventLog;
 use crate::report::{BootRecord, CheckResult};
+use crate::stage::Stage;
+use crate::tokens::{self, Token};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

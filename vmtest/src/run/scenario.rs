@@ -311,7 +311,7 @@ pub(super) fn overlay_on(saved: &Path, format: DiskFormat, overlay: &Path) -> Re
     let _ = std::fs::remove_file(overlay);
     // qemu-img resolves a relative backing path against the overlay's dir.
     let saved = std::path::absolute(saved).map_err(|e| format!("{}: {e}", saved.display()))?;
-    strata_builder::cmd::run(
+    strata_builder::host::cmd::run(
         std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", format.driver(), "-b"])
             .arg(&saved)

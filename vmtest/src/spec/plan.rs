@@ -8,7 +8,8 @@
 use super::BuildSpec;
 use crate::checks::user::When;
 use crate::checks::{CheckId, Phase};
-use crate::run::{self, BootMode, TestConfig};
+use crate::qemu::BootMode;
+use crate::run::{self, TestConfig};
 use std::fmt::Write;
 
 fn selected(cfg: &TestConfig, id: CheckId) -> bool {

@@ -5,7 +5,7 @@ use super::*;
 use crate::checks::testdata;
 use crate::lifecycle::{ChangeError, Changed, ImageChanges, Lifecycle};
 use std::sync::Arc;
-use strata_builder::interrupt::Interrupt;
+use strata_builder::host::interrupt::Interrupt;
 
 const FULL: &str = r#"
 image = "sys.img"

@@ -12,7 +12,7 @@
 //!
 //! Detaching is closing the descriptor: the kernel does the rest.
 
-use crate::steps;
+use crate::host::stop_point;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -146,7 +146,7 @@ impl LoopDevice {
                 };
                 // The window a SIGKILL used to leave a device in: bound,
                 // not yet mounted.
-                steps::stop_point(steps::LOOP_ATTACHED);
+                stop_point::stop_point(stop_point::LOOP_ATTACHED);
                 return Ok(device);
             }
             let e = io::Error::last_os_error();
@@ -176,7 +176,7 @@ impl LoopDevice {
     /// already) and waits for the kernel to let go of the file.
     pub fn detach(mut self) -> io::Result<()> {
         // The other window: unmounted, still bound.
-        steps::stop_point(steps::LOOP_UNMOUNTED);
+        stop_point::stop_point(stop_point::LOOP_UNMOUNTED);
         self.release();
         Ok(())
     }

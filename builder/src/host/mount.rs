@@ -7,7 +7,7 @@
 //! that walks into a still-mounted filesystem would delete the image's
 //! files.
 
-use crate::cmd::{self, CmdError};
+use crate::host::cmd::{self, CmdError};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -99,7 +99,8 @@ impl Mount {
         };
         // On failure the guard drops unmounted and removes its directories.
         if mark == OWN_LOOP_MARK {
-            let (dev, ino) = crate::loopdev::backing_id(device).map_err(MountError::TempDir)?;
+            let (dev, ino) =
+                crate::host::loopdev::backing_id(device).map_err(MountError::TempDir)?;
             std::fs::write(guard.private.join(BACKING_RECORD), format!("{dev} {ino}\n"))
                 .map_err(MountError::TempDir)?;
         }
@@ -197,7 +198,7 @@ impl Drop for Mount {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loopdev::LoopDevice;
+    use crate::host::loopdev::LoopDevice;
 
     fn mounted(dir: &Path) -> bool {
         let me = dir.to_string_lossy().into_owned();
@@ -223,7 +224,7 @@ mod tests {
             .unwrap()
             .set_len(128 << 20)
             .unwrap();
-        crate::btrfs::mkfs(&img, "busy", "6f1d3c9e-0000-4000-8000-00000000b005").unwrap();
+        crate::host::btrfs::mkfs(&img, "busy", "6f1d3c9e-0000-4000-8000-00000000b005").unwrap();
         let dev = LoopDevice::attach(&img, false).unwrap();
         let m = Mount::btrfs(dev.path(), "noatime").unwrap();
         let dir = m.path().to_owned();

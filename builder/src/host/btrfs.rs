@@ -1,6 +1,6 @@
 //! The btrfs operations a layout needs, through btrfs-progs.
 
-use crate::cmd::{self, CmdError};
+use crate::host::cmd::{self, CmdError};
 use std::path::Path;
 use std::process::Command;
 

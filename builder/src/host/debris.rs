@@ -9,9 +9,9 @@
 //!   output (`PARTIAL_MARKER`);
 //! - a rootless build's staging directories
 //!   `.<name>.strata-staging.<pid>.<random>` next to the output
-//!   (`rootless::STAGING_MARKER`). Their files belong to the ids of a user
+//!   (`STAGING_MARKER`). Their files belong to the ids of a user
 //!   namespace, so an ordinary user removes them from inside one
-//!   (`rootless::remove_tree`);
+//!   (`remove_tree`);
 //! - extracted rootfs archives `.<name>.strata-extract.<pid>.<random>/`
 //!   next to the output (`EXTRACT_MARKER`, `rootfs_tar::Extraction`).
 //!
@@ -29,10 +29,35 @@
 //! devices are attached with autoclear (`loopdev`): one that is not mounted
 //! went away with the run that held it, one that is goes with the unmount.
 
-use crate::cmd;
+use crate::host::cmd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The part of a staging directory's name after `.<output name>`; the pid
+/// after it is the outer process's (this module).
+pub const STAGING_MARKER: &str = ".strata-staging.";
+
+/// Removes a staging directory whatever ids its files have: directly when
+/// that works (root, or already empty), else from inside a user namespace
+/// where those ids are the user's.
+pub fn remove_tree(path: &Path) -> Result<(), cmd::CmdError> {
+    if std::fs::remove_dir(path).is_ok() || !path.exists() {
+        return Ok(());
+    }
+    if rustix::process::geteuid().is_root() {
+        return std::fs::remove_dir_all(path).map_err(|source| cmd::CmdError::Spawn {
+            program: "rm".into(),
+            source,
+        });
+    }
+    cmd::run(
+        Command::new("unshare")
+            .args(["--map-auto", "--map-root-user", "--", "rm", "-rf", "--"])
+            .arg(path),
+    )
+    .map(drop)
+}
 
 /// The part of a partial image's name after `.<output name>`.
 pub const PARTIAL_MARKER: &str = ".strata-partial.";
@@ -170,12 +195,12 @@ pub fn dead_mounts(
         let named = |p: &Path| {
             p.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
-                .filter(|n| pid_after(n, crate::mount::MOUNT_DIR_PREFIX).is_some())
+                .filter(|n| pid_after(n, crate::host::mount::MOUNT_DIR_PREFIX).is_some())
         };
         let Some(name) = named(&dir).or_else(|| dir.parent().and_then(named)) else {
             continue;
         };
-        let Some(pid) = pid_after(&name, crate::mount::MOUNT_DIR_PREFIX) else {
+        let Some(pid) = pid_after(&name, crate::host::mount::MOUNT_DIR_PREFIX) else {
             continue;
         };
         if alive(pid) {
@@ -189,9 +214,9 @@ pub fn dead_mounts(
                 .unwrap_or_default()
         };
         let own_loop = name
-            .strip_prefix(crate::mount::MOUNT_DIR_PREFIX)
+            .strip_prefix(crate::host::mount::MOUNT_DIR_PREFIX)
             .and_then(|rest| rest.split_once('.'))
-            .is_some_and(|(_, after_pid)| after_pid.starts_with(crate::mount::OWN_LOOP_MARK));
+            .is_some_and(|(_, after_pid)| after_pid.starts_with(crate::host::mount::OWN_LOOP_MARK));
         let seen = Seen {
             dir,
             fstype: after(1),
@@ -224,17 +249,17 @@ pub fn provenance(seen: &Seen) -> Result<(), String> {
         .filter(|_| {
             seen.dir
                 .file_name()
-                .is_some_and(|n| n == crate::mount::MOUNT_POINT_NAME)
+                .is_some_and(|n| n == crate::host::mount::MOUNT_POINT_NAME)
         })
         .filter(|p| {
             p.file_name().is_some_and(|n| {
-                pid_after(&n.to_string_lossy(), crate::mount::MOUNT_DIR_PREFIX).is_some()
+                pid_after(&n.to_string_lossy(), crate::host::mount::MOUNT_DIR_PREFIX).is_some()
             })
         })
         .ok_or_else(|| {
             format!(
                 "it is not on `{}` inside a strata mount directory",
-                crate::mount::MOUNT_POINT_NAME
+                crate::host::mount::MOUNT_POINT_NAME
             )
         })?;
     // lstat: a symlink named so could point at any directory.
@@ -262,7 +287,7 @@ pub fn provenance(seen: &Seen) -> Result<(), String> {
         ));
     }
     if seen.own_loop {
-        let record = private.join(crate::mount::BACKING_RECORD);
+        let record = private.join(crate::host::mount::BACKING_RECORD);
         let recorded = std::fs::read_to_string(&record)
             .ok()
             .and_then(|t| {
@@ -281,7 +306,7 @@ pub fn provenance(seen: &Seen) -> Result<(), String> {
             .is_some_and(|n| n.to_string_lossy().starts_with("loop"))
             && seen.device.starts_with("/dev/");
         let reads = is_loop
-            .then(|| crate::loopdev::backing_id(Path::new(&seen.device)).ok())
+            .then(|| crate::host::loopdev::backing_id(Path::new(&seen.device)).ok())
             .flatten();
         if reads != Some(recorded) {
             return Err(format!(
@@ -314,7 +339,7 @@ pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
         }
         // Removed recursively (from a user namespace): only a directory
         // we made, as for extractions.
-        if dead(crate::rootless::STAGING_MARKER) && ours(&e) {
+        if dead(STAGING_MARKER) && ours(&e) {
             out.push(Leftover::Staging(e.path()));
         }
     }
@@ -405,7 +430,7 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
                 // and its record (rmdir only: nothing else is ours there).
                 let _ = std::fs::remove_dir(dir);
                 if let Some(private) = dir.parent() {
-                    let _ = std::fs::remove_file(private.join(crate::mount::BACKING_RECORD));
+                    let _ = std::fs::remove_file(private.join(crate::host::mount::BACKING_RECORD));
                     let _ = std::fs::remove_dir(private);
                 }
                 done.push(Cleaned::Unmounted {
@@ -459,7 +484,7 @@ pub fn clean(leftovers: &[Leftover]) -> Vec<Cleaned> {
                     }),
                 }
             }
-            Leftover::Staging(path) => match crate::rootless::remove_tree(path) {
+            Leftover::Staging(path) => match remove_tree(path) {
                 Ok(()) => done.push(Cleaned::RemovedStaging(path.clone())),
                 Err(_) => done.push(Cleaned::Failed {
                     what: format!("staging directory {}", path.display()),

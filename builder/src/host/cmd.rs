@@ -176,7 +176,7 @@ pub(crate) const GRACE: std::time::Duration = std::time::Duration::from_secs(10)
 /// writing into an image nobody is watching.
 pub fn run_interruptible(
     cmd: &mut Command,
-    interrupt: &crate::interrupt::Interrupt,
+    interrupt: &crate::host::interrupt::Interrupt,
     on_line: &mut dyn FnMut(&[u8]),
 ) -> Result<(), CmdError> {
     run_interruptible_stderr(cmd, interrupt, on_line).map(drop)
@@ -187,7 +187,7 @@ pub fn run_interruptible(
 /// (`tar --totals`).
 pub fn run_interruptible_stderr(
     cmd: &mut Command,
-    interrupt: &crate::interrupt::Interrupt,
+    interrupt: &crate::host::interrupt::Interrupt,
     on_line: &mut dyn FnMut(&[u8]),
 ) -> Result<String, CmdError> {
     use std::io::{BufRead, BufReader};
@@ -328,7 +328,7 @@ pub(crate) fn tie_to_us(cmd: &mut Command) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interrupt::Interrupt;
+    use crate::host::interrupt::Interrupt;
     use std::time::{Duration, Instant};
 
     #[test]

@@ -3,12 +3,15 @@
 //! of data an upgrade must never lose), written in one boot and read back
 //! in the later ones, each from its state subvolume.
 
-use super::Stage;
 use crate::machine::{Machine, MachineError};
 use crate::qemu::shell_quote;
 use crate::report::{CheckResult, Status};
+use crate::stage::Stage;
 use strata_builder::expect::Expectations;
 use strata_builder::layout;
+
+/// Name of the token row (`upgrade/tokens`).
+pub const TOKENS: &str = "tokens";
 
 /// Dot-file a token is written to in a state dir, suffixed with its stage.
 pub const TOKEN_FILE: &str = ".strata-lifecycle-token";
@@ -187,7 +190,7 @@ pub fn judge(seen: &[TokenSeen], booted: &Expectations) -> CheckResult {
     };
     if bad_dirs.is_empty() {
         CheckResult::new(
-            super::TOKENS,
+            TOKENS,
             Status::Pass,
             format!(
                 "{judged} token(s) written in {} intact on the state subvolumes",
@@ -197,7 +200,7 @@ pub fn judge(seen: &[TokenSeen], booted: &Expectations) -> CheckResult {
         )
     } else {
         CheckResult::new(
-            super::TOKENS,
+            TOKENS,
             Status::Fail,
             format!("tokens lost or misplaced in {}", bad_dirs.join(" ")),
             evidence,
