@@ -17,6 +17,7 @@ use crate::copy;
 use crate::deploy::{self, DeployOptions, Deployed, Rootfs};
 use crate::error::{BuildError, Context, StepError};
 use crate::host::btrfs;
+use crate::host::claim;
 use crate::host::debris;
 use crate::host::interrupt::Interrupt;
 use crate::host::loopdev::LoopDevice;
@@ -457,17 +458,16 @@ pub(crate) fn create_file(opts: &BuildOptions) -> Result<tempfile::NamedTempFile
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(
-            ".{name}{}{}.",
-            debris::PARTIAL_MARKER,
-            std::process::id()
-        ))
+        .prefix(claim::CLAIMING)
         .tempfile_in(dir)
         .context(|| format!("creating an image in {}", dir.display()))?;
-    // Locked before anyone can find it, by its own descriptor: the lock
+    // Locked by its own descriptor before it has the name the next run
+    // looks for: the lock is its claim (`claim`) while it is partial, and
     // stays with the file once it is renamed over the output (`persist`).
     crate::lock::lock_new_file(tmp.as_file(), tmp.path())
         .context(|| format!("locking {}", tmp.path().display()))?;
+    let tmp = claim::name_claimed_file(tmp, &format!(".{name}{}", debris::PARTIAL_MARKER))
+        .context(|| format!("naming the new image in {}", dir.display()))?;
     tmp.as_file()
         .set_len(opts.size)
         .context(|| format!("sizing the image to {}", human(opts.size)))?;

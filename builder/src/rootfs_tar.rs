@@ -31,6 +31,7 @@
 //! The extracted tree holds the archive's setuid binaries and device nodes
 //! on the host: it lives in a directory only root can enter (`Extraction`).
 
+use crate::host::claim::ClaimedDir;
 use crate::host::cmd::{self, CmdError};
 use crate::host::interrupt::Interrupt;
 use crate::octal;
@@ -679,8 +680,9 @@ pub fn check_extraction_dir(dir: &Path) -> Result<(), TarError> {
 
 /// A rootfs archive extracted into a new directory (`extraction_parent`),
 /// removed when dropped: on success, on error and on interruption alike.
-/// Named `.<target>.strata-extract.<pid>.<random>` (`debris::EXTRACT_MARKER`):
-/// a run killed with SIGKILL leaves it for the next run to remove.
+/// Named `.<target>.strata-extract.<pid>.<random>` (`debris::EXTRACT_MARKER`)
+/// and claimed (`claim`): a run killed with SIGKILL leaves it unheld, for
+/// the next run to remove.
 ///
 /// The named directory is mode 0700 and the tree is one level below it:
 /// the archive's setuid binaries and device nodes are never reachable by
@@ -691,7 +693,8 @@ pub fn check_extraction_dir(dir: &Path) -> Result<(), TarError> {
 /// could swap.
 #[derive(Debug)]
 pub struct Extraction {
-    dir: tempfile::TempDir,
+    /// Claimed (`claim`): a run killed with SIGKILL leaves it unheld.
+    dir: ClaimedDir,
     /// Keeps `rootfs`'s `/proc/<pid>/fd/<n>` valid.
     _handle: OwnedFd,
     rootfs: PathBuf,
@@ -718,23 +721,20 @@ impl Extraction {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let dir = tempfile::Builder::new()
-            .prefix(&format!(
-                ".{name}{}{}.",
-                crate::host::debris::EXTRACT_MARKER,
-                std::process::id()
-            ))
-            // Created closed to others (mkdir's mode; the umask can only
-            // take bits away): never open, not even for a moment.
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(parent)
-            .map_err(|source| TarError::Io {
-                what: format!(
-                    "creating a directory for the extracted rootfs in {}",
-                    parent.display()
-                ),
-                source,
-            })?;
+        // Made closed to others (0700, mkdir's mode: the umask can only
+        // take bits away), never open, not even for a moment; claimed
+        // before it has its name.
+        let dir = ClaimedDir::new(
+            parent,
+            &format!(".{name}{}", crate::host::debris::EXTRACT_MARKER),
+        )
+        .map_err(|source| TarError::Io {
+            what: format!(
+                "creating a directory for the extracted rootfs in {}",
+                parent.display()
+            ),
+            source,
+        })?;
         let handle = open_own_dir(dir.path()).map_err(|source| TarError::Io {
             what: format!("opening {}", dir.path().display()),
             source,

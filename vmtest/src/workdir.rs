@@ -1,33 +1,31 @@
 //! The run's private work dir: the qcow2 overlay, QEMU's sockets, the boot
 //! files of `--boot direct`. It is `strata-vm.<pid>.XXXXXX` under the temp
-//! dir and holds a lock (flock on `.lock`) for as long as the run lives.
+//! dir, and the run holds its claim on it (the builder's `host::claim`, as
+//! for every leftover strata makes) for as long as it lives.
 //!
 //! A run killed with SIGKILL cannot remove its own work dir (its QEMU dies
 //! with it: see `qemu::tie_to_us`). The next run therefore removes every
-//! `strata-vm.<pid>.*` dir whose lock nobody holds: the lock, not the pid,
-//! decides, so a reused pid never keeps debris alive and a live run's dir
-//! is never touched. Nothing is killed: a dir whose lock is held belongs to
-//! a live run and stays.
+//! `strata-vm.<pid>.*` dir nobody holds: the claim, not the pid, decides,
+//! so a reused pid never keeps debris alive and a live run's dir is never
+//! touched. Nothing is killed: a held dir belongs to a live run and stays.
 //!
 //! The upgrade lifecycle's private copy of the image lives in a second dir
 //! of the same kind, `.strata-lifecycle.<pid>.XXXXXX` beside the image
 //! (`COPY_PREFIX`): a killed lifecycle leaves a copy of GiBs, swept the same
 //! way by the next lifecycle run beside the same image.
 
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use strata_builder::host::claim::{self, ClaimedDir};
 
 pub const PREFIX: &str = "strata-vm.";
 /// The lifecycle's image copy dir (`run`'s `private_dir`).
 pub const COPY_PREFIX: &str = ".strata-lifecycle.";
-const LOCK: &str = ".lock";
 
 /// The work dir of this run; removed on drop.
 pub struct WorkDir {
-    dir: tempfile::TempDir,
-    _lock: File,
+    dir: ClaimedDir,
     /// Dead runs' work dirs removed while creating this one.
     pub removed: Vec<PathBuf>,
 }
@@ -47,20 +45,8 @@ impl WorkDir {
     /// of that prefix there, then makes this run's.
     pub fn create_named(root: &Path, prefix: &str) -> io::Result<WorkDir> {
         let removed = remove_dead_named(root, prefix);
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{prefix}{}.", std::process::id()))
-            .tempdir_in(root)?;
-        // Locked before it gets its name: another run's scan never sees an
-        // unlocked `.lock` in a live run's dir.
-        let unnamed = dir.path().join(".lock.new");
-        let lock = File::create(&unnamed)?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
-        std::fs::rename(&unnamed, dir.path().join(LOCK))?;
-        Ok(WorkDir {
-            dir,
-            _lock: lock,
-            removed,
-        })
+        let dir = ClaimedDir::new(root, prefix)?;
+        Ok(WorkDir { dir, removed })
     }
 
     pub fn path(&self) -> &Path {
@@ -74,21 +60,6 @@ fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
     let (pid, random) = rest.split_once('.')?;
     (!random.is_empty()).then_some(())?;
     pid.parse().ok()
-}
-
-/// Whether the run that made `dir` is gone: nobody holds its lock (a lock
-/// dies with its process). Without a lock file (killed between mkdir and
-/// lock) the pid decides.
-fn is_dead(dir: &Path, pid: u32) -> bool {
-    match File::open(dir.join(LOCK)) {
-        Ok(f) => {
-            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            !Path::new("/proc").join(pid.to_string()).exists()
-        }
-        Err(_) => false,
-    }
 }
 
 /// Removes the work dirs of runs that are gone; returns what it removed.
@@ -105,9 +76,9 @@ pub fn remove_dead_named(root: &Path, prefix: &str) -> Vec<PathBuf> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| owner_pid(n, prefix)) else {
+        if name.to_str().and_then(|n| owner_pid(n, prefix)).is_none() {
             continue;
-        };
+        }
         let path = entry.path();
         // Only real directories of ours, never through a symlink.
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
@@ -116,7 +87,7 @@ pub fn remove_dead_named(root: &Path, prefix: &str) -> Vec<PathBuf> {
         if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() {
             continue;
         }
-        if pid == std::process::id() || !is_dead(&path, pid) {
+        if claim::held(&path) {
             continue;
         }
         match remove_tree_on(&path, meta.dev()) {
@@ -159,12 +130,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn work_dirs_carry_the_pid_and_a_lock() {
+    fn work_dirs_carry_the_pid_and_a_claim() {
         let root = tempfile::tempdir().unwrap();
         let w = WorkDir::create_in(root.path()).unwrap();
         let name = w.path().file_name().unwrap().to_str().unwrap().to_owned();
         assert_eq!(owner_pid(&name, PREFIX), Some(std::process::id()), "{name}");
-        assert!(!is_dead(w.path(), std::process::id()), "our lock is held");
+        assert!(claim::held(w.path()), "our claim is held");
         let path = w.path().to_owned();
         drop(w);
         assert!(!path.exists(), "an orderly run removes its own");
@@ -173,10 +144,12 @@ mod tests {
     #[test]
     fn the_next_run_removes_dead_runs_work_dirs_and_keeps_live_ones() {
         let root = tempfile::tempdir().unwrap();
-        // A run that was SIGKILLed: its lock file is there, nobody holds it.
-        let dead = root.path().join(format!("{PREFIX}4194303.AbCdEf"));
+        // A run that was SIGKILLed: nobody holds its dir. Its pid is ours:
+        // a pid decides nothing.
+        let dead = root
+            .path()
+            .join(format!("{PREFIX}{}.AbCdEf", std::process::id()));
         std::fs::create_dir_all(dead.join("boot")).unwrap();
-        std::fs::write(dead.join(LOCK), "").unwrap();
         std::fs::write(dead.join("overlay.qcow2"), "x").unwrap();
         std::fs::write(dead.join("boot/kernel"), "x").unwrap();
         // A live run (here: this process holds its lock).
@@ -198,7 +171,6 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dead = root.path().join(format!("{COPY_PREFIX}4194303.AbCdEf"));
         std::fs::create_dir(&dead).unwrap();
-        std::fs::write(dead.join(LOCK), "").unwrap();
         std::fs::write(dead.join("debian.img"), "a copy of GiBs").unwrap();
         // A plain run's work dir in the same place leaves it alone...
         let plain = WorkDir::create_in(root.path()).unwrap();
@@ -210,20 +182,5 @@ mod tests {
         assert!(!dead.exists());
         let name = copy.path().file_name().unwrap().to_str().unwrap();
         assert_eq!(owner_pid(name, COPY_PREFIX), Some(std::process::id()));
-    }
-
-    #[test]
-    fn a_dead_run_without_a_lock_file_is_judged_by_its_pid() {
-        let root = tempfile::tempdir().unwrap();
-        let mine = root
-            .path()
-            .join(format!("{PREFIX}{}.x", std::process::id()));
-        std::fs::create_dir(&mine).unwrap();
-        // pid_max on Linux is at most 4194304: this pid cannot be alive.
-        let gone = root.path().join(format!("{PREFIX}4194305.y"));
-        std::fs::create_dir(&gone).unwrap();
-        let removed = remove_dead(root.path());
-        assert_eq!(removed, [gone]);
-        assert!(mine.exists(), "our own pid: alive");
     }
 }

@@ -1,7 +1,8 @@
 //! What a strata killed with SIGKILL leaves behind, found and cleaned by the
 //! next run. Guards undo everything on errors and signals that can be
-//! caught; SIGKILL cannot be, so every resource strata makes carries the
-//! pid of the run that made it:
+//! caught; SIGKILL cannot be, so every resource strata makes is claimed by
+//! the run that made it (`claim`: a flock the kernel drops when the run
+//! dies) and named so the next run finds it:
 //!
 //! - mounts on `<tmp>/strata-mnt.<pid>.<random>/fs` (`mount::MOUNT_DIR_PREFIX`),
 //!   and the loop devices mounted there;
@@ -15,8 +16,9 @@
 //! - extracted rootfs archives `.<name>.strata-extract.<pid>.<random>/`
 //!   next to the output (`EXTRACT_MARKER`, `rootfs_tar::Extraction`).
 //!
-//! Only resources whose pid is gone are touched, and a loop device only when
-//! the dead run attached it itself (its mount dir says so).
+//! Only resources nobody holds are touched (the pid in a name is for
+//! humans), and a loop device only when the dead run attached it itself
+//! (its mount dir says so).
 //!
 //! A name proves nothing: anyone can mount a FUSE filesystem on
 //! `~/strata-mnt.999999.loop.x` naming `/dev/loop0` as its source. A mount
@@ -29,13 +31,14 @@
 //! devices are attached with autoclear (`loopdev`): one that is not mounted
 //! went away with the run that held it, one that is goes with the unmount.
 
+use crate::host::claim;
 use crate::host::cmd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The part of a staging directory's name after `.<output name>`; the pid
-/// after it is the outer process's (this module).
+/// after it is the outer process's, which holds its claim.
 pub const STAGING_MARKER: &str = ".strata-staging.";
 
 /// Removes a staging directory whatever ids its files have: directly when
@@ -153,10 +156,6 @@ impl std::fmt::Display for Cleaned {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
 /// The pid in a name `<prefix><pid>.<rest>`, if it has that shape.
 fn pid_after(name: &str, prefix: &str) -> Option<u32> {
     let rest = name.strip_prefix(prefix)?;
@@ -182,7 +181,7 @@ pub struct Seen {
 /// point that itself has the name (older runs, or a forgery) are seen.
 pub fn dead_mounts(
     mountinfo: &str,
-    alive: impl Fn(u32) -> bool,
+    held: impl Fn(&Path) -> bool,
     judge: impl Fn(&Seen) -> Result<(), String>,
 ) -> Vec<Leftover> {
     let mut out = Vec::new();
@@ -197,13 +196,14 @@ pub fn dead_mounts(
                 .map(|n| n.to_string_lossy().into_owned())
                 .filter(|n| pid_after(n, crate::host::mount::MOUNT_DIR_PREFIX).is_some())
         };
-        let Some(name) = named(&dir).or_else(|| dir.parent().and_then(named)) else {
+        // The directory with the name is the one its run claimed.
+        let Some((name, claimed)) = named(&dir)
+            .map(|n| (n, dir.clone()))
+            .or_else(|| dir.parent().and_then(|p| Some((named(p)?, p.to_owned()))))
+        else {
             continue;
         };
-        let Some(pid) = pid_after(&name, crate::host::mount::MOUNT_DIR_PREFIX) else {
-            continue;
-        };
-        if alive(pid) {
+        if held(&claimed) {
             continue;
         }
         // After the " - " separator: fstype, source.
@@ -322,7 +322,7 @@ pub fn provenance(seen: &Seen) -> Result<(), String> {
 /// marker is looked for from the end (as for extractions), and each on its
 /// own: the output's own name may contain either. A partial image is a
 /// file, a staging directory a directory, so one entry is never both.
-pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
+pub fn dead_partials(dir: &Path, held: impl Fn(&Path) -> bool) -> Vec<Leftover> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -332,7 +332,8 @@ pub fn dead_partials(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
         let dead = |marker: &str| {
             name.rfind(marker)
                 .and_then(|at| pid_after(&name[at..], marker))
-                .is_some_and(|pid| !alive(pid))
+                .is_some()
+                && !held(&e.path())
         };
         if dead(PARTIAL_MARKER) && e.file_type().is_ok_and(|t| t.is_file()) {
             out.push(Leftover::Partial(e.path()));
@@ -355,7 +356,7 @@ fn ours(e: &std::fs::DirEntry) -> bool {
 }
 
 /// Rootfs archives dead runs extracted into `dir`.
-pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover> {
+pub fn dead_extractions(dir: &Path, held: impl Fn(&Path) -> bool) -> Vec<Leftover> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -365,11 +366,11 @@ pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover
         if !name.starts_with('.') {
             continue;
         }
-        let Some(pid) = pid_after(&name[at..], EXTRACT_MARKER) else {
+        if pid_after(&name[at..], EXTRACT_MARKER).is_none() {
             continue;
-        };
+        }
         // Owned by us, as `Extraction` checks.
-        if !alive(pid) && ours(&e) {
+        if ours(&e) && !held(&e.path()) {
             out.push(Leftover::Extraction(e.path()));
         }
     }
@@ -381,10 +382,10 @@ pub fn dead_extractions(dir: &Path, alive: impl Fn(u32) -> bool) -> Vec<Leftover
 /// being worked on).
 pub fn find(image_dir: Option<&Path>) -> Vec<Leftover> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut out = dead_mounts(&info, pid_alive, provenance);
+    let mut out = dead_mounts(&info, claim::held, provenance);
     if let Some(d) = image_dir {
-        out.extend(dead_partials(d, pid_alive));
-        out.extend(dead_extractions(d, pid_alive));
+        out.extend(dead_partials(d, claim::held));
+        out.extend(dead_extractions(d, claim::held));
     }
     out
 }
@@ -550,10 +551,11 @@ mod tests {
 ";
 
     #[test]
-    fn dead_mounts_are_strata_dirs_of_gone_pids() {
+    fn dead_mounts_are_strata_dirs_nobody_holds() {
+        // The live run holds the directory around its mount point.
         let found = dead_mounts(
             INFO,
-            |pid| pid == 1,
+            |claimed| claimed == Path::new("/tmp/strata-mnt.1.XyZ"),
             |s| {
                 (s.fstype == "btrfs")
                     .then_some(())
@@ -645,7 +647,8 @@ mod tests {
         ] {
             std::fs::write(d.path().join(n), "").unwrap();
         }
-        let mut found = dead_partials(d.path(), |pid| pid == 1);
+        let live = |p: &Path| p.to_string_lossy().ends_with(".live");
+        let mut found = dead_partials(d.path(), live);
         found.sort_by_key(|l| format!("{l:?}"));
         let (partial, staging, odd) = (
             d.path().join(".sys.img.strata-partial.999999.aB3"),
@@ -677,6 +680,39 @@ mod tests {
         assert!(d.path().join(".sys.img.strata-staging.1.live").exists());
     }
 
+    /// For real: a staging directory and a partial image this process
+    /// claims are left alone, whatever pid their names carry; once the
+    /// claims are gone they are a dead run's.
+    #[test]
+    fn what_a_live_run_claims_is_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let (staging, claim) =
+            claim::claimed_dir(d.path(), &format!(".sys.img{STAGING_MARKER}"), "").unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(claim::CLAIMING)
+            .tempfile_in(d.path())
+            .unwrap();
+        rustix::fs::flock(
+            tmp.as_file(),
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .unwrap();
+        let partial = claim::name_claimed_file(tmp, &format!(".sys.img{PARTIAL_MARKER}")).unwrap();
+        assert_eq!(dead_partials(d.path(), claim::held), []);
+        drop(claim);
+        let (file, path) = partial.into_parts();
+        drop(file);
+        let mut found = dead_partials(d.path(), claim::held);
+        found.sort_by_key(|l| format!("{l:?}"));
+        assert_eq!(
+            found,
+            [
+                Leftover::Partial(path.to_path_buf()),
+                Leftover::Staging(staging)
+            ]
+        );
+    }
+
     #[test]
     fn extractions_of_dead_runs_only() {
         let d = tempfile::tempdir().unwrap();
@@ -691,7 +727,7 @@ mod tests {
         }
         // A file of that name is not ours to remove recursively.
         std::fs::write(d.path().join(".o.strata-extract.999998.f"), "").unwrap();
-        let found = dead_extractions(d.path(), |pid| pid == 1);
+        let found = dead_extractions(d.path(), |p: &Path| p.to_string_lossy().ends_with(".live"));
         let dead = d.path().join(".sys.img.strata-extract.999999.aB3");
         assert_eq!(found, [Leftover::Extraction(dead.clone())]);
         assert_eq!(clean(&found), [Cleaned::RemovedExtraction(dead.clone())]);

@@ -9,6 +9,7 @@
 
 pub mod btrfs;
 pub mod cache_dir;
+pub mod claim;
 pub mod cmd;
 pub mod debris;
 pub mod guestfish;

@@ -7,14 +7,16 @@
 //! that walks into a still-mounted filesystem would delete the image's
 //! files.
 
+use crate::host::claim::{self, Claim};
 use crate::host::cmd::{self, CmdError};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Mounts are on `<tmp>/strata-mnt.<pid>.<random>/fs`: the pid lets the
-/// next run tell a dead run's debris from a live run's mount (`debris`).
-/// The directory around the mount point is private (0700, this user's) and
+/// Mounts are on `<tmp>/strata-mnt.<pid>.<random>/fs`. The run holds its
+/// claim on the directory around the mount point (`claim`) for as long as
+/// the mount lives: that tells the next run a dead run's debris from a live
+/// run's mount (`debris`). That directory is private (0700, this user's) and
 /// stays visible while the mount hides `fs`: the next run trusts only a
 /// mount inside such a directory, which no other user can make.
 pub const MOUNT_DIR_PREFIX: &str = "strata-mnt.";
@@ -42,6 +44,8 @@ pub struct Mount {
     private: PathBuf,
     /// The mount point.
     dir: PathBuf,
+    /// Held on `private` while this guard lives (dropped after `Drop`).
+    _claim: Claim,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +79,8 @@ impl Mount {
     }
 
     fn btrfs_named(device: &Path, options: &str, mark: &str) -> Result<Mount, MountError> {
-        let private = tempfile::Builder::new()
-            .prefix(&format!("{MOUNT_DIR_PREFIX}{}.{mark}", std::process::id()))
-            .tempdir()
-            .map_err(MountError::TempDir)?
-            .keep();
+        let (private, claim) = claim::claimed_dir(&std::env::temp_dir(), MOUNT_DIR_PREFIX, mark)
+            .map_err(MountError::TempDir)?;
         // 0700: only this user can put anything in it, which is what lets
         // the next run trust a mount inside it (`debris::provenance`). Made
         // with the umask's mode first, never writable by others meanwhile.
@@ -96,6 +97,7 @@ impl Mount {
             mounted: false,
             dir: private.join(MOUNT_POINT_NAME),
             private,
+            _claim: claim,
         };
         // On failure the guard drops unmounted and removes its directories.
         if mark == OWN_LOOP_MARK {

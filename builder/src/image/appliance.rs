@@ -28,6 +28,7 @@
 //! session unmounts and removes those of dead pids (`clean_dead`).
 
 use super::{subvolumes, ImageError};
+use crate::host::claim::{self, Claim};
 use crate::host::cmd;
 use crate::host::debris::Cleaned;
 use crate::host::guestfish::{self, Accel, Cmd};
@@ -40,8 +41,12 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The mountpoint's name in the temp dir: this, the pid, a random part.
+/// The name of the session's private directory in the temp dir: this, the
+/// pid (for humans), a random part. The session claims it (`claim`) and
+/// serves the image on `MOUNTPOINT` inside it: a scan opens the directory
+/// to judge it, never the FUSE mount, which a dead server would hang.
 const DIR_PREFIX: &str = "strata-inspect.";
+const MOUNTPOINT: &str = "fs";
 
 /// Marker lines the script echoes between the outputs strata reads.
 const BEGIN_LIST: &str = "strata: subvolume list -puq";
@@ -79,7 +84,11 @@ pub fn script(image: &Path, dir: &Path) -> Vec<Cmd> {
 /// A running appliance serving an image at `path()`; unmounted, waited
 /// for and its directory removed on `close` (or drop).
 pub struct Session {
+    /// The mountpoint, `MOUNTPOINT` in `private`.
     dir: PathBuf,
+    private: PathBuf,
+    /// Held on `private` while the session lives (dropped after `Drop`).
+    _claim: Claim,
     child: Child,
     stderr: Option<JoinHandle<String>>,
     closed: bool,
@@ -114,16 +123,16 @@ pub fn open(
     }
     let cleaned = clean_dead(&std::env::temp_dir());
     let starting = "starting the libguestfs appliance to read the image";
-    let made = tempfile::Builder::new()
-        .prefix(&format!("{DIR_PREFIX}{}.", std::process::id()))
-        .tempdir()
-        .map_err(|e| tool(starting, format!("creating a mountpoint: {e}")))?;
     // /proc/self/mountinfo names the mountpoint with symlinks resolved.
-    let dir = made
-        .path()
-        .canonicalize()
-        .map_err(|e| tool(starting, format!("{}: {e}", made.path().display())))?;
-    let _ = made.keep();
+    let tmp = std::env::temp_dir();
+    let tmp = tmp.canonicalize().unwrap_or(tmp);
+    let (private, claim) = claim::claimed_dir(&tmp, DIR_PREFIX, "")
+        .map_err(|e| tool(starting, format!("creating a mountpoint: {e}")))?;
+    let dir = private.join(MOUNTPOINT);
+    if let Err(e) = std::fs::create_dir(&dir) {
+        let _ = std::fs::remove_dir(&private);
+        return Err(tool(starting, format!("creating a mountpoint: {e}")));
+    }
     let text = guestfish::render(&script(image, &dir));
     let mut c = guestfish::guestfish(accel);
     c.arg("--ro")
@@ -135,6 +144,7 @@ pub fn open(
         Ok(child) => child,
         Err(e) => {
             let _ = std::fs::remove_dir(&dir);
+            let _ = std::fs::remove_dir(&private);
             return Err(tool(starting, format!("running guestfish: {e}")));
         }
     };
@@ -165,6 +175,8 @@ pub fn open(
     });
     let mut session = Session {
         dir,
+        private,
+        _claim: claim,
         child,
         stderr: Some(stderr),
         closed: false,
@@ -275,7 +287,9 @@ impl Session {
         if is_mountpoint(&self.dir) {
             unmount(&self.dir, true);
         }
+        // rmdir only: nothing is ever removed through a mount left behind.
         let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir(&self.private);
         let stderr = self
             .stderr
             .take()
@@ -307,25 +321,24 @@ impl Drop for Session {
 }
 
 /// Unmounts (lazily: a dead FUSE server answers nothing) and removes the
-/// mountpoints in `tmp` of strata runs that are gone. Only the user's own
-/// FUSE mounts can be unmounted by fusermount; others are left.
+/// mountpoints in `tmp` of sessions nobody holds (`claim`). Only the
+/// user's own FUSE mounts can be unmounted by fusermount; others are left.
+/// A directory that is itself a mountpoint (not a session's private
+/// directory) is not opened to be judged, and is left alone.
 fn clean_dead(tmp: &Path) -> Vec<Cleaned> {
     // As mountinfo names them: symlinks resolved.
     let tmp = tmp.canonicalize().unwrap_or_else(|_| tmp.to_owned());
     let mut cleaned = Vec::new();
     for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(DIR_PREFIX)
-            .and_then(|r| r.split('.').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        if !name.starts_with(DIR_PREFIX) || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        let dir = e.path();
+        let private = e.path();
+        if is_mountpoint(&private) || claim::held(&private) {
+            continue;
+        }
+        let dir = private.join(MOUNTPOINT);
         if is_mountpoint(&dir) {
             unmount(&dir, true);
             if is_mountpoint(&dir) {
@@ -337,6 +350,7 @@ fn clean_dead(tmp: &Path) -> Vec<Cleaned> {
             });
         }
         let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(&private);
     }
     cleaned
 }
@@ -431,13 +445,18 @@ mod tests {
     /// killed at once, not after EXIT_DEADLINE.
     #[test]
     fn an_unserved_session_is_killed_at_once() {
-        let dir = tempfile::tempdir().unwrap().keep();
+        let (private, claim) =
+            claim::claimed_dir(&std::env::temp_dir(), "strata-inspect-test.", "").unwrap();
+        let dir = private.join(MOUNTPOINT);
+        std::fs::create_dir(&dir).unwrap();
         let mut sleep = Command::new("sleep");
         sleep.arg("600");
         cmd::tie_to_us(&mut sleep);
         let child = sleep.spawn().unwrap();
         let mut session = Session {
             dir: dir.clone(),
+            private: private.clone(),
+            _claim: claim,
             child,
             stderr: None,
             closed: false,
@@ -447,6 +466,7 @@ mod tests {
         assert!(started.elapsed() < GRACE, "took {:?}", started.elapsed());
         assert!(status.is_some_and(|s| !s.success()));
         assert!(!dir.exists(), "the mountpoint is removed");
+        assert!(!private.exists(), "its directory is removed");
     }
 
     #[test]

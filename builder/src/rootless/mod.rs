@@ -25,6 +25,7 @@ pub mod worker;
 
 use crate::build::{self, BuildOptions};
 use crate::error::{BuildError, Context, StepError};
+use crate::host::claim::{self, Claim};
 use crate::host::cmd;
 use crate::host::debris;
 use crate::host::guestfish::Accel;
@@ -134,10 +135,13 @@ pub fn build(
     Ok(manifest)
 }
 
-/// The staging directory next to the output, named with the outer pid. Its
-/// contents belong to ids of the user namespace: removed from inside it.
+/// The staging directory next to the output, claimed by the outer process
+/// (`claim`; named with its pid for humans). Its contents belong to ids of
+/// the user namespace: removed from inside it.
 struct StagingDir {
     path: PathBuf,
+    /// Dropped after `Drop` has removed the directory.
+    _claim: Claim,
 }
 
 impl StagingDir {
@@ -148,15 +152,13 @@ impl StagingDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(
-                ".{name}{}{}.",
-                debris::STAGING_MARKER,
-                std::process::id()
-            ))
-            .tempdir_in(dir)
-            .context(|| format!("creating a staging directory in {}", dir.display()))?;
-        Ok(StagingDir { path: tmp.keep() })
+        let (path, claim) =
+            claim::claimed_dir(dir, &format!(".{name}{}", debris::STAGING_MARKER), "")
+                .context(|| format!("creating a staging directory in {}", dir.display()))?;
+        Ok(StagingDir {
+            path,
+            _claim: claim,
+        })
     }
 
     fn remove(self) {

@@ -1,0 +1,230 @@
+//! The one way strata tells a dead run's leftovers from a live run's: the
+//! run that makes a leftover holds an exclusive flock on it for as long as
+//! it lives, and the kernel lets go of it when the run dies, however it
+//! dies (SIGKILL included). The next run removes only what nobody holds.
+//!
+//! Leftovers claimed so: a mount's private directory (`mount`), a partial
+//! image and a rootless build's staging directory (`debris`), an extracted
+//! rootfs archive (`rootfs_tar`), the inspect appliance's mountpoint
+//! (`image::appliance`) and vmtest's work directories. The pid in their
+//! names is for the human reading `ls`: pids are reused, and a run in
+//! another pid namespace (a container sharing /tmp) has a pid that is no
+//! process here, so a pid decides nothing.
+//!
+//! A leftover is claimed before it has the name a scan looks for: it is
+//! made under a `CLAIMING` name, locked, then renamed into place (never
+//! over anything: RENAME_NOREPLACE). No scan ever sees it unclaimed. A run
+//! killed in that instant leaves an empty entry no scan looks for.
+
+use rustix::fs::{flock, FlockOperation};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// The name a leftover has while it is being claimed.
+pub const CLAIMING: &str = ".strata-claiming.";
+
+/// This run's claim on a leftover it made: held until dropped, or until
+/// the run dies.
+#[derive(Debug)]
+pub struct Claim {
+    _file: File,
+}
+
+impl Claim {
+    /// Claims `path` (a file or directory this run has just made).
+    pub fn take(path: &Path) -> io::Result<Claim> {
+        let file = open(path)?;
+        flock(&file, FlockOperation::NonBlockingLockExclusive)?;
+        Ok(Claim { _file: file })
+    }
+}
+
+/// Opened to be locked: read-only, never through a symlink.
+fn open(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Whether a live run holds `path`. What cannot be opened or locked counts
+/// as held: what strata cannot judge, it leaves alone. Only a regular file
+/// or a directory is opened to look (a device node or fifo named like a
+/// leftover is somebody else's, and opening it could do something).
+pub fn held(path: &Path) -> bool {
+    let judged = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() || m.is_dir());
+    if !judged {
+        return true;
+    }
+    match open(path) {
+        // The probe's own lock goes with `f`, at once.
+        Ok(f) => flock(&f, FlockOperation::NonBlockingLockExclusive).is_err(),
+        Err(_) => true,
+    }
+}
+
+/// A new directory `<parent>/<prefix><pid>.<mark><random>`, mode 0700,
+/// claimed by this run before it has that name.
+pub fn claimed_dir(parent: &Path, prefix: &str, mark: &str) -> io::Result<(PathBuf, Claim)> {
+    use std::os::unix::fs::PermissionsExt;
+    // mkdir's mode (the umask can only take bits away): closed to others
+    // from the start, never open even for a moment.
+    let made = tempfile::Builder::new()
+        .prefix(CLAIMING)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)?
+        .keep();
+    let claim = Claim::take(&made).and_then(|claim| {
+        let named = parent.join(final_name(&made, prefix, mark));
+        rename_noreplace(&made, &named)?;
+        Ok((named, claim))
+    });
+    if claim.is_err() {
+        let _ = std::fs::remove_dir(&made);
+    }
+    claim
+}
+
+/// Gives `file` (made under a `CLAIMING` name in `parent` and already
+/// locked by its own descriptor) its name `<prefix><pid>.<random>`.
+pub fn name_claimed_file(
+    file: tempfile::NamedTempFile,
+    prefix: &str,
+) -> io::Result<tempfile::NamedTempFile> {
+    let (file, path) = file.into_parts();
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let named = parent.join(final_name(&path, prefix, ""));
+    // On an error `path` drops and removes the file.
+    rename_noreplace(&path, &named)?;
+    path.keep().map_err(|e| e.error)?;
+    Ok(tempfile::NamedTempFile::from_parts(
+        file,
+        tempfile::TempPath::try_from_path(named)?,
+    ))
+}
+
+/// A directory this run made and claims (`claimed_dir`), removed with
+/// everything in it when dropped: a `tempfile::TempDir` that the next run
+/// can tell from a dead run's.
+#[derive(Debug)]
+pub struct ClaimedDir {
+    path: PathBuf,
+    _claim: Claim,
+}
+
+impl ClaimedDir {
+    /// `<parent>/<prefix><pid>.<random>`, mode 0700 (see `claimed_dir`).
+    pub fn new(parent: &Path, prefix: &str) -> io::Result<ClaimedDir> {
+        let (path, claim) = claimed_dir(parent, prefix, "")?;
+        Ok(ClaimedDir {
+            path,
+            _claim: claim,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes it now, saying whether that worked (dropping ignores it).
+    pub fn close(mut self) -> io::Result<()> {
+        std::fs::remove_dir_all(std::mem::take(&mut self.path))
+    }
+}
+
+impl Drop for ClaimedDir {
+    fn drop(&mut self) {
+        // Empty after `close`. The claim goes after this (a field).
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn final_name(made: &Path, prefix: &str, mark: &str) -> String {
+    let name = made.file_name().unwrap_or_default().to_string_lossy();
+    let random = name.strip_prefix(CLAIMING).unwrap_or(&name);
+    format!("{prefix}{}.{mark}{random}", std::process::id())
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claimed directory is held while its claim lives, and only then; it
+    /// is never seen under its final name unclaimed.
+    #[test]
+    fn a_claim_holds_until_it_is_dropped() {
+        let parent = tempfile::tempdir().unwrap();
+        let (dir, claim) = claimed_dir(parent.path(), ".x.strata-test.", "loop.").unwrap();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o700);
+        assert!(
+            name.starts_with(&format!(".x.strata-test.{}.loop.", std::process::id())),
+            "{name}"
+        );
+        assert!(held(&dir));
+        drop(claim);
+        assert!(!held(&dir));
+        // Nothing is left under the claiming name.
+        let left: Vec<_> = std::fs::read_dir(parent.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [dir.file_name().unwrap()]);
+    }
+
+    #[test]
+    fn a_claimed_file_keeps_its_lock_under_its_name_and_goes_on_drop() {
+        let parent = tempfile::tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(CLAIMING)
+            .tempfile_in(parent.path())
+            .unwrap();
+        flock(tmp.as_file(), FlockOperation::NonBlockingLockExclusive).unwrap();
+        let named = name_claimed_file(tmp, ".img.strata-partial.").unwrap();
+        assert!(held(named.path()));
+        let path = named.path().to_owned();
+        drop(named);
+        assert!(!path.exists());
+    }
+
+    /// A symlink is never followed to what it names, and what cannot be
+    /// opened is never judged dead.
+    #[test]
+    fn what_cannot_be_judged_counts_as_held() {
+        let parent = tempfile::tempdir().unwrap();
+        let target = parent.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        let link = parent.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(held(&link));
+        assert!(held(&parent.path().join("missing")));
+        let fifo = parent.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(held(&fifo));
+        assert!(!held(&target));
+    }
+}
