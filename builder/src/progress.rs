@@ -3,138 +3,81 @@
 
 use std::time::Duration;
 
-/// The steps of a build, in the order they run. Deploying one version is
-/// `CreateOrig` through `InstallKernel` (`deploy`); the boot menu and the
-/// default flip come after it (`boot`), the flip last of the two. An
-/// upgrade (`upgrade::STEPS`) shares most of them and adds its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
+/// Declares `Step` from one table: each step's variant, its stable name
+/// and what the progress line says, spelled once. `Step::ALL`, `name`,
+/// `describe` and `from_name` come from the same list, so none of them can
+/// miss a step.
+macro_rules! steps {
+    ($($(#[$doc:meta])* $v:ident = $name:literal, $describe:literal;)*) => {
+        /// The steps of a build, in the order they run. Deploying one
+        /// version is `CreateOrig` through `InstallKernel` (`deploy`); the
+        /// boot menu and the default flip come after it (`boot`), the flip
+        /// last of the two. An upgrade (`upgrade::STEPS`) shares most of
+        /// them and adds its own.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Step {
+            $($(#[$doc])* $v,)*
+        }
+
+        impl Step {
+            /// Every step, in declaration order.
+            pub const ALL: &'static [Step] = &[$(Step::$v),*];
+
+            /// Stable name used in the manifest's timings, the stop-point
+            /// hook and the power-cut plan.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Step::$v => $name,)*
+                }
+            }
+
+            pub fn describe(self) -> &'static str {
+                match self {
+                    $(Step::$v => $describe,)*
+                }
+            }
+        }
+    };
+}
+
+steps! {
     // Upgrade only.
-    CleanDebris,
-    CheckImage,
-    SnapshotOrig,
-    SyncRootfs,
-    MergeState,
-    CommitVersion,
+    CleanDebris = "clean-debris", "cleaning up after killed runs";
+    CheckImage = "check-image", "checking the image and the new rootfs";
+    SnapshotOrig = "snapshot-orig", "snapshotting the default version's orig";
+    SyncRootfs = "sync-rootfs", "synchronising orig with the new rootfs";
+    MergeState = "merge-state", "applying the state-data policy";
+    CommitVersion = "commit-version", "renaming the new version into place";
     // Build and upgrade, when the rootfs is a tar archive (first).
-    ExtractRootfs,
+    ExtractRootfs = "extract-rootfs", "extracting the rootfs archive";
     // Build (and, from `Mount` on, upgrade too).
-    CreateImage,
-    Mkfs,
-    Mount,
-    CreateOrig,
-    CopyRootfs,
-    CompleteFstab,
-    MigrateState,
-    HashMoved,
-    CheckMountpoints,
-    Snapshot,
-    InstallKernel,
-    WriteBootConfig,
+    CreateImage = "create-image", "creating sparse image";
+    Mkfs = "mkfs", "making btrfs filesystem";
+    Mount = "mount", "attaching and mounting image";
+    CreateOrig = "create-orig", "creating subvolume for the system";
+    CopyRootfs = "copy-rootfs", "copying rootfs into orig";
+    CompleteFstab = "complete-fstab", "completing etc/fstab";
+    MigrateState = "migrate-state", "moving state into state subvolumes";
+    HashMoved = "hash-moved", "hashing moved files for the manifest";
+    CheckMountpoints = "check-mountpoints", "checking mountpoints are empty";
+    Snapshot = "snapshot", "snapshotting orig as run";
+    InstallKernel = "install-kernel", "installing kernel and initramfs";
+    WriteBootConfig = "write-boot-config", "writing extlinux.conf";
     // Upgrade only: the new version and the menu made durable (a full
     // btrfs commit) before the flip.
-    Flush,
-    SetDefault,
-    InstallBootloader,
+    Flush = "flush", "making the new version durable before the flip";
+    SetDefault = "set-default", "setting the default version";
+    InstallBootloader = "install-bootloader", "installing extlinux";
     // Rootless build only: the appliance VM's part (after `Mkfs`, which a
     // rootless build runs last, on the staged tree).
-    Appliance,
-    Finish,
+    Appliance = "appliance", "snapshotting run and installing extlinux (appliance VM)";
+    Finish = "finish", "syncing, unmounting, detaching";
 }
 
 impl Step {
-    /// Every step, for reading a name back (`from_name`).
-    pub const ALL: [Step; 24] = [
-        Step::CleanDebris,
-        Step::CheckImage,
-        Step::SnapshotOrig,
-        Step::SyncRootfs,
-        Step::MergeState,
-        Step::CommitVersion,
-        Step::CreateImage,
-        Step::Mkfs,
-        Step::Mount,
-        Step::CreateOrig,
-        Step::CopyRootfs,
-        Step::CompleteFstab,
-        Step::MigrateState,
-        Step::HashMoved,
-        Step::CheckMountpoints,
-        Step::Snapshot,
-        Step::InstallKernel,
-        Step::WriteBootConfig,
-        Step::Flush,
-        Step::SetDefault,
-        Step::InstallBootloader,
-        Step::ExtractRootfs,
-        Step::Appliance,
-        Step::Finish,
-    ];
-
     /// The step whose `name` this is.
     pub fn from_name(name: &str) -> Option<Step> {
-        Step::ALL.into_iter().find(|s| s.name() == name)
-    }
-}
-
-impl Step {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Step::CleanDebris => "cleaning up after killed runs",
-            Step::CheckImage => "checking the image and the new rootfs",
-            Step::SnapshotOrig => "snapshotting the default version's orig",
-            Step::SyncRootfs => "synchronising orig with the new rootfs",
-            Step::MergeState => "applying the state-data policy",
-            Step::CommitVersion => "renaming the new version into place",
-            Step::ExtractRootfs => "extracting the rootfs archive",
-            Step::CreateImage => "creating sparse image",
-            Step::Mkfs => "making btrfs filesystem",
-            Step::Mount => "attaching and mounting image",
-            Step::CreateOrig => "creating subvolume for the system",
-            Step::CopyRootfs => "copying rootfs into orig",
-            Step::CompleteFstab => "completing etc/fstab",
-            Step::MigrateState => "moving state into state subvolumes",
-            Step::HashMoved => "hashing moved files for the manifest",
-            Step::CheckMountpoints => "checking mountpoints are empty",
-            Step::Snapshot => "snapshotting orig as run",
-            Step::InstallKernel => "installing kernel and initramfs",
-            Step::WriteBootConfig => "writing extlinux.conf",
-            Step::Flush => "making the new version durable before the flip",
-            Step::SetDefault => "setting the default version",
-            Step::InstallBootloader => "installing extlinux",
-            Step::Appliance => "snapshotting run and installing extlinux (appliance VM)",
-            Step::Finish => "syncing, unmounting, detaching",
-        }
-    }
-
-    /// Stable name used in the manifest's timings.
-    pub fn name(self) -> &'static str {
-        match self {
-            Step::CleanDebris => "clean-debris",
-            Step::CheckImage => "check-image",
-            Step::SnapshotOrig => "snapshot-orig",
-            Step::SyncRootfs => "sync-rootfs",
-            Step::MergeState => "merge-state",
-            Step::CommitVersion => "commit-version",
-            Step::ExtractRootfs => "extract-rootfs",
-            Step::CreateImage => "create-image",
-            Step::Mkfs => "mkfs",
-            Step::Mount => "mount",
-            Step::CreateOrig => "create-orig",
-            Step::CopyRootfs => "copy-rootfs",
-            Step::CompleteFstab => "complete-fstab",
-            Step::MigrateState => "migrate-state",
-            Step::HashMoved => "hash-moved",
-            Step::CheckMountpoints => "check-mountpoints",
-            Step::Snapshot => "snapshot",
-            Step::InstallKernel => "install-kernel",
-            Step::WriteBootConfig => "write-boot-config",
-            Step::Flush => "flush",
-            Step::SetDefault => "set-default",
-            Step::InstallBootloader => "install-bootloader",
-            Step::Appliance => "appliance",
-            Step::Finish => "finish",
-        }
+        Step::ALL.iter().copied().find(|s| s.name() == name)
     }
 }
 
@@ -149,4 +92,24 @@ pub enum Event {
     },
     /// Something the user should know that does not stop the build.
     Note(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Step` and `Step::ALL` come from one table (`progress::steps!`), so
+    /// ALL has every variant by construction; what is left to break is a
+    /// name: two steps sharing one, or a name that does not read back.
+    #[test]
+    fn every_step_name_reads_back() {
+        for &s in Step::ALL {
+            assert_eq!(Step::from_name(s.name()), Some(s), "{s:?}");
+        }
+        let mut names: Vec<&str> = Step::ALL.iter().map(|s| s.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Step::ALL.len(), "two steps share a name");
+        assert_eq!(Step::from_name("no-such-step"), None);
+    }
 }
