@@ -146,12 +146,7 @@ mod tests {
     use super::*;
 
     fn entry(label: &str) -> BootEntry {
-        BootEntry {
-            version: Version::new(label).unwrap(),
-            root_device: "/dev/vda".into(),
-            has_initramfs: true,
-            kernel_args: String::new(),
-        }
+        BootEntry::for_test(label, "/dev/vda", true, "")
     }
 
     fn names(dir: &Path) -> Vec<String> {

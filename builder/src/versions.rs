@@ -664,15 +664,6 @@ mod tests {
         }
     }
 
-    fn entry(label: &str, root: &str, initramfs: bool, args: &str) -> BootEntry {
-        BootEntry {
-            version: Version::new(label).unwrap(),
-            root_device: root.into(),
-            has_initramfs: initramfs,
-            kernel_args: args.into(),
-        }
-    }
-
     fn record(label: &str, root: &str, kernel_args: &str, source: &str) -> VersionRecord {
         VersionRecord {
             label: label.into(),
@@ -721,8 +712,8 @@ mod tests {
         let menu = extlinux::render(
             &Version::new("factory").unwrap(),
             &[
-                entry("factory", "UUID=u", false, ""),
-                entry("v3", "UUID=u", true, ""),
+                BootEntry::for_test("factory", "UUID=u", false, ""),
+                BootEntry::for_test("v3", "UUID=u", true, ""),
             ],
         );
         t.write(layout::BOOT_MENU, menu.as_bytes());
@@ -808,8 +799,8 @@ mod tests {
         t.version("half", &[Tree::Orig], None);
         t.link("v2");
         let (factory, v2) = (
-            entry("factory", "UUID=u", false, "quiet"),
-            entry("v2", "/dev/vda", true, "loglevel=3"),
+            BootEntry::for_test("factory", "UUID=u", false, "quiet"),
+            BootEntry::for_test("v2", "/dev/vda", true, "loglevel=3"),
         );
         // As an upgrade that was killed before its menu: v3 is on disk, not
         // in the menu.
@@ -826,9 +817,9 @@ mod tests {
         let root = bootloader::image_root_device(&l, None);
         assert_eq!(root, "/dev/vda");
         let got = bootloader::menu_entries(t.path(), &l, None, None, Some(&root)).unwrap();
-        assert_eq!(got[2], entry("v3", "/dev/vda", false, ""));
+        assert_eq!(got[2], BootEntry::for_test("v3", "/dev/vda", false, ""));
         // Its record says how it boots (the manifest keeps the whole line).
-        let v3 = entry("v3", "UUID=w", false, "debug");
+        let v3 = BootEntry::for_test("v3", "UUID=w", false, "debug");
         let m = manifest(
             "v2",
             vec![
@@ -855,7 +846,10 @@ mod tests {
         );
         let l = t.layout();
         let got = bootloader::menu_entries(t.path(), &l, None, None, None).unwrap();
-        assert_eq!(got, [entry("old", "/dev/sda", false, "quiet")]);
+        assert_eq!(
+            got,
+            [BootEntry::for_test("old", "/dev/sda", false, "quiet")]
+        );
     }
 
     #[test]

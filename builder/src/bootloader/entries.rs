@@ -232,15 +232,6 @@ mod tests {
         }
     }
 
-    fn entry(label: &str, root: &str, initramfs: bool, args: &str) -> BootEntry {
-        BootEntry {
-            version: Version::new(label).unwrap(),
-            root_device: root.into(),
-            has_initramfs: initramfs,
-            kernel_args: args.into(),
-        }
-    }
-
     fn record(label: &str, root: &str, line: &str, initramfs: bool) -> VersionRecord {
         VersionRecord {
             label: label.into(),
@@ -278,8 +269,8 @@ mod tests {
 
     #[test]
     fn an_entry_is_the_versions_by_label_unless_it_boots_another() {
-        let a = entry("a", "/dev/vda", false, "");
-        let b = entry("b", "/dev/vda", false, "");
+        let a = BootEntry::for_test("a", "/dev/vda", false, "");
+        let b = BootEntry::for_test("b", "/dev/vda", false, "");
         // Labelled a, booting b: b's, not a's.
         let menu = format!(
             "label a\n  kernel /systems/b/kernel\n  append {}\nlabel x\n  append {}\n",
@@ -297,7 +288,7 @@ mod tests {
         );
         assert_eq!(menu_entry(&l, "a").unwrap().label, "a");
         // The default reached through systems/default.
-        let via = entry("a", "/dev/sda", false, "quiet").via_default_link();
+        let via = BootEntry::for_test("a", "/dev/sda", false, "quiet").via_default_link();
         let l = image(
             &[("a", false)],
             "a",
@@ -306,7 +297,7 @@ mod tests {
         assert_eq!(menu_entry(&l, "a").unwrap().label, "default");
         assert_eq!(
             menu_entries(Path::new("/nonexistent"), &l, None, None, None).unwrap(),
-            [entry("a", "/dev/sda", false, "quiet")]
+            [BootEntry::for_test("a", "/dev/sda", false, "quiet")]
         );
     }
 
@@ -316,8 +307,8 @@ mod tests {
     fn a_named_initramfs_that_is_missing_makes_a_version_partial() {
         let top = Path::new("/nonexistent");
         let (a, b) = (
-            entry("a", "/dev/vda", false, ""),
-            entry("b", "/dev/vda", true, ""),
+            BootEntry::for_test("a", "/dev/vda", false, ""),
+            BootEntry::for_test("b", "/dev/vda", true, ""),
         );
         let menu = extlinux::render(&a.version, &[a.clone(), b.clone()]);
         // b's entry names one; b has none.
@@ -351,7 +342,7 @@ mod tests {
     #[test]
     fn the_menu_first_then_the_record_then_the_root_given() {
         let top = Path::new("/nonexistent");
-        let a = entry("a", "/dev/vda", false, "quiet");
+        let a = BootEntry::for_test("a", "/dev/vda", false, "quiet");
         let menu = extlinux::render(&a.version, std::slice::from_ref(&a));
         let l = image(
             &[("a", false), ("b", false), ("c", false)],
@@ -359,14 +350,18 @@ mod tests {
             Some(&menu),
         );
         // b: its record, root device and arguments; c: nothing says.
-        let b = entry("b", "UUID=w", false, "debug");
+        let b = BootEntry::for_test("b", "UUID=w", false, "debug");
         let m = manifest(vec![
             record("a", "x", "x", false),
             record("b", "UUID=w", &b.append(), false),
         ]);
         assert_eq!(
             menu_entries(top, &l, Some(&m), None, Some("/dev/vdz")).unwrap(),
-            [a.clone(), b.clone(), entry("c", "/dev/vdz", false, "")]
+            [
+                a.clone(),
+                b.clone(),
+                BootEntry::for_test("c", "/dev/vdz", false, "")
+            ]
         );
         let e = menu_entries(top, &l, Some(&m), None, None).unwrap_err();
         assert!(e.contains("version c has no boot entry"), "{e}");

@@ -14,6 +14,18 @@ pub struct BootEntry {
 }
 
 impl BootEntry {
+    /// An entry for tests: version `label` from `root`, with or without an
+    /// initramfs, with `args`.
+    #[cfg(test)]
+    pub(crate) fn for_test(label: &str, root: &str, initramfs: bool, args: &str) -> BootEntry {
+        BootEntry {
+            version: Version::new(label).unwrap(),
+            root_device: root.into(),
+            has_initramfs: initramfs,
+            kernel_args: args.into(),
+        }
+    }
+
     /// The kernel command line; `strata test --boot direct` uses the same.
     pub fn append(&self) -> String {
         cmdline::compose(&self.root_device, &self.version, &self.kernel_args)
@@ -45,20 +57,11 @@ impl BootEntry {
 mod tests {
     use super::*;
 
-    fn entry(label: &str, root: &str, initramfs: bool, args: &str) -> BootEntry {
-        BootEntry {
-            version: Version::new(label).unwrap(),
-            root_device: root.into(),
-            has_initramfs: initramfs,
-            kernel_args: args.into(),
-        }
-    }
-
     #[test]
     fn entries_read_back_from_their_command_line() {
         for e in [
-            entry("factory", "UUID=u", true, ""),
-            entry("v2", "/dev/vda", false, "quiet  loglevel=3"),
+            BootEntry::for_test("factory", "UUID=u", true, ""),
+            BootEntry::for_test("v2", "/dev/vda", false, "quiet  loglevel=3"),
         ] {
             let back = BootEntry::from_append(&e.version, &e.append(), e.has_initramfs).unwrap();
             let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -68,7 +71,7 @@ mod tests {
         }
         let v1 = Version::new("v1").unwrap();
         // Another version's line, another tool's line, no root.
-        let other = entry("v2", "/dev/vda", true, "");
+        let other = BootEntry::for_test("v2", "/dev/vda", true, "");
         assert_eq!(BootEntry::from_append(&v1, &other.append(), true), None);
         assert_eq!(
             BootEntry::from_append(&v1, "root=/dev/sda1 ro quiet", true),

@@ -136,18 +136,9 @@ pub fn parse(text: &str) -> Menu {
 mod tests {
     use super::*;
 
-    fn entry(label: &str, root: &str, initramfs: bool, args: &str) -> BootEntry {
-        BootEntry {
-            version: Version::new(label).unwrap(),
-            root_device: root.into(),
-            has_initramfs: initramfs,
-            kernel_args: args.into(),
-        }
-    }
-
     #[test]
     fn what_we_render_parses_back() {
-        let factory = entry("factory", "UUID=x", true, "quiet");
+        let factory = BootEntry::for_test("factory", "UUID=x", true, "quiet");
         let c = parse(&render(&factory.version, std::slice::from_ref(&factory)));
         assert_eq!(c.timeout.as_deref(), Some("10"));
         // syslinux boots the entry going through the link...
@@ -170,7 +161,7 @@ mod tests {
     /// (tests/snapshots/build__extlinux.conf.snap).
     #[test]
     fn one_version_menu() {
-        let e = entry(
+        let e = BootEntry::for_test(
             "factory",
             "UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40",
             true,
@@ -197,13 +188,13 @@ mod tests {
     /// order given.
     #[test]
     fn two_version_menu() {
-        let factory = entry(
+        let factory = BootEntry::for_test(
             "factory",
             "UUID=0d9c6f4e-52b1-4c6a-9e77-3f5a2b8c1d40",
             true,
             "",
         );
-        let v2 = entry("v2", "/dev/vda", false, "quiet loglevel=3");
+        let v2 = BootEntry::for_test("v2", "/dev/vda", false, "quiet loglevel=3");
         insta::assert_snapshot!(render(&v2.version, &[factory, v2.clone()]));
     }
 
@@ -212,12 +203,12 @@ mod tests {
     /// `systems/default` is the whole change.
     #[test]
     fn a_flip_between_alike_versions_leaves_the_menu_as_it_is() {
-        let a = entry("factory", "UUID=u", true, "quiet");
-        let b = entry("v2", "UUID=u", true, "quiet");
+        let a = BootEntry::for_test("factory", "UUID=u", true, "quiet");
+        let b = BootEntry::for_test("v2", "UUID=u", true, "quiet");
         let both = [a.clone(), b.clone()];
         assert_eq!(render(&a.version, &both), render(&b.version, &both));
         // Different arguments: the `default` entry follows the default.
-        let c = entry("v3", "UUID=u", true, "quiet debug");
+        let c = BootEntry::for_test("v3", "UUID=u", true, "quiet debug");
         let all = [a.clone(), c.clone()];
         assert_ne!(render(&a.version, &all), render(&c.version, &all));
     }
@@ -226,7 +217,7 @@ mod tests {
     /// the menu strata writes and reads back.
     #[test]
     fn extlinux_is_the_bootloader_of_this_format() {
-        let e = entry("factory", "UUID=u", true, "");
+        let e = BootEntry::for_test("factory", "UUID=u", true, "");
         let b: &dyn Bootloader = &Extlinux;
         let text = b.render_menu(&e.version, std::slice::from_ref(&e));
         assert_eq!(text, render(&e.version, std::slice::from_ref(&e)));
