@@ -329,8 +329,8 @@ impl<'a> Builder<'a> {
     }
 
     /// A build killed with SIGKILL could not clean up: its mount, loop
-    /// device, partial image and extracted archive carry its pid; clean
-    /// them now.
+    /// device, partial image and extracted archive are no longer claimed
+    /// (`host::claim`); clean them now.
     fn clean_debris(&mut self) {
         if std::mem::replace(&mut self.debris_cleaned, true) {
             return;

@@ -353,6 +353,8 @@ pub(crate) fn shell_quote(s: &str) -> String {
     }
 }
 
+/// How QEMU gets to the guest kernel: through the firmware and the
+/// image's own extlinux, or directly (`-kernel/-initrd/-append`);
 /// `strata test --boot`/`--later-boots` (`extlinux`, `direct`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -36,8 +36,6 @@ use strata_builder::expect::Expectations;
 use strata_builder::host::cmd;
 use tokio::sync::mpsc::UnboundedSender;
 
-/// How QEMU gets to the guest kernel: through the firmware and the
-/// image's own extlinux, or directly (`-kernel/-initrd/-append`).
 #[derive(Debug, Clone)]
 pub struct TestConfig {
     pub image: PathBuf,
@@ -1826,8 +1824,8 @@ fn merge_phases(rows: &[CheckResult]) -> CheckResult {
 /// Where the lifecycle's copy goes: beside the image, so that
 /// `--reflink=auto` can share its extents and the copy lands on the image's
 /// (disk-backed) filesystem rather than a /tmp that may be a tmpfs; the
-/// temp dir when the image's directory is not writable. Pid-named and
-/// locked like the work dir: a killed run's copy is removed by the next.
+/// temp dir when the image's directory is not writable. Claimed like the
+/// work dir: a killed run's copy is removed by the next.
 fn private_dir(image: &Path) -> Result<WorkDir, String> {
     let beside = std::path::absolute(image)
         .ok()

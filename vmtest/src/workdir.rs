@@ -54,12 +54,24 @@ impl WorkDir {
     }
 }
 
-/// The pid in a work dir's name (`<prefix><pid>.XXXXXX`), if it is one.
-fn owner_pid(name: &str, prefix: &str) -> Option<u32> {
+/// The pid in a work dir's name (`<prefix><pid>.XXXXXX`) and what follows
+/// it, if it is one.
+fn owner<'a>(name: &'a str, prefix: &str) -> Option<(u32, &'a str)> {
     let rest = name.strip_prefix(prefix)?;
     let (pid, random) = rest.split_once('.')?;
     (!random.is_empty()).then_some(())?;
-    pid.parse().ok()
+    Some((pid.parse().ok()?, random))
+}
+
+/// A strata from before claims held an exclusive flock on `.lock` inside
+/// its work dir: while that is held, the run lives whatever its pid says.
+fn legacy_lock_held(dir: &Path, rest: &str) -> bool {
+    if rest.starts_with(claim::CLAIMED_TAG) {
+        return false;
+    }
+    std::fs::File::open(dir.join(".lock")).is_ok_and(|f| {
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
+    })
 }
 
 /// Removes the work dirs of runs that are gone; returns what it removed.
@@ -76,9 +88,9 @@ pub fn remove_dead_named(root: &Path, prefix: &str) -> Vec<PathBuf> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if name.to_str().and_then(|n| owner_pid(n, prefix)).is_none() {
+        let Some((pid, rest)) = name.to_str().and_then(|n| owner(n, prefix)) else {
             continue;
-        }
+        };
         let path = entry.path();
         // Only real directories of ours, never through a symlink.
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
@@ -87,7 +99,8 @@ pub fn remove_dead_named(root: &Path, prefix: &str) -> Vec<PathBuf> {
         if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() {
             continue;
         }
-        if claim::held(&path) {
+        let claimed = Some(path.as_path());
+        if claim::lives(&claim::Leftover { claimed, pid, rest }) || legacy_lock_held(&path, rest) {
             continue;
         }
         match remove_tree_on(&path, meta.dev()) {
@@ -134,7 +147,11 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let w = WorkDir::create_in(root.path()).unwrap();
         let name = w.path().file_name().unwrap().to_str().unwrap().to_owned();
-        assert_eq!(owner_pid(&name, PREFIX), Some(std::process::id()), "{name}");
+        assert_eq!(
+            owner(&name, PREFIX).map(|(pid, _)| pid),
+            Some(std::process::id()),
+            "{name}"
+        );
         assert!(claim::held(w.path()), "our claim is held");
         let path = w.path().to_owned();
         drop(w);
@@ -144,11 +161,11 @@ mod tests {
     #[test]
     fn the_next_run_removes_dead_runs_work_dirs_and_keeps_live_ones() {
         let root = tempfile::tempdir().unwrap();
-        // A run that was SIGKILLed: nobody holds its dir. Its pid is ours:
-        // a pid decides nothing.
+        // A run that was SIGKILLed: nobody holds its claim. Its pid is
+        // ours: for a claimed dir a pid decides nothing.
         let dead = root
             .path()
-            .join(format!("{PREFIX}{}.AbCdEf", std::process::id()));
+            .join(format!("{PREFIX}{}.+AbCdEf", std::process::id()));
         std::fs::create_dir_all(dead.join("boot")).unwrap();
         std::fs::write(dead.join("overlay.qcow2"), "x").unwrap();
         std::fs::write(dead.join("boot/kernel"), "x").unwrap();
@@ -169,7 +186,7 @@ mod tests {
     #[test]
     fn a_killed_lifecycles_copy_dir_is_swept_by_the_next_copy_dir_only() {
         let root = tempfile::tempdir().unwrap();
-        let dead = root.path().join(format!("{COPY_PREFIX}4194303.AbCdEf"));
+        let dead = root.path().join(format!("{COPY_PREFIX}4194303.+AbCdEf"));
         std::fs::create_dir(&dead).unwrap();
         std::fs::write(dead.join("debian.img"), "a copy of GiBs").unwrap();
         // A plain run's work dir in the same place leaves it alone...
@@ -181,6 +198,33 @@ mod tests {
         assert_eq!(copy.removed, std::slice::from_ref(&dead));
         assert!(!dead.exists());
         let name = copy.path().file_name().unwrap().to_str().unwrap();
-        assert_eq!(owner_pid(name, COPY_PREFIX), Some(std::process::id()));
+        assert_eq!(
+            owner(name, COPY_PREFIX).map(|(pid, _)| pid),
+            Some(std::process::id())
+        );
+    }
+
+    /// A strata from before claims locked `.lock` inside its dir, or (killed
+    /// before that) had only its pid: both still keep a live run's dir.
+    #[test]
+    fn work_dirs_of_a_strata_from_before_claims_are_judged_the_old_way() {
+        let root = tempfile::tempdir().unwrap();
+        let locked = root.path().join(format!("{PREFIX}4194303.Locked"));
+        std::fs::create_dir(&locked).unwrap();
+        let lock = std::fs::File::create(locked.join(".lock")).unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+        let mine = root
+            .path()
+            .join(format!("{PREFIX}{}.x", std::process::id()));
+        std::fs::create_dir(&mine).unwrap();
+        // pid_max on Linux is at most 4194304: this pid cannot be alive.
+        let gone = root.path().join(format!("{PREFIX}4194305.y"));
+        std::fs::create_dir(&gone).unwrap();
+        let removed = remove_dead(root.path());
+        assert_eq!(removed, [gone]);
+        assert!(mine.exists(), "our own pid: alive");
+        assert!(locked.exists(), "its lock is held");
+        drop(lock);
+        assert_eq!(remove_dead(root.path()), [locked]);
     }
 }

@@ -15,6 +15,19 @@
 //! made under a `CLAIMING` name, locked, then renamed into place (never
 //! over anything: RENAME_NOREPLACE). No scan ever sees it unclaimed. A run
 //! killed in that instant leaves an empty entry no scan looks for.
+//!
+//! The claim is a shared lock and the probe an exclusive one: a claim never
+//! fails because someone else briefly locks the directory (systemd-tmpfiles
+//! does), and where exclusive locks need a file open for writing (NFS) the
+//! probe fails, so a leftover there counts as held and is never removed.
+//!
+//! A claimed leftover's name has `CLAIMED_TAG` right after `<pid>.` (and
+//! its mark), which tempfile's random part never has. A name without it is
+//! a leftover of a strata from before claims, which locked nothing: the
+//! pid is all there is to judge it by (`lives`), so that such a strata
+//! still running beside this one keeps its mounts and directories. (It
+//! happened here: a test run of the first claim-only version swept the
+//! work directory of an older strata's power-cut run in progress.)
 
 use rustix::fs::{flock, FlockOperation};
 use std::fs::File;
@@ -24,6 +37,31 @@ use std::path::{Path, PathBuf};
 
 /// The name a leftover has while it is being claimed.
 pub const CLAIMING: &str = ".strata-claiming.";
+
+/// After `<pid>.` (and a mark) in a claimed leftover's name.
+pub const CLAIMED_TAG: char = '+';
+
+/// What a scan knows of a leftover named `…<pid>.<rest>`, to tell whether
+/// the run that made it lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Leftover<'a> {
+    /// What its run claimed; None when it must not be opened (a mount
+    /// point: a FUSE mount can hang whoever opens it).
+    pub claimed: Option<&'a Path>,
+    pub pid: u32,
+    /// The name after `<pid>.` and the mark.
+    pub rest: &'a str,
+}
+
+/// Whether the run that made `l` lives: its claim is held; for a name from
+/// before claims (no `CLAIMED_TAG`), its pid is a process.
+pub fn lives(l: &Leftover) -> bool {
+    if l.rest.starts_with(CLAIMED_TAG) {
+        l.claimed.is_some_and(held)
+    } else {
+        Path::new(&format!("/proc/{}", l.pid)).exists()
+    }
+}
 
 /// This run's claim on a leftover it made: held until dropped, or until
 /// the run dies.
@@ -36,7 +74,7 @@ impl Claim {
     /// Claims `path` (a file or directory this run has just made).
     pub fn take(path: &Path) -> io::Result<Claim> {
         let file = open(path)?;
-        flock(&file, FlockOperation::NonBlockingLockExclusive)?;
+        flock(&file, FlockOperation::LockShared)?;
         Ok(Claim { _file: file })
     }
 }
@@ -54,18 +92,25 @@ fn open(path: &Path) -> io::Result<File> {
 /// or a directory is opened to look (a device node or fifo named like a
 /// leftover is somebody else's, and opening it could do something).
 pub fn held(path: &Path) -> bool {
-    let judged = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() || m.is_dir());
-    if !judged {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(seen) = std::fs::symlink_metadata(path) else {
+        return true;
+    };
+    if !(seen.is_file() || seen.is_dir()) {
         return true;
     }
-    match open(path) {
-        // The probe's own lock goes with `f`, at once.
-        Ok(f) => flock(&f, FlockOperation::NonBlockingLockExclusive).is_err(),
-        Err(_) => true,
-    }
+    let Ok(f) = open(path) else {
+        return true;
+    };
+    // What was opened is what was looked at, not something swapped in.
+    let same = f
+        .metadata()
+        .is_ok_and(|m| m.dev() == seen.dev() && m.ino() == seen.ino());
+    // The probe's own lock goes with `f`, at once.
+    !same || flock(&f, FlockOperation::NonBlockingLockExclusive).is_err()
 }
 
-/// A new directory `<parent>/<prefix><pid>.<mark><random>`, mode 0700,
+/// A new directory `<parent>/<prefix><pid>.<mark>+<random>`, mode 0700,
 /// claimed by this run before it has that name.
 pub fn claimed_dir(parent: &Path, prefix: &str, mark: &str) -> io::Result<(PathBuf, Claim)> {
     use std::os::unix::fs::PermissionsExt;
@@ -77,7 +122,8 @@ pub fn claimed_dir(parent: &Path, prefix: &str, mark: &str) -> io::Result<(PathB
         .tempdir_in(parent)?
         .keep();
     let claim = Claim::take(&made).and_then(|claim| {
-        let named = parent.join(final_name(&made, prefix, mark));
+        // Beside `made`, which tempfile made absolute.
+        let named = made.with_file_name(final_name(&made, prefix, mark));
         rename_noreplace(&made, &named)?;
         Ok((named, claim))
     });
@@ -88,14 +134,13 @@ pub fn claimed_dir(parent: &Path, prefix: &str, mark: &str) -> io::Result<(PathB
 }
 
 /// Gives `file` (made under a `CLAIMING` name in `parent` and already
-/// locked by its own descriptor) its name `<prefix><pid>.<random>`.
+/// locked by its own descriptor) its name `<prefix><pid>.+<random>`.
 pub fn name_claimed_file(
     file: tempfile::NamedTempFile,
     prefix: &str,
 ) -> io::Result<tempfile::NamedTempFile> {
     let (file, path) = file.into_parts();
-    let parent = path.parent().unwrap_or(Path::new("."));
-    let named = parent.join(final_name(&path, prefix, ""));
+    let named = path.with_file_name(final_name(&path, prefix, ""));
     // On an error `path` drops and removes the file.
     rename_noreplace(&path, &named)?;
     path.keep().map_err(|e| e.error)?;
@@ -115,7 +160,7 @@ pub struct ClaimedDir {
 }
 
 impl ClaimedDir {
-    /// `<parent>/<prefix><pid>.<random>`, mode 0700 (see `claimed_dir`).
+    /// `<parent>/<prefix><pid>.+<random>`, mode 0700 (see `claimed_dir`).
     pub fn new(parent: &Path, prefix: &str) -> io::Result<ClaimedDir> {
         let (path, claim) = claimed_dir(parent, prefix, "")?;
         Ok(ClaimedDir {
@@ -146,18 +191,28 @@ impl Drop for ClaimedDir {
 fn final_name(made: &Path, prefix: &str, mark: &str) -> String {
     let name = made.file_name().unwrap_or_default().to_string_lossy();
     let random = name.strip_prefix(CLAIMING).unwrap_or(&name);
-    format!("{prefix}{}.{mark}{random}", std::process::id())
+    format!("{prefix}{}.{mark}{CLAIMED_TAG}{random}", std::process::id())
 }
 
+/// Renames, never over anything. Where the filesystem has no
+/// RENAME_NOREPLACE (NFS, some FUSE servers) a plain rename to a name that
+/// does not exist: the random part makes a name taken meanwhile as
+/// unlikely as tempfile's own.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        from,
-        rustix::fs::CWD,
-        to,
-        rustix::fs::RenameFlags::NOREPLACE,
-    )
-    .map_err(io::Error::from)
+    let flags = rustix::fs::RenameFlags::NOREPLACE;
+    match rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, flags) {
+        Err(e)
+            if e == rustix::io::Errno::INVAL
+                || e == rustix::io::Errno::NOSYS
+                || e == rustix::io::Errno::OPNOTSUPP =>
+        {
+            if std::fs::symlink_metadata(to).is_ok() {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            std::fs::rename(from, to)
+        }
+        other => other.map_err(io::Error::from),
+    }
 }
 
 #[cfg(test)]
@@ -175,12 +230,14 @@ mod tests {
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o700);
         assert!(
-            name.starts_with(&format!(".x.strata-test.{}.loop.", std::process::id())),
+            name.starts_with(&format!(".x.strata-test.{}.loop.+", std::process::id())),
             "{name}"
         );
         assert!(held(&dir));
         drop(claim);
-        assert!(!held(&dir));
+        // A child another test thread forks holds a copy of the descriptor
+        // until it execs (CLOEXEC): the lock may go a moment later.
+        assert!(released(&dir));
         // Nothing is left under the claiming name.
         let left: Vec<_> = std::fs::read_dir(parent.path())
             .unwrap()
@@ -202,6 +259,16 @@ mod tests {
         let path = named.path().to_owned();
         drop(named);
         assert!(!path.exists());
+    }
+
+    fn released(path: &Path) -> bool {
+        (0..100).any(|_| {
+            let free = !held(path);
+            if !free {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            free
+        })
     }
 
     /// A symlink is never followed to what it names, and what cannot be

@@ -71,7 +71,7 @@ pub const EXTRACT_MARKER: &str = ".strata-extract.";
 /// A resource left by a dead run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Leftover {
-    /// A mount on a strata mount dir of a dead pid; `device` is what is
+    /// A mount on a strata mount dir nobody holds; `device` is what is
     /// mounted; `own_loop`: a loop device that run attached itself.
     Mount {
         dir: PathBuf,
@@ -158,12 +158,18 @@ impl std::fmt::Display for Cleaned {
 
 /// The pid in a name `<prefix><pid>.<rest>`, if it has that shape.
 fn pid_after(name: &str, prefix: &str) -> Option<u32> {
+    after_pid(name, prefix).map(|(pid, _)| pid)
+}
+
+/// The pid in a name `<prefix><pid>.<rest>` and the rest, if it has that
+/// shape.
+fn after_pid<'a>(name: &'a str, prefix: &str) -> Option<(u32, &'a str)> {
     let rest = name.strip_prefix(prefix)?;
     let (pid, tail) = rest.split_once('.')?;
     if tail.is_empty() {
         return None;
     }
-    pid.parse().ok()
+    Some((pid.parse().ok()?, tail))
 }
 
 /// A mount named like a strata mount of a dead run, as `mountinfo` shows it.
@@ -181,10 +187,15 @@ pub struct Seen {
 /// point that itself has the name (older runs, or a forgery) are seen.
 pub fn dead_mounts(
     mountinfo: &str,
-    held: impl Fn(&Path) -> bool,
+    lives: impl Fn(&claim::Leftover) -> bool,
     judge: impl Fn(&Seen) -> Result<(), String>,
 ) -> Vec<Leftover> {
     let mut out = Vec::new();
+    let mount_points: std::collections::HashSet<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|d| PathBuf::from(crate::fstab::unescape(d)))
+        .collect();
     for line in mountinfo.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(dir) = fields.get(4).map(|d| crate::fstab::unescape(d)) else {
@@ -196,14 +207,24 @@ pub fn dead_mounts(
                 .map(|n| n.to_string_lossy().into_owned())
                 .filter(|n| pid_after(n, crate::host::mount::MOUNT_DIR_PREFIX).is_some())
         };
-        // The directory with the name is the one its run claimed.
-        let Some((name, claimed)) = named(&dir)
-            .map(|n| (n, dir.clone()))
-            .or_else(|| dir.parent().and_then(|p| Some((named(p)?, p.to_owned()))))
-        else {
+        // strata mounts on `fs` in the directory it claimed; a mount point
+        // that itself has the name (a forgery, or an older strata's) is
+        // never opened to be judged (a FUSE mount can hang whoever opens
+        // it): `judge` says whose it is.
+        let Some(name) = named(&dir).or_else(|| dir.parent().and_then(named)) else {
             continue;
         };
-        if held(&claimed) {
+        let claimed = dir
+            .parent()
+            .filter(|_| named(&dir).is_none())
+            .filter(|p| !mount_points.contains(*p));
+        let Some((pid, rest)) = after_pid(&name, crate::host::mount::MOUNT_DIR_PREFIX) else {
+            continue;
+        };
+        let rest = rest
+            .strip_prefix(crate::host::mount::OWN_LOOP_MARK)
+            .unwrap_or(rest);
+        if lives(&claim::Leftover { claimed, pid, rest }) {
             continue;
         }
         // After the " - " separator: fstype, source.
@@ -322,18 +343,24 @@ pub fn provenance(seen: &Seen) -> Result<(), String> {
 /// marker is looked for from the end (as for extractions), and each on its
 /// own: the output's own name may contain either. A partial image is a
 /// file, a staging directory a directory, so one entry is never both.
-pub fn dead_partials(dir: &Path, held: impl Fn(&Path) -> bool) -> Vec<Leftover> {
+pub fn dead_partials(dir: &Path, lives: impl Fn(&claim::Leftover) -> bool) -> Vec<Leftover> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with('.') {
             continue;
         }
+        let path = e.path();
         let dead = |marker: &str| {
             name.rfind(marker)
-                .and_then(|at| pid_after(&name[at..], marker))
-                .is_some()
-                && !held(&e.path())
+                .and_then(|at| after_pid(&name[at..], marker))
+                .is_some_and(|(pid, rest)| {
+                    !lives(&claim::Leftover {
+                        claimed: Some(&path),
+                        pid,
+                        rest,
+                    })
+                })
         };
         if dead(PARTIAL_MARKER) && e.file_type().is_ok_and(|t| t.is_file()) {
             out.push(Leftover::Partial(e.path()));
@@ -356,7 +383,7 @@ fn ours(e: &std::fs::DirEntry) -> bool {
 }
 
 /// Rootfs archives dead runs extracted into `dir`.
-pub fn dead_extractions(dir: &Path, held: impl Fn(&Path) -> bool) -> Vec<Leftover> {
+pub fn dead_extractions(dir: &Path, lives: impl Fn(&claim::Leftover) -> bool) -> Vec<Leftover> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -366,11 +393,13 @@ pub fn dead_extractions(dir: &Path, held: impl Fn(&Path) -> bool) -> Vec<Leftove
         if !name.starts_with('.') {
             continue;
         }
-        if pid_after(&name[at..], EXTRACT_MARKER).is_none() {
+        let Some((pid, rest)) = after_pid(&name[at..], EXTRACT_MARKER) else {
             continue;
-        }
+        };
+        let path = e.path();
+        let claimed = Some(path.as_path());
         // Owned by us, as `Extraction` checks.
-        if ours(&e) && !held(&e.path()) {
+        if ours(&e) && !lives(&claim::Leftover { claimed, pid, rest }) {
             out.push(Leftover::Extraction(e.path()));
         }
     }
@@ -382,10 +411,10 @@ pub fn dead_extractions(dir: &Path, held: impl Fn(&Path) -> bool) -> Vec<Leftove
 /// being worked on).
 pub fn find(image_dir: Option<&Path>) -> Vec<Leftover> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut out = dead_mounts(&info, claim::held, provenance);
+    let mut out = dead_mounts(&info, claim::lives, provenance);
     if let Some(d) = image_dir {
-        out.extend(dead_partials(d, claim::held));
-        out.extend(dead_extractions(d, claim::held));
+        out.extend(dead_partials(d, claim::lives));
+        out.extend(dead_extractions(d, claim::lives));
     }
     out
 }
@@ -544,6 +573,8 @@ mod tests {
     const INFO: &str = "\
 36 25 0:32 / /tmp/strata-mnt.999999.loop.AbC/fs rw,relatime shared:1 - btrfs /dev/loop7 rw,space_cache=v2,subvolid=5,subvol=/
 37 25 0:33 / /tmp/strata-mnt.1.XyZ/fs rw,relatime shared:2 - btrfs /dev/loop8 rw
+42 25 0:38 / /tmp/strata-mnt.5.+Claim/fs rw - btrfs /dev/loop10 rw
+43 25 0:39 / /tmp/strata-mnt.1.loop.+Gone/fs rw - btrfs /dev/loop11 rw
 38 25 0:34 / /tmp/my\\040dir/strata-mnt.424242.q/fs rw - btrfs /dev/loop9 rw
 39 25 0:35 / /mnt/strata-mnt.x rw - ext4 /dev/vdb rw
 40 25 0:36 / /proc rw - proc proc rw
@@ -555,7 +586,20 @@ mod tests {
         // The live run holds the directory around its mount point.
         let found = dead_mounts(
             INFO,
-            |claimed| claimed == Path::new("/tmp/strata-mnt.1.XyZ"),
+            |l| {
+                // A mount point is never handed over to be opened.
+                assert!(
+                    !l.claimed.is_some_and(|c| c.starts_with("/home/u")),
+                    "{l:?}"
+                );
+                // As `claim::lives`: a claimed name by its claim (here the
+                // one held), a name from before claims by its pid (1 lives).
+                if l.rest.starts_with(claim::CLAIMED_TAG) {
+                    l.claimed == Some(Path::new("/tmp/strata-mnt.5.+Claim"))
+                } else {
+                    l.pid == 1
+                }
+            },
             |s| {
                 (s.fstype == "btrfs")
                     .then_some(())
@@ -568,6 +612,12 @@ mod tests {
                 Leftover::Mount {
                     dir: "/tmp/strata-mnt.999999.loop.AbC/fs".into(),
                     device: "/dev/loop7".into(),
+                    own_loop: true,
+                },
+                // Its pid lives, but nobody holds its claim.
+                Leftover::Mount {
+                    dir: "/tmp/strata-mnt.1.loop.+Gone/fs".into(),
+                    device: "/dev/loop11".into(),
                     own_loop: true,
                 },
                 Leftover::Mount {
@@ -647,8 +697,7 @@ mod tests {
         ] {
             std::fs::write(d.path().join(n), "").unwrap();
         }
-        let live = |p: &Path| p.to_string_lossy().ends_with(".live");
-        let mut found = dead_partials(d.path(), live);
+        let mut found = dead_partials(d.path(), |l| l.pid == 1);
         found.sort_by_key(|l| format!("{l:?}"));
         let (partial, staging, odd) = (
             d.path().join(".sys.img.strata-partial.999999.aB3"),
@@ -698,11 +747,21 @@ mod tests {
         )
         .unwrap();
         let partial = claim::name_claimed_file(tmp, &format!(".sys.img{PARTIAL_MARKER}")).unwrap();
-        assert_eq!(dead_partials(d.path(), claim::held), []);
+        assert_eq!(dead_partials(d.path(), claim::lives), []);
         drop(claim);
         let (file, path) = partial.into_parts();
         drop(file);
-        let mut found = dead_partials(d.path(), claim::held);
+        // A lock goes with the last descriptor of its open file: a child
+        // another test thread is forking holds a copy until it execs
+        // (CLOEXEC), so the release may come a moment later.
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = dead_partials(d.path(), claim::lives);
+            if found.len() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         found.sort_by_key(|l| format!("{l:?}"));
         assert_eq!(
             found,
@@ -727,7 +786,7 @@ mod tests {
         }
         // A file of that name is not ours to remove recursively.
         std::fs::write(d.path().join(".o.strata-extract.999998.f"), "").unwrap();
-        let found = dead_extractions(d.path(), |p: &Path| p.to_string_lossy().ends_with(".live"));
+        let found = dead_extractions(d.path(), |l| l.pid == 1);
         let dead = d.path().join(".sys.img.strata-extract.999999.aB3");
         assert_eq!(found, [Leftover::Extraction(dead.clone())]);
         assert_eq!(clean(&found), [Cleaned::RemovedExtraction(dead.clone())]);

@@ -81,18 +81,9 @@ impl Mount {
     fn btrfs_named(device: &Path, options: &str, mark: &str) -> Result<Mount, MountError> {
         let (private, claim) = claim::claimed_dir(&std::env::temp_dir(), MOUNT_DIR_PREFIX, mark)
             .map_err(MountError::TempDir)?;
-        // 0700: only this user can put anything in it, which is what lets
-        // the next run trust a mount inside it (`debris::provenance`). Made
-        // with the umask's mode first, never writable by others meanwhile.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let private_mode =
-                std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700));
-            if let Err(e) = private_mode {
-                let _ = std::fs::remove_dir(&private);
-                return Err(MountError::TempDir(e));
-            }
-        }
+        // 0700 from its mkdir on (`claimed_dir`): only this user can put
+        // anything in it, which is what lets the next run trust a mount
+        // inside it (`debris::provenance`).
         let mut guard = Mount {
             mounted: false,
             dir: private.join(MOUNT_POINT_NAME),

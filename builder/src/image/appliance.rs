@@ -24,8 +24,8 @@
 //! guestfish runs in its own process group (a terminal's Ctrl-C reaches
 //! only strata, which unmounts and waits) and gets SIGTERM if strata dies.
 //! A strata killed by SIGKILL while the image was served leaves a dead FUSE
-//! mount on `<tmp>/strata-inspect.<pid>.<random>`: the next appliance
-//! session unmounts and removes those of dead pids (`clean_dead`).
+//! mount on `<tmp>/strata-inspect.<pid>.<random>/fs`: the next appliance
+//! session unmounts and removes those nobody holds (`clean_dead`).
 
 use super::{subvolumes, ImageError};
 use crate::host::claim::{self, Claim};
@@ -321,24 +321,38 @@ impl Drop for Session {
 }
 
 /// Unmounts (lazily: a dead FUSE server answers nothing) and removes the
-/// mountpoints in `tmp` of sessions nobody holds (`claim`). Only the
-/// user's own FUSE mounts can be unmounted by fusermount; others are left.
-/// A directory that is itself a mountpoint (not a session's private
-/// directory) is not opened to be judged, and is left alone.
+/// mountpoints in `tmp` of sessions that are gone (`claim::lives`). Only
+/// the user's own FUSE mounts can be unmounted by fusermount; others are
+/// left. A session's mount is `fs` in the directory it claims; a strata
+/// from before claims mounted on the named directory itself, which is
+/// judged by its pid and never opened.
 fn clean_dead(tmp: &Path) -> Vec<Cleaned> {
     // As mountinfo names them: symlinks resolved.
     let tmp = tmp.canonicalize().unwrap_or_else(|_| tmp.to_owned());
     let mut cleaned = Vec::new();
     for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(DIR_PREFIX) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+        let Some((pid, rest)) = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(pid, rest)| Some((pid.parse::<u32>().ok()?, rest)))
+        else {
+            continue;
+        };
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let private = e.path();
-        if is_mountpoint(&private) || claim::held(&private) {
+        let claimed_layout = rest.starts_with(claim::CLAIMED_TAG);
+        let claimed = Some(private.as_path()).filter(|p| !is_mountpoint(p));
+        if claim::lives(&claim::Leftover { claimed, pid, rest }) {
             continue;
         }
-        let dir = private.join(MOUNTPOINT);
+        let dir = if claimed_layout {
+            private.join(MOUNTPOINT)
+        } else {
+            private.clone()
+        };
         if is_mountpoint(&dir) {
             unmount(&dir, true);
             if is_mountpoint(&dir) {
