@@ -175,6 +175,16 @@ fn the_builder_has_no_import_cycle() {
     assert_acyclic("builder");
 }
 
+/// `builder/src/host/` is the bottom layer: of the modules above it, it
+/// uses only the pure `fstab` parser (mountinfo's unescaping).
+#[test]
+fn the_host_tools_use_nothing_above_them() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("builder/src");
+    let g = graph(&src);
+    let above: Vec<&String> = g["host"].iter().filter(|m| *m != "fstab").collect();
+    assert!(above.is_empty(), "builder/src/host uses {above:?}");
+}
+
 #[test]
 fn vmtest_has_no_import_cycle() {
     assert_acyclic("vmtest");
