@@ -1,5 +1,5 @@
 //! The one way strata tells a dead run's leftovers from a live run's: the
-//! run that makes a leftover holds an exclusive flock on it for as long as
+//! run that makes a leftover holds a flock on it (its claim) for as long as
 //! it lives, and the kernel lets go of it when the run dies, however it
 //! dies (SIGKILL included). The next run removes only what nobody holds.
 //!
@@ -9,7 +9,7 @@
 //! (`image::appliance`) and vmtest's work directories. The pid in their
 //! names is for the human reading `ls`: pids are reused, and a run in
 //! another pid namespace (a container sharing /tmp) has a pid that is no
-//! process here, so a pid decides nothing.
+//! process here, so a pid decides nothing (but for the names below).
 //!
 //! A leftover is claimed before it has the name a scan looks for: it is
 //! made under a `CLAIMING` name, locked, then renamed into place (never
