@@ -54,15 +54,6 @@ impl WorkDir {
     }
 }
 
-/// The pid in a work dir's name (`<prefix><pid>.XXXXXX`) and what follows
-/// it, if it is one.
-fn owner<'a>(name: &'a str, prefix: &str) -> Option<(u32, &'a str)> {
-    let rest = name.strip_prefix(prefix)?;
-    let (pid, random) = rest.split_once('.')?;
-    (!random.is_empty()).then_some(())?;
-    Some((pid.parse().ok()?, random))
-}
-
 /// A strata from before claims held an exclusive flock on `.lock` inside
 /// its work dir: while that is held, the run lives whatever its pid says.
 fn legacy_lock_held(dir: &Path, rest: &str) -> bool {
@@ -88,7 +79,7 @@ pub fn remove_dead_named(root: &Path, prefix: &str) -> Vec<PathBuf> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some((pid, rest)) = name.to_str().and_then(|n| owner(n, prefix)) else {
+        let Some((pid, rest)) = name.to_str().and_then(|n| claim::split_name(n, prefix)) else {
             continue;
         };
         let path = entry.path();
@@ -148,7 +139,7 @@ mod tests {
         let w = WorkDir::create_in(root.path()).unwrap();
         let name = w.path().file_name().unwrap().to_str().unwrap().to_owned();
         assert_eq!(
-            owner(&name, PREFIX).map(|(pid, _)| pid),
+            claim::split_name(&name, PREFIX).map(|(pid, _)| pid),
             Some(std::process::id()),
             "{name}"
         );
@@ -199,7 +190,7 @@ mod tests {
         assert!(!dead.exists());
         let name = copy.path().file_name().unwrap().to_str().unwrap();
         assert_eq!(
-            owner(name, COPY_PREFIX).map(|(pid, _)| pid),
+            claim::split_name(name, COPY_PREFIX).map(|(pid, _)| pid),
             Some(std::process::id())
         );
     }

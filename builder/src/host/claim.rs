@@ -188,6 +188,17 @@ impl Drop for ClaimedDir {
     }
 }
 
+/// A leftover's name read back: `<prefix><pid>.<rest>` as the pid and the
+/// (non-empty) rest, which `lives` judges; None for another shape. The one
+/// reader of the names `final_name` writes (and of older strata's).
+pub fn split_name<'a>(name: &'a str, prefix: &str) -> Option<(u32, &'a str)> {
+    let (pid, rest) = name.strip_prefix(prefix)?.split_once('.')?;
+    if rest.is_empty() {
+        return None;
+    }
+    Some((pid.parse().ok()?, rest))
+}
+
 fn final_name(made: &Path, prefix: &str, mark: &str) -> String {
     let name = made.file_name().unwrap_or_default().to_string_lossy();
     let random = name.strip_prefix(CLAIMING).unwrap_or(&name);

@@ -158,18 +158,7 @@ impl std::fmt::Display for Cleaned {
 
 /// The pid in a name `<prefix><pid>.<rest>`, if it has that shape.
 fn pid_after(name: &str, prefix: &str) -> Option<u32> {
-    after_pid(name, prefix).map(|(pid, _)| pid)
-}
-
-/// The pid in a name `<prefix><pid>.<rest>` and the rest, if it has that
-/// shape.
-fn after_pid<'a>(name: &'a str, prefix: &str) -> Option<(u32, &'a str)> {
-    let rest = name.strip_prefix(prefix)?;
-    let (pid, tail) = rest.split_once('.')?;
-    if tail.is_empty() {
-        return None;
-    }
-    Some((pid.parse().ok()?, tail))
+    claim::split_name(name, prefix).map(|(pid, _)| pid)
 }
 
 /// A mount named like a strata mount of a dead run, as `mountinfo` shows it.
@@ -218,12 +207,13 @@ pub fn dead_mounts(
             .parent()
             .filter(|_| named(&dir).is_none())
             .filter(|p| !mount_points.contains(*p));
-        let Some((pid, rest)) = after_pid(&name, crate::host::mount::MOUNT_DIR_PREFIX) else {
+        let Some((pid, rest)) = claim::split_name(&name, crate::host::mount::MOUNT_DIR_PREFIX)
+        else {
             continue;
         };
-        let rest = rest
-            .strip_prefix(crate::host::mount::OWN_LOOP_MARK)
-            .unwrap_or(rest);
+        let unmarked = rest.strip_prefix(crate::host::mount::OWN_LOOP_MARK);
+        let own_loop = unmarked.is_some();
+        let rest = unmarked.unwrap_or(rest);
         if lives(&claim::Leftover { claimed, pid, rest }) {
             continue;
         }
@@ -234,10 +224,6 @@ pub fn dead_mounts(
                 .map(|s| crate::fstab::unescape(s))
                 .unwrap_or_default()
         };
-        let own_loop = name
-            .strip_prefix(crate::host::mount::MOUNT_DIR_PREFIX)
-            .and_then(|rest| rest.split_once('.'))
-            .is_some_and(|(_, after_pid)| after_pid.starts_with(crate::host::mount::OWN_LOOP_MARK));
         let seen = Seen {
             dir,
             fstype: after(1),
@@ -353,7 +339,7 @@ pub fn dead_partials(dir: &Path, lives: impl Fn(&claim::Leftover) -> bool) -> Ve
         let path = e.path();
         let dead = |marker: &str| {
             name.rfind(marker)
-                .and_then(|at| after_pid(&name[at..], marker))
+                .and_then(|at| claim::split_name(&name[at..], marker))
                 .is_some_and(|(pid, rest)| {
                     !lives(&claim::Leftover {
                         claimed: Some(&path),
@@ -393,7 +379,7 @@ pub fn dead_extractions(dir: &Path, lives: impl Fn(&claim::Leftover) -> bool) ->
         if !name.starts_with('.') {
             continue;
         }
-        let Some((pid, rest)) = after_pid(&name[at..], EXTRACT_MARKER) else {
+        let Some((pid, rest)) = claim::split_name(&name[at..], EXTRACT_MARKER) else {
             continue;
         };
         let path = e.path();

@@ -332,11 +332,7 @@ fn clean_dead(tmp: &Path) -> Vec<Cleaned> {
     let mut cleaned = Vec::new();
     for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some((pid, rest)) = name
-            .strip_prefix(DIR_PREFIX)
-            .and_then(|r| r.split_once('.'))
-            .and_then(|(pid, rest)| Some((pid.parse::<u32>().ok()?, rest)))
-        else {
+        let Some((pid, rest)) = claim::split_name(&name, DIR_PREFIX) else {
             continue;
         };
         if !e.file_type().is_ok_and(|t| t.is_dir()) {
