@@ -17,7 +17,7 @@ use crate::artifacts::{self, Artifacts};
 use crate::bootfiles;
 use crate::checks::user::{self, When};
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
-use crate::checks::{boot_health, shutdown, state_contract};
+use crate::checks::{boot_health, moved_files, shutdown, state_contract};
 use crate::lifecycle::{self as life, Lifecycle, Row};
 use crate::machine::{Machine, MachineError, SavedState};
 use crate::qemu::{Accel, BootMode, DiskBus, DiskFormat, KernelBoot, QemuCommand};
@@ -340,6 +340,9 @@ struct Seen {
     table: Option<Vec<Mount>>,
     journal_export: Option<Running>,
     journal: Option<String>,
+    /// moved-files' observation, running in the guest beside the checks
+    /// before it (`run_checks`).
+    moved_files: Option<moved_files::Started>,
 }
 
 impl Session {
@@ -422,6 +425,9 @@ impl Session {
             .into_iter()
             .filter(|id| id.phase() == phase && self.wanted(*id))
             .collect();
+        if ids.contains(&CheckId::MovedFiles) {
+            self.start_moved_files(expect).await.map_err(me)?;
+        }
         for &id in &ids {
             let t = Instant::now();
             self.emit(Progress::CheckStarted(id));
@@ -432,6 +438,19 @@ impl Session {
             self.record(Row::Check(id), outcome.result, t);
         }
         Ok(ids.len())
+    }
+
+    /// Starts moved-files' observation, the slowest of the checks, so that
+    /// it runs in the guest while the checks before it do. The mount table
+    /// is read first: the observation mounts the top-level subvolume (under
+    /// /run) while it runs, and the checks judge the table the boot left.
+    /// The other checks only read, so running beside them changes nothing
+    /// they or moved-files see.
+    async fn start_moved_files(&mut self, expect: &Expectations) -> Result<(), MachineError> {
+        self.mount_table().await?;
+        let started = moved_files::start(self.machine(), expect).await?;
+        self.seen.moved_files = Some(started);
+        Ok(())
     }
 
     /// Keeps a result: the plain run's, or the current lifecycle stage's
@@ -1508,6 +1527,10 @@ impl Session {
 impl Vm for Session {
     fn machine(&mut self) -> &mut Machine {
         self.machine.as_mut().expect("the machine is running")
+    }
+
+    fn moved_files_started(&mut self) -> Option<moved_files::Started> {
+        self.seen.moved_files.take()
     }
 
     async fn mount_table(&mut self) -> Result<&[Mount], MachineError> {

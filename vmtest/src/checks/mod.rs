@@ -290,6 +290,13 @@ pub trait Vm {
     /// again from the same disk; then waits for the boot to settle.
     fn crash(&mut self) -> impl Future<Output = Result<(), MachineError>>;
 
+    /// `moved-files`' observation if the session started it when the
+    /// phase's checks began (it then ran in the guest beside them); taken,
+    /// so it is collected once. None: the check observes now.
+    fn moved_files_started(&mut self) -> Option<moved_files::Started> {
+        None
+    }
+
     /// Since when (guest clock, seconds since the epoch) the system has been
     /// running off this disk, when that is before the current boot (the
     /// later boots of an upgrade lifecycle): what changed in state after it

@@ -6,6 +6,7 @@
 
 use super::guest::{parse_getfattr, GETFATTR_XARGS};
 use super::{CheckId, Vm};
+use crate::agent::Running;
 use crate::machine::{Machine, MachineError};
 use crate::report::{CheckResult, Status};
 use std::collections::{BTreeMap, HashMap};
@@ -17,7 +18,13 @@ use strata_builder::pathenc::{decode_path, encode_path};
 const ID: CheckId = CheckId::MovedFiles;
 
 pub async fn run(vm: &mut impl Vm, expect: &Expectations) -> Result<CheckResult, MachineError> {
-    let mut obs = observe(vm.machine(), expect).await?;
+    // Started with the phase's first check when the session could (it has
+    // run in the guest beside the checks before this one); else now.
+    let started = match vm.moved_files_started() {
+        Some(s) => s,
+        None => start(vm.machine(), expect).await?,
+    };
+    let mut obs = finish(vm.machine(), started, expect).await?;
     // Earlier boots of the same disk (a lifecycle) rewrote state too.
     if let Some(since) = vm.running_since().filter(|t| *t > 0.0) {
         obs.boot_epoch = since;
@@ -135,8 +142,8 @@ const TOPLEVEL_MOUNT_FAILED: &str = "mount-failed";
 /// guest command costs a round trip and a shell, and every process started
 /// under TCG costs tens of milliseconds, so the observation is one script.
 /// Its stdin is NUL-terminated records `<tag><path>` (tags above); it
-/// hashes the `H` paths (in the background: hashing is the slow part),
-/// stats the `S` paths, reads the xattrs of the `X` paths, and, when
+/// hashes the `H` paths, stats the `S` paths and reads the xattrs of the
+/// `X` paths, the three at once (side by side on a guest with two vCPUs), and, when
 /// `whole` (the first batch), counts the entries of the orig/ and run/
 /// mountpoints in the top-level view and reads the guest's boot time and
 /// clock. It prints `wc -c` of its [`SECTIONS`] files, then their bytes.
@@ -178,12 +185,11 @@ trap 'if [ -n "$mounted" ]; then umount "$top"; fi; rmdir "$top" && rm -f "$t"/i
 : > "$t/top"; : > "$t/misc"; : > "$t/xattr"
 cat > "$t/in"
 sed -z -n 's/^{h}//p' "$t/in" | xargs -0 -r sha256sum -- > "$t/sha" 2>/dev/null &
-hashing=$!
-sed -z -n 's/^{s}//p' "$t/in" | xargs -0 -r sh -c 'find "$@" -maxdepth 0 -printf "%y %m %U %G %s %D %C@ %i\0%p\0%l\0" 2>/dev/null; exit 0' sh > "$t/stat"
+sed -z -n 's/^{s}//p' "$t/in" | xargs -0 -r sh -c 'find "$@" -maxdepth 0 -printf "%y %m %U %G %s %D %C@ %i\0%p\0%l\0" 2>/dev/null; exit 0' sh > "$t/stat" &
 if command -v getfattr >/dev/null; then
-sed -z -n 's/^{x}//p' "$t/in" | {GETFATTR_XARGS} > "$t/xattr" 2>/dev/null
+sed -z -n 's/^{x}//p' "$t/in" | {GETFATTR_XARGS} > "$t/xattr" 2>/dev/null &
 else echo no-getfattr > "$t/xattr"; fi
-{top}wait "$hashing"
+{top}wait
 cd "$t" && wc -c {sections} && cat {sections}
 "#,
         h = TAG_HASH as char,
@@ -290,15 +296,52 @@ pub fn parse_observed(raw: &[u8]) -> Option<Observed> {
     })
 }
 
+/// The guest commands of one observation (see [`start`]), running.
+#[derive(Debug)]
+pub struct Started {
+    batches: Vec<Running>,
+    /// The host's clock just before the first batch started: with the
+    /// moment its result is collected, it brackets the guest's clock reading.
+    host_before: f64,
+}
+
+/// Starts the observation in the guest and returns at once; [`finish`]
+/// collects it. A session starts it before the other checks of the phase
+/// (they only read), so that it runs beside them: it is the slowest.
+pub async fn start(m: &mut Machine, expect: &Expectations) -> Result<Started, MachineError> {
+    let host_before = crate::qmp::now_epoch();
+    let mut batches = Vec::new();
+    for (i, batch) in observe_input(expect).iter().enumerate() {
+        let whole = i == 0;
+        batches.push(
+            m.start_script(&observe_script(whole, expect), Some(batch))
+                .await?,
+        );
+    }
+    Ok(Started {
+        batches,
+        host_before,
+    })
+}
+
 pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observation, MachineError> {
+    let started = start(m, expect).await?;
+    finish(m, started, expect).await
+}
+
+/// Collects what [`start`] started and puts the batches together.
+pub async fn finish(
+    m: &mut Machine,
+    started: Started,
+    expect: &Expectations,
+) -> Result<Observation, MachineError> {
     let mut stats = HashMap::new();
     let mut sha256 = HashMap::new();
     let mut xattrs: Option<HashMap<String, BTreeMap<String, String>>> = Some(HashMap::new());
-    let mut first: Option<(Observed, f64, f64)> = None;
-    for (i, batch) in observe_input(expect).iter().enumerate() {
+    let mut first: Option<(Observed, f64)> = None;
+    for (i, running) in started.batches.iter().enumerate() {
         let whole = i == 0;
-        let host_before = crate::qmp::now_epoch();
-        let out = m.exec_stdin(&observe_script(whole, expect), batch).await?;
+        let out = m.finish(running).await?;
         let host_after = crate::qmp::now_epoch();
         let mut parsed = match (out.exit_code, parse_observed(&out.stdout)) {
             (Some(0), Some(p)) => p,
@@ -317,7 +360,7 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
             _ => xattrs = None,
         }
         if whole {
-            first = Some((parsed, host_before, host_after));
+            first = Some((parsed, host_after));
         }
     }
     // Xattrs are judged only for the entries whose record has some; without
@@ -329,7 +372,11 @@ pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observati
             }
         }
     }
-    let (top, host_before, host_after) = first.unwrap_or_default();
+    let (top, host_after) = first.unwrap_or_default();
+    // The guest read its clock between the start and the collection: the
+    // bracket is wider when the script ran beside other checks (about a
+    // second), which is nothing against CLOCK_TOLERANCE.
+    let host_before = started.host_before;
     let clock = top.guest_clock.map(|guest| Clock {
         guest,
         host: (host_before + host_after) / 2.0,
