@@ -17,7 +17,7 @@ use crate::artifacts::{self, Artifacts};
 use crate::bootfiles;
 use crate::checks::user::{self, When};
 use crate::checks::{self, guest, CheckId, Mount, Phase, Vm};
-use crate::checks::{boot_health, moved_files, shutdown, state_contract};
+use crate::checks::{boot_health, shutdown, state_contract};
 use crate::lifecycle::{self as life, Lifecycle, Row};
 use crate::machine::{Machine, MachineError, SavedState};
 use crate::qemu::{Accel, BootMode, DiskBus, DiskFormat, KernelBoot, QemuCommand};
@@ -340,9 +340,9 @@ struct Seen {
     table: Option<Vec<Mount>>,
     journal_export: Option<Running>,
     journal: Option<String>,
-    /// moved-files' observation, running in the guest beside the checks
-    /// before it (`run_checks`).
-    moved_files: Option<moved_files::Started>,
+    /// Checks' observations running in the guest beside the checks before
+    /// them (`run_checks`).
+    started: Vec<(CheckId, checks::Started)>,
 }
 
 impl Session {
@@ -425,9 +425,7 @@ impl Session {
             .into_iter()
             .filter(|id| id.phase() == phase && self.wanted(*id))
             .collect();
-        if ids.contains(&CheckId::MovedFiles) {
-            self.start_moved_files(expect).await.map_err(me)?;
-        }
+        self.start_observations(&ids, expect).await.map_err(me)?;
         for &id in &ids {
             let t = Instant::now();
             self.emit(Progress::CheckStarted(id));
@@ -440,16 +438,26 @@ impl Session {
         Ok(ids.len())
     }
 
-    /// Starts moved-files' observation, the slowest of the checks, so that
-    /// it runs in the guest while the checks before it do. The mount table
-    /// is read first: the observation mounts the top-level subvolume (under
-    /// /run) while it runs, and the checks judge the table the boot left.
-    /// The other checks only read, so running beside them changes nothing
-    /// they or moved-files see.
-    async fn start_moved_files(&mut self, expect: &Expectations) -> Result<(), MachineError> {
-        self.mount_table().await?;
-        let started = moved_files::start(self.machine(), expect).await?;
-        self.seen.moved_files = Some(started);
+    /// Starts the slow guest observations of `ids` (`CheckId::start`), so
+    /// that they run in the guest while the checks before them do. The
+    /// mount table is read first: moved-files mounts the top-level
+    /// subvolume (under /run) while it runs, and the checks judge the table
+    /// the boot left. When it cannot be read, nothing is started: each
+    /// check then meets the failure itself and judges it. The checks only
+    /// read, so running side by side changes nothing any of them sees.
+    async fn start_observations(
+        &mut self,
+        ids: &[CheckId],
+        expect: &Expectations,
+    ) -> Result<(), MachineError> {
+        if self.mount_table().await.is_err() {
+            return Ok(());
+        }
+        for &id in ids {
+            if let Some(started) = id.start(self, expect).await? {
+                self.seen.started.push((id, started));
+            }
+        }
         Ok(())
     }
 
@@ -1529,8 +1537,9 @@ impl Vm for Session {
         self.machine.as_mut().expect("the machine is running")
     }
 
-    fn moved_files_started(&mut self) -> Option<moved_files::Started> {
-        self.seen.moved_files.take()
+    fn started(&mut self, id: CheckId) -> Option<checks::Started> {
+        let i = self.seen.started.iter().position(|(s, _)| *s == id)?;
+        Some(self.seen.started.remove(i).1)
     }
 
     async fn mount_table(&mut self) -> Result<&[Mount], MachineError> {

@@ -137,6 +137,32 @@ impl CheckId {
         }
     }
 
+    /// Starts this check's guest observation and returns at once, for the
+    /// checks whose observation is a slow guest script that only reads
+    /// (moved-files' stat and hash, overmount's look under every
+    /// mountpoint): the session starts them when a phase's checks begin,
+    /// so they run beside the checks before them and the journal export.
+    /// None for the others. `run` collects what was started
+    /// ([`Vm::started`]) and judges it as if observed then.
+    pub async fn start(
+        self,
+        vm: &mut impl Vm,
+        expect: &Expectations,
+    ) -> Result<Option<Started>, MachineError> {
+        Ok(match self {
+            CheckId::MovedFiles => Some(Started::MovedFiles(
+                moved_files::start(vm.machine(), expect).await?,
+            )),
+            CheckId::Overmount => {
+                let pairs = overmount::to_look_under(vm.mount_table().await?);
+                Some(Started::Overmount(
+                    overmount::start_look(vm.machine(), &pairs).await?,
+                ))
+            }
+            _ => None,
+        })
+    }
+
     /// Observes and judges. Fails only when the machine does (exit 3); a
     /// layout that is wrong is a `CheckResult` that says so, and so is a
     /// guest command the check needs that fails in the guest (see
@@ -182,6 +208,14 @@ impl CheckId {
             warnings: None,
         })
     }
+}
+
+/// A check's guest observation, started ([`CheckId::start`]) and not yet
+/// collected.
+#[derive(Debug)]
+pub enum Started {
+    MovedFiles(moved_files::Started),
+    Overmount(overmount::Started),
 }
 
 /// Image defects are verdicts, not infrastructure: a guest command a check
@@ -290,10 +324,11 @@ pub trait Vm {
     /// again from the same disk; then waits for the boot to settle.
     fn crash(&mut self) -> impl Future<Output = Result<(), MachineError>>;
 
-    /// `moved-files`' observation if the session started it when the
-    /// phase's checks began (it then ran in the guest beside them); taken,
-    /// so it is collected once. None: the check observes now.
-    fn moved_files_started(&mut self) -> Option<moved_files::Started> {
+    /// This check's guest observation if the session started it when the
+    /// phase's checks began ([`CheckId::start`]: it then ran in the guest
+    /// beside the checks before it); taken, so it is collected once. None:
+    /// the check observes now.
+    fn started(&mut self, _id: CheckId) -> Option<Started> {
         None
     }
 

@@ -20,9 +20,9 @@ const ID: CheckId = CheckId::MovedFiles;
 pub async fn run(vm: &mut impl Vm, expect: &Expectations) -> Result<CheckResult, MachineError> {
     // Started with the phase's first check when the session could (it has
     // run in the guest beside the checks before this one); else now.
-    let started = match vm.moved_files_started() {
-        Some(s) => s,
-        None => start(vm.machine(), expect).await?,
+    let started = match vm.started(ID) {
+        Some(super::Started::MovedFiles(s)) => s,
+        _ => start(vm.machine(), expect).await?,
     };
     let mut obs = finish(vm.machine(), started, expect).await?;
     // Earlier boots of the same disk (a lifecycle) rewrote state too.

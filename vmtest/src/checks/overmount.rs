@@ -12,6 +12,7 @@
 
 use super::guest::Mount;
 use super::{CheckId, Vm};
+use crate::agent::Running;
 use crate::journal::{self, JournalWarning, WarningKind};
 use crate::machine::{Machine, MachineError};
 use crate::report::{CheckResult, Status, Warning};
@@ -97,8 +98,26 @@ while IFS= read -r mp && IFS= read -r below; do
 done
 "#;
 
+/// The look under every mountpoint (see [`start_look`]), running.
+#[derive(Debug)]
+pub struct Started {
+    running: Option<Running>,
+    /// Mountpoints no line of the script's input can name.
+    unnamable: Vec<Look>,
+}
+
 /// Looks under every mountpoint in `pairs` (see [`to_look_under`]).
 pub async fn look(m: &mut Machine, pairs: &[(String, String)]) -> Result<Vec<Look>, MachineError> {
+    let started = start_look(m, pairs).await?;
+    finish_look(m, started).await
+}
+
+/// Starts the look in the guest and returns at once; [`finish_look`]
+/// collects it.
+pub async fn start_look(
+    m: &mut Machine,
+    pairs: &[(String, String)],
+) -> Result<Started, MachineError> {
     let mut input = String::new();
     let mut unnamable = Vec::new();
     for (mp, below) in pairs {
@@ -111,24 +130,32 @@ pub async fn look(m: &mut Machine, pairs: &[(String, String)]) -> Result<Vec<Loo
         }
         input.push_str(&format!("{mp}\n{below}\n"));
     }
-    let mut looks = if input.is_empty() {
-        Vec::new()
-    } else {
-        let out = m.exec_stdin(LOOK_SCRIPT, input.as_bytes()).await?;
-        if !out.success() {
-            return Err(MachineError::CommandFailed {
-                command: "look under every mountpoint (bind mounts)".into(),
-                code: format!("{:?}", out.exit_code),
-                stderr: out.stderr_str().trim().to_owned(),
-            });
-        }
-        parse_looks(&out.stdout)
+    let running = match input.is_empty() {
+        true => None,
+        false => Some(m.start_script(LOOK_SCRIPT, Some(input.as_bytes())).await?),
     };
-    looks.extend(unnamable);
+    Ok(Started { running, unnamable })
+}
+
+pub async fn finish_look(m: &mut Machine, started: Started) -> Result<Vec<Look>, MachineError> {
+    let mut looks = match &started.running {
+        None => Vec::new(),
+        Some(running) => {
+            let out = m.finish(running).await?;
+            if !out.success() {
+                return Err(MachineError::CommandFailed {
+                    command: "look under every mountpoint (bind mounts)".into(),
+                    code: format!("{:?}", out.exit_code),
+                    stderr: out.stderr_str().trim().to_owned(),
+                });
+            }
+            parse_looks(&out.stdout)
+        }
+    };
+    looks.extend(started.unnamable);
     Ok(looks)
 }
 
-/// The records of [`LOOK_SCRIPT`].
 pub fn parse_looks(raw: &[u8]) -> Vec<Look> {
     let mut looks: Vec<Look> = Vec::new();
     for rec in raw.split(|b| *b == 0).filter(|r| !r.is_empty()) {
@@ -225,9 +252,18 @@ pub fn warnings(journal: &[JournalWarning], looks: &[Look]) -> Vec<Warning> {
 
 /// The check and every mount warning of this boot.
 pub async fn run(vm: &mut impl Vm) -> Result<(CheckResult, Vec<Warning>), MachineError> {
+    // The look runs in the guest while the journal export is collected:
+    // started with the phase's first check when the session could, else
+    // here, before waiting for the journal.
+    let started = match vm.started(ID) {
+        Some(super::Started::Overmount(s)) => s,
+        _ => {
+            let pairs = to_look_under(vm.mount_table().await?);
+            start_look(vm.machine(), &pairs).await?
+        }
+    };
     let found = journal::mount_warnings(vm.journal().await?);
-    let pairs = to_look_under(vm.mount_table().await?);
-    let looks = look(vm.machine(), &pairs).await?;
+    let looks = finish_look(vm.machine(), started).await?;
     let warnings = warnings(&found, &looks);
     Ok((judge(&warnings, &looks), warnings))
 }
