@@ -153,12 +153,7 @@ impl CheckId {
             CheckId::MovedFiles => Some(Started::MovedFiles(
                 moved_files::start(vm.machine(), expect).await?,
             )),
-            CheckId::Overmount => {
-                let pairs = overmount::to_look_under(vm.mount_table().await?);
-                Some(Started::Overmount(
-                    overmount::start_look(vm.machine(), &pairs).await?,
-                ))
-            }
+            CheckId::Overmount => Some(Started::Overmount(overmount::start(vm).await?)),
             _ => None,
         })
     }

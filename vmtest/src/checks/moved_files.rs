@@ -324,11 +324,6 @@ pub async fn start(m: &mut Machine, expect: &Expectations) -> Result<Started, Ma
     })
 }
 
-pub async fn observe(m: &mut Machine, expect: &Expectations) -> Result<Observation, MachineError> {
-    let started = start(m, expect).await?;
-    finish(m, started, expect).await
-}
-
 /// Collects what [`start`] started and puts the batches together.
 pub async fn finish(
     m: &mut Machine,

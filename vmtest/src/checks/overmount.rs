@@ -106,18 +106,15 @@ pub struct Started {
     unnamable: Vec<Look>,
 }
 
-/// Looks under every mountpoint in `pairs` (see [`to_look_under`]).
-pub async fn look(m: &mut Machine, pairs: &[(String, String)]) -> Result<Vec<Look>, MachineError> {
-    let started = start_look(m, pairs).await?;
-    finish_look(m, started).await
+/// Starts the look under every mountpoint of this boot's table (see
+/// [`to_look_under`]) and returns at once; [`finish_look`] collects it.
+pub async fn start(vm: &mut impl Vm) -> Result<Started, MachineError> {
+    let pairs = to_look_under(vm.mount_table().await?);
+    start_look(vm.machine(), &pairs).await
 }
 
-/// Starts the look in the guest and returns at once; [`finish_look`]
-/// collects it.
-pub async fn start_look(
-    m: &mut Machine,
-    pairs: &[(String, String)],
-) -> Result<Started, MachineError> {
+/// Starts the look under every mountpoint in `pairs` in the guest.
+async fn start_look(m: &mut Machine, pairs: &[(String, String)]) -> Result<Started, MachineError> {
     let mut input = String::new();
     let mut unnamable = Vec::new();
     for (mp, below) in pairs {
@@ -156,6 +153,7 @@ pub async fn finish_look(m: &mut Machine, started: Started) -> Result<Vec<Look>,
     Ok(looks)
 }
 
+/// The records of [`LOOK_SCRIPT`].
 pub fn parse_looks(raw: &[u8]) -> Vec<Look> {
     let mut looks: Vec<Look> = Vec::new();
     for rec in raw.split(|b| *b == 0).filter(|r| !r.is_empty()) {
@@ -257,10 +255,7 @@ pub async fn run(vm: &mut impl Vm) -> Result<(CheckResult, Vec<Warning>), Machin
     // here, before waiting for the journal.
     let started = match vm.started(ID) {
         Some(super::Started::Overmount(s)) => s,
-        _ => {
-            let pairs = to_look_under(vm.mount_table().await?);
-            start_look(vm.machine(), &pairs).await?
-        }
+        _ => start(vm).await?,
     };
     let found = journal::mount_warnings(vm.journal().await?);
     let looks = finish_look(vm.machine(), started).await?;
